@@ -1,0 +1,103 @@
+//! The event vocabulary: every control-plane decision, as it is written to the
+//! log. State is only ever the fold of these through [`crate::state::State::apply`].
+//!
+//! Events record *decisions*, not requests: the scheduler's placement is an
+//! event, and so is a runner's report; soft state (heartbeats) never is.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources, TimestampMs};
+
+/// A replica's identity within its cluster (1-based, as on the command line).
+pub type ReplicaId = u64;
+pub type Term = u64;
+pub type LogIndex = u64;
+
+/// One entry of the replicated log. `at` is stamped by the leader that
+/// proposed it and never decreases along the log, so replay needs no clock.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Entry {
+    pub index: LogIndex,
+    pub term: Term,
+    pub at: TimestampMs,
+    pub event: Event,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Event {
+    /// A new leader's first entry of its term.
+    LeaderElected { replica: ReplicaId, term: Term },
+    /// A user submitted a job. The reducer assigns its id; a repeated
+    /// idempotency key is a recorded no-op that answers with the first job.
+    JobSubmitted {
+        spec: JobSpec,
+        idempotency_key: Option<String>,
+    },
+    /// A user cancelled a job. Terminal jobs ignore it.
+    JobCancelled { job: JobId },
+    /// The scheduler placed the job's next attempt on a node.
+    AttemptAssigned {
+        job: JobId,
+        attempt: AttemptNumber,
+        node: String,
+    },
+    /// The runner started the attempt's process.
+    AttemptStarted { job: JobId, attempt: AttemptNumber },
+    /// The runner reports how the attempt ended.
+    AttemptFinished {
+        job: JobId,
+        attempt: AttemptNumber,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+    },
+    /// The attempt's node died or restarted: the attempt is gone and the job
+    /// is queued again without spending a retry.
+    AttemptLost { job: JobId, attempt: AttemptNumber },
+    /// A node's agent joined (or re-joined with a new incarnation).
+    NodeRegistered {
+        name: String,
+        capacity: Resources,
+        labels: Labels,
+        incarnation: u64,
+    },
+    /// No new work for this node; running attempts finish.
+    NodeDrained { name: String },
+    /// The node stopped heartbeating for longer than its grace period.
+    NodeDown { name: String },
+    /// A down node's agent came back with the same incarnation.
+    NodeUp { name: String },
+    /// An operator removed the node.
+    NodeRemoved { name: String },
+}
+
+impl Event {
+    /// The snake_case name used in the HTTP event stream and in traces.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::LeaderElected { .. } => "leader_elected",
+            Event::JobSubmitted { .. } => "job_submitted",
+            Event::JobCancelled { .. } => "job_cancelled",
+            Event::AttemptAssigned { .. } => "attempt_assigned",
+            Event::AttemptStarted { .. } => "attempt_started",
+            Event::AttemptFinished { .. } => "attempt_finished",
+            Event::AttemptLost { .. } => "attempt_lost",
+            Event::NodeRegistered { .. } => "node_registered",
+            Event::NodeDrained { .. } => "node_drained",
+            Event::NodeDown { .. } => "node_down",
+            Event::NodeUp { .. } => "node_up",
+            Event::NodeRemoved { .. } => "node_removed",
+        }
+    }
+
+    /// The job this event is about, if any (used by `replay --job`).
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            Event::JobCancelled { job }
+            | Event::AttemptAssigned { job, .. }
+            | Event::AttemptStarted { job, .. }
+            | Event::AttemptFinished { job, .. }
+            | Event::AttemptLost { job, .. } => Some(*job),
+            _ => None,
+        }
+    }
+}

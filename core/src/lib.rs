@@ -1,0 +1,15 @@
+//! rustci-core: the whole RustCI control plane as pure, sans-IO state machines.
+//!
+//! This crate does no IO and reads no clock. Time comes in as a value (`now`,
+//! milliseconds on the caller's clock), randomness as an injected seeded RNG,
+//! and every effect goes out as data for a driver to carry out. There are two
+//! drivers: the production daemon (`bin`, `net`, `storage`) and the
+//! deterministic simulator (`sim`); neither holds logic the other cannot see.
+//!
+//! Map:
+//! - [`model`]: jobs, attempts, nodes, resources.
+//! - [`event`]: the log's vocabulary, [`event::Entry`].
+//! - [`state`]: the pure, total reducer `State::apply`.
+
+pub mod event;
+pub mod model;

@@ -1,0 +1,1 @@
+//! rustci-net (being written)

@@ -1,0 +1,1 @@
+//! rustci-sim (being written)

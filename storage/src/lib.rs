@@ -1,0 +1,1 @@
+//! rustci-storage (being written)
