@@ -10,6 +10,13 @@
 //! - [`model`]: jobs, attempts, nodes, resources.
 //! - [`event`]: the log's vocabulary, [`event::Entry`].
 //! - [`state`]: the pure, total reducer `State::apply`.
+//! - [`validate`]: limits and defaults of commands.
+//! - [`scheduler`]: placement decisions as a pure function of state.
+//! - [`replica`]: the sans-IO replica state machine and its driver contract.
 
 pub mod event;
 pub mod model;
+pub mod replica;
+pub mod scheduler;
+pub mod state;
+pub mod validate;

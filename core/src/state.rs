@@ -1,0 +1,614 @@
+//! The pure, total reducer: `State::apply(&Entry)`.
+//!
+//! Architecture invariant: `apply` never panics and consults nothing but its
+//! arguments. An event that is invalid in the current state is a recorded
+//! no-op (`Applied::Ignored` with a reason), so any sequence of entries, valid
+//! or not, folds to a well-defined state, and replaying the log from index 1
+//! gives the live state byte for byte (compared with [`State::digest`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+
+use crate::event::{Entry, Event, LogIndex, ReplicaId, Term};
+use crate::model::{
+    Attempt, AttemptNumber, AttemptState, Job, JobId, JobSpec, JobState, Labels, Node, NodeState,
+    Outcome, Resources, TimestampMs,
+};
+
+/// Queue order: higher priority first, then submission order (FIFO).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueKey {
+    /// `100 - priority`, so that ascending order is highest priority first.
+    pub inverse_priority: u8,
+    pub seq: u64,
+    pub job: JobId,
+}
+
+impl QueueKey {
+    fn of(job: &Job) -> QueueKey {
+        QueueKey {
+            inverse_priority: 100u8.saturating_sub(job.spec.priority),
+            seq: job.seq,
+            job: job.id,
+        }
+    }
+}
+
+/// What applying one entry did; the replica turns it into replies and runner
+/// commands. Never stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// A new job was created.
+    Submitted(JobId),
+    /// The idempotency key already named this job; nothing was created.
+    Duplicate(JobId),
+    /// An attempt was placed; the node's runner must start it.
+    Assigned {
+        job: JobId,
+        attempt: AttemptNumber,
+        node: String,
+    },
+    /// A job with an active attempt was cancelled; its runner must kill it.
+    CancelActive {
+        job: JobId,
+        attempt: AttemptNumber,
+        node: String,
+    },
+    /// The event was invalid in the current state and changed nothing but
+    /// the applied index.
+    Ignored(&'static str),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct State {
+    pub applied_index: LogIndex,
+    pub applied_term: Term,
+    /// `at` of the last applied entry.
+    pub last_at: TimestampMs,
+    pub leader: Option<ReplicaId>,
+    pub leader_term: Term,
+    pub next_job_id: u64,
+    pub jobs: BTreeMap<JobId, Job>,
+    pub idempotency: BTreeMap<String, JobId>,
+    pub nodes: BTreeMap<String, Node>,
+    /// Jobs in state `queued`, in placement order. Derived from `jobs`, kept
+    /// in step by every transition so the scheduler never scans all jobs.
+    pub queue: BTreeSet<QueueKey>,
+    /// Active attempts per node, for losing them when the node goes away.
+    pub active_by_node: BTreeMap<String, BTreeSet<JobId>>,
+    /// Count of jobs per state, indexed like [`JobState::ALL`].
+    pub job_counts: [u64; 6],
+    /// Entries that were no-ops (invalid in the state they met).
+    pub ignored_entries: u64,
+}
+
+fn state_slot(s: JobState) -> usize {
+    match s {
+        JobState::Queued => 0,
+        JobState::Assigned => 1,
+        JobState::Running => 2,
+        JobState::Succeeded => 3,
+        JobState::Failed => 4,
+        JobState::Cancelled => 5,
+    }
+}
+
+impl State {
+    pub fn new() -> State {
+        State {
+            next_job_id: 1,
+            ..State::default()
+        }
+    }
+
+    /// Folds entries from scratch: what start-up and `rustci replay` do.
+    pub fn replay<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> State {
+        let mut state = State::new();
+        for entry in entries {
+            state.apply(entry);
+        }
+        state
+    }
+
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    pub fn job_count(&self, s: JobState) -> u64 {
+        self.job_counts[state_slot(s)]
+    }
+
+    /// A stable 64-bit digest of the whole state (FNV-1a over its `Hash`),
+    /// equal for equal states on every platform and run.
+    pub fn digest(&self) -> u64 {
+        let mut h = Fnv64::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+
+    /// Applies one committed entry. Total: never panics, whatever the entry.
+    pub fn apply(&mut self, entry: &Entry) -> Applied {
+        self.applied_index = entry.index;
+        self.applied_term = entry.term;
+        self.last_at = self.last_at.max(entry.at);
+        let applied = self.apply_event(entry);
+        if matches!(applied, Applied::Ignored(_)) {
+            self.ignored_entries += 1;
+        }
+        applied
+    }
+
+    fn apply_event(&mut self, entry: &Entry) -> Applied {
+        let at = entry.at;
+        match &entry.event {
+            Event::LeaderElected { replica, term } => {
+                self.leader = Some(*replica);
+                self.leader_term = *term;
+                Applied::Done
+            }
+            Event::JobSubmitted {
+                spec,
+                idempotency_key,
+            } => self.submit(entry.index, at, spec, idempotency_key.as_ref()),
+            Event::JobCancelled { job } => self.cancel(*job),
+            Event::AttemptAssigned { job, attempt, node } => self.assign(*job, *attempt, node, at),
+            Event::AttemptStarted { job, attempt } => self.started(*job, *attempt, at),
+            Event::AttemptFinished {
+                job,
+                attempt,
+                outcome,
+                exit_code,
+            } => self.finished(*job, *attempt, *outcome, *exit_code, at),
+            Event::AttemptLost { job, attempt } => self.lost(*job, *attempt, at),
+            Event::NodeRegistered {
+                name,
+                capacity,
+                labels,
+                incarnation,
+            } => self.register(name, *capacity, labels, *incarnation, at),
+            Event::NodeDrained { name } => self.node_transition(name, at, NodeTransition::Drain),
+            Event::NodeDown { name } => self.node_transition(name, at, NodeTransition::Down),
+            Event::NodeUp { name } => self.node_transition(name, at, NodeTransition::Up),
+            Event::NodeRemoved { name } => self.node_transition(name, at, NodeTransition::Remove),
+        }
+    }
+
+    fn submit(
+        &mut self,
+        index: LogIndex,
+        at: TimestampMs,
+        spec: &JobSpec,
+        key: Option<&String>,
+    ) -> Applied {
+        if let Some(key) = key {
+            if let Some(existing) = self.idempotency.get(key) {
+                return Applied::Duplicate(*existing);
+            }
+        }
+        let id = JobId(self.next_job_id);
+        self.next_job_id += 1;
+        let job = Job {
+            id,
+            spec: spec.clone(),
+            state: JobState::Queued,
+            idempotency_key: key.cloned(),
+            submitted_at: at,
+            retries_used: 0,
+            attempts: Vec::new(),
+            seq: index,
+        };
+        self.queue.insert(QueueKey::of(&job));
+        self.job_counts[state_slot(JobState::Queued)] += 1;
+        if let Some(key) = key {
+            self.idempotency.insert(key.clone(), id);
+        }
+        self.jobs.insert(id, job);
+        Applied::Submitted(id)
+    }
+
+    /// Moves a job to `to`, keeping the queue and the counts in step.
+    fn set_job_state(&mut self, id: JobId, to: JobState) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let from = job.state;
+        if from == to {
+            return;
+        }
+        if from == JobState::Queued {
+            self.queue.remove(&QueueKey::of(job));
+        }
+        job.state = to;
+        if to == JobState::Queued {
+            self.queue.insert(QueueKey::of(job));
+        }
+        self.job_counts[state_slot(from)] = self.job_counts[state_slot(from)].saturating_sub(1);
+        self.job_counts[state_slot(to)] += 1;
+    }
+
+    fn cancel(&mut self, id: JobId) -> Applied {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return Applied::Ignored("cancel of an unknown job");
+        };
+        if job.state.is_terminal() {
+            return Applied::Ignored("cancel of a terminal job");
+        }
+        let active = match job.attempts.last_mut() {
+            Some(a) if a.state.is_active() => {
+                a.cancel_requested = true;
+                Some((a.number, a.node.clone()))
+            }
+            _ => None,
+        };
+        self.set_job_state(id, JobState::Cancelled);
+        match active {
+            Some((attempt, node)) => Applied::CancelActive {
+                job: id,
+                attempt,
+                node,
+            },
+            None => Applied::Done,
+        }
+    }
+
+    fn assign(
+        &mut self,
+        id: JobId,
+        attempt: AttemptNumber,
+        node_name: &str,
+        at: TimestampMs,
+    ) -> Applied {
+        let Some(job) = self.jobs.get(&id) else {
+            return Applied::Ignored("assignment of an unknown job");
+        };
+        if job.state != JobState::Queued {
+            return Applied::Ignored("assignment of a job that is not queued");
+        }
+        if attempt as usize != job.attempts.len() + 1 {
+            return Applied::Ignored("assignment with a stale attempt number");
+        }
+        let Some(node) = self.nodes.get_mut(node_name) else {
+            return Applied::Ignored("assignment to an unknown node");
+        };
+        if !node.accepts_work() {
+            return Applied::Ignored("assignment to a node that is not ready");
+        }
+        if !node.satisfies(&job.spec.constraints) {
+            return Applied::Ignored("assignment to a node that violates the constraints");
+        }
+        if !job.spec.resources.fits_in(&node.free()) {
+            return Applied::Ignored("assignment to a node without capacity");
+        }
+        node.allocated = node.allocated.saturating_add(&job.spec.resources);
+        self.active_by_node
+            .entry(node_name.to_string())
+            .or_default()
+            .insert(id);
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.attempts.push(Attempt {
+                number: attempt,
+                node: node_name.to_string(),
+                state: AttemptState::Assigned,
+                exit_code: None,
+                assigned_at: at,
+                started_at: None,
+                finished_at: None,
+                cancel_requested: false,
+            });
+        }
+        self.set_job_state(id, JobState::Assigned);
+        Applied::Assigned {
+            job: id,
+            attempt,
+            node: node_name.to_string(),
+        }
+    }
+
+    /// The current attempt of `id` if it is number `attempt` and active:
+    /// the fencing check every attempt event passes through.
+    fn active_attempt_mut(&mut self, id: JobId, attempt: AttemptNumber) -> Option<&mut Attempt> {
+        self.jobs
+            .get_mut(&id)?
+            .attempts
+            .last_mut()
+            .filter(|a| a.number == attempt && a.state.is_active())
+    }
+
+    fn started(&mut self, id: JobId, attempt: AttemptNumber, at: TimestampMs) -> Applied {
+        let Some(a) = self.active_attempt_mut(id, attempt) else {
+            return Applied::Ignored("start of a stale or inactive attempt");
+        };
+        if a.state != AttemptState::Assigned {
+            return Applied::Ignored("start of an attempt that already started");
+        }
+        a.state = AttemptState::Running;
+        a.started_at = Some(at);
+        if self.jobs.get(&id).map(|j| j.state) == Some(JobState::Assigned) {
+            self.set_job_state(id, JobState::Running);
+        }
+        Applied::Done
+    }
+
+    fn finished(
+        &mut self,
+        id: JobId,
+        attempt: AttemptNumber,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+        at: TimestampMs,
+    ) -> Applied {
+        let Some(a) = self.active_attempt_mut(id, attempt) else {
+            return Applied::Ignored("result of a stale or inactive attempt");
+        };
+        let cancel_requested = a.cancel_requested;
+        let attempt_state = match outcome {
+            Outcome::Exited if exit_code == Some(0) => AttemptState::Succeeded,
+            Outcome::Exited | Outcome::StartFailed => AttemptState::Failed,
+            Outcome::TimedOut => AttemptState::TimedOut,
+            Outcome::Cancelled if cancel_requested => AttemptState::Cancelled,
+            // The runner stopped it without being asked to (its agent shut
+            // down): the attempt is lost, not the job's fault.
+            Outcome::Cancelled => AttemptState::Lost,
+        };
+        a.state = attempt_state;
+        a.exit_code = exit_code;
+        a.finished_at = Some(at);
+        if a.started_at.is_none() && outcome != Outcome::StartFailed {
+            a.started_at = Some(at);
+        }
+        let node = a.node.clone();
+        self.release(id, &node);
+        self.settle_job(id, attempt_state);
+        Applied::Done
+    }
+
+    fn lost(&mut self, id: JobId, attempt: AttemptNumber, at: TimestampMs) -> Applied {
+        let Some(a) = self.active_attempt_mut(id, attempt) else {
+            return Applied::Ignored("loss of a stale or inactive attempt");
+        };
+        a.state = AttemptState::Lost;
+        a.finished_at = Some(at);
+        let node = a.node.clone();
+        self.release(id, &node);
+        self.settle_job(id, AttemptState::Lost);
+        Applied::Done
+    }
+
+    /// Frees the node's share of an attempt that just ended.
+    fn release(&mut self, id: JobId, node_name: &str) {
+        let Some(resources) = self.jobs.get(&id).map(|j| j.spec.resources) else {
+            return;
+        };
+        if let Some(node) = self.nodes.get_mut(node_name) {
+            node.allocated = node.allocated.saturating_sub(&resources);
+        }
+        if let Some(set) = self.active_by_node.get_mut(node_name) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.active_by_node.remove(node_name);
+            }
+        }
+    }
+
+    /// Decides the job's state after its current attempt ended as `ended`.
+    fn settle_job(&mut self, id: JobId, ended: AttemptState) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.state.is_terminal() {
+            // Cancelled while running: the job stays cancelled.
+            return;
+        }
+        let next = match ended {
+            AttemptState::Succeeded => JobState::Succeeded,
+            AttemptState::Lost => JobState::Queued,
+            AttemptState::Failed | AttemptState::TimedOut => {
+                if job.retries_used < job.spec.max_retries {
+                    job.retries_used += 1;
+                    JobState::Queued
+                } else {
+                    JobState::Failed
+                }
+            }
+            AttemptState::Cancelled => JobState::Cancelled,
+            AttemptState::Assigned | AttemptState::Running => return,
+        };
+        self.set_job_state(id, next);
+    }
+
+    fn register(
+        &mut self,
+        name: &str,
+        capacity: Resources,
+        labels: &Labels,
+        incarnation: u64,
+        at: TimestampMs,
+    ) -> Applied {
+        let restarted = match self.nodes.get_mut(name) {
+            Some(node) => {
+                let restarted = node.incarnation != incarnation;
+                node.capacity = capacity;
+                node.labels = labels.clone();
+                node.incarnation = incarnation;
+                if matches!(node.state, NodeState::Down | NodeState::Left) {
+                    node.state = NodeState::Ready;
+                }
+                restarted
+            }
+            None => {
+                self.nodes.insert(
+                    name.to_string(),
+                    Node {
+                        name: name.to_string(),
+                        state: NodeState::Ready,
+                        capacity,
+                        labels: labels.clone(),
+                        allocated: Resources::default(),
+                        incarnation,
+                    },
+                );
+                false
+            }
+        };
+        if restarted {
+            // Whatever ran under the old incarnation died with it.
+            self.lose_all_on(name, at);
+        }
+        Applied::Done
+    }
+
+    fn lose_all_on(&mut self, node_name: &str, at: TimestampMs) {
+        let ids: Vec<JobId> = self
+            .active_by_node
+            .get(node_name)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            let number = self
+                .jobs
+                .get(&id)
+                .and_then(|j| j.active_attempt())
+                .map(|a| a.number);
+            if let Some(number) = number {
+                self.lost(id, number, at);
+            }
+        }
+    }
+
+    fn node_transition(&mut self, name: &str, at: TimestampMs, t: NodeTransition) -> Applied {
+        let Some(node) = self.nodes.get_mut(name) else {
+            return Applied::Ignored("transition of an unknown node");
+        };
+        let (allowed, to) = match t {
+            NodeTransition::Drain => (node.state == NodeState::Ready, NodeState::Draining),
+            NodeTransition::Down => (
+                matches!(node.state, NodeState::Ready | NodeState::Draining),
+                NodeState::Down,
+            ),
+            NodeTransition::Up => (node.state == NodeState::Down, NodeState::Ready),
+            NodeTransition::Remove => (node.state != NodeState::Left, NodeState::Left),
+        };
+        if !allowed {
+            return Applied::Ignored("node transition not allowed from its state");
+        }
+        node.state = to;
+        if matches!(to, NodeState::Down | NodeState::Left) {
+            self.lose_all_on(name, at);
+        }
+        Applied::Done
+    }
+}
+
+impl State {
+    /// Checks the relations between the state's parts that every transition
+    /// must keep (derived indexes agree with the jobs, allocations add up).
+    /// Used by tests and by the simulator after every step.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        let mut counts = [0u64; 6];
+        let mut allocated: BTreeMap<&str, Resources> = BTreeMap::new();
+        let mut active: BTreeMap<&str, BTreeSet<JobId>> = BTreeMap::new();
+        for (id, job) in &self.jobs {
+            counts[state_slot(job.state)] += 1;
+            let queued = self.queue.contains(&QueueKey::of(job));
+            if queued != (job.state == JobState::Queued) {
+                return Err(format!(
+                    "job {id}: in queue {queued} but state {:?}",
+                    job.state
+                ));
+            }
+            for (i, a) in job.attempts.iter().enumerate() {
+                if a.number as usize != i + 1 {
+                    return Err(format!("job {id}: attempt {} at position {i}", a.number));
+                }
+                if a.state.is_active() && i + 1 != job.attempts.len() {
+                    return Err(format!(
+                        "job {id}: active attempt {} is not the last",
+                        a.number
+                    ));
+                }
+            }
+            let live = job.active_attempt();
+            let expect_live = matches!(job.state, JobState::Assigned | JobState::Running);
+            if expect_live && live.is_none() {
+                return Err(format!(
+                    "job {id}: {:?} without an active attempt",
+                    job.state
+                ));
+            }
+            if matches!(
+                job.state,
+                JobState::Queued | JobState::Succeeded | JobState::Failed
+            ) && live.is_some()
+            {
+                return Err(format!("job {id}: {:?} with an active attempt", job.state));
+            }
+            if let Some(a) = live {
+                let slot = allocated.entry(a.node.as_str()).or_default();
+                *slot = slot.saturating_add(&job.spec.resources);
+                active.entry(a.node.as_str()).or_default().insert(*id);
+            }
+        }
+        if counts != self.job_counts {
+            return Err(format!(
+                "job counts {:?} != recount {counts:?}",
+                self.job_counts
+            ));
+        }
+        for (name, node) in &self.nodes {
+            let want = allocated.get(name.as_str()).copied().unwrap_or_default();
+            if node.allocated != want {
+                return Err(format!(
+                    "node {name}: allocated {:?} != active {want:?}",
+                    node.allocated
+                ));
+            }
+        }
+        let by_node: BTreeMap<&str, BTreeSet<JobId>> = self
+            .active_by_node
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        if by_node != active {
+            return Err("active_by_node disagrees with the jobs' active attempts".to_string());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum NodeTransition {
+    Drain,
+    Down,
+    Up,
+    Remove,
+}
+
+/// FNV-1a, 64 bit: a hasher with no random keys, so digests are stable
+/// across processes (std's `DefaultHasher` makes no such promise).
+pub struct Fnv64(u64);
+
+impl Fnv64 {
+    pub fn new() -> Fnv64 {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64::new()
+    }
+}
+
+impl Hasher for Fnv64 {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Command validation: every limit a job spec must respect before it is ever
+//! proposed to the log, and the defaults of the optional fields.
+//!
+//! Validation runs before proposing, so bad input changes nothing; the
+//! reducer stays total on its own and never relies on it.
+
+use crate::model::{JobSpec, Labels, Resources};
+
+pub const PRIORITY_DEFAULT: u8 = 50;
+pub const PRIORITY_MAX: u8 = 100;
+pub const TIMEOUT_SECS_DEFAULT: u64 = 3600;
+/// One week: a CI job running longer is a mistake.
+pub const TIMEOUT_SECS_MAX: u64 = 7 * 24 * 3600;
+pub const MAX_RETRIES_DEFAULT: u32 = 0;
+pub const MAX_RETRIES_MAX: u32 = 100;
+pub const RESOURCES_DEFAULT: Resources = Resources::new(1000, 256);
+/// 1024 cores and 16 TiB: anything larger is a typo, not a machine.
+pub const CPU_MILLIS_MAX: u64 = 1024 * 1000;
+pub const MEMORY_MB_MAX: u64 = 16 * 1024 * 1024;
+pub const COMMAND_ARGS_MAX: usize = 4096;
+pub const COMMAND_BYTES_MAX: usize = 256 * 1024;
+pub const NAME_BYTES_MAX: usize = 256;
+pub const ENV_VARS_MAX: usize = 256;
+pub const ENV_BYTES_MAX: usize = 64 * 1024;
+pub const LABELS_MAX: usize = 64;
+pub const LABEL_BYTES_MAX: usize = 256;
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+pub const NODE_NAME_BYTES_MAX: usize = 128;
+
+const _: () = assert!(PRIORITY_DEFAULT <= PRIORITY_MAX);
+const _: () = assert!(TIMEOUT_SECS_DEFAULT <= TIMEOUT_SECS_MAX);
+const _: () = assert!(RESOURCES_DEFAULT.cpu_millis <= CPU_MILLIS_MAX);
+const _: () = assert!(RESOURCES_DEFAULT.memory_mb <= MEMORY_MB_MAX);
+
+/// Why a command was refused. The message is shown to users as is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    #[error("command must not be empty")]
+    EmptyCommand,
+    #[error("command[0] (the program) must not be empty")]
+    EmptyProgram,
+    #[error("command has {0} arguments; at most {COMMAND_ARGS_MAX} are allowed")]
+    TooManyArgs(usize),
+    #[error("command is {0} bytes; at most {COMMAND_BYTES_MAX} are allowed")]
+    CommandTooLong(usize),
+    #[error("{field} contains a NUL byte")]
+    NulByte { field: &'static str },
+    #[error("name is {0} bytes; at most {NAME_BYTES_MAX} are allowed")]
+    NameTooLong(usize),
+    #[error("priority {0} is out of range 0..={PRIORITY_MAX}")]
+    Priority(u64),
+    #[error("timeout_secs {0} is out of range 1..={TIMEOUT_SECS_MAX}")]
+    Timeout(u64),
+    #[error("max_retries {0} is out of range 0..={MAX_RETRIES_MAX}")]
+    Retries(u64),
+    #[error("resources.cpu_millis {0} is out of range 1..={CPU_MILLIS_MAX}")]
+    Cpu(u64),
+    #[error("resources.memory_mb {0} is out of range 1..={MEMORY_MB_MAX}")]
+    Memory(u64),
+    #[error("env has {0} variables; at most {ENV_VARS_MAX} are allowed")]
+    TooManyEnv(usize),
+    #[error("env is {0} bytes; at most {ENV_BYTES_MAX} are allowed")]
+    EnvTooLong(usize),
+    #[error("env name {0:?} is invalid (empty, or contains '=')")]
+    EnvName(String),
+    #[error("{field} has {count} entries; at most {LABELS_MAX} are allowed")]
+    TooManyLabels { field: &'static str, count: usize },
+    #[error("{field} key or value {value:?} is empty or longer than {LABEL_BYTES_MAX} bytes")]
+    Label { field: &'static str, value: String },
+    #[error("idempotency key must be 1..={IDEMPOTENCY_KEY_BYTES_MAX} bytes")]
+    IdempotencyKey,
+    #[error("node name must be 1..={NODE_NAME_BYTES_MAX} bytes of [A-Za-z0-9._-]")]
+    NodeName,
+}
+
+fn no_nul(s: &str, field: &'static str) -> Result<(), ValidationError> {
+    if s.contains('\0') {
+        return Err(ValidationError::NulByte { field });
+    }
+    Ok(())
+}
+
+/// Checks a job spec against every limit.
+pub fn validate_spec(spec: &JobSpec) -> Result<(), ValidationError> {
+    let Some(program) = spec.command.first() else {
+        return Err(ValidationError::EmptyCommand);
+    };
+    if program.is_empty() {
+        return Err(ValidationError::EmptyProgram);
+    }
+    if spec.command.len() > COMMAND_ARGS_MAX {
+        return Err(ValidationError::TooManyArgs(spec.command.len()));
+    }
+    let bytes: usize = spec.command.iter().map(|a| a.len()).sum();
+    if bytes > COMMAND_BYTES_MAX {
+        return Err(ValidationError::CommandTooLong(bytes));
+    }
+    for arg in &spec.command {
+        no_nul(arg, "command")?;
+    }
+    if spec.name.len() > NAME_BYTES_MAX {
+        return Err(ValidationError::NameTooLong(spec.name.len()));
+    }
+    no_nul(&spec.name, "name")?;
+    validate_numbers(spec)?;
+    validate_env(spec)?;
+    validate_labels(&spec.constraints, "constraints")
+}
+
+fn validate_numbers(spec: &JobSpec) -> Result<(), ValidationError> {
+    if spec.priority > PRIORITY_MAX {
+        return Err(ValidationError::Priority(spec.priority.into()));
+    }
+    if spec.timeout_secs == 0 || spec.timeout_secs > TIMEOUT_SECS_MAX {
+        return Err(ValidationError::Timeout(spec.timeout_secs));
+    }
+    if spec.max_retries > MAX_RETRIES_MAX {
+        return Err(ValidationError::Retries(spec.max_retries.into()));
+    }
+    validate_resources(&spec.resources)
+}
+
+pub fn validate_resources(r: &Resources) -> Result<(), ValidationError> {
+    if r.cpu_millis == 0 || r.cpu_millis > CPU_MILLIS_MAX {
+        return Err(ValidationError::Cpu(r.cpu_millis));
+    }
+    if r.memory_mb == 0 || r.memory_mb > MEMORY_MB_MAX {
+        return Err(ValidationError::Memory(r.memory_mb));
+    }
+    Ok(())
+}
+
+fn validate_env(spec: &JobSpec) -> Result<(), ValidationError> {
+    if spec.env.len() > ENV_VARS_MAX {
+        return Err(ValidationError::TooManyEnv(spec.env.len()));
+    }
+    let bytes: usize = spec.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > ENV_BYTES_MAX {
+        return Err(ValidationError::EnvTooLong(bytes));
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') {
+            return Err(ValidationError::EnvName(k.clone()));
+        }
+        no_nul(k, "env")?;
+        no_nul(v, "env")?;
+    }
+    Ok(())
+}
+
+/// Checks node labels or job constraints.
+pub fn validate_labels(labels: &Labels, field: &'static str) -> Result<(), ValidationError> {
+    if labels.len() > LABELS_MAX {
+        return Err(ValidationError::TooManyLabels {
+            field,
+            count: labels.len(),
+        });
+    }
+    for (k, v) in labels {
+        for s in [k, v] {
+            if s.is_empty() || s.len() > LABEL_BYTES_MAX || s.contains('\0') {
+                return Err(ValidationError::Label {
+                    field,
+                    value: s.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_idempotency_key(key: &str) -> Result<(), ValidationError> {
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+        return Err(ValidationError::IdempotencyKey);
+    }
+    Ok(())
+}
+
+pub fn validate_node_name(name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= NODE_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(ValidationError::NodeName);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            name: "x".into(),
+            command: vec!["true".into()],
+            env: BTreeMap::new(),
+            resources: RESOURCES_DEFAULT,
+            constraints: BTreeMap::new(),
+            priority: PRIORITY_DEFAULT,
+            timeout_secs: TIMEOUT_SECS_DEFAULT,
+            max_retries: 0,
+        }
+    }
+
+    #[test]
+    fn validation_accepts_defaults_and_rejects_each_bad_field() {
+        assert_eq!(validate_spec(&spec()), Ok(()));
+        type Mutation = fn(&mut JobSpec);
+        let cases: Vec<(Mutation, ValidationError)> = vec![
+            (|s| s.command.clear(), ValidationError::EmptyCommand),
+            (|s| s.command[0].clear(), ValidationError::EmptyProgram),
+            (|s| s.priority = 101, ValidationError::Priority(101)),
+            (|s| s.timeout_secs = 0, ValidationError::Timeout(0)),
+            (|s| s.resources.cpu_millis = 0, ValidationError::Cpu(0)),
+            (
+                |s| s.resources.memory_mb = u64::MAX,
+                ValidationError::Memory(u64::MAX),
+            ),
+            (|s| s.max_retries = 1000, ValidationError::Retries(1000)),
+            (
+                |s| {
+                    s.env.insert("A=B".into(), "x".into());
+                },
+                ValidationError::EnvName("A=B".into()),
+            ),
+            (
+                |s| {
+                    s.constraints.insert("os".into(), String::new());
+                },
+                ValidationError::Label {
+                    field: "constraints",
+                    value: String::new(),
+                },
+            ),
+        ];
+        for (mutate, want) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            assert_eq!(validate_spec(&s), Err(want));
+        }
+    }
+
+    #[test]
+    fn validation_node_names() {
+        assert!(validate_node_name("worker-1.example").is_ok());
+        assert!(validate_node_name("").is_err());
+        assert!(validate_node_name("a b").is_err());
+        assert!(validate_node_name(&"x".repeat(NODE_NAME_BYTES_MAX + 1)).is_err());
+    }
+}

@@ -1,0 +1,477 @@
+//! Scenario tests of the replica state machine, driven over virtual time by
+//! a tiny in-memory driver (the quinn-proto way: no IO, a bounded loop).
+
+use std::collections::BTreeMap;
+
+use rustci_core::event::Entry;
+use rustci_core::model::{AttemptState, JobId, JobSpec, JobState, NodeState, Outcome, Resources};
+use rustci_core::replica::{
+    Command, CommandError, Config, Output, Replica, Reply, RunnerCommand, RunnerReport,
+};
+use rustci_core::state::State;
+use rustci_core::validate;
+
+/// A replica with a perfect disk and a runner that records its commands.
+struct Cluster {
+    replica: Replica,
+    disk: Vec<Entry>,
+    replies: BTreeMap<u64, Result<Reply, CommandError>>,
+    runner: Vec<RunnerCommand>,
+    now: u64,
+    next_request: u64,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let mut c = Cluster {
+            replica: Replica::recover(Config::new(1), State::new(), 0, 0),
+            disk: Vec::new(),
+            replies: BTreeMap::new(),
+            runner: Vec::new(),
+            now: 1_000,
+            next_request: 1,
+        };
+        c.replica.start(c.now);
+        c.drive();
+        c
+    }
+
+    /// Restarts from the durable log, as `rustci dev` does after a crash.
+    fn restart(&mut self) {
+        let state = State::replay(&self.disk);
+        let last = self
+            .disk
+            .last()
+            .map(|e| (e.index, e.term))
+            .unwrap_or((0, 0));
+        self.replica = Replica::recover(Config::new(1), state, last.0, last.1);
+        self.replica.start(self.now);
+        self.runner.clear();
+        self.drive();
+    }
+
+    /// Carries out outputs until there are none (bounded).
+    fn drive(&mut self) {
+        for _ in 0..10_000 {
+            let Some(out) = self.replica.poll_output() else {
+                return;
+            };
+            match out {
+                Output::Persist(entries) => {
+                    let last = entries.last().map(|e| e.index).unwrap_or(0);
+                    self.disk.extend(entries);
+                    self.replica.handle_persisted(self.now, last);
+                }
+                Output::Reply { request, result } => {
+                    self.replies.insert(request, result);
+                }
+                Output::Runner(cmd) => self.runner.push(cmd),
+            }
+        }
+        panic!("drive did not settle");
+    }
+
+    fn command(&mut self, cmd: Command) -> Result<Reply, CommandError> {
+        let request = self.next_request;
+        self.next_request += 1;
+        self.replica.propose(self.now, request, cmd);
+        self.drive();
+        self.replies
+            .remove(&request)
+            .expect("every command gets a reply")
+    }
+
+    fn add_node(&mut self, name: &str, cpu: u64, mem: u64, labels: &[(&str, &str)]) {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.command(Command::RegisterNode {
+            name: name.into(),
+            capacity: Resources::new(cpu, mem),
+            labels,
+            incarnation: 1,
+        })
+        .unwrap();
+    }
+
+    fn submit(&mut self, spec: JobSpec) -> JobId {
+        self.submit_keyed(spec, None).unwrap()
+    }
+
+    fn submit_keyed(&mut self, spec: JobSpec, key: Option<&str>) -> Result<JobId, CommandError> {
+        match self.command(Command::Submit {
+            spec,
+            idempotency_key: key.map(str::to_string),
+        })? {
+            Reply::Job(job) => Ok(job.id),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    fn report(&mut self, report: RunnerReport) {
+        self.replica.handle_runner_report(self.now, report);
+        self.drive();
+    }
+
+    fn job_state(&self, id: JobId) -> JobState {
+        self.replica.state().job(id).unwrap().state
+    }
+
+    fn starts(&self) -> Vec<(JobId, u32, String)> {
+        self.runner
+            .iter()
+            .filter_map(|c| match c {
+                RunnerCommand::Start {
+                    job, attempt, node, ..
+                } => Some((*job, *attempt, node.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn check(&self) {
+        self.replica.state().check_consistency().unwrap();
+        assert_eq!(
+            State::replay(&self.disk).digest(),
+            self.replica.state().digest(),
+            "replay of the durable log equals the live state"
+        );
+    }
+}
+
+fn spec(cpu: u64, mem: u64) -> JobSpec {
+    JobSpec {
+        name: "t".into(),
+        command: vec!["true".into()],
+        env: BTreeMap::new(),
+        resources: Resources::new(cpu, mem),
+        constraints: BTreeMap::new(),
+        priority: validate::PRIORITY_DEFAULT,
+        timeout_secs: 60,
+        max_retries: 0,
+    }
+}
+
+#[test]
+fn submission_is_acknowledged_only_after_it_is_durable() {
+    let mut c = Cluster::new();
+    c.replica.propose(
+        c.now,
+        7,
+        Command::Submit {
+            spec: spec(100, 10),
+            idempotency_key: None,
+        },
+    );
+    // Before the driver persists, nothing is replied.
+    let mut outs = Vec::new();
+    while let Some(o) = c.replica.poll_output() {
+        outs.push(o);
+    }
+    assert!(outs.iter().all(|o| !matches!(o, Output::Reply { .. })));
+    assert!(matches!(outs.as_slice(), [Output::Persist(e)] if e.len() == 1));
+    let Output::Persist(entries) = outs.remove(0) else {
+        unreachable!()
+    };
+    let last = entries.last().unwrap().index;
+    c.disk.extend(entries);
+    c.replica.handle_persisted(c.now, last);
+    c.drive();
+    assert!(matches!(c.replies.get(&7), Some(Ok(Reply::Job(_)))));
+    c.check();
+}
+
+#[test]
+fn scheduler_places_when_capacity_exists_and_never_overcommits() {
+    let mut c = Cluster::new();
+    c.add_node("n1", 2000, 1000, &[]);
+    let ids: Vec<JobId> = (0..5).map(|_| c.submit(spec(1000, 100))).collect();
+    let placed = c.starts();
+    assert_eq!(placed.len(), 2, "two 1-cpu jobs fit a 2-cpu node");
+    assert_eq!(c.job_state(ids[2]), JobState::Queued);
+    // Finishing one frees room for exactly one more.
+    let (job, attempt, _) = placed[0].clone();
+    c.report(RunnerReport::Started { job, attempt });
+    c.report(RunnerReport::Finished {
+        job,
+        attempt,
+        outcome: Outcome::Exited,
+        exit_code: Some(0),
+    });
+    assert_eq!(c.job_state(job), JobState::Succeeded);
+    assert_eq!(c.starts().len(), 3);
+    let node = &c.replica.state().nodes["n1"];
+    assert!(node.allocated.fits_in(&node.capacity));
+    c.check();
+}
+
+#[test]
+fn scheduler_priority_order_then_fifo() {
+    let mut c = Cluster::new();
+    let low = c.submit(spec(1000, 10));
+    let mut high_spec = spec(1000, 10);
+    high_spec.priority = 90;
+    let high = c.submit(high_spec);
+    let low2 = c.submit(spec(1000, 10));
+    c.add_node("n1", 1000, 100, &[]);
+    assert_eq!(c.starts()[0].0, high, "higher priority first");
+    let (job, attempt, _) = c.starts()[0].clone();
+    c.report(RunnerReport::Finished {
+        job,
+        attempt,
+        outcome: Outcome::Exited,
+        exit_code: Some(0),
+    });
+    assert_eq!(c.starts()[1].0, low, "FIFO within a priority");
+    assert_eq!(c.job_state(low2), JobState::Queued);
+    c.check();
+}
+
+#[test]
+fn scheduler_constraints_must_match_and_unplaceable_job_says_why() {
+    let mut c = Cluster::new();
+    c.add_node("linux", 4000, 4000, &[("os", "linux")]);
+    let mut s = spec(100, 10);
+    s.constraints.insert("os".into(), "windows".into());
+    let id = c.submit(s);
+    assert!(c.starts().is_empty());
+    let job = c.replica.state().job(id).unwrap();
+    let reason = rustci_core::scheduler::unplaced_reason(c.replica.state(), job).unwrap();
+    assert!(reason.contains("os=windows"), "{reason}");
+    let mut s = spec(100, 10);
+    s.constraints.insert("os".into(), "linux".into());
+    let ok = c.submit(s);
+    assert_eq!(c.starts()[0].0, ok);
+    c.check();
+}
+
+#[test]
+fn scheduler_bin_packs_onto_the_tightest_node() {
+    let mut c = Cluster::new();
+    c.add_node("big", 8000, 8000, &[]);
+    c.add_node("small", 2000, 2000, &[]);
+    let id = c.submit(spec(1500, 1500));
+    assert_eq!(c.starts(), vec![(id, 1, "small".to_string())]);
+}
+
+#[test]
+fn failed_attempt_with_retries_left_is_queued_again() {
+    let mut c = Cluster::new();
+    c.add_node("n1", 1000, 100, &[]);
+    let mut s = spec(1000, 10);
+    s.max_retries = 1;
+    let id = c.submit(s);
+    for (n, outcome) in [(1, Outcome::TimedOut), (2, Outcome::Exited)] {
+        assert_eq!(c.starts().last().unwrap().1, n);
+        c.report(RunnerReport::Started {
+            job: id,
+            attempt: n,
+        });
+        c.report(RunnerReport::Finished {
+            job: id,
+            attempt: n,
+            outcome,
+            exit_code: if outcome == Outcome::Exited {
+                Some(3)
+            } else {
+                None
+            },
+        });
+    }
+    let job = c.replica.state().job(id).unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.attempts[0].state, AttemptState::TimedOut);
+    assert_eq!(job.attempts[1].state, AttemptState::Failed);
+    assert_eq!(job.exit_code(), Some(3));
+    c.check();
+}
+
+#[test]
+fn stale_attempt_results_are_ignored() {
+    let mut c = Cluster::new();
+    c.add_node("n1", 1000, 100, &[]);
+    let id = c.submit(spec(1000, 10));
+    // The node restarts: attempt 1 is lost, attempt 2 is placed.
+    c.command(Command::RegisterNode {
+        name: "n1".into(),
+        capacity: Resources::new(1000, 100),
+        labels: BTreeMap::new(),
+        incarnation: 2,
+    })
+    .unwrap();
+    let job = c.replica.state().job(id).unwrap();
+    assert_eq!(job.attempts[0].state, AttemptState::Lost);
+    assert_eq!(job.attempts.len(), 2);
+    assert_eq!(job.retries_used, 0, "a lost attempt spends no retry");
+    // A late success of attempt 1 must not finish the job.
+    let before = c.replica.state().digest();
+    c.replica.state().check_consistency().unwrap();
+    c.replica.handle_runner_report(
+        c.now,
+        RunnerReport::Finished {
+            job: id,
+            attempt: 1,
+            outcome: Outcome::Exited,
+            exit_code: Some(0),
+        },
+    );
+    assert!(
+        c.replica.poll_output().is_none(),
+        "a stale report proposes nothing"
+    );
+    assert_eq!(c.replica.state().digest(), before);
+    assert_eq!(c.job_state(id), JobState::Assigned);
+    c.check();
+}
+
+#[test]
+fn cancel_running_job_kills_the_attempt_and_keeps_resources_until_it_ends() {
+    let mut c = Cluster::new();
+    c.add_node("n1", 1000, 100, &[]);
+    let id = c.submit(spec(1000, 10));
+    c.report(RunnerReport::Started {
+        job: id,
+        attempt: 1,
+    });
+    let reply = c.command(Command::Cancel { job: id }).unwrap();
+    assert!(matches!(reply, Reply::Job(j) if j.state == JobState::Cancelled));
+    assert!(c.runner.iter().any(|r| matches!(r,
+        RunnerCommand::Kill { job, attempt: 1, .. } if *job == id)));
+    assert_eq!(c.replica.state().nodes["n1"].allocated.cpu_millis, 1000);
+    c.report(RunnerReport::Finished {
+        job: id,
+        attempt: 1,
+        outcome: Outcome::Cancelled,
+        exit_code: None,
+    });
+    let job = c.replica.state().job(id).unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    assert_eq!(job.attempts[0].state, AttemptState::Cancelled);
+    assert_eq!(c.replica.state().nodes["n1"].allocated.cpu_millis, 0);
+    // Cancelling again is a no-op that proposes nothing.
+    let last = c.replica.last_index();
+    assert!(c.command(Command::Cancel { job: id }).is_ok());
+    assert_eq!(c.replica.last_index(), last);
+    c.check();
+}
+
+#[test]
+fn idempotency_key_makes_one_job() {
+    let mut c = Cluster::new();
+    let a = c.submit_keyed(spec(100, 10), Some("k1")).unwrap();
+    let b = c.submit_keyed(spec(100, 10), Some("k1")).unwrap();
+    let other = c.submit_keyed(spec(100, 10), Some("k2")).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, other);
+    assert_eq!(c.replica.state().jobs.len(), 2);
+    // Two submissions with one key in flight at once still make one job.
+    for r in [100, 101] {
+        c.replica.propose(
+            c.now,
+            r,
+            Command::Submit {
+                spec: spec(100, 10),
+                idempotency_key: Some("k3".into()),
+            },
+        );
+    }
+    c.drive();
+    let ids: Vec<JobId> = [100, 101]
+        .iter()
+        .map(|r| match c.replies.remove(r) {
+            Some(Ok(Reply::Job(j))) => j.id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(c.replica.state().jobs.len(), 3);
+    c.check();
+}
+
+#[test]
+fn bad_input_gets_an_error_and_changes_nothing() {
+    let mut c = Cluster::new();
+    let before = (c.replica.state().digest(), c.disk.len());
+    let mut empty = spec(100, 10);
+    empty.command.clear();
+    let mut huge = spec(u64::MAX, 10);
+    huge.priority = 50;
+    for bad in [empty, huge] {
+        assert!(matches!(
+            c.submit_keyed(bad, None),
+            Err(CommandError::Invalid(_))
+        ));
+    }
+    assert!(matches!(
+        c.command(Command::Cancel { job: JobId(999) }),
+        Err(CommandError::NotFound { .. })
+    ));
+    assert!(matches!(
+        c.command(Command::DrainNode {
+            name: "nope".into()
+        }),
+        Err(CommandError::NotFound { .. })
+    ));
+    assert_eq!((c.replica.state().digest(), c.disk.len()), before);
+}
+
+#[test]
+fn recovery_after_crash_loses_running_attempts_and_runs_them_again() {
+    let mut c = Cluster::new();
+    c.add_node("local", 2000, 1000, &[]);
+    let a = c.submit(spec(1000, 10));
+    let b = c.submit(spec(1000, 10));
+    let queued = c.submit(spec(1000, 10));
+    c.report(RunnerReport::Started { job: a, attempt: 1 });
+    c.restart();
+    assert_eq!(
+        c.replica.state().jobs.len(),
+        3,
+        "every acknowledged job survives"
+    );
+    // The runner comes back with a new incarnation.
+    c.command(Command::RegisterNode {
+        name: "local".into(),
+        capacity: Resources::new(2000, 1000),
+        labels: BTreeMap::new(),
+        incarnation: 2,
+    })
+    .unwrap();
+    let st = c.replica.state();
+    for id in [a, b] {
+        let job = st.job(id).unwrap();
+        assert_eq!(job.attempts[0].state, AttemptState::Lost);
+        assert_eq!(
+            job.attempts.len(),
+            2,
+            "the lost job runs again first (FIFO)"
+        );
+    }
+    assert_eq!(st.job(queued).unwrap().state, JobState::Queued);
+    assert_eq!(c.starts().len(), 2, "two of three fit again");
+    c.check();
+}
+
+#[test]
+fn drained_node_gets_no_new_work_and_down_node_loses_its_attempts() {
+    let mut c = Cluster::new();
+    c.add_node("n1", 1000, 100, &[]);
+    c.add_node("n2", 1000, 100, &[]);
+    let a = c.submit(spec(1000, 10));
+    let first_node = c.starts()[0].2.clone();
+    let other = if first_node == "n1" { "n2" } else { "n1" };
+    let reply = c
+        .command(Command::DrainNode { name: other.into() })
+        .unwrap();
+    assert!(matches!(reply, Reply::Node(n) if n.state == NodeState::Draining));
+    let b = c.submit(spec(1000, 10));
+    assert_eq!(c.job_state(b), JobState::Queued);
+    c.command(Command::RemoveNode {
+        name: first_node.clone(),
+    })
+    .unwrap();
+    assert_eq!(c.replica.state().nodes[&first_node].state, NodeState::Left);
+    assert_eq!(c.job_state(a), JobState::Queued);
+    c.check();
+}
