@@ -30,7 +30,7 @@ use crate::model::{
     AttemptNumber, Job, JobId, JobSpec, Labels, Node, Outcome, Resources, TimestampMs,
 };
 use crate::scheduler;
-use crate::state::{Applied, State};
+use crate::state::{Applied, QueueKey, State};
 use crate::validate::{self, ValidationError};
 
 /// Proposals waiting for commit, beyond which new commands are refused
@@ -195,6 +195,11 @@ pub struct Replica {
     /// Placements proposed and not yet applied; the scheduler waits for them
     /// so that it never places from a state that misses its own decisions.
     placements_inflight: usize,
+    /// Jobs submitted since the last scheduling pass, in log order.
+    new_jobs: Vec<JobId>,
+    /// Something other than a submission (freed capacity, a node change, a
+    /// requeue, a pass cut short by its bounds) calls for a full pass.
+    full_pass_needed: bool,
 }
 
 impl Replica {
@@ -215,6 +220,8 @@ impl Replica {
             to_persist: Vec::new(),
             outputs: VecDeque::new(),
             placements_inflight: 0,
+            new_jobs: Vec::new(),
+            full_pass_needed: true,
         }
     }
 
@@ -453,6 +460,19 @@ impl Replica {
         if origin == Origin::Placement {
             self.placements_inflight -= 1;
         }
+        match (&entry.event, &applied) {
+            (_, Applied::Ignored(_) | Applied::Duplicate(_)) => {}
+            (_, Applied::Submitted(id)) => self.new_jobs.push(*id),
+            (
+                Event::AttemptStarted { .. }
+                | Event::LeaderElected { .. }
+                | Event::AttemptAssigned { .. }
+                | Event::NodeDrained { .. }
+                | Event::JobCancelled { .. },
+                _,
+            ) => {}
+            _ => self.full_pass_needed = true,
+        }
         match &applied {
             Applied::Assigned { job, attempt, node } => {
                 let spec = self.state.jobs[job].spec.clone();
@@ -520,7 +540,23 @@ impl Replica {
         if self.placements_inflight > 0 || self.lifecycle != Lifecycle::Running {
             return;
         }
-        for p in scheduler::schedule(&self.state) {
+        if !self.full_pass_needed && self.new_jobs.is_empty() {
+            return;
+        }
+        let pass = if self.full_pass_needed {
+            scheduler::schedule_pass(&self.state, None)
+        } else {
+            let mut keys: Vec<QueueKey> = self
+                .new_jobs
+                .iter()
+                .filter_map(|id| self.state.job(*id).map(QueueKey::of))
+                .collect();
+            keys.sort_unstable();
+            scheduler::schedule_pass(&self.state, Some(&keys))
+        };
+        self.new_jobs.clear();
+        self.full_pass_needed = pass.truncated;
+        for p in pass.placements {
             let event = Event::AttemptAssigned {
                 job: p.job,
                 attempt: p.attempt,

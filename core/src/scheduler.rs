@@ -16,8 +16,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{AttemptNumber, Job, JobId, Node, Resources};
-use crate::state::State;
+use crate::model::{AttemptNumber, Job, JobId, JobState, Node, Resources};
+use crate::state::{QueueKey, State};
 
 /// Queued jobs looked at per pass; the rest wait for the next pass.
 pub const SCAN_JOBS_MAX: usize = 1024;
@@ -31,8 +31,24 @@ pub struct Placement {
     pub node: String,
 }
 
-/// One scheduling pass over the committed state.
+/// The result of one pass: placements, and whether the pass stopped at one of
+/// its bounds with queued jobs left unexamined.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    pub placements: Vec<Placement>,
+    pub truncated: bool,
+}
+
+/// One scheduling pass over every queued job (up to the bounds).
 pub fn schedule(state: &State) -> Vec<Placement> {
+    schedule_pass(state, None).placements
+}
+
+/// One scheduling pass. With `only`, just those jobs (which must be sorted in
+/// queue order) are considered: enough when nothing but new submissions
+/// changed since a pass that placed all it could, because every older queued
+/// job met at least as much free capacity then as it would now.
+pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>) -> Pass {
     let mut free: BTreeMap<&str, (Resources, &Node)> = state
         .nodes
         .values()
@@ -40,11 +56,24 @@ pub fn schedule(state: &State) -> Vec<Placement> {
         .map(|n| (n.name.as_str(), (n.free(), n)))
         .collect();
     let mut placements = Vec::new();
-    for key in state.queue.iter().take(SCAN_JOBS_MAX) {
-        if placements.len() >= PLACEMENTS_PER_PASS_MAX || !any_room(&free) {
+    let mut truncated = false;
+    let candidates: Box<dyn Iterator<Item = &QueueKey>> = match only {
+        Some(keys) => Box::new(keys.iter()),
+        None => Box::new(state.queue.iter()),
+    };
+    for (scanned, key) in candidates.enumerate() {
+        if !any_room(&free) {
             break;
         }
-        let Some(job) = state.jobs.get(&key.job) else {
+        if scanned >= SCAN_JOBS_MAX || placements.len() >= PLACEMENTS_PER_PASS_MAX {
+            truncated = true;
+            break;
+        }
+        let Some(job) = state
+            .jobs
+            .get(&key.job)
+            .filter(|j| j.state == JobState::Queued)
+        else {
             continue;
         };
         if let Some(name) = best_node(job, &free) {
@@ -57,7 +86,10 @@ pub fn schedule(state: &State) -> Vec<Placement> {
             });
         }
     }
-    placements
+    Pass {
+        placements,
+        truncated,
+    }
 }
 
 /// True while some node could still take the smallest possible job.
@@ -89,7 +121,7 @@ fn leftover_score(left: &Resources, node: &Node) -> u64 {
 
 /// Why a queued job is not placed, for users: `None` if it is not queued.
 pub fn unplaced_reason(state: &State, job: &Job) -> Option<String> {
-    if job.state != crate::model::JobState::Queued {
+    if job.state != JobState::Queued {
         return None;
     }
     let ready: Vec<&Node> = state.nodes.values().filter(|n| n.accepts_work()).collect();

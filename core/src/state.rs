@@ -25,7 +25,7 @@ pub struct QueueKey {
 }
 
 impl QueueKey {
-    fn of(job: &Job) -> QueueKey {
+    pub fn of(job: &Job) -> QueueKey {
         QueueKey {
             inverse_priority: 100u8.saturating_sub(job.spec.priority),
             seq: job.seq,

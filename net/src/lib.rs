@@ -1,1 +1,11 @@
-//! rustci-net (being written)
+//! rustci-net: the HTTP API of the contract (JSON over hyper 1) and a small
+//! client for it.
+//!
+//! This crate knows wire formats and HTTP; it holds no control-plane logic.
+//! Commands and reads go to the replica's driver loop through
+//! [`control::ControlPlane`]; what the answer means is decided in core.
+
+pub mod client;
+pub mod control;
+pub mod dto;
+pub mod server;

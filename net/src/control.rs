@@ -1,0 +1,116 @@
+//! The handle through which the API talks to the replica's driver loop.
+//!
+//! The replica is owned by one task (the driver in `bin`); everything else
+//! sends it [`Input`]s over a bounded channel. Reads are closures run on the
+//! driver's task against the live replica, so they see a consistent state
+//! without locks.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustci_core::event::{Entry, LogIndex, ReplicaId};
+use rustci_core::model::{AttemptNumber, JobId};
+use rustci_core::replica::{Command, CommandError, Replica, Reply, RunnerReport};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Inputs of the driver loop. Only the driver interprets them.
+pub enum Input {
+    Command {
+        command: Command,
+        reply: oneshot::Sender<Result<Reply, CommandError>>,
+    },
+    Query(Box<dyn FnOnce(&Replica) + Send>),
+    Runner(RunnerReport),
+    Persisted(LogIndex),
+    PersistFailed(String),
+    Tick,
+}
+
+/// Reads committed entries for the event stream, from wherever the driver
+/// keeps them.
+pub trait LogReader: Send + Sync + 'static {
+    /// Up to `max` committed entries with index > `after`, in order.
+    fn read_after(&self, after: LogIndex, max: usize) -> Result<Vec<Entry>, String>;
+}
+
+/// Driver-side facts the API shows but the replica does not know.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    pub id: ReplicaId,
+    pub advertise_addr: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    inputs: mpsc::Sender<Input>,
+    /// The replica's applied index, published by the driver after each step.
+    pub applied: watch::Receiver<LogIndex>,
+    pub log: Arc<dyn LogReader>,
+    pub info: Arc<ServerInfo>,
+    pub started: Instant,
+}
+
+/// The driver is gone (shut down or crashed).
+#[derive(Debug, thiserror::Error)]
+#[error("the control plane is not running")]
+pub struct Unavailable;
+
+impl ControlPlane {
+    pub fn new(
+        inputs: mpsc::Sender<Input>,
+        applied: watch::Receiver<LogIndex>,
+        log: Arc<dyn LogReader>,
+        info: ServerInfo,
+        started: Instant,
+    ) -> ControlPlane {
+        ControlPlane {
+            inputs,
+            applied,
+            log,
+            info: Arc::new(info),
+            started,
+        }
+    }
+
+    pub async fn command(
+        &self,
+        command: Command,
+    ) -> Result<Result<Reply, CommandError>, Unavailable> {
+        let (reply, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Command { command, reply })
+            .await
+            .map_err(|_| Unavailable)?;
+        rx.await.map_err(|_| Unavailable)
+    }
+
+    pub async fn query<R, F>(&self, f: F) -> Result<R, Unavailable>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Replica) -> R + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let run = move |r: &Replica| {
+            let _ = tx.send(f(r));
+        };
+        self.inputs
+            .send(Input::Query(Box::new(run)))
+            .await
+            .map_err(|_| Unavailable)?;
+        rx.await.map_err(|_| Unavailable)
+    }
+
+    pub fn output_path(&self, job: JobId, attempt: AttemptNumber) -> PathBuf {
+        output_path(&self.info.data_dir, job, attempt)
+    }
+}
+
+/// Where an attempt's output lives: beside the log, one file per attempt.
+pub fn output_path(data_dir: &Path, job: JobId, attempt: AttemptNumber) -> PathBuf {
+    data_dir
+        .join("output")
+        .join(job.0.to_string())
+        .join(format!("{attempt}.log"))
+}

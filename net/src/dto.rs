@@ -1,0 +1,252 @@
+//! JSON shapes of the HTTP API (see `docs/api.md`). Requests are strict:
+//! unknown fields are rejected. Views are built from core's model here, at
+//! the boundary, so core carries no HTTP concerns.
+
+use std::collections::BTreeMap;
+
+use rustci_core::event::{Entry, ReplicaId};
+use rustci_core::model::{Attempt, Job, JobSpec, Labels, Node, Resources};
+use rustci_core::validate::{
+    self, ValidationError, MAX_RETRIES_DEFAULT, PRIORITY_DEFAULT, RESOURCES_DEFAULT,
+    TIMEOUT_SECS_DEFAULT,
+};
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/jobs` body. Only `command` is required.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourcesRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraints: Option<Labels>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+}
+
+impl SubmitRequest {
+    /// Fills in defaults and range-checks the numbers that do not fit core's
+    /// narrower types; the full validation happens in core.
+    pub fn into_spec(self) -> Result<JobSpec, ValidationError> {
+        let priority = self.priority.unwrap_or(PRIORITY_DEFAULT.into());
+        if priority > u64::from(validate::PRIORITY_MAX) {
+            return Err(ValidationError::Priority(priority));
+        }
+        let max_retries = self.max_retries.unwrap_or(MAX_RETRIES_DEFAULT.into());
+        if max_retries > u64::from(validate::MAX_RETRIES_MAX) {
+            return Err(ValidationError::Retries(max_retries));
+        }
+        let r = self.resources.unwrap_or_default();
+        let spec = JobSpec {
+            name: self.name.unwrap_or_default(),
+            command: self.command,
+            env: self.env.unwrap_or_default(),
+            resources: Resources::new(
+                r.cpu_millis.unwrap_or(RESOURCES_DEFAULT.cpu_millis),
+                r.memory_mb.unwrap_or(RESOURCES_DEFAULT.memory_mb),
+            ),
+            constraints: self.constraints.unwrap_or_default(),
+            priority: priority as u8,
+            timeout_secs: self.timeout_secs.unwrap_or(TIMEOUT_SECS_DEFAULT),
+            max_retries: max_retries as u32,
+        };
+        validate::validate_spec(&spec)?;
+        Ok(spec)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct AttemptView {
+    pub number: u32,
+    pub node: String,
+    pub state: String,
+    pub exit_code: Option<i32>,
+    pub assigned_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+}
+
+impl From<&Attempt> for AttemptView {
+    fn from(a: &Attempt) -> Self {
+        AttemptView {
+            number: a.number,
+            node: a.node.clone(),
+            state: a.state.as_str().to_string(),
+            exit_code: a.exit_code,
+            assigned_at: a.assigned_at,
+            started_at: a.started_at,
+            finished_at: a.finished_at,
+        }
+    }
+}
+
+/// The job object of the contract, plus the spec fields a user submitted
+/// and `reason` (why a queued job is not placed).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct JobView {
+    pub id: u64,
+    pub name: String,
+    pub state: String,
+    pub priority: u8,
+    pub resources: Resources,
+    pub constraints: Labels,
+    pub node: Option<String>,
+    pub exit_code: Option<i32>,
+    pub submitted_at: u64,
+    pub attempts: Vec<AttemptView>,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout_secs: u64,
+    pub max_retries: u32,
+    pub retries_used: u32,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl JobView {
+    pub fn new(job: &Job, reason: Option<String>) -> JobView {
+        JobView {
+            id: job.id.0,
+            name: job.spec.name.clone(),
+            state: job.state.as_str().to_string(),
+            priority: job.spec.priority,
+            resources: job.spec.resources,
+            constraints: job.spec.constraints.clone(),
+            node: job.node().map(str::to_string),
+            exit_code: job.exit_code(),
+            submitted_at: job.submitted_at,
+            attempts: job.attempts.iter().map(AttemptView::from).collect(),
+            command: job.spec.command.clone(),
+            env: job.spec.env.clone(),
+            timeout_secs: job.spec.timeout_secs,
+            max_retries: job.spec.max_retries,
+            retries_used: job.retries_used,
+            idempotency_key: job.idempotency_key.clone(),
+            reason,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "failed" | "cancelled")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    pub state: String,
+    /// Whole cores (fractional when the capacity is not a multiple of 1000 millis).
+    pub cpus: f64,
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub labels: Labels,
+    pub allocated: Resources,
+    pub running: usize,
+    pub last_heartbeat_secs_ago: Option<f64>,
+}
+
+impl NodeView {
+    pub fn new(node: &Node, running: usize, last_heartbeat_secs_ago: Option<f64>) -> NodeView {
+        NodeView {
+            name: node.name.clone(),
+            state: node.state.as_str().to_string(),
+            cpus: node.capacity.cpu_millis as f64 / 1000.0,
+            cpu_millis: node.capacity.cpu_millis,
+            memory_mb: node.capacity.memory_mb,
+            labels: node.labels.clone(),
+            allocated: node.allocated,
+            running,
+            last_heartbeat_secs_ago,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct NodeList {
+    pub nodes: Vec<NodeView>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ReplicaView {
+    pub id: ReplicaId,
+    pub addr: String,
+    pub role: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ClusterView {
+    pub id: ReplicaId,
+    pub state: String,
+    pub leader: Option<ReplicaId>,
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub replicas: Vec<ReplicaView>,
+    pub uptime_secs: u64,
+    pub nodes: usize,
+    pub jobs: BTreeMap<String, u64>,
+    /// Digest of the reduced state: equal on every replica at the same
+    /// applied index, and equal to `rustci replay`'s for the same log.
+    pub state_digest: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct EventList {
+    pub events: Vec<serde_json::Value>,
+    pub next: u64,
+}
+
+/// `{"index", "term", "at", "type", ...fields}`: an entry for the event stream.
+pub fn event_json(entry: &Entry) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("index".into(), entry.index.into());
+    obj.insert("term".into(), entry.term.into());
+    obj.insert("at".into(), entry.at.into());
+    obj.insert("type".into(), entry.event.kind().into());
+    // Externally tagged: {"Variant": {fields}}; lift the fields up.
+    if let Ok(serde_json::Value::Object(outer)) = serde_json::to_value(&entry.event) {
+        for (_, inner) in outer {
+            if let serde_json::Value::Object(fields) = inner {
+                obj.extend(fields);
+            }
+        }
+    }
+    serde_json::Value::Object(obj)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
