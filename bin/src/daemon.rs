@@ -1,0 +1,474 @@
+//! The production driver of the replica: tokio + hyper + redb + real processes.
+//!
+//! Threads and tasks, and what each owns:
+//! - the **driver task** owns the [`Replica`]. It takes [`Input`]s from one
+//!   bounded channel (API commands and reads, runner reports, "persisted"
+//!   notices, ticks), drains as many as are ready, then carries out the
+//!   replica's outputs in order;
+//! - the **log writer thread** owns appends to the redb log: it drains every
+//!   batch waiting for it into one write transaction and one fsync (group
+//!   commit), then tells the driver how far the log is durable;
+//! - the **HTTP server** (net) and the **native runner** talk to the driver
+//!   only through the channel.
+//!
+//! Nothing here decides anything about jobs: the replica does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use rustci_core::event::{Entry, LogIndex};
+use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Resources};
+use rustci_core::replica::{
+    Command, CommandError, Config, Output, Replica, Reply, RunnerCommand, RunnerReport, TICK_MS,
+};
+use rustci_core::state::State;
+use rustci_net::control::{output_path, ControlPlane, Input, LogReader, ServerInfo};
+use rustci_net::server::{serve, ServerConfig};
+use rustci_storage::LogStore;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::runner::{self, NativeRunner, RunEvent, RunSpec, RunnerConfig};
+
+/// Inputs waiting for the driver before API callers feel back-pressure.
+pub const INPUTS_QUEUE_MAX: usize = 1 << 16;
+/// Inputs handled per driver step before outputs are carried out: bounds the
+/// latency one step adds to the requests already waiting.
+pub const INPUTS_PER_STEP_MAX: usize = 4096;
+
+#[derive(Clone, Debug)]
+pub struct DevConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub api_token: Option<String>,
+    /// Name of the built-in runner's node.
+    pub node_name: String,
+    /// Capacity the built-in runner advertises; default: the machine's.
+    pub capacity: Option<Resources>,
+    pub labels: Labels,
+}
+
+/// Milliseconds since the Unix epoch on this machine's clock: the `now` this
+/// driver feeds the replica.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads the whole log and folds it into a state, as start-up does.
+pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
+    let mut state = State::new();
+    store
+        .scan(store.first_index(), |entry| {
+            state.apply(&entry);
+            std::ops::ControlFlow::Continue(())
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(state)
+}
+
+struct SharedLog(Arc<Mutex<LogStore>>);
+
+impl LogReader for SharedLog {
+    fn read_after(&self, after: LogIndex, max: usize) -> Result<Vec<Entry>, String> {
+        let store = self.0.lock().map_err(|_| "log store poisoned".to_string())?;
+        store.read_range(after + 1, max).map_err(|e| e.to_string())
+    }
+}
+
+/// A running dev daemon: its address, and a way to stop it and wait.
+pub struct DevHandle {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl DevHandle {
+    /// Graceful stop: in-flight requests finish, jobs are killed, the log is
+    /// flushed and the data dir lock is released before this returns.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.done.await.context("daemon task panicked")?
+    }
+
+    /// Waits until the daemon stops by itself (a fatal error) or `signal`.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = signal => {
+                tracing::info!("shutting down");
+                self.stop().await
+            }
+            r = &mut self.done => r.context("daemon task panicked")?,
+        }
+    }
+}
+
+/// Opens the data dir, replays the log, and starts the replica, the API and
+/// the built-in runner. Returns once the API is listening.
+pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
+    if config.api_token.is_none() && !config.listen.ip().is_loopback() {
+        bail!(
+            "refusing to serve {} without --api-token: `rustci dev` without a token serves loopback only",
+            config.listen
+        );
+    }
+    let started = Instant::now();
+    let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let state = replay_store(&store)?;
+    let (last_index, last_term) = (store.last_index(), store.last_term());
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        entries = last_index,
+        jobs = state.jobs.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "replayed the log"
+    );
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+
+    let pid_dir = config.data_dir.join("runner");
+    let reaped = NativeRunner::reap_leftovers(&pid_dir);
+    if reaped > 0 {
+        tracing::warn!(reaped, "killed job processes left by a previous run");
+    }
+    let store = Arc::new(Mutex::new(store));
+    let (inputs_tx, inputs_rx) = mpsc::channel(INPUTS_QUEUE_MAX);
+    let (applied_tx, applied_rx) = watch::channel(last_index);
+    let writer = spawn_log_writer(store.clone(), inputs_tx.clone());
+    let (run_tx, run_rx) = mpsc::unbounded_channel();
+    let runner = NativeRunner::new(RunnerConfig::new(pid_dir), run_tx);
+    tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()));
+
+    let info = ServerInfo {
+        id: 1,
+        advertise_addr: addr.to_string(),
+        data_dir: config.data_dir.clone(),
+    };
+    let cp = ControlPlane::new(
+        inputs_tx.clone(),
+        applied_rx,
+        Arc::new(SharedLog(store.clone())),
+        info,
+        started,
+    );
+    let replica = Replica::recover(Config::new(1), state, last_index, last_term);
+    let mut driver = Driver {
+        replica,
+        writer,
+        runner,
+        pending: HashMap::new(),
+        next_request: 1,
+        applied: applied_tx,
+        node_name: config.node_name.clone(),
+        data_dir: config.data_dir.clone(),
+        fatal: None,
+    };
+    driver.replica.start(wall_clock_ms());
+    driver.register_local_node(&config);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        cp,
+        ServerConfig {
+            api_token: config.api_token.clone(),
+        },
+        async {
+            let _ = server_stop_rx.await;
+        },
+    ));
+    tracing::info!(%addr, node = %config.node_name, "rustci dev is serving");
+    let done = tokio::spawn(async move {
+        let result = driver.run(inputs_rx, stop_rx, server, server_stop_tx).await;
+        drop(inputs_tx);
+        result
+    });
+    Ok(DevHandle {
+        addr,
+        stop: Some(stop_tx),
+        done,
+    })
+}
+
+/// The log writer: one redb transaction and one fsync per batch of batches.
+fn spawn_log_writer(store: Arc<Mutex<LogStore>>, inputs: mpsc::Sender<Input>) -> LogWriter {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Entry>>();
+    let thread = std::thread::Builder::new()
+        .name("rustci-log-writer".into())
+        .spawn(move || {
+            while let Ok(mut batch) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend(more);
+                }
+                let last = batch.last().map(|e| e.index).unwrap_or(0);
+                let result = store
+                    .lock()
+                    .map_err(|_| "log store poisoned".to_string())
+                    .and_then(|mut s| s.append(&batch).map_err(|e| e.to_string()));
+                let input = match result {
+                    Ok(()) => Input::Persisted(last),
+                    Err(e) => Input::PersistFailed(e),
+                };
+                if inputs.blocking_send(input).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the log writer thread");
+    LogWriter {
+        tx: Some(tx),
+        thread: Some(thread),
+    }
+}
+
+struct LogWriter {
+    tx: Option<std::sync::mpsc::Sender<Vec<Entry>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogWriter {
+    fn send(&self, entries: Vec<Entry>) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(entries).is_ok())
+    }
+
+    /// Lets the writer finish what it has and waits for it.
+    fn close(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn forward_run_events(mut rx: mpsc::UnboundedReceiver<RunEvent>, inputs: mpsc::Sender<Input>) {
+    while let Some(ev) = rx.recv().await {
+        let report = match ev {
+            RunEvent::Started { job, attempt } => RunnerReport::Started {
+                job: JobId(job),
+                attempt,
+            },
+            RunEvent::Finished {
+                job,
+                attempt,
+                outcome,
+                exit_code,
+            } => RunnerReport::Finished {
+                job: JobId(job),
+                attempt,
+                outcome,
+                exit_code,
+            },
+        };
+        if inputs.send(Input::Runner(report)).await.is_err() {
+            return;
+        }
+    }
+}
+
+type ReplySender = oneshot::Sender<Result<Reply, CommandError>>;
+
+struct Driver {
+    replica: Replica,
+    writer: LogWriter,
+    runner: NativeRunner,
+    /// API callers waiting for the replica's answer, by request id.
+    pending: HashMap<u64, Option<ReplySender>>,
+    next_request: u64,
+    applied: watch::Sender<LogIndex>,
+    node_name: String,
+    data_dir: PathBuf,
+    /// Set when the log cannot be written: the daemon must stop, since
+    /// nothing more can be acknowledged safely.
+    fatal: Option<String>,
+}
+
+impl Driver {
+    fn register_local_node(&mut self, config: &DevConfig) {
+        let capacity = config.capacity.unwrap_or_else(|| {
+            let (cpu_millis, memory_mb) = runner::machine_capacity();
+            Resources::new(cpu_millis, memory_mb)
+        });
+        let mut labels = default_labels();
+        labels.extend(config.labels.clone());
+        // A new incarnation per process start: whatever the previous process
+        // ran died with it, and the reducer marks those attempts lost.
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let command = Command::RegisterNode {
+            name: config.node_name.clone(),
+            capacity,
+            labels,
+            incarnation,
+        };
+        let request = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(request, None);
+        self.replica.propose(wall_clock_ms(), request, command);
+    }
+
+    async fn run(
+        &mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        mut stop: oneshot::Receiver<()>,
+        mut server: tokio::task::JoinHandle<()>,
+        server_stop: oneshot::Sender<()>,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut server_stop = Some(server_stop);
+        let mut stopping = false;
+        self.carry_out();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stop, if !stopping => {
+                    stopping = true;
+                    if let Some(s) = server_stop.take() { let _ = s.send(()); }
+                }
+                _ = &mut server, if stopping => break,
+                input = inputs.recv() => {
+                    let Some(input) = input else { break };
+                    self.handle(input);
+                    for _ in 1..INPUTS_PER_STEP_MAX {
+                        match inputs.try_recv() {
+                            Ok(input) => self.handle(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => self.replica.handle_tick(wall_clock_ms()),
+            }
+            self.carry_out();
+            if let Some(e) = &self.fatal {
+                let e = e.clone();
+                if let Some(s) = server_stop.take() {
+                    let _ = s.send(());
+                }
+                self.shutdown().await;
+                bail!("stopping: the event log cannot be written: {e}");
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) {
+        self.replica.stop();
+        self.runner.shutdown().await;
+        self.carry_out();
+        self.writer.close();
+        for (_, waiter) in self.pending.drain() {
+            if let Some(w) = waiter {
+                let _ = w.send(Err(CommandError::Stopping));
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = wall_clock_ms();
+        match input {
+            Input::Command { command, reply } => {
+                let request = self.next_request;
+                self.next_request += 1;
+                self.pending.insert(request, Some(reply));
+                self.replica.propose(now, request, command);
+            }
+            Input::Query(f) => f(&self.replica),
+            Input::Runner(report) => self.replica.handle_runner_report(now, report),
+            Input::Persisted(index) => self.replica.handle_persisted(now, index),
+            Input::PersistFailed(e) => {
+                tracing::error!(error = %e, "appending to the event log failed");
+                self.replica.fail();
+                self.fatal = Some(e);
+            }
+            Input::Tick => self.replica.handle_tick(now),
+        }
+    }
+
+    /// Carries out the replica's outputs in order (see the driver contract in
+    /// `rustci_core::replica`).
+    fn carry_out(&mut self) {
+        while let Some(output) = self.replica.poll_output() {
+            match output {
+                Output::Persist(entries) => {
+                    if !self.writer.send(entries) && self.fatal.is_none() {
+                        self.fatal = Some("the log writer has stopped".into());
+                    }
+                }
+                Output::Reply { request, result } => {
+                    if let Some(Some(waiter)) = self.pending.remove(&request) {
+                        let _ = waiter.send(result);
+                    } else if let Err(e) = result {
+                        tracing::warn!(error = %e, "internal command refused");
+                    }
+                }
+                Output::Runner(command) => self.run_command(command),
+            }
+        }
+        self.applied.send_if_modified(|i| {
+            let now = self.replica.applied_index();
+            let changed = *i != now;
+            *i = now;
+            changed
+        });
+    }
+
+    fn run_command(&mut self, command: RunnerCommand) {
+        match command {
+            RunnerCommand::Start {
+                node,
+                job,
+                attempt,
+                spec,
+            } if node == self.node_name => self.runner.start(run_spec(&self.data_dir, job, attempt, spec)),
+            RunnerCommand::Kill { node, job, attempt } if node == self.node_name => {
+                self.runner.kill(job.0, attempt)
+            }
+            other => tracing::warn!(?other, "command for a node this process does not run"),
+        }
+    }
+}
+
+fn run_spec(data_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) -> RunSpec {
+    RunSpec {
+        job: job.0,
+        attempt,
+        command: spec.command,
+        env: spec.env,
+        timeout: Duration::from_secs(spec.timeout_secs),
+        work_dir: data_dir
+            .join("work")
+            .join(format!("{}-{attempt}", job.0)),
+        log_path: output_path(data_dir, job, attempt),
+    }
+}
+
+/// Labels every node gets: `os`, `arch` and `hostname`.
+pub fn default_labels() -> Labels {
+    let mut labels = BTreeMap::new();
+    labels.insert("os".to_string(), std::env::consts::OS.to_string());
+    labels.insert("arch".to_string(), std::env::consts::ARCH.to_string());
+    labels.insert("hostname".to_string(), hostname());
+    labels
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && rustci_core::validate::validate_node_name(s).is_ok())
+        .unwrap_or_else(|| "local".to_string())
+}
