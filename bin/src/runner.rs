@@ -164,7 +164,11 @@ impl NativeRunner {
         {
             let mut attempts = self.shared.attempts.lock().expect("runner lock");
             if attempts.contains_key(&key) {
-                warn!(job = spec.job, attempt = spec.attempt, "attempt already running");
+                warn!(
+                    job = spec.job,
+                    attempt = spec.attempt,
+                    "attempt already running"
+                );
                 return;
             }
             attempts.insert(key, Some(cancel_tx));
@@ -274,7 +278,11 @@ struct SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let mut attempts = self.shared.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut attempts = self
+            .shared
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         attempts.remove(&self.key);
         self.shared.running.send_replace(attempts.len());
     }
@@ -390,8 +398,8 @@ impl AttemptTask {
     fn record_pgid(&self, pgid: i32) -> Option<PathBuf> {
         let dir = &self.config.pid_dir;
         let path = pgid_record_path(dir, self.spec.job, self.spec.attempt);
-        let written = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&path, format!("{pgid}\n")));
+        let written =
+            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, format!("{pgid}\n")));
         match written {
             Ok(()) => Some(path),
             Err(e) => {
@@ -533,7 +541,11 @@ impl LogCap {
 fn kill_group(pgid: i32) {
     // kill(-1) would signal every process we may signal; kill(0) our own group.
     assert!(pgid > 1, "refusing to kill process group {pgid}");
-    assert_ne!(pgid, unsafe { libc::getpgrp() }, "refusing to kill our own group");
+    assert_ne!(
+        pgid,
+        unsafe { libc::getpgrp() },
+        "refusing to kill our own group"
+    );
     // SAFETY: plain syscall, no memory involved.
     let rc = unsafe { libc::kill(-pgid, libc::SIGKILL) };
     if rc != 0 {
@@ -723,18 +735,54 @@ mod tests {
     #[test]
     fn log_cap_keeps_everything_up_to_the_cap_exactly() {
         let mut cap = LogCap::new(10);
-        assert_eq!(cap.admit(4), Admitted { keep: 4, truncated_now: false });
-        assert_eq!(cap.admit(6), Admitted { keep: 6, truncated_now: false });
+        assert_eq!(
+            cap.admit(4),
+            Admitted {
+                keep: 4,
+                truncated_now: false
+            }
+        );
+        assert_eq!(
+            cap.admit(6),
+            Admitted {
+                keep: 6,
+                truncated_now: false
+            }
+        );
         assert!(!cap.truncated);
     }
 
     #[test]
     fn log_cap_truncates_once_then_discards_everything() {
         let mut cap = LogCap::new(10);
-        assert_eq!(cap.admit(7), Admitted { keep: 7, truncated_now: false });
-        assert_eq!(cap.admit(7), Admitted { keep: 3, truncated_now: true });
-        assert_eq!(cap.admit(7), Admitted { keep: 0, truncated_now: false });
-        assert_eq!(cap.admit(0), Admitted { keep: 0, truncated_now: false });
+        assert_eq!(
+            cap.admit(7),
+            Admitted {
+                keep: 7,
+                truncated_now: false
+            }
+        );
+        assert_eq!(
+            cap.admit(7),
+            Admitted {
+                keep: 3,
+                truncated_now: true
+            }
+        );
+        assert_eq!(
+            cap.admit(7),
+            Admitted {
+                keep: 0,
+                truncated_now: false
+            }
+        );
+        assert_eq!(
+            cap.admit(0),
+            Admitted {
+                keep: 0,
+                truncated_now: false
+            }
+        );
     }
 
     #[test]

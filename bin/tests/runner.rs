@@ -68,7 +68,10 @@ impl Harness {
     }
 
     async fn expect_started(&mut self, job: u64) {
-        assert_eq!(self.next_event().await, RunEvent::Started { job, attempt: 1 });
+        assert_eq!(
+            self.next_event().await,
+            RunEvent::Started { job, attempt: 1 }
+        );
     }
 
     /// Waits for the attempt's Finished, skipping any Started; returns
@@ -99,7 +102,11 @@ impl Harness {
     /// The pgid recorded for a running attempt.
     fn pgid(&self, job: u64) -> i32 {
         let path = pgid_record_path(&self.pid_dir(), job, 1);
-        std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     }
 }
 
@@ -204,7 +211,10 @@ async fn log_can_be_followed_while_the_job_runs() {
     h.expect_started(1).await;
     let deadline = Instant::now() + Duration::from_millis(1500);
     while read_log(&spec) != "first\n" {
-        assert!(Instant::now() < deadline, "output not visible while running");
+        assert!(
+            Instant::now() < deadline,
+            "output not visible while running"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(h.runner.running(), 1, "job must still be running");
@@ -360,7 +370,8 @@ async fn running_counts_attempts_from_start_until_finished() {
 async fn shutdown_cancels_everything_and_waits_for_every_finished() {
     let mut h = Harness::new();
     for job in 1..=3 {
-        h.runner.start(h.spec(job, &sh("sleep 30 & sleep 30; wait")));
+        h.runner
+            .start(h.spec(job, &sh("sleep 30 & sleep 30; wait")));
     }
     let mut pgids = Vec::new();
     for _ in 1..=3 {
@@ -495,19 +506,31 @@ fn crash_helper_daemon() {
 fn crash_of_the_runner_process_kills_the_job_and_reap_leftovers_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_helper_daemon", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_helper_daemon",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CRASH_HELPER_DIR, dir.path())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + EVENT_WAIT_MAX;
     while !dir.path().join("ready").exists() {
-        assert!(Instant::now() < deadline, "helper daemon never started its job");
+        assert!(
+            Instant::now() < deadline,
+            "helper daemon never started its job"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let pid_dir = dir.path().join("pids");
     let record = pgid_record_path(&pid_dir, 5, 1);
-    let pgid: i32 = std::fs::read_to_string(&record).unwrap().trim().parse().unwrap();
+    let pgid: i32 = std::fs::read_to_string(&record)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
 
     daemon.kill().unwrap(); // SIGKILL: no cleanup runs in the daemon.
     daemon.wait().unwrap();
