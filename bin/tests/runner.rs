@@ -192,6 +192,33 @@ async fn log_interleaves_stdout_and_stderr_in_write_order() {
 }
 
 #[tokio::test]
+async fn log_keeps_write_order_across_many_alternating_stdout_and_stderr_lines() {
+    let mut h = Harness::new();
+    let script = "i=0; while [ $i -lt 500 ]; do echo o$i; echo e$i >&2; i=$((i+1)); done";
+    let (_, code, log) = h.run(&sh(script)).await;
+    assert_eq!(code, Some(0));
+    let expected: String = (0..500).map(|i| format!("o{i}\ne{i}\n")).collect();
+    assert_eq!(log, expected);
+}
+
+#[tokio::test]
+async fn start_of_an_attempt_already_running_is_ignored() {
+    let mut h = Harness::new();
+    let spec = h.spec(1, &sh("echo once; sleep 0.3"));
+    h.runner.start(spec.clone());
+    h.runner.start(spec.clone());
+    assert_eq!(h.runner.running(), 1);
+    h.expect_started(1).await;
+    assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        h.events.try_recv().is_err(),
+        "one Started and one Finished only"
+    );
+    assert_eq!(read_log(&spec), "once\n");
+}
+
+#[tokio::test]
 async fn log_is_appended_to_and_its_parent_dirs_created() {
     let mut h = Harness::new();
     let spec = h.spec(1, &["echo", "second"]);
