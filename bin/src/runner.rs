@@ -42,6 +42,17 @@
 //! send gives `Outcome::Exited` with `None`; our own kills give `TimedOut` or
 //! `Cancelled`. [`NativeRunner::shutdown`] reports `Cancelled`.
 //!
+//! # Known limits
+//!
+//! - A process that leaves the job's group (`setsid`, `setpgid`) escapes every
+//!   group kill; if it keeps the output pipe open, the runner stops reading
+//!   [`DRAIN_AFTER_EXIT_MS`] after the group died and drops its later output.
+//! - On a normal exit the leader is reaped before its group is killed, so in
+//!   theory the pgid could be reused in between; the window is microseconds
+//!   and needs a full wrap of the pid space.
+//! - [`NativeRunner::reap_leftovers`] sends `SIGKILL` and returns; it does not
+//!   wait for the processes to disappear.
+//!
 //! Linux only.
 
 use std::collections::BTreeMap;
@@ -381,6 +392,7 @@ impl AttemptTask {
             _ = deadline => Outcome::TimedOut,
         };
         // Also on a normal exit: whatever the job left in its group dies now.
+        // (Then the leader is already reaped; see "Known limits" on pgid reuse.)
         kill_group(pgid);
         let exit_code = match child.wait().await {
             Ok(status) => status.code(),
