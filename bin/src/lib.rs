@@ -1,0 +1,3 @@
+//! The `rustci` crate as a library, so integration tests can reach its modules.
+
+pub mod runner;

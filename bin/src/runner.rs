@@ -1,0 +1,820 @@
+//! The native runner: executes attempts of jobs as local processes.
+//!
+//! # Process model
+//!
+//! - Every attempt is one process started from `command[0]` with `command[1..]`
+//!   as arguments (no shell unless the user wrote one), in **its own process
+//!   group** (`pgid == pid` of the child). Every kill the runner does is a
+//!   `SIGKILL` to the whole group, so grandchildren die with the job.
+//! - The child inherits the daemon's environment plus the job's `env` plus
+//!   `RUSTCI_JOB_ID` and `RUSTCI_ATTEMPT`; stdin is `/dev/null`; its working
+//!   directory is `work_dir`, created per attempt.
+//! - **No orphans.** Before `exec` the child sets `PR_SET_PDEATHSIG = SIGKILL`,
+//!   so it dies when the runner dies. The kernel ties that signal to the
+//!   *thread* that forked, so every fork happens on one process-wide spawner
+//!   thread that never exits. `PDEATHSIG` is not inherited by grandchildren,
+//!   so each running attempt's pgid is also recorded as a file in
+//!   [`RunnerConfig::pid_dir`]; after a crash (`kill -9` of the daemon) the
+//!   next daemon calls [`NativeRunner::reap_leftovers`] before starting work.
+//! - When the job's main process exits on its own, whatever it left running in
+//!   its group is killed too: an attempt owns nothing once it has finished.
+//!
+//! # Output
+//!
+//! stdout and stderr share ONE pipe, so the log shows them interleaved in the
+//! order they were written. The pipe is appended to `log_path` as it arrives,
+//! so a reader can follow the file live. Past [`RunnerConfig::log_cap_bytes`]
+//! the runner writes one line `\n[rustci: output truncated at N bytes]\n` and
+//! discards the rest, while still draining the pipe so the job never blocks.
+//!
+//! # What a driver must do with [`RunEvent`]s
+//!
+//! For every [`NativeRunner::start`] the driver receives at most one
+//! `Started` (only if the process spawned) and then EXACTLY one `Finished`,
+//! in that order. `Finished` is sent only after the process has exited and
+//! all of its output is in the log, so a reader that has seen `Finished`
+//! sees the whole log. The driver MUST keep receiving from the channel (it is
+//! unbounded) and report `Finished` to the control plane; that is the only
+//! point at which the attempt's resources may be released.
+//!
+//! Exit codes: `exit_code` is the process's exit status; a process killed by
+//! a signal (ours or anyone's) reports `exit_code: None`. A signal we did not
+//! send gives `Outcome::Exited` with `None`; our own kills give `TimedOut` or
+//! `Cancelled`. [`NativeRunner::shutdown`] reports `Cancelled`.
+//!
+//! # Known limits
+//!
+//! - A process that leaves the job's group (`setsid`, `setpgid`) escapes every
+//!   group kill; if it keeps the output pipe open, the runner stops reading
+//!   [`DRAIN_AFTER_EXIT_MS`] after the group died and drops its later output.
+//! - On a normal exit the leader is reaped before its group is killed, so in
+//!   theory the pgid could be reused in between; the window is microseconds
+//!   and needs a full wrap of the pid space.
+//! - [`NativeRunner::reap_leftovers`] sends `SIGKILL` and returns; it does not
+//!   wait for the processes to disappear.
+//!
+//! Linux only.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rustci_core::model::Outcome;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn, Instrument};
+
+/// Default cap on one attempt's log: bytes past it are discarded.
+pub const LOG_CAP_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
+/// Bytes read from a job's output pipe per read call.
+pub const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// After the job's process group is gone, how long to wait for the pipe to
+/// reach end-of-file. Only a process that escaped the group (`setsid`) can
+/// keep it open that long; its further output is dropped.
+pub const DRAIN_AFTER_EXIT_MS: u64 = 2_000;
+/// Timeouts longer than this are clamped to it (a week).
+pub const TIMEOUT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// File extension of the pgid records in [`RunnerConfig::pid_dir`].
+pub const PGID_RECORD_EXTENSION: &str = "pgid";
+
+const _: () = assert!(READ_BUFFER_BYTES as u64 <= LOG_CAP_BYTES_DEFAULT);
+const _: () = assert!(READ_BUFFER_BYTES > 0);
+
+/// One attempt of one job, as the runner executes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSpec {
+    pub job: u64,
+    pub attempt: u32,
+    /// `command[0]` is the executable (looked up in `PATH`), the rest its arguments.
+    pub command: Vec<String>,
+    /// Added to (and overriding) the daemon's environment.
+    pub env: BTreeMap<String, String>,
+    /// Measured from the moment the process spawned.
+    pub timeout: Duration,
+    /// Created if missing; the process's current directory.
+    pub work_dir: PathBuf,
+    /// Output is appended here; parent directories are created.
+    pub log_path: PathBuf,
+}
+
+/// What the runner reports about an attempt; see the module doc for the order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunEvent {
+    Started {
+        job: u64,
+        attempt: u32,
+    },
+    Finished {
+        job: u64,
+        attempt: u32,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerConfig {
+    /// Bytes of output kept per attempt; see the module doc.
+    pub log_cap_bytes: u64,
+    /// Where each running attempt's pgid is recorded, so a daemon restarted
+    /// after a crash can kill what the previous one left behind.
+    pub pid_dir: PathBuf,
+}
+
+impl RunnerConfig {
+    pub fn new(pid_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            log_cap_bytes: LOG_CAP_BYTES_DEFAULT,
+            pid_dir: pid_dir.into(),
+        }
+    }
+}
+
+type AttemptKey = (u64, u32);
+
+/// State shared between the runner handle and its attempt tasks.
+struct Shared {
+    /// One entry per attempt from `start` until its `Finished` has been sent.
+    /// The sender is taken by the first `kill`/`shutdown`, so a second kill
+    /// is a no-op.
+    attempts: Mutex<BTreeMap<AttemptKey, Option<oneshot::Sender<()>>>>,
+    /// Mirrors `attempts.len()`; `shutdown` waits for it to reach zero.
+    running: watch::Sender<usize>,
+}
+
+/// Runs attempts as local processes. Cheap to share behind an `Arc`.
+pub struct NativeRunner {
+    config: Arc<RunnerConfig>,
+    events: mpsc::UnboundedSender<RunEvent>,
+    shared: Arc<Shared>,
+}
+
+impl NativeRunner {
+    pub fn new(config: RunnerConfig, events: mpsc::UnboundedSender<RunEvent>) -> Self {
+        assert!(config.log_cap_bytes > 0, "log_cap_bytes must be positive");
+        Self {
+            config: Arc::new(config),
+            events,
+            shared: Arc::new(Shared {
+                attempts: Mutex::new(BTreeMap::new()),
+                running: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    /// Starts an attempt and returns at once. MUST be called inside a tokio
+    /// runtime. Starting an attempt that is already running is ignored.
+    pub fn start(&self, spec: RunSpec) {
+        let key = (spec.job, spec.attempt);
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        {
+            let mut attempts = self.shared.attempts.lock().expect("runner lock");
+            if attempts.contains_key(&key) {
+                warn!(
+                    job = spec.job,
+                    attempt = spec.attempt,
+                    "attempt already running"
+                );
+                return;
+            }
+            attempts.insert(key, Some(cancel_tx));
+            self.shared.running.send_replace(attempts.len());
+        }
+        let attempt = AttemptTask {
+            config: Arc::clone(&self.config),
+            events: self.events.clone(),
+            guard: SlotGuard {
+                shared: Arc::clone(&self.shared),
+                key,
+            },
+            spec,
+        };
+        let span = tracing::info_span!("attempt", job = key.0, attempt = key.1);
+        tokio::spawn(attempt.run(cancel_rx).instrument(span));
+    }
+
+    /// Cancels a running attempt: kills its process group, then it reports
+    /// `Finished { outcome: Cancelled }`. Unknown or finished attempts: no-op.
+    pub fn kill(&self, job: u64, attempt: u32) {
+        let sender = {
+            let mut attempts = self.shared.attempts.lock().expect("runner lock");
+            attempts.get_mut(&(job, attempt)).and_then(Option::take)
+        };
+        if let Some(sender) = sender {
+            let _ = sender.send(());
+        }
+    }
+
+    /// Attempts started and not yet `Finished`.
+    pub fn running(&self) -> usize {
+        self.shared.attempts.lock().expect("runner lock").len()
+    }
+
+    /// Kills every running attempt and returns once all of them have been
+    /// reaped and their `Finished { outcome: Cancelled }` events sent.
+    pub async fn shutdown(&self) {
+        let senders: Vec<_> = {
+            let mut attempts = self.shared.attempts.lock().expect("runner lock");
+            attempts.values_mut().filter_map(Option::take).collect()
+        };
+        info!(attempts = senders.len(), "runner shutting down");
+        for sender in senders {
+            let _ = sender.send(());
+        }
+        let mut running = self.shared.running.subscribe();
+        let _ = running.wait_for(|n| *n == 0).await;
+    }
+
+    /// At start-up, before any `start`: kills the process groups recorded in
+    /// `pid_dir` by a previous runner that died without cleaning up, and
+    /// removes every record. A group is only killed if one of its live
+    /// members still carries the recorded `RUSTCI_JOB_ID`/`RUSTCI_ATTEMPT`
+    /// (a pgid reused by an unrelated process is left alone). Returns how many
+    /// groups were killed.
+    pub fn reap_leftovers(pid_dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(pid_dir) else {
+            return 0;
+        };
+        let mut killed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(PGID_RECORD_EXTENSION) {
+                continue;
+            }
+            if reap_record(&path) {
+                killed += 1;
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(path = %path.display(), error = %e, "cannot remove pgid record");
+            }
+        }
+        killed
+    }
+}
+
+/// Where the pgid of a running attempt is recorded: `<pid_dir>/<job>-<attempt>.pgid`,
+/// holding the pgid in decimal.
+pub fn pgid_record_path(pid_dir: &Path, job: u64, attempt: u32) -> PathBuf {
+    pid_dir.join(format!("{job}-{attempt}.{PGID_RECORD_EXTENSION}"))
+}
+
+/// This machine's real capacity: `(cpu_millis, memory_mb)` from the number of
+/// CPUs available to this process and `MemTotal` in `/proc/meminfo`.
+pub fn machine_capacity() -> (u64, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let memory_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_mem_total_kb(&text))
+        .unwrap_or(0);
+    (cpus * 1000, memory_kb / 1024)
+}
+
+fn parse_mem_total_kb(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Removes an attempt from the runner's table when its task ends, however it
+/// ends (normally after `Finished` is sent, or by panic or runtime shutdown),
+/// so `running()` and `shutdown()` never wait for a task that is gone.
+struct SlotGuard {
+    shared: Arc<Shared>,
+    key: AttemptKey,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut attempts = self
+            .shared
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        attempts.remove(&self.key);
+        self.shared.running.send_replace(attempts.len());
+    }
+}
+
+/// Everything one attempt's task owns.
+struct AttemptTask {
+    config: Arc<RunnerConfig>,
+    events: mpsc::UnboundedSender<RunEvent>,
+    guard: SlotGuard,
+    spec: RunSpec,
+}
+
+/// A spawned job: its main process, the read end of its output pipe and its pgid.
+struct Spawned {
+    child: tokio::process::Child,
+    output: pipe::Receiver,
+    pgid: i32,
+}
+
+impl AttemptTask {
+    async fn run(self, cancel: oneshot::Receiver<()>) {
+        let (outcome, exit_code) = self.execute(cancel).await;
+        info!(?outcome, ?exit_code, "attempt finished");
+        self.send(RunEvent::Finished {
+            job: self.spec.job,
+            attempt: self.spec.attempt,
+            outcome,
+            exit_code,
+        });
+        drop(self.guard);
+    }
+
+    fn send(&self, event: RunEvent) {
+        if self.events.send(event).is_err() {
+            debug!("run event receiver dropped");
+        }
+    }
+
+    async fn execute(&self, cancel: oneshot::Receiver<()>) -> (Outcome, Option<i32>) {
+        let mut log = match open_log(&self.spec.log_path).await {
+            Ok(log) => log,
+            Err(e) => {
+                warn!(path = %self.spec.log_path.display(), error = %e, "cannot open log");
+                return (Outcome::StartFailed, None);
+            }
+        };
+        let spawned = match spawn_attempt(&self.spec).await {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                let program = self.spec.command.first().map_or("", String::as_str);
+                let line = format!("rustci: cannot start {program:?}: {e}\n");
+                warn!(error = %e, "cannot start");
+                if let Err(e) = write_and_flush(&mut log, line.as_bytes()).await {
+                    warn!(error = %e, "cannot write log");
+                }
+                return (Outcome::StartFailed, None);
+            }
+        };
+        let record = self.record_pgid(spawned.pgid);
+        info!(pgid = spawned.pgid, "attempt started");
+        self.send(RunEvent::Started {
+            job: self.spec.job,
+            attempt: self.spec.attempt,
+        });
+        let result = self.supervise(spawned, log, cancel).await;
+        if let Some(record) = record {
+            if let Err(e) = std::fs::remove_file(&record) {
+                warn!(path = %record.display(), error = %e, "cannot remove pgid record");
+            }
+        }
+        result
+    }
+
+    /// Waits for exit, deadline or cancellation; kills the group; drains the output.
+    async fn supervise(
+        &self,
+        spawned: Spawned,
+        log: tokio::fs::File,
+        cancel: oneshot::Receiver<()>,
+    ) -> (Outcome, Option<i32>) {
+        let Spawned {
+            mut child,
+            output,
+            pgid,
+        } = spawned;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let pump = tokio::spawn(
+            pump_output(output, log, self.config.log_cap_bytes, stop_rx).in_current_span(),
+        );
+        let deadline = tokio::time::sleep(self.spec.timeout.min(TIMEOUT_MAX));
+        let outcome = tokio::select! {
+            biased;
+            _ = child.wait() => Outcome::Exited,
+            _ = cancel => Outcome::Cancelled,
+            _ = deadline => Outcome::TimedOut,
+        };
+        // Also on a normal exit: whatever the job left in its group dies now.
+        // (Then the leader is already reaped; see "Known limits" on pgid reuse.)
+        kill_group(pgid);
+        let exit_code = match child.wait().await {
+            Ok(status) => status.code(),
+            Err(e) => {
+                warn!(error = %e, "cannot wait for the job process");
+                None
+            }
+        };
+        finish_output(pump, stop_tx).await;
+        (outcome, exit_code)
+    }
+
+    /// Writes the pgid record; a failure is logged, not fatal (pdeathsig
+    /// still covers the main process).
+    fn record_pgid(&self, pgid: i32) -> Option<PathBuf> {
+        let dir = &self.config.pid_dir;
+        let path = pgid_record_path(dir, self.spec.job, self.spec.attempt);
+        let written =
+            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, format!("{pgid}\n")));
+        match written {
+            Ok(()) => Some(path),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot record pgid");
+                None
+            }
+        }
+    }
+}
+
+async fn open_log(path: &Path) -> io::Result<tokio::fs::File> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+}
+
+async fn write_and_flush(log: &mut tokio::fs::File, bytes: &[u8]) -> io::Result<()> {
+    log.write_all(bytes).await?;
+    log.flush().await
+}
+
+/// Waits for the pump to see end-of-file; if a process that escaped the
+/// group keeps the pipe open past [`DRAIN_AFTER_EXIT_MS`], stops it.
+async fn finish_output(mut pump: tokio::task::JoinHandle<()>, stop: oneshot::Sender<()>) {
+    let drain = Duration::from_millis(DRAIN_AFTER_EXIT_MS);
+    if tokio::time::timeout(drain, &mut pump).await.is_ok() {
+        return;
+    }
+    warn!("output pipe still open after the job's group died; dropping the rest");
+    let _ = stop.send(());
+    if let Err(e) = pump.await {
+        warn!(error = %e, "output pump failed");
+    }
+}
+
+/// Copies the job's output into its log until end-of-file (or `stop`),
+/// honouring the cap, and flushes before returning.
+async fn pump_output(
+    mut output: pipe::Receiver,
+    mut log: tokio::fs::File,
+    log_cap_bytes: u64,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
+    let mut cap = LogCap::new(log_cap_bytes);
+    let mut log_ok = true;
+    loop {
+        let read = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            read = output.read(&mut buffer) => read,
+        };
+        let n = match read {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "cannot read job output");
+                break;
+            }
+        };
+        if log_ok {
+            if let Err(e) = write_capped(&mut log, &mut cap, &buffer[..n]).await {
+                warn!(error = %e, "cannot write log; discarding further output");
+                log_ok = false;
+            }
+        }
+    }
+    if let Err(e) = log.flush().await {
+        warn!(error = %e, "cannot flush log");
+    }
+}
+
+async fn write_capped(log: &mut tokio::fs::File, cap: &mut LogCap, chunk: &[u8]) -> io::Result<()> {
+    let admitted = cap.admit(chunk.len());
+    log.write_all(&chunk[..admitted.keep]).await?;
+    if admitted.truncated_now {
+        let marker = truncation_marker(cap.cap_bytes);
+        log.write_all(marker.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+/// The line written once when an attempt's output reaches the cap.
+pub fn truncation_marker(cap_bytes: u64) -> String {
+    format!("\n[rustci: output truncated at {cap_bytes} bytes]\n")
+}
+
+/// Counts an attempt's output against its cap. Pure, so it is unit tested.
+#[derive(Debug)]
+struct LogCap {
+    cap_bytes: u64,
+    written_bytes: u64,
+    truncated: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Admitted {
+    /// Leading bytes of the chunk to write.
+    keep: usize,
+    /// True exactly once: when this chunk crossed the cap.
+    truncated_now: bool,
+}
+
+impl LogCap {
+    fn new(cap_bytes: u64) -> Self {
+        Self {
+            cap_bytes,
+            written_bytes: 0,
+            truncated: false,
+        }
+    }
+
+    fn admit(&mut self, chunk_bytes: usize) -> Admitted {
+        assert!(self.written_bytes <= self.cap_bytes);
+        if self.truncated {
+            return Admitted {
+                keep: 0,
+                truncated_now: false,
+            };
+        }
+        let room = self.cap_bytes - self.written_bytes;
+        let keep = (chunk_bytes as u64).min(room);
+        self.written_bytes += keep;
+        self.truncated = keep < chunk_bytes as u64;
+        assert!(self.written_bytes <= self.cap_bytes);
+        Admitted {
+            keep: keep as usize,
+            truncated_now: self.truncated,
+        }
+    }
+}
+
+/// SIGKILLs a job's whole process group. ESRCH (already gone) is fine.
+fn kill_group(pgid: i32) {
+    // kill(-1) would signal every process we may signal; kill(0) our own group.
+    assert!(pgid > 1, "refusing to kill process group {pgid}");
+    assert_ne!(
+        pgid,
+        unsafe { libc::getpgrp() },
+        "refusing to kill our own group"
+    );
+    // SAFETY: plain syscall, no memory involved.
+    let rc = unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            warn!(pgid, error = %e, "cannot kill process group");
+        }
+    }
+}
+
+/// Creates the work dir, builds the command and forks on the spawner thread.
+async fn spawn_attempt(spec: &RunSpec) -> io::Result<Spawned> {
+    if spec.command.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command"));
+    }
+    tokio::fs::create_dir_all(&spec.work_dir).await?;
+    let (reader, writer) = io::pipe()?;
+    let command = build_command(spec, writer)?;
+    // `command` (holding the pipe's write end) is dropped on the spawner
+    // thread right after the fork, so end-of-file arrives when the job's
+    // group closes its copies.
+    let child = spawn_on_spawner_thread(command).await?;
+    let pgid = child
+        .id()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .ok_or_else(|| io::Error::other("spawned child has no pid"))?;
+    let output = pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
+    Ok(Spawned {
+        child,
+        output,
+        pgid,
+    })
+}
+
+fn build_command(spec: &RunSpec, output: io::PipeWriter) -> io::Result<tokio::process::Command> {
+    let mut command = tokio::process::Command::new(&spec.command[0]);
+    command
+        .args(&spec.command[1..])
+        .current_dir(&spec.work_dir)
+        .envs(&spec.env)
+        .env("RUSTCI_JOB_ID", spec.job.to_string())
+        .env("RUSTCI_ATTEMPT", spec.attempt.to_string())
+        .stdin(Stdio::null())
+        .stdout(output.try_clone()?)
+        .stderr(output)
+        .process_group(0)
+        .kill_on_drop(false);
+    // SAFETY: getpid is called before the fork; the closure only makes
+    // async-signal-safe syscalls (prctl, getppid).
+    let parent = unsafe { libc::getpid() };
+    unsafe {
+        command.pre_exec(move || die_with_parent(parent));
+    }
+    Ok(command)
+}
+
+/// Runs in the child between fork and exec.
+fn die_with_parent(parent: libc::pid_t) -> io::Result<()> {
+    // SAFETY: async-signal-safe syscalls only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The parent may have died before prctl took effect: then no signal comes.
+    if unsafe { libc::getppid() } != parent {
+        return Err(io::Error::other("runner died while the job was starting"));
+    }
+    Ok(())
+}
+
+/// One fork request for the spawner thread.
+struct SpawnRequest {
+    command: tokio::process::Command,
+    runtime: tokio::runtime::Handle,
+    reply: oneshot::Sender<io::Result<tokio::process::Child>>,
+}
+
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, and tokio
+/// threads come and go (blocking pool, `block_in_place`). So all forks happen
+/// on this one thread, which lives as long as the process.
+fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
+    static SPAWNER: OnceLock<std_mpsc::Sender<SpawnRequest>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = std_mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("rustci-spawner".into())
+            .spawn(move || {
+                for mut request in rx {
+                    let _runtime = request.runtime.enter();
+                    let result = request.command.spawn();
+                    drop(request.command);
+                    let _ = request.reply.send(result);
+                }
+            })
+            .expect("cannot start the spawner thread");
+        tx
+    })
+}
+
+async fn spawn_on_spawner_thread(
+    command: tokio::process::Command,
+) -> io::Result<tokio::process::Child> {
+    let (reply, answer) = oneshot::channel();
+    let request = SpawnRequest {
+        command,
+        runtime: tokio::runtime::Handle::current(),
+        reply,
+    };
+    spawner()
+        .send(request)
+        .map_err(|_| io::Error::other("spawner thread is gone"))?;
+    answer
+        .await
+        .map_err(|_| io::Error::other("spawner thread dropped the request"))?
+}
+
+/// Whether a recorded group still holds a process of that attempt; kills it if so.
+fn reap_record(path: &Path) -> bool {
+    let Some((job, attempt, pgid)) = parse_record(path) else {
+        warn!(path = %path.display(), "unreadable pgid record");
+        return false;
+    };
+    if pgid <= 1 || pgid == unsafe { libc::getpgrp() } {
+        warn!(pgid, "pgid record names a group we must not kill");
+        return false;
+    }
+    if !group_runs_attempt(pgid, job, attempt) {
+        debug!(pgid, job, attempt, "recorded group is gone");
+        return false;
+    }
+    info!(pgid, job, attempt, "killing leftover process group");
+    kill_group(pgid);
+    true
+}
+
+fn parse_record(path: &Path) -> Option<(u64, u32, i32)> {
+    let stem = path.file_stem()?.to_str()?;
+    let (job, attempt) = stem.split_once('-')?;
+    let pgid = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    Some((job.parse().ok()?, attempt.parse().ok()?, pgid))
+}
+
+/// True when a live process in group `pgid` has this attempt's environment.
+fn group_runs_attempt(pgid: i32, job: u64, attempt: u32) -> bool {
+    let want_job = format!("RUSTCI_JOB_ID={job}");
+    let want_attempt = format!("RUSTCI_ATTEMPT={attempt}");
+    live_group_members(pgid).into_iter().any(|pid| {
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            return false;
+        };
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        vars.contains(&want_job.as_bytes()) && vars.contains(&want_attempt.as_bytes())
+    })
+}
+
+/// Pids of the non-zombie processes whose process group is `pgid`, from /proc.
+pub fn live_group_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            matches!(parse_stat(&stat), Some((state, pgrp)) if pgrp == pgid && state != 'Z' && state != 'X')
+        })
+        .collect()
+}
+
+/// `(state, pgrp)` from a /proc/PID/stat line; the command name may contain
+/// spaces and parentheses, so fields are counted after the last `)`.
+fn parse_stat(stat: &str) -> Option<(char, i32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_cap_keeps_everything_up_to_the_cap_exactly() {
+        let mut cap = LogCap::new(10);
+        assert_eq!(
+            cap.admit(4),
+            Admitted {
+                keep: 4,
+                truncated_now: false
+            }
+        );
+        assert_eq!(
+            cap.admit(6),
+            Admitted {
+                keep: 6,
+                truncated_now: false
+            }
+        );
+        assert!(!cap.truncated);
+    }
+
+    #[test]
+    fn log_cap_truncates_once_then_discards_everything() {
+        let mut cap = LogCap::new(10);
+        assert_eq!(
+            cap.admit(7),
+            Admitted {
+                keep: 7,
+                truncated_now: false
+            }
+        );
+        assert_eq!(
+            cap.admit(7),
+            Admitted {
+                keep: 3,
+                truncated_now: true
+            }
+        );
+        assert_eq!(
+            cap.admit(7),
+            Admitted {
+                keep: 0,
+                truncated_now: false
+            }
+        );
+        assert_eq!(
+            cap.admit(0),
+            Admitted {
+                keep: 0,
+                truncated_now: false
+            }
+        );
+    }
+
+    #[test]
+    fn stat_parsing_survives_command_names_with_spaces_and_parens() {
+        let stat = "1234 (my (weird) cmd) S 1 4321 4321 0 -1 4194560";
+        assert_eq!(parse_stat(stat), Some(('S', 4321)));
+    }
+
+    #[test]
+    fn meminfo_parsing_reads_mem_total_in_kib() {
+        let meminfo = "MemTotal:       16318856 kB\nMemFree:         1234 kB\n";
+        assert_eq!(parse_mem_total_kb(meminfo), Some(16_318_856));
+        assert_eq!(parse_mem_total_kb("nothing"), None);
+    }
+
+    #[test]
+    fn pgid_records_round_trip_through_their_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = pgid_record_path(dir.path(), 42, 3);
+        std::fs::write(&path, "777\n").unwrap();
+        assert_eq!(parse_record(&path), Some((42, 3, 777)));
+    }
+}
