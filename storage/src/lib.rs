@@ -16,12 +16,27 @@
 //! frame with key 0). The frame layout is documented in [`frame`].
 //!
 //! API:
-//! - [`encode_entry`] / [`decode_entry`]: the frame codec (never panics).
-//! - [`LogStore::open`], [`LogStore::open_read_only`].
-//! - writes: [`LogStore::append`], [`LogStore::append_frames`],
+//! - [`encode_entry`] / [`decode_entry`]: the frame codec (decode never panics).
+//! - [`LogStore::open`] (writer; holds `LOCK`, fails with
+//!   [`OpenError::Locked`] when another process or handle has it) and
+//!   [`LogStore::open_read_only`] (replay; never writes).
+//! - writes: [`LogStore::append`] (group commit), [`LogStore::append_frames`]
+//!   (same, for frames encoded off the writer's thread),
 //!   [`LogStore::truncate_suffix`], [`LogStore::set_hard_state`].
-//! - reads: [`LogStore::read_range`], [`LogStore::scan`], [`LogStore::term_at`],
-//!   getters `first_index`, `last_index`, `last_term`, `hard_state`, `path`.
+//! - reads: [`LogStore::scan`] (the replay path: one read transaction, one
+//!   range walk, no allocation per entry beyond the entry itself),
+//!   [`LogStore::read_range`], [`LogStore::term_at`], and the getters
+//!   `first_index`, `last_index`, `last_term`, `hard_state`, `path`.
+//!
+//! Durability: every write method commits one redb transaction with
+//! `Durability::Immediate` before it returns `Ok`; the cached bounds and hard
+//! state change only after that commit.
+//!
+//! Read-only opens: redb 4 has a `ReadOnlyDatabase`, which opens a cleanly
+//! closed file in place without writing (it takes a shared file lock only).
+//! It refuses a file that needs repair (its writer crashed); then the file is
+//! copied to a private temp dir and the copy is repaired and read. A file
+//! held by a live writer is refused as [`OpenError::Locked`].
 //!
 //! Log compaction and snapshots are not implemented yet: a non-empty log
 //! starts at index 1.

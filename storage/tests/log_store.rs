@@ -531,3 +531,25 @@ fn open_read_only_while_a_writer_holds_the_log_fails_with_locked() {
     assert!(matches!(error, OpenError::Locked { .. }), "{error}");
     drop(writer);
 }
+
+#[test]
+fn a_gap_in_the_stored_indexes_is_reported_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LogStore::open(dir.path()).unwrap();
+    store.append(&run(1, 5, 1)).unwrap();
+    store
+        .debug_overwrite_frame(8, &encode_entry(&entry(8, 1)))
+        .unwrap();
+    let error = scan_all(&store, 1).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ReadError::Gap {
+                expected: 6,
+                found: 8,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
