@@ -1,1 +1,53 @@
-//! rustci-storage (being written)
+//! rustci-storage: the durable event log of one RustCI replica, in redb.
+//!
+//! What it is for: keeping the replicated log (`rustci_core::event::Entry`,
+//! each in a versioned, checksummed frame) and Raft's hard state on disk, with
+//! group commit (one fsync per [`LogStore::append`] batch), and reading the
+//! log back fast enough to rebuild state by replay at start-up.
+//!
+//! What it never does: interpret events (reducers live in `rustci-core`),
+//! decide what is committed (Raft does), return or apply a frame that fails
+//! its checks (it is a [`ReadError::Corrupt`] naming the index), or write to
+//! a data dir opened with [`LogStore::open_read_only`].
+//!
+//! Files in a data dir: `LOCK` (held exclusively by the one writer, via
+//! `File::try_lock`) and `log.redb` with tables `entries: u64 -> &[u8]`
+//! (frames keyed by index) and `meta: &str -> &[u8]` (the hard state, as a
+//! frame with key 0). The frame layout is documented in [`frame`].
+//!
+//! API:
+//! - [`encode_entry`] / [`decode_entry`]: the frame codec (decode never panics).
+//! - [`LogStore::open`] (writer; holds `LOCK`, fails with
+//!   [`OpenError::Locked`] when another process or handle has it) and
+//!   [`LogStore::open_read_only`] (replay; never writes).
+//! - writes: [`LogStore::append`] (group commit), [`LogStore::append_frames`]
+//!   (same, for frames encoded off the writer's thread),
+//!   [`LogStore::truncate_suffix`], [`LogStore::set_hard_state`].
+//! - reads: [`LogStore::scan`] (the replay path: one read transaction, one
+//!   range walk, no allocation per entry beyond the entry itself),
+//!   [`LogStore::read_range`], [`LogStore::term_at`], and the getters
+//!   `first_index`, `last_index`, `last_term`, `hard_state`, `path`.
+//!
+//! Durability: every write method commits one redb transaction with
+//! `Durability::Immediate` before it returns `Ok`; the cached bounds and hard
+//! state change only after that commit.
+//!
+//! Read-only opens: redb 4 has a `ReadOnlyDatabase`, which opens a cleanly
+//! closed file in place without writing (it takes a shared file lock only).
+//! It refuses a file that needs repair (its writer crashed); then the file is
+//! copied to a private temp dir and the copy is repaired and read. A file
+//! held by a live writer is refused as [`OpenError::Locked`].
+//!
+//! Log compaction and snapshots are not implemented yet: a non-empty log
+//! starts at index 1.
+
+pub mod error;
+pub mod frame;
+mod store;
+
+pub use error::{AppendError, DbError, Error, HardStateError, OpenError, ReadError, TruncateError};
+pub use frame::{decode_entry, encode_entry, FrameError, FrameFault, FRAME_VERSION};
+pub use store::{
+    HardState, LogStore, APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES, ENTRY_FRAME_BYTES_MAX,
+    LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX,
+};

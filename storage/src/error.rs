@@ -1,0 +1,197 @@
+//! One error enum per operation, plus the umbrella [`Error`]. Every message
+//! names the file (and, for entries, the index) it is about.
+
+use std::path::PathBuf;
+
+use crate::frame::{FrameError, FrameFault};
+
+/// A failure inside redb, with the file it happened on and what we were doing.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} on {path}: {source}")]
+pub struct DbError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: Box<redb::Error>,
+}
+
+impl DbError {
+    pub(crate) fn new(
+        op: &'static str,
+        path: &std::path::Path,
+        source: impl Into<redb::Error>,
+    ) -> Self {
+        Self {
+            op,
+            path: path.to_path_buf(),
+            source: Box::new(source.into()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error("data dir {data_dir} is in use by another rustci process (lock {lock})")]
+    Locked { data_dir: PathBuf, lock: PathBuf },
+    #[error("cannot create data dir {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open lock file {path}: {source}")]
+    LockFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no log at {path} (nothing to open read-only)")]
+    Missing { path: PathBuf },
+    #[error("cannot copy {from} to {to} for a read-only replay: {source}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    HardState(#[from] HardStateError),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// A frame failed its checks; it is never returned as an entry.
+    #[error("corrupt log entry at index {index} in {path}: {reason}")]
+    Corrupt {
+        index: u64,
+        path: PathBuf,
+        reason: FrameFault,
+    },
+    /// The stored indexes skip a number: an entry is missing.
+    #[error("log in {path} has a gap: expected index {expected}, found {found}")]
+    Gap {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl ReadError {
+    pub(crate) fn corrupt(path: &std::path::Path, e: FrameError) -> Self {
+        ReadError::Corrupt {
+            index: e.index,
+            path: path.to_path_buf(),
+            reason: e.fault,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    #[error("append to {path}: entry at position {position} has index {found}, expected {expected} (entries must follow the last index contiguously)")]
+    NotContiguous {
+        path: PathBuf,
+        position: usize,
+        expected: u64,
+        found: u64,
+    },
+    #[error("append to {path}: entry {index} has term {term}, below the preceding term {previous} (terms never decrease)")]
+    TermDecreased {
+        path: PathBuf,
+        index: u64,
+        term: u64,
+        previous: u64,
+    },
+    #[error("append to {path}: batch of {entries} entries exceeds the limit of {max}")]
+    BatchTooLarge {
+        path: PathBuf,
+        entries: usize,
+        max: usize,
+    },
+    #[error("append to {path}: entry {index} is {bytes} bytes framed, over the limit of {max}")]
+    EntryTooLarge {
+        path: PathBuf,
+        index: u64,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("append to {path}: frame for entry {index} does not decode: {fault}")]
+    BadFrame {
+        path: PathBuf,
+        index: u64,
+        fault: FrameFault,
+    },
+    #[error("{path} is open read-only")]
+    ReadOnly { path: PathBuf },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TruncateError {
+    #[error("truncate {path} from index {from_index}: entries up to the commit index {commit} are committed and never removed")]
+    Committed {
+        path: PathBuf,
+        from_index: u64,
+        commit: u64,
+    },
+    #[error("{path} is open read-only")]
+    ReadOnly { path: PathBuf },
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HardStateError {
+    #[error("hard state in {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: FrameFault },
+    #[error("hard state in {path}: term {term} is below the stored term {stored} (terms never decrease)")]
+    TermDecreased {
+        path: PathBuf,
+        term: u64,
+        stored: u64,
+    },
+    #[error(
+        "hard state in {path}: already voted for {voted_for:?} in term {term} (one vote per term)"
+    )]
+    VoteChanged {
+        path: PathBuf,
+        term: u64,
+        voted_for: Option<u64>,
+    },
+    #[error("{path} is open read-only")]
+    ReadOnly { path: PathBuf },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Any storage error, for callers that do not care which operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Append(#[from] AppendError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Truncate(#[from] TruncateError),
+    #[error(transparent)]
+    HardState(#[from] HardStateError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}

@@ -1,0 +1,685 @@
+//! [`LogStore`]: the redb file that holds the log and the hard state.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Database, DatabaseError, Durability, ReadOnlyDatabase, ReadTransaction, ReadableDatabase,
+    ReadableTable, TableDefinition, TableError,
+};
+use rustci_core::event::{Entry, LogIndex, ReplicaId, Term};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AppendError, DbError, HardStateError, OpenError, ReadError, TruncateError};
+use crate::frame::{self, FRAME_HEADER_BYTES};
+
+/// Frames keyed by log index. Keys are contiguous from `first_index` to `last_index`.
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+/// Small named values (the hard state), each a frame under [`META_FRAME_KEY`].
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_HARD_STATE: &str = "hard_state";
+/// The checksum key of meta frames: no log entry has index 0.
+const META_FRAME_KEY: u64 = 0;
+
+/// The redb file inside the data dir.
+pub const LOG_FILE_NAME: &str = "log.redb";
+/// The file a writer holds an exclusive lock on for as long as it runs.
+pub const LOCK_FILE_NAME: &str = "LOCK";
+/// Most entries one [`LogStore::append`] takes: one write transaction and one
+/// fsync. Callers with more split them.
+pub const APPEND_BATCH_ENTRIES_MAX: usize = 65_536;
+/// Largest frame accepted for one entry (a job spec with a large env fits).
+pub const ENTRY_FRAME_BYTES_MAX: usize = 1 << 20;
+/// Most entries one [`LogStore::read_range`] returns, whatever is asked.
+pub const READ_RANGE_ENTRIES_MAX: usize = 65_536;
+/// redb page cache; a full replay reads each page once, so it need not hold the log.
+pub const DB_CACHE_BYTES: usize = 256 << 20;
+
+const _: () = assert!(ENTRY_FRAME_BYTES_MAX > FRAME_HEADER_BYTES);
+const _: () = assert!(APPEND_BATCH_ENTRIES_MAX <= READ_RANGE_ENTRIES_MAX);
+
+/// What Raft must have on disk before it answers a message: the current term,
+/// the vote cast in it, and the highest index known committed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HardState {
+    pub term: Term,
+    pub voted_for: Option<ReplicaId>,
+    pub commit: LogIndex,
+}
+
+enum Db {
+    Write(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Write(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
+}
+
+/// The event log of one replica: framed entries in redb plus the hard state.
+///
+/// Field order matters for drop: the database closes before the lock file is
+/// released, so a successor never opens a file we still write.
+pub struct LogStore {
+    db: Db,
+    /// Held with an exclusive `try_lock` for the life of a writable store;
+    /// `None` for read-only stores, which never create files.
+    _lock: Option<File>,
+    /// A repaired private copy of the log, when a read-only open found a file
+    /// that was not closed cleanly; removed on drop.
+    _copy: Option<tempfile::TempDir>,
+    /// Set by `open_read_only`: every write is refused.
+    read_only: bool,
+    data_dir: PathBuf,
+    /// `data_dir/log.redb`, named in every error (also when reading a copy).
+    path: PathBuf,
+    /// Index of the oldest stored entry; `last_index + 1` when the log is empty.
+    first_index: LogIndex,
+    /// Index of the newest stored entry; 0 when the log is empty.
+    last_index: LogIndex,
+    /// Term of the entry at `last_index`; 0 when the log is empty.
+    last_term: Term,
+    /// Cached copy of what is durable in `meta`.
+    hard_state: HardState,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("path", &self.path)
+            .field("read_only", &self.read_only)
+            .field("first_index", &self.first_index)
+            .field("last_index", &self.last_index)
+            .field("last_term", &self.last_term)
+            .field("hard_state", &self.hard_state)
+            .finish()
+    }
+}
+
+impl LogStore {
+    /// Opens (creating if needed) the log in `data_dir`, holding `data_dir/LOCK`
+    /// exclusively until the store is dropped.
+    pub fn open(data_dir: &Path) -> Result<LogStore, OpenError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| OpenError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let lock = lock_data_dir(data_dir)?;
+        let path = data_dir.join(LOG_FILE_NAME);
+        let db = Database::builder()
+            .set_cache_size(DB_CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| open_failed(data_dir, &path, e))?;
+        create_tables(&db, &path)?;
+        let mut store = LogStore::new(Db::Write(db), Some(lock), None, false, data_dir, path);
+        store.load()?;
+        tracing::info!(
+            path = %store.path.display(),
+            first_index = store.first_index,
+            last_index = store.last_index,
+            last_term = store.last_term,
+            "log opened"
+        );
+        Ok(store)
+    }
+
+    /// Opens the log for reading only (`rustci replay`). NEVER writes to the
+    /// data dir: no LOCK file, no repair of `log.redb`.
+    ///
+    /// A cleanly closed log is opened in place with redb's `ReadOnlyDatabase`.
+    /// A log whose writer crashed needs a repair that redb will not do
+    /// read-only, so it is copied to a private temp dir and the copy is
+    /// repaired and read (and deleted on drop). A log a live writer holds is
+    /// refused with [`OpenError::Locked`]: copying it mid-commit could tear.
+    pub fn open_read_only(data_dir: &Path) -> Result<LogStore, OpenError> {
+        let path = data_dir.join(LOG_FILE_NAME);
+        if !path.is_file() {
+            return Err(OpenError::Missing { path });
+        }
+        let opened = redb::Builder::new()
+            .set_cache_size(DB_CACHE_BYTES)
+            .open_read_only(&path);
+        let (db, copy) = match opened {
+            Ok(db) => (Db::ReadOnly(db), None),
+            Err(DatabaseError::RepairAborted) => {
+                let (db, copy) = open_repaired_copy(data_dir, &path)?;
+                (Db::Write(db), Some(copy))
+            }
+            Err(e) => return Err(open_failed(data_dir, &path, e)),
+        };
+        let mut store = LogStore::new(db, None, copy, true, data_dir, path);
+        store.load()?;
+        Ok(store)
+    }
+
+    fn new(
+        db: Db,
+        lock: Option<File>,
+        copy: Option<tempfile::TempDir>,
+        read_only: bool,
+        data_dir: &Path,
+        path: PathBuf,
+    ) -> LogStore {
+        LogStore {
+            db,
+            _lock: lock,
+            _copy: copy,
+            read_only,
+            data_dir: data_dir.to_path_buf(),
+            path,
+            first_index: 1,
+            last_index: 0,
+            last_term: 0,
+            hard_state: HardState::default(),
+        }
+    }
+
+    /// Reads the bounds of the log and the hard state into the cache.
+    fn load(&mut self) -> Result<(), OpenError> {
+        let txn = self.begin_read()?;
+        if let Some(table) = open_read_table(&txn, ENTRIES, &self.path)? {
+            let first = table
+                .first()
+                .map_err(|e| self.db_err("read first entry", e))?;
+            let last = table
+                .last()
+                .map_err(|e| self.db_err("read last entry", e))?;
+            if let (Some((first, _)), Some((last, frame))) = (first, last) {
+                let entry = frame::decode_entry(last.value(), frame.value())
+                    .map_err(|e| ReadError::corrupt(&self.path, e))?;
+                self.first_index = first.value();
+                self.last_index = entry.index;
+                self.last_term = entry.term;
+            }
+        }
+        if let Some(meta) = open_read_table(&txn, META, &self.path)? {
+            let stored = meta
+                .get(META_HARD_STATE)
+                .map_err(|e| self.db_err("read hard state", e))?;
+            if let Some(frame) = stored {
+                self.hard_state =
+                    frame::decode_value(META_FRAME_KEY, frame.value()).map_err(|e| {
+                        HardStateError::Corrupt {
+                            path: self.path.clone(),
+                            reason: e.fault,
+                        }
+                    })?;
+            }
+        }
+        assert!(self.first_index >= 1 && self.first_index <= self.last_index + 1);
+        Ok(())
+    }
+
+    // ----- getters -------------------------------------------------------
+
+    /// Index of the oldest stored entry; `last_index() + 1` when empty.
+    pub fn first_index(&self) -> LogIndex {
+        self.first_index
+    }
+
+    /// Index of the newest stored entry; 0 when the log is empty.
+    pub fn last_index(&self) -> LogIndex {
+        self.last_index
+    }
+
+    /// Term of the newest stored entry; 0 when the log is empty.
+    pub fn last_term(&self) -> Term {
+        self.last_term
+    }
+
+    /// The `log.redb` file (the original, also when a read-only open reads a copy).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The durable hard state (all zero / `None` in a new log).
+    pub fn hard_state(&self) -> HardState {
+        self.hard_state
+    }
+
+    /// The term of the entry at `index`: `Some(0)` for index 0 (the empty
+    /// prefix), `None` outside `first_index..=last_index`.
+    pub fn term_at(&self, index: LogIndex) -> Result<Option<Term>, ReadError> {
+        if index == 0 {
+            return Ok(Some(0));
+        }
+        if index < self.first_index || index > self.last_index {
+            return Ok(None);
+        }
+        if index == self.last_index {
+            return Ok(Some(self.last_term));
+        }
+        let entries = self.read_range(index, 1)?;
+        assert!(entries.len() == 1 && entries[0].index == index);
+        Ok(Some(entries[0].term))
+    }
+
+    // ----- writes --------------------------------------------------------
+
+    /// Appends `entries` in ONE write transaction committed with immediate
+    /// durability: one fsync for the whole batch (group commit). When this
+    /// returns `Ok`, every entry is on disk.
+    ///
+    /// Precondition (checked, the log is unchanged on error): indexes run
+    /// contiguously from `last_index() + 1`, terms never decrease (also
+    /// against `last_term()`), at most [`APPEND_BATCH_ENTRIES_MAX`] entries.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), AppendError> {
+        self.check_batch(entries.iter().map(|e| (e.index, e.term)))?;
+        // Encode before the write transaction opens.
+        let frames: Vec<Vec<u8>> = entries.iter().map(frame::encode_entry).collect();
+        self.commit_frames(
+            entries
+                .iter()
+                .zip(&frames)
+                .map(|(e, f)| (e.index, e.term, f.as_slice())),
+        )
+    }
+
+    /// Like [`LogStore::append`] for frames the caller made with
+    /// [`crate::encode_entry`] (for instance off the writer's thread).
+    /// `(index, term, frame)`: the header and checksum of each frame are
+    /// verified against `index`, the payload is trusted to hold `term`.
+    pub fn append_frames(
+        &mut self,
+        frames: &[(LogIndex, Term, Vec<u8>)],
+    ) -> Result<(), AppendError> {
+        self.check_batch(frames.iter().map(|(i, t, _)| (*i, *t)))?;
+        for (index, _, bytes) in frames {
+            frame::open_frame(*index, bytes).map_err(|e| AppendError::BadFrame {
+                path: self.path.clone(),
+                index: e.index,
+                fault: e.fault,
+            })?;
+        }
+        self.commit_frames(frames.iter().map(|(i, t, f)| (*i, *t, f.as_slice())))
+    }
+
+    fn check_batch(
+        &self,
+        batch: impl ExactSizeIterator<Item = (LogIndex, Term)>,
+    ) -> Result<(), AppendError> {
+        if self.read_only {
+            return Err(AppendError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        if batch.len() > APPEND_BATCH_ENTRIES_MAX {
+            return Err(AppendError::BatchTooLarge {
+                path: self.path.clone(),
+                entries: batch.len(),
+                max: APPEND_BATCH_ENTRIES_MAX,
+            });
+        }
+        let mut previous_term = self.last_term;
+        for (position, (index, term)) in batch.enumerate() {
+            let expected = self.last_index + 1 + position as u64;
+            if index != expected {
+                return Err(AppendError::NotContiguous {
+                    path: self.path.clone(),
+                    position,
+                    expected,
+                    found: index,
+                });
+            }
+            if term < previous_term {
+                return Err(AppendError::TermDecreased {
+                    path: self.path.clone(),
+                    index,
+                    term,
+                    previous: previous_term,
+                });
+            }
+            previous_term = term;
+        }
+        Ok(())
+    }
+
+    /// Writes pre-checked frames in one durable transaction.
+    fn commit_frames<'f>(
+        &mut self,
+        frames: impl Iterator<Item = (LogIndex, Term, &'f [u8])>,
+    ) -> Result<(), AppendError> {
+        let Db::Write(db) = &self.db else {
+            unreachable!("check_batch refuses read-only stores");
+        };
+        let path = &self.path;
+        let mut txn = db.begin_write().map_err(err(path, "begin append"))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(err(path, "set durability"))?;
+        let mut last = None;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
+            for (index, term, bytes) in frames {
+                if bytes.len() > ENTRY_FRAME_BYTES_MAX {
+                    return Err(AppendError::EntryTooLarge {
+                        path: path.clone(),
+                        index,
+                        bytes: bytes.len(),
+                        max: ENTRY_FRAME_BYTES_MAX,
+                    });
+                }
+                table
+                    .insert(index, bytes)
+                    .map_err(err(path, "insert entry"))?;
+                last = Some((index, term));
+            }
+        }
+        let Some((last_index, last_term)) = last else {
+            return Ok(()); // An empty batch: nothing to commit.
+        };
+        txn.commit().map_err(err(path, "commit append"))?;
+        assert!(last_index > self.last_index && last_term >= self.last_term);
+        self.last_index = last_index;
+        self.last_term = last_term;
+        Ok(())
+    }
+
+    /// Removes every entry with index >= `from_index`, durably, and moves
+    /// `last_index`/`last_term` back. Committed entries (at or below the
+    /// durable `hard_state().commit`) are never removed.
+    pub fn truncate_suffix(&mut self, from_index: LogIndex) -> Result<(), TruncateError> {
+        if self.read_only {
+            return Err(TruncateError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        if from_index <= self.hard_state.commit {
+            return Err(TruncateError::Committed {
+                path: self.path.clone(),
+                from_index,
+                commit: self.hard_state.commit,
+            });
+        }
+        if from_index > self.last_index {
+            return Ok(());
+        }
+        let Db::Write(db) = &self.db else {
+            unreachable!("read-only stores are refused above");
+        };
+        let path = &self.path;
+        let mut txn = db.begin_write().map_err(err(path, "begin truncate"))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(err(path, "set durability"))?;
+        let (last_index, last_term) = {
+            let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
+            table
+                .retain_in(from_index.., |_, _| false)
+                .map_err(err(path, "remove entries"))?;
+            let last = table.last().map_err(err(path, "read last entry"))?;
+            match last {
+                None => (0, 0),
+                Some((key, bytes)) => {
+                    let entry = frame::decode_entry(key.value(), bytes.value())
+                        .map_err(|e| ReadError::corrupt(path, e))?;
+                    (entry.index, entry.term)
+                }
+            }
+        };
+        txn.commit().map_err(err(path, "commit truncate"))?;
+        assert!(last_index < from_index && last_term <= self.last_term);
+        tracing::info!(path = %self.path.display(), from_index, last_index, "log suffix truncated");
+        self.last_index = last_index;
+        self.last_term = last_term;
+        if last_index == 0 {
+            self.first_index = 1;
+        }
+        Ok(())
+    }
+
+    /// Stores `hard_state` durably. Refuses a term that goes backwards and a
+    /// second, different vote in the same term (Raft's one vote per term).
+    pub fn set_hard_state(&mut self, hard_state: &HardState) -> Result<(), HardStateError> {
+        if self.read_only {
+            return Err(HardStateError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let old = self.hard_state;
+        if hard_state.term < old.term {
+            return Err(HardStateError::TermDecreased {
+                path: self.path.clone(),
+                term: hard_state.term,
+                stored: old.term,
+            });
+        }
+        if hard_state.term == old.term
+            && old.voted_for.is_some()
+            && hard_state.voted_for != old.voted_for
+        {
+            return Err(HardStateError::VoteChanged {
+                path: self.path.clone(),
+                term: old.term,
+                voted_for: old.voted_for,
+            });
+        }
+        let bytes = frame::encode_value(META_FRAME_KEY, hard_state);
+        let Db::Write(db) = &self.db else {
+            unreachable!("read-only stores are refused above");
+        };
+        let path = &self.path;
+        let mut txn = db.begin_write().map_err(err(path, "begin hard state"))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(err(path, "set durability"))?;
+        {
+            let mut meta = txn.open_table(META).map_err(err(path, "open meta"))?;
+            meta.insert(META_HARD_STATE, bytes.as_slice())
+                .map_err(err(path, "write hard state"))?;
+        }
+        txn.commit().map_err(err(path, "commit hard state"))?;
+        self.hard_state = *hard_state;
+        Ok(())
+    }
+
+    /// TEST ONLY: writes `bytes` under `index` as they are, so tests of other
+    /// crates can plant a corrupt entry. Does not touch the cached bounds.
+    #[doc(hidden)]
+    pub fn debug_overwrite_frame(
+        &mut self,
+        index: LogIndex,
+        bytes: &[u8],
+    ) -> Result<(), AppendError> {
+        let Db::Write(db) = &self.db else {
+            return Err(AppendError::ReadOnly {
+                path: self.path.clone(),
+            });
+        };
+        if self.read_only {
+            return Err(AppendError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let path = &self.path;
+        let txn = db.begin_write().map_err(err(path, "begin overwrite"))?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
+            table
+                .insert(index, bytes)
+                .map_err(err(path, "overwrite entry"))?;
+        }
+        txn.commit().map_err(err(path, "commit overwrite"))?;
+        Ok(())
+    }
+
+    // ----- reads ---------------------------------------------------------
+
+    /// Up to `min(max_entries, READ_RANGE_ENTRIES_MAX)` entries from index
+    /// `from` on, in order. A frame that fails its checks is an error, never
+    /// an entry.
+    pub fn read_range(&self, from: LogIndex, max_entries: usize) -> Result<Vec<Entry>, ReadError> {
+        let max_entries = max_entries.min(READ_RANGE_ENTRIES_MAX);
+        let mut entries = Vec::with_capacity(max_entries.min(1024));
+        if max_entries == 0 {
+            return Ok(entries);
+        }
+        self.scan(from, |entry| {
+            entries.push(entry);
+            if entries.len() == max_entries {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        assert!(entries.len() <= max_entries);
+        Ok(entries)
+    }
+
+    /// Calls `f` with every entry from index `from` on, in index order, in
+    /// one read transaction (a consistent snapshot), until `f` breaks. Stops
+    /// at the first bad frame or gap in the indexes with [`ReadError`]; the
+    /// bad entry is never passed to `f`.
+    pub fn scan(
+        &self,
+        from: LogIndex,
+        mut f: impl FnMut(Entry) -> ControlFlow<()>,
+    ) -> Result<(), ReadError> {
+        let txn = self.begin_read()?;
+        let Some(table) = open_read_table(&txn, ENTRIES, &self.path)? else {
+            return Ok(());
+        };
+        let range = table
+            .range(from..)
+            .map_err(|e| self.db_err("scan entries", e))?;
+        let mut expected: Option<LogIndex> = None;
+        for item in range {
+            let (key, bytes) = item.map_err(|e| self.db_err("scan entries", e))?;
+            let index = key.value();
+            if let Some(expected) = expected {
+                if index != expected {
+                    return Err(ReadError::Gap {
+                        path: self.path.clone(),
+                        expected,
+                        found: index,
+                    });
+                }
+            }
+            let entry = frame::decode_entry(index, bytes.value())
+                .map_err(|e| ReadError::corrupt(&self.path, e))?;
+            expected = Some(index + 1);
+            if f(entry).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction, DbError> {
+        self.db
+            .begin_read()
+            .map_err(|e| self.db_err("begin read", e))
+    }
+
+    fn db_err(&self, op: &'static str, e: impl Into<redb::Error>) -> DbError {
+        DbError::new(op, &self.path, e)
+    }
+}
+
+/// Takes the exclusive lock on `data_dir/LOCK`, creating the file if needed.
+fn lock_data_dir(data_dir: &Path) -> Result<File, OpenError> {
+    let lock_path = data_dir.join(LOCK_FILE_NAME);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| OpenError::LockFile {
+            path: lock_path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(OpenError::Locked {
+            data_dir: data_dir.to_path_buf(),
+            lock: lock_path,
+        }),
+        Err(TryLockError::Error(source)) => Err(OpenError::LockFile {
+            path: lock_path,
+            source,
+        }),
+    }
+}
+
+fn open_failed(data_dir: &Path, path: &Path, e: DatabaseError) -> OpenError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => OpenError::Locked {
+            data_dir: data_dir.to_path_buf(),
+            lock: data_dir.join(LOCK_FILE_NAME),
+        },
+        e => OpenError::Db(DbError::new("open", path, e)),
+    }
+}
+
+fn create_tables(db: &Database, path: &Path) -> Result<(), DbError> {
+    let txn = db.begin_write().map_err(err(path, "begin create tables"))?;
+    txn.open_table(ENTRIES)
+        .map_err(err(path, "create entries"))?;
+    txn.open_table(META).map_err(err(path, "create meta"))?;
+    txn.commit().map_err(err(path, "commit create tables"))?;
+    Ok(())
+}
+
+/// Copies a log that needs repair into a private temp dir and opens (and so
+/// repairs) the copy. Reads the original only.
+fn open_repaired_copy(
+    data_dir: &Path,
+    path: &Path,
+) -> Result<(Database, tempfile::TempDir), OpenError> {
+    let copy_failed = |to: &Path| {
+        let to = to.to_path_buf();
+        move |source| OpenError::Copy {
+            from: path.to_path_buf(),
+            to,
+            source,
+        }
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("rustci-replay-")
+        .tempdir()
+        .map_err(copy_failed(&std::env::temp_dir()))?;
+    let copy = dir.path().join(LOG_FILE_NAME);
+    std::fs::copy(path, &copy).map_err(copy_failed(&copy))?;
+    tracing::warn!(
+        path = %path.display(),
+        copy = %copy.display(),
+        "log was not closed cleanly; replaying a repaired private copy"
+    );
+    let db = Database::builder()
+        .set_cache_size(DB_CACHE_BYTES)
+        .open(&copy)
+        .map_err(|e| open_failed(data_dir, &copy, e))?;
+    Ok((db, dir))
+}
+
+/// Opens a table in a read transaction; `None` if it was never created.
+fn open_read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<K, V>,
+    path: &Path,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, DbError> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(DbError::new("open table", path, e)),
+    }
+}
+
+/// `map_err` adapter: a redb error of any kind, tagged with the file and operation.
+fn err<'p, E: Into<redb::Error>>(
+    path: &'p Path,
+    op: &'static str,
+) -> impl FnOnce(E) -> DbError + 'p {
+    move |e| DbError::new(op, path, e)
+}
