@@ -78,7 +78,10 @@ struct SharedLog(Arc<Mutex<LogStore>>);
 
 impl LogReader for SharedLog {
     fn read_after(&self, after: LogIndex, max: usize) -> Result<Vec<Entry>, String> {
-        let store = self.0.lock().map_err(|_| "log store poisoned".to_string())?;
+        let store = self
+            .0
+            .lock()
+            .map_err(|_| "log store poisoned".to_string())?;
         store.read_range(after + 1, max).map_err(|e| e.to_string())
     }
 }
@@ -251,7 +254,10 @@ impl LogWriter {
     }
 }
 
-async fn forward_run_events(mut rx: mpsc::UnboundedReceiver<RunEvent>, inputs: mpsc::Sender<Input>) {
+async fn forward_run_events(
+    mut rx: mpsc::UnboundedReceiver<RunEvent>,
+    inputs: mpsc::Sender<Input>,
+) {
     while let Some(ev) = rx.recv().await {
         let report = match ev {
             RunEvent::Started { job, attempt } => RunnerReport::Started {
@@ -433,7 +439,10 @@ impl Driver {
                 job,
                 attempt,
                 spec,
-            } if node == self.node_name => self.runner.start(run_spec(&self.data_dir, job, attempt, spec)),
+            } if node == self.node_name => {
+                self.runner
+                    .start(run_spec(&self.data_dir, job, attempt, spec))
+            }
             RunnerCommand::Kill { node, job, attempt } if node == self.node_name => {
                 self.runner.kill(job.0, attempt)
             }
@@ -449,9 +458,7 @@ fn run_spec(data_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) 
         command: spec.command,
         env: spec.env,
         timeout: Duration::from_secs(spec.timeout_secs),
-        work_dir: data_dir
-            .join("work")
-            .join(format!("{}-{attempt}", job.0)),
+        work_dir: data_dir.join("work").join(format!("{}-{attempt}", job.0)),
         log_path: output_path(data_dir, job, attempt),
     }
 }

@@ -1,3 +1,8 @@
-//! The `rustci` crate as a library, so integration tests can reach its modules.
+//! The `rustci` crate: the daemon (production driver), the CLI and the native
+//! runner. A library too, so integration tests can reach its modules.
 
+pub mod bench;
+pub mod cli;
+pub mod daemon;
+pub mod replay;
 pub mod runner;

@@ -1,1 +1,100 @@
-fn main() {}
+//! `rustci`: the daemon, the CLI and the benchmarks in one binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use rustci::cli::{self, Cli, Cmd};
+use rustci::daemon::{self, DevConfig};
+use rustci_core::model::Resources;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let daemonish = matches!(cli.command, Cmd::Dev(_));
+    init_tracing(daemonish);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rustci: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("rustci: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUSTCI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Cmd::Dev(args) => {
+            let capacity = match (args.cpus, args.memory_mb) {
+                (None, None) => None,
+                (cpus, mem) => {
+                    let (mc, mm) = rustci::runner::machine_capacity();
+                    let cpu = match cpus {
+                        Some(c) => cli::cpus_to_millis(c)?,
+                        None => mc,
+                    };
+                    Some(Resources::new(cpu, mem.unwrap_or(mm)))
+                }
+            };
+            let config = DevConfig {
+                data_dir: args.data_dir,
+                listen: args.listen,
+                api_token: args.api_token,
+                node_name: args.node_name.unwrap_or_else(daemon::hostname),
+                capacity,
+                labels: args.labels.into_iter().collect(),
+            };
+            let handle = daemon::start_dev(config).await?;
+            eprintln!("rustci dev: serving the API on http://{}", handle.addr);
+            handle.run_until(shutdown_signal()).await?;
+            Ok(0)
+        }
+        Cmd::Submit(args) => cli::submit(args).await,
+        Cmd::Jobs {
+            state,
+            json,
+            client,
+        } => cli::jobs(&client, state, json).await,
+        Cmd::Job { command } => cli::job(command).await,
+        Cmd::Logs {
+            id,
+            follow,
+            attempt,
+            client,
+        } => cli::logs(&client, &id, follow, attempt).await,
+        Cmd::Nodes { json, client } => cli::nodes(&client, json).await,
+        Cmd::Node { command } => cli::node(command).await,
+        Cmd::Status { json, client } => cli::status(&client, json).await,
+        Cmd::Replay(args) => tokio::task::spawn_blocking(move || rustci::replay::run(args)).await?,
+        Cmd::Bench(args) => rustci::bench::run(args).await,
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

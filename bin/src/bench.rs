@@ -1,0 +1,359 @@
+//! `rustci bench NAME`: benchmarks that print one JSON object per result.
+//!
+//! - `replay`: writes a synthetic log of N events (a realistic mix: each job
+//!   is submitted, assigned, started and finished on one of 16 nodes) and
+//!   rebuilds state from it the way start-up does (open, scan, decode, apply).
+//! - `submit`: starts `rustci dev` as a child process on a scratch data dir
+//!   (or uses `--server`), then C clients on keep-alive connections submit
+//!   jobs for a fixed time; every 201 is a durable, acknowledged submission.
+//!   The jobs carry a constraint no node has, so they stay queued: this
+//!   measures the control plane, not process spawning.
+//! - `schedule`: placement passes over a large cluster, in memory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Subcommand};
+use hyper::Method;
+use rustci_core::event::{Entry, Event};
+use rustci_core::model::{JobId, JobSpec, Outcome, Resources};
+use rustci_core::scheduler;
+use rustci_core::state::State;
+use rustci_net::client::Client;
+use rustci_storage::LogStore;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: BenchCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Rebuild state from a redb log of N events.
+    Replay {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
+    /// Durable submissions per second and latency against `rustci dev`.
+    Submit {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Use a running server instead of starting one.
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long, env = "RUSTCI_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Scheduling passes over a large in-memory cluster.
+    Schedule {
+        #[arg(long, default_value_t = 1000)]
+        nodes: u64,
+        #[arg(long, default_value_t = 100_000)]
+        jobs: u64,
+    },
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    match args.which {
+        BenchCmd::Replay { events } => {
+            tokio::task::spawn_blocking(move || bench_replay(events)).await??
+        }
+        BenchCmd::Submit {
+            clients,
+            seconds,
+            server,
+            token,
+        } => bench_submit(clients, seconds, server, token).await?,
+        BenchCmd::Schedule { nodes, jobs } => bench_schedule(nodes, jobs),
+    }
+    Ok(0)
+}
+
+const BENCH_NODES: u64 = 16;
+
+fn bench_spec(i: u64) -> JobSpec {
+    JobSpec {
+        name: format!("build-{i}"),
+        command: vec!["sh".into(), "-c".into(), "make test".into()],
+        env: BTreeMap::new(),
+        resources: Resources::new(500, 512),
+        constraints: BTreeMap::new(),
+        priority: (i % 3) as u8 * 25 + 25,
+        timeout_secs: 600,
+        max_retries: 1,
+    }
+}
+
+/// The synthetic event stream: nodes register, then jobs run to completion.
+fn synthetic_events(total: u64) -> impl Iterator<Item = Event> {
+    let nodes = (0..BENCH_NODES).map(|n| Event::NodeRegistered {
+        name: format!("node-{n}"),
+        capacity: Resources::new(64_000, 256 * 1024),
+        labels: [("os".to_string(), "linux".to_string())].into(),
+        incarnation: 1,
+    });
+    let jobs = (0..).flat_map(|i: u64| {
+        let job = JobId(i + 1);
+        let node = format!("node-{}", i % BENCH_NODES);
+        [
+            Event::JobSubmitted {
+                spec: bench_spec(i),
+                idempotency_key: None,
+            },
+            Event::AttemptAssigned {
+                job,
+                attempt: 1,
+                node,
+            },
+            Event::AttemptStarted { job, attempt: 1 },
+            Event::AttemptFinished {
+                job,
+                attempt: 1,
+                outcome: Outcome::Exited,
+                exit_code: Some((i % 7 == 0) as i32),
+            },
+        ]
+    });
+    nodes.chain(jobs).take(total as usize)
+}
+
+fn write_log(dir: &Path, total: u64) -> anyhow::Result<()> {
+    let mut store = LogStore::open(dir).map_err(|e| anyhow!("{e}"))?;
+    let mut batch = Vec::with_capacity(50_000);
+    for (i, event) in synthetic_events(total).enumerate() {
+        batch.push(Entry {
+            index: i as u64 + 1,
+            term: 1,
+            at: 1_700_000_000_000 + i as u64,
+            event,
+        });
+        if batch.len() == batch.capacity() {
+            store.append(&batch).map_err(|e| anyhow!("{e}"))?;
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        store.append(&batch).map_err(|e| anyhow!("{e}"))?;
+    }
+    Ok(())
+}
+
+fn bench_replay(events: u64) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    write_log(dir.path(), events)?;
+    let t = Instant::now();
+    let store = LogStore::open_read_only(dir.path()).map_err(|e| anyhow!("{e}"))?;
+    let state = crate::daemon::replay_store(&store)?;
+    let secs = t.elapsed().as_secs_f64();
+    if state.applied_index != events {
+        bail!("replayed {} of {events} events", state.applied_index);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "replay",
+            "events": events,
+            "jobs": state.jobs.len(),
+            "seconds": round3(secs),
+            "events_per_sec": (events as f64 / secs).round(),
+            "ignored_entries": state.ignored_entries,
+        })
+    );
+    Ok(())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn bench_schedule(nodes: u64, jobs: u64) {
+    let mut state = State::new();
+    let mut index = 0;
+    let mut push = |state: &mut State, event: Event| {
+        index += 1;
+        state.apply(&Entry {
+            index,
+            term: 1,
+            at: index,
+            event,
+        });
+    };
+    for n in 0..nodes {
+        push(
+            &mut state,
+            Event::NodeRegistered {
+                name: format!("node-{n:05}"),
+                capacity: Resources::new(16_000, 64 * 1024),
+                labels: [("pool".to_string(), format!("p{}", n % 4))].into(),
+                incarnation: 1,
+            },
+        );
+    }
+    for i in 0..jobs {
+        let mut spec = bench_spec(i);
+        spec.constraints
+            .insert("pool".into(), format!("p{}", i % 4));
+        push(
+            &mut state,
+            Event::JobSubmitted {
+                spec,
+                idempotency_key: None,
+            },
+        );
+    }
+    let t = Instant::now();
+    let mut placed = 0u64;
+    let mut passes = 0u64;
+    loop {
+        let decisions = scheduler::schedule(&state);
+        if decisions.is_empty() {
+            break;
+        }
+        passes += 1;
+        placed += decisions.len() as u64;
+        for p in decisions {
+            push(
+                &mut state,
+                Event::AttemptAssigned {
+                    job: p.job,
+                    attempt: p.attempt,
+                    node: p.node,
+                },
+            );
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "schedule",
+            "nodes": nodes,
+            "jobs": jobs,
+            "placed": placed,
+            "passes": passes,
+            "seconds": round3(secs),
+            "placements_per_sec": (placed as f64 / secs).round(),
+        })
+    );
+}
+
+/// A free loopback port: bind to port 0 and release it.
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_ready(addr: &str, token: Option<String>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = Client::connect(addr, token.clone()).await {
+            if c.call(Method::GET, "/readyz", None, &[]).await.is_ok() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the server at {addr} did not become ready in 30 s")
+}
+
+async fn bench_submit(
+    clients: usize,
+    seconds: u64,
+    server: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let mut _child = None;
+    let addr = match server {
+        Some(a) => a,
+        None => {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            let exe = std::env::current_exe()?;
+            let child = std::process::Command::new(exe)
+                .args(["dev", "--listen", &addr, "--data-dir"])
+                .arg(scratch.path().join("data"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting rustci dev")?;
+            _child = Some(Child(child));
+            addr
+        }
+    };
+    wait_ready(&addr, token.clone()).await?;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "command": ["true"],
+        "constraints": {"bench": "queue-only"},
+    }))?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (addr, token, body) = (addr.clone(), token.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(&addr, token).await?;
+            let mut latencies_us = Vec::with_capacity(1 << 16);
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                match client
+                    .call(Method::POST, "/v1/jobs", Some(body.clone()), &[])
+                    .await
+                {
+                    Ok(_) => latencies_us.push(start.elapsed().as_micros() as u32),
+                    Err(_) => errors += 1,
+                }
+            }
+            Ok::<_, anyhow::Error>((latencies_us, errors))
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (lat, err) = task.await??;
+        all.extend(lat);
+        errors += err;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return 0.0;
+        }
+        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
+        round3(f64::from(all[i]) / 1000.0)
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "submit",
+            "replicas": 1,
+            "clients": clients,
+            "seconds": round3(secs),
+            "submissions": all.len(),
+            "errors": errors,
+            "submissions_per_sec": (all.len() as f64 / secs).round(),
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "max_ms": pct(1.0),
+        })
+    );
+    Ok(())
+}
