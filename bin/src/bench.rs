@@ -116,7 +116,7 @@ fn synthetic_events(total: u64) -> impl Iterator<Item = Event> {
                 job,
                 attempt: 1,
                 outcome: Outcome::Exited,
-                exit_code: Some((i % 7 == 0) as i32),
+                exit_code: Some(i32::from(i.is_multiple_of(7))),
             },
         ]
     });

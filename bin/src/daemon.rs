@@ -62,16 +62,54 @@ pub fn wall_clock_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Entries handed from the log reader to the reducer at a time during replay.
+const REPLAY_BATCH_ENTRIES: usize = 4096;
+/// Full batches queued between the reader and the reducer.
+const REPLAY_BATCHES_IN_FLIGHT: usize = 8;
+
 /// Reads the whole log and folds it into a state, as start-up does.
+///
+/// A pipeline of two threads: one scans and decodes the log (checksums,
+/// MessagePack), the other applies entries in order. The reducer stays
+/// single-threaded and sees the entries in log order, so the result is the
+/// same as a plain fold; it only overlaps decoding with applying.
 pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
-    let mut state = State::new();
-    store
-        .scan(store.first_index(), |entry| {
-            state.apply(&entry);
-            std::ops::ControlFlow::Continue(())
-        })
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(state)
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(REPLAY_BATCHES_IN_FLIGHT);
+    // Drained batches go back to the reader: reusing their buffers avoids an
+    // mmap, page faults and a munmap per batch.
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<Entry>>();
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let fresh = || Vec::with_capacity(REPLAY_BATCH_ENTRIES);
+            let mut batch = fresh();
+            let result = store.scan(store.first_index(), |entry| {
+                batch.push(entry);
+                if batch.len() == REPLAY_BATCH_ENTRIES {
+                    let next = empty_rx.try_recv().unwrap_or_else(|_| fresh());
+                    if full_tx.send(std::mem::replace(&mut batch, next)).is_err() {
+                        return std::ops::ControlFlow::Break(());
+                    }
+                }
+                std::ops::ControlFlow::Continue(())
+            });
+            if !batch.is_empty() {
+                let _ = full_tx.send(batch);
+            }
+            result
+        });
+        let mut state = State::new();
+        for mut batch in full_rx {
+            for entry in batch.drain(..) {
+                state.apply_owned(entry);
+            }
+            let _ = empty_tx.send(batch);
+        }
+        match reader.join() {
+            Ok(Ok(())) => Ok(state),
+            Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
+            Err(_) => Err(anyhow::anyhow!("the log reader panicked")),
+        }
+    })
 }
 
 struct SharedLog(Arc<Mutex<LogStore>>);

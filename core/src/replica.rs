@@ -474,21 +474,25 @@ impl Replica {
             _ => self.full_pass_needed = true,
         }
         match &applied {
-            Applied::Assigned { job, attempt, node } => {
-                let spec = self.state.jobs[job].spec.clone();
-                self.outputs.push_back(Output::Runner(RunnerCommand::Start {
-                    node: node.clone(),
-                    job: *job,
-                    attempt: *attempt,
-                    spec,
-                }));
+            Applied::Assigned { job, attempt } => {
+                if let Some((spec, node)) = self.attempt_node(*job) {
+                    let spec = spec.clone();
+                    self.outputs.push_back(Output::Runner(RunnerCommand::Start {
+                        node,
+                        job: *job,
+                        attempt: *attempt,
+                        spec,
+                    }));
+                }
             }
-            Applied::CancelActive { job, attempt, node } => {
-                self.outputs.push_back(Output::Runner(RunnerCommand::Kill {
-                    node: node.clone(),
-                    job: *job,
-                    attempt: *attempt,
-                }));
+            Applied::CancelActive { job, attempt } => {
+                if let Some((_, node)) = self.attempt_node(*job) {
+                    self.outputs.push_back(Output::Runner(RunnerCommand::Kill {
+                        node,
+                        job: *job,
+                        attempt: *attempt,
+                    }));
+                }
             }
             _ => {}
         }
@@ -496,6 +500,12 @@ impl Replica {
             let reply = self.reply_for(entry, &applied);
             self.reply(request, reply);
         }
+    }
+
+    /// The spec of a job and the node of its latest attempt.
+    fn attempt_node(&self, job: JobId) -> Option<(&JobSpec, String)> {
+        let job = self.state.job(job)?;
+        Some((&job.spec, job.attempts.last()?.node.clone()))
     }
 
     fn reply_for(&self, entry: &Entry, applied: &Applied) -> Result<Reply, CommandError> {

@@ -6,6 +6,7 @@
 //! or not, folds to a well-defined state, and replaying the log from index 1
 //! gives the live state byte for byte (compared with [`State::digest`]).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
@@ -34,6 +35,77 @@ impl QueueKey {
     }
 }
 
+/// Every job, by id. Ids are dense (the reducer hands them out from 1), so
+/// the table is a vector indexed by `id - 1`: one bounds-checked load per
+/// lookup instead of a tree walk, which is most of what replay does. The
+/// method names follow `BTreeMap` so callers read the same.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct JobTable {
+    jobs: Vec<Job>,
+}
+
+impl JobTable {
+    fn slot(id: &JobId) -> Option<usize> {
+        usize::try_from(id.0).ok()?.checked_sub(1)
+    }
+
+    pub fn get(&self, id: &JobId) -> Option<&Job> {
+        self.jobs.get(Self::slot(id)?)
+    }
+
+    pub fn get_mut(&mut self, id: &JobId) -> Option<&mut Job> {
+        let slot = Self::slot(id)?;
+        self.jobs.get_mut(slot)
+    }
+
+    pub fn contains_key(&self, id: &JobId) -> bool {
+        self.get(id).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Jobs in id order.
+    pub fn values(&self) -> std::slice::Iter<'_, Job> {
+        self.jobs.iter()
+    }
+
+    pub fn values_mut(&mut self) -> std::slice::IterMut<'_, Job> {
+        self.jobs.iter_mut()
+    }
+
+    /// `(id, job)` pairs in id order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&JobId, &Job)> + '_ {
+        self.jobs.iter().map(|j| (&j.id, j))
+    }
+
+    /// Adds the next job; its id must be `len() + 1`.
+    fn push(&mut self, job: Job) {
+        debug_assert_eq!(Self::slot(&job.id), Some(self.jobs.len()));
+        self.jobs.push(job);
+    }
+}
+
+impl std::ops::Index<&JobId> for JobTable {
+    type Output = Job;
+    fn index(&self, id: &JobId) -> &Job {
+        self.get(id).expect("no job with this id")
+    }
+}
+
+impl<'a> IntoIterator for &'a JobTable {
+    type Item = (&'a JobId, &'a Job);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, Job>, fn(&'a Job) -> (&'a JobId, &'a Job)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.jobs.iter().map(|j| (&j.id, j))
+    }
+}
+
 /// What applying one entry did; the replica turns it into replies and runner
 /// commands. Never stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,17 +115,15 @@ pub enum Applied {
     Submitted(JobId),
     /// The idempotency key already named this job; nothing was created.
     Duplicate(JobId),
-    /// An attempt was placed; the node's runner must start it.
+    /// An attempt was placed; the runner of its node must start it.
     Assigned {
         job: JobId,
         attempt: AttemptNumber,
-        node: String,
     },
     /// A job with an active attempt was cancelled; its runner must kill it.
     CancelActive {
         job: JobId,
         attempt: AttemptNumber,
-        node: String,
     },
     /// The event was invalid in the current state and changed nothing but
     /// the applied index.
@@ -68,8 +138,7 @@ pub struct State {
     pub last_at: TimestampMs,
     pub leader: Option<ReplicaId>,
     pub leader_term: Term,
-    pub next_job_id: u64,
-    pub jobs: BTreeMap<JobId, Job>,
+    pub jobs: JobTable,
     pub idempotency: BTreeMap<String, JobId>,
     pub nodes: BTreeMap<String, Node>,
     /// Jobs in state `queued`, in placement order. Derived from `jobs`, kept
@@ -96,10 +165,7 @@ fn state_slot(s: JobState) -> usize {
 
 impl State {
     pub fn new() -> State {
-        State {
-            next_job_id: 1,
-            ..State::default()
-        }
+        State::default()
     }
 
     /// Folds entries from scratch: what start-up and `rustci replay` do.
@@ -139,6 +205,27 @@ impl State {
         applied
     }
 
+    /// Like [`State::apply`], but takes the entry by value so a submission's
+    /// spec moves into the job instead of being copied: what replay uses.
+    pub fn apply_owned(&mut self, entry: Entry) -> Applied {
+        match entry.event {
+            Event::JobSubmitted {
+                spec,
+                idempotency_key,
+            } => {
+                self.applied_index = entry.index;
+                self.applied_term = entry.term;
+                self.last_at = self.last_at.max(entry.at);
+                let applied = self.submit(entry.index, entry.at, Cow::Owned(spec), idempotency_key);
+                if matches!(applied, Applied::Ignored(_)) {
+                    self.ignored_entries += 1;
+                }
+                applied
+            }
+            _ => self.apply(&entry),
+        }
+    }
+
     fn apply_event(&mut self, entry: &Entry) -> Applied {
         let at = entry.at;
         match &entry.event {
@@ -150,7 +237,12 @@ impl State {
             Event::JobSubmitted {
                 spec,
                 idempotency_key,
-            } => self.submit(entry.index, at, spec, idempotency_key.as_ref()),
+            } => self.submit(
+                entry.index,
+                at,
+                Cow::Borrowed(spec),
+                idempotency_key.clone(),
+            ),
             Event::JobCancelled { job } => self.cancel(*job),
             Event::AttemptAssigned { job, attempt, node } => self.assign(*job, *attempt, node, at),
             Event::AttemptStarted { job, attempt } => self.started(*job, *attempt, at),
@@ -178,21 +270,20 @@ impl State {
         &mut self,
         index: LogIndex,
         at: TimestampMs,
-        spec: &JobSpec,
-        key: Option<&String>,
+        spec: Cow<'_, JobSpec>,
+        key: Option<String>,
     ) -> Applied {
-        if let Some(key) = key {
+        if let Some(key) = &key {
             if let Some(existing) = self.idempotency.get(key) {
                 return Applied::Duplicate(*existing);
             }
         }
-        let id = JobId(self.next_job_id);
-        self.next_job_id += 1;
+        let id = JobId(self.jobs.len() as u64 + 1);
         let job = Job {
             id,
-            spec: spec.clone(),
+            spec: spec.into_owned(),
             state: JobState::Queued,
-            idempotency_key: key.cloned(),
+            idempotency_key: key.clone(),
             submitted_at: at,
             retries_used: 0,
             attempts: Vec::new(),
@@ -201,9 +292,9 @@ impl State {
         self.queue.insert(QueueKey::of(&job));
         self.job_counts[state_slot(JobState::Queued)] += 1;
         if let Some(key) = key {
-            self.idempotency.insert(key.clone(), id);
+            self.idempotency.insert(key, id);
         }
-        self.jobs.insert(id, job);
+        self.jobs.push(job);
         Applied::Submitted(id)
     }
 
@@ -237,17 +328,13 @@ impl State {
         let active = match job.attempts.last_mut() {
             Some(a) if a.state.is_active() => {
                 a.cancel_requested = true;
-                Some((a.number, a.node.clone()))
+                Some(a.number)
             }
             _ => None,
         };
         self.set_job_state(id, JobState::Cancelled);
         match active {
-            Some((attempt, node)) => Applied::CancelActive {
-                job: id,
-                attempt,
-                node,
-            },
+            Some(attempt) => Applied::CancelActive { job: id, attempt },
             None => Applied::Done,
         }
     }
@@ -281,10 +368,15 @@ impl State {
             return Applied::Ignored("assignment to a node without capacity");
         }
         node.allocated = node.allocated.saturating_add(&job.spec.resources);
-        self.active_by_node
-            .entry(node_name.to_string())
-            .or_default()
-            .insert(id);
+        match self.active_by_node.get_mut(node_name) {
+            Some(set) => {
+                set.insert(id);
+            }
+            None => {
+                self.active_by_node
+                    .insert(node_name.to_string(), BTreeSet::from([id]));
+            }
+        }
         if let Some(job) = self.jobs.get_mut(&id) {
             job.attempts.push(Attempt {
                 number: attempt,
@@ -298,11 +390,7 @@ impl State {
             });
         }
         self.set_job_state(id, JobState::Assigned);
-        Applied::Assigned {
-            job: id,
-            attempt,
-            node: node_name.to_string(),
-        }
+        Applied::Assigned { job: id, attempt }
     }
 
     /// The current attempt of `id` if it is number `attempt` and active:

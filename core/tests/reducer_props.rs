@@ -125,6 +125,11 @@ proptest! {
         let replayed = State::replay(&log);
         prop_assert_eq!(live.digest(), replayed.digest());
         prop_assert_eq!(&live, &replayed);
+        let mut owned = State::new();
+        for entry in log.iter().cloned() {
+            owned.apply_owned(entry);
+        }
+        prop_assert_eq!(&live, &owned, "apply_owned (replay's path) equals apply");
     }
 
     /// Terminal jobs stay terminal whatever comes after.
