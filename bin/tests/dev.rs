@@ -1,0 +1,551 @@
+//! End to end: `rustci dev` as a separate process, used through its CLI and
+//! HTTP API the way a user would. Each test has its own data dir and port.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn quickstart_submit_wait_exits_with_the_jobs_code_and_logs_show_its_output() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let out = dev.cli(&["submit", "--wait", "--", "sh", "-c", "echo hello; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        id.parse::<u64>().is_ok(),
+        "submit prints the job id, got {id:?}"
+    );
+    let logs = dev.cli(&["logs", &id]);
+    assert!(logs.status.success());
+    assert_eq!(String::from_utf8(logs.stdout).unwrap(), "hello\n");
+    let ok = dev.cli(&["submit", "--wait", "--", "true"]);
+    assert_eq!(ok.status.code(), Some(0));
+    let job = dev.get_json(&format!("/v1/jobs/{id}"));
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["exit_code"], 3);
+    assert_eq!(job["attempts"][0]["state"], "failed");
+}
+
+#[test]
+fn cli_reports_an_unreachable_server_in_one_line_and_fails() {
+    let out = std::process::Command::new(BIN)
+        .args(["jobs", "--server", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+}
+
+#[test]
+fn two_hundred_concurrent_jobs_all_succeed_and_never_exceed_capacity() {
+    let dir = scratch();
+    // 3 cpus, jobs of 1 cpu: at most three may run at once.
+    let dev = Dev::start(
+        &dir.path().join("data"),
+        &["--cpus", "3", "--memory-mb", "4096"],
+    );
+    let marks = dir.path().join("marks");
+    let script = format!(
+        "echo start $(date +%s%N) >> {m}; sleep 0.02; echo end $(date +%s%N) >> {m}",
+        m = marks.display()
+    );
+    let ids: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..25)
+                        .map(|_| {
+                            let job = dev.submit_json(&json!({
+                                "command": ["sh", "-c", script],
+                                "resources": {"cpu_millis": 1000, "memory_mb": 100},
+                            }));
+                            job["id"].as_u64().unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(ids.len(), 200);
+    for id in &ids {
+        let job = dev.wait_job(*id, Duration::from_secs(120), terminal);
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+    // From the jobs' own clocks: never more than three inside at once.
+    let text = std::fs::read_to_string(&marks).unwrap();
+    let mut points: Vec<(u128, i32)> = text
+        .lines()
+        .map(|l| {
+            let (kind, t) = l.split_once(' ').unwrap();
+            (t.parse().unwrap(), if kind == "start" { 1 } else { -1 })
+        })
+        .collect();
+    assert_eq!(points.len(), 400);
+    points.sort_by_key(|(t, d)| (*t, *d));
+    let mut inside = 0;
+    let mut peak = 0;
+    for (_, d) in points {
+        inside += d;
+        peak = peak.max(inside);
+    }
+    assert!(peak <= 3, "{peak} jobs ran at once on a 3-cpu runner");
+    // From the control plane's own log: allocations never exceeded capacity.
+    let mut active = 0i64;
+    let mut peak_log = 0;
+    let mut after = 0;
+    loop {
+        let page = dev.get_json(&format!("/v1/events?after={after}"));
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            break;
+        }
+        for e in events {
+            match e["type"].as_str().unwrap() {
+                "attempt_assigned" => active += 1,
+                "attempt_finished" | "attempt_lost" => active -= 1,
+                _ => {}
+            }
+            peak_log = peak_log.max(active);
+        }
+        after = page["next"].as_u64().unwrap();
+    }
+    assert!(
+        peak_log <= 3,
+        "the log shows {peak_log} attempts placed at once"
+    );
+    assert!(peak >= 2, "jobs did run side by side (peak {peak})");
+}
+
+#[test]
+fn timeout_fails_the_job_as_timed_out_within_two_seconds_and_leaves_no_process() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let t = Instant::now();
+    let job = dev.submit_json(&json!({
+        "command": ["sh", "-c", "sleep 30.0417 & sleep 30.0417; wait"],
+        "timeout_secs": 1,
+    }));
+    let id = job["id"].as_u64().unwrap();
+    let job = dev.wait_job(id, Duration::from_secs(5), terminal);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["attempts"][0]["state"], "timed_out");
+    assert!(
+        processes_with("sleep 30.0417").is_empty(),
+        "a sleep survived"
+    );
+}
+
+#[test]
+fn cancel_kills_the_running_job_and_leaves_no_process() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let job = dev.submit_json(&json!({"command": ["sh", "-c", "sleep 30.0533; true"]}));
+    let id = job["id"].as_u64().unwrap();
+    dev.wait_job(id, Duration::from_secs(10), |j| j["state"] == "running");
+    let t = Instant::now();
+    let out = dev.cli(&["job", "cancel", &id.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let job = dev.wait_job(id, Duration::from_secs(5), |j| {
+        j["attempts"][0]["state"] == "cancelled"
+    });
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(job["state"], "cancelled");
+    assert!(
+        processes_with("sleep 30.0533").is_empty(),
+        "a sleep survived"
+    );
+    // Cancelling a terminal job is a no-op that still answers 200.
+    let (status, _) = http(&dev.addr, "POST", &format!("/v1/jobs/{id}/cancel"), None);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn kill_9_and_restart_keeps_every_acknowledged_job_and_reruns_lost_attempts() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data, &["--cpus", "2"]);
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let job = dev.submit_json(&json!({
+            "command": ["sh", "-c", format!("echo run-{i}; sleep 3.0719")],
+            "resources": {"cpu_millis": 1000},
+        }));
+        ids.push(job["id"].as_u64().unwrap());
+    }
+    dev.wait_job(ids[0], Duration::from_secs(10), |j| j["state"] == "running");
+    dev.wait_job(ids[1], Duration::from_secs(10), |j| j["state"] == "running");
+    let addr = dev.addr.clone();
+    dev.kill9();
+    // The running jobs' processes die with the daemon or at its restart.
+    let dev = Dev::start_on(&data, &addr, &["--cpus", "2"]);
+    for id in &ids {
+        let job = dev.get_json(&format!("/v1/jobs/{id}"));
+        assert_eq!(job["id"], *id, "acknowledged job {id} survived");
+    }
+    for id in &ids[..2] {
+        let job = dev.wait_job(*id, Duration::from_secs(60), terminal);
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["attempts"][0]["state"], "lost", "{job}");
+        assert_eq!(job["attempts"][1]["state"], "succeeded");
+    }
+    for id in &ids[2..] {
+        let job = dev.wait_job(*id, Duration::from_secs(60), terminal);
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+}
+
+#[test]
+fn graceful_shutdown_then_restart_resumes_from_the_log() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data, &[]);
+    let out = dev.cli(&["submit", "--wait", "--", "echo", "persisted"]);
+    assert!(out.status.success());
+    let before = dev.get_json("/v1/cluster");
+    let status = dev.terminate();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+    let dev = Dev::start(&data, &[]);
+    let after = dev.get_json("/v1/cluster");
+    assert_eq!(after["jobs"]["succeeded"], before["jobs"]["succeeded"]);
+    assert!(after["term"].as_u64() > before["term"].as_u64());
+    let logs = dev.cli(&["logs", "1"]);
+    assert_eq!(String::from_utf8(logs.stdout).unwrap(), "persisted\n");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_dir_refuses_to_start() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let _dev = Dev::start(&data, &[]);
+    let out = std::process::Command::new(BIN)
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("in use by another rustci process"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let before = dev.get_json("/v1/cluster");
+    let big = vec![b'a'; 10 * 1024 * 1024];
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "malformed json",
+            b"{\"command\": [".to_vec(),
+            400,
+            "invalid_json",
+        ),
+        ("not an object", b"[1,2]".to_vec(), 400, "invalid_json"),
+        ("10 MiB body", big, 413, "payload_too_large"),
+        (
+            "empty command",
+            br#"{"command": []}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "empty program",
+            br#"{"command": [""]}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "negative cpu",
+            br#"{"command": ["x"], "resources": {"cpu_millis": -5}}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "absurd memory",
+            br#"{"command": ["x"], "resources": {"memory_mb": 99999999999}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "zero cpu",
+            br#"{"command": ["x"], "resources": {"cpu_millis": 0}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "priority 101",
+            br#"{"command": ["x"], "priority": 101}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "zero timeout",
+            br#"{"command": ["x"], "timeout_secs": 0}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown field",
+            br#"{"command": ["x"], "colour": "red"}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "unknown resource field",
+            br#"{"command": ["x"], "resources": {"gpus": 1}}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "wrong type",
+            br#"{"command": "echo hi"}"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+    ];
+    for (what, body, status, code) in cases {
+        let (got, text) = http_raw(&dev.addr, "POST", "/v1/jobs", Some(&body), &[]);
+        assert_eq!(got, status, "{what}: {text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: {text}"));
+        assert_eq!(v["error"]["code"], code, "{what}: {text}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    for (method, path, status) in [
+        ("GET", "/v1/jobs/12345", 404),
+        ("GET", "/v1/jobs/not-a-number", 404),
+        ("POST", "/v1/jobs/777/cancel", 404),
+        ("POST", "/v1/nodes/ghost/drain", 404),
+        ("GET", "/v1/jobs?state=sleeping", 400),
+        ("GET", "/v1/events?after=minus-one", 400),
+        ("DELETE", "/v1/jobs", 405),
+        ("GET", "/v2/anything", 404),
+    ] {
+        let (got, text) = http(&dev.addr, method, path, None);
+        assert_eq!(got, status, "{method} {path}: {text}");
+        assert!(text.contains("\"error\""), "{text}");
+    }
+    let after = dev.get_json("/v1/cluster");
+    assert_eq!(
+        before["commit_index"], after["commit_index"],
+        "nothing was written"
+    );
+    assert_eq!(before["state_digest"], after["state_digest"]);
+    // The CLI refuses bad arguments with one line and a non-zero exit.
+    let out = dev.cli(&["submit", "--cpus", "-1", "--", "true"]);
+    assert!(!out.status.success());
+    let out = dev.cli(&["submit"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no command"));
+}
+
+#[test]
+fn a_corrupted_log_entry_stops_start_up_naming_the_file_and_index() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data, &[]);
+    let out = dev.cli(&["submit", "--wait", "--", "true"]);
+    assert!(out.status.success());
+    dev.terminate();
+    {
+        let mut store = rustci_storage::LogStore::open(&data).unwrap();
+        store
+            .debug_overwrite_frame(3, b"\x01garbage-frame")
+            .unwrap();
+    }
+    let out = std::process::Command::new(BIN)
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("corrupt log entry at index 3"), "{err}");
+    assert!(err.contains("log.redb"), "{err}");
+    // Replay reports it the same way, and never writes to the directory.
+    let out = std::process::Command::new(BIN)
+        .args(["replay", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("index 3"));
+}
+
+#[test]
+fn replay_of_the_stored_log_equals_the_live_state() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data, &[]);
+    for cmd in [["true"].as_slice(), &["false"], &["sh", "-c", "echo x"]] {
+        let mut args = vec!["submit", "--wait", "--"];
+        args.extend_from_slice(cmd);
+        dev.cli(&args);
+    }
+    let live = dev.get_json("/v1/cluster");
+    dev.terminate();
+    let out = std::process::Command::new(BIN)
+        .args(["replay", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["summary"]["state_digest"], live["state_digest"]);
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("type").is_some())
+        .collect();
+    assert!(events.iter().any(|e| e["type"] == "job_submitted"));
+    // One job's history.
+    let out = std::process::Command::new(BIN)
+        .args(["replay", "--job", "2", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("attempt_finished"), "{text}");
+    assert!(text.contains("\"state\": \"failed\""), "{text}");
+}
+
+#[test]
+fn idempotency_key_returns_the_first_job() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let body = br#"{"command": ["true"]}"#;
+    let hdr = [("Idempotency-Key", "build-42")];
+    let (s1, a) = http_raw(&dev.addr, "POST", "/v1/jobs", Some(body), &hdr);
+    let (s2, b) = http_raw(&dev.addr, "POST", "/v1/jobs", Some(body), &hdr);
+    assert_eq!((s1, s2), (201, 201));
+    let a: serde_json::Value = serde_json::from_str(&a).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(a["id"], b["id"]);
+    let jobs = dev.get_json("/v1/jobs");
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn job_file_constraints_priority_and_listing() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &["--label", "pool=ci"]);
+    let file = dir.path().join("job.toml");
+    std::fs::write(
+        &file,
+        "command = [\"sh\", \"-c\", \"echo from-file\"]\nname = \"filejob\"\npriority = 80\n[constraints]\npool = \"ci\"\n[resources]\ncpu_millis = 500\n",
+    )
+    .unwrap();
+    let out = dev.cli(&["submit", "--wait", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let job = dev.get_json(&format!("/v1/jobs/{id}"));
+    assert_eq!(job["name"], "filejob");
+    assert_eq!(job["priority"], 80);
+    assert_eq!(job["resources"]["cpu_millis"], 500);
+    // A job nobody can run stays queued and says why.
+    let stuck = dev.submit_json(&json!({"command": ["true"], "constraints": {"os": "plan9"}}));
+    let stuck = dev.get_json(&format!("/v1/jobs/{}", stuck["id"]));
+    assert_eq!(stuck["state"], "queued");
+    assert!(
+        stuck["reason"].as_str().unwrap().contains("os=plan9"),
+        "{stuck}"
+    );
+    let listed = dev.get_json("/v1/jobs?state=queued");
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "command = [\"x\"]\nfoo = 1\n").unwrap();
+    let out = dev.cli(&["submit", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("foo"));
+    let nodes = dev.get_json("/v1/nodes");
+    assert_eq!(nodes["nodes"][0]["labels"]["pool"], "ci");
+    let status = dev.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("running"));
+}
+
+#[test]
+fn logs_follow_streams_until_the_attempt_ends() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let job = dev.submit_json(&json!({"command": ["sh", "-c", "echo one; sleep 0.5; echo two"]}));
+    let id = job["id"].to_string();
+    let t = Instant::now();
+    let out = dev.cli(&["logs", "--follow", &id]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "one\ntwo\n");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "follow waited for the end"
+    );
+    let metrics = http(&dev.addr, "GET", "/metrics", None).1;
+    assert!(
+        metrics.contains("rustci_jobs{state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    let mut seen = BTreeMap::new();
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let (k, v) = line.rsplit_once(' ').unwrap();
+        seen.insert(k.to_string(), v.to_string());
+    }
+    assert!(seen.contains_key("rustci_log_commit_index"));
+    assert!(seen.contains_key("rustci_queue_length"));
+}
+
+#[test]
+fn api_token_is_required_when_set_and_dev_without_token_serves_loopback_only() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &["--api-token", "s3cret"]);
+    let (status, body) = http(&dev.addr, "GET", "/v1/jobs", None);
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = http_raw(
+        &dev.addr,
+        "GET",
+        "/v1/jobs",
+        None,
+        &[("Authorization", "Bearer s3cret")],
+    );
+    assert_eq!(status, 200);
+    let out = std::process::Command::new(BIN)
+        .args(["jobs", "--server", &dev.addr, "--token", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = std::process::Command::new(BIN)
+        .args(["dev", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--api-token"));
+}
