@@ -146,6 +146,33 @@ impl JobView {
         }
     }
 
+    /// Like [`JobView::new`] but consumes the job, moving its strings
+    /// instead of copying them (the submit path answers with a fresh copy
+    /// the replica made for this reply).
+    pub fn from_owned(job: Job) -> JobView {
+        let node = job.node().map(str::to_string);
+        let exit_code = job.exit_code();
+        JobView {
+            id: job.id.0,
+            name: job.spec.name,
+            state: job.state.as_str().to_string(),
+            priority: job.spec.priority,
+            resources: job.spec.resources,
+            constraints: job.spec.constraints,
+            node,
+            exit_code,
+            submitted_at: job.submitted_at,
+            attempts: job.attempts.iter().map(AttemptView::from).collect(),
+            command: job.spec.command,
+            env: job.spec.env,
+            timeout_secs: job.spec.timeout_secs,
+            max_retries: job.spec.max_retries,
+            retries_used: job.retries_used,
+            idempotency_key: job.idempotency_key,
+            reason: None,
+        }
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(self.state.as_str(), "succeeded" | "failed" | "cancelled")
     }

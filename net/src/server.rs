@@ -346,21 +346,16 @@ async fn submit(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
         idempotency_key: key,
     };
     match cp.command(command).await?? {
-        Reply::Job(job) => Ok(json(StatusCode::CREATED, &JobView::new(&job, None))),
+        Reply::Job(job) => Ok(json(StatusCode::CREATED, &JobView::from_owned(job))),
         Reply::Node(_) => unreachable!("a submit is answered with a job"),
     }
 }
 
 async fn command(cp: &ControlPlane, command: Command) -> ApiResult {
-    let reply = cp.command(command).await??;
-    Ok(reply_json(&reply))
-}
-
-fn reply_json(reply: &Reply) -> Response<Body> {
-    match reply {
-        Reply::Job(job) => json(StatusCode::OK, &JobView::new(job, None)),
-        Reply::Node(node) => json(StatusCode::OK, &NodeView::new(node, 0, None)),
-    }
+    Ok(match cp.command(command).await?? {
+        Reply::Job(job) => json(StatusCode::OK, &JobView::from_owned(job)),
+        Reply::Node(node) => json(StatusCode::OK, &NodeView::new(&node, 0, None)),
+    })
 }
 
 fn job_view(r: &Replica, job: &rustci_core::model::Job) -> JobView {
