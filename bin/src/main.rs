@@ -8,6 +8,13 @@ use rustci::daemon::{self, DevConfig};
 use rustci_core::model::Resources;
 
 fn main() -> ExitCode {
+    // `rustci __shim -- CMD ARGS...`: the per-attempt supervisor the runner
+    // starts (see rustci::runner). Before anything else: no clap, no tracing.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == rustci::runner::SHIM_ARG) {
+        let command = args.skip_while(|a| a != "--").skip(1).collect();
+        std::process::exit(rustci::runner::shim_main(command));
+    }
     let cli = Cli::parse();
     let daemonish = matches!(cli.command, Cmd::Dev(_));
     init_tracing(daemonish);

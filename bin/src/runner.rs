@@ -19,6 +19,35 @@
 //! - When the job's main process exits on its own, whatever it left running in
 //!   its group is killed too: an attempt owns nothing once it has finished.
 //!
+//! # The shim (`RunnerConfig::shim`)
+//!
+//! `PDEATHSIG` reaches only the direct child, so without a shim a `kill -9` of
+//! the daemon kills `sh` but not the `sleep` it forked; those wait for
+//! [`NativeRunner::reap_leftovers`] at the next start. With
+//! `shim: Some(exe)` the runner instead starts `exe __shim -- CMD ARGS...`
+//! (`exe` is the `rustci` binary itself; `main` dispatches to [`shim_main`])
+//! as the group leader, with `PDEATHSIG = SIGTERM`. The shim catches
+//! SIGTERM/SIGINT/SIGHUP and answers with `kill(0, SIGKILL)`: its whole
+//! group, itself included, so the job's grandchildren die with the daemon.
+//! It starts the command as its own child in the same group (stdio
+//! inherited: the log pipe and `/dev/null`), waits for it and exits with
+//! its status, re-raising the signal if the command was killed by one, so
+//! the runner sees the same `exit_code` as without a shim. Background
+//! leftovers are killed by the runner's usual group kill after the leader
+//! (now the shim) exits; timeout and cancel SIGKILL the group as before.
+//!
+//! Start failures with a shim: the runner first resolves `command[0]` as
+//! `execvp` would (`PATH` of the job, `work_dir` for relative paths) and
+//! reports `StartFailed` without spawning anything when it is missing or not
+//! executable: same events and log line as without a shim. Anything the
+//! check cannot foresee (a bad ELF or `#!` interpreter, a file removed in
+//! between) fails in the shim after `Started` was sent: the shim writes
+//! `rustci: cannot start "CMD": ERROR` to the log, tells the runner on a
+//! private status pipe (its fd named in `RUSTCI_SHIM_STATUS_FD`), and exits with
+//! [`SHIM_START_FAILED_EXIT`]; the runner reports `StartFailed` from the pipe,
+//! never from the exit code, so a job exiting with that code is not confused
+//! with a start failure.
+//!
 //! # Output
 //!
 //! stdout and stderr share ONE pipe, so the log shows them interleaved in the
@@ -52,12 +81,23 @@
 //!   and needs a full wrap of the pid space.
 //! - [`NativeRunner::reap_leftovers`] sends `SIGKILL` and returns; it does not
 //!   wait for the processes to disappear.
+//! - With a shim, a late start failure (see above) reports `Started` before
+//!   `Finished { StartFailed }`. A job killed by a signal that dumps core makes
+//!   the shim re-raise it with `RLIMIT_CORE = 0`: same `exit_code` (`None`),
+//!   but the wait status's core-dump bit is lost. The shim can die of
+//!   `SIGKILL` from outside (OOM killer) without killing the group; its child
+//!   then gets `PDEATHSIG = SIGKILL` and the runner kills the rest of the
+//!   group when it sees the shim exit, but a dead daemon AND a dead shim
+//!   leave the grandchildren to `reap_leftovers`.
 //!
 //! Linux only.
 
 use std::collections::BTreeMap;
-use std::io;
-use std::os::fd::OwnedFd;
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
@@ -81,6 +121,26 @@ pub const DRAIN_AFTER_EXIT_MS: u64 = 2_000;
 pub const TIMEOUT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 /// File extension of the pgid records in [`RunnerConfig::pid_dir`].
 pub const PGID_RECORD_EXTENSION: &str = "pgid";
+/// First argument that makes the `rustci` binary run [`shim_main`]:
+/// `rustci __shim -- CMD ARGS...`.
+pub const SHIM_ARG: &str = "__shim";
+/// Exit code of the shim when it cannot start the command. The runner does
+/// not rely on it (it reads the status pipe), it is for humans: 127 is what a
+/// shell reports for a command it cannot find.
+pub const SHIM_START_FAILED_EXIT: i32 = 127;
+/// Exit code of the shim when it cannot even set itself up (signal handlers,
+/// process group) or cannot wait for its child.
+pub const SHIM_INTERNAL_ERROR_EXIT: i32 = 126;
+/// What the shim writes on its status pipe when it cannot start the command.
+const SHIM_START_FAILED_BYTE: u8 = b'F';
+/// Environment variable naming the fd (the write end of a pipe whose read
+/// end the runner keeps) on which the shim reports a start failure, as one
+/// byte. Removed from the job's environment.
+const SHIM_STATUS_FD_ENV: &str = "RUSTCI_SHIM_STATUS_FD";
+/// Environment variable with the pid of the runner that started the shim, so
+/// the shim can tell whether it was orphaned before it could catch SIGTERM.
+/// Removed from the job's environment.
+const SHIM_PARENT_ENV: &str = "RUSTCI_SHIM_PARENT";
 
 const _: () = assert!(READ_BUFFER_BYTES as u64 <= LOG_CAP_BYTES_DEFAULT);
 const _: () = assert!(READ_BUFFER_BYTES > 0);
@@ -124,6 +184,10 @@ pub struct RunnerConfig {
     /// Where each running attempt's pgid is recorded, so a daemon restarted
     /// after a crash can kill what the previous one left behind.
     pub pid_dir: PathBuf,
+    /// The `rustci` binary to run each attempt under as a supervisor
+    /// (`exe __shim -- CMD...`), so the job's whole group dies with the
+    /// runner; see the module doc. `None`: the command is the group leader.
+    pub shim: Option<PathBuf>,
 }
 
 impl RunnerConfig {
@@ -131,6 +195,7 @@ impl RunnerConfig {
         Self {
             log_cap_bytes: LOG_CAP_BYTES_DEFAULT,
             pid_dir: pid_dir.into(),
+            shim: None,
         }
     }
 }
@@ -312,6 +377,8 @@ struct Spawned {
     child: tokio::process::Child,
     output: pipe::Receiver,
     pgid: i32,
+    /// With a shim: the read end of its status pipe (non-blocking).
+    shim_status: Option<io::PipeReader>,
 }
 
 impl AttemptTask {
@@ -341,7 +408,7 @@ impl AttemptTask {
                 return (Outcome::StartFailed, None);
             }
         };
-        let spawned = match spawn_attempt(&self.spec).await {
+        let spawned = match spawn_attempt(&self.spec, self.config.shim.as_deref()).await {
             Ok(spawned) => spawned,
             Err(e) => {
                 let program = self.spec.command.first().map_or("", String::as_str);
@@ -379,6 +446,7 @@ impl AttemptTask {
             mut child,
             output,
             pgid,
+            shim_status,
         } = spawned;
         let (stop_tx, stop_rx) = oneshot::channel();
         let pump = tokio::spawn(
@@ -402,6 +470,10 @@ impl AttemptTask {
             }
         };
         finish_output(pump, stop_tx).await;
+        if outcome == Outcome::Exited && shim_status.is_some_and(shim_reported_start_failure) {
+            warn!("the shim could not start the command");
+            return (Outcome::StartFailed, None);
+        }
         (outcome, exit_code)
     }
 
@@ -569,13 +641,27 @@ fn kill_group(pgid: i32) {
 }
 
 /// Creates the work dir, builds the command and forks on the spawner thread.
-async fn spawn_attempt(spec: &RunSpec) -> io::Result<Spawned> {
+async fn spawn_attempt(spec: &RunSpec, shim: Option<&Path>) -> io::Result<Spawned> {
     if spec.command.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command"));
     }
     tokio::fs::create_dir_all(&spec.work_dir).await?;
     let (reader, writer) = io::pipe()?;
-    let command = build_command(spec, writer)?;
+    let (command, shim_status) = match shim {
+        None => (build_command(spec, writer)?, None),
+        Some(exe) => {
+            let path_var = spec
+                .env
+                .get("PATH")
+                .map(OsString::from)
+                .or_else(|| std::env::var_os("PATH"));
+            check_executable(&spec.command[0], path_var.as_deref(), &spec.work_dir)?;
+            let (status_reader, status_writer) = io::pipe()?;
+            set_nonblocking(status_reader.as_raw_fd())?;
+            let command = build_shim_command(spec, exe, writer, status_writer)?;
+            (command, Some(status_reader))
+        }
+    };
     // `command` (holding the pipe's write end) is dropped on the spawner
     // thread right after the fork, so end-of-file arrives when the job's
     // group closes its copies.
@@ -589,13 +675,58 @@ async fn spawn_attempt(spec: &RunSpec) -> io::Result<Spawned> {
         child,
         output,
         pgid,
+        shim_status,
     })
 }
 
 fn build_command(spec: &RunSpec, output: io::PipeWriter) -> io::Result<tokio::process::Command> {
     let mut command = tokio::process::Command::new(&spec.command[0]);
+    command.args(&spec.command[1..]);
+    configure_leader(&mut command, spec, output, libc::SIGKILL)?;
+    Ok(command)
+}
+
+/// `exe __shim -- CMD ARGS...`, with the status pipe's write end inherited
+/// by the shim under its own number, named in `RUSTCI_SHIM_STATUS_FD` (only
+/// the shim: it marks it close-on-exec again before starting the command).
+/// No `dup2` to a fixed number, which could clobber a descriptor std's spawn
+/// itself uses in the child.
+fn build_shim_command(
+    spec: &RunSpec,
+    exe: &Path,
+    output: io::PipeWriter,
+    status: io::PipeWriter,
+) -> io::Result<tokio::process::Command> {
+    let mut command = tokio::process::Command::new(exe);
+    command.arg(SHIM_ARG).arg("--").args(&spec.command);
+    configure_leader(&mut command, spec, output, libc::SIGTERM)?;
+    // SAFETY: getpid before the fork; fcntl is async-signal-safe and only
+    // touches the child's copy of the descriptor. `status` is moved into the
+    // closure, so the fd stays open until the command (and the closure) is
+    // dropped right after the fork.
+    let parent = unsafe { libc::getpid() };
+    command.env(SHIM_PARENT_ENV, parent.to_string());
+    command.env(SHIM_STATUS_FD_ENV, status.as_raw_fd().to_string());
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(status.as_raw_fd(), libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
+}
+
+/// What every group leader gets: cwd, environment, stdio, its own process
+/// group, and `deathsig` when the runner dies.
+fn configure_leader(
+    command: &mut tokio::process::Command,
+    spec: &RunSpec,
+    output: io::PipeWriter,
+    deathsig: libc::c_int,
+) -> io::Result<()> {
     command
-        .args(&spec.command[1..])
         .current_dir(&spec.work_dir)
         .envs(&spec.env)
         .env("RUSTCI_JOB_ID", spec.job.to_string())
@@ -609,15 +740,16 @@ fn build_command(spec: &RunSpec, output: io::PipeWriter) -> io::Result<tokio::pr
     // async-signal-safe syscalls (prctl, getppid).
     let parent = unsafe { libc::getpid() };
     unsafe {
-        command.pre_exec(move || die_with_parent(parent));
+        command.pre_exec(move || die_with_parent(parent, deathsig));
     }
-    Ok(command)
+    Ok(())
 }
 
 /// Runs in the child between fork and exec.
-fn die_with_parent(parent: libc::pid_t) -> io::Result<()> {
+fn die_with_parent(parent: libc::pid_t, deathsig: libc::c_int) -> io::Result<()> {
     // SAFETY: async-signal-safe syscalls only.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+    let deathsig = deathsig as libc::c_ulong;
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, deathsig, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // The parent may have died before prctl took effect: then no signal comes.
@@ -625,6 +757,239 @@ fn die_with_parent(parent: libc::pid_t) -> io::Result<()> {
         return Err(io::Error::other("runner died while the job was starting"));
     }
     Ok(())
+}
+
+/// Fails like `execvp` would for a program that is missing or not
+/// executable, so the shim's caller can report `StartFailed` without spawning.
+/// `path_var` is the job's `PATH`; relative names are resolved in `cwd` (the
+/// job's work dir), since the exec happens there. Only fails when sure:
+/// errors other than "not there" and "permission denied" pass, and the shim
+/// will report what the exec says.
+fn check_executable(program: &str, path_var: Option<&OsStr>, cwd: &Path) -> io::Result<()> {
+    let not_found = || io::Error::from_raw_os_error(libc::ENOENT);
+    if program.is_empty() {
+        return Err(not_found());
+    }
+    if program.contains('/') {
+        return match probe_executable(&cwd.join(program)) {
+            Probe::Executable | Probe::Unsure => Ok(()),
+            Probe::Missing => Err(not_found()),
+            Probe::Denied => Err(io::Error::from_raw_os_error(libc::EACCES)),
+        };
+    }
+    // glibc's execvp: confstr(_CS_PATH) when PATH is unset; an empty entry
+    // is the current directory; EACCES wins over ENOENT at the end.
+    let path_var = path_var.unwrap_or(OsStr::new("/bin:/usr/bin"));
+    let mut denied = false;
+    for dir in path_var.as_bytes().split(|b| *b == b':') {
+        let dir = if dir.is_empty() {
+            Path::new(".")
+        } else {
+            Path::new(OsStr::from_bytes(dir))
+        };
+        match probe_executable(&cwd.join(dir).join(program)) {
+            Probe::Executable | Probe::Unsure => return Ok(()),
+            Probe::Missing => {}
+            Probe::Denied => denied = true,
+        }
+    }
+    if denied {
+        Err(io::Error::from_raw_os_error(libc::EACCES))
+    } else {
+        Err(not_found())
+    }
+}
+
+enum Probe {
+    Executable,
+    Missing,
+    Denied,
+    Unsure,
+}
+
+fn probe_executable(path: &Path) -> Probe {
+    let metadata = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            return match e.raw_os_error() {
+                Some(libc::ENOENT | libc::ENOTDIR) => Probe::Missing,
+                Some(libc::EACCES) => Probe::Denied,
+                _ => Probe::Unsure,
+            }
+        }
+    };
+    if !metadata.is_file() {
+        // execve of a directory or device: EACCES.
+        return Probe::Denied;
+    }
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Probe::Unsure;
+    };
+    // SAFETY: a valid NUL-terminated string.
+    if unsafe { libc::access(path.as_ptr(), libc::X_OK) } == 0 {
+        Probe::Executable
+    } else {
+        Probe::Denied
+    }
+}
+
+fn set_nonblocking(fd: i32) -> io::Result<()> {
+    // SAFETY: plain fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Called once the shim has exited: did it report that the command could
+/// not be started? (The write end is closed, so this never blocks.)
+fn shim_reported_start_failure(mut status: io::PipeReader) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(status.read(&mut byte), Ok(1) if byte[0] == SHIM_START_FAILED_BYTE)
+}
+
+/// The shim: `rustci __shim -- CMD ARGS...` runs this with `CMD ARGS...`.
+/// Starts the command as its child in its own process group (becoming the
+/// group's leader first if it is not), and on SIGTERM, SIGINT or SIGHUP
+/// (SIGTERM is its `PDEATHSIG` when the runner starts it) SIGKILLs the whole
+/// group, itself included. Returns the command's exit code; if the command
+/// was killed by a signal the shim dies of the same signal instead of
+/// returning. If the command cannot be started: writes
+/// `rustci: cannot start "CMD": ERROR` to stderr, reports it on the status
+/// fd if the runner gave one, and returns [`SHIM_START_FAILED_EXIT`].
+pub fn shim_main(args: Vec<OsString>) -> i32 {
+    if let Err(e) = shim_setup() {
+        let _ = writeln!(io::stderr(), "rustci: shim: {e}");
+        return SHIM_INTERNAL_ERROR_EXIT;
+    }
+    let status_pipe = take_status_fd();
+    let Some((program, rest)) = args.split_first() else {
+        return shim_start_failed("", &io::Error::other("empty command"), status_pipe);
+    };
+    let mut command = std::process::Command::new(program);
+    command
+        .args(rest)
+        .env_remove(SHIM_PARENT_ENV)
+        .env_remove(SHIM_STATUS_FD_ENV);
+    // SAFETY: getpid before the fork; the closure only makes
+    // async-signal-safe syscalls. If the shim is SIGKILLed (OOM killer),
+    // the command still dies, as it did when the runner was its parent.
+    let shim = unsafe { libc::getpid() };
+    unsafe {
+        command.pre_exec(move || die_with_parent(shim, libc::SIGKILL));
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return shim_start_failed(&program.to_string_lossy(), &e, status_pipe),
+    };
+    drop(status_pipe);
+    // std retries the wait on EINTR.
+    let status = match child.wait() {
+        Ok(status) => status,
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "rustci: shim: cannot wait for the job: {e}");
+            kill_own_group();
+            return SHIM_INTERNAL_ERROR_EXIT;
+        }
+    };
+    if let Some(code) = status.code() {
+        return code;
+    }
+    match status.signal() {
+        Some(signal) => die_of(signal),
+        None => SHIM_INTERNAL_ERROR_EXIT,
+    }
+}
+
+fn shim_start_failed(program: &str, error: &io::Error, status_pipe: Option<std::fs::File>) -> i32 {
+    let _ = writeln!(io::stderr(), "rustci: cannot start {program:?}: {error}");
+    if let Some(mut pipe) = status_pipe {
+        let _ = pipe.write_all(&[SHIM_START_FAILED_BYTE]);
+    }
+    SHIM_START_FAILED_EXIT
+}
+
+/// Process group leadership, signal handlers, and the orphan check.
+fn shim_setup() -> io::Result<()> {
+    // SAFETY: plain syscalls; the handler only calls kill (async-signal-safe).
+    unsafe {
+        // kill(0) must never hit the group of whoever started us by hand.
+        if libc::getpgrp() != libc::getpid() && libc::setpgid(0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_terminating_signal as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigfillset(&mut action.sa_mask);
+        let mut unblock: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut unblock);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::sigaddset(&mut unblock, signal);
+        }
+        libc::sigprocmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
+    }
+    // The runner may have died between our exec and the sigaction above; a
+    // SIGTERM then killed us by default action, unless it was ignored (an
+    // inherited SIG_IGN). Either way, check now that nothing can be missed.
+    let parent = std::env::var(SHIM_PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<libc::pid_t>().ok());
+    if let Some(parent) = parent {
+        if unsafe { libc::getppid() } != parent {
+            kill_own_group();
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn on_terminating_signal(_signal: libc::c_int) {
+    kill_own_group();
+}
+
+/// SIGKILLs the shim's process group: the shim and everything of the job.
+/// Async-signal-safe.
+fn kill_own_group() {
+    // SAFETY: kill is async-signal-safe; shim_setup made us the group leader.
+    unsafe {
+        libc::kill(0, libc::SIGKILL);
+    }
+}
+
+/// The status fd the runner passed, marked close-on-exec so the job does not
+/// inherit it.
+fn take_status_fd() -> Option<std::fs::File> {
+    let fd: i32 = std::env::var(SHIM_STATUS_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: fcntl on a number; F_SETFD fails with EBADF if it is not open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: the runner handed this descriptor to us and nothing else owns it.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Dies of `signal` (default action, no core file), so the runner sees the
+/// same wait status as if the command had been its own child.
+fn die_of(signal: libc::c_int) -> i32 {
+    // SAFETY: plain syscalls. signal() fails harmlessly for SIGKILL/SIGSTOP.
+    unsafe {
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        libc::signal(signal, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(signal);
+    }
+    // Only for a signal whose default action is not to terminate.
+    128 + signal
 }
 
 /// One fork request for the spawner thread.

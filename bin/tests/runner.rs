@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rustci::runner::{
     live_group_members, machine_capacity, pgid_record_path, truncation_marker, NativeRunner,
-    RunEvent, RunSpec, RunnerConfig,
+    RunEvent, RunSpec, RunnerConfig, SHIM_ARG, SHIM_START_FAILED_EXIT,
 };
 use rustci_core::model::Outcome;
 use tokio::sync::mpsc;
@@ -17,6 +17,52 @@ use tokio::sync::mpsc;
 const EVENT_WAIT_MAX: Duration = Duration::from_secs(15);
 /// How long a SIGKILLed group may take to disappear from /proc.
 const GROUP_DEATH_WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// The `rustci` binary, used as the runner's shim.
+const SHIM_EXE: &str = env!("CARGO_BIN_EXE_rustci");
+
+/// How the runner starts the job's command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The command itself leads the attempt's process group.
+    Direct,
+    /// `rustci __shim -- command` leads it (`RunnerConfig::shim`).
+    Shim,
+}
+
+impl Mode {
+    fn shim(self) -> Option<PathBuf> {
+        match self {
+            Mode::Direct => None,
+            Mode::Shim => Some(PathBuf::from(SHIM_EXE)),
+        }
+    }
+}
+
+/// Defines, for each `async fn name(h: Harness, mode: Mode) {...}`, a module
+/// `name` with two tests: `name::direct` and `name::shim`. The behaviour a
+/// driver sees must not depend on whether a shim is used.
+macro_rules! in_both_modes {
+    ($(async fn $name:ident($h:ident: Harness, $mode:ident: Mode) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[allow(unused_mut, unused_variables)]
+            async fn body(mut $h: Harness, $mode: Mode) $body
+
+            #[tokio::test]
+            async fn direct() {
+                body(Harness::new_in(Mode::Direct), Mode::Direct).await
+            }
+
+            #[tokio::test]
+            async fn shim() {
+                body(Harness::new_in(Mode::Shim), Mode::Shim).await
+            }
+        }
+    )*};
+}
 
 /// A runner with its event stream, in a private temp dir.
 struct Harness {
@@ -27,14 +73,19 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Self::with_log_cap(rustci::runner::LOG_CAP_BYTES_DEFAULT)
+        Self::new_in(Mode::Direct)
     }
 
-    fn with_log_cap(log_cap_bytes: u64) -> Self {
+    fn new_in(mode: Mode) -> Self {
+        Self::build(rustci::runner::LOG_CAP_BYTES_DEFAULT, mode)
+    }
+
+    fn build(log_cap_bytes: u64, mode: Mode) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = RunnerConfig {
             log_cap_bytes,
             pid_dir: dir.path().join("pids"),
+            shim: mode.shim(),
         };
         let (tx, events) = mpsc::unbounded_channel();
         Self {
@@ -130,44 +181,49 @@ fn group_dies(pgid: i32) -> bool {
     false
 }
 
-#[tokio::test]
-async fn exec_runs_the_command_directly_with_its_arguments_no_shell() {
-    let mut h = Harness::new();
-    let (outcome, code, log) = h.run(&["printf", "%s|%s", "a b", "$HOME;*"]).await;
-    assert_eq!((outcome, code), (Outcome::Exited, Some(0)));
-    assert_eq!(log, "a b|$HOME;*");
+in_both_modes! {
+    async fn exec_runs_the_command_directly_with_its_arguments_no_shell(h: Harness, mode: Mode) {
+        let (outcome, code, log) = h.run(&["printf", "%s|%s", "a b", "$HOME;*"]).await;
+        assert_eq!((outcome, code), (Outcome::Exited, Some(0)));
+        assert_eq!(log, "a b|$HOME;*");
+    }
 }
 
-#[tokio::test]
-async fn exec_environment_is_the_daemons_plus_the_jobs_plus_rustci_ids() {
-    let mut h = Harness::new();
-    let mut spec = h.spec(7, &sh("echo \"$PATH|$FOO|$RUSTCI_JOB_ID|$RUSTCI_ATTEMPT\""));
-    spec.attempt = 1;
-    spec.env.insert("FOO".into(), "bar baz".into());
-    spec.env.insert("RUSTCI_JOB_ID".into(), "spoofed".into());
-    h.runner.start(spec.clone());
-    assert_eq!(h.finished(7).await, (Outcome::Exited, Some(0)));
-    let path = std::env::var("PATH").unwrap();
-    assert_eq!(read_log(&spec), format!("{path}|bar baz|7|1\n"));
+in_both_modes! {
+    async fn exec_environment_is_the_daemons_plus_the_jobs_plus_rustci_ids(h: Harness, mode: Mode) {
+        let mut spec = h.spec(7, &sh("echo \"$PATH|$FOO|$RUSTCI_JOB_ID|$RUSTCI_ATTEMPT\""));
+        spec.attempt = 1;
+        spec.env.insert("FOO".into(), "bar baz".into());
+        spec.env.insert("RUSTCI_JOB_ID".into(), "spoofed".into());
+        h.runner.start(spec.clone());
+        assert_eq!(h.finished(7).await, (Outcome::Exited, Some(0)));
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(read_log(&spec), format!("{path}|bar baz|7|1\n"));
+        // The shim's own variables do not reach the job.
+        let spec = h.spec(8, &sh("env | grep '^RUSTCI_SHIM' || echo none"));
+        h.runner.start(spec.clone());
+        h.finished(8).await;
+        assert_eq!(read_log(&spec), "none\n");
+    }
 }
 
-#[tokio::test]
-async fn exec_work_dir_is_created_per_attempt_and_is_the_cwd() {
-    let mut h = Harness::new();
-    let spec = h.spec(1, &["pwd"]);
-    assert!(!spec.work_dir.exists());
-    h.runner.start(spec.clone());
-    assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
-    let cwd = std::fs::canonicalize(&spec.work_dir).unwrap();
-    assert_eq!(read_log(&spec), format!("{}\n", cwd.display()));
+in_both_modes! {
+    async fn exec_work_dir_is_created_per_attempt_and_is_the_cwd(h: Harness, mode: Mode) {
+        let spec = h.spec(1, &["pwd"]);
+        assert!(!spec.work_dir.exists());
+        h.runner.start(spec.clone());
+        assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
+        let cwd = std::fs::canonicalize(&spec.work_dir).unwrap();
+        assert_eq!(read_log(&spec), format!("{}\n", cwd.display()));
+    }
 }
 
-#[tokio::test]
-async fn exec_stdin_is_dev_null() {
-    let mut h = Harness::new();
-    let (_, code, log) = h.run(&sh("readlink /proc/$$/fd/0; cat; echo eof")).await;
-    assert_eq!(code, Some(0));
-    assert_eq!(log, "/dev/null\neof\n");
+in_both_modes! {
+    async fn exec_stdin_is_dev_null(h: Harness, mode: Mode) {
+        let (_, code, log) = h.run(&sh("readlink /proc/$$/fd/0; cat; echo eof")).await;
+        assert_eq!(code, Some(0));
+        assert_eq!(log, "/dev/null\neof\n");
+    }
 }
 
 #[tokio::test]
@@ -182,112 +238,113 @@ async fn exec_each_attempt_leads_its_own_process_group() {
     assert_ne!(lines[1], own_pgid);
 }
 
-#[tokio::test]
-async fn log_interleaves_stdout_and_stderr_in_write_order() {
-    let mut h = Harness::new();
-    let script = "echo 1; echo 2 >&2; echo 3; echo 4 >&2; echo 5";
-    let (_, code, log) = h.run(&sh(script)).await;
-    assert_eq!(code, Some(0));
-    assert_eq!(log, "1\n2\n3\n4\n5\n");
-}
-
-#[tokio::test]
-async fn log_keeps_write_order_across_many_alternating_stdout_and_stderr_lines() {
-    let mut h = Harness::new();
-    let script = "i=0; while [ $i -lt 500 ]; do echo o$i; echo e$i >&2; i=$((i+1)); done";
-    let (_, code, log) = h.run(&sh(script)).await;
-    assert_eq!(code, Some(0));
-    let expected: String = (0..500).map(|i| format!("o{i}\ne{i}\n")).collect();
-    assert_eq!(log, expected);
-}
-
-#[tokio::test]
-async fn start_of_an_attempt_already_running_is_ignored() {
-    let mut h = Harness::new();
-    let spec = h.spec(1, &sh("echo once; sleep 0.3"));
-    h.runner.start(spec.clone());
-    h.runner.start(spec.clone());
-    assert_eq!(h.runner.running(), 1);
-    h.expect_started(1).await;
-    assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        h.events.try_recv().is_err(),
-        "one Started and one Finished only"
-    );
-    assert_eq!(read_log(&spec), "once\n");
-}
-
-#[tokio::test]
-async fn log_is_appended_to_and_its_parent_dirs_created() {
-    let mut h = Harness::new();
-    let spec = h.spec(1, &["echo", "second"]);
-    assert!(!spec.log_path.parent().unwrap().exists());
-    std::fs::create_dir_all(spec.log_path.parent().unwrap()).unwrap();
-    std::fs::write(&spec.log_path, "first\n").unwrap();
-    h.runner.start(spec.clone());
-    h.finished(1).await;
-    assert_eq!(read_log(&spec), "first\nsecond\n");
-}
-
-#[tokio::test]
-async fn log_can_be_followed_while_the_job_runs() {
-    let mut h = Harness::new();
-    let spec = h.spec(1, &sh("echo first; sleep 3; echo second"));
-    h.runner.start(spec.clone());
-    h.expect_started(1).await;
-    let deadline = Instant::now() + Duration::from_millis(1500);
-    while read_log(&spec) != "first\n" {
-        assert!(
-            Instant::now() < deadline,
-            "output not visible while running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+in_both_modes! {
+    async fn log_interleaves_stdout_and_stderr_in_write_order(h: Harness, mode: Mode) {
+        let script = "echo 1; echo 2 >&2; echo 3; echo 4 >&2; echo 5";
+        let (_, code, log) = h.run(&sh(script)).await;
+        assert_eq!(code, Some(0));
+        assert_eq!(log, "1\n2\n3\n4\n5\n");
     }
-    assert_eq!(h.runner.running(), 1, "job must still be running");
-    h.runner.kill(1, 1);
-    h.finished(1).await;
 }
 
-#[tokio::test]
-async fn log_is_complete_when_finished_arrives() {
-    let mut h = Harness::new();
-    // 1 MiB, well past the 64 KiB a pipe holds, written as fast as possible.
-    let (_, code, log) = h.run(&sh("head -c 1048576 /dev/zero | tr '\\0' x")).await;
-    assert_eq!(code, Some(0));
-    assert_eq!(log.len(), 1 << 20);
+in_both_modes! {
+    async fn log_keeps_write_order_across_many_alternating_stdout_and_stderr_lines(h: Harness, mode: Mode) {
+        let script = "i=0; while [ $i -lt 500 ]; do echo o$i; echo e$i >&2; i=$((i+1)); done";
+        let (_, code, log) = h.run(&sh(script)).await;
+        assert_eq!(code, Some(0));
+        let expected: String = (0..500).map(|i| format!("o{i}\ne{i}\n")).collect();
+        assert_eq!(log, expected);
+    }
 }
 
-#[tokio::test]
-async fn log_past_the_cap_gets_one_marker_and_the_job_does_not_block() {
-    let cap = 1000;
-    let mut h = Harness::with_log_cap(cap);
-    let started = Instant::now();
-    let script = "head -c 4000000 /dev/zero | tr '\\0' x; echo done >&2";
-    let (outcome, code, log) = h.run(&sh(script)).await;
-    assert_eq!((outcome, code), (Outcome::Exited, Some(0)));
-    assert!(started.elapsed() < Duration::from_secs(10));
-    let marker = truncation_marker(cap);
-    assert_eq!(marker, "\n[rustci: output truncated at 1000 bytes]\n");
-    assert_eq!(log, format!("{}{marker}", "x".repeat(cap as usize)));
+in_both_modes! {
+    async fn start_of_an_attempt_already_running_is_ignored(h: Harness, mode: Mode) {
+        let spec = h.spec(1, &sh("echo once; sleep 0.3"));
+        h.runner.start(spec.clone());
+        h.runner.start(spec.clone());
+        assert_eq!(h.runner.running(), 1);
+        h.expect_started(1).await;
+        assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            h.events.try_recv().is_err(),
+            "one Started and one Finished only"
+        );
+        assert_eq!(read_log(&spec), "once\n");
+    }
 }
 
-#[tokio::test]
-async fn exit_code_is_reported_as_exited() {
-    let mut h = Harness::new();
-    let (outcome, code, _) = h.run(&sh("exit 7")).await;
-    assert_eq!((outcome, code), (Outcome::Exited, Some(7)));
+in_both_modes! {
+    async fn log_is_appended_to_and_its_parent_dirs_created(h: Harness, mode: Mode) {
+        let spec = h.spec(1, &["echo", "second"]);
+        assert!(!spec.log_path.parent().unwrap().exists());
+        std::fs::create_dir_all(spec.log_path.parent().unwrap()).unwrap();
+        std::fs::write(&spec.log_path, "first\n").unwrap();
+        h.runner.start(spec.clone());
+        h.finished(1).await;
+        assert_eq!(read_log(&spec), "first\nsecond\n");
+    }
 }
 
-#[tokio::test]
-async fn exit_by_a_signal_we_did_not_send_is_exited_without_a_code() {
-    let mut h = Harness::new();
-    let (outcome, code, _) = h.run(&sh("kill -9 $$")).await;
-    assert_eq!((outcome, code), (Outcome::Exited, None));
+in_both_modes! {
+    async fn log_can_be_followed_while_the_job_runs(h: Harness, mode: Mode) {
+        let spec = h.spec(1, &sh("echo first; sleep 3; echo second"));
+        h.runner.start(spec.clone());
+        h.expect_started(1).await;
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while read_log(&spec) != "first\n" {
+            assert!(
+                Instant::now() < deadline,
+                "output not visible while running"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(h.runner.running(), 1, "job must still be running");
+        h.runner.kill(1, 1);
+        h.finished(1).await;
+    }
 }
 
-async fn assert_times_out_and_group_dies(script: &str) {
-    let mut h = Harness::new();
+in_both_modes! {
+    async fn log_is_complete_when_finished_arrives(h: Harness, mode: Mode) {
+        // 1 MiB, well past the 64 KiB a pipe holds, written as fast as possible.
+        let (_, code, log) = h.run(&sh("head -c 1048576 /dev/zero | tr '\\0' x")).await;
+        assert_eq!(code, Some(0));
+        assert_eq!(log.len(), 1 << 20);
+    }
+}
+
+in_both_modes! {
+    async fn log_past_the_cap_gets_one_marker_and_the_job_does_not_block(h: Harness, mode: Mode) {
+        let cap = 1000;
+        let mut h = Harness::build(cap, mode);
+        let started = Instant::now();
+        let script = "head -c 4000000 /dev/zero | tr '\\0' x; echo done >&2";
+        let (outcome, code, log) = h.run(&sh(script)).await;
+        assert_eq!((outcome, code), (Outcome::Exited, Some(0)));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let marker = truncation_marker(cap);
+        assert_eq!(marker, "\n[rustci: output truncated at 1000 bytes]\n");
+        assert_eq!(log, format!("{}{marker}", "x".repeat(cap as usize)));
+    }
+}
+
+in_both_modes! {
+    async fn exit_code_is_reported_as_exited(h: Harness, mode: Mode) {
+        let (outcome, code, _) = h.run(&sh("exit 7")).await;
+        assert_eq!((outcome, code), (Outcome::Exited, Some(7)));
+    }
+}
+
+in_both_modes! {
+    async fn exit_by_a_signal_we_did_not_send_is_exited_without_a_code(h: Harness, mode: Mode) {
+        let (outcome, code, _) = h.run(&sh("kill -9 $$")).await;
+        assert_eq!((outcome, code), (Outcome::Exited, None));
+    }
+}
+
+async fn assert_times_out_and_group_dies(script: &str, mode: Mode) {
+    let mut h = Harness::new_in(mode);
     let mut spec = h.spec(1, &sh(script));
     spec.timeout = Duration::from_secs(1);
     let started = Instant::now();
@@ -301,81 +358,81 @@ async fn assert_times_out_and_group_dies(script: &str) {
     assert!(group_dies(pgid), "group {pgid} still alive");
 }
 
-#[tokio::test]
-async fn timeout_kills_the_job_at_its_deadline() {
-    assert_times_out_and_group_dies("sleep 30").await;
+in_both_modes! {
+    async fn timeout_kills_the_job_at_its_deadline(h: Harness, mode: Mode) {
+        assert_times_out_and_group_dies("sleep 30", mode).await;
+    }
+
+    async fn timeout_kills_background_grandchildren_too(h: Harness, mode: Mode) {
+        assert_times_out_and_group_dies("sleep 30 & sleep 30; wait", mode).await;
+    }
 }
 
-#[tokio::test]
-async fn timeout_kills_background_grandchildren_too() {
-    assert_times_out_and_group_dies("sleep 30 & sleep 30; wait").await;
+in_both_modes! {
+    async fn kill_cancels_the_whole_group(h: Harness, mode: Mode) {
+        h.runner.start(h.spec(1, &sh("sleep 30 & sleep 30; wait")));
+        h.expect_started(1).await;
+        let pgid = h.pgid(1);
+        h.runner.kill(1, 1);
+        assert_eq!(h.finished(1).await, (Outcome::Cancelled, None));
+        assert!(group_dies(pgid), "group {pgid} still alive");
+        assert_eq!(h.runner.running(), 0);
+    }
 }
 
-#[tokio::test]
-async fn kill_cancels_the_whole_group() {
-    let mut h = Harness::new();
-    h.runner.start(h.spec(1, &sh("sleep 30 & sleep 30; wait")));
-    h.expect_started(1).await;
-    let pgid = h.pgid(1);
-    h.runner.kill(1, 1);
-    assert_eq!(h.finished(1).await, (Outcome::Cancelled, None));
-    assert!(group_dies(pgid), "group {pgid} still alive");
-    assert_eq!(h.runner.running(), 0);
+in_both_modes! {
+    async fn kill_of_an_unknown_or_finished_attempt_is_a_no_op(h: Harness, mode: Mode) {
+        h.runner.kill(99, 1);
+        let (outcome, code, _) = h.run(&["true"]).await;
+        assert_eq!((outcome, code), (Outcome::Exited, Some(0)));
+        h.runner.kill(1, 1);
+        h.runner.kill(1, 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(h.events.try_recv().is_err(), "no second Finished");
+    }
 }
 
-#[tokio::test]
-async fn kill_of_an_unknown_or_finished_attempt_is_a_no_op() {
-    let mut h = Harness::new();
-    h.runner.kill(99, 1);
-    let (outcome, code, _) = h.run(&["true"]).await;
-    assert_eq!((outcome, code), (Outcome::Exited, Some(0)));
-    h.runner.kill(1, 1);
-    h.runner.kill(1, 1);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(h.events.try_recv().is_err(), "no second Finished");
+in_both_modes! {
+    async fn start_failed_for_a_missing_executable_says_why_in_the_log(h: Harness, mode: Mode) {
+        let spec = h.spec(1, &["nosuchcmd-rustci", "arg"]);
+        h.runner.start(spec.clone());
+        // No Started: the first event is Finished.
+        let first = h.next_event().await;
+        let expected = RunEvent::Finished {
+            job: 1,
+            attempt: 1,
+            outcome: Outcome::StartFailed,
+            exit_code: None,
+        };
+        assert_eq!(first, expected);
+        let log = read_log(&spec);
+        assert!(
+            log.starts_with("rustci: cannot start \"nosuchcmd-rustci\": No such file or directory"),
+            "{log}"
+        );
+        assert_eq!(h.runner.running(), 0);
+    }
 }
 
-#[tokio::test]
-async fn start_failed_for_a_missing_executable_says_why_in_the_log() {
-    let mut h = Harness::new();
-    let spec = h.spec(1, &["nosuchcmd-rustci", "arg"]);
-    h.runner.start(spec.clone());
-    // No Started: the first event is Finished.
-    let first = h.next_event().await;
-    let expected = RunEvent::Finished {
-        job: 1,
-        attempt: 1,
-        outcome: Outcome::StartFailed,
-        exit_code: None,
-    };
-    assert_eq!(first, expected);
-    let log = read_log(&spec);
-    assert!(
-        log.starts_with("rustci: cannot start \"nosuchcmd-rustci\": No such file or directory"),
-        "{log}"
-    );
-    assert_eq!(h.runner.running(), 0);
+in_both_modes! {
+    async fn start_failed_for_an_empty_command(h: Harness, mode: Mode) {
+        let (outcome, code, log) = h.run(&[]).await;
+        assert_eq!((outcome, code), (Outcome::StartFailed, None));
+        assert!(log.contains("empty command"), "{log}");
+    }
 }
 
-#[tokio::test]
-async fn start_failed_for_an_empty_command() {
-    let mut h = Harness::new();
-    let (outcome, code, log) = h.run(&[]).await;
-    assert_eq!((outcome, code), (Outcome::StartFailed, None));
-    assert!(log.contains("empty command"), "{log}");
-}
-
-#[tokio::test]
-async fn pgid_is_recorded_while_running_and_removed_when_finished() {
-    let mut h = Harness::new();
-    h.runner.start(h.spec(1, &["sleep", "30"]));
-    h.expect_started(1).await;
-    let record = pgid_record_path(&h.pid_dir(), 1, 1);
-    assert!(record.exists());
-    assert!(h.pgid(1) > 1);
-    h.runner.kill(1, 1);
-    h.finished(1).await;
-    assert!(!record.exists());
+in_both_modes! {
+    async fn pgid_is_recorded_while_running_and_removed_when_finished(h: Harness, mode: Mode) {
+        h.runner.start(h.spec(1, &["sleep", "30"]));
+        h.expect_started(1).await;
+        let record = pgid_record_path(&h.pid_dir(), 1, 1);
+        assert!(record.exists());
+        assert!(h.pgid(1) > 1);
+        h.runner.kill(1, 1);
+        h.finished(1).await;
+        assert!(!record.exists());
+    }
 }
 
 #[tokio::test]
@@ -395,7 +452,16 @@ async fn running_counts_attempts_from_start_until_finished() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cancels_everything_and_waits_for_every_finished() {
-    let mut h = Harness::new();
+    shutdown_cancels_everything(Mode::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cancels_everything_and_waits_for_every_finished_with_a_shim() {
+    shutdown_cancels_everything(Mode::Shim).await;
+}
+
+async fn shutdown_cancels_everything(mode: Mode) {
+    let mut h = Harness::new_in(mode);
     for job in 1..=3 {
         h.runner
             .start(h.spec(job, &sh("sleep 30 & sleep 30; wait")));
@@ -427,16 +493,17 @@ async fn shutdown_cancels_everything_and_waits_for_every_finished() {
     }
 }
 
-#[tokio::test]
-async fn background_leftovers_die_when_the_main_process_exits() {
-    let mut h = Harness::new();
-    let spec = h.spec(1, &sh("sleep 30 & echo $$"));
-    let started = Instant::now();
-    h.runner.start(spec.clone());
-    assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
-    assert!(started.elapsed() < Duration::from_secs(5));
-    let pgid: i32 = read_log(&spec).trim().parse().unwrap();
-    assert!(group_dies(pgid), "background sleep outlived its attempt");
+in_both_modes! {
+    async fn background_leftovers_die_when_the_main_process_exits(h: Harness, mode: Mode) {
+        // The group's id, which is not sh's pid when a shim leads the group.
+        let spec = h.spec(1, &sh("sleep 30 & cut -d' ' -f5 /proc/$$/stat"));
+        let started = Instant::now();
+        h.runner.start(spec.clone());
+        assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let pgid: i32 = read_log(&spec).trim().parse().unwrap();
+        assert!(group_dies(pgid), "background sleep outlived its attempt");
+    }
 }
 
 fn start_leftover_group(job: &str, attempt: &str) -> std::process::Child {
@@ -495,8 +562,12 @@ fn reap_leftovers_of_a_missing_dir_is_zero() {
     assert_eq!(NativeRunner::reap_leftovers(&dir.path().join("none")), 0);
 }
 
-/// Set in the environment of the helper daemon started by the crash test.
+/// Set in the environment of the helper daemon started by the crash tests.
 const CRASH_HELPER_DIR: &str = "RUSTCI_RUNNER_TEST_CRASH_HELPER_DIR";
+/// Set (to anything) when the helper daemon must run its job under the shim.
+const CRASH_HELPER_SHIM: &str = "RUSTCI_RUNNER_TEST_CRASH_HELPER_SHIM";
+/// The crash tests' job: a foreground and a background grandchild.
+const CRASH_JOB_SCRIPT: &str = "echo start; sleep 30 & sleep 30; wait";
 
 /// Not a test on its own: a stand-in daemon, run as a child process by
 /// `crash_of_the_runner_process_...`. It starts one job, says so, and waits
@@ -507,17 +578,18 @@ fn crash_helper_daemon() {
         return;
     };
     let dir = PathBuf::from(dir);
+    let mut config = RunnerConfig::new(dir.join("pids"));
+    if std::env::var_os(CRASH_HELPER_SHIM).is_some() {
+        config.shim = Mode::Shim.shim();
+    }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let runner = NativeRunner::new(RunnerConfig::new(dir.join("pids")), tx);
+        let runner = NativeRunner::new(config, tx);
         runner.start(RunSpec {
             job: 5,
             attempt: 1,
-            command: sh("sleep 30 & sleep 30; wait")
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            command: sh(CRASH_JOB_SCRIPT).iter().map(|s| s.to_string()).collect(),
             env: BTreeMap::new(),
             timeout: Duration::from_secs(60),
             work_dir: dir.join("work"),
@@ -529,35 +601,55 @@ fn crash_helper_daemon() {
     });
 }
 
-#[test]
-fn crash_of_the_runner_process_kills_the_job_and_reap_leftovers_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Command::new(std::env::current_exe().unwrap())
+/// Starts the stand-in daemon, waits until its job's group holds
+/// `members` live processes, and returns the daemon and the job's pgid.
+fn start_crash_helper(
+    dir: &std::path::Path,
+    mode: Mode,
+    members: usize,
+) -> (std::process::Child, i32) {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args([
             "--exact",
             "crash_helper_daemon",
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(CRASH_HELPER_DIR, dir.path())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .env(CRASH_HELPER_DIR, dir)
+        .stdout(std::process::Stdio::null());
+    if mode == Mode::Shim {
+        command.env(CRASH_HELPER_SHIM, "1");
+    }
+    let daemon = command.spawn().unwrap();
     let deadline = Instant::now() + EVENT_WAIT_MAX;
-    while !dir.path().join("ready").exists() {
+    while !dir.join("ready").exists() {
         assert!(
             Instant::now() < deadline,
             "helper daemon never started its job"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid_dir = dir.path().join("pids");
-    let record = pgid_record_path(&pid_dir, 5, 1);
-    let pgid: i32 = std::fs::read_to_string(&record)
+    let record = pgid_record_path(&dir.join("pids"), 5, 1);
+    let pgid: i32 = std::fs::read_to_string(record)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
+    while live_group_members(pgid).len() < members {
+        assert!(Instant::now() < deadline, "the job never forked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (daemon, pgid)
+}
+
+#[test]
+fn crash_of_the_runner_process_kills_the_job_and_reap_leftovers_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    // sh and its two sleeps.
+    let (mut daemon, pgid) = start_crash_helper(dir.path(), Mode::Direct, 3);
+    let pid_dir = dir.path().join("pids");
+    let record = pgid_record_path(&pid_dir, 5, 1);
 
     daemon.kill().unwrap(); // SIGKILL: no cleanup runs in the daemon.
     daemon.wait().unwrap();
@@ -573,6 +665,153 @@ fn crash_of_the_runner_process_kills_the_job_and_reap_leftovers_the_rest() {
     assert_eq!(NativeRunner::reap_leftovers(&pid_dir), 1);
     assert!(group_dies(pgid), "group {pgid} survived reap_leftovers");
     assert!(!record.exists());
+}
+
+#[test]
+fn crash_of_the_runner_process_with_a_shim_kills_the_whole_group_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // The shim, sh and its two sleeps.
+    let (mut daemon, pgid) = start_crash_helper(dir.path(), Mode::Shim, 4);
+    let pid_dir = dir.path().join("pids");
+
+    daemon.kill().unwrap(); // SIGKILL: no cleanup runs in the daemon.
+    daemon.wait().unwrap();
+
+    // No reap_leftovers needed: the shim's SIGTERM handler kills the group.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let alive = live_group_members(pgid);
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{alive:?} of group {pgid} outlived the runner"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("job.log")).unwrap(),
+        "start\n"
+    );
+    // The record is still there (the daemon died); the next start drops it.
+    assert_eq!(NativeRunner::reap_leftovers(&pid_dir), 0);
+    assert!(!pgid_record_path(&pid_dir, 5, 1).exists());
+}
+
+/// `rustci __shim -- command...`, in its own process group (the shim makes
+/// sure of that itself; this is belt and braces for the test process).
+fn shim_command(command: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut shim = Command::new(SHIM_EXE);
+    shim.arg(SHIM_ARG).arg("--").args(command).process_group(0);
+    shim
+}
+
+#[test]
+fn shim_forwards_the_commands_exit_code_and_death_by_signal() {
+    use std::os::unix::process::ExitStatusExt;
+    let status = shim_command(&sh("exit 7")).status().unwrap();
+    assert_eq!(status.code(), Some(7));
+    let status = shim_command(&["true"]).status().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let status = shim_command(&sh("kill -TERM $$")).status().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+    let status = shim_command(&sh("kill -SEGV $$")).status().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGSEGV));
+}
+
+#[test]
+fn shim_that_cannot_start_the_command_says_why_and_exits_with_its_code() {
+    let output = shim_command(&["nosuchcmd-rustci", "arg"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(SHIM_START_FAILED_EXIT));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.starts_with("rustci: cannot start \"nosuchcmd-rustci\": No such file or directory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn shim_orphaned_before_it_could_catch_sigterm_kills_its_group_without_running_the_command() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    // Pid 1 is not the shim's parent: as if the runner had died already.
+    let status = shim_command(&sh(&script))
+        .env("RUSTCI_SHIM_PARENT", "1")
+        .status()
+        .unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert!(!marker.exists(), "the command ran");
+}
+
+#[tokio::test]
+async fn exec_with_a_shim_the_shim_leads_the_group_and_the_command_is_its_child() {
+    let mut h = Harness::new_in(Mode::Shim);
+    let script = "echo $PPID; cut -d' ' -f5 /proc/$$/stat; readlink /proc/$PPID/exe; \
+                  cd /proc/$$/fd && echo *";
+    let (_, code, log) = h.run(&sh(script)).await;
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 4, "{log}");
+    assert_eq!(
+        lines[0], lines[1],
+        "the shim (sh's parent) must lead the group"
+    );
+    assert_ne!(lines[1], unsafe { libc::getpgrp() }.to_string());
+    let shim = std::fs::canonicalize(SHIM_EXE).unwrap();
+    assert_eq!(lines[2], shim.display().to_string());
+    // Same descriptors as without a shim: its status pipe does not leak.
+    let mut direct = Harness::new_in(Mode::Direct);
+    let (_, _, direct_log) = direct.run(&sh("cd /proc/$$/fd && echo *")).await;
+    assert_eq!(format!("{}\n", lines[3]), direct_log);
+}
+
+in_both_modes! {
+    async fn exit_code_equal_to_the_shims_start_failure_code_is_a_plain_exit(
+        h: Harness,
+        mode: Mode
+    ) {
+        let (outcome, code, _) = h.run(&sh(&format!("exit {SHIM_START_FAILED_EXIT}"))).await;
+        assert_eq!((outcome, code), (Outcome::Exited, Some(SHIM_START_FAILED_EXIT)));
+    }
+
+    async fn start_failed_for_a_file_that_is_not_executable(h: Harness, mode: Mode) {
+        let spec = h.spec(1, &["./script"]);
+        std::fs::create_dir_all(&spec.work_dir).unwrap();
+        std::fs::write(spec.work_dir.join("script"), "#!/bin/sh\necho ran\n").unwrap();
+        h.runner.start(spec.clone());
+        // Also with a shim: no Started, the runner checks before spawning.
+        let first = h.next_event().await;
+        let expected = RunEvent::Finished {
+            job: 1,
+            attempt: 1,
+            outcome: Outcome::StartFailed,
+            exit_code: None,
+        };
+        assert_eq!(first, expected);
+        let log = read_log(&spec);
+        assert!(log.starts_with("rustci: cannot start \"./script\": Permission denied"), "{log}");
+    }
+
+    async fn start_failed_when_the_exec_itself_fails(h: Harness, mode: Mode) {
+        // Executable, but its interpreter does not exist: only exec can tell.
+        let spec = h.spec(1, &["./script"]);
+        std::fs::create_dir_all(&spec.work_dir).unwrap();
+        let script = spec.work_dir.join("script");
+        std::fs::write(&script, "#!/nonexistent/rustci-interpreter\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        h.runner.start(spec.clone());
+        // With a shim, a Started comes first (see the runner's known limits).
+        assert_eq!(h.finished(1).await, (Outcome::StartFailed, None));
+        let log = read_log(&spec);
+        let expected = "rustci: cannot start \"./script\": No such file or directory (os error 2)\n";
+        assert_eq!(log, expected);
+        assert_eq!(h.runner.running(), 0);
+    }
 }
 
 #[test]
