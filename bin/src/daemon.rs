@@ -188,7 +188,12 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     let (applied_tx, applied_rx) = watch::channel(last_index);
     let writer = spawn_log_writer(store.clone(), inputs_tx.clone());
     let (run_tx, run_rx) = mpsc::unbounded_channel();
-    let runner = NativeRunner::new(RunnerConfig::new(pid_dir), run_tx);
+    let mut runner_config = RunnerConfig::new(pid_dir);
+    // Every attempt runs under `rustci __shim`, which dies with this process
+    // and takes the job's whole process group with it. /proc/self/exe keeps
+    // pointing at this process's image even if the binary is replaced.
+    runner_config.shim = Some(PathBuf::from("/proc/self/exe"));
+    let runner = NativeRunner::new(runner_config, run_tx);
     tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()));
 
     let info = ServerInfo {
