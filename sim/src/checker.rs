@@ -293,14 +293,13 @@ impl Checker {
                 .filter(|b| b.state.is_terminal())
                 .map(|b| b.state)
                 .or_else(|| self.terminal.get(id).copied());
-            if let Some(was) = was_terminal {
-                if after.state != was {
-                    return fail(
-                        inv::TERMINAL,
-                        format!("job {id} went from {was:?} to {:?}", after.state),
-                    );
-                }
-            } else if after.state.is_terminal() {
+            if let Some(was) = was_terminal.filter(|was| *was != after.state) {
+                return fail(
+                    inv::TERMINAL,
+                    format!("job {id} went from {was:?} to {:?}", after.state),
+                );
+            }
+            if after.state.is_terminal() {
                 self.terminal.insert(*id, after.state);
             }
         }

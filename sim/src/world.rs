@@ -99,7 +99,7 @@ pub struct Msg {
 
 #[derive(Clone, Debug)]
 pub enum Ev {
-    Deliver(Msg),
+    Deliver(Box<Msg>),
     FsyncDone {
         inc: u64,
     },
@@ -490,7 +490,7 @@ impl World {
                 self.failure = Some(v);
                 break;
             }
-            if self.steps % CONSISTENCY_EVERY_STEPS == 0 {
+            if self.steps.is_multiple_of(CONSISTENCY_EVERY_STEPS) {
                 if let Some(r) = &self.host.replica {
                     if let Err(v) = Checker::consistency(r.state()) {
                         self.failure = Some(v);
@@ -520,7 +520,7 @@ impl World {
 
     fn step(&mut self, ev: Ev) -> Check {
         match ev {
-            Ev::Deliver(msg) => self.deliver(msg),
+            Ev::Deliver(msg) => self.deliver(*msg),
             Ev::FsyncDone { inc } if inc == self.host.inc => self.fsync_done(),
             Ev::Tick { inc } if inc == self.host.inc => self.tick(),
             Ev::FsyncDone { .. } | Ev::Tick { .. } => Ok(()),
@@ -576,7 +576,7 @@ impl World {
                 to_inc,
                 body: body.clone(),
             };
-            self.push_in(delay, Ev::Deliver(msg));
+            self.push_in(delay, Ev::Deliver(Box::new(msg)));
         }
     }
 
@@ -1253,47 +1253,58 @@ impl World {
             return Ok(());
         }
         let p = self.plan.clone();
-        let mut roll = self.rng.unit() * self.fault_rate_per_s();
+        let roll = self.rng.unit() * self.fault_rate_per_s();
         let nodes = self.agents.len() as u64;
         let node = self.rng.below(nodes) as usize;
-        if roll < p.partitions_per_s {
-            self.partition(node, &p);
-        } else if {
-            roll -= p.partitions_per_s;
-            roll < p.replica_crashes_per_s
-        } {
-            self.crash_replica();
-        } else if {
-            roll -= p.replica_crashes_per_s;
-            roll < p.node_crashes_per_s
-        } {
-            self.crash_agent(node);
-        } else if {
-            roll -= p.node_crashes_per_s;
-            roll < p.pauses_per_s
-        } {
-            self.stats.pauses += 1;
-            let until = self.now + self.rng.range(100, PAUSE_MS_MAX);
-            if self.rng.chance(0.5) {
-                self.host.paused_until = until;
-            } else {
-                self.agents[node].paused_until = until;
-                self.checker
-                    .disturbed
-                    .insert(self.agents[node].name.clone());
+        let weights = [
+            p.partitions_per_s,
+            p.replica_crashes_per_s,
+            p.node_crashes_per_s,
+            p.pauses_per_s,
+            p.clock_jumps_per_s,
+        ];
+        let mut kind = weights.len() - 1;
+        let mut acc = 0.0;
+        for (k, w) in weights.iter().enumerate() {
+            acc += w;
+            if roll < acc {
+                kind = k;
+                break;
             }
-        } else {
-            self.stats.clock_jumps += 1;
-            let jump = self.rng.range(1, CLOCK_JUMP_MS_MAX) as i64;
-            let jump = if self.rng.chance(0.5) { jump } else { -jump };
-            if self.rng.chance(0.5) {
-                self.host.clock.offset_ms += jump;
-            } else {
-                self.agents[node].clock.offset_ms += jump;
-            }
+        }
+        match kind {
+            0 => self.partition(node, &p),
+            1 => self.crash_replica(),
+            2 => self.crash_agent(node),
+            3 => self.pause(node),
+            _ => self.clock_jump(node),
         }
         self.schedule_fault();
         Ok(())
+    }
+
+    fn pause(&mut self, node: usize) {
+        self.stats.pauses += 1;
+        let until = self.now + self.rng.range(100, PAUSE_MS_MAX);
+        if self.rng.chance(0.5) {
+            self.host.paused_until = until;
+        } else {
+            self.agents[node].paused_until = until;
+            self.checker
+                .disturbed
+                .insert(self.agents[node].name.clone());
+        }
+    }
+
+    fn clock_jump(&mut self, node: usize) {
+        self.stats.clock_jumps += 1;
+        let jump = self.rng.range(1, CLOCK_JUMP_MS_MAX) as i64;
+        let jump = if self.rng.chance(0.5) { jump } else { -jump };
+        if self.rng.chance(0.5) {
+            self.host.clock.offset_ms += jump;
+        } else {
+            self.agents[node].clock.offset_ms += jump;
+        }
     }
 
     fn partition(&mut self, node: usize, p: &FaultPlan) {
