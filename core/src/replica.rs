@@ -516,6 +516,10 @@ impl Replica {
             self.placements_inflight -= 1;
         }
         match (&entry.event, &applied) {
+            // A placement the reducer refused (its node was drained, removed
+            // or filled between the pass and the apply) leaves its job queued
+            // with no pass to revisit it: found by `rustci sim`, seed 61.
+            (_, Applied::Ignored(_)) if origin == Origin::Placement => self.full_pass_needed = true,
             (_, Applied::Ignored(_) | Applied::Duplicate(_)) => {}
             (_, Applied::Submitted(id)) => self.new_jobs.push(*id),
             (

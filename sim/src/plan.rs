@@ -116,7 +116,7 @@ impl FaultPlan {
             drift_ppm_max,
             load: 0.1 + rng_frac(rng, 1.0),
             cancel_share: swarm(rng, 0.6, 0.3),
-            drain_share: swarm(rng, 0.2, 0.02),
+            drain_share: swarm(rng, 0.3, 0.1),
             no_key_share: swarm(rng, 0.3, 0.3),
             constraint_share: swarm(rng, 0.5, 0.5),
             priority_levels: rng.range(1, 5),
