@@ -13,7 +13,10 @@
 //! - [`validate`]: limits and defaults of commands.
 //! - [`scheduler`]: placement decisions as a pure function of state.
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
+//! - `bugs` (feature `sim-bugs` only): planted bugs for the simulator's self-test.
 
+#[cfg(feature = "sim-bugs")]
+pub mod bugs;
 pub mod event;
 pub mod model;
 pub mod replica;

@@ -41,6 +41,11 @@ pub const PROPOSALS_INFLIGHT_MAX: usize = 1 << 16;
 pub struct Config {
     pub id: ReplicaId,
     pub proposals_inflight_max: usize,
+    /// SIM-BUGS: planted bugs selected by the simulator (none by default).
+    /// [`Replica::recover`] copies them into the state for the reducer and
+    /// the scheduler.
+    #[cfg(feature = "sim-bugs")]
+    pub bugs: crate::bugs::BugSet,
 }
 
 impl Config {
@@ -48,6 +53,8 @@ impl Config {
         Config {
             id,
             proposals_inflight_max: PROPOSALS_INFLIGHT_MAX,
+            #[cfg(feature = "sim-bugs")]
+            bugs: crate::bugs::BugSet::default(),
         }
     }
 }
@@ -207,6 +214,11 @@ impl Replica {
     /// `last_index`/`last_term` describe that log; all of it is committed.
     pub fn recover(config: Config, state: State, last_index: LogIndex, last_term: Term) -> Replica {
         debug_assert_eq!(state.applied_index, last_index);
+        #[cfg(feature = "sim-bugs")]
+        let state = State {
+            bugs: config.bugs,
+            ..state
+        };
         Replica {
             config,
             lifecycle: Lifecycle::Initializing,
@@ -292,11 +304,51 @@ impl Replica {
         match self.check(&command) {
             Err(e) => self.reply(request, Err(e)),
             Ok(Some(done)) => self.reply(request, Ok(done)),
+            #[cfg(feature = "sim-bugs")]
+            Ok(None) if self.config.bugs.ack_before_durable => {
+                self.ack_early(now, request, command)
+            }
             Ok(None) => {
                 let event = command_event(command);
                 self.append(now, event, Origin::Command(request));
             }
         }
+    }
+
+    /// SIM-BUGS (c): answers a submission at once with the job the reducer
+    /// is expected to create, before its entry is durable.
+    #[cfg(feature = "sim-bugs")]
+    fn ack_early(&mut self, now: TimestampMs, request: RequestId, command: Command) {
+        let Command::Submit {
+            spec,
+            idempotency_key,
+        } = command
+        else {
+            let event = command_event(command);
+            self.append(now, event, Origin::Command(request));
+            return;
+        };
+        let pending = self
+            .unapplied
+            .iter()
+            .filter(|(e, _)| matches!(e.event, Event::JobSubmitted { .. }))
+            .count() as u64;
+        let job = Job {
+            id: JobId(self.state.next_job_id + pending),
+            spec: spec.clone(),
+            state: crate::model::JobState::Queued,
+            idempotency_key: idempotency_key.clone(),
+            submitted_at: now,
+            retries_used: 0,
+            attempts: Vec::new(),
+            seq: self.last_index + 1,
+        };
+        self.reply(request, Ok(Reply::Job(job)));
+        let event = Event::JobSubmitted {
+            spec,
+            idempotency_key,
+        };
+        self.append(now, event, Origin::Internal);
     }
 
     /// Validates a command against the limits and the current state.
@@ -371,6 +423,9 @@ impl Replica {
             .job(job)
             .and_then(Job::active_attempt)
             .is_some_and(|a| a.number == attempt);
+        // SIM-BUGS (b): the planted bug also drops this first line of fencing.
+        #[cfg(feature = "sim-bugs")]
+        let current = current || self.config.bugs.stale_result_applied;
         if !current || !matches!(self.lifecycle, Lifecycle::Starting | Lifecycle::Running) {
             return;
         }
@@ -461,6 +516,10 @@ impl Replica {
             self.placements_inflight -= 1;
         }
         match (&entry.event, &applied) {
+            // A placement the reducer refused (its node was drained, removed
+            // or filled between the pass and the apply) leaves its job queued
+            // with no pass to revisit it: found by `rustci sim`, seed 61.
+            (_, Applied::Ignored(_)) if origin == Origin::Placement => self.full_pass_needed = true,
             (_, Applied::Ignored(_) | Applied::Duplicate(_)) => {}
             (_, Applied::Submitted(id)) => self.new_jobs.push(*id),
             (

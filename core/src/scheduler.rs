@@ -55,6 +55,11 @@ pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>) -> Pass {
         .filter(|n| n.accepts_work())
         .map(|n| (n.name.as_str(), (n.free(), n)))
         .collect();
+    // SIM-BUGS (a): the planted bug drops the capacity check.
+    #[cfg(feature = "sim-bugs")]
+    let skip_capacity = state.bugs.scheduler_skips_capacity;
+    #[cfg(not(feature = "sim-bugs"))]
+    let skip_capacity = false;
     let mut placements = Vec::new();
     let mut truncated = false;
     let candidates: Box<dyn Iterator<Item = &QueueKey>> = match only {
@@ -76,7 +81,7 @@ pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>) -> Pass {
         else {
             continue;
         };
-        if let Some(name) = best_node(job, &free) {
+        if let Some(name) = best_node(job, &free, skip_capacity) {
             let slot = free.get_mut(name).expect("best_node returns a key of free");
             slot.0 = slot.0.saturating_sub(&job.spec.resources);
             placements.push(Placement {
@@ -98,10 +103,16 @@ fn any_room(free: &BTreeMap<&str, (Resources, &Node)>) -> bool {
         .any(|(f, _)| f.cpu_millis > 0 && f.memory_mb > 0)
 }
 
-fn best_node<'a>(job: &Job, free: &BTreeMap<&'a str, (Resources, &Node)>) -> Option<&'a str> {
+fn best_node<'a>(
+    job: &Job,
+    free: &BTreeMap<&'a str, (Resources, &Node)>,
+    skip_capacity: bool,
+) -> Option<&'a str> {
     let need = job.spec.resources;
     free.iter()
-        .filter(|(_, (f, node))| need.fits_in(f) && node.satisfies(&job.spec.constraints))
+        .filter(|(_, (f, node))| {
+            (skip_capacity || need.fits_in(f)) && node.satisfies(&job.spec.constraints)
+        })
         .min_by_key(|(name, (f, node))| (leftover_score(&f.saturating_sub(&need), node), **name))
         .map(|(name, _)| *name)
 }

@@ -150,6 +150,10 @@ pub struct State {
     pub job_counts: [u64; 6],
     /// Entries that were no-ops (invalid in the state they met).
     pub ignored_entries: u64,
+    /// SIM-BUGS: planted bugs selected by the simulator; ignored by `==`,
+    /// `Hash` and so by [`State::digest`].
+    #[cfg(feature = "sim-bugs")]
+    pub bugs: crate::bugs::BugSet,
 }
 
 fn state_slot(s: JobState) -> usize {
@@ -396,6 +400,16 @@ impl State {
     /// The current attempt of `id` if it is number `attempt` and active:
     /// the fencing check every attempt event passes through.
     fn active_attempt_mut(&mut self, id: JobId, attempt: AttemptNumber) -> Option<&mut Attempt> {
+        #[cfg(feature = "sim-bugs")]
+        if self.bugs.stale_result_applied {
+            // SIM-BUGS (b): no fencing, any attempt with that number will do.
+            return self
+                .jobs
+                .get_mut(&id)?
+                .attempts
+                .iter_mut()
+                .find(|a| a.number == attempt);
+        }
         self.jobs
             .get_mut(&id)?
             .attempts

@@ -475,3 +475,57 @@ fn drained_node_gets_no_new_work_and_down_node_loses_its_attempts() {
     assert_eq!(c.job_state(a), JobState::Queued);
     c.check();
 }
+
+/// Found by `rustci sim --seed 61` (with frequent drains): a placement the
+/// reducer ignored, because a drain proposed before it was applied first,
+/// left the job queued with no scheduling pass to revisit it, and a later
+/// lower-priority job took the capacity it could have used.
+#[test]
+fn seed_61_placement_ignored_by_a_racing_drain_is_placed_again() {
+    let mut c = Cluster::new();
+    c.add_node("x", 1000, 100, &[]);
+    c.add_node("y", 4000, 1000, &[]);
+    let mut high = spec(1000, 10);
+    high.priority = 90;
+    c.replica.propose(
+        c.now,
+        50,
+        Command::Submit {
+            spec: high,
+            idempotency_key: None,
+        },
+    );
+    c.replica
+        .propose(c.now, 51, Command::DrainNode { name: "x".into() });
+    let mut pending: Vec<Entry> = Vec::new();
+    while let Some(out) = c.replica.poll_output() {
+        if let Output::Persist(entries) = out {
+            pending.extend(entries);
+        }
+    }
+    // The submission is durable first: the pass places the job on the
+    // tightest node, x, behind the drain that is not applied yet.
+    let submit = pending.remove(0);
+    let submit_index = submit.index;
+    c.disk.push(submit);
+    c.replica.handle_persisted(c.now, submit_index);
+    while let Some(out) = c.replica.poll_output() {
+        match out {
+            Output::Persist(entries) => pending.extend(entries),
+            Output::Reply { request, result } => {
+                c.replies.insert(request, result);
+            }
+            Output::Runner(cmd) => c.runner.push(cmd),
+        }
+    }
+    assert!(pending.iter().any(|e| matches!(&e.event,
+        rustci_core::event::Event::AttemptAssigned { node, .. } if node == "x")));
+    let last = pending.last().unwrap().index;
+    c.disk.extend(pending);
+    c.replica.handle_persisted(c.now, last);
+    c.drive();
+    let job = c.replica.state().job(JobId(1)).unwrap();
+    assert_eq!(job.state, JobState::Assigned, "placed again, on y");
+    assert_eq!(job.node(), Some("y"));
+    c.check();
+}

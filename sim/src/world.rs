@@ -1,0 +1,1446 @@
+//! The simulated world: one thread, virtual time, one RNG.
+//!
+//! It owns the replica (the very `rustci_core::replica::Replica` the
+//! production driver runs), its disk, the runner nodes, the clients, the
+//! network between them and every process's clock. Each step pops the
+//! earliest event, carries it out, and runs the checkers on what it touched.
+//!
+//! Shaped for growth: endpoints are `Ep::Replica` / `Ep::Node(i)` /
+//! `Ep::Client(i)`; adding replicas means `Ep::Replica(i)` and a `Vec` of
+//! hosts, with Raft messages as one more `Body` variant.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+
+use rustci_core::event::Entry;
+use rustci_core::model::{
+    AttemptNumber, AttemptState, Job, JobId, JobSpec, Labels, Outcome, Resources,
+};
+use rustci_core::replica::{
+    Command, CommandError, Config, Output, Replica, Reply, RequestId, RunnerCommand, RunnerReport,
+    TICK_MS,
+};
+use rustci_core::state::{Fnv64, State};
+
+use crate::checker::{inv, Check, Checker, Violation};
+use crate::plan::{FaultPlan, SimRng};
+use crate::SimOptions;
+
+/// Wall-clock origin of every process (2023-11-14), so `at` stamps look real.
+const EPOCH_MS: i64 = 1_700_000_000_000;
+/// How often a runner node reconciles with the control plane (local ms).
+pub const AGENT_SYNC_MS: u64 = 1_000;
+/// Steps between whole-state consistency checks.
+const CONSISTENCY_EVERY_STEPS: u64 = 512;
+/// How often the liveness phase tests for convergence (true ms).
+const CONVERGE_CHECK_MS: u64 = 1_000;
+/// A run that takes more steps than this is itself a failure (runaway loop).
+const STEPS_MAX: u64 = 20_000_000;
+/// Longest replica or node downtime after a crash (ms).
+const DOWNTIME_MS_MAX: u64 = 8_000;
+/// Longest pause of a process (ms).
+const PAUSE_MS_MAX: u64 = 5_000;
+/// Longest partition (ms).
+const PARTITION_MS_MAX: u64 = 10_000;
+/// Largest clock jump, either way (ms).
+const CLOCK_JUMP_MS_MAX: u64 = 60_000;
+
+/// A network endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Ep {
+    Replica,
+    Node(usize),
+    Client(usize),
+}
+
+/// An active attempt of a node, as the control plane's state has it.
+#[derive(Clone, Debug)]
+pub struct ActiveAttempt {
+    pub job: JobId,
+    pub attempt: AttemptNumber,
+    pub assigned: bool,
+    pub cancel_requested: bool,
+    pub spec: JobSpec,
+}
+
+#[derive(Clone, Debug)]
+pub enum Body {
+    /// Client -> replica.
+    Request { req: RequestId, cmd: Command },
+    /// Replica -> client.
+    Response {
+        req: RequestId,
+        result: Result<Reply, CommandError>,
+    },
+    /// Replica -> node.
+    Runner(RunnerCommand),
+    /// Node -> replica.
+    Report(RunnerReport),
+    /// Node -> replica: (re-)registration, a `Command::RegisterNode`.
+    Register(Command),
+    /// Node -> replica: "what do you think runs on me?"
+    SyncRequest { node: String, inc: u64 },
+    /// Replica -> node: the committed view of the node.
+    SyncReply {
+        registered: Option<u64>,
+        active: Vec<ActiveAttempt>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Msg {
+    pub from: Ep,
+    pub to: Ep,
+    /// For messages to a node: the incarnation they are for (a connection
+    /// dies with its process, so a restarted node never gets them).
+    pub to_inc: u64,
+    pub body: Body,
+}
+
+#[derive(Clone, Debug)]
+pub enum Ev {
+    Deliver(Box<Msg>),
+    FsyncDone {
+        inc: u64,
+    },
+    Tick {
+        inc: u64,
+    },
+    ReplicaRestart,
+    AgentSync {
+        node: usize,
+        inc: u64,
+    },
+    ProcEnd {
+        node: usize,
+        inc: u64,
+        job: JobId,
+        attempt: AttemptNumber,
+        timeout: bool,
+    },
+    AgentRestart {
+        node: usize,
+    },
+    ClientWake {
+        client: usize,
+        gen: u64,
+    },
+    Fault,
+    Unblock {
+        from: Ep,
+        to: Ep,
+    },
+    Heal,
+    Converge,
+}
+
+impl Ev {
+    /// The process that must be running to handle this event.
+    fn target(&self) -> Option<Ep> {
+        match self {
+            Ev::Deliver(m) => Some(m.to),
+            Ev::FsyncDone { .. } | Ev::Tick { .. } => Some(Ep::Replica),
+            Ev::AgentSync { node, .. } | Ev::ProcEnd { node, .. } => Some(Ep::Node(*node)),
+            _ => None,
+        }
+    }
+
+    /// A compact, stable summary for the trace hash.
+    fn trace_key(&self) -> (u8, u64, u64) {
+        let ep = |e: &Ep| match e {
+            Ep::Replica => 0,
+            Ep::Node(i) => 1 + *i as u64,
+            Ep::Client(i) => 1000 + *i as u64,
+        };
+        match self {
+            Ev::Deliver(m) => {
+                let kind = match &m.body {
+                    Body::Request { req, .. } | Body::Response { req, .. } => *req,
+                    Body::Runner(RunnerCommand::Start { job, .. }) => 1 << 40 | job.0,
+                    Body::Runner(RunnerCommand::Kill { job, .. }) => 2 << 40 | job.0,
+                    Body::Report(RunnerReport::Started { job, .. }) => 3 << 40 | job.0,
+                    Body::Report(RunnerReport::Finished { job, .. }) => 4 << 40 | job.0,
+                    Body::Register(_) => 5 << 40,
+                    Body::SyncRequest { .. } => 6 << 40,
+                    Body::SyncReply { active, .. } => 7 << 40 | active.len() as u64,
+                };
+                (0, ep(&m.from) << 16 | ep(&m.to), kind)
+            }
+            Ev::FsyncDone { inc } => (1, *inc, 0),
+            Ev::Tick { inc } => (2, *inc, 0),
+            Ev::ReplicaRestart => (3, 0, 0),
+            Ev::AgentSync { node, inc } => (4, *node as u64, *inc),
+            Ev::ProcEnd {
+                node, job, timeout, ..
+            } => (5, *node as u64, job.0 << 1 | u64::from(*timeout)),
+            Ev::AgentRestart { node } => (6, *node as u64, 0),
+            Ev::ClientWake { client, gen } => (7, *client as u64, *gen),
+            Ev::Fault => (8, 0, 0),
+            Ev::Unblock { from, to } => (9, ep(from), ep(to)),
+            Ev::Heal => (10, 0, 0),
+            Ev::Converge => (11, 0, 0),
+        }
+    }
+}
+
+/// A process clock: a rate error within the drift bound, an offset, jumps.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    offset_ms: i64,
+    drift_ppm: i64,
+}
+
+impl Clock {
+    fn draw(rng: &mut SimRng, drift_ppm_max: u64) -> Clock {
+        Clock {
+            offset_ms: rng.range(0, 2_000) as i64 - 1_000,
+            drift_ppm: rng.range(0, 2 * drift_ppm_max) as i64 - drift_ppm_max as i64,
+        }
+    }
+
+    /// The wall clock this process reads at true time `t`.
+    fn wall(&self, t: u64) -> u64 {
+        let t = t as i64;
+        (EPOCH_MS + t + t * self.drift_ppm / 1_000_000 + self.offset_ms).max(0) as u64
+    }
+
+    /// True duration of `local_ms` measured on this process's clock.
+    fn true_ms(&self, local_ms: u64) -> u64 {
+        let den = (1_000_000 + self.drift_ppm) as u128;
+        ((u128::from(local_ms) * 1_000_000 / den) as u64).max(1)
+    }
+}
+
+/// The replica's disk. Entries handed over by `Output::Persist` sit in
+/// `pending` (written, not synced) until an fsync covering them completes.
+/// A crash keeps `durable` plus, with `unsynced_survives`, a prefix of the
+/// pending batches: redb commits a batch atomically, so a torn write loses or
+/// keeps whole batches (a corrupt frame would stop production recovery with
+/// an error; the simulator does not model bit rot).
+#[derive(Default)]
+struct Disk {
+    durable: Vec<Entry>,
+    pending: Vec<Vec<Entry>>,
+    /// Pending batches the in-flight fsync covers (0: none in flight).
+    syncing: usize,
+}
+
+struct ReplicaHost {
+    replica: Option<Replica>,
+    /// Bumped at every crash: events of a dead incarnation are ignored.
+    inc: u64,
+    clock: Clock,
+    paused_until: u64,
+    disk: Disk,
+    restart_pending: bool,
+    last_replay_check_ms: u64,
+}
+
+enum Run {
+    Running { resources: Resources },
+    Done { report: RunnerReport },
+}
+
+/// A simulated runner node: an agent that starts and kills processes on
+/// command, enforces timeouts, reports, and reconciles with the control
+/// plane every `AGENT_SYNC_MS` (stands in for core's future sans-IO agent).
+struct Agent {
+    name: String,
+    capacity: Resources,
+    labels: Labels,
+    inc: u64,
+    up: bool,
+    paused_until: u64,
+    clock: Clock,
+    /// Attempts of this incarnation.
+    runs: BTreeMap<(JobId, AttemptNumber), Run>,
+    /// Kills that arrived before their start.
+    killed_early: BTreeSet<(JobId, AttemptNumber)>,
+    running_total: Resources,
+    /// Final attempt states this incarnation reported, for the liveness check.
+    results: BTreeMap<(JobId, AttemptNumber), AttemptState>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpKind {
+    Submit,
+    Cancel,
+    Drain,
+}
+
+struct Op {
+    kind: OpKind,
+    cmd: Command,
+    key: Option<String>,
+    /// Retry after a time-out (submissions with a key, cancels, drains).
+    retry: bool,
+}
+
+struct Client {
+    op: Option<Op>,
+    /// Invalidates stale wake-ups.
+    gen: u64,
+    /// Request ids sent for the current op (a late reply to any counts).
+    reqs: BTreeSet<RequestId>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Client(usize),
+    Internal,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Phase {
+    Faults,
+    Liveness,
+    Done,
+}
+
+/// Counters for the report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub messages_sent: u64,
+    pub messages_dropped: u64,
+    pub replica_crashes: u64,
+    pub node_crashes: u64,
+    pub partitions: u64,
+    pub pauses: u64,
+    pub clock_jumps: u64,
+    pub read_errors: u64,
+    pub submissions_acked: u64,
+    pub jobs: u64,
+    pub jobs_terminal: u64,
+    pub entries: u64,
+}
+
+pub struct World {
+    opts: SimOptions,
+    pub plan: FaultPlan,
+    rng: SimRng,
+    pub now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), Ev>,
+    host: ReplicaHost,
+    agents: Vec<Agent>,
+    node_index: BTreeMap<String, usize>,
+    clients: Vec<Client>,
+    blocked: BTreeSet<(Ep, Ep)>,
+    net_faults: bool,
+    checker: Checker,
+    pub phase: Phase,
+    pub steps: u64,
+    hash: Fnv64,
+    /// Last events, formatted; only kept when `opts.trace_tail > 0`.
+    pub tail: std::collections::VecDeque<String>,
+    next_request: RequestId,
+    routes: BTreeMap<RequestId, Route>,
+    submitted: u64,
+    acked_jobs: Vec<JobId>,
+    submit_mean_gap_ms: f64,
+    heal_at: u64,
+    pub failure: Option<Violation>,
+    pub stats: Stats,
+}
+
+impl World {
+    pub fn new(opts: &SimOptions) -> World {
+        let mut rng = SimRng::new(opts.seed);
+        let plan = FaultPlan::draw(&mut rng, opts.drift_ppm_max);
+        let host = ReplicaHost {
+            replica: None,
+            inc: 0,
+            clock: Clock::draw(&mut rng, opts.drift_ppm_max),
+            paused_until: 0,
+            disk: Disk::default(),
+            restart_pending: false,
+            last_replay_check_ms: 0,
+        };
+        let mut agents = Vec::new();
+        for i in 0..plan.nodes {
+            let mut labels = Labels::new();
+            let os = if rng.chance(0.7) { "linux" } else { "macos" };
+            labels.insert("os".into(), os.into());
+            if rng.chance(0.3) {
+                labels.insert("gpu".into(), "yes".into());
+            }
+            agents.push(Agent {
+                name: format!("n{}", i + 1),
+                capacity: Resources::new(rng.range(2, 8) * 1000, rng.range(2, 16) * 1024),
+                labels,
+                inc: 1,
+                up: false,
+                paused_until: 0,
+                clock: Clock::draw(&mut rng, opts.drift_ppm_max),
+                runs: BTreeMap::new(),
+                killed_early: BTreeSet::new(),
+                running_total: Resources::default(),
+                results: BTreeMap::new(),
+            });
+        }
+        let node_index = agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.name.clone(), i))
+            .collect();
+        // Slots: how many average jobs (cpu 1.05 cores) run at once; the
+        // mean attempt lasts about half of job_secs_max.
+        let cpu_total: u64 = agents.iter().map(|a| a.capacity.cpu_millis).sum();
+        let slots = (cpu_total as f64 / 1050.0).max(1.0);
+        let mean_job_ms = plan.job_secs_max as f64 * 500.0;
+        let rate_per_ms = plan.load * slots / mean_job_ms;
+        let clients = (0..plan.clients)
+            .map(|_| Client {
+                op: None,
+                gen: 0,
+                reqs: BTreeSet::new(),
+            })
+            .collect();
+        let net_faults = true;
+        let mut w = World {
+            opts: opts.clone(),
+            submit_mean_gap_ms: plan.clients as f64 / rate_per_ms,
+            plan,
+            rng,
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            host,
+            agents,
+            node_index,
+            clients,
+            blocked: BTreeSet::new(),
+            net_faults,
+            checker: Checker::new(),
+            phase: Phase::Faults,
+            steps: 0,
+            hash: Fnv64::new(),
+            tail: Default::default(),
+            next_request: 1,
+            routes: BTreeMap::new(),
+            submitted: 0,
+            acked_jobs: Vec::new(),
+            heal_at: opts.fault_phase_ms,
+            failure: None,
+            stats: Stats::default(),
+        };
+        if w.plan.net_loss > 0.0 {
+            for a in &w.agents {
+                w.checker.disturbed.insert(a.name.clone());
+            }
+        }
+        w.boot();
+        w
+    }
+
+    fn boot(&mut self) {
+        self.restart_replica_now();
+        for i in 0..self.agents.len() {
+            self.agent_boot(i);
+        }
+        for c in 0..self.clients.len() {
+            let gap = self.rng.exp_ms(self.submit_mean_gap_ms);
+            self.push_in(gap, Ev::ClientWake { client: c, gen: 0 });
+        }
+        self.schedule_fault();
+        self.push_at(self.heal_at, Ev::Heal);
+    }
+
+    // --- the event loop ---
+
+    fn push_at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.events.insert((t.max(self.now), self.seq), ev);
+    }
+
+    fn push_in(&mut self, delay: u64, ev: Ev) {
+        self.push_at(self.now + delay, ev);
+    }
+
+    /// Runs until the liveness phase converges, an invariant fails or the
+    /// bound passes.
+    pub fn run(&mut self) {
+        while self.phase != Phase::Done && self.failure.is_none() {
+            let Some(((t, _), ev)) = self.events.pop_first() else {
+                self.fail(inv::LIVE_JOBS, "the event queue ran dry".into());
+                break;
+            };
+            self.now = t;
+            self.steps += 1;
+            if self.steps > STEPS_MAX {
+                self.fail(inv::LIVE_JOBS, format!("more than {STEPS_MAX} steps"));
+                break;
+            }
+            if let Some(target) = ev.trace_key_target_paused(self) {
+                self.push_at(target, ev);
+                continue;
+            }
+            let (k, a, b) = ev.trace_key();
+            (t, k, a, b).hash(&mut self.hash);
+            if self.opts.trace_tail > 0 {
+                if self.tail.len() == self.opts.trace_tail {
+                    self.tail.pop_front();
+                }
+                let mut line = format!("t={t}ms step={} {ev:?}", self.steps);
+                line.truncate(300);
+                self.tail.push_back(line);
+            }
+            let result = self.step(ev);
+            if let Err(v) = result {
+                self.failure = Some(v);
+                break;
+            }
+            if self.steps.is_multiple_of(CONSISTENCY_EVERY_STEPS) {
+                if let Some(r) = &self.host.replica {
+                    if let Err(v) = Checker::consistency(r.state()) {
+                        self.failure = Some(v);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn trace_hash(&self) -> u64 {
+        self.hash.finish()
+    }
+
+    fn fail(&mut self, invariant: &'static str, detail: String) {
+        if self.failure.is_none() {
+            self.failure = Some(Violation { invariant, detail });
+        }
+    }
+
+    fn paused_until(&self, ep: Ep) -> u64 {
+        match ep {
+            Ep::Replica => self.host.paused_until,
+            Ep::Node(i) => self.agents[i].paused_until,
+            Ep::Client(_) => 0,
+        }
+    }
+
+    fn step(&mut self, ev: Ev) -> Check {
+        match ev {
+            Ev::Deliver(msg) => self.deliver(*msg),
+            Ev::FsyncDone { inc } if inc == self.host.inc => self.fsync_done(),
+            Ev::Tick { inc } if inc == self.host.inc => self.tick(),
+            Ev::FsyncDone { .. } | Ev::Tick { .. } => Ok(()),
+            Ev::ReplicaRestart => self.replica_restart(),
+            Ev::AgentSync { node, inc } => self.agent_sync(node, inc),
+            Ev::ProcEnd {
+                node,
+                inc,
+                job,
+                attempt,
+                timeout,
+            } => self.proc_end(node, inc, job, attempt, timeout),
+            Ev::AgentRestart { node } => {
+                self.agents[node].inc += 1;
+                self.agent_boot(node);
+                Ok(())
+            }
+            Ev::ClientWake { client, gen } => self.client_wake(client, gen),
+            Ev::Fault => self.fault(),
+            Ev::Unblock { from, to } => {
+                self.blocked.remove(&(from, to));
+                Ok(())
+            }
+            Ev::Heal => self.heal(),
+            Ev::Converge => self.converge(),
+        }
+    }
+
+    // --- network ---
+
+    fn send(&mut self, from: Ep, to: Ep, to_inc: u64, body: Body) {
+        self.stats.messages_sent += 1;
+        let faults = self.net_faults && self.phase == Phase::Faults;
+        if self.blocked.contains(&(from, to)) || faults && self.rng.chance(self.plan.net_loss) {
+            self.stats.messages_dropped += 1;
+            return;
+        }
+        let copies = if faults && self.rng.chance(self.plan.net_duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut delay = self
+                .rng
+                .range(self.plan.net_delay_min_ms, self.plan.net_delay_max_ms);
+            if faults && self.rng.chance(self.plan.net_reorder) {
+                delay += self.rng.range(0, 1_000);
+            }
+            let msg = Msg {
+                from,
+                to,
+                to_inc,
+                body: body.clone(),
+            };
+            self.push_in(delay, Ev::Deliver(Box::new(msg)));
+        }
+    }
+
+    fn deliver(&mut self, msg: Msg) -> Check {
+        if self.blocked.contains(&(msg.from, msg.to)) {
+            self.stats.messages_dropped += 1;
+            return Ok(());
+        }
+        match msg.to {
+            Ep::Replica => self.replica_receive(msg.from, msg.body),
+            Ep::Node(i) => {
+                let a = &self.agents[i];
+                if !a.up || a.inc != msg.to_inc {
+                    self.stats.messages_dropped += 1;
+                    return Ok(());
+                }
+                self.agent_receive(i, msg.body)
+            }
+            Ep::Client(c) => self.client_receive(c, msg.body),
+        }
+    }
+
+    // --- the replica host ---
+
+    fn replica_now(&self) -> u64 {
+        self.host.clock.wall(self.now)
+    }
+
+    fn config(&self) -> Config {
+        #[allow(unused_mut)]
+        let mut config = Config::new(1);
+        #[cfg(feature = "sim-bugs")]
+        if let Some(bug) = self.opts.planted_bug {
+            config.bugs = bug.bug_set();
+        }
+        config
+    }
+
+    fn restart_replica_now(&mut self) {
+        let durable = &self.host.disk.durable;
+        let mut state = State::new();
+        #[cfg(feature = "sim-bugs")]
+        {
+            state.bugs = self.config().bugs;
+        }
+        for e in durable {
+            state.apply(e);
+        }
+        let (last_index, last_term) = durable.last().map(|e| (e.index, e.term)).unwrap_or((0, 0));
+        let mut replica = Replica::recover(self.config(), state, last_index, last_term);
+        replica.start(self.replica_now());
+        self.checker.log_truncated(replica.state().last_at);
+        self.host.replica = Some(replica);
+        self.host.restart_pending = false;
+        let tick = self.host.clock.true_ms(TICK_MS);
+        let inc = self.host.inc;
+        self.push_in(tick, Ev::Tick { inc });
+    }
+
+    fn replica_restart(&mut self) -> Check {
+        if self.host.replica.is_some() {
+            return Ok(());
+        }
+        if self.phase == Phase::Faults && self.rng.chance(self.plan.read_error) {
+            // Reading the log failed: the process exits and is restarted.
+            self.stats.read_errors += 1;
+            let delay = self.rng.range(100, 2_000);
+            self.push_in(delay, Ev::ReplicaRestart);
+            return Ok(());
+        }
+        self.restart_replica_now();
+        let state = self.replica().state();
+        self.checker.acked_present(state)?;
+        self.checker.terminal_survives(state)?;
+        self.drain_outputs()
+    }
+
+    fn replica(&self) -> &Replica {
+        self.host.replica.as_ref().expect("replica is up")
+    }
+
+    fn crash_replica(&mut self) {
+        if self.host.replica.is_none() {
+            return;
+        }
+        self.stats.replica_crashes += 1;
+        self.host.replica = None;
+        self.host.inc += 1;
+        let disk = &mut self.host.disk;
+        let pending = std::mem::take(&mut disk.pending);
+        disk.syncing = 0;
+        for batch in pending {
+            if !self.rng.chance(self.plan.unsynced_survives) {
+                break;
+            }
+            disk.durable.extend(batch);
+        }
+        // Connections die with the process: in-flight requests get no reply.
+        self.routes.clear();
+        self.host.restart_pending = true;
+        let delay = self.rng.range(100, DOWNTIME_MS_MAX);
+        self.push_in(delay, Ev::ReplicaRestart);
+    }
+
+    fn replica_receive(&mut self, from: Ep, body: Body) -> Check {
+        let now = self.replica_now();
+        let Some(replica) = self.host.replica.as_mut() else {
+            self.stats.messages_dropped += 1;
+            return Ok(());
+        };
+        match body {
+            Body::Request { req, cmd } => {
+                let Ep::Client(c) = from else { return Ok(()) };
+                self.routes.insert(req, Route::Client(c));
+                replica.propose(now, req, cmd);
+            }
+            Body::Report(report) => replica.handle_runner_report(now, report),
+            Body::Register(cmd) => {
+                let req = self.next_request;
+                self.next_request += 1;
+                self.routes.insert(req, Route::Internal);
+                replica.propose(now, req, cmd);
+            }
+            Body::SyncRequest { node, inc } => {
+                // The answer travels on the asking incarnation's connection.
+                let (registered, active) = sync_view(replica.state(), &node);
+                self.send(
+                    Ep::Replica,
+                    from,
+                    inc,
+                    Body::SyncReply { registered, active },
+                );
+                return Ok(());
+            }
+            Body::Response { .. } | Body::Runner(_) | Body::SyncReply { .. } => return Ok(()),
+        }
+        self.drain_outputs()
+    }
+
+    fn tick(&mut self) -> Check {
+        let now = self.replica_now();
+        if let Some(r) = self.host.replica.as_mut() {
+            r.handle_tick(now);
+        }
+        let tick = self.host.clock.true_ms(TICK_MS);
+        let inc = self.host.inc;
+        self.push_in(tick, Ev::Tick { inc });
+        self.drain_outputs()
+    }
+
+    /// Carries out the replica's outputs in order, as the production driver
+    /// does, checking placements and starts as they go out.
+    fn drain_outputs(&mut self) -> Check {
+        loop {
+            let Some(replica) = self.host.replica.as_mut() else {
+                return Ok(());
+            };
+            let Some(out) = replica.poll_output() else {
+                return Ok(());
+            };
+            match out {
+                Output::Persist(entries) => {
+                    self.checker.proposed(&entries)?;
+                    let state = self.replica().state();
+                    self.checker.placements(state, &entries)?;
+                    for e in &entries {
+                        (e.index, e.at, e.event.kind()).hash(&mut self.hash);
+                    }
+                    self.stats.entries += entries.len() as u64;
+                    self.host.disk.pending.push(entries);
+                    if self.host.disk.syncing == 0 {
+                        self.start_fsync();
+                    }
+                }
+                Output::Reply { request, result } => match self.routes.remove(&request) {
+                    Some(Route::Client(c)) => self.send(
+                        Ep::Replica,
+                        Ep::Client(c),
+                        0,
+                        Body::Response {
+                            req: request,
+                            result,
+                        },
+                    ),
+                    Some(Route::Internal) | None => {}
+                },
+                Output::Runner(cmd) => {
+                    let node = match &cmd {
+                        RunnerCommand::Start { node, job, .. } => {
+                            self.checker
+                                .runner_start(self.replica().state(), *job, node)?;
+                            node.clone()
+                        }
+                        RunnerCommand::Kill { node, .. } => node.clone(),
+                    };
+                    // The command is for the incarnation the placement was
+                    // made on: a restarted node must never run it.
+                    let to_inc = self
+                        .replica()
+                        .state()
+                        .nodes
+                        .get(&node)
+                        .map_or(0, |n| n.incarnation);
+                    if let Some(&i) = self.node_index.get(&node) {
+                        self.send(Ep::Replica, Ep::Node(i), to_inc, Body::Runner(cmd));
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_fsync(&mut self) {
+        self.host.disk.syncing = self.host.disk.pending.len();
+        let delay = self.rng.range(1, self.plan.fsync_delay_max_ms);
+        let inc = self.host.inc;
+        self.push_in(delay, Ev::FsyncDone { inc });
+    }
+
+    fn fsync_done(&mut self) -> Check {
+        let disk = &mut self.host.disk;
+        let synced: Vec<Vec<Entry>> = disk.pending.drain(..disk.syncing).collect();
+        disk.syncing = 0;
+        for batch in synced {
+            disk.durable.extend(batch);
+        }
+        let now = self.replica_now();
+        let replica = self.host.replica.as_mut().expect("fsync of a live replica");
+        let from = replica.applied_index() as usize;
+        let to = self.host.disk.durable.last().map_or(0, |e| e.index);
+        let newly = &self.host.disk.durable[from.min(to as usize)..to as usize];
+        let pre = Checker::pre_apply(replica.state(), newly);
+        replica.handle_persisted(now, to);
+        let state = replica.state();
+        self.checker.applied(&pre, newly, state)?;
+        self.checker.new_jobs(state)?;
+        self.drain_outputs()?;
+        if !self.host.disk.pending.is_empty() && self.host.disk.syncing == 0 {
+            self.start_fsync();
+        }
+        self.maybe_check_replay()
+    }
+
+    /// Replay equality at quiescent points (everything proposed is durable
+    /// and applied), at most every `replay_check_interval_ms`.
+    fn maybe_check_replay(&mut self) -> Check {
+        if self.now < self.host.last_replay_check_ms + self.opts.replay_check_interval_ms {
+            return Ok(());
+        }
+        self.check_replay_if_quiescent(false)
+    }
+
+    fn check_replay_if_quiescent(&mut self, required: bool) -> Check {
+        let Some(replica) = self.host.replica.as_ref() else {
+            return Ok(());
+        };
+        let durable_last = self.host.disk.durable.last().map_or(0, |e| e.index);
+        let quiescent = self.host.disk.pending.is_empty()
+            && replica.last_index() == durable_last
+            && replica.applied_index() == durable_last;
+        if !quiescent {
+            if required {
+                return Err(Violation {
+                    invariant: inv::LIVE_JOBS,
+                    detail: "the log did not settle (entries not durable or not applied)".into(),
+                });
+            }
+            return Ok(());
+        }
+        self.host.last_replay_check_ms = self.now;
+        Checker::replay(&self.host.disk.durable, replica.state())?;
+        Checker::consistency(replica.state())
+    }
+
+    // --- runner nodes ---
+
+    fn agent_boot(&mut self, i: usize) {
+        let a = &mut self.agents[i];
+        a.up = true;
+        let cmd = Command::RegisterNode {
+            name: a.name.clone(),
+            capacity: a.capacity,
+            labels: a.labels.clone(),
+            incarnation: a.inc,
+        };
+        let inc = a.inc;
+        self.send(Ep::Node(i), Ep::Replica, 0, Body::Register(cmd));
+        let first = self.rng.range(1, AGENT_SYNC_MS);
+        self.push_in(first, Ev::AgentSync { node: i, inc });
+    }
+
+    fn crash_agent(&mut self, i: usize) {
+        if !self.agents[i].up {
+            return;
+        }
+        self.stats.node_crashes += 1;
+        let a = &mut self.agents[i];
+        a.up = false;
+        // The processes die with the agent (process group, pdeathsig).
+        for ((job, attempt), run) in std::mem::take(&mut a.runs) {
+            if matches!(run, Run::Running { .. }) {
+                self.checker.exec_end(job, attempt);
+            }
+        }
+        a.killed_early.clear();
+        a.results.clear();
+        a.running_total = Resources::default();
+        self.checker.disturbed.insert(a.name.clone());
+        let delay = self.rng.range(100, DOWNTIME_MS_MAX);
+        self.push_in(delay, Ev::AgentRestart { node: i });
+    }
+
+    fn agent_sync(&mut self, i: usize, inc: u64) -> Check {
+        let a = &self.agents[i];
+        if !a.up || a.inc != inc {
+            return Ok(());
+        }
+        let node = a.name.clone();
+        let next = a.clock.true_ms(AGENT_SYNC_MS);
+        self.send(Ep::Node(i), Ep::Replica, 0, Body::SyncRequest { node, inc });
+        self.push_in(next, Ev::AgentSync { node: i, inc });
+        Ok(())
+    }
+
+    fn report(&mut self, i: usize, report: RunnerReport) {
+        self.send(Ep::Node(i), Ep::Replica, 0, Body::Report(report));
+    }
+
+    fn agent_receive(&mut self, i: usize, body: Body) -> Check {
+        match body {
+            Body::Runner(RunnerCommand::Start {
+                job, attempt, spec, ..
+            }) => self.agent_start(i, job, attempt, &spec),
+            Body::Runner(RunnerCommand::Kill { job, attempt, .. }) => {
+                self.agent_kill(i, job, attempt);
+                Ok(())
+            }
+            Body::SyncReply { registered, active } => self.agent_reconcile(i, registered, active),
+            _ => Ok(()),
+        }
+    }
+
+    fn agent_start(
+        &mut self,
+        i: usize,
+        job: JobId,
+        attempt: AttemptNumber,
+        spec: &JobSpec,
+    ) -> Check {
+        let a = &mut self.agents[i];
+        if a.runs.contains_key(&(job, attempt)) {
+            return Ok(());
+        }
+        if a.killed_early.remove(&(job, attempt)) {
+            self.finish(i, job, attempt, Outcome::Cancelled, None);
+            return Ok(());
+        }
+        if self.rng.chance(self.plan.start_fail_share) {
+            self.finish(i, job, attempt, Outcome::StartFailed, None);
+            return Ok(());
+        }
+        let a = &mut self.agents[i];
+        a.running_total = a.running_total.saturating_add(&spec.resources);
+        a.runs.insert(
+            (job, attempt),
+            Run::Running {
+                resources: spec.resources,
+            },
+        );
+        let (name, total, capacity, inc) = (a.name.clone(), a.running_total, a.capacity, a.inc);
+        let timeout_true = a.clock.true_ms(spec.timeout_secs * 1000);
+        self.checker
+            .exec_start(job, attempt, &name, total, capacity)?;
+        self.report(i, RunnerReport::Started { job, attempt });
+        let duration = self.rng.range(50, self.plan.job_secs_max * 1000);
+        for (delay, timeout) in [(duration, false), (timeout_true, true)] {
+            self.push_in(
+                delay,
+                Ev::ProcEnd {
+                    node: i,
+                    inc,
+                    job,
+                    attempt,
+                    timeout,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops a running attempt's process; `None` if it was not running.
+    fn stop_process(&mut self, i: usize, job: JobId, attempt: AttemptNumber) -> Option<()> {
+        let a = &mut self.agents[i];
+        let Some(Run::Running { resources }) = a.runs.get(&(job, attempt)) else {
+            return None;
+        };
+        a.running_total = a.running_total.saturating_sub(resources);
+        self.checker.exec_end(job, attempt);
+        Some(())
+    }
+
+    fn finish(
+        &mut self,
+        i: usize,
+        job: JobId,
+        attempt: AttemptNumber,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+    ) {
+        let state = match outcome {
+            Outcome::Exited if exit_code == Some(0) => AttemptState::Succeeded,
+            Outcome::Exited | Outcome::StartFailed => AttemptState::Failed,
+            Outcome::TimedOut => AttemptState::TimedOut,
+            Outcome::Cancelled => AttemptState::Cancelled,
+        };
+        let report = RunnerReport::Finished {
+            job,
+            attempt,
+            outcome,
+            exit_code,
+        };
+        let a = &mut self.agents[i];
+        a.runs.insert(
+            (job, attempt),
+            Run::Done {
+                report: report.clone(),
+            },
+        );
+        a.results.insert((job, attempt), state);
+        self.report(i, report);
+    }
+
+    fn proc_end(
+        &mut self,
+        i: usize,
+        inc: u64,
+        job: JobId,
+        attempt: AttemptNumber,
+        timeout: bool,
+    ) -> Check {
+        if !self.agents[i].up || self.agents[i].inc != inc {
+            return Ok(());
+        }
+        if self.stop_process(i, job, attempt).is_none() {
+            return Ok(());
+        }
+        let (outcome, code) = if timeout {
+            (Outcome::TimedOut, None)
+        } else if self.rng.chance(self.plan.fail_share) {
+            (Outcome::Exited, Some(self.rng.range(1, 3) as i32))
+        } else {
+            (Outcome::Exited, Some(0))
+        };
+        self.finish(i, job, attempt, outcome, code);
+        Ok(())
+    }
+
+    fn agent_kill(&mut self, i: usize, job: JobId, attempt: AttemptNumber) {
+        if self.stop_process(i, job, attempt).is_some() {
+            self.finish(i, job, attempt, Outcome::Cancelled, None);
+        } else if !self.agents[i].runs.contains_key(&(job, attempt)) {
+            self.agents[i].killed_early.insert((job, attempt));
+        }
+    }
+
+    /// The agent's reconciliation: re-register if the control plane does
+    /// not know this incarnation; start what it lost a Start for, kill what
+    /// it lost a Kill for, resend reports it may have lost.
+    fn agent_reconcile(
+        &mut self,
+        i: usize,
+        registered: Option<u64>,
+        active: Vec<ActiveAttempt>,
+    ) -> Check {
+        let a = &self.agents[i];
+        if registered != Some(a.inc) {
+            let cmd = Command::RegisterNode {
+                name: a.name.clone(),
+                capacity: a.capacity,
+                labels: a.labels.clone(),
+                incarnation: a.inc,
+            };
+            self.send(Ep::Node(i), Ep::Replica, 0, Body::Register(cmd));
+            return Ok(());
+        }
+        for act in active {
+            let key = (act.job, act.attempt);
+            match self.agents[i].runs.get(&key) {
+                None if act.cancel_requested => {
+                    self.finish(i, act.job, act.attempt, Outcome::Cancelled, None)
+                }
+                None => self.agent_start(i, act.job, act.attempt, &act.spec)?,
+                Some(Run::Running { .. }) if act.cancel_requested => {
+                    self.agent_kill(i, act.job, act.attempt)
+                }
+                Some(Run::Running { .. }) if act.assigned => self.report(
+                    i,
+                    RunnerReport::Started {
+                        job: act.job,
+                        attempt: act.attempt,
+                    },
+                ),
+                Some(Run::Running { .. }) => {}
+                Some(Run::Done { report }) => {
+                    let report = report.clone();
+                    self.report(i, report);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // --- clients ---
+
+    fn client_wake(&mut self, c: usize, gen: u64) -> Check {
+        if self.clients[c].gen != gen {
+            return Ok(());
+        }
+        if self.clients[c].op.is_some() {
+            // Timed out waiting for a reply.
+            if self.clients[c].op.as_ref().is_some_and(|op| op.retry) {
+                self.client_send(c);
+            } else {
+                self.client_done(c);
+            }
+            return Ok(());
+        }
+        if self.phase != Phase::Faults || self.submitted >= self.opts.jobs_max {
+            return Ok(());
+        }
+        let op = self.new_op(c);
+        self.clients[c].op = Some(op);
+        self.client_send(c);
+        Ok(())
+    }
+
+    fn new_op(&mut self, c: usize) -> Op {
+        let roll = self.rng.unit();
+        if roll < self.plan.drain_share && self.plan.nodes > 1 {
+            let name = self.agents[self.rng.below(self.plan.nodes as u64) as usize]
+                .name
+                .clone();
+            return Op {
+                kind: OpKind::Drain,
+                cmd: Command::DrainNode { name },
+                key: None,
+                retry: true,
+            };
+        }
+        if roll < self.plan.drain_share + self.plan.cancel_share && !self.acked_jobs.is_empty() {
+            let job = self.acked_jobs[self.rng.below(self.acked_jobs.len() as u64) as usize];
+            return Op {
+                kind: OpKind::Cancel,
+                cmd: Command::Cancel { job },
+                key: None,
+                retry: true,
+            };
+        }
+        self.submitted += 1;
+        let spec = self.new_spec(c);
+        let key = (!self.rng.chance(self.plan.no_key_share)).then(|| spec.name.clone());
+        Op {
+            kind: OpKind::Submit,
+            retry: key.is_some(),
+            cmd: Command::Submit {
+                spec,
+                idempotency_key: key.clone(),
+            },
+            key,
+        }
+    }
+
+    fn new_spec(&mut self, c: usize) -> JobSpec {
+        let mut constraints = Labels::new();
+        if self.rng.chance(self.plan.constraint_share) {
+            match self.rng.below(3) {
+                0 => constraints.insert("os".into(), "linux".into()),
+                1 => constraints.insert("os".into(), "macos".into()),
+                _ => constraints.insert("gpu".into(), "yes".into()),
+            };
+        }
+        let levels = self.plan.priority_levels;
+        let priority = (self.rng.below(levels) * 100 / levels.max(1)) as u8;
+        let max_secs = self.plan.job_secs_max;
+        JobSpec {
+            name: format!("c{c}-j{}", self.submitted),
+            command: vec!["sim-job".into()],
+            env: Default::default(),
+            resources: Resources::new(self.rng.range(1, 20) * 100, self.rng.range(1, 32) * 64),
+            constraints,
+            priority,
+            timeout_secs: self.rng.range(1, max_secs + 3),
+            max_retries: self.rng.below(3) as u32,
+        }
+    }
+
+    fn client_send(&mut self, c: usize) {
+        let req = self.next_request;
+        self.next_request += 1;
+        let client = &mut self.clients[c];
+        let cmd = client.op.as_ref().expect("an op to send").cmd.clone();
+        client.reqs.insert(req);
+        client.gen += 1;
+        let gen = client.gen;
+        self.send(Ep::Client(c), Ep::Replica, 0, Body::Request { req, cmd });
+        let timeout = self.plan.client_timeout_ms;
+        self.push_in(timeout, Ev::ClientWake { client: c, gen });
+    }
+
+    fn client_done(&mut self, c: usize) {
+        let client = &mut self.clients[c];
+        client.op = None;
+        client.reqs.clear();
+        client.gen += 1;
+        let gen = client.gen;
+        let gap = self.rng.exp_ms(self.submit_mean_gap_ms);
+        self.push_in(gap, Ev::ClientWake { client: c, gen });
+    }
+
+    fn client_receive(&mut self, c: usize, body: Body) -> Check {
+        let Body::Response { req, result } = body else {
+            return Ok(());
+        };
+        let client = &self.clients[c];
+        let Some(op) = client.op.as_ref().filter(|_| client.reqs.contains(&req)) else {
+            return Ok(());
+        };
+        match result {
+            Ok(Reply::Job(job)) if op.kind == OpKind::Submit => {
+                let key = op.key.clone();
+                self.ack(key.as_deref(), &job)?;
+                self.client_done(c);
+            }
+            Ok(_) | Err(CommandError::NotFound { .. } | CommandError::Invalid(_)) => {
+                self.client_done(c)
+            }
+            Err(_) => {
+                // Not ready / overloaded: back off, then retry (or give up).
+                let client = &mut self.clients[c];
+                client.gen += 1;
+                let gen = client.gen;
+                self.push_in(200, Ev::ClientWake { client: c, gen });
+            }
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, key: Option<&str>, job: &Job) -> Check {
+        self.stats.submissions_acked += 1;
+        self.acked_jobs.push(job.id);
+        self.checker.client_acked(key, job)
+    }
+
+    // --- faults ---
+
+    fn fault_rate_per_s(&self) -> f64 {
+        let p = &self.plan;
+        p.partitions_per_s
+            + p.replica_crashes_per_s
+            + p.node_crashes_per_s
+            + p.pauses_per_s
+            + p.clock_jumps_per_s
+    }
+
+    fn schedule_fault(&mut self) {
+        let rate = self.fault_rate_per_s();
+        if rate > 0.0 {
+            let gap = self.rng.exp_ms(1000.0 / rate);
+            self.push_in(gap, Ev::Fault);
+        }
+    }
+
+    fn fault(&mut self) -> Check {
+        if self.phase != Phase::Faults {
+            return Ok(());
+        }
+        let p = self.plan.clone();
+        let roll = self.rng.unit() * self.fault_rate_per_s();
+        let nodes = self.agents.len() as u64;
+        let node = self.rng.below(nodes) as usize;
+        let weights = [
+            p.partitions_per_s,
+            p.replica_crashes_per_s,
+            p.node_crashes_per_s,
+            p.pauses_per_s,
+            p.clock_jumps_per_s,
+        ];
+        let mut kind = weights.len() - 1;
+        let mut acc = 0.0;
+        for (k, w) in weights.iter().enumerate() {
+            acc += w;
+            if roll < acc {
+                kind = k;
+                break;
+            }
+        }
+        match kind {
+            0 => self.partition(node, &p),
+            1 => self.crash_replica(),
+            2 => self.crash_agent(node),
+            3 => self.pause(node),
+            _ => self.clock_jump(node),
+        }
+        self.schedule_fault();
+        Ok(())
+    }
+
+    fn pause(&mut self, node: usize) {
+        self.stats.pauses += 1;
+        let until = self.now + self.rng.range(100, PAUSE_MS_MAX);
+        if self.rng.chance(0.5) {
+            self.host.paused_until = until;
+        } else {
+            self.agents[node].paused_until = until;
+            self.checker
+                .disturbed
+                .insert(self.agents[node].name.clone());
+        }
+    }
+
+    fn clock_jump(&mut self, node: usize) {
+        self.stats.clock_jumps += 1;
+        let jump = self.rng.range(1, CLOCK_JUMP_MS_MAX) as i64;
+        let jump = if self.rng.chance(0.5) { jump } else { -jump };
+        if self.rng.chance(0.5) {
+            self.host.clock.offset_ms += jump;
+        } else {
+            self.agents[node].clock.offset_ms += jump;
+        }
+    }
+
+    fn partition(&mut self, node: usize, p: &FaultPlan) {
+        self.stats.partitions += 1;
+        // Mostly a node's link; sometimes a client's.
+        let other = if self.rng.chance(0.8) || self.clients.is_empty() {
+            self.checker
+                .disturbed
+                .insert(self.agents[node].name.clone());
+            Ep::Node(node)
+        } else {
+            Ep::Client(self.rng.below(self.clients.len() as u64) as usize)
+        };
+        let links = if self.rng.chance(p.partition_one_way) {
+            if self.rng.chance(0.5) {
+                vec![(Ep::Replica, other)]
+            } else {
+                vec![(other, Ep::Replica)]
+            }
+        } else {
+            vec![(Ep::Replica, other), (other, Ep::Replica)]
+        };
+        let heal = self.rng.range(100, PARTITION_MS_MAX);
+        for (from, to) in links {
+            self.blocked.insert((from, to));
+            self.push_in(heal, Ev::Unblock { from, to });
+        }
+    }
+
+    /// End of the fault phase: the network heals, processes resume and
+    /// restart, clients stop submitting; the liveness phase begins.
+    fn heal(&mut self) -> Check {
+        self.phase = Phase::Liveness;
+        self.blocked.clear();
+        self.host.paused_until = self.host.paused_until.min(self.now);
+        for a in &mut self.agents {
+            a.paused_until = a.paused_until.min(self.now);
+        }
+        if self.host.replica.is_none() && !self.host.restart_pending {
+            self.push_in(0, Ev::ReplicaRestart);
+        }
+        self.push_in(CONVERGE_CHECK_MS, Ev::Converge);
+        Ok(())
+    }
+
+    fn converged(&self) -> bool {
+        let Some(replica) = self.host.replica.as_ref() else {
+            return false;
+        };
+        replica.is_ready()
+            && self.clients.iter().all(|c| c.op.is_none())
+            && self
+                .agents
+                .iter()
+                .all(|a| a.up && a.running_total == Resources::default())
+            && self.host.disk.pending.is_empty()
+            && replica.state().jobs.values().all(|j| {
+                j.state.is_terminal()
+                    || j.state == rustci_core::model::JobState::Queued
+                        && !crate::checker::placeable(replica.state(), j)
+            })
+    }
+
+    fn converge(&mut self) -> Check {
+        let deadline = self.heal_at + self.opts.liveness_ms_max;
+        if !self.converged() && self.now < deadline {
+            self.push_in(CONVERGE_CHECK_MS, Ev::Converge);
+            return Ok(());
+        }
+        self.final_checks()?;
+        if !self.converged() {
+            return Err(Violation {
+                invariant: inv::LIVE_JOBS,
+                detail: format!(
+                    "not converged {} ms after healing (clients idle: {}, runners idle: {})",
+                    self.opts.liveness_ms_max,
+                    self.clients.iter().all(|c| c.op.is_none()),
+                    self.agents
+                        .iter()
+                        .all(|a| a.running_total == Resources::default()),
+                ),
+            });
+        }
+        self.phase = Phase::Done;
+        Ok(())
+    }
+
+    fn final_checks(&mut self) -> Check {
+        Checker::live_leader(self.host.replica.as_ref().map(|r| r.lifecycle()))?;
+        let state = self.replica().state();
+        self.checker.acked_present(state)?;
+        Checker::live_jobs(state)?;
+        let results: Vec<_> = self
+            .agents
+            .iter()
+            .filter(|a| a.up)
+            .flat_map(|a| a.results.iter().map(|((j, n), s)| (*j, *n, *s)))
+            .collect();
+        Checker::live_results(state, &results)?;
+        let jobs = state.jobs.len() as u64;
+        let terminal = state
+            .jobs
+            .values()
+            .filter(|j| j.state.is_terminal())
+            .count() as u64;
+        self.stats.jobs = jobs;
+        self.stats.jobs_terminal = terminal;
+        self.check_replay_if_quiescent(true)
+    }
+}
+
+impl Ev {
+    /// `Some(t)` when the event's process is paused until `t`: the event
+    /// waits (a paused process handles nothing, its timers fire late).
+    fn trace_key_target_paused(&self, w: &World) -> Option<u64> {
+        let until = w.paused_until(self.target()?);
+        (until > w.now).then_some(until)
+    }
+}
+
+/// What a node asking for reconciliation is told: the incarnation the state
+/// has for it and its active attempts.
+fn sync_view(state: &State, node: &str) -> (Option<u64>, Vec<ActiveAttempt>) {
+    let registered = state.nodes.get(node).map(|n| n.incarnation);
+    let mut active = Vec::new();
+    for id in state.active_by_node.get(node).into_iter().flatten() {
+        let Some(job) = state.job(*id) else { continue };
+        if let Some(a) = job.active_attempt() {
+            active.push(ActiveAttempt {
+                job: *id,
+                attempt: a.number,
+                assigned: a.state == AttemptState::Assigned,
+                cancel_requested: a.cancel_requested,
+                spec: job.spec.clone(),
+            });
+        }
+    }
+    (registered, active)
+}
