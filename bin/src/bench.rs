@@ -50,6 +50,11 @@ pub enum BenchCmd {
         #[arg(long, env = "RUSTCI_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Simulated seconds per wall second over a sweep of seeds.
+    Sim {
+        #[arg(long, default_value = "0..200")]
+        seeds: String,
+    },
     /// Scheduling passes over a large in-memory cluster.
     Schedule {
         #[arg(long, default_value_t = 1000)]
@@ -71,6 +76,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             token,
         } => bench_submit(clients, seconds, server, token).await?,
         BenchCmd::Schedule { nodes, jobs } => bench_schedule(nodes, jobs),
+        BenchCmd::Sim { seeds } => {
+            let seeds = crate::simcmd::parse_range(&seeds)?;
+            tokio::task::spawn_blocking(move || crate::simcmd::bench(seeds)).await??
+        }
     }
     Ok(0)
 }

@@ -98,6 +98,8 @@ pub enum Cmd {
     },
     /// Read a (copied) data dir offline; never writes to it.
     Replay(crate::replay::ReplayArgs),
+    /// Deterministic simulation: prints SEED= first; exit 0 when every invariant held.
+    Sim(crate::simcmd::SimArgs),
     /// Benchmarks; one JSON object per result on stdout.
     Bench(crate::bench::BenchArgs),
 }

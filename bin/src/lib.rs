@@ -6,3 +6,4 @@ pub mod cli;
 pub mod daemon;
 pub mod replay;
 pub mod runner;
+pub mod simcmd;

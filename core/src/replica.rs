@@ -334,7 +334,7 @@ impl Replica {
             .filter(|(e, _)| matches!(e.event, Event::JobSubmitted { .. }))
             .count() as u64;
         let job = Job {
-            id: JobId(self.state.next_job_id + pending),
+            id: JobId(self.state.jobs.next_id().0 + pending),
             spec: spec.clone(),
             state: crate::model::JobState::Queued,
             idempotency_key: idempotency_key.clone(),

@@ -84,6 +84,20 @@ impl JobTable {
         self.jobs.iter().map(|j| (&j.id, j))
     }
 
+    /// The id the next submission will get.
+    pub fn next_id(&self) -> JobId {
+        JobId(self.jobs.len() as u64 + 1)
+    }
+
+    /// `(id, job)` pairs from `range.start` on, in id order.
+    pub fn range(
+        &self,
+        range: std::ops::RangeFrom<JobId>,
+    ) -> impl DoubleEndedIterator<Item = (&JobId, &Job)> + '_ {
+        let from = Self::slot(&range.start).unwrap_or(0).min(self.jobs.len());
+        self.jobs[from..].iter().map(|j| (&j.id, j))
+    }
+
     /// Adds the next job; its id must be `len() + 1`.
     fn push(&mut self, job: Job) {
         debug_assert_eq!(Self::slot(&job.id), Some(self.jobs.len()));
@@ -282,7 +296,7 @@ impl State {
                 return Applied::Duplicate(*existing);
             }
         }
-        let id = JobId(self.jobs.len() as u64 + 1);
+        let id = self.jobs.next_id();
         let job = Job {
             id,
             spec: spec.into_owned(),

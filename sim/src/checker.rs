@@ -119,7 +119,7 @@ impl Checker {
     /// Looks at the jobs created since the last call: one key, one job.
     pub fn new_jobs(&mut self, state: &State) -> Check {
         let from = self.next_unseen_job;
-        self.next_unseen_job = self.next_unseen_job.max(state.next_job_id);
+        self.next_unseen_job = self.next_unseen_job.max(state.jobs.next_id().0);
         for (id, job) in state.jobs.range(JobId(from)..) {
             let Some(key) = &job.idempotency_key else {
                 continue;
