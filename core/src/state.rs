@@ -36,13 +36,20 @@ impl QueueKey {
 }
 
 /// Every job, by id. Ids are dense (the reducer hands them out from 1), so
-/// the table is a vector indexed by `id - 1`: one bounds-checked load per
-/// lookup instead of a tree walk, which is most of what replay does. The
-/// method names follow `BTreeMap` so callers read the same.
+/// the table is indexed by `id - 1`: one bounds-checked load per lookup
+/// instead of a tree walk, which is most of what replay does. Jobs are kept
+/// in fixed-size chunks so that growing the table never moves the jobs
+/// already in it (a single vector's doubling copied hundreds of MB at once
+/// and stalled the driver). The method names follow `BTreeMap` so callers
+/// read the same.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct JobTable {
-    jobs: Vec<Job>,
+    chunks: Vec<Vec<Job>>,
+    len: usize,
 }
+
+/// Jobs per chunk of a [`JobTable`].
+pub const JOB_TABLE_CHUNK: usize = 4096;
 
 impl JobTable {
     fn slot(id: &JobId) -> Option<usize> {
@@ -50,12 +57,17 @@ impl JobTable {
     }
 
     pub fn get(&self, id: &JobId) -> Option<&Job> {
-        self.jobs.get(Self::slot(id)?)
+        let slot = Self::slot(id)?;
+        self.chunks
+            .get(slot / JOB_TABLE_CHUNK)?
+            .get(slot % JOB_TABLE_CHUNK)
     }
 
     pub fn get_mut(&mut self, id: &JobId) -> Option<&mut Job> {
         let slot = Self::slot(id)?;
-        self.jobs.get_mut(slot)
+        self.chunks
+            .get_mut(slot / JOB_TABLE_CHUNK)?
+            .get_mut(slot % JOB_TABLE_CHUNK)
     }
 
     pub fn contains_key(&self, id: &JobId) -> bool {
@@ -63,45 +75,55 @@ impl JobTable {
     }
 
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
-    }
-
-    /// Jobs in id order.
-    pub fn values(&self) -> std::slice::Iter<'_, Job> {
-        self.jobs.iter()
-    }
-
-    pub fn values_mut(&mut self) -> std::slice::IterMut<'_, Job> {
-        self.jobs.iter_mut()
-    }
-
-    /// `(id, job)` pairs in id order.
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&JobId, &Job)> + '_ {
-        self.jobs.iter().map(|j| (&j.id, j))
+        self.len == 0
     }
 
     /// The id the next submission will get.
     pub fn next_id(&self) -> JobId {
-        JobId(self.jobs.len() as u64 + 1)
+        JobId(self.len as u64 + 1)
+    }
+
+    /// Jobs in id order.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &Job> + '_ {
+        self.chunks.iter().flatten()
+    }
+
+    pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut Job> + '_ {
+        self.chunks.iter_mut().flatten()
+    }
+
+    /// `(id, job)` pairs in id order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&JobId, &Job)> + '_ {
+        self.values().map(|j| (&j.id, j))
     }
 
     /// `(id, job)` pairs from `range.start` on, in id order.
     pub fn range(
         &self,
         range: std::ops::RangeFrom<JobId>,
-    ) -> impl DoubleEndedIterator<Item = (&JobId, &Job)> + '_ {
-        let from = Self::slot(&range.start).unwrap_or(0).min(self.jobs.len());
-        self.jobs[from..].iter().map(|j| (&j.id, j))
+    ) -> impl Iterator<Item = (&JobId, &Job)> + '_ {
+        let from = Self::slot(&range.start).unwrap_or(0).min(self.len);
+        self.chunks[from / JOB_TABLE_CHUNK..]
+            .iter()
+            .flatten()
+            .skip(from % JOB_TABLE_CHUNK)
+            .map(|j| (&j.id, j))
     }
 
-    /// Adds the next job; its id must be `len() + 1`.
+    /// Adds the next job; its id must be `next_id()`.
     fn push(&mut self, job: Job) {
-        debug_assert_eq!(Self::slot(&job.id), Some(self.jobs.len()));
-        self.jobs.push(job);
+        debug_assert_eq!(job.id, self.next_id());
+        if self.len % JOB_TABLE_CHUNK == 0 {
+            self.chunks.push(Vec::with_capacity(JOB_TABLE_CHUNK));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.push(job);
+            self.len += 1;
+        }
     }
 }
 
@@ -109,14 +131,6 @@ impl std::ops::Index<&JobId> for JobTable {
     type Output = Job;
     fn index(&self, id: &JobId) -> &Job {
         self.get(id).expect("no job with this id")
-    }
-}
-
-impl<'a> IntoIterator for &'a JobTable {
-    type Item = (&'a JobId, &'a Job);
-    type IntoIter = std::iter::Map<std::slice::Iter<'a, Job>, fn(&'a Job) -> (&'a JobId, &'a Job)>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.jobs.iter().map(|j| (&j.id, j))
     }
 }
 
@@ -624,7 +638,7 @@ impl State {
         let mut counts = [0u64; 6];
         let mut allocated: BTreeMap<&str, Resources> = BTreeMap::new();
         let mut active: BTreeMap<&str, BTreeSet<JobId>> = BTreeMap::new();
-        for (id, job) in &self.jobs {
+        for (id, job) in self.jobs.iter() {
             counts[state_slot(job.state)] += 1;
             let queued = self.queue.contains(&QueueKey::of(job));
             if queued != (job.state == JobState::Queued) {

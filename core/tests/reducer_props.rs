@@ -145,7 +145,7 @@ proptest! {
             for (id, s) in &terminal {
                 prop_assert_eq!(state.jobs[id].state, *s, "job {} left its terminal state", id);
             }
-            for (id, job) in &state.jobs {
+            for (id, job) in state.jobs.iter() {
                 if job.state.is_terminal() {
                     terminal.insert(*id, job.state);
                 }
