@@ -117,7 +117,7 @@ impl JobTable {
     /// Adds the next job; its id must be `next_id()`.
     fn push(&mut self, job: Job) {
         debug_assert_eq!(job.id, self.next_id());
-        if self.len % JOB_TABLE_CHUNK == 0 {
+        if self.len.is_multiple_of(JOB_TABLE_CHUNK) {
             self.chunks.push(Vec::with_capacity(JOB_TABLE_CHUNK));
         }
         if let Some(chunk) = self.chunks.last_mut() {
