@@ -200,6 +200,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         id: 1,
         advertise_addr: addr.to_string(),
         data_dir: config.data_dir.clone(),
+        local_node: Some(config.node_name.clone()),
     };
     let cp = ControlPlane::new(
         inputs_tx.clone(),

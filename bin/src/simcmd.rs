@@ -114,7 +114,9 @@ fn run_one(args: &SimArgs, seed: u64) -> anyhow::Result<i32> {
 
 fn run_many(args: &SimArgs, seeds: Range<u64>) -> anyhow::Result<i32> {
     let base = args.options(seeds.start)?;
-    println!("SEEDS={}..{}", seeds.start, seeds.end);
+    // The contract's first line, `SEED=`, here naming the whole range; each
+    // failing seed's report then carries its own `rustci sim --seed S` repro.
+    println!("SEED={}..{}", seeds.start, seeds.end);
     let start = Instant::now();
     let mut wall = || start.elapsed().as_secs_f64();
     let mut nondeterministic = Vec::new();

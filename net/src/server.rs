@@ -396,14 +396,16 @@ async fn get_job(cp: &ControlPlane, id: JobId) -> ApiResult {
 }
 
 async fn list_nodes(cp: &ControlPlane) -> ApiResult {
+    let local = cp.info.local_node.clone();
     let nodes = cp
-        .query(|r| {
+        .query(move |r| {
             let st = r.state();
             st.nodes
                 .values()
                 .map(|n| {
                     let running = st.active_by_node.get(&n.name).map_or(0, |s| s.len());
-                    NodeView::new(n, running, None)
+                    let heard = (local.as_deref() == Some(n.name.as_str())).then_some(0.0);
+                    NodeView::new(n, running, heard)
                 })
                 .collect()
         })
