@@ -62,6 +62,32 @@ pub fn wall_clock_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs `f`, which reads the log at `data_dir`, turning a panic inside redb
+/// into an error that names the file. redb documents that a file altered
+/// from outside may panic when read; a corrupt file must still get a clear
+/// one-line error, not a backtrace. Only for start-up and offline reads:
+/// the panic hook is swapped while `f` runs.
+pub fn guard_corruption<T>(
+    data_dir: &Path,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".to_string());
+        Err(anyhow::anyhow!(
+            "cannot read the event log {}: the file is corrupt ({why})",
+            data_dir.join(rustci_storage::LOG_FILE_NAME).display()
+        ))
+    })
+}
+
 /// Entries handed from the log reader to the reducer at a time during replay.
 const REPLAY_BATCH_ENTRIES: usize = 4096;
 /// Full batches queued between the reader and the reducer.
@@ -107,7 +133,7 @@ pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
         match reader.join() {
             Ok(Ok(())) => Ok(state),
             Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
-            Err(_) => Err(anyhow::anyhow!("the log reader panicked")),
+            Err(panic) => std::panic::resume_unwind(panic),
         }
     })
 }
@@ -163,8 +189,11 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         );
     }
     let started = Instant::now();
-    let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let state = replay_store(&store)?;
+    let (store, state) = guard_corruption(&config.data_dir, || {
+        let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let state = replay_store(&store)?;
+        Ok((store, state))
+    })?;
     let (last_index, last_term) = (store.last_index(), store.last_term());
     tracing::info!(
         data_dir = %config.data_dir.display(),

@@ -30,6 +30,11 @@ pub struct ReplayArgs {
 }
 
 pub fn run(args: ReplayArgs) -> anyhow::Result<i32> {
+    let dir = args.data_dir.clone();
+    crate::daemon::guard_corruption(&dir, || run_inner(args))
+}
+
+fn run_inner(args: ReplayArgs) -> anyhow::Result<i32> {
     let store = LogStore::open_read_only(&args.data_dir).map_err(|e| anyhow!("{e}"))?;
     let upto = args.at.unwrap_or(u64::MAX);
     let job = args.job.map(JobId);

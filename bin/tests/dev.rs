@@ -549,3 +549,40 @@ fn api_token_is_required_when_set_and_dev_without_token_serves_loopback_only() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--api-token"));
 }
+
+#[test]
+fn garbage_anywhere_in_the_log_file_gets_a_clear_error_never_a_panic() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data, &[]);
+    for i in 0..3 {
+        let out = dev.cli(&["submit", "--wait", "--", "echo", &i.to_string()]);
+        assert!(out.status.success());
+    }
+    dev.terminate();
+    let pristine = std::fs::read(data.join("log.redb")).unwrap();
+    let mut refused = 0;
+    for offset in (0..pristine.len()).step_by(2048) {
+        let mut bytes = pristine.clone();
+        for (i, b) in bytes[offset..].iter_mut().take(64).enumerate() {
+            *b ^= 0xA5 ^ (i as u8);
+        }
+        std::fs::write(data.join("log.redb"), &bytes).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["replay", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "offset {offset}: {err}");
+        if !out.status.success() {
+            refused += 1;
+            assert_eq!(err.trim().lines().count(), 1, "offset {offset}: {err}");
+            assert!(
+                err.contains("log.redb") || err.contains("corrupt"),
+                "offset {offset}: {err}"
+            );
+        }
+    }
+    assert!(refused > 0, "some corruption was detected");
+}
