@@ -128,6 +128,10 @@ pub struct DevArgs {
     /// Extra labels of the built-in node, KEY=VALUE.
     #[arg(long = "label", value_parser = parse_kv)]
     pub labels: Vec<(String, String)>,
+    /// Threads serving the API (1: a single-threaded runtime, the fastest
+    /// choice on small machines since the state machine is serial anyway).
+    #[arg(long, default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 #[derive(Args, Debug)]

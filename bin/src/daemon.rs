@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use rustci_core::replica::{
     Command, CommandError, Config, Output, Replica, Reply, RunnerCommand, RunnerReport, TICK_MS,
 };
 use rustci_core::state::State;
-use rustci_net::control::{output_path, ControlPlane, Input, LogReader, ServerInfo};
+use rustci_net::control::{output_path, ControlPlane, Input, LogReader, LogStats, ServerInfo};
 use rustci_net::server::{serve, ServerConfig};
 use rustci_storage::LogStore;
 use tokio::net::TcpListener;
@@ -215,7 +216,8 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     let store = Arc::new(Mutex::new(store));
     let (inputs_tx, inputs_rx) = mpsc::channel(INPUTS_QUEUE_MAX);
     let (applied_tx, applied_rx) = watch::channel(last_index);
-    let writer = spawn_log_writer(store.clone(), inputs_tx.clone());
+    let log_stats = Arc::new(LogStats::default());
+    let writer = spawn_log_writer(store.clone(), inputs_tx.clone(), log_stats.clone());
     let (run_tx, run_rx) = mpsc::unbounded_channel();
     let mut runner_config = RunnerConfig::new(pid_dir);
     // Every attempt runs under `rustci __shim`, which dies with this process
@@ -237,6 +239,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         Arc::new(SharedLog(store.clone())),
         info,
         started,
+        log_stats,
     );
     let replica = Replica::recover(Config::new(1), state, last_index, last_term);
     let mut driver = Driver {
@@ -278,7 +281,11 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
 }
 
 /// The log writer: one redb transaction and one fsync per batch of batches.
-fn spawn_log_writer(store: Arc<Mutex<LogStore>>, inputs: mpsc::Sender<Input>) -> LogWriter {
+fn spawn_log_writer(
+    store: Arc<Mutex<LogStore>>,
+    inputs: mpsc::Sender<Input>,
+    stats: Arc<LogStats>,
+) -> LogWriter {
     let (tx, rx) = std::sync::mpsc::channel::<Vec<Entry>>();
     let thread = std::thread::Builder::new()
         .name("rustci-log-writer".into())
@@ -293,7 +300,13 @@ fn spawn_log_writer(store: Arc<Mutex<LogStore>>, inputs: mpsc::Sender<Input>) ->
                     .map_err(|_| "log store poisoned".to_string())
                     .and_then(|mut s| s.append(&batch).map_err(|e| e.to_string()));
                 let input = match result {
-                    Ok(()) => Input::Persisted(last),
+                    Ok(()) => {
+                        stats.appends.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .entries
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        Input::Persisted(last)
+                    }
                     Err(e) => Input::PersistFailed(e),
                 };
                 if inputs.blocking_send(input).is_err() {

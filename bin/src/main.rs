@@ -18,10 +18,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemonish = matches!(cli.command, Cmd::Dev(_));
     init_tracing(daemonish);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match &cli.command {
+        // The control plane's hot path is serial (one driver task, one log
+        // writer thread); extra API threads mostly add cross-thread wake-ups.
+        // Measured on 2 cores: one API thread serves ~15% more submissions.
+        Cmd::Dev(args) if args.worker_threads <= 1 => tokio::runtime::Builder::new_current_thread(),
+        Cmd::Dev(args) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(args.worker_threads);
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rustci: cannot start the async runtime: {e}");

@@ -45,6 +45,15 @@ pub struct ServerInfo {
     pub local_node: Option<String>,
 }
 
+/// Counters of the log writer, shown by `/metrics`.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// Write transactions committed, each with one fsync.
+    pub appends: std::sync::atomic::AtomicU64,
+    /// Entries made durable.
+    pub entries: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Clone)]
 pub struct ControlPlane {
     inputs: mpsc::Sender<Input>,
@@ -53,6 +62,7 @@ pub struct ControlPlane {
     pub log: Arc<dyn LogReader>,
     pub info: Arc<ServerInfo>,
     pub started: Instant,
+    pub log_stats: Arc<LogStats>,
 }
 
 /// The driver is gone (shut down or crashed).
@@ -67,6 +77,7 @@ impl ControlPlane {
         log: Arc<dyn LogReader>,
         info: ServerInfo,
         started: Instant,
+        log_stats: Arc<LogStats>,
     ) -> ControlPlane {
         ControlPlane {
             inputs,
@@ -74,6 +85,7 @@ impl ControlPlane {
             log,
             info: Arc::new(info),
             started,
+            log_stats,
         }
     }
 

@@ -465,6 +465,14 @@ async fn readyz(cp: &ControlPlane) -> ApiResult {
 
 async fn metrics(cp: &ControlPlane) -> ApiResult {
     let uptime = cp.started.elapsed().as_secs_f64();
+    let appends = cp
+        .log_stats
+        .appends
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let appended = cp
+        .log_stats
+        .entries
+        .load(std::sync::atomic::Ordering::Relaxed);
     let body = cp
         .query(move |r| {
             let st = r.state();
@@ -484,6 +492,8 @@ async fn metrics(cp: &ControlPlane) -> ApiResult {
             let _ = writeln!(out, "# HELP rustci_term Current term.\n# TYPE rustci_term gauge\nrustci_term {}", r.term());
             let _ = writeln!(out, "# HELP rustci_log_ignored_entries_total Entries applied as no-ops.\n# TYPE rustci_log_ignored_entries_total counter\nrustci_log_ignored_entries_total {}", st.ignored_entries);
             let _ = writeln!(out, "# HELP rustci_ready 1 when this replica can serve writes.\n# TYPE rustci_ready gauge\nrustci_ready {}", u8::from(r.is_ready()));
+            let _ = writeln!(out, "# HELP rustci_log_appends_total Log write transactions, one fsync each (group commit).\n# TYPE rustci_log_appends_total counter\nrustci_log_appends_total {appends}");
+            let _ = writeln!(out, "# HELP rustci_log_appended_entries_total Entries made durable.\n# TYPE rustci_log_appended_entries_total counter\nrustci_log_appended_entries_total {appended}");
             let _ = writeln!(out, "# HELP rustci_uptime_seconds Seconds since this process started.\n# TYPE rustci_uptime_seconds gauge\nrustci_uptime_seconds {uptime:.3}");
             out
         })
