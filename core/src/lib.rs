@@ -14,10 +14,14 @@
 //! - [`scheduler`]: placement decisions as a pure function of state.
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
 //! - `bugs` (feature `sim-bugs` only): planted bugs for the simulator's self-test.
+//! - `fuzzing` (hidden): the reducer's fuzz target, shared by `fuzz/` and
+//!   the stable corpus replay in `tests/fuzz_corpus.rs`.
 
 #[cfg(feature = "sim-bugs")]
 pub mod bugs;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod model;
 pub mod replica;
 pub mod scheduler;

@@ -8,4 +8,7 @@
 pub mod client;
 pub mod control;
 pub mod dto;
+/// The request decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;

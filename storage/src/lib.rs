@@ -43,6 +43,9 @@
 
 pub mod error;
 pub mod frame;
+/// The frame decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
+#[doc(hidden)]
+pub mod fuzzing;
 mod store;
 
 pub use error::{AppendError, DbError, Error, HardStateError, OpenError, ReadError, TruncateError};

@@ -1,0 +1,23 @@
+//! Replays the checked-in corpus of the `submit_body` fuzz target
+//! (`fuzz/corpus/submit_body/`) on stable, so CI runs every input the fuzzer
+//! found interesting and every crash it ever found, without nightly.
+
+use std::path::PathBuf;
+
+#[test]
+fn submit_body_corpus_replays() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/submit_body");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} holds no corpus", dir.display());
+    for file in &files {
+        let data = std::fs::read(file).expect("a corpus file reads");
+        // A panic names the input that caused it.
+        eprintln!("replaying {}", file.display());
+        rustci_net::fuzzing::submit_body(&data);
+    }
+}
