@@ -196,7 +196,13 @@ fn kill_9_and_restart_keeps_every_acknowledged_job_and_reruns_lost_attempts() {
     dev.wait_job(ids[1], Duration::from_secs(10), |j| j["state"] == "running");
     let addr = dev.addr.clone();
     dev.kill9();
-    // The running jobs' processes die with the daemon or at its restart.
+    // The jobs' processes die with the daemon: each runs under a shim that
+    // kills its process group when the daemon goes away.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !processes_with("sleep 3.0719").is_empty() {
+        assert!(Instant::now() < deadline, "job processes outlived the daemon");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let dev = Dev::start_on(&data, &addr, &["--cpus", "2"]);
     for id in &ids {
         let job = dev.get_json(&format!("/v1/jobs/{id}"));
