@@ -101,7 +101,9 @@ fn print_entry(entry: &Entry, applied: &Applied, json: bool) -> anyhow::Result<(
             "{:>8} t{:<3} {} {:<17} {}",
             entry.index,
             entry.term,
-            entry.at,
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(entry.at)
+            ),
             entry.event.kind(),
             details.join(" ")
         );

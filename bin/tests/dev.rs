@@ -200,7 +200,10 @@ fn kill_9_and_restart_keeps_every_acknowledged_job_and_reruns_lost_attempts() {
     // kills its process group when the daemon goes away.
     let deadline = Instant::now() + Duration::from_secs(2);
     while !processes_with("sleep 3.0719").is_empty() {
-        assert!(Instant::now() < deadline, "job processes outlived the daemon");
+        assert!(
+            Instant::now() < deadline,
+            "job processes outlived the daemon"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let dev = Dev::start_on(&data, &addr, &["--cpus", "2"]);
