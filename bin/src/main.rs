@@ -17,6 +17,14 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let daemonish = matches!(cli.command, Cmd::Dev(_));
+    if !daemonish {
+        // A CLI whose output is piped into `head` should end quietly when
+        // the pipe closes, as Unix tools do, not panic in println!. (The
+        // daemon keeps Rust's default: a closed socket is an error there.)
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_tracing(daemonish);
     let mut builder = match &cli.command {
         // The control plane's hot path is serial (one driver task, one log
