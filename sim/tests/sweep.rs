@@ -23,6 +23,24 @@ fn same_seed_same_trace_hash() {
 }
 
 #[test]
+fn different_seeds_draw_different_fault_plans() {
+    let plans: std::collections::BTreeSet<String> = (0..50)
+        .map(|seed| {
+            header(&SimOptions::new(seed))
+                .lines()
+                .nth(1)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        plans.len(),
+        50,
+        "every seed draws its own plan (swarm testing)"
+    );
+}
+
+#[test]
 fn header_prints_seed_then_every_probability() {
     let h = header(&SimOptions::new(9));
     assert!(h.starts_with("SEED=9\nFAULT_PLAN "), "{h}");
