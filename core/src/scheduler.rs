@@ -66,7 +66,11 @@ pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>) -> Pass {
         Some(keys) => Box::new(keys.iter()),
         None => Box::new(state.queue.iter()),
     };
-    for (scanned, key) in candidates.enumerate() {
+    // Only jobs some ready node could ever take (constraints and total
+    // capacity) count against the scan bound: otherwise a backlog of
+    // unplaceable jobs at the head of the queue hides every job behind it.
+    let mut scanned = 0usize;
+    for key in candidates {
         if !any_room(&free) {
             break;
         }
@@ -81,6 +85,12 @@ pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>) -> Pass {
         else {
             continue;
         };
+        if !free.values().any(|(_, n)| {
+            n.satisfies(&job.spec.constraints) && job.spec.resources.fits_in(&n.capacity)
+        }) {
+            continue;
+        }
+        scanned += 1;
         if let Some(name) = best_node(job, &free, skip_capacity) {
             let slot = free.get_mut(name).expect("best_node returns a key of free");
             slot.0 = slot.0.saturating_sub(&job.spec.resources);

@@ -529,3 +529,29 @@ fn seed_61_placement_ignored_by_a_racing_drain_is_placed_again() {
     assert_eq!(job.node(), Some("y"));
     c.check();
 }
+
+#[test]
+fn a_backlog_of_unplaceable_jobs_does_not_hide_placeable_ones() {
+    let mut c = Cluster::new();
+    c.add_node("n1", 1000, 100, &[]);
+    let mut nowhere = spec(100, 10);
+    nowhere.constraints.insert("os".into(), "macos".into());
+    for _ in 0..(rustci_core::scheduler::SCAN_JOBS_MAX + 100) {
+        c.submit(nowhere.clone());
+    }
+    let first = c.submit(spec(1000, 10));
+    let second = c.submit(spec(1000, 10));
+    assert_eq!(c.job_state(first), JobState::Assigned);
+    c.report(RunnerReport::Finished {
+        job: first,
+        attempt: 1,
+        outcome: Outcome::Exited,
+        exit_code: Some(0),
+    });
+    assert_eq!(
+        c.job_state(second),
+        JobState::Assigned,
+        "found behind the backlog"
+    );
+    c.check();
+}

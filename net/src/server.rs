@@ -48,6 +48,9 @@ pub const LOG_FOLLOW_POLL_MS: u64 = 100;
 /// Bytes of output sent per chunk of a followed log.
 pub const LOG_CHUNK_BYTES: usize = 64 * 1024;
 
+/// Longest a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub type Body = BoxBody<Bytes, Infallible>;
 
 #[derive(Clone, Debug, Default)]
@@ -92,6 +95,13 @@ pub async fn serve(
         });
         let conn = http1::Builder::new()
             .keep_alive(true)
+            // A client that half-closes after its request still gets the
+            // answer (an acknowledged write must never look dropped).
+            .half_close(true)
+            // A connection that never finishes its headers cannot hold a
+            // connection slot for ever (slowloris).
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
