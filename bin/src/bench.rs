@@ -341,6 +341,9 @@ async fn bench_submit(
         errors += err;
     }
     let secs = t.elapsed().as_secs_f64();
+    if all.is_empty() {
+        bail!("no submission succeeded ({errors} errors): is the server reachable and the token right?");
+    }
     all.sort_unstable();
     let pct = |p: f64| -> f64 {
         if all.is_empty() {

@@ -139,7 +139,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// CPUs the job needs (fractions allowed: 0.5).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub cpus: Option<f64>,
     #[arg(long)]
     pub memory_mb: Option<u64>,

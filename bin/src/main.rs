@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Parser as _;
 use rustci::cli::{self, Cli, Cmd};
 use rustci::daemon::{self, DevConfig};
 use rustci_core::model::Resources;
@@ -15,7 +15,20 @@ fn main() -> ExitCode {
         let command = args.skip_while(|a| a != "--").skip(1).collect();
         std::process::exit(rustci::runner::shim_main(command));
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // The contract: one line on stderr, non-zero exit.
+            let text = e.to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("bad arguments");
+            eprintln!("rustci: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let daemonish = matches!(cli.command, Cmd::Dev(_));
     if !daemonish {
         // A CLI whose output is piped into `head` should end quietly when
