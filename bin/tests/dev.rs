@@ -37,10 +37,10 @@ fn quickstart_submit_wait_exits_with_the_jobs_code_and_logs_show_its_output() {
 
 #[test]
 fn cli_reports_an_unreachable_server_in_one_line_and_fails() {
-    let out = std::process::Command::new(BIN)
-        .args(["jobs", "--server", &format!("127.0.0.1:{}", free_port())])
-        .output()
-        .unwrap();
+    let out = run(
+        &["jobs", "--server", &format!("127.0.0.1:{}", free_port())],
+        None,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -246,16 +246,7 @@ fn a_second_daemon_on_the_same_data_dir_refuses_to_start() {
     let dir = scratch();
     let data = dir.path().join("data");
     let _dev = Dev::start(&data, &[]);
-    let out = std::process::Command::new(BIN)
-        .args([
-            "dev",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = dev_refusing(&data, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("in use by another rustci process"), "{err}");
@@ -387,26 +378,13 @@ fn a_corrupted_log_entry_stops_start_up_naming_the_file_and_index() {
             .debug_overwrite_frame(3, b"\x01garbage-frame")
             .unwrap();
     }
-    let out = std::process::Command::new(BIN)
-        .args([
-            "dev",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = dev_refusing(&data, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("corrupt log entry at index 3"), "{err}");
     assert!(err.contains("log.redb"), "{err}");
     // Replay reports it the same way, and never writes to the directory.
-    let out = std::process::Command::new(BIN)
-        .args(["replay", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = run(&["replay"], Some(&data));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("index 3"));
 }
@@ -423,11 +401,7 @@ fn replay_of_the_stored_log_equals_the_live_state() {
     }
     let live = dev.get_json("/v1/cluster");
     dev.terminate();
-    let out = std::process::Command::new(BIN)
-        .args(["replay", "--json", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = run(&["replay", "--json"], Some(&data));
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
@@ -439,11 +413,7 @@ fn replay_of_the_stored_log_equals_the_live_state() {
         .collect();
     assert!(events.iter().any(|e| e["type"] == "job_submitted"));
     // One job's history.
-    let out = std::process::Command::new(BIN)
-        .args(["replay", "--job", "2", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = run(&["replay", "--job", "2"], Some(&data));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("attempt_finished"), "{text}");
     assert!(text.contains("\"state\": \"failed\""), "{text}");
@@ -545,16 +515,12 @@ fn api_token_is_required_when_set_and_dev_without_token_serves_loopback_only() {
         &[("Authorization", "Bearer s3cret")],
     );
     assert_eq!(status, 200);
-    let out = std::process::Command::new(BIN)
-        .args(["jobs", "--server", &dev.addr, "--token", "s3cret"])
-        .output()
-        .unwrap();
+    let out = run(&["jobs", "--server", &dev.addr, "--token", "s3cret"], None);
     assert!(out.status.success(), "{out:?}");
-    let out = std::process::Command::new(BIN)
-        .args(["dev", "--listen", "0.0.0.0:0", "--data-dir"])
-        .arg(dir.path().join("other"))
-        .output()
-        .unwrap();
+    let out = run(
+        &["dev", "--listen", "0.0.0.0:0"],
+        Some(&dir.path().join("other")),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--api-token"));
 }
@@ -577,11 +543,7 @@ fn garbage_anywhere_in_the_log_file_gets_a_clear_error_never_a_panic() {
             *b ^= 0xA5 ^ (i as u8);
         }
         std::fs::write(data.join("log.redb"), &bytes).unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["replay", "--data-dir"])
-            .arg(&data)
-            .output()
-            .unwrap();
+        let out = run(&["replay"], Some(&data));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "offset {offset}: {err}");
         if !out.status.success() {

@@ -17,6 +17,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Runs the binary to completion with `args`, plus `--data-dir DIR` when
+/// given (not tied to any daemon: for commands that must fail or read offline).
+pub fn run(args: &[&str], data_dir: Option<&Path>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    if let Some(d) = data_dir {
+        cmd.arg("--data-dir").arg(d);
+    }
+    cmd.output().unwrap()
+}
+
+/// `rustci dev` on a fresh port and `data_dir`, run to completion (it is
+/// expected to refuse to start).
+pub fn dev_refusing(data_dir: &Path, extra: &[&str]) -> Output {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["dev", "--listen", listen.as_str()];
+    args.extend_from_slice(extra);
+    run(&args, Some(data_dir))
+}
+
 /// A `rustci dev` child process; killed (SIGKILL) when dropped.
 pub struct Dev {
     pub child: Option<Child>,
