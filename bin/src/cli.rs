@@ -194,6 +194,12 @@ pub enum NodeCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// End a drain: the node takes new jobs again.
+    Undrain {
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Remove the node; its running attempts are lost and run elsewhere.
     Remove {
         name: String,
@@ -453,6 +459,7 @@ pub async fn nodes(client: &ClientOpts, as_json: bool) -> anyhow::Result<Exit> {
 pub async fn node(cmd: NodeCmd) -> anyhow::Result<Exit> {
     let (client, path) = match &cmd {
         NodeCmd::Drain { name, client } => (client, format!("/v1/nodes/{name}/drain")),
+        NodeCmd::Undrain { name, client } => (client, format!("/v1/nodes/{name}/undrain")),
         NodeCmd::Remove { name, client } => (client, format!("/v1/nodes/{name}/remove")),
     };
     let node: NodeView = connect(client)

@@ -250,6 +250,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         next_request: 1,
         applied: applied_tx,
         node_name: config.node_name.clone(),
+        node_incarnation: 0,
         data_dir: config.data_dir.clone(),
         fatal: None,
     };
@@ -379,6 +380,9 @@ struct Driver {
     next_request: u64,
     applied: watch::Sender<LogIndex>,
     node_name: String,
+    /// The built-in runner's incarnation (new at every process start): a
+    /// command placed on an earlier incarnation is never run by this one.
+    node_incarnation: u64,
     data_dir: PathBuf,
     /// Set when the log cannot be written: the daemon must stop, since
     /// nothing more can be acknowledged safely.
@@ -399,6 +403,7 @@ impl Driver {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
+        self.node_incarnation = incarnation;
         let command = Command::RegisterNode {
             name: config.node_name.clone(),
             capacity,
@@ -522,14 +527,19 @@ impl Driver {
         match command {
             RunnerCommand::Start {
                 node,
+                incarnation,
                 job,
                 attempt,
                 spec,
-            } if node == self.node_name => {
-                self.runner
-                    .start(run_spec(&self.data_dir, job, attempt, spec))
-            }
-            RunnerCommand::Kill { node, job, attempt } if node == self.node_name => {
+            } if node == self.node_name && incarnation == self.node_incarnation => self
+                .runner
+                .start(run_spec(&self.data_dir, job, attempt, spec)),
+            RunnerCommand::Kill {
+                node,
+                incarnation,
+                job,
+                attempt,
+            } if node == self.node_name && incarnation == self.node_incarnation => {
                 self.runner.kill(job.0, attempt)
             }
             other => tracing::warn!(?other, "command for a node this process does not run"),

@@ -557,3 +557,27 @@ fn garbage_anywhere_in_the_log_file_gets_a_clear_error_never_a_panic() {
     }
     assert!(refused > 0, "some corruption was detected");
 }
+
+#[test]
+fn a_drained_node_takes_nothing_new_until_it_is_undrained() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &["--node-name", "box"]);
+    let out = dev.cli(&["node", "drain", "box"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "box draining");
+    let job = dev.submit_json(&json!({"command": ["true"]}));
+    let id = job["id"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let job = dev.get_json(&format!("/v1/jobs/{id}"));
+    assert_eq!(job["state"], "queued", "{job}");
+    let out = dev.cli(&["node", "undrain", "box"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "box ready");
+    let job = dev.wait_job(id, Duration::from_secs(10), terminal);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // Undraining a ready node changes nothing; an unknown one is a 404.
+    let out = dev.cli(&["node", "undrain", "box"]);
+    assert!(out.status.success(), "{out:?}");
+    let (status, _) = http(&dev.addr, "POST", "/v1/nodes/ghost/undrain", None);
+    assert_eq!(status, 404);
+}

@@ -68,6 +68,10 @@ pub enum Event {
     NodeUp { name: String },
     /// An operator removed the node.
     NodeRemoved { name: String },
+    /// An operator ended a drain: the node takes new work again.
+    /// (Added after the first release: new variants go last, so the logs
+    /// written before it still decode.)
+    NodeUndrained { name: String },
 }
 
 impl Event {
@@ -86,6 +90,7 @@ impl Event {
             Event::NodeDown { .. } => "node_down",
             Event::NodeUp { .. } => "node_up",
             Event::NodeRemoved { .. } => "node_removed",
+            Event::NodeUndrained { .. } => "node_undrained",
         }
     }
 

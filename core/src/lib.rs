@@ -13,11 +13,12 @@
 //! - [`validate`]: limits and defaults of commands.
 //! - [`scheduler`]: placement decisions as a pure function of state.
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
-//! - `bugs` (feature `sim-bugs` only): planted bugs for the simulator's self-test.
+//! - `bugs`: planted bugs for the simulator's self-test; dormant data unless
+//!   the `sim-bugs` feature compiles their code sites in.
 //! - `fuzzing` (hidden): the reducer's fuzz target, shared by `fuzz/` and
 //!   the stable corpus replay in `tests/fuzz_corpus.rs`.
 
-#[cfg(feature = "sim-bugs")]
+#[macro_use]
 pub mod bugs;
 pub mod event;
 #[doc(hidden)]

@@ -185,6 +185,9 @@ pub enum Outcome {
 pub struct Attempt {
     pub number: AttemptNumber,
     pub node: String,
+    /// The node's incarnation when the attempt was placed: only that
+    /// incarnation of the node may ever run it (a restarted agent must not).
+    pub incarnation: u64,
     pub state: AttemptState,
     pub exit_code: Option<i32>,
     pub assigned_at: TimestampMs,

@@ -41,10 +41,13 @@ pub const PROPOSALS_INFLIGHT_MAX: usize = 1 << 16;
 pub struct Config {
     pub id: ReplicaId,
     pub proposals_inflight_max: usize,
-    /// SIM-BUGS: planted bugs selected by the simulator (none by default).
-    /// [`Replica::recover`] copies them into the state for the reducer and
+    /// The bounds of one scheduling pass. Production keeps the defaults; the
+    /// simulator draws small ones per seed so truncated passes happen.
+    pub pass_bounds: scheduler::PassBounds,
+    /// SIM-BUGS: the planted bug selected by the simulator (none by
+    /// default; dead code without the `sim-bugs` feature).
+    /// [`Replica::recover`] copies it into the state for the reducer and
     /// the scheduler.
-    #[cfg(feature = "sim-bugs")]
     pub bugs: crate::bugs::BugSet,
 }
 
@@ -53,7 +56,7 @@ impl Config {
         Config {
             id,
             proposals_inflight_max: PROPOSALS_INFLIGHT_MAX,
-            #[cfg(feature = "sim-bugs")]
+            pass_bounds: scheduler::PassBounds::default(),
             bugs: crate::bugs::BugSet::default(),
         }
     }
@@ -99,6 +102,9 @@ pub enum Command {
     DrainNode {
         name: String,
     },
+    UndrainNode {
+        name: String,
+    },
     RemoveNode {
         name: String,
     },
@@ -131,17 +137,21 @@ pub enum CommandError {
     Stopping,
 }
 
-/// What a node's runner must do.
+/// What a node's runner must do. `incarnation` is the node incarnation the
+/// attempt was placed on: a command is only ever for that incarnation, and
+/// a restarted runner must not act on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunnerCommand {
     Start {
         node: String,
+        incarnation: u64,
         job: JobId,
         attempt: AttemptNumber,
         spec: JobSpec,
     },
     Kill {
         node: String,
+        incarnation: u64,
         job: JobId,
         attempt: AttemptNumber,
     },
@@ -214,7 +224,6 @@ impl Replica {
     /// `last_index`/`last_term` describe that log; all of it is committed.
     pub fn recover(config: Config, state: State, last_index: LogIndex, last_term: Term) -> Replica {
         debug_assert_eq!(state.applied_index, last_index);
-        #[cfg(feature = "sim-bugs")]
         let state = State {
             bugs: config.bugs,
             ..state
@@ -304,8 +313,7 @@ impl Replica {
         match self.check(&command) {
             Err(e) => self.reply(request, Err(e)),
             Ok(Some(done)) => self.reply(request, Ok(done)),
-            #[cfg(feature = "sim-bugs")]
-            Ok(None) if self.config.bugs.ack_before_durable => {
+            Ok(None) if planted!(self.config.bugs, AckBeforeDurable) => {
                 self.ack_early(now, request, command)
             }
             Ok(None) => {
@@ -317,7 +325,6 @@ impl Replica {
 
     /// SIM-BUGS (c): answers a submission at once with the job the reducer
     /// is expected to create, before its entry is durable.
-    #[cfg(feature = "sim-bugs")]
     fn ack_early(&mut self, now: TimestampMs, request: RequestId, command: Command) {
         let Command::Submit {
             spec,
@@ -386,7 +393,9 @@ impl Replica {
                 }
                 Ok(None)
             }
-            Command::DrainNode { name } | Command::RemoveNode { name } => {
+            Command::DrainNode { name }
+            | Command::UndrainNode { name }
+            | Command::RemoveNode { name } => {
                 self.state
                     .nodes
                     .get(name)
@@ -424,8 +433,7 @@ impl Replica {
             .and_then(Job::active_attempt)
             .is_some_and(|a| a.number == attempt);
         // SIM-BUGS (b): the planted bug also drops this first line of fencing.
-        #[cfg(feature = "sim-bugs")]
-        let current = current || self.config.bugs.stale_result_applied;
+        let current = current || planted!(self.config.bugs, StaleResultApplied);
         if !current || !matches!(self.lifecycle, Lifecycle::Starting | Lifecycle::Running) {
             return;
         }
@@ -478,7 +486,11 @@ impl Replica {
     // --- internals ---
 
     fn append(&mut self, now: TimestampMs, event: Event, origin: Origin) {
-        self.last_at = self.last_at.max(now);
+        self.last_at = if planted!(self.config.bugs, StampFollowsClock) {
+            now
+        } else {
+            self.last_at.max(now)
+        };
         self.last_index += 1;
         let entry = Entry {
             index: self.last_index,
@@ -530,14 +542,16 @@ impl Replica {
                 | Event::JobCancelled { .. },
                 _,
             ) => {}
+            (Event::AttemptLost { .. }, _) if planted!(self.config.bugs, RequeueNeedsNoPass) => {}
             _ => self.full_pass_needed = true,
         }
         match &applied {
             Applied::Assigned { job, attempt } => {
-                if let Some((spec, node)) = self.attempt_node(*job) {
+                if let Some((spec, node, incarnation)) = self.attempt_node(*job) {
                     let spec = spec.clone();
                     self.outputs.push_back(Output::Runner(RunnerCommand::Start {
                         node,
+                        incarnation,
                         job: *job,
                         attempt: *attempt,
                         spec,
@@ -545,9 +559,10 @@ impl Replica {
                 }
             }
             Applied::CancelActive { job, attempt } => {
-                if let Some((_, node)) = self.attempt_node(*job) {
+                if let Some((_, node, incarnation)) = self.attempt_node(*job) {
                     self.outputs.push_back(Output::Runner(RunnerCommand::Kill {
                         node,
+                        incarnation,
                         job: *job,
                         attempt: *attempt,
                     }));
@@ -561,10 +576,12 @@ impl Replica {
         }
     }
 
-    /// The spec of a job and the node of its latest attempt.
-    fn attempt_node(&self, job: JobId) -> Option<(&JobSpec, String)> {
+    /// The spec of a job and the node (and its incarnation) of its latest
+    /// attempt.
+    fn attempt_node(&self, job: JobId) -> Option<(&JobSpec, String, u64)> {
         let job = self.state.job(job)?;
-        Some((&job.spec, job.attempts.last()?.node.clone()))
+        let attempt = job.attempts.last()?;
+        Some((&job.spec, attempt.node.clone(), attempt.incarnation))
     }
 
     fn reply_for(&self, entry: &Entry, applied: &Applied) -> Result<Reply, CommandError> {
@@ -594,6 +611,7 @@ impl Replica {
             (Event::JobCancelled { job }, _) => job_reply(job),
             (
                 Event::NodeDrained { name }
+                | Event::NodeUndrained { name }
                 | Event::NodeRemoved { name }
                 | Event::NodeRegistered { name, .. },
                 _,
@@ -612,19 +630,21 @@ impl Replica {
         if !self.full_pass_needed && self.new_jobs.is_empty() {
             return;
         }
+        let bounds = self.config.pass_bounds;
         let pass = if self.full_pass_needed {
-            scheduler::schedule_pass(&self.state, None)
+            scheduler::schedule_pass(&self.state, None, bounds)
         } else {
             let mut keys: Vec<QueueKey> = self
                 .new_jobs
                 .iter()
-                .filter_map(|id| self.state.job(*id).map(QueueKey::of))
+                .filter_map(|id| self.state.job(*id).map(|j| self.state.queue_key(j)))
                 .collect();
             keys.sort_unstable();
-            scheduler::schedule_pass(&self.state, Some(&keys))
+            scheduler::schedule_pass(&self.state, Some(&keys), bounds)
         };
         self.new_jobs.clear();
-        self.full_pass_needed = pass.truncated;
+        self.full_pass_needed =
+            pass.truncated && !planted!(self.config.bugs, TruncatedPassForgotten);
         for p in pass.placements {
             let event = Event::AttemptAssigned {
                 job: p.job,
@@ -651,6 +671,7 @@ fn command_event(command: Command) -> Event {
         },
         Command::Cancel { job } => Event::JobCancelled { job },
         Command::DrainNode { name } => Event::NodeDrained { name },
+        Command::UndrainNode { name } => Event::NodeUndrained { name },
         Command::RemoveNode { name } => Event::NodeRemoved { name },
         Command::RegisterNode {
             name,

@@ -24,6 +24,25 @@ pub const SCAN_JOBS_MAX: usize = 1024;
 /// Placements made per pass: bounds the size of one batch of proposals.
 pub const PLACEMENTS_PER_PASS_MAX: usize = 256;
 
+/// The bounds of one pass. Production uses the defaults; the simulator draws
+/// small ones per seed, so that the code for truncated passes runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassBounds {
+    /// Queued jobs that some ready node could ever take, examined per pass.
+    pub scan_jobs_max: usize,
+    /// Placements per pass.
+    pub placements_max: usize,
+}
+
+impl Default for PassBounds {
+    fn default() -> Self {
+        PassBounds {
+            scan_jobs_max: SCAN_JOBS_MAX,
+            placements_max: PLACEMENTS_PER_PASS_MAX,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
     pub job: JobId,
@@ -39,27 +58,23 @@ pub struct Pass {
     pub truncated: bool,
 }
 
-/// One scheduling pass over every queued job (up to the bounds).
+/// One scheduling pass over every queued job (up to the default bounds).
 pub fn schedule(state: &State) -> Vec<Placement> {
-    schedule_pass(state, None).placements
+    schedule_pass(state, None, PassBounds::default()).placements
 }
 
 /// One scheduling pass. With `only`, just those jobs (which must be sorted in
 /// queue order) are considered: enough when nothing but new submissions
 /// changed since a pass that placed all it could, because every older queued
 /// job met at least as much free capacity then as it would now.
-pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>) -> Pass {
+pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Pass {
+    debug_assert!(bounds.scan_jobs_max > 0 && bounds.placements_max > 0);
     let mut free: BTreeMap<&str, (Resources, &Node)> = state
         .nodes
         .values()
         .filter(|n| n.accepts_work())
         .map(|n| (n.name.as_str(), (n.free(), n)))
         .collect();
-    // SIM-BUGS (a): the planted bug drops the capacity check.
-    #[cfg(feature = "sim-bugs")]
-    let skip_capacity = state.bugs.scheduler_skips_capacity;
-    #[cfg(not(feature = "sim-bugs"))]
-    let skip_capacity = false;
     let mut placements = Vec::new();
     let mut truncated = false;
     let candidates: Box<dyn Iterator<Item = &QueueKey>> = match only {
@@ -74,7 +89,7 @@ pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>) -> Pass {
         if !any_room(&free) {
             break;
         }
-        if scanned >= SCAN_JOBS_MAX || placements.len() >= PLACEMENTS_PER_PASS_MAX {
+        if scanned >= bounds.scan_jobs_max || placements.len() >= bounds.placements_max {
             truncated = true;
             break;
         }
@@ -87,11 +102,12 @@ pub fn schedule_pass(state: &State, only: Option<&[QueueKey]>) -> Pass {
         };
         if !free.values().any(|(_, n)| {
             n.satisfies(&job.spec.constraints) && job.spec.resources.fits_in(&n.capacity)
-        }) {
+        }) && !planted!(state.bugs, UnplaceableBlocksScan)
+        {
             continue;
         }
         scanned += 1;
-        if let Some(name) = best_node(job, &free, skip_capacity) {
+        if let Some(name) = best_node(state, job, &free) {
             let slot = free.get_mut(name).expect("best_node returns a key of free");
             slot.0 = slot.0.saturating_sub(&job.spec.resources);
             placements.push(Placement {
@@ -114,17 +130,41 @@ fn any_room(free: &BTreeMap<&str, (Resources, &Node)>) -> bool {
 }
 
 fn best_node<'a>(
+    state: &State,
     job: &Job,
     free: &BTreeMap<&'a str, (Resources, &Node)>,
-    skip_capacity: bool,
 ) -> Option<&'a str> {
     let need = job.spec.resources;
-    free.iter()
-        .filter(|(_, (f, node))| {
-            (skip_capacity || need.fits_in(f)) && node.satisfies(&job.spec.constraints)
-        })
-        .min_by_key(|(name, (f, node))| (leftover_score(&f.saturating_sub(&need), node), **name))
-        .map(|(name, _)| *name)
+    let bugs = &state.bugs;
+    let fits = |f: &Resources| {
+        if planted!(bugs, SchedulerSkipsCapacity) {
+            true
+        } else if planted!(bugs, FitIgnoresMemory) {
+            need.cpu_millis <= f.cpu_millis
+        } else {
+            need.fits_in(f)
+        }
+    };
+    let matches = |node: &Node| {
+        if planted!(bugs, ConstraintAnyMatch) && !job.spec.constraints.is_empty() {
+            job.spec
+                .constraints
+                .iter()
+                .any(|(k, v)| node.labels.get(k) == Some(v))
+        } else {
+            node.satisfies(&job.spec.constraints)
+        }
+    };
+    let fitting = free
+        .iter()
+        .filter(|(_, (f, node))| fits(f) && matches(node))
+        .map(|(name, (f, node))| (leftover_score(&f.saturating_sub(&need), node), *name));
+    if planted!(bugs, LoosestFit) {
+        return fitting
+            .max_by_key(|(score, name)| (*score, std::cmp::Reverse(*name)))
+            .map(|(_, name)| name);
+    }
+    fitting.min().map(|(_, name)| name)
 }
 
 /// Free capacity left after placement, as parts per million of the node's

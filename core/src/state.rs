@@ -178,9 +178,9 @@ pub struct State {
     pub job_counts: [u64; 6],
     /// Entries that were no-ops (invalid in the state they met).
     pub ignored_entries: u64,
-    /// SIM-BUGS: planted bugs selected by the simulator; ignored by `==`,
-    /// `Hash` and so by [`State::digest`].
-    #[cfg(feature = "sim-bugs")]
+    /// SIM-BUGS: the planted bug the simulator selected, if any; ignored by
+    /// `==`, `Hash` and so by [`State::digest`], and dead code without the
+    /// `sim-bugs` feature.
     pub bugs: crate::bugs::BugSet,
 }
 
@@ -198,6 +198,19 @@ fn state_slot(s: JobState) -> usize {
 impl State {
     pub fn new() -> State {
         State::default()
+    }
+
+    /// The job's place in the queue. Every queue insert and removal goes
+    /// through here, so the order is decided in one place.
+    pub fn queue_key(&self, job: &Job) -> QueueKey {
+        let mut key = QueueKey::of(job);
+        if planted!(self.bugs, QueueLifo) {
+            key.seq = u64::MAX - key.seq;
+        }
+        if planted!(self.bugs, PriorityInverted) {
+            key.inverse_priority = job.spec.priority;
+        }
+        key
     }
 
     /// Folds entries from scratch: what start-up and `rustci replay` do.
@@ -292,6 +305,9 @@ impl State {
                 incarnation,
             } => self.register(name, *capacity, labels, *incarnation, at),
             Event::NodeDrained { name } => self.node_transition(name, at, NodeTransition::Drain),
+            Event::NodeUndrained { name } => {
+                self.node_transition(name, at, NodeTransition::Undrain)
+            }
             Event::NodeDown { name } => self.node_transition(name, at, NodeTransition::Down),
             Event::NodeUp { name } => self.node_transition(name, at, NodeTransition::Up),
             Event::NodeRemoved { name } => self.node_transition(name, at, NodeTransition::Remove),
@@ -321,9 +337,9 @@ impl State {
             attempts: Vec::new(),
             seq: index,
         };
-        self.queue.insert(QueueKey::of(&job));
+        self.queue.insert(self.queue_key(&job));
         self.job_counts[state_slot(JobState::Queued)] += 1;
-        if let Some(key) = key {
+        if let Some(key) = key.filter(|_| !planted!(self.bugs, IdempotencyKeyForgotten)) {
             self.idempotency.insert(key, id);
         }
         self.jobs.push(job);
@@ -332,19 +348,22 @@ impl State {
 
     /// Moves a job to `to`, keeping the queue and the counts in step.
     fn set_job_state(&mut self, id: JobId, to: JobState) {
-        let Some(job) = self.jobs.get_mut(&id) else {
+        let Some(job) = self.jobs.get(&id) else {
             return;
         };
         let from = job.state;
         if from == to {
             return;
         }
+        let key = self.queue_key(job);
         if from == JobState::Queued {
-            self.queue.remove(&QueueKey::of(job));
+            self.queue.remove(&key);
         }
-        job.state = to;
         if to == JobState::Queued {
-            self.queue.insert(QueueKey::of(job));
+            self.queue.insert(key);
+        }
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.state = to;
         }
         self.job_counts[state_slot(from)] = self.job_counts[state_slot(from)].saturating_sub(1);
         self.job_counts[state_slot(to)] += 1;
@@ -400,6 +419,7 @@ impl State {
             return Applied::Ignored("assignment to a node without capacity");
         }
         node.allocated = node.allocated.saturating_add(&job.spec.resources);
+        let incarnation = node.incarnation;
         match self.active_by_node.get_mut(node_name) {
             Some(set) => {
                 set.insert(id);
@@ -413,6 +433,7 @@ impl State {
             job.attempts.push(Attempt {
                 number: attempt,
                 node: node_name.to_string(),
+                incarnation,
                 state: AttemptState::Assigned,
                 exit_code: None,
                 assigned_at: at,
@@ -428,8 +449,7 @@ impl State {
     /// The current attempt of `id` if it is number `attempt` and active:
     /// the fencing check every attempt event passes through.
     fn active_attempt_mut(&mut self, id: JobId, attempt: AttemptNumber) -> Option<&mut Attempt> {
-        #[cfg(feature = "sim-bugs")]
-        if self.bugs.stale_result_applied {
+        if planted!(self.bugs, StaleResultApplied) {
             // SIM-BUGS (b): no fencing, any attempt with that number will do.
             return self
                 .jobs
@@ -523,18 +543,36 @@ impl State {
 
     /// Decides the job's state after its current attempt ended as `ended`.
     fn settle_job(&mut self, id: JobId, ended: AttemptState) {
+        let bugs = self.bugs;
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        if job.state.is_terminal() {
+        if job.state.is_terminal()
+            && !(planted!(bugs, LostRequeuesCancelled) && ended == AttemptState::Lost)
+        {
             // Cancelled while running: the job stays cancelled.
             return;
         }
+        let budget = if planted!(bugs, RetryOneTooMany) {
+            job.spec.max_retries.saturating_add(1)
+        } else if planted!(bugs, RetryOneTooFew) {
+            job.spec.max_retries.saturating_sub(1)
+        } else {
+            job.spec.max_retries
+        };
         let next = match ended {
             AttemptState::Succeeded => JobState::Succeeded,
+            AttemptState::Lost if planted!(bugs, LostSpendsRetry) => {
+                job.retries_used += 1;
+                if job.retries_used <= job.spec.max_retries {
+                    JobState::Queued
+                } else {
+                    JobState::Failed
+                }
+            }
             AttemptState::Lost => JobState::Queued,
             AttemptState::Failed | AttemptState::TimedOut => {
-                if job.retries_used < job.spec.max_retries {
+                if job.retries_used < budget {
                     job.retries_used += 1;
                     JobState::Queued
                 } else {
@@ -581,7 +619,7 @@ impl State {
                 false
             }
         };
-        if restarted {
+        if restarted && !planted!(self.bugs, RestartNotNoticed) {
             // Whatever ran under the old incarnation died with it.
             self.lose_all_on(name, at);
         }
@@ -611,7 +649,11 @@ impl State {
             return Applied::Ignored("transition of an unknown node");
         };
         let (allowed, to) = match t {
+            NodeTransition::Drain if planted!(self.bugs, DrainIgnored) => {
+                (node.state == NodeState::Ready, NodeState::Ready)
+            }
             NodeTransition::Drain => (node.state == NodeState::Ready, NodeState::Draining),
+            NodeTransition::Undrain => (node.state == NodeState::Draining, NodeState::Ready),
             NodeTransition::Down => (
                 matches!(node.state, NodeState::Ready | NodeState::Draining),
                 NodeState::Down,
@@ -640,7 +682,7 @@ impl State {
         let mut active: BTreeMap<&str, BTreeSet<JobId>> = BTreeMap::new();
         for (id, job) in self.jobs.iter() {
             counts[state_slot(job.state)] += 1;
-            let queued = self.queue.contains(&QueueKey::of(job));
+            let queued = self.queue.contains(&self.queue_key(job));
             if queued != (job.state == JobState::Queued) {
                 return Err(format!(
                     "job {id}: in queue {queued} but state {:?}",
@@ -709,6 +751,7 @@ impl State {
 #[derive(Clone, Copy)]
 enum NodeTransition {
     Drain,
+    Undrain,
     Down,
     Up,
     Remove,

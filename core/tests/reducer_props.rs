@@ -84,6 +84,7 @@ pub fn event() -> impl Strategy<Value = Event> {
         node_name().prop_map(|name| Event::NodeDown { name }),
         node_name().prop_map(|name| Event::NodeUp { name }),
         node_name().prop_map(|name| Event::NodeRemoved { name }),
+        node_name().prop_map(|name| Event::NodeUndrained { name }),
     ]
 }
 

@@ -240,6 +240,10 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
             let name = name.to_string();
             command(cp, Command::DrainNode { name }).await
         }
+        (&Method::POST, ["v1", "nodes", name, "undrain"]) => {
+            let name = name.to_string();
+            command(cp, Command::UndrainNode { name }).await
+        }
         (&Method::POST, ["v1", "nodes", name, "remove"])
         | (&Method::DELETE, ["v1", "nodes", name]) => {
             let name = name.to_string();

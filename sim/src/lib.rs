@@ -70,13 +70,12 @@ impl PlantedBug {
 
     #[cfg(feature = "sim-bugs")]
     fn bug_set(self) -> rustci_core::bugs::BugSet {
-        let mut set = rustci_core::bugs::BugSet::default();
-        match self {
-            PlantedBug::SkipCapacityCheck => set.scheduler_skips_capacity = true,
-            PlantedBug::ApplyStaleResult => set.stale_result_applied = true,
-            PlantedBug::AckBeforeDurable => set.ack_before_durable = true,
-        }
-        set
+        use rustci_core::bugs::{Bug, BugSet};
+        BugSet::only(match self {
+            PlantedBug::SkipCapacityCheck => Bug::SchedulerSkipsCapacity,
+            PlantedBug::ApplyStaleResult => Bug::StaleResultApplied,
+            PlantedBug::AckBeforeDurable => Bug::AckBeforeDurable,
+        })
     }
 }
 
