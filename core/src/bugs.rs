@@ -127,8 +127,15 @@ macro_rules! planted {
 #[cfg(not(feature = "sim-bugs"))]
 #[macro_export]
 macro_rules! planted {
-    ($bugs:expr, $bug:ident) => {{
-        let _ = &$bugs;
-        false
-    }};
+    ($bugs:expr, $bug:ident) => {
+        $crate::bugs::dormant(&$bugs, stringify!($bug))
+    };
+}
+
+/// What [`planted!`] expands to without `sim-bugs`: always false (it names
+/// the bug so that two different sites never read as the same condition).
+#[cfg(not(feature = "sim-bugs"))]
+#[inline(always)]
+pub fn dormant(_bugs: &BugSet, _bug: &'static str) -> bool {
+    false
 }
