@@ -43,8 +43,9 @@ pub enum Bug {
     TruncatedPassForgotten,
     /// Jobs no ready node could ever take count against the scan bound.
     UnplaceableBlocksScan,
-    /// The replica schedules only new submissions after an attempt was lost.
-    RequeueNeedsNoPass,
+    /// The replica schedules only new submissions after a node (re)joined,
+    /// so neither its capacity nor the attempts it requeued are looked at.
+    RejoinNeedsNoPass,
     /// A lost attempt of a cancelled job requeues it.
     LostRequeuesCancelled,
     /// The reducer records a drain but the node keeps accepting work.
@@ -55,10 +56,13 @@ pub enum Bug {
     LoosestFit,
     /// Entries are stamped with the proposer's clock even when it went back.
     StampFollowsClock,
+    /// Replay by value (`State::apply_owned`, what start-up uses) moves the
+    /// spec into the job and drops the idempotency key.
+    OwnedReplayDropsKey,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 19] = [
+    pub const ALL: [Bug; 20] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -72,12 +76,13 @@ impl Bug {
         Bug::RestartNotNoticed,
         Bug::TruncatedPassForgotten,
         Bug::UnplaceableBlocksScan,
-        Bug::RequeueNeedsNoPass,
+        Bug::RejoinNeedsNoPass,
         Bug::LostRequeuesCancelled,
         Bug::DrainIgnored,
         Bug::IdempotencyKeyForgotten,
         Bug::LoosestFit,
         Bug::StampFollowsClock,
+        Bug::OwnedReplayDropsKey,
     ];
 }
 

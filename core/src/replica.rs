@@ -542,7 +542,7 @@ impl Replica {
                 | Event::JobCancelled { .. },
                 _,
             ) => {}
-            (Event::AttemptLost { .. }, _) if planted!(self.config.bugs, RequeueNeedsNoPass) => {}
+            (Event::NodeRegistered { .. }, _) if planted!(self.config.bugs, RejoinNeedsNoPass) => {}
             _ => self.full_pass_needed = true,
         }
         match &applied {

@@ -261,6 +261,8 @@ impl State {
                 self.applied_index = entry.index;
                 self.applied_term = entry.term;
                 self.last_at = self.last_at.max(entry.at);
+                let idempotency_key =
+                    idempotency_key.filter(|_| !planted!(self.bugs, OwnedReplayDropsKey));
                 let applied = self.submit(entry.index, entry.at, Cow::Owned(spec), idempotency_key);
                 if matches!(applied, Applied::Ignored(_)) {
                     self.ignored_entries += 1;

@@ -1,17 +1,27 @@
-//! The invariant checkers.
+//! The invariant checkers: independent oracles.
 //!
 //! A [`Checker`] is fed observations (what clients were told, what runners
-//! executed, what the replica proposed and applied) and answers each with
-//! `Ok` or the [`Violation`] of one named invariant. It reads no simulator
-//! internals, so unit tests can feed it crafted violating histories.
+//! executed, what the replica proposed and applied, what each agent
+//! advertised) and answers each with `Ok` or the [`Violation`] of one named
+//! invariant. It reads no simulator internals, so unit tests can feed it
+//! crafted violating histories.
+//!
+//! It decides from first principles, never by calling the core code whose
+//! result it judges: it keeps its own ledger of the log (which node
+//! incarnation each placement went to, each node's drain status, each job's
+//! submission order and spec, cancels), does its own arithmetic per resource
+//! dimension against the capacity the agent itself advertised, its own label
+//! matching against the labels the agent advertised, and its own ordering
+//! of queued jobs by priority and submission index. From core's state it
+//! reads only plain data (a job's state and its attempts' states and nodes).
 //!
 //! Everything per step is incremental: work is proportional to what the step
 //! touched. Whole-state checks (replay, consistency) run at quiescent points.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rustci_core::event::{Entry, Event};
-use rustci_core::model::{AttemptNumber, Job, JobId, JobState, Resources};
+use rustci_core::event::{Entry, Event, LogIndex};
+use rustci_core::model::{AttemptNumber, AttemptState, Job, JobId, JobState, Labels, Resources};
 use rustci_core::replica::Lifecycle;
 use rustci_core::state::State;
 
@@ -22,6 +32,12 @@ pub mod inv {
     pub const EXCLUSIVE: &str = "exclusive_execution";
     pub const CAPACITY: &str = "capacity_and_constraints";
     pub const PRIORITY: &str = "priority_order";
+    pub const TIGHTEST_FIT: &str = "tightest_fit";
+    pub const PROGRESS: &str = "placement_progress";
+    pub const RETRY_BUDGET: &str = "retry_budget";
+    pub const INCARNATION: &str = "attempt_on_its_incarnation";
+    pub const CANCEL: &str = "cancelled_never_starts";
+    pub const DRAIN: &str = "drained_node_gets_nothing_new";
     pub const TERMINAL: &str = "terminal_stays_terminal";
     pub const FENCING: &str = "stale_result_fenced";
     pub const NODE_DOWN: &str = "node_down_only_if_disturbed";
@@ -49,6 +65,107 @@ fn fail(invariant: &'static str, detail: String) -> Check {
 /// job that did not exist yet.
 pub type PreApply = BTreeMap<JobId, Option<Job>>;
 
+// --- the checker's own arithmetic and matching ---
+
+/// `need` fits in `free`: every dimension on its own.
+fn fits(need: Resources, free: Resources) -> bool {
+    need.cpu_millis <= free.cpu_millis && need.memory_mb <= free.memory_mb
+}
+
+fn minus(a: Resources, b: Resources) -> Resources {
+    Resources {
+        cpu_millis: a.cpu_millis.saturating_sub(b.cpu_millis),
+        memory_mb: a.memory_mb.saturating_sub(b.memory_mb),
+    }
+}
+
+fn plus(a: Resources, b: Resources) -> Resources {
+    Resources {
+        cpu_millis: a.cpu_millis + b.cpu_millis,
+        memory_mb: a.memory_mb + b.memory_mb,
+    }
+}
+
+/// Every constraint names a label the node has, with the same value.
+fn matches(labels: &Labels, constraints: &Labels) -> bool {
+    for (key, want) in constraints {
+        match labels.get(key) {
+            Some(have) if have == want => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Free capacity left after a placement, as parts per million of the
+/// node's capacity, summed over the dimensions: lower is a tighter fit.
+fn leftover_ppm(left: Resources, capacity: Resources) -> u128 {
+    let ppm = |l: u64, c: u64| {
+        if c == 0 {
+            0
+        } else {
+            u128::from(l) * 1_000_000 / u128::from(c)
+        }
+    };
+    ppm(left.cpu_millis, capacity.cpu_millis) + ppm(left.memory_mb, capacity.memory_mb)
+}
+
+fn failed_attempts(job: &Job) -> u32 {
+    job.attempts
+        .iter()
+        .filter(|a| matches!(a.state, AttemptState::Failed | AttemptState::TimedOut))
+        .count() as u32
+}
+
+/// Position of the last placement of each (job, attempt) in `entries`.
+fn last_assignments(entries: &[Entry]) -> BTreeMap<(JobId, AttemptNumber), usize> {
+    let mut last = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        if let Event::AttemptAssigned { job, attempt, .. } = &e.event {
+            last.insert((*job, *attempt), i);
+        }
+    }
+    last
+}
+
+// --- the ledger: what the log said, as the checker understands it ---
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeStatus {
+    Ready,
+    Draining,
+    Down,
+    Left,
+}
+
+#[derive(Clone, Debug)]
+struct NodeRec {
+    incarnation: u64,
+    status: NodeStatus,
+}
+
+/// A job as submitted, with what happened to it in the log.
+#[derive(Clone, Debug)]
+struct JobRec {
+    name: String,
+    priority: u8,
+    /// Index of the submission: FIFO order within a priority.
+    seq: LogIndex,
+    need: Resources,
+    constraints: Labels,
+    max_retries: u32,
+    /// Attempts placed before the job was first cancelled: none after may
+    /// ever be placed or started.
+    cancel_point: Option<AttemptNumber>,
+    /// Placements the reducer accepted: attempt -> (node, its incarnation
+    /// then, by the ledger).
+    placed: BTreeMap<AttemptNumber, (String, u64)>,
+}
+
+/// Queue order by the checker's own rule: higher priority first, then
+/// earlier submission.
+type OrderKey = (std::cmp::Reverse<u8>, LogIndex, JobId);
+
 #[derive(Default)]
 pub struct Checker {
     /// Job ids a client got a success reply for, with the job's name (names
@@ -58,7 +175,7 @@ pub struct Checker {
     replied_for_key: BTreeMap<String, JobId>,
     /// Idempotency key -> the job (id, name) that the state created for it.
     created_for_key: BTreeMap<String, (JobId, String)>,
-    /// The next job id not yet looked at by [`Checker::new_jobs`].
+    /// The next job id not yet looked at by the ledger.
     next_unseen_job: u64,
     /// Ground truth: attempts executing on runners now, by job.
     executing: BTreeMap<JobId, (AttemptNumber, String)>,
@@ -68,7 +185,24 @@ pub struct Checker {
     pub disturbed: BTreeSet<String>,
     /// `at` of the last entry proposed.
     last_at: u64,
+    /// What each agent incarnation advertised: (capacity, labels).
+    truth: BTreeMap<(String, u64), (Resources, Labels)>,
+    // The ledger, rebuilt from the durable log at every replica restart.
+    nodes: BTreeMap<String, NodeRec>,
+    jobs: BTreeMap<JobId, JobRec>,
+    /// Queued jobs (by the state's job states), in the checker's own order.
+    queued: BTreeSet<OrderKey>,
+    /// Active attempts by the state's data: job -> (node, attempt).
+    active: BTreeMap<JobId, (String, AttemptNumber)>,
+    /// Resources of the active attempts per node, by the checker's sums.
+    allocated: BTreeMap<String, Resources>,
+    /// Consecutive idle ticks at which some queued job was owed a placement.
+    owed_ticks: u32,
 }
+
+/// Idle replica ticks a job may be owed a placement before it is a
+/// violation (a pass runs on the next tick at the latest).
+pub const OWED_TICKS_MAX: u32 = 3;
 
 impl Checker {
     pub fn new() -> Checker {
@@ -76,6 +210,40 @@ impl Checker {
             next_unseen_job: 1,
             ..Checker::default()
         }
+    }
+
+    /// An agent incarnation started, advertising `capacity` and `labels`:
+    /// the ground truth its placements are judged against.
+    pub fn node_truth(
+        &mut self,
+        name: &str,
+        incarnation: u64,
+        capacity: Resources,
+        labels: Labels,
+    ) {
+        self.truth
+            .insert((name.to_string(), incarnation), (capacity, labels));
+    }
+
+    fn truth_of(&self, node: &str, incarnation: u64) -> (Resources, Labels) {
+        self.truth
+            .get(&(node.to_string(), incarnation))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The advertised capacity and labels of a node's current incarnation
+    /// by the ledger, when the ledger thinks it takes work.
+    fn ready_node(&self, node: &str) -> Option<(Resources, Labels)> {
+        let rec = self.nodes.get(node)?;
+        (rec.status == NodeStatus::Ready).then(|| self.truth_of(node, rec.incarnation))
+    }
+
+    fn free_on(&self, node: &str, capacity: Resources) -> Resources {
+        minus(
+            capacity,
+            self.allocated.get(node).copied().unwrap_or_default(),
+        )
     }
 
     /// A client got `job` as the answer to a submission.
@@ -117,10 +285,13 @@ impl Checker {
     }
 
     /// Looks at the jobs created since the last call: one key, one job.
-    pub fn new_jobs(&mut self, state: &State) -> Check {
+    /// Returns the new jobs by the index of their submission entry.
+    fn new_jobs(&mut self, state: &State) -> Result<BTreeMap<LogIndex, JobId>, Violation> {
         let from = self.next_unseen_job;
         self.next_unseen_job = self.next_unseen_job.max(state.jobs.next_id().0);
+        let mut by_seq = BTreeMap::new();
         for (id, job) in state.jobs.range(JobId(from)..) {
+            by_seq.insert(job.seq, *id);
             let Some(key) = &job.idempotency_key else {
                 continue;
             };
@@ -130,24 +301,25 @@ impl Checker {
                 .entry(key.clone())
                 .or_insert(this.clone());
             if *first != this {
-                return fail(
-                    inv::IDEMPOTENCY,
-                    format!("key {key} made job {} and job {id}", first.0),
-                );
+                return Err(Violation {
+                    invariant: inv::IDEMPOTENCY,
+                    detail: format!("key {key} made job {} and job {id}", first.0),
+                });
             }
         }
-        Ok(())
+        Ok(by_seq)
     }
 
-    /// A runner started executing an attempt. `running` is the total of the
-    /// resources executing on that node including this attempt.
+    /// A runner started executing an attempt on incarnation `incarnation` of
+    /// `node`. `running` is the total of the resources executing on that
+    /// node including this attempt.
     pub fn exec_start(
         &mut self,
         job: JobId,
         attempt: AttemptNumber,
         node: &str,
+        incarnation: u64,
         running: Resources,
-        capacity: Resources,
     ) -> Check {
         if let Some((other, on)) = self.executing.get(&job) {
             return fail(
@@ -156,13 +328,41 @@ impl Checker {
             );
         }
         self.executing.insert(job, (attempt, node.to_string()));
-        if !running.fits_in(&capacity) {
+        let (capacity, labels) = self.truth_of(node, incarnation);
+        if !fits(running, capacity) {
             return fail(
                 inv::CAPACITY,
                 format!("node {node} executes {running:?} > capacity {capacity:?}"),
             );
         }
-        Ok(())
+        let Some(rec) = self.jobs.get(&job) else {
+            return Ok(());
+        };
+        if !matches(&labels, &rec.constraints) {
+            return fail(
+                inv::CAPACITY,
+                format!(
+                    "job {job} ({:?}) executes on {node} ({labels:?})",
+                    rec.constraints
+                ),
+            );
+        }
+        if let Some(point) = rec.cancel_point.filter(|p| attempt > *p) {
+            return fail(
+                inv::CANCEL,
+                format!("job {job}: attempt {attempt} starts after a cancel at attempt {point}"),
+            );
+        }
+        match rec.placed.get(&attempt) {
+            Some((on, inc)) if on == node && *inc == incarnation => Ok(()),
+            Some((on, inc)) => fail(
+                inv::INCARNATION,
+                format!(
+                    "job {job} attempt {attempt} placed on {on} incarnation {inc} starts on {node} incarnation {incarnation}"
+                ),
+            ),
+            None => Ok(()),
+        }
     }
 
     pub fn exec_end(&mut self, job: JobId, attempt: AttemptNumber) {
@@ -171,73 +371,104 @@ impl Checker {
         }
     }
 
-    /// The scheduler proposed `entries` from `state` (the state it ran on):
-    /// every placement fits and matches, and no queued job of higher
-    /// priority that would have fit on that node is left waiting.
-    pub fn placements(&self, state: &State, entries: &[Entry]) -> Check {
+    /// An agent was told by the control plane to run an attempt that was
+    /// placed on another node or another incarnation of its node: it must
+    /// not start it, and it is a violation.
+    pub fn foreign_attempt(
+        &self,
+        me: &str,
+        my_incarnation: u64,
+        job: JobId,
+        attempt: AttemptNumber,
+        node: &str,
+        incarnation: u64,
+    ) -> Check {
+        fail(
+            inv::INCARNATION,
+            format!(
+                "{me} incarnation {my_incarnation} is handed job {job} attempt {attempt} placed on {node} incarnation {incarnation}"
+            ),
+        )
+    }
+
+    /// The scheduler proposed `entries` from the state it ran on (which the
+    /// ledger mirrors): every placement goes to a ready node, matches and
+    /// fits by the checker's own arithmetic, takes the tightest fit, and no
+    /// queued job ahead of it by priority and submission order that would
+    /// have fit on that node is left waiting.
+    pub fn placements(&self, entries: &[Entry]) -> Check {
         let mut free: BTreeMap<&str, Resources> = BTreeMap::new();
         let mut placed: BTreeSet<JobId> = BTreeSet::new();
         for entry in entries {
             let Event::AttemptAssigned { job, node, .. } = &entry.event else {
                 continue;
             };
-            let (Some(j), Some(n)) = (state.job(*job), state.nodes.get(node)) else {
+            let Some(rec) = self.jobs.get(job) else {
+                return fail(inv::CAPACITY, format!("placement of unknown job {job}"));
+            };
+            let Some((capacity, labels)) = self.ready_node(node) else {
                 return fail(
-                    inv::CAPACITY,
-                    format!("placement of {job} on unknown {node}"),
+                    inv::DRAIN,
+                    format!(
+                        "job {job} placed on {node}, which is {:?}",
+                        self.nodes.get(node.as_str()).map(|n| n.status)
+                    ),
                 );
             };
-            let f = free.entry(n.name.as_str()).or_insert_with(|| n.free());
-            let need = j.spec.resources;
-            if !n.accepts_work() || !n.satisfies(&j.spec.constraints) || !need.fits_in(f) {
+            let f = *free
+                .entry(node.as_str())
+                .or_insert_with(|| self.free_on(node, capacity));
+            if !matches(&labels, &rec.constraints) || !fits(rec.need, f) {
                 return fail(
                     inv::CAPACITY,
                     format!(
-                        "job {job} ({need:?}, {:?}) placed on {node} ({:?}, free {f:?}, {:?})",
-                        j.spec.constraints, n.state, n.labels
+                        "job {job} ({:?}, {:?}) placed on {node} ({labels:?}, free {f:?})",
+                        rec.need, rec.constraints
                     ),
                 );
             }
-            let inverse = 100u8.saturating_sub(j.spec.priority);
-            for key in &state.queue {
-                if key.inverse_priority >= inverse {
-                    break;
-                }
-                if placed.contains(&key.job) {
+            let key = (std::cmp::Reverse(rec.priority), rec.seq, *job);
+            for ahead in self.queued.range(..key) {
+                let q = ahead.2;
+                if placed.contains(&q) {
                     continue;
                 }
-                let Some(q) = state.job(key.job) else {
+                let Some(qrec) = self.jobs.get(&q) else {
                     continue;
                 };
-                if q.spec.resources.fits_in(f) && n.satisfies(&q.spec.constraints) {
+                if fits(qrec.need, f) && matches(&labels, &qrec.constraints) {
                     return fail(
                         inv::PRIORITY,
                         format!(
-                            "job {job} (priority {}) placed on {node} while job {} (priority {}) that fits waits",
-                            j.spec.priority, q.id, q.spec.priority
+                            "job {job} (priority {}, submitted at {}) placed on {node} while job {q} (priority {}, submitted at {}) that fits waits",
+                            rec.priority, rec.seq, qrec.priority, qrec.seq
                         ),
                     );
                 }
             }
-            *f = f.saturating_sub(&need);
+            let score = leftover_ppm(minus(f, rec.need), capacity);
+            for (other, rec_other) in &self.nodes {
+                if other == node || rec_other.status != NodeStatus::Ready {
+                    continue;
+                }
+                let (cap, lab) = self.truth_of(other, rec_other.incarnation);
+                let f_other = free
+                    .get(other.as_str())
+                    .copied()
+                    .unwrap_or_else(|| self.free_on(other, cap));
+                if !matches(&lab, &rec.constraints) || !fits(rec.need, f_other) {
+                    continue;
+                }
+                let s = leftover_ppm(minus(f_other, rec.need), cap);
+                if (s, other.as_str()) < (score, node.as_str()) {
+                    return fail(
+                        inv::TIGHTEST_FIT,
+                        format!("job {job} placed on {node} (leftover {score} ppm) while {other} fits tighter ({s} ppm)"),
+                    );
+                }
+            }
+            free.insert(node.as_str(), minus(f, rec.need));
             placed.insert(*job);
-        }
-        Ok(())
-    }
-
-    /// The replica commanded a runner to start `job` on `node`.
-    pub fn runner_start(&self, state: &State, job: JobId, node: &str) -> Check {
-        let (Some(j), Some(n)) = (state.job(job), state.nodes.get(node)) else {
-            return fail(inv::CAPACITY, format!("start of {job} on unknown {node}"));
-        };
-        if !n.allocated.fits_in(&n.capacity) || !n.satisfies(&j.spec.constraints) {
-            return fail(
-                inv::CAPACITY,
-                format!(
-                    "node {node}: allocated {:?} of {:?}",
-                    n.allocated, n.capacity
-                ),
-            );
         }
         Ok(())
     }
@@ -253,43 +484,257 @@ impl Checker {
         pre
     }
 
-    /// `entries` were applied: terminal jobs stayed terminal, stale attempt
-    /// reports changed nothing, and nodes went down only if disturbed.
+    /// `entries` were applied and gave `state`. Walks them through the
+    /// ledger, judging every placement the reducer accepted; then checks
+    /// terminal jobs, stale reports, node downs, capacity and retry budgets
+    /// of everything the entries touched.
     pub fn applied(&mut self, pre: &PreApply, entries: &[Entry], state: &State) -> Check {
-        for e in entries {
-            let (job, attempt) = match &e.event {
-                Event::AttemptStarted { job, attempt }
-                | Event::AttemptFinished { job, attempt, .. }
-                | Event::AttemptLost { job, attempt } => (*job, *attempt),
-                Event::NodeDown { name } if !self.disturbed.contains(name) => {
+        let by_seq = self.new_jobs(state)?;
+        let mut touched: BTreeSet<JobId> = by_seq.values().copied().collect();
+        let last = last_assignments(entries);
+        for (i, e) in entries.iter().enumerate() {
+            self.ledger_step(i, e, state, &by_seq, &last, &mut touched)?;
+            self.fencing(pre, e, state)?;
+        }
+        self.terminal_jobs(pre, &touched, state)?;
+        self.refresh(&touched, state)
+    }
+
+    /// After a restart: the ledger is rebuilt from the durable log and the
+    /// recovered state, and judged again.
+    pub fn resync(&mut self, durable: &[Entry], state: &State) -> Check {
+        self.nodes.clear();
+        self.jobs.clear();
+        self.queued.clear();
+        self.active.clear();
+        self.allocated.clear();
+        self.owed_ticks = 0;
+        self.next_unseen_job = 1;
+        let by_seq = self.new_jobs(state)?;
+        let mut touched: BTreeSet<JobId> = by_seq.values().copied().collect();
+        let last = last_assignments(durable);
+        for (i, e) in durable.iter().enumerate() {
+            self.ledger_step(i, e, state, &by_seq, &last, &mut touched)?;
+        }
+        self.refresh(&touched, state)
+    }
+
+    /// Takes one entry (at `position` in the list being walked) into the
+    /// ledger. `state` is the state after the whole list was applied.
+    fn ledger_step(
+        &mut self,
+        position: usize,
+        entry: &Entry,
+        state: &State,
+        by_seq: &BTreeMap<LogIndex, JobId>,
+        last: &BTreeMap<(JobId, AttemptNumber), usize>,
+        touched: &mut BTreeSet<JobId>,
+    ) -> Check {
+        match &entry.event {
+            Event::JobSubmitted { spec, .. } => {
+                if let Some(id) = by_seq.get(&entry.index) {
+                    self.jobs.insert(
+                        *id,
+                        JobRec {
+                            name: spec.name.clone(),
+                            priority: spec.priority,
+                            seq: entry.index,
+                            need: spec.resources,
+                            constraints: spec.constraints.clone(),
+                            max_retries: spec.max_retries,
+                            cancel_point: None,
+                            placed: BTreeMap::new(),
+                        },
+                    );
+                }
+            }
+            Event::JobCancelled { job } => {
+                touched.insert(*job);
+                if let Some(rec) = self.jobs.get_mut(job) {
+                    let placed = rec.placed.keys().next_back().copied().unwrap_or(0);
+                    rec.cancel_point.get_or_insert(placed);
+                }
+            }
+            Event::AttemptAssigned { job, attempt, node } => {
+                touched.insert(*job);
+                // A refused placement leaves its attempt number free for a
+                // later one, so only the last placement of an attempt
+                // number can be the one the state shows.
+                let accepted = last.get(&(*job, *attempt)) == Some(&position)
+                    && state
+                        .job(*job)
+                        .and_then(|j| j.attempts.get((*attempt as usize).wrapping_sub(1)))
+                        .is_some_and(|a| a.number == *attempt && a.node == *node);
+                if accepted {
+                    self.accepted_placement(*job, *attempt, node, state)?;
+                }
+            }
+            Event::AttemptStarted { job, .. }
+            | Event::AttemptFinished { job, .. }
+            | Event::AttemptLost { job, .. } => {
+                touched.insert(*job);
+            }
+            Event::NodeRegistered {
+                name, incarnation, ..
+            } => {
+                self.touch_node(name, touched);
+                let rec = self.nodes.entry(name.clone()).or_insert(NodeRec {
+                    incarnation: *incarnation,
+                    status: NodeStatus::Ready,
+                });
+                rec.incarnation = *incarnation;
+                if matches!(rec.status, NodeStatus::Down | NodeStatus::Left) {
+                    rec.status = NodeStatus::Ready;
+                }
+            }
+            Event::NodeDrained { name } => {
+                self.node_moves(name, &[NodeStatus::Ready], NodeStatus::Draining)
+            }
+            Event::NodeUndrained { name } => {
+                self.node_moves(name, &[NodeStatus::Draining], NodeStatus::Ready)
+            }
+            Event::NodeUp { name } => self.node_moves(name, &[NodeStatus::Down], NodeStatus::Ready),
+            Event::NodeDown { name } => {
+                if !self.disturbed.contains(name) {
                     return fail(inv::NODE_DOWN, format!("node {name} marked down"));
                 }
-                _ => continue,
-            };
-            let Some(Some(before)) = pre.get(&job) else {
-                continue;
-            };
-            let stale = before.active_attempt().is_none_or(|a| a.number != attempt);
-            if !stale {
-                continue;
-            }
-            let was = before.attempts.iter().find(|a| a.number == attempt);
-            let now = state
-                .job(job)
-                .and_then(|j| j.attempts.iter().find(|a| a.number == attempt));
-            if was != now {
-                return fail(
-                    inv::FENCING,
-                    format!("job {job}: report of stale attempt {attempt} changed it: {was:?} -> {now:?}"),
+                self.touch_node(name, touched);
+                self.node_moves(
+                    name,
+                    &[NodeStatus::Ready, NodeStatus::Draining],
+                    NodeStatus::Down,
                 );
             }
+            Event::NodeRemoved { name } => {
+                self.touch_node(name, touched);
+                self.node_moves(
+                    name,
+                    &[NodeStatus::Ready, NodeStatus::Draining, NodeStatus::Down],
+                    NodeStatus::Left,
+                );
+            }
+            Event::LeaderElected { .. } => {}
         }
-        for (id, before) in pre {
+        Ok(())
+    }
+
+    fn node_moves(&mut self, name: &str, from: &[NodeStatus], to: NodeStatus) {
+        if let Some(rec) = self.nodes.get_mut(name) {
+            if from.contains(&rec.status) {
+                rec.status = to;
+            }
+        }
+    }
+
+    /// Every job the ledger knows active on `node` may change.
+    fn touch_node(&self, node: &str, touched: &mut BTreeSet<JobId>) {
+        touched.extend(
+            self.active
+                .iter()
+                .filter(|(_, (n, _))| n == node)
+                .map(|(id, _)| *id),
+        );
+    }
+
+    /// The reducer accepted a placement: the node must have been ready by
+    /// the ledger, the job not cancelled, and the node's advertised labels
+    /// must satisfy every constraint.
+    fn accepted_placement(
+        &mut self,
+        job: JobId,
+        attempt: AttemptNumber,
+        node: &str,
+        state: &State,
+    ) -> Check {
+        let Some(node_rec) = self.nodes.get(node).cloned() else {
+            return fail(
+                inv::DRAIN,
+                format!("job {job} placed on {node}, never registered"),
+            );
+        };
+        if node_rec.status != NodeStatus::Ready {
+            return fail(
+                inv::DRAIN,
+                format!(
+                    "job {job} attempt {attempt} placed on {node}, which is {:?}",
+                    node_rec.status
+                ),
+            );
+        }
+        let (_, labels) = self.truth_of(node, node_rec.incarnation);
+        let Some(rec) = self.jobs.get_mut(&job) else {
+            return fail(
+                inv::CAPACITY,
+                format!(
+                    "placement of job {job}, never submitted (state has {:?})",
+                    state.job(job).map(|j| &j.spec.name)
+                ),
+            );
+        };
+        if let Some(point) = rec.cancel_point {
+            return fail(
+                inv::CANCEL,
+                format!("job {job} cancelled at attempt {point} gets attempt {attempt} on {node}"),
+            );
+        }
+        if !matches(&labels, &rec.constraints) {
+            return fail(
+                inv::CAPACITY,
+                format!(
+                    "job {job} ({:?}) placed on {node} ({labels:?})",
+                    rec.constraints
+                ),
+            );
+        }
+        rec.placed
+            .insert(attempt, (node.to_string(), node_rec.incarnation));
+        Ok(())
+    }
+
+    /// A report about a stale attempt changed nothing.
+    fn fencing(&self, pre: &PreApply, e: &Entry, state: &State) -> Check {
+        let (job, attempt) = match &e.event {
+            Event::AttemptStarted { job, attempt }
+            | Event::AttemptFinished { job, attempt, .. }
+            | Event::AttemptLost { job, attempt } => (*job, *attempt),
+            _ => return Ok(()),
+        };
+        let Some(Some(before)) = pre.get(&job) else {
+            return Ok(());
+        };
+        let stale = before
+            .attempts
+            .last()
+            .is_none_or(|a| a.number != attempt || !a.state.is_active());
+        if !stale {
+            return Ok(());
+        }
+        let was = before.attempts.iter().find(|a| a.number == attempt);
+        let now = state
+            .job(job)
+            .and_then(|j| j.attempts.iter().find(|a| a.number == attempt));
+        if was != now {
+            return fail(
+                inv::FENCING,
+                format!(
+                    "job {job}: report of stale attempt {attempt} changed it: {was:?} -> {now:?}"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Every job the batch touched (named by an entry, or active on a node
+    /// an entry was about) that was terminal before still is.
+    fn terminal_jobs(&mut self, pre: &PreApply, touched: &BTreeSet<JobId>, state: &State) -> Check {
+        let ids: BTreeSet<JobId> = pre.keys().chain(touched).copied().collect();
+        for id in &ids {
             let Some(after) = state.job(*id) else {
                 continue;
             };
-            let was_terminal = before
-                .as_ref()
+            let was_terminal = pre
+                .get(id)
+                .and_then(|b| b.as_ref())
                 .filter(|b| b.state.is_terminal())
                 .map(|b| b.state)
                 .or_else(|| self.terminal.get(id).copied());
@@ -302,6 +747,137 @@ impl Checker {
             if after.state.is_terminal() {
                 self.terminal.insert(*id, after.state);
             }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the touched jobs' states: the queue and the active attempts
+    /// by the checker's books, then capacity per node and retry budgets.
+    fn refresh(&mut self, touched: &BTreeSet<JobId>, state: &State) -> Check {
+        let mut nodes: BTreeSet<String> = BTreeSet::new();
+        for id in touched {
+            let Some(rec) = self.jobs.get(id) else {
+                continue;
+            };
+            let Some(job) = state.job(*id) else {
+                continue;
+            };
+            let key = (std::cmp::Reverse(rec.priority), rec.seq, *id);
+            if job.state == JobState::Queued {
+                self.queued.insert(key);
+            } else {
+                self.queued.remove(&key);
+            }
+            let now_active = job
+                .attempts
+                .last()
+                .filter(|a| a.state.is_active())
+                .map(|a| (a.node.clone(), a.number));
+            let was = match &now_active {
+                Some(act) => self.active.insert(*id, act.clone()),
+                None => self.active.remove(id),
+            };
+            if was != now_active {
+                nodes.extend(was.map(|(n, _)| n));
+                nodes.extend(now_active.map(|(n, _)| n));
+            }
+            let failed = failed_attempts(job);
+            let budget = rec.max_retries + 1;
+            if failed > budget
+                || job.state == JobState::Failed && failed != budget
+                || !job.state.is_terminal() && failed >= budget
+            {
+                return fail(
+                    inv::RETRY_BUDGET,
+                    format!(
+                        "job {id} ({}) is {:?} after {failed} failed attempts with max_retries {}",
+                        rec.name, job.state, rec.max_retries
+                    ),
+                );
+            }
+        }
+        for node in nodes {
+            let mut sum = Resources::default();
+            for (id, (n, _)) in &self.active {
+                if *n == node {
+                    if let Some(rec) = self.jobs.get(id) {
+                        sum = plus(sum, rec.need);
+                    }
+                }
+            }
+            let (capacity, _) = self
+                .nodes
+                .get(&node)
+                .map(|r| self.truth_of(&node, r.incarnation))
+                .unwrap_or_default();
+            if !fits(sum, capacity) {
+                return fail(
+                    inv::CAPACITY,
+                    format!("node {node}: active attempts hold {sum:?} > capacity {capacity:?}"),
+                );
+            }
+            self.allocated.insert(node, sum);
+        }
+        Ok(())
+    }
+
+    /// The first queued job (in the checker's order) that the scheduler
+    /// must place now: one that fits a ready node's free capacity with fewer
+    /// than `scan_jobs_max` jobs ahead of it that some ready node could ever
+    /// take (the pass's scan bound counts only those).
+    pub fn owed_placement(&self, scan_jobs_max: usize) -> Option<JobId> {
+        let ready: Vec<(&str, Resources, Labels)> = self
+            .nodes
+            .keys()
+            .filter_map(|n| self.ready_node(n).map(|(c, l)| (n.as_str(), c, l)))
+            .collect();
+        let mut scanned = 0usize;
+        for (_, _, id) in &self.queued {
+            if scanned >= scan_jobs_max {
+                return None;
+            }
+            let Some(rec) = self.jobs.get(id) else {
+                continue;
+            };
+            let candidates = ready.iter().filter(|(_, cap, labels)| {
+                matches(labels, &rec.constraints) && fits(rec.need, *cap)
+            });
+            let mut any = false;
+            for (name, cap, _) in candidates {
+                any = true;
+                if fits(rec.need, self.free_on(name, *cap)) {
+                    return Some(*id);
+                }
+            }
+            if any {
+                scanned += 1;
+            }
+        }
+        None
+    }
+
+    /// A replica tick: `idle` when the replica is serving and has nothing
+    /// proposed that is not applied yet (so no pass is in flight). A job
+    /// owed a placement for more than [`OWED_TICKS_MAX`] idle ticks in a
+    /// row means the scheduler skipped a pass it needed.
+    pub fn tick(&mut self, idle: bool, scan_jobs_max: usize) -> Check {
+        if !idle {
+            self.owed_ticks = 0;
+            return Ok(());
+        }
+        let Some(job) = self.owed_placement(scan_jobs_max) else {
+            self.owed_ticks = 0;
+            return Ok(());
+        };
+        self.owed_ticks += 1;
+        if self.owed_ticks > OWED_TICKS_MAX {
+            return fail(
+                inv::PROGRESS,
+                format!(
+                    "job {job} fits a ready node but stayed queued for {} idle ticks",
+                    self.owed_ticks
+                ),
+            );
         }
         Ok(())
     }
@@ -336,26 +912,30 @@ impl Checker {
         self.last_at = last_at;
     }
 
-    /// Replaying the durable log (with the same reducer) gives the live state.
+    /// Replaying the durable log gives the live state, both by the reducer
+    /// taking entries by reference (`State::apply`) and by the path
+    /// production replay takes (`State::apply_owned`).
     pub fn replay(durable: &[Entry], live: &State) -> Check {
-        let mut replayed = State::new();
-        #[cfg(feature = "sim-bugs")]
-        {
-            replayed.bugs = live.bugs;
-        }
+        let mut by_ref = State::new();
+        let mut owned = State::new();
+        by_ref.bugs = live.bugs;
+        owned.bugs = live.bugs;
         for e in durable {
-            replayed.apply(e);
+            by_ref.apply(e);
+            owned.apply_owned(e.clone());
         }
-        if replayed.digest() != live.digest() {
-            return fail(
-                inv::REPLAY,
-                format!(
-                    "replay of {} entries digests {:x}, live {:x}",
-                    durable.len(),
-                    replayed.digest(),
-                    live.digest()
-                ),
-            );
+        for (path, replayed) in [("apply", &by_ref), ("apply_owned", &owned)] {
+            if replayed.digest() != live.digest() {
+                return fail(
+                    inv::REPLAY,
+                    format!(
+                        "replay ({path}) of {} entries digests {:x}, live {:x}",
+                        durable.len(),
+                        replayed.digest(),
+                        live.digest()
+                    ),
+                );
+            }
         }
         Ok(())
     }
@@ -375,11 +955,24 @@ impl Checker {
         }
     }
 
-    /// After healing: every job is terminal, or could never be placed (no
-    /// ready node matches its constraints and is large enough).
-    pub fn live_jobs(state: &State) -> Check {
+    /// Some ready node (by the ledger) matches the job's constraints and is
+    /// large enough, by what the agents advertised.
+    pub fn placeable(&self, job: JobId) -> bool {
+        let Some(rec) = self.jobs.get(&job) else {
+            return true;
+        };
+        self.nodes.keys().any(|n| {
+            self.ready_node(n).is_some_and(|(cap, labels)| {
+                matches(&labels, &rec.constraints) && fits(rec.need, cap)
+            })
+        })
+    }
+
+    /// After healing: every job is terminal, or queued and could never be
+    /// placed (no ready node matches its constraints and is large enough).
+    pub fn live_jobs(&self, state: &State) -> Check {
         for job in state.jobs.values() {
-            if job.state.is_terminal() || !placeable(state, job) && job.state == JobState::Queued {
+            if job.state.is_terminal() || job.state == JobState::Queued && !self.placeable(job.id) {
                 continue;
             }
             return fail(
@@ -397,10 +990,7 @@ impl Checker {
 
     /// After healing: a result a live runner reported for an attempt is
     /// recorded on that attempt. `results` are (job, attempt, attempt state).
-    pub fn live_results(
-        state: &State,
-        results: &[(JobId, AttemptNumber, rustci_core::model::AttemptState)],
-    ) -> Check {
+    pub fn live_results(state: &State, results: &[(JobId, AttemptNumber, AttemptState)]) -> Check {
         for (job, attempt, want) in results {
             let got = state
                 .job(*job)
@@ -415,13 +1005,4 @@ impl Checker {
         }
         Ok(())
     }
-}
-
-/// Some ready node matches the job's constraints and is large enough.
-pub fn placeable(state: &State, job: &Job) -> bool {
-    state.nodes.values().any(|n| {
-        n.accepts_work()
-            && n.satisfies(&job.spec.constraints)
-            && job.spec.resources.fits_in(&n.capacity)
-    })
 }

@@ -30,52 +30,63 @@ pub use plan::FaultPlan;
 /// A bug planted in core, for proving the checkers bite. Selecting one needs
 /// the `sim-bugs` feature; without it [`run_seed`] refuses the run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum PlantedBug {
-    /// (a) The scheduler places jobs without checking free capacity.
-    SkipCapacityCheck,
-    /// (b) The reducer applies a result of a stale attempt.
-    ApplyStaleResult,
-    /// (c) The replica acknowledges a submission before it is durable.
-    AckBeforeDurable,
-}
+pub struct PlantedBug(pub Bug);
+
+pub use rustci_core::bugs::Bug;
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 3] = [
-        PlantedBug::SkipCapacityCheck,
-        PlantedBug::ApplyStaleResult,
-        PlantedBug::AckBeforeDurable,
-    ];
+    pub const ALL: [PlantedBug; Bug::ALL.len()] = {
+        let mut all = [PlantedBug(Bug::SchedulerSkipsCapacity); Bug::ALL.len()];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = PlantedBug(Bug::ALL[i]);
+            i += 1;
+        }
+        all
+    };
 
-    /// The name used on the command line (`--bug NAME`, `RUSTCI_SIM_BUG`).
+    /// The name used on the command line (`--bug NAME`).
     pub fn name(self) -> &'static str {
-        match self {
-            PlantedBug::SkipCapacityCheck => "skip-capacity-check",
-            PlantedBug::ApplyStaleResult => "apply-stale-result",
-            PlantedBug::AckBeforeDurable => "ack-before-durable",
+        self.info().0
+    }
+
+    /// The invariants expected to catch it first (the first is the one it
+    /// was planted for; others are close cousins that may notice first).
+    pub fn caught_by(self) -> &'static [&'static str] {
+        self.info().1
+    }
+
+    fn info(self) -> (&'static str, &'static [&'static str]) {
+        use inv::*;
+        match self.0 {
+            Bug::SchedulerSkipsCapacity => ("skip-capacity-check", &[CAPACITY]),
+            Bug::StaleResultApplied => ("apply-stale-result", &[FENCING, CAPACITY, CONSISTENCY]),
+            Bug::AckBeforeDurable => ("ack-before-durable", &[ACKED_DURABLE, LIVE_RESULTS]),
+            Bug::FitIgnoresMemory => ("fit-ignores-memory", &[CAPACITY]),
+            Bug::ConstraintAnyMatch => ("constraint-any-match", &[CAPACITY]),
+            Bug::QueueLifo => ("queue-lifo", &[PRIORITY]),
+            Bug::PriorityInverted => ("priority-inverted", &[PRIORITY, PROGRESS]),
+            Bug::RetryOneTooMany => ("retry-one-too-many", &[RETRY_BUDGET]),
+            Bug::RetryOneTooFew => ("retry-one-too-few", &[RETRY_BUDGET]),
+            Bug::LostSpendsRetry => ("lost-spends-retry", &[RETRY_BUDGET]),
+            Bug::RestartNotNoticed => ("restart-not-noticed", &[INCARNATION]),
+            Bug::TruncatedPassForgotten => ("truncated-pass-forgotten", &[PROGRESS, PRIORITY]),
+            Bug::UnplaceableBlocksScan => ("unplaceable-blocks-scan", &[PROGRESS]),
+            Bug::RejoinNeedsNoPass => ("rejoin-needs-no-pass", &[PROGRESS, PRIORITY]),
+            Bug::LostRequeuesCancelled => ("lost-requeues-cancelled", &[TERMINAL, CANCEL]),
+            Bug::DrainIgnored => ("drain-ignored", &[DRAIN]),
+            Bug::IdempotencyKeyForgotten => ("idempotency-key-forgotten", &[IDEMPOTENCY]),
+            Bug::LoosestFit => ("loosest-fit", &[TIGHTEST_FIT]),
+            Bug::StampFollowsClock => ("stamp-follows-clock", &[TIMESTAMPS]),
+            Bug::OwnedReplayDropsKey => (
+                "owned-replay-drops-key",
+                &[REPLAY, IDEMPOTENCY, ACKED_DURABLE],
+            ),
         }
     }
 
     pub fn parse(s: &str) -> Option<PlantedBug> {
         PlantedBug::ALL.into_iter().find(|b| b.name() == s)
-    }
-
-    /// The invariant expected to catch it.
-    pub fn caught_by(self) -> &'static str {
-        match self {
-            PlantedBug::SkipCapacityCheck => inv::CAPACITY,
-            PlantedBug::ApplyStaleResult => inv::FENCING,
-            PlantedBug::AckBeforeDurable => inv::ACKED_DURABLE,
-        }
-    }
-
-    #[cfg(feature = "sim-bugs")]
-    fn bug_set(self) -> rustci_core::bugs::BugSet {
-        use rustci_core::bugs::{Bug, BugSet};
-        BugSet::only(match self {
-            PlantedBug::SkipCapacityCheck => Bug::SchedulerSkipsCapacity,
-            PlantedBug::ApplyStaleResult => Bug::StaleResultApplied,
-            PlantedBug::AckBeforeDurable => Bug::AckBeforeDurable,
-        })
     }
 }
 

@@ -23,7 +23,7 @@ use rustci_core::replica::{
 use rustci_core::state::{Fnv64, State};
 
 use crate::checker::{inv, Check, Checker, Violation};
-use crate::plan::{FaultPlan, SimRng};
+use crate::plan::{Bp, FaultPlan, SimRng};
 use crate::SimOptions;
 
 /// Wall-clock origin of every process (2023-11-14), so `at` stamps look real.
@@ -58,7 +58,11 @@ pub enum Ep {
 pub struct ActiveAttempt {
     pub job: JobId,
     pub attempt: AttemptNumber,
-    pub assigned: bool,
+    /// The node and incarnation the attempt was placed on.
+    pub node: String,
+    pub incarnation: u64,
+    /// The control plane recorded that it started.
+    pub started: bool,
     pub cancel_requested: bool,
     pub spec: JobSpec,
 }
@@ -247,6 +251,7 @@ enum Run {
 struct Agent {
     name: String,
     capacity: Resources,
+    /// Advertised at registration; a restart may come back with others.
     labels: Labels,
     inc: u64,
     up: bool,
@@ -261,27 +266,35 @@ struct Agent {
     results: BTreeMap<(JobId, AttemptNumber), AttemptState>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum OpKind {
-    Submit,
-    Cancel,
-    Drain,
-}
-
-struct Op {
-    kind: OpKind,
+/// One request of a client's operation (a burst has many).
+struct Item {
     cmd: Command,
+    /// The idempotency key of a submission.
     key: Option<String>,
     /// Retry after a time-out (submissions with a key, cancels, drains).
     retry: bool,
+    done: bool,
+}
+
+impl Item {
+    fn new(cmd: Command) -> Item {
+        Item {
+            cmd,
+            key: None,
+            retry: true,
+            done: false,
+        }
+    }
 }
 
 struct Client {
-    op: Option<Op>,
+    /// The requests of the current operation; it ends when all are done.
+    op: Vec<Item>,
     /// Invalidates stale wake-ups.
     gen: u64,
-    /// Request ids sent for the current op (a late reply to any counts).
-    reqs: BTreeSet<RequestId>,
+    /// Request ids sent for the current op, by item (a late reply to any
+    /// counts).
+    reqs: BTreeMap<RequestId, usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -337,7 +350,7 @@ pub struct World {
     routes: BTreeMap<RequestId, Route>,
     submitted: u64,
     acked_jobs: Vec<JobId>,
-    submit_mean_gap_ms: f64,
+    submit_mean_gap_ms: u64,
     heal_at: u64,
     pub failure: Option<Violation>,
     pub stats: Stats,
@@ -358,12 +371,7 @@ impl World {
         };
         let mut agents = Vec::new();
         for i in 0..plan.nodes {
-            let mut labels = Labels::new();
-            let os = if rng.chance(0.7) { "linux" } else { "macos" };
-            labels.insert("os".into(), os.into());
-            if rng.chance(0.3) {
-                labels.insert("gpu".into(), "yes".into());
-            }
+            let labels = draw_labels(&mut rng);
             agents.push(Agent {
                 name: format!("n{}", i + 1),
                 capacity: Resources::new(rng.range(2, 8) * 1000, rng.range(2, 16) * 1024),
@@ -384,22 +392,25 @@ impl World {
             .map(|(i, a)| (a.name.clone(), i))
             .collect();
         // Slots: how many average jobs (cpu 1.05 cores) run at once; the
-        // mean attempt lasts about half of job_secs_max.
+        // mean attempt lasts about half of job_secs_max. Each client waits
+        // clients / (load * slots / mean job length) between submissions.
         let cpu_total: u64 = agents.iter().map(|a| a.capacity.cpu_millis).sum();
-        let slots = (cpu_total as f64 / 1050.0).max(1.0);
-        let mean_job_ms = plan.job_secs_max as f64 * 500.0;
-        let rate_per_ms = plan.load * slots / mean_job_ms;
+        let slots_milli = (cpu_total * 1000 / 1050).max(1000);
+        let mean_job_ms = plan.job_secs_max * 500;
+        let submit_mean_gap_ms = (plan.clients as u64 * mean_job_ms * 10_000 * 1000
+            / (u64::from(plan.load.0.max(1)) * slots_milli))
+            .max(1);
         let clients = (0..plan.clients)
             .map(|_| Client {
-                op: None,
+                op: Vec::new(),
                 gen: 0,
-                reqs: BTreeSet::new(),
+                reqs: BTreeMap::new(),
             })
             .collect();
         let net_faults = true;
         let mut w = World {
             opts: opts.clone(),
-            submit_mean_gap_ms: plan.clients as f64 / rate_per_ms,
+            submit_mean_gap_ms,
             plan,
             rng,
             now: 0,
@@ -424,7 +435,7 @@ impl World {
             failure: None,
             stats: Stats::default(),
         };
-        if w.plan.net_loss > 0.0 {
+        if !w.plan.net_loss.is_zero() {
             for a in &w.agents {
                 w.checker.disturbed.insert(a.name.clone());
             }
@@ -535,6 +546,9 @@ impl World {
             } => self.proc_end(node, inc, job, attempt, timeout),
             Ev::AgentRestart { node } => {
                 self.agents[node].inc += 1;
+                if self.rng.chance(self.plan.relabel_share) {
+                    self.agents[node].labels = draw_labels(&mut self.rng);
+                }
                 self.agent_boot(node);
                 Ok(())
             }
@@ -606,11 +620,10 @@ impl World {
     }
 
     fn config(&self) -> Config {
-        #[allow(unused_mut)]
         let mut config = Config::new(1);
-        #[cfg(feature = "sim-bugs")]
+        config.pass_bounds = self.plan.pass_bounds();
         if let Some(bug) = self.opts.planted_bug {
-            config.bugs = bug.bug_set();
+            config.bugs = rustci_core::bugs::BugSet::only(bug.0);
         }
         config
     }
@@ -618,12 +631,9 @@ impl World {
     fn restart_replica_now(&mut self) {
         let durable = &self.host.disk.durable;
         let mut state = State::new();
-        #[cfg(feature = "sim-bugs")]
-        {
-            state.bugs = self.config().bugs;
-        }
+        state.bugs = self.config().bugs;
         for e in durable {
-            state.apply(e);
+            state.apply_owned(e.clone());
         }
         let (last_index, last_term) = durable.last().map(|e| (e.index, e.term)).unwrap_or((0, 0));
         let mut replica = Replica::recover(self.config(), state, last_index, last_term);
@@ -651,6 +661,10 @@ impl World {
         let state = self.replica().state();
         self.checker.acked_present(state)?;
         self.checker.terminal_survives(state)?;
+        self.checker.resync(
+            &self.host.disk.durable,
+            self.host.replica.as_ref().expect("up").state(),
+        )?;
         self.drain_outputs()
     }
 
@@ -702,6 +716,7 @@ impl World {
             }
             Body::SyncRequest { node, inc } => {
                 // The answer travels on the asking incarnation's connection.
+                let inc: u64 = inc;
                 let (registered, active) = sync_view(replica.state(), &node);
                 self.send(
                     Ep::Replica,
@@ -724,7 +739,14 @@ impl World {
         let tick = self.host.clock.true_ms(TICK_MS);
         let inc = self.host.inc;
         self.push_in(tick, Ev::Tick { inc });
-        self.drain_outputs()
+        self.drain_outputs()?;
+        let Some(r) = self.host.replica.as_ref() else {
+            return Ok(());
+        };
+        // Idle: serving, and everything it proposed is applied (no pass in
+        // flight), so any pass it needed has had its chance to run.
+        let idle = r.is_ready() && r.last_index() == r.applied_index();
+        self.checker.tick(idle, self.plan.scan_jobs_max)
     }
 
     /// Carries out the replica's outputs in order, as the production driver
@@ -740,8 +762,7 @@ impl World {
             match out {
                 Output::Persist(entries) => {
                     self.checker.proposed(&entries)?;
-                    let state = self.replica().state();
-                    self.checker.placements(state, &entries)?;
+                    self.checker.placements(&entries)?;
                     for e in &entries {
                         (e.index, e.at, e.event.kind()).hash(&mut self.hash);
                     }
@@ -764,22 +785,16 @@ impl World {
                     Some(Route::Internal) | None => {}
                 },
                 Output::Runner(cmd) => {
-                    let node = match &cmd {
-                        RunnerCommand::Start { node, job, .. } => {
-                            self.checker
-                                .runner_start(self.replica().state(), *job, node)?;
-                            node.clone()
-                        }
-                        RunnerCommand::Kill { node, .. } => node.clone(),
-                    };
                     // The command is for the incarnation the placement was
-                    // made on: a restarted node must never run it.
-                    let to_inc = self
-                        .replica()
-                        .state()
-                        .nodes
-                        .get(&node)
-                        .map_or(0, |n| n.incarnation);
+                    // made on: a restarted node never receives it.
+                    let (node, to_inc) = match &cmd {
+                        RunnerCommand::Start {
+                            node, incarnation, ..
+                        }
+                        | RunnerCommand::Kill {
+                            node, incarnation, ..
+                        } => (node.clone(), *incarnation),
+                    };
                     if let Some(&i) = self.node_index.get(&node) {
                         self.send(Ep::Replica, Ep::Node(i), to_inc, Body::Runner(cmd));
                     }
@@ -811,7 +826,6 @@ impl World {
         replica.handle_persisted(now, to);
         let state = replica.state();
         self.checker.applied(&pre, newly, state)?;
-        self.checker.new_jobs(state)?;
         self.drain_outputs()?;
         if !self.host.disk.pending.is_empty() && self.host.disk.syncing == 0 {
             self.start_fsync();
@@ -855,6 +869,8 @@ impl World {
     fn agent_boot(&mut self, i: usize) {
         let a = &mut self.agents[i];
         a.up = true;
+        self.checker
+            .node_truth(&a.name, a.inc, a.capacity, a.labels.clone());
         let cmd = Command::RegisterNode {
             name: a.name.clone(),
             capacity: a.capacity,
@@ -907,8 +923,25 @@ impl World {
     fn agent_receive(&mut self, i: usize, body: Body) -> Check {
         match body {
             Body::Runner(RunnerCommand::Start {
-                job, attempt, spec, ..
-            }) => self.agent_start(i, job, attempt, &spec),
+                node,
+                incarnation,
+                job,
+                attempt,
+                spec,
+            }) => {
+                let a = &self.agents[i];
+                if node != a.name || incarnation != a.inc {
+                    return self.checker.foreign_attempt(
+                        &a.name,
+                        a.inc,
+                        job,
+                        attempt,
+                        &node,
+                        incarnation,
+                    );
+                }
+                self.agent_start(i, job, attempt, &spec)
+            }
             Body::Runner(RunnerCommand::Kill { job, attempt, .. }) => {
                 self.agent_kill(i, job, attempt);
                 Ok(())
@@ -945,10 +978,9 @@ impl World {
                 resources: spec.resources,
             },
         );
-        let (name, total, capacity, inc) = (a.name.clone(), a.running_total, a.capacity, a.inc);
+        let (name, total, inc) = (a.name.clone(), a.running_total, a.inc);
         let timeout_true = a.clock.true_ms(spec.timeout_secs * 1000);
-        self.checker
-            .exec_start(job, attempt, &name, total, capacity)?;
+        self.checker.exec_start(job, attempt, &name, inc, total)?;
         self.report(i, RunnerReport::Started { job, attempt });
         let duration = self.rng.range(50, self.plan.job_secs_max * 1000);
         for (delay, timeout) in [(duration, false), (timeout_true, true)] {
@@ -1062,6 +1094,20 @@ impl World {
             return Ok(());
         }
         for act in active {
+            let a = &self.agents[i];
+            if act.node != a.name || act.incarnation != a.inc {
+                // In production such an attempt would hang: no agent would
+                // ever run it. Core must have lost it when this incarnation
+                // registered, so the agent refuses it and says so.
+                return self.checker.foreign_attempt(
+                    &a.name,
+                    a.inc,
+                    act.job,
+                    act.attempt,
+                    &act.node,
+                    act.incarnation,
+                );
+            }
             let key = (act.job, act.attempt);
             match self.agents[i].runs.get(&key) {
                 None if act.cancel_requested => {
@@ -1071,7 +1117,7 @@ impl World {
                 Some(Run::Running { .. }) if act.cancel_requested => {
                     self.agent_kill(i, act.job, act.attempt)
                 }
-                Some(Run::Running { .. }) if act.assigned => self.report(
+                Some(Run::Running { .. }) if !act.started => self.report(
                     i,
                     RunnerReport::Started {
                         job: act.job,
@@ -1094,71 +1140,93 @@ impl World {
         if self.clients[c].gen != gen {
             return Ok(());
         }
-        if self.clients[c].op.is_some() {
-            // Timed out waiting for a reply.
-            if self.clients[c].op.as_ref().is_some_and(|op| op.retry) {
-                self.client_send(c);
-            } else {
+        if !self.clients[c].op.is_empty() {
+            // Timed out waiting for replies: resend what may be retried,
+            // give up on the rest.
+            for item in &mut self.clients[c].op {
+                if !item.retry {
+                    item.done = true;
+                }
+            }
+            if self.clients[c].op.iter().all(|item| item.done) {
                 self.client_done(c);
+            } else {
+                self.client_send(c);
             }
             return Ok(());
         }
         if self.phase != Phase::Faults || self.submitted >= self.opts.jobs_max {
             return Ok(());
         }
-        let op = self.new_op(c);
-        self.clients[c].op = Some(op);
+        self.clients[c].op = self.new_op(c);
         self.client_send(c);
         Ok(())
     }
 
-    fn new_op(&mut self, c: usize) -> Op {
-        let roll = self.rng.unit();
-        if roll < self.plan.drain_share && self.plan.nodes > 1 {
-            let name = self.agents[self.rng.below(self.plan.nodes as u64) as usize]
-                .name
-                .clone();
-            return Op {
-                kind: OpKind::Drain,
-                cmd: Command::DrainNode { name },
-                key: None,
-                retry: true,
+    /// The next operation of a client: a drain, an undrain, a cancel, a
+    /// submission, or a burst of submissions sent at once.
+    fn new_op(&mut self, c: usize) -> Vec<Item> {
+        let p = &self.plan;
+        let roll = self.rng.below(10_000) as u32;
+        let (drain, undrain, cancel) = (p.drain_share.0, p.undrain_share.0, p.cancel_share.0);
+        let nodes = self.plan.nodes as u64;
+        if roll < drain && nodes > 1 {
+            let name = self.agents[self.rng.below(nodes) as usize].name.clone();
+            return vec![Item::new(Command::DrainNode { name })];
+        }
+        if roll < drain + undrain {
+            let name = self.agents[self.rng.below(nodes) as usize].name.clone();
+            return vec![Item::new(Command::UndrainNode { name })];
+        }
+        if roll < drain + undrain + cancel && !self.acked_jobs.is_empty() {
+            // Half the time the newest job (likely queued or just placed),
+            // else any (running, finished, cancelled already...).
+            let job = if self.rng.chance(Bp(5_000)) {
+                *self.acked_jobs.last().expect("not empty")
+            } else {
+                *self.rng.pick(&self.acked_jobs)
             };
+            return vec![Item::new(Command::Cancel { job })];
         }
-        if roll < self.plan.drain_share + self.plan.cancel_share && !self.acked_jobs.is_empty() {
-            let job = self.acked_jobs[self.rng.below(self.acked_jobs.len() as u64) as usize];
-            return Op {
-                kind: OpKind::Cancel,
-                cmd: Command::Cancel { job },
-                key: None,
-                retry: true,
-            };
+        let burst = if self.rng.chance(self.plan.burst_share) {
+            self.rng.range(2, self.plan.burst_max)
+        } else {
+            1
+        };
+        let mut items = Vec::new();
+        for _ in 0..burst {
+            if self.submitted >= self.opts.jobs_max {
+                break;
+            }
+            self.submitted += 1;
+            let spec = self.new_spec(c);
+            let key = (!self.rng.chance(self.plan.no_key_share)).then(|| spec.name.clone());
+            items.push(Item {
+                retry: key.is_some(),
+                cmd: Command::Submit {
+                    spec,
+                    idempotency_key: key.clone(),
+                },
+                key,
+                done: false,
+            });
         }
-        self.submitted += 1;
-        let spec = self.new_spec(c);
-        let key = (!self.rng.chance(self.plan.no_key_share)).then(|| spec.name.clone());
-        Op {
-            kind: OpKind::Submit,
-            retry: key.is_some(),
-            cmd: Command::Submit {
-                spec,
-                idempotency_key: key.clone(),
-            },
-            key,
-        }
+        items
     }
 
     fn new_spec(&mut self, c: usize) -> JobSpec {
         let mut constraints = Labels::new();
         if self.rng.chance(self.plan.constraint_share) {
-            match self.rng.below(3) {
-                0 => constraints.insert("os".into(), "linux".into()),
-                1 => constraints.insert("os".into(), "macos".into()),
-                _ => constraints.insert("gpu".into(), "yes".into()),
-            };
+            // One to three constraints, each on any label key with any of
+            // its values (some that no node has), so that a partial match
+            // differs from a full one.
+            for _ in 0..self.rng.range(1, 3) {
+                let (key, values) = *self.rng.pick(&LABEL_DOMAINS);
+                let value = *self.rng.pick(values);
+                constraints.insert(key.into(), value.into());
+            }
         }
-        let levels = self.plan.priority_levels;
-        let priority = (self.rng.below(levels) * 100 / levels.max(1)) as u8;
+        let priority = self.plan.priority(&mut self.rng);
         let max_secs = self.plan.job_secs_max;
         JobSpec {
             name: format!("c{c}-j{}", self.submitted),
@@ -1168,26 +1236,35 @@ impl World {
             constraints,
             priority,
             timeout_secs: self.rng.range(1, max_secs + 3),
-            max_retries: self.rng.below(3) as u32,
+            max_retries: self.rng.range(0, self.plan.retries_max) as u32,
         }
     }
 
+    /// Sends every request of the current op that has no answer yet.
     fn client_send(&mut self, c: usize) {
-        let req = self.next_request;
-        self.next_request += 1;
+        let pending: Vec<(usize, Command)> = self.clients[c]
+            .op
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| !item.done)
+            .map(|(i, item)| (i, item.cmd.clone()))
+            .collect();
+        for (i, cmd) in pending {
+            let req = self.next_request;
+            self.next_request += 1;
+            self.clients[c].reqs.insert(req, i);
+            self.send(Ep::Client(c), Ep::Replica, 0, Body::Request { req, cmd });
+        }
         let client = &mut self.clients[c];
-        let cmd = client.op.as_ref().expect("an op to send").cmd.clone();
-        client.reqs.insert(req);
         client.gen += 1;
         let gen = client.gen;
-        self.send(Ep::Client(c), Ep::Replica, 0, Body::Request { req, cmd });
         let timeout = self.plan.client_timeout_ms;
         self.push_in(timeout, Ev::ClientWake { client: c, gen });
     }
 
     fn client_done(&mut self, c: usize) {
         let client = &mut self.clients[c];
-        client.op = None;
+        client.op.clear();
         client.reqs.clear();
         client.gen += 1;
         let gen = client.gen;
@@ -1199,18 +1276,20 @@ impl World {
         let Body::Response { req, result } = body else {
             return Ok(());
         };
-        let client = &self.clients[c];
-        let Some(op) = client.op.as_ref().filter(|_| client.reqs.contains(&req)) else {
+        let Some(&i) = self.clients[c].reqs.get(&req) else {
+            return Ok(());
+        };
+        let Some(item) = self.clients[c].op.get(i).filter(|item| !item.done) else {
             return Ok(());
         };
         match result {
-            Ok(Reply::Job(job)) if op.kind == OpKind::Submit => {
-                let key = op.key.clone();
+            Ok(Reply::Job(job)) if matches!(item.cmd, Command::Submit { .. }) => {
+                let key = item.key.clone();
+                self.clients[c].op[i].done = true;
                 self.ack(key.as_deref(), &job)?;
-                self.client_done(c);
             }
             Ok(_) | Err(CommandError::NotFound { .. } | CommandError::Invalid(_)) => {
-                self.client_done(c)
+                self.clients[c].op[i].done = true;
             }
             Err(_) => {
                 // Not ready / overloaded: back off, then retry (or give up).
@@ -1218,7 +1297,11 @@ impl World {
                 client.gen += 1;
                 let gen = client.gen;
                 self.push_in(200, Ev::ClientWake { client: c, gen });
+                return Ok(());
             }
+        }
+        if self.clients[c].op.iter().all(|item| item.done) {
+            self.client_done(c);
         }
         Ok(())
     }
@@ -1231,19 +1314,23 @@ impl World {
 
     // --- faults ---
 
-    fn fault_rate_per_s(&self) -> f64 {
+    /// The rate of each fault class per second, in basis points.
+    fn fault_weights(&self) -> [u64; 5] {
         let p = &self.plan;
-        p.partitions_per_s
-            + p.replica_crashes_per_s
-            + p.node_crashes_per_s
-            + p.pauses_per_s
-            + p.clock_jumps_per_s
+        [
+            p.partitions_per_s,
+            p.replica_crashes_per_s,
+            p.node_crashes_per_s,
+            p.pauses_per_s,
+            p.clock_jumps_per_s,
+        ]
+        .map(|r| u64::from(r.0))
     }
 
     fn schedule_fault(&mut self) {
-        let rate = self.fault_rate_per_s();
-        if rate > 0.0 {
-            let gap = self.rng.exp_ms(1000.0 / rate);
+        let rate: u64 = self.fault_weights().iter().sum();
+        if let Some(mean_ms) = (1000 * 10_000u64).checked_div(rate) {
+            let gap = self.rng.exp_ms(mean_ms);
             self.push_in(gap, Ev::Fault);
         }
     }
@@ -1253,18 +1340,12 @@ impl World {
             return Ok(());
         }
         let p = self.plan.clone();
-        let roll = self.rng.unit() * self.fault_rate_per_s();
+        let weights = self.fault_weights();
+        let roll = self.rng.below(weights.iter().sum());
         let nodes = self.agents.len() as u64;
         let node = self.rng.below(nodes) as usize;
-        let weights = [
-            p.partitions_per_s,
-            p.replica_crashes_per_s,
-            p.node_crashes_per_s,
-            p.pauses_per_s,
-            p.clock_jumps_per_s,
-        ];
         let mut kind = weights.len() - 1;
-        let mut acc = 0.0;
+        let mut acc = 0;
         for (k, w) in weights.iter().enumerate() {
             acc += w;
             if roll < acc {
@@ -1286,7 +1367,7 @@ impl World {
     fn pause(&mut self, node: usize) {
         self.stats.pauses += 1;
         let until = self.now + self.rng.range(100, PAUSE_MS_MAX);
-        if self.rng.chance(0.5) {
+        if self.rng.chance(Bp(5_000)) {
             self.host.paused_until = until;
         } else {
             self.agents[node].paused_until = until;
@@ -1299,8 +1380,12 @@ impl World {
     fn clock_jump(&mut self, node: usize) {
         self.stats.clock_jumps += 1;
         let jump = self.rng.range(1, CLOCK_JUMP_MS_MAX) as i64;
-        let jump = if self.rng.chance(0.5) { jump } else { -jump };
-        if self.rng.chance(0.5) {
+        let jump = if self.rng.chance(Bp(5_000)) {
+            jump
+        } else {
+            -jump
+        };
+        if self.rng.chance(Bp(5_000)) {
             self.host.clock.offset_ms += jump;
         } else {
             self.agents[node].clock.offset_ms += jump;
@@ -1310,7 +1395,7 @@ impl World {
     fn partition(&mut self, node: usize, p: &FaultPlan) {
         self.stats.partitions += 1;
         // Mostly a node's link; sometimes a client's.
-        let other = if self.rng.chance(0.8) || self.clients.is_empty() {
+        let other = if self.rng.chance(Bp(8_000)) || self.clients.is_empty() {
             self.checker
                 .disturbed
                 .insert(self.agents[node].name.clone());
@@ -1319,7 +1404,7 @@ impl World {
             Ep::Client(self.rng.below(self.clients.len() as u64) as usize)
         };
         let links = if self.rng.chance(p.partition_one_way) {
-            if self.rng.chance(0.5) {
+            if self.rng.chance(Bp(5_000)) {
                 vec![(Ep::Replica, other)]
             } else {
                 vec![(other, Ep::Replica)]
@@ -1355,22 +1440,25 @@ impl World {
             return false;
         };
         replica.is_ready()
-            && self.clients.iter().all(|c| c.op.is_none())
+            && self.clients.iter().all(|c| c.op.is_empty())
             && self
                 .agents
                 .iter()
                 .all(|a| a.up && a.running_total == Resources::default())
             && self.host.disk.pending.is_empty()
             && replica.state().jobs.values().all(|j| {
-                j.state.is_terminal()
+                // Terminal with its last attempt settled (a cancelled job's
+                // attempt stays active until its runner reports the kill).
+                j.state.is_terminal() && j.active_attempt().is_none()
                     || j.state == rustci_core::model::JobState::Queued
-                        && !crate::checker::placeable(replica.state(), j)
+                        && !self.checker.placeable(j.id)
             })
     }
 
     fn converge(&mut self) -> Check {
         let deadline = self.heal_at + self.opts.liveness_ms_max;
         if !self.converged() && self.now < deadline {
+            self.undrain_all()?;
             self.push_in(CONVERGE_CHECK_MS, Ev::Converge);
             return Ok(());
         }
@@ -1381,7 +1469,7 @@ impl World {
                 detail: format!(
                     "not converged {} ms after healing (clients idle: {}, runners idle: {})",
                     self.opts.liveness_ms_max,
-                    self.clients.iter().all(|c| c.op.is_none()),
+                    self.clients.iter().all(|c| c.op.is_empty()),
                     self.agents
                         .iter()
                         .all(|a| a.running_total == Resources::default()),
@@ -1392,11 +1480,37 @@ impl World {
         Ok(())
     }
 
+    /// After healing, an operator ends every drain, so that every job that
+    /// some node could ever run must finish.
+    fn undrain_all(&mut self) -> Check {
+        let now = self.replica_now();
+        let Some(replica) = self.host.replica.as_mut() else {
+            return Ok(());
+        };
+        if !replica.is_ready() {
+            return Ok(());
+        }
+        let draining: Vec<String> = replica
+            .state()
+            .nodes
+            .values()
+            .filter(|n| n.state == rustci_core::model::NodeState::Draining)
+            .map(|n| n.name.clone())
+            .collect();
+        for name in draining {
+            let req = self.next_request;
+            self.next_request += 1;
+            self.routes.insert(req, Route::Internal);
+            replica.propose(now, req, Command::UndrainNode { name });
+        }
+        self.drain_outputs()
+    }
+
     fn final_checks(&mut self) -> Check {
         Checker::live_leader(self.host.replica.as_ref().map(|r| r.lifecycle()))?;
         let state = self.replica().state();
         self.checker.acked_present(state)?;
-        Checker::live_jobs(state)?;
+        self.checker.live_jobs(state)?;
         let results: Vec<_> = self
             .agents
             .iter()
@@ -1436,11 +1550,36 @@ fn sync_view(state: &State, node: &str) -> (Option<u64>, Vec<ActiveAttempt>) {
             active.push(ActiveAttempt {
                 job: *id,
                 attempt: a.number,
-                assigned: a.state == AttemptState::Assigned,
+                node: a.node.clone(),
+                incarnation: a.incarnation,
+                started: a.state != AttemptState::Assigned,
                 cancel_requested: a.cancel_requested,
                 spec: job.spec.clone(),
             });
         }
     }
     (registered, active)
+}
+
+/// The label keys nodes carry and constraints ask for, with their values;
+/// the last value of each is one no node ever has.
+const LABEL_DOMAINS: [(&str, &[&str]); 4] = [
+    ("os", &["linux", "macos", "plan9"]),
+    ("arch", &["x86_64", "aarch64", "riscv"]),
+    ("zone", &["a", "b", "c", "z"]),
+    ("gpu", &["yes", "no", "maybe"]),
+];
+
+/// A node's labels: an os, an arch and a zone always, a gpu sometimes.
+fn draw_labels(rng: &mut SimRng) -> Labels {
+    let mut labels = Labels::new();
+    for (key, values) in LABEL_DOMAINS {
+        if key == "gpu" && rng.chance(Bp(6_000)) {
+            continue;
+        }
+        // Never the last value (no node has it).
+        let value = values[rng.below(values.len() as u64 - 1) as usize];
+        labels.insert(key.into(), value.into());
+    }
+    labels
 }

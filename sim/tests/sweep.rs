@@ -59,10 +59,10 @@ fn header_prints_seed_then_every_probability() {
 
 #[cfg(feature = "sim-bugs")]
 #[test]
-fn every_planted_bug_is_caught_by_its_invariant_within_500_seeds() {
+fn every_planted_bug_is_caught_by_its_invariant_within_1000_seeds() {
     use rustci_sim::PlantedBug;
     for bug in PlantedBug::ALL {
-        let failing = (0..500).find_map(|seed| {
+        let failing = (0..1000).find_map(|seed| {
             let opts = SimOptions {
                 planted_bug: Some(bug),
                 ..SimOptions::new(seed)
@@ -71,10 +71,11 @@ fn every_planted_bug_is_caught_by_its_invariant_within_500_seeds() {
             report.failure.map(|f| (opts, report.trace_hash, f))
         });
         let (opts, hash, failure) = failing.unwrap_or_else(|| panic!("{bug:?} never caught"));
-        assert_eq!(
+        assert!(
+            bug.caught_by().contains(&failure.invariant),
+            "{bug:?} caught by {}, expected one of {:?}: {}",
             failure.invariant,
             bug.caught_by(),
-            "{bug:?}: {}",
             failure.detail
         );
         assert!(!failure.trace_tail.is_empty());
@@ -95,4 +96,20 @@ fn every_planted_bug_is_caught_by_its_invariant_within_500_seeds() {
 fn planted_bugs_stay_dormant_unless_selected() {
     let summary = run_seeds(0..20, &SimOptions::new(0), &mut || 0.0, &mut |_| {});
     assert!(summary.failures.is_empty(), "{summary}");
+}
+
+/// Seeds that once failed with the unmodified code, each with what it found.
+const REGRESSION_SEEDS: &[(u64, &str)] = &[
+    // The liveness phase called a run converged while a cancelled job's
+    // attempt still waited for its runner's report (the report was lost
+    // with a replica crash and came back with the next reconciliation).
+    (9044, "a terminal job with an active attempt is not settled"),
+];
+
+#[test]
+fn regression_seeds_pass() {
+    for (seed, found) in REGRESSION_SEEDS {
+        let report = run_seed(&SimOptions::new(*seed));
+        assert!(report.passed, "seed {seed} ({found}): {report}");
+    }
 }
