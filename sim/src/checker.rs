@@ -38,6 +38,7 @@ pub mod inv {
     pub const INCARNATION: &str = "attempt_on_its_incarnation";
     pub const CANCEL: &str = "cancelled_never_starts";
     pub const DRAIN: &str = "drained_node_gets_nothing_new";
+    pub const PASS_BOUNDS: &str = "pass_within_bounds";
     pub const TERMINAL: &str = "terminal_stays_terminal";
     pub const FENCING: &str = "stale_result_fenced";
     pub const NODE_DOWN: &str = "node_down_only_if_disturbed";
@@ -198,6 +199,11 @@ pub struct Checker {
     allocated: BTreeMap<String, Resources>,
     /// Consecutive idle ticks at which some queued job was owed a placement.
     owed_ticks: u32,
+    /// Attempts still running when their job's cancel was applied: the
+    /// replica owes their runners a kill in the outputs of that apply.
+    kills_owed: BTreeSet<(JobId, AttemptNumber)>,
+    /// Jobs whose first cancel the ledger took in the batch being walked.
+    first_cancels: Vec<JobId>,
 }
 
 /// Idle replica ticks a job may be owed a placement before it is a
@@ -396,7 +402,17 @@ impl Checker {
     /// fits by the checker's own arithmetic, takes the tightest fit, and no
     /// queued job ahead of it by priority and submission order that would
     /// have fit on that node is left waiting.
-    pub fn placements(&self, entries: &[Entry]) -> Check {
+    pub fn placements(&self, entries: &[Entry], placements_max: usize) -> Check {
+        let count = entries
+            .iter()
+            .filter(|e| matches!(e.event, Event::AttemptAssigned { .. }))
+            .count();
+        if count > placements_max {
+            return fail(
+                inv::PASS_BOUNDS,
+                format!("one pass proposed {count} placements, more than {placements_max}"),
+            );
+        }
         let mut free: BTreeMap<&str, Resources> = BTreeMap::new();
         let mut placed: BTreeSet<JobId> = BTreeSet::new();
         for entry in entries {
@@ -497,7 +513,57 @@ impl Checker {
             self.fencing(pre, e, state)?;
         }
         self.terminal_jobs(pre, &touched, state)?;
+        self.owe_kills(pre, state);
         self.refresh(&touched, state)
+    }
+
+    /// A cancel applied while the job's attempt ran must send its runner a
+    /// kill (reconciliation would repair a lost one, but only if the state
+    /// asks for it, so the kill must be there).
+    fn owe_kills(&mut self, pre: &PreApply, state: &State) {
+        for job in std::mem::take(&mut self.first_cancels) {
+            let job = &job;
+            let was_terminal = pre
+                .get(job)
+                .and_then(|j| j.as_ref())
+                .is_some_and(|j| j.state.is_terminal());
+            if was_terminal {
+                continue;
+            }
+            let Some(active) = state
+                .job(*job)
+                .filter(|j| j.state == JobState::Cancelled)
+                .and_then(|j| j.attempts.last())
+                .filter(|a| a.state.is_active())
+            else {
+                continue;
+            };
+            if self
+                .active
+                .get(job)
+                .is_some_and(|(_, n)| *n == active.number)
+            {
+                self.kills_owed.insert((*job, active.number));
+            }
+        }
+    }
+
+    /// The replica told a runner to kill an attempt.
+    pub fn runner_kill(&mut self, job: JobId, attempt: AttemptNumber) {
+        self.kills_owed.remove(&(job, attempt));
+    }
+
+    /// After the outputs of an applied batch: every kill owed went out.
+    pub fn kills_sent(&mut self) -> Check {
+        match self.kills_owed.pop_first() {
+            None => Ok(()),
+            Some((job, attempt)) => fail(
+                inv::CANCEL,
+                format!(
+                    "job {job} was cancelled while attempt {attempt} ran, and no kill was sent"
+                ),
+            ),
+        }
     }
 
     /// After a restart: the ledger is rebuilt from the durable log and the
@@ -510,12 +576,15 @@ impl Checker {
         self.allocated.clear();
         self.owed_ticks = 0;
         self.next_unseen_job = 1;
+        self.first_cancels.clear();
         let by_seq = self.new_jobs(state)?;
         let mut touched: BTreeSet<JobId> = by_seq.values().copied().collect();
         let last = last_assignments(durable);
         for (i, e) in durable.iter().enumerate() {
             self.ledger_step(i, e, state, &by_seq, &last, &mut touched)?;
         }
+        // A restart sends no kills: reconciliation carries the cancels.
+        self.first_cancels.clear();
         self.refresh(&touched, state)
     }
 
@@ -551,8 +620,11 @@ impl Checker {
             Event::JobCancelled { job } => {
                 touched.insert(*job);
                 if let Some(rec) = self.jobs.get_mut(job) {
-                    let placed = rec.placed.keys().next_back().copied().unwrap_or(0);
-                    rec.cancel_point.get_or_insert(placed);
+                    if rec.cancel_point.is_none() {
+                        let placed = rec.placed.keys().next_back().copied().unwrap_or(0);
+                        rec.cancel_point = Some(placed);
+                        self.first_cancels.push(*job);
+                    }
                 }
             }
             Event::AttemptAssigned { job, attempt, node } => {

@@ -762,7 +762,8 @@ impl World {
             match out {
                 Output::Persist(entries) => {
                     self.checker.proposed(&entries)?;
-                    self.checker.placements(&entries)?;
+                    self.checker
+                        .placements(&entries, self.plan.placements_max)?;
                     for e in &entries {
                         (e.index, e.at, e.event.kind()).hash(&mut self.hash);
                     }
@@ -790,10 +791,16 @@ impl World {
                     let (node, to_inc) = match &cmd {
                         RunnerCommand::Start {
                             node, incarnation, ..
-                        }
-                        | RunnerCommand::Kill {
-                            node, incarnation, ..
                         } => (node.clone(), *incarnation),
+                        RunnerCommand::Kill {
+                            node,
+                            incarnation,
+                            job,
+                            attempt,
+                        } => {
+                            self.checker.runner_kill(*job, *attempt);
+                            (node.clone(), *incarnation)
+                        }
                     };
                     if let Some(&i) = self.node_index.get(&node) {
                         self.send(Ep::Replica, Ep::Node(i), to_inc, Body::Runner(cmd));
@@ -827,6 +834,7 @@ impl World {
         let state = replica.state();
         self.checker.applied(&pre, newly, state)?;
         self.drain_outputs()?;
+        self.checker.kills_sent()?;
         if !self.host.disk.pending.is_empty() && self.host.disk.syncing == 0 {
             self.start_fsync();
         }

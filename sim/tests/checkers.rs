@@ -130,7 +130,7 @@ impl Run {
     /// The checker's verdict on placements proposed from the current state.
     fn propose(&self, placements: &[Event]) -> &'static str {
         let entries: Vec<Entry> = placements.iter().map(|e| self.entry(e.clone())).collect();
-        invariant(self.checker.placements(&entries))
+        invariant(self.checker.placements(&entries, 8))
     }
 }
 
@@ -625,4 +625,45 @@ fn checker_liveness_after_healing() {
     let claimed = [(JobId(1), 1, AttemptState::Succeeded)];
     let r = Checker::live_results(&state, &claimed);
     assert_eq!(invariant(r), inv::LIVE_RESULTS);
+}
+
+#[test]
+fn checker_a_cancel_of_a_running_attempt_sends_its_kill() {
+    let r = Run::new()
+        .node("n1", 1000)
+        .submit("a", 500, 50)
+        .assign(1, 1, "n1")
+        .then(Event::JobCancelled { job: JobId(1) });
+    let mut c = r.checker;
+    assert_eq!(invariant(c.kills_sent()), inv::CANCEL);
+    let mut c = Run::new()
+        .node("n1", 1000)
+        .submit("a", 500, 50)
+        .assign(1, 1, "n1")
+        .then(Event::JobCancelled { job: JobId(1) })
+        .checker;
+    c.runner_kill(JobId(1), 1);
+    assert_eq!(invariant(c.kills_sent()), "ok");
+    // A queued job has nothing to kill.
+    let mut queued = Run::new()
+        .node("n1", 1000)
+        .submit("a", 500, 50)
+        .then(Event::JobCancelled { job: JobId(1) })
+        .checker;
+    assert_eq!(invariant(queued.kills_sent()), "ok");
+}
+
+#[test]
+fn checker_a_pass_stays_within_its_placement_bound() {
+    let r = Run::new()
+        .node("n1", 4000)
+        .submit("a", 500, 50)
+        .submit("b", 500, 50);
+    let both = [assign(1, 1, "n1"), assign(2, 1, "n1")];
+    let entries: Vec<Entry> = both.iter().map(|e| r.entry(e.clone())).collect();
+    assert_eq!(
+        invariant(r.checker.placements(&entries, 1)),
+        inv::PASS_BOUNDS
+    );
+    assert_eq!(invariant(r.checker.placements(&entries, 2)), "ok");
 }
