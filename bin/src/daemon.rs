@@ -22,13 +22,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use rustci_core::agent::{Agent, AgentConfig, AgentOutput};
 use rustci_core::event::{Entry, LogIndex};
-use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Resources};
-use rustci_core::replica::{
-    Command, CommandError, Config, Output, Replica, Reply, RunnerCommand, RunnerReport, TICK_MS,
-};
+use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources};
+use rustci_core::protocol::LeaseConfig;
+use rustci_core::replica::{CommandError, Config, Output, Replica, Reply, TICK_MS};
 use rustci_core::state::State;
-use rustci_net::control::{output_path, ControlPlane, Input, LogReader, LogStats, ServerInfo};
+use rustci_net::control::{
+    output_path, ControlPlane, Input, LogReader, LogStats, RunObservation, ServerInfo,
+};
 use rustci_net::server::{serve, ServerConfig};
 use rustci_storage::LogStore;
 use tokio::net::TcpListener;
@@ -246,16 +248,16 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         replica,
         writer,
         runner,
+        agent: local_agent(&config),
+        mono_origin: Instant::now(),
         pending: HashMap::new(),
         next_request: 1,
         applied: applied_tx,
-        node_name: config.node_name.clone(),
-        node_incarnation: 0,
         data_dir: config.data_dir.clone(),
         fatal: None,
     };
     driver.replica.start(wall_clock_ms());
-    driver.register_local_node(&config);
+    driver.tick();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(serve(
@@ -346,24 +348,24 @@ async fn forward_run_events(
     inputs: mpsc::Sender<Input>,
 ) {
     while let Some(ev) = rx.recv().await {
-        let report = match ev {
-            RunEvent::Started { job, attempt } => RunnerReport::Started {
+        let input = match ev {
+            RunEvent::Started { job, attempt } => Input::Run {
                 job: JobId(job),
                 attempt,
+                observed: RunObservation::Started,
             },
             RunEvent::Finished {
                 job,
                 attempt,
                 outcome,
                 exit_code,
-            } => RunnerReport::Finished {
+            } => Input::Run {
                 job: JobId(job),
                 attempt,
-                outcome,
-                exit_code,
+                observed: RunObservation::Ended { outcome, exit_code },
             },
         };
-        if inputs.send(Input::Runner(report)).await.is_err() {
+        if inputs.send(input).await.is_err() {
             return;
         }
     }
@@ -379,41 +381,53 @@ struct Driver {
     pending: HashMap<u64, Option<ReplySender>>,
     next_request: u64,
     applied: watch::Sender<LogIndex>,
-    node_name: String,
-    /// The built-in runner's incarnation (new at every process start): a
-    /// command placed on an earlier incarnation is never run by this one.
-    node_incarnation: u64,
+    /// The built-in runner's agent: the same state machine `rustci agent`
+    /// runs, talking to the replica in-process. Its incarnation is new at
+    /// every process start, so whatever an earlier process ran is lost and
+    /// runs again.
+    agent: Agent,
+    /// Origin of the monotonic clock fed to the replica and the agent.
+    mono_origin: Instant,
     data_dir: PathBuf,
     /// Set when the log cannot be written: the daemon must stop, since
     /// nothing more can be acknowledged safely.
     fatal: Option<String>,
 }
 
+/// The agent of the runner built into `rustci dev`.
+fn local_agent(config: &DevConfig) -> Agent {
+    let capacity = config.capacity.unwrap_or_else(|| {
+        let (cpu_millis, memory_mb) = runner::machine_capacity();
+        Resources::new(cpu_millis, memory_mb)
+    });
+    let mut labels = default_labels();
+    labels.extend(config.labels.clone());
+    // A new incarnation per process start, larger than any before it:
+    // whatever the previous process ran died with it, and the reducer marks
+    // those attempts lost.
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let config = AgentConfig {
+        name: config.node_name.clone(),
+        capacity,
+        labels,
+        lease: LeaseConfig::default(),
+    };
+    Agent::new(config, incarnation)
+}
+
 impl Driver {
-    fn register_local_node(&mut self, config: &DevConfig) {
-        let capacity = config.capacity.unwrap_or_else(|| {
-            let (cpu_millis, memory_mb) = runner::machine_capacity();
-            Resources::new(cpu_millis, memory_mb)
-        });
-        let mut labels = default_labels();
-        labels.extend(config.labels.clone());
-        // A new incarnation per process start: whatever the previous process
-        // ran died with it, and the reducer marks those attempts lost.
-        let incarnation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-        self.node_incarnation = incarnation;
-        let command = Command::RegisterNode {
-            name: config.node_name.clone(),
-            capacity,
-            labels,
-            incarnation,
-        };
-        let request = self.next_request;
-        self.next_request += 1;
-        self.pending.insert(request, None);
-        self.replica.propose(wall_clock_ms(), request, command);
+    fn mono_ms(&self) -> u64 {
+        self.mono_origin.elapsed().as_millis() as u64
+    }
+
+    /// Periodic work of the replica and of the local agent.
+    fn tick(&mut self) {
+        let mono = self.mono_ms();
+        self.replica.handle_tick(wall_clock_ms(), mono);
+        self.agent.handle_tick(mono);
     }
 
     async fn run(
@@ -446,7 +460,7 @@ impl Driver {
                         }
                     }
                 }
-                _ = tick.tick() => self.replica.handle_tick(wall_clock_ms()),
+                _ = tick.tick() => self.tick(),
             }
             self.carry_out();
             if let Some(e) = &self.fatal {
@@ -484,21 +498,106 @@ impl Driver {
                 self.replica.propose(now, request, command);
             }
             Input::Query(f) => f(&self.replica),
-            Input::Runner(report) => self.replica.handle_runner_report(now, report),
+            Input::Agent(msg) => {
+                let mono = self.mono_ms();
+                self.replica.handle_agent(now, mono, msg);
+            }
+            Input::Run {
+                job,
+                attempt,
+                observed,
+            } => {
+                let mono = self.mono_ms();
+                match observed {
+                    RunObservation::Started => {
+                        self.agent.handle_spawned(mono, job, attempt, Ok(()))
+                    }
+                    RunObservation::Ended {
+                        outcome: Outcome::StartFailed,
+                        ..
+                    } => {
+                        let failed = Err("the command could not be started".to_string());
+                        self.agent.handle_spawned(mono, job, attempt, failed)
+                    }
+                    // The agent knows why it killed (cancel, time-out).
+                    RunObservation::Ended {
+                        outcome: Outcome::Cancelled | Outcome::TimedOut,
+                        ..
+                    } => self.agent.handle_exit(mono, job, attempt, None),
+                    RunObservation::Ended { exit_code, .. } => {
+                        self.agent.handle_exit(mono, job, attempt, exit_code)
+                    }
+                }
+            }
             Input::Persisted(index) => self.replica.handle_persisted(now, index),
             Input::PersistFailed(e) => {
                 tracing::error!(error = %e, "appending to the event log failed");
                 self.replica.fail();
                 self.fatal = Some(e);
             }
-            Input::Tick => self.replica.handle_tick(now),
+            Input::Tick => self.tick(),
         }
     }
 
     /// Carries out the replica's outputs in order (see the driver contract in
     /// `rustci_core::replica`).
     fn carry_out(&mut self) {
-        while let Some(output) = self.replica.poll_output() {
+        loop {
+            let mut idle = true;
+            while let Some(output) = self.replica.poll_output() {
+                idle = false;
+                self.carry_out_replica(output);
+            }
+            while let Some(output) = self.agent.poll_output() {
+                idle = false;
+                self.carry_out_agent(output);
+            }
+            if idle {
+                break;
+            }
+        }
+        self.applied.send_if_modified(|i| {
+            let now = self.replica.applied_index();
+            let changed = *i != now;
+            *i = now;
+            changed
+        });
+    }
+
+    /// Carries out what the local agent asks for (see the driver contract in
+    /// `rustci_core::agent`).
+    fn carry_out_agent(&mut self, output: AgentOutput) {
+        match output {
+            AgentOutput::Send(msg) => {
+                let mono = self.mono_ms();
+                self.replica.handle_agent(wall_clock_ms(), mono, msg);
+            }
+            AgentOutput::Spawn {
+                job, attempt, spec, ..
+            } => self
+                .runner
+                .start(run_spec(&self.data_dir, job, attempt, spec)),
+            AgentOutput::Kill { job, attempt } => self.runner.kill(job.0, attempt),
+            // The attempts' supervisors die with this process already: the
+            // agent and its jobs cannot outlive each other here.
+            AgentOutput::LeaseUntil { .. } => {}
+            AgentOutput::Refused {
+                job,
+                attempt,
+                node,
+                incarnation,
+            } => tracing::error!(
+                job = job.0,
+                attempt,
+                node,
+                incarnation,
+                "the control plane handed this runner an attempt placed elsewhere; not started"
+            ),
+        }
+    }
+
+    fn carry_out_replica(&mut self, output: Output) {
+        {
             match output {
                 Output::Persist(entries) => {
                     if !self.writer.send(entries) && self.fatal.is_none() {
@@ -512,37 +611,24 @@ impl Driver {
                         tracing::warn!(error = %e, "internal command refused");
                     }
                 }
-                Output::Runner(command) => self.run_command(command),
+                Output::ToAgent {
+                    node,
+                    incarnation,
+                    msg,
+                } => {
+                    if node == self.agent.name() && incarnation == self.agent.incarnation() {
+                        let mono = self.mono_ms();
+                        self.agent.handle_message(mono, msg);
+                    } else {
+                        tracing::debug!(
+                            node,
+                            incarnation,
+                            kind = msg.kind(),
+                            "message for an agent that is not here"
+                        );
+                    }
+                }
             }
-        }
-        self.applied.send_if_modified(|i| {
-            let now = self.replica.applied_index();
-            let changed = *i != now;
-            *i = now;
-            changed
-        });
-    }
-
-    fn run_command(&mut self, command: RunnerCommand) {
-        match command {
-            RunnerCommand::Start {
-                node,
-                incarnation,
-                job,
-                attempt,
-                spec,
-            } if node == self.node_name && incarnation == self.node_incarnation => self
-                .runner
-                .start(run_spec(&self.data_dir, job, attempt, spec)),
-            RunnerCommand::Kill {
-                node,
-                incarnation,
-                job,
-                attempt,
-            } if node == self.node_name && incarnation == self.node_incarnation => {
-                self.runner.kill(job.0, attempt)
-            }
-            other => tracing::warn!(?other, "command for a node this process does not run"),
         }
     }
 }
@@ -553,7 +639,9 @@ fn run_spec(data_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) 
         attempt,
         command: spec.command,
         env: spec.env,
-        timeout: Duration::from_secs(spec.timeout_secs),
+        // The agent enforces the job's time-out (it kills the attempt and
+        // reports `timed_out`); the runner itself never times out.
+        timeout: runner::TIMEOUT_MAX,
         work_dir: data_dir.join("work").join(format!("{}-{attempt}", job.0)),
         log_path: output_path(data_dir, job, attempt),
     }

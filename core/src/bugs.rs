@@ -59,10 +59,13 @@ pub enum Bug {
     /// Replay by value (`State::apply_owned`, what start-up uses) moves the
     /// spec into the job and drops the idempotency key.
     OwnedReplayDropsKey,
+    /// The attempts of a down or removed node are requeued without waiting
+    /// for its lease to lapse.
+    RequeueBeforeLeaseLapses,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 20] = [
+    pub const ALL: [Bug; 21] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -83,6 +86,7 @@ impl Bug {
         Bug::LoosestFit,
         Bug::StampFollowsClock,
         Bug::OwnedReplayDropsKey,
+        Bug::RequeueBeforeLeaseLapses,
     ];
 }
 

@@ -62,10 +62,22 @@ pub enum Event {
     },
     /// No new work for this node; running attempts finish.
     NodeDrained { name: String },
-    /// The node stopped heartbeating for longer than its grace period.
-    NodeDown { name: String },
-    /// A down node's agent came back with the same incarnation.
-    NodeUp { name: String },
+    /// The node's agent (this incarnation of it) stopped heartbeating for
+    /// longer than its grace period. Its attempts stay active until its
+    /// lease has provably lapsed; then each is lost (`AttemptLost`).
+    /// `incarnation` 0 (logs from before it was recorded): any incarnation.
+    NodeDown {
+        name: String,
+        #[serde(default)]
+        incarnation: u64,
+    },
+    /// A down node's agent came back with the same incarnation (no longer
+    /// proposed: an agent that was down joins again as a new incarnation).
+    NodeUp {
+        name: String,
+        #[serde(default)]
+        incarnation: u64,
+    },
     /// An operator removed the node.
     NodeRemoved { name: String },
     /// An operator ended a drain: the node takes new work again.

@@ -142,8 +142,14 @@ pub fn entries_from_bytes(data: &[u8]) -> Vec<Entry> {
                 }
             }
             8 => Event::NodeDrained { name: bytes.node() },
-            9 => Event::NodeDown { name: bytes.node() },
-            10 => Event::NodeUp { name: bytes.node() },
+            9 => Event::NodeDown {
+                name: bytes.node(),
+                incarnation: u64::from(bytes.next() >> 6),
+            },
+            10 => Event::NodeUp {
+                name: bytes.node(),
+                incarnation: u64::from(bytes.next() >> 6),
+            },
             11 => Event::NodeRemoved { name: bytes.node() },
             _ => Event::NodeUndrained { name: bytes.node() },
         };

@@ -13,6 +13,8 @@
 //! - [`validate`]: limits and defaults of commands.
 //! - [`scheduler`]: placement decisions as a pure function of state.
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
+//! - [`protocol`]: the agent protocol's messages and the lease arithmetic.
+//! - [`agent`]: the sans-IO agent state machine every worker node runs.
 //! - `bugs`: planted bugs for the simulator's self-test; dormant data unless
 //!   the `sim-bugs` feature compiles their code sites in.
 //! - `fuzzing` (hidden): the reducer's fuzz target, shared by `fuzz/` and
@@ -20,10 +22,12 @@
 
 #[macro_use]
 pub mod bugs;
+pub mod agent;
 pub mod event;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod model;
+pub mod protocol;
 pub mod replica;
 pub mod scheduler;
 pub mod state;

@@ -6,8 +6,10 @@
 //!
 //! # Driver contract
 //!
-//! Inputs, each taking `now` (milliseconds on the driver's clock):
-//! [`Replica::start`], [`Replica::propose`], [`Replica::handle_runner_report`],
+//! Inputs, each taking `now` (wall-clock milliseconds: they only stamp
+//! entries) and, where timers matter, `mono` (milliseconds on a monotonic
+//! clock: failure detection and leases never read the wall clock):
+//! [`Replica::start`], [`Replica::propose`], [`Replica::handle_agent`],
 //! [`Replica::handle_persisted`], [`Replica::handle_tick`].
 //!
 //! Outputs come from [`Replica::poll_output`], in order. A driver MUST:
@@ -16,19 +18,23 @@
 //! 2. act on outputs in the order they are returned: a `Reply` is only ever
 //!    returned after the entry it acknowledges was reported persisted, so
 //!    sending it at once keeps "acknowledged means durable";
-//! 3. deliver every [`Output::Runner`] command to the runner of its node; a
-//!    command may be lost (the node is gone) and the replica tolerates that.
+//! 3. deliver every [`Output::ToAgent`] message to the agent of its node,
+//!    and only to the incarnation it names; a message may be lost (the node
+//!    is gone, the network dropped it) and the replica tolerates that: every
+//!    lease renewal carries the node's committed view, and agents reconcile.
 //!
 //! Today a replica commits an entry as soon as its own disk has it (a
 //! single-replica cluster). Raft will sit between `propose` and commit,
 //! behind the same inputs and outputs, so the drivers do not change.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::event::{Entry, Event, LogIndex, ReplicaId, Term};
 use crate::model::{
-    AttemptNumber, Job, JobId, JobSpec, Labels, Node, Outcome, Resources, TimestampMs,
+    AttemptNumber, AttemptState, Job, JobId, JobSpec, Labels, Node, NodeState, Resources,
+    TimestampMs,
 };
+use crate::protocol::{AgentMsg, Assignment, LeaseConfig, NodeAd, Report, ReportKind, ServerMsg};
 use crate::scheduler;
 use crate::state::{Applied, QueueKey, State};
 use crate::validate::{self, ValidationError};
@@ -44,6 +50,8 @@ pub struct Config {
     /// The bounds of one scheduling pass. Production keeps the defaults; the
     /// simulator draws small ones per seed so truncated passes happen.
     pub pass_bounds: scheduler::PassBounds,
+    /// Heartbeat, lease and failure-detection timings.
+    pub lease: LeaseConfig,
     /// SIM-BUGS: the planted bug selected by the simulator (none by
     /// default; dead code without the `sim-bugs` feature).
     /// [`Replica::recover`] copies it into the state for the reducer and
@@ -57,6 +65,7 @@ impl Config {
             id,
             proposals_inflight_max: PROPOSALS_INFLIGHT_MAX,
             pass_bounds: scheduler::PassBounds::default(),
+            lease: LeaseConfig::default(),
             bugs: crate::bugs::BugSet::default(),
         }
     }
@@ -137,41 +146,6 @@ pub enum CommandError {
     Stopping,
 }
 
-/// What a node's runner must do. `incarnation` is the node incarnation the
-/// attempt was placed on: a command is only ever for that incarnation, and
-/// a restarted runner must not act on it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RunnerCommand {
-    Start {
-        node: String,
-        incarnation: u64,
-        job: JobId,
-        attempt: AttemptNumber,
-        spec: JobSpec,
-    },
-    Kill {
-        node: String,
-        incarnation: u64,
-        job: JobId,
-        attempt: AttemptNumber,
-    },
-}
-
-/// What a node's runner observed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RunnerReport {
-    Started {
-        job: JobId,
-        attempt: AttemptNumber,
-    },
-    Finished {
-        job: JobId,
-        attempt: AttemptNumber,
-        outcome: Outcome,
-        exit_code: Option<i32>,
-    },
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
     /// Entries to make durable, in index order. See the driver contract.
@@ -181,15 +155,40 @@ pub enum Output {
         request: RequestId,
         result: Result<Reply, CommandError>,
     },
-    Runner(RunnerCommand),
+    /// A message for the agent of `node`, incarnation `incarnation` only.
+    ToAgent {
+        node: String,
+        incarnation: u64,
+        msg: ServerMsg,
+    },
 }
 
 /// Why an entry was proposed: decides what happens when it is applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Origin {
     Command(RequestId),
     Placement,
+    /// An agent's report: acknowledged to that incarnation once applied.
+    Report {
+        node: String,
+        incarnation: u64,
+    },
+    /// An agent's first heartbeat of an incarnation.
+    Registration,
+    /// The leader's own decisions (failure detection, lease expiry).
     Internal,
+}
+
+/// What the leader knows of a node's agent: soft state, never logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Liveness {
+    incarnation: u64,
+    /// Last heartbeat from this incarnation (monotonic clock).
+    heard_mono: u64,
+    /// Last lease granted to it, or the moment a grant may have been made
+    /// (monotonic clock): the node's attempts are requeued only
+    /// `requeue_after_ms` after this.
+    leased_mono: u64,
 }
 
 pub struct Replica {
@@ -217,6 +216,18 @@ pub struct Replica {
     /// Something other than a submission (freed capacity, a node change, a
     /// requeue, a pass cut short by its bounds) calls for a full pass.
     full_pass_needed: bool,
+    /// Per node: when its agent was last heard from and last leased. Every
+    /// node's grace period starts afresh when this replica starts leading.
+    liveness: BTreeMap<String, Liveness>,
+    /// Latest monotonic time seen; failure detection starts with the first.
+    mono: Option<u64>,
+    /// Registrations, downs and losses proposed and not yet applied, so that
+    /// each is proposed once.
+    registering: BTreeMap<String, u64>,
+    downing: BTreeSet<String>,
+    losing: BTreeSet<(JobId, AttemptNumber)>,
+    /// Reports proposed and not yet applied.
+    reporting: BTreeSet<(JobId, AttemptNumber, bool)>,
 }
 
 impl Replica {
@@ -243,6 +254,12 @@ impl Replica {
             placements_inflight: 0,
             new_jobs: Vec::new(),
             full_pass_needed: true,
+            liveness: BTreeMap::new(),
+            mono: None,
+            registering: BTreeMap::new(),
+            downing: BTreeSet::new(),
+            losing: BTreeSet::new(),
+            reporting: BTreeSet::new(),
         }
     }
 
@@ -419,39 +436,160 @@ impl Replica {
         }
     }
 
-    /// A runner's observation of one of its attempts. Reports about attempts
-    /// that are no longer current are dropped here and, should one slip
-    /// through, fenced by the reducer.
-    pub fn handle_runner_report(&mut self, now: TimestampMs, report: RunnerReport) {
-        let (job, attempt) = match &report {
-            RunnerReport::Started { job, attempt }
-            | RunnerReport::Finished { job, attempt, .. } => (*job, *attempt),
+    /// A message from a node's agent. `mono` is the monotonic clock.
+    pub fn handle_agent(&mut self, now: TimestampMs, mono: u64, msg: AgentMsg) {
+        if !matches!(self.lifecycle, Lifecycle::Starting | Lifecycle::Running) {
+            return;
+        }
+        self.observe(mono);
+        match msg {
+            AgentMsg::Heartbeat { node, seq } => self.heartbeat(now, mono, node, seq),
+            AgentMsg::Report(report) => self.report(now, report),
+        }
+    }
+
+    fn heartbeat(&mut self, now: TimestampMs, mono: u64, ad: NodeAd, seq: u64) {
+        let (name, incarnation) = (ad.name.clone(), ad.incarnation);
+        let to_agent = |msg| Output::ToAgent {
+            node: name.clone(),
+            incarnation,
+            msg,
         };
+        match self.state.nodes.get(&ad.name) {
+            Some(n) if n.incarnation == incarnation => {
+                if matches!(n.state, NodeState::Down | NodeState::Left)
+                    || self.downing.contains(&ad.name)
+                {
+                    let reason = format!("node {} is {}", n.name, n.state.as_str());
+                    self.outputs
+                        .push_back(to_agent(ServerMsg::Fenced { reason }));
+                    return;
+                }
+                self.liveness.insert(
+                    name.clone(),
+                    Liveness {
+                        incarnation,
+                        heard_mono: mono,
+                        leased_mono: mono,
+                    },
+                );
+                let msg = ServerMsg::Lease {
+                    seq,
+                    index: self.state.applied_index,
+                    active: self.view(&name),
+                };
+                self.outputs.push_back(to_agent(msg));
+            }
+            Some(n) if incarnation < n.incarnation => {
+                let reason = format!(
+                    "incarnation {incarnation} was replaced by {}",
+                    n.incarnation
+                );
+                self.outputs
+                    .push_back(to_agent(ServerMsg::Fenced { reason }));
+            }
+            _ => {
+                if self.registering.get(&name) != Some(&incarnation) {
+                    let command = Command::RegisterNode {
+                        name: ad.name,
+                        capacity: ad.capacity,
+                        labels: ad.labels,
+                        incarnation,
+                    };
+                    if let Err(e) = self.check(&command) {
+                        let reason = format!("registration refused: {e}");
+                        self.outputs
+                            .push_back(to_agent(ServerMsg::Fenced { reason }));
+                        return;
+                    }
+                    self.registering.insert(name.clone(), incarnation);
+                    // A lease may be granted from the moment this
+                    // incarnation is registered.
+                    self.liveness.insert(
+                        name.clone(),
+                        Liveness {
+                            incarnation,
+                            heard_mono: mono,
+                            leased_mono: mono,
+                        },
+                    );
+                    self.append(now, command_event(command), Origin::Registration);
+                }
+                self.outputs.push_back(to_agent(ServerMsg::Joining { seq }));
+            }
+        }
+    }
+
+    /// An agent's report about one of its attempts. One about an attempt
+    /// that is not the job's active attempt on that node incarnation is
+    /// never applied; it is acknowledged so the agent stops sending it.
+    fn report(&mut self, now: TimestampMs, report: Report) {
+        let (job, attempt) = (report.job, report.attempt);
         let current = self
             .state
             .job(job)
             .and_then(Job::active_attempt)
-            .is_some_and(|a| a.number == attempt);
+            .is_some_and(|a| {
+                a.number == attempt
+                    && a.node == report.node
+                    && (a.incarnation == report.incarnation || a.incarnation == 0)
+            });
         // SIM-BUGS (b): the planted bug also drops this first line of fencing.
         let current = current || planted!(self.config.bugs, StaleResultApplied);
-        if !current || !matches!(self.lifecycle, Lifecycle::Starting | Lifecycle::Running) {
+        let finished = matches!(report.kind, ReportKind::Finished { .. });
+        if !current {
+            if finished {
+                self.outputs.push_back(Output::ToAgent {
+                    node: report.node,
+                    incarnation: report.incarnation,
+                    msg: ServerMsg::ReportAck {
+                        job,
+                        attempt,
+                        index: self.state.applied_index,
+                    },
+                });
+            }
             return;
         }
-        let event = match report {
-            RunnerReport::Started { job, attempt } => Event::AttemptStarted { job, attempt },
-            RunnerReport::Finished {
-                job,
-                attempt,
-                outcome,
-                exit_code,
-            } => Event::AttemptFinished {
+        if !self.reporting.insert((job, attempt, finished)) {
+            return;
+        }
+        let event = match report.kind {
+            ReportKind::Started => Event::AttemptStarted { job, attempt },
+            ReportKind::Finished { outcome, exit_code } => Event::AttemptFinished {
                 job,
                 attempt,
                 outcome,
                 exit_code,
             },
         };
-        self.append(now, event, Origin::Internal);
+        let origin = Origin::Report {
+            node: report.node,
+            incarnation: report.incarnation,
+        };
+        self.append(now, event, origin);
+    }
+
+    /// The committed view of a node: its active attempts.
+    pub fn view(&self, node: &str) -> Vec<Assignment> {
+        let mut active = Vec::new();
+        for id in self.state.active_by_node.get(node).into_iter().flatten() {
+            let Some(job) = self.state.job(*id) else {
+                continue;
+            };
+            if let Some(a) = job.active_attempt() {
+                active.push(Assignment {
+                    job: *id,
+                    attempt: a.number,
+                    node: a.node.clone(),
+                    incarnation: a.incarnation,
+                    started: a.state != AttemptState::Assigned,
+                    cancel_requested: a.cancel_requested,
+                    spec: job.spec.clone(),
+                });
+            }
+        }
+        active
     }
 
     /// The driver made the log durable up to `index`.
@@ -464,9 +602,96 @@ impl Replica {
         self.maybe_schedule(now);
     }
 
-    /// Periodic work; call every [`TICK_MS`] or so.
-    pub fn handle_tick(&mut self, now: TimestampMs) {
+    /// Periodic work; call every [`TICK_MS`] or so. `mono` is the
+    /// monotonic clock: nodes silent for `down_after_ms` are declared down,
+    /// and the attempts of a down or removed node are lost (and requeued)
+    /// once its lease has provably lapsed.
+    pub fn handle_tick(&mut self, now: TimestampMs, mono: u64) {
+        if self.lifecycle == Lifecycle::Running {
+            self.observe(mono);
+            self.detect_failures(now, mono);
+        }
         self.maybe_schedule(now);
+    }
+
+    /// Starts every node's grace period at the first monotonic reading.
+    fn observe(&mut self, mono: u64) {
+        if self.mono.is_none() {
+            for node in self.state.nodes.values() {
+                self.liveness.insert(
+                    node.name.clone(),
+                    Liveness {
+                        incarnation: node.incarnation,
+                        heard_mono: mono,
+                        leased_mono: mono,
+                    },
+                );
+            }
+        }
+        // A leader that could not run for a while (paused, its host
+        // stalled) heard nobody in the meantime: every node is credited
+        // with the time the leader was not listening. Leases are not
+        // extended: only what an agent was told counts for those.
+        if let Some(last) = self.mono {
+            let stall = mono.saturating_sub(last).saturating_sub(2 * TICK_MS);
+            if stall > 0 {
+                for live in self.liveness.values_mut() {
+                    live.heard_mono = (live.heard_mono + stall).min(mono);
+                }
+            }
+        }
+        self.mono = Some(self.mono.map_or(mono, |m| m.max(mono)));
+    }
+
+    fn detect_failures(&mut self, now: TimestampMs, mono: u64) {
+        let lease = self.config.lease;
+        let requeue_after = lease.requeue_after_ms();
+        let mut down = Vec::new();
+        let mut lost = Vec::new();
+        for node in self.state.nodes.values() {
+            let Some(live) = self.liveness.get(&node.name) else {
+                continue;
+            };
+            match node.state {
+                NodeState::Ready | NodeState::Draining => {
+                    let silent = mono.saturating_sub(live.heard_mono) >= lease.down_after_ms;
+                    if silent && !self.downing.contains(&node.name) {
+                        down.push((node.name.clone(), node.incarnation));
+                    }
+                }
+                NodeState::Down | NodeState::Left => {
+                    let lapsed = mono.saturating_sub(live.leased_mono) >= requeue_after
+                        || planted!(self.config.bugs, RequeueBeforeLeaseLapses);
+                    if !lapsed {
+                        continue;
+                    }
+                    for id in self
+                        .state
+                        .active_by_node
+                        .get(&node.name)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let number = self
+                            .state
+                            .job(*id)
+                            .and_then(Job::active_attempt)
+                            .map(|a| a.number);
+                        if let Some(number) = number.filter(|n| !self.losing.contains(&(*id, *n))) {
+                            lost.push((*id, number));
+                        }
+                    }
+                }
+            }
+        }
+        for (name, incarnation) in down {
+            self.downing.insert(name.clone());
+            self.append(now, Event::NodeDown { name, incarnation }, Origin::Internal);
+        }
+        for (job, attempt) in lost {
+            self.losing.insert((job, attempt));
+            self.append(now, Event::AttemptLost { job, attempt }, Origin::Internal);
+        }
     }
 
     // --- outputs ---
@@ -514,11 +739,51 @@ impl Replica {
         {
             let (entry, origin) = self.unapplied.pop_front().expect("front exists");
             let applied = self.state.apply(&entry);
+            self.settle_proposal(&entry);
             self.after_apply(&entry, origin, applied);
         }
     }
 
+    /// Forgets that an applied entry was in flight.
+    fn settle_proposal(&mut self, entry: &Entry) {
+        match &entry.event {
+            Event::NodeRegistered {
+                name, incarnation, ..
+            } if self.registering.get(name) == Some(incarnation) => {
+                self.registering.remove(name);
+            }
+            Event::NodeDown { name, .. } => {
+                self.downing.remove(name);
+            }
+            Event::AttemptLost { job, attempt } => {
+                self.losing.remove(&(*job, *attempt));
+            }
+            Event::AttemptStarted { job, attempt } => {
+                self.reporting.remove(&(*job, *attempt, false));
+            }
+            Event::AttemptFinished { job, attempt, .. } => {
+                self.reporting.remove(&(*job, *attempt, true));
+            }
+            _ => {}
+        }
+    }
+
     fn after_apply(&mut self, entry: &Entry, origin: Origin, applied: Applied) {
+        if let Origin::Report { node, incarnation } = &origin {
+            if matches!(entry.event, Event::AttemptFinished { .. }) {
+                if let Some((job, attempt)) = entry.event.job().zip(attempt_of(&entry.event)) {
+                    self.outputs.push_back(Output::ToAgent {
+                        node: node.clone(),
+                        incarnation: *incarnation,
+                        msg: ServerMsg::ReportAck {
+                            job,
+                            attempt,
+                            index: entry.index,
+                        },
+                    });
+                }
+            }
+        }
         if let Event::LeaderElected { replica, .. } = entry.event {
             if replica == self.config.id && self.lifecycle == Lifecycle::Starting {
                 self.lifecycle = Lifecycle::Running;
@@ -547,28 +812,40 @@ impl Replica {
         }
         match &applied {
             Applied::Assigned { job, attempt } => {
-                if let Some((spec, node, incarnation)) = self.attempt_node(*job) {
-                    let spec = spec.clone();
-                    self.outputs.push_back(Output::Runner(RunnerCommand::Start {
-                        node,
-                        incarnation,
-                        job: *job,
-                        attempt: *attempt,
-                        spec,
-                    }));
+                let assignment = self.view_of(*job).filter(|a| a.attempt == *attempt);
+                if let Some(assignment) = assignment {
+                    self.outputs.push_back(Output::ToAgent {
+                        node: assignment.node.clone(),
+                        incarnation: assignment.incarnation,
+                        msg: ServerMsg::Start {
+                            index: entry.index,
+                            assignment,
+                        },
+                    });
                 }
             }
-            Applied::CancelActive { job, attempt } => {
-                if let Some((_, node, incarnation)) = self.attempt_node(*job) {
-                    self.outputs.push_back(Output::Runner(RunnerCommand::Kill {
-                        node,
-                        incarnation,
-                        job: *job,
-                        attempt: *attempt,
-                    }));
-                }
-            }
+            Applied::CancelActive { job, attempt } => self.kill(*job, *attempt),
             _ => {}
+        }
+        if let (Event::NodeRemoved { name }, Applied::Done) = (&entry.event, &applied) {
+            // Stop what runs there now; the attempts are requeued once the
+            // node's lease has lapsed (or its agent reports them killed).
+            let ids: Vec<JobId> = self
+                .state
+                .active_by_node
+                .get(name)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            for id in ids {
+                if let Some(number) = self
+                    .state
+                    .job(id)
+                    .and_then(Job::active_attempt)
+                    .map(|a| a.number)
+                {
+                    self.kill(id, number);
+                }
+            }
         }
         if let Origin::Command(request) = origin {
             let reply = self.reply_for(entry, &applied);
@@ -576,12 +853,34 @@ impl Replica {
         }
     }
 
-    /// The spec of a job and the node (and its incarnation) of its latest
-    /// attempt.
-    fn attempt_node(&self, job: JobId) -> Option<(&JobSpec, String, u64)> {
+    /// The job's active attempt as its agent sees it.
+    fn view_of(&self, job: JobId) -> Option<Assignment> {
         let job = self.state.job(job)?;
-        let attempt = job.attempts.last()?;
-        Some((&job.spec, attempt.node.clone(), attempt.incarnation))
+        let a = job.active_attempt()?;
+        Some(Assignment {
+            job: job.id,
+            attempt: a.number,
+            node: a.node.clone(),
+            incarnation: a.incarnation,
+            started: a.state != AttemptState::Assigned,
+            cancel_requested: a.cancel_requested,
+            spec: job.spec.clone(),
+        })
+    }
+
+    fn kill(&mut self, job: JobId, attempt: AttemptNumber) {
+        if let Some(a) = self.view_of(job).filter(|a| a.attempt == attempt) {
+            self.outputs.push_back(Output::ToAgent {
+                node: a.node.clone(),
+                incarnation: a.incarnation,
+                msg: ServerMsg::Kill {
+                    job,
+                    attempt,
+                    node: a.node,
+                    incarnation: a.incarnation,
+                },
+            });
+        }
     }
 
     fn reply_for(&self, entry: &Entry, applied: &Applied) -> Result<Reply, CommandError> {
@@ -684,5 +983,15 @@ fn command_event(command: Command) -> Event {
             labels,
             incarnation,
         },
+    }
+}
+
+fn attempt_of(event: &Event) -> Option<AttemptNumber> {
+    match event {
+        Event::AttemptAssigned { attempt, .. }
+        | Event::AttemptStarted { attempt, .. }
+        | Event::AttemptFinished { attempt, .. }
+        | Event::AttemptLost { attempt, .. } => Some(*attempt),
+        _ => None,
     }
 }

@@ -310,8 +310,18 @@ impl State {
             Event::NodeUndrained { name } => {
                 self.node_transition(name, at, NodeTransition::Undrain)
             }
-            Event::NodeDown { name } => self.node_transition(name, at, NodeTransition::Down),
-            Event::NodeUp { name } => self.node_transition(name, at, NodeTransition::Up),
+            Event::NodeDown { name, incarnation } => {
+                if !self.is_incarnation(name, *incarnation) {
+                    return Applied::Ignored("down of a replaced incarnation");
+                }
+                self.node_transition(name, at, NodeTransition::Down)
+            }
+            Event::NodeUp { name, incarnation } => {
+                if !self.is_incarnation(name, *incarnation) {
+                    return Applied::Ignored("up of a replaced incarnation");
+                }
+                self.node_transition(name, at, NodeTransition::Up)
+            }
             Event::NodeRemoved { name } => self.node_transition(name, at, NodeTransition::Remove),
         }
     }
@@ -667,10 +677,20 @@ impl State {
             return Applied::Ignored("node transition not allowed from its state");
         }
         node.state = to;
-        if matches!(to, NodeState::Down | NodeState::Left) {
-            self.lose_all_on(name, at);
-        }
+        // A down or removed node's attempts stay active: its agent may still
+        // run them until its lease lapses. The leader loses them after that
+        // (`AttemptLost`), and only then are they placed elsewhere.
+        let _ = at;
         Applied::Done
+    }
+
+    /// `incarnation` names the node's current incarnation (0: any).
+    fn is_incarnation(&self, name: &str, incarnation: u64) -> bool {
+        incarnation == 0
+            || self
+                .nodes
+                .get(name)
+                .is_some_and(|n| n.incarnation == incarnation)
     }
 }
 

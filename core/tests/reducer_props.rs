@@ -81,8 +81,14 @@ pub fn event() -> impl Strategy<Value = Event> {
             }
         }),
         node_name().prop_map(|name| Event::NodeDrained { name }),
-        node_name().prop_map(|name| Event::NodeDown { name }),
-        node_name().prop_map(|name| Event::NodeUp { name }),
+        node_name().prop_map(|name| Event::NodeDown {
+            name,
+            incarnation: 0
+        }),
+        node_name().prop_map(|name| Event::NodeUp {
+            name,
+            incarnation: 0
+        }),
         node_name().prop_map(|name| Event::NodeRemoved { name }),
         node_name().prop_map(|name| Event::NodeUndrained { name }),
     ]

@@ -5,19 +5,37 @@ use std::collections::BTreeMap;
 
 use rustci_core::event::Entry;
 use rustci_core::model::{AttemptState, JobId, JobSpec, JobState, NodeState, Outcome, Resources};
-use rustci_core::replica::{
-    Command, CommandError, Config, Output, Replica, Reply, RunnerCommand, RunnerReport,
-};
+use rustci_core::protocol::{AgentMsg, LeaseConfig, NodeAd, Report, ReportKind, ServerMsg};
+use rustci_core::replica::{Command, CommandError, Config, Output, Replica, Reply};
 use rustci_core::state::State;
 use rustci_core::validate;
 
-/// A replica with a perfect disk and a runner that records its commands.
+/// What a runner observed, as the tests say it; sent as the agent of the
+/// attempt's node incarnation would send it.
+enum RunnerReport {
+    Started {
+        job: JobId,
+        attempt: u32,
+    },
+    Finished {
+        job: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+    },
+}
+
+/// A replica with a perfect disk and agents that record what they are told.
 struct Cluster {
     replica: Replica,
     disk: Vec<Entry>,
     replies: BTreeMap<u64, Result<Reply, CommandError>>,
-    runner: Vec<RunnerCommand>,
+    /// Messages to agents: (node, incarnation, message).
+    runner: Vec<ServerMsg>,
+    to_agents: Vec<(String, u64, ServerMsg)>,
     now: u64,
+    /// The monotonic clock.
+    mono: u64,
     next_request: u64,
 }
 
@@ -28,7 +46,9 @@ impl Cluster {
             disk: Vec::new(),
             replies: BTreeMap::new(),
             runner: Vec::new(),
+            to_agents: Vec::new(),
             now: 1_000,
+            mono: 0,
             next_request: 1,
         };
         c.replica.start(c.now);
@@ -65,10 +85,48 @@ impl Cluster {
                 Output::Reply { request, result } => {
                     self.replies.insert(request, result);
                 }
-                Output::Runner(cmd) => self.runner.push(cmd),
+                Output::ToAgent {
+                    node,
+                    incarnation,
+                    msg,
+                } => {
+                    if matches!(msg, ServerMsg::Start { .. } | ServerMsg::Kill { .. }) {
+                        self.runner.push(msg.clone());
+                    }
+                    self.to_agents.push((node, incarnation, msg));
+                }
             }
         }
         panic!("drive did not settle");
+    }
+
+    /// Lets `ms` pass on both clocks, ticking the replica as a driver does.
+    fn wait(&mut self, ms: u64) {
+        let end = self.mono + ms;
+        while self.mono < end {
+            self.mono = (self.mono + rustci_core::replica::TICK_MS).min(end);
+            self.now += rustci_core::replica::TICK_MS;
+            self.replica.handle_tick(self.now, self.mono);
+            self.drive();
+        }
+    }
+
+    fn heartbeat(&mut self, name: &str, incarnation: u64, seq: u64) -> ServerMsg {
+        let node = NodeAd {
+            name: name.into(),
+            incarnation,
+            capacity: Resources::new(1000, 100),
+            labels: BTreeMap::new(),
+        };
+        self.to_agents.clear();
+        self.replica
+            .handle_agent(self.now, self.mono, AgentMsg::Heartbeat { node, seq });
+        self.drive();
+        self.to_agents
+            .iter()
+            .find(|(n, _, m)| n == name && !matches!(m, ServerMsg::Start { .. }))
+            .map(|(_, _, m)| m.clone())
+            .expect("a heartbeat is answered")
     }
 
     fn command(&mut self, cmd: Command) -> Result<Reply, CommandError> {
@@ -110,7 +168,25 @@ impl Cluster {
     }
 
     fn report(&mut self, report: RunnerReport) {
-        self.replica.handle_runner_report(self.now, report);
+        let (job, attempt, kind) = match report {
+            RunnerReport::Started { job, attempt } => (job, attempt, ReportKind::Started),
+            RunnerReport::Finished {
+                job,
+                attempt,
+                outcome,
+                exit_code,
+            } => (job, attempt, ReportKind::Finished { outcome, exit_code }),
+        };
+        let a = &self.replica.state().job(job).unwrap().attempts[attempt as usize - 1];
+        let report = Report {
+            node: a.node.clone(),
+            incarnation: a.incarnation,
+            job,
+            attempt,
+            kind,
+        };
+        self.replica
+            .handle_agent(self.now, self.mono, AgentMsg::Report(report));
         self.drive();
     }
 
@@ -122,9 +198,9 @@ impl Cluster {
         self.runner
             .iter()
             .filter_map(|c| match c {
-                RunnerCommand::Start {
-                    job, attempt, node, ..
-                } => Some((*job, *attempt, node.clone())),
+                ServerMsg::Start { assignment, .. } => {
+                    Some((assignment.job, assignment.attempt, assignment.node.clone()))
+                }
                 _ => None,
             })
             .collect()
@@ -307,14 +383,27 @@ fn stale_attempt_results_are_ignored() {
     // A late success of attempt 1 must not finish the job.
     let before = c.replica.state().digest();
     c.replica.state().check_consistency().unwrap();
-    c.replica.handle_runner_report(
-        c.now,
-        RunnerReport::Finished {
-            job: id,
-            attempt: 1,
+    let late = Report {
+        node: "n1".into(),
+        incarnation: 1,
+        job: id,
+        attempt: 1,
+        kind: ReportKind::Finished {
             outcome: Outcome::Exited,
             exit_code: Some(0),
         },
+    };
+    c.replica
+        .handle_agent(c.now, c.mono, AgentMsg::Report(late));
+    assert!(
+        matches!(
+            c.replica.poll_output(),
+            Some(Output::ToAgent {
+                msg: ServerMsg::ReportAck { attempt: 1, .. },
+                ..
+            })
+        ),
+        "a stale report is acknowledged (so it is not sent again)"
     );
     assert!(
         c.replica.poll_output().is_none(),
@@ -337,7 +426,7 @@ fn cancel_running_job_kills_the_attempt_and_keeps_resources_until_it_ends() {
     let reply = c.command(Command::Cancel { job: id }).unwrap();
     assert!(matches!(reply, Reply::Job(j) if j.state == JobState::Cancelled));
     assert!(c.runner.iter().any(|r| matches!(r,
-        RunnerCommand::Kill { job, attempt: 1, .. } if *job == id)));
+        ServerMsg::Kill { job, attempt: 1, .. } if *job == id)));
     assert_eq!(c.replica.state().nodes["n1"].allocated.cpu_millis, 1000);
     c.report(RunnerReport::Finished {
         job: id,
@@ -454,7 +543,7 @@ fn recovery_after_crash_loses_running_attempts_and_runs_them_again() {
 }
 
 #[test]
-fn drained_node_gets_no_new_work_and_down_node_loses_its_attempts() {
+fn drained_node_gets_no_new_work_and_removed_node_loses_its_attempts_after_its_lease() {
     let mut c = Cluster::new();
     c.add_node("n1", 1000, 100, &[]);
     c.add_node("n2", 1000, 100, &[]);
@@ -472,6 +561,19 @@ fn drained_node_gets_no_new_work_and_down_node_loses_its_attempts() {
     })
     .unwrap();
     assert_eq!(c.replica.state().nodes[&first_node].state, NodeState::Left);
+    // Its agent is told to stop the attempt at once, but the job is placed
+    // elsewhere only once the node's lease has provably lapsed.
+    assert!(c.runner.iter().any(|r| matches!(r,
+        ServerMsg::Kill { job, attempt: 1, .. } if *job == a)));
+    assert_eq!(c.job_state(a), JobState::Assigned);
+    let requeue_after = LeaseConfig::default().requeue_after_ms();
+    c.wait(requeue_after - 200);
+    assert_eq!(
+        c.job_state(a),
+        JobState::Assigned,
+        "not before the lease lapsed"
+    );
+    c.wait(300);
     assert_eq!(c.job_state(a), JobState::Queued);
     c.check();
 }
@@ -515,7 +617,7 @@ fn seed_61_placement_ignored_by_a_racing_drain_is_placed_again() {
             Output::Reply { request, result } => {
                 c.replies.insert(request, result);
             }
-            Output::Runner(cmd) => c.runner.push(cmd),
+            Output::ToAgent { msg, .. } => c.runner.push(msg),
         }
     }
     assert!(pending.iter().any(|e| matches!(&e.event,
@@ -553,5 +655,94 @@ fn a_backlog_of_unplaceable_jobs_does_not_hide_placeable_ones() {
         JobState::Assigned,
         "found behind the backlog"
     );
+    c.check();
+}
+
+#[test]
+fn an_agent_joins_with_its_first_heartbeat_and_is_leased_with_its_view() {
+    let mut c = Cluster::new();
+    let reply = c.heartbeat("w1", 5, 1);
+    assert_eq!(reply, ServerMsg::Joining { seq: 1 });
+    let node = &c.replica.state().nodes["w1"];
+    assert_eq!((node.incarnation, node.state), (5, NodeState::Ready));
+    let id = c.submit(spec(500, 10));
+    assert_eq!(c.starts(), vec![(id, 1, "w1".to_string())]);
+    match c.heartbeat("w1", 5, 2) {
+        ServerMsg::Lease { seq: 2, active, .. } => {
+            assert_eq!(active.len(), 1);
+            assert_eq!((active[0].job, active[0].incarnation), (id, 5));
+        }
+        other => panic!("expected a lease, got {other:?}"),
+    }
+    // An older incarnation of the same node is fenced, never leased.
+    assert!(matches!(c.heartbeat("w1", 4, 1), ServerMsg::Fenced { .. }));
+    c.check();
+}
+
+#[test]
+fn a_silent_node_is_declared_down_and_its_jobs_move_only_after_its_lease_lapsed() {
+    let mut c = Cluster::new();
+    c.heartbeat("w1", 1, 1);
+    c.heartbeat("w2", 1, 1);
+    let id = c.submit(spec(600, 10));
+    let (_, _, first) = c.starts()[0].clone();
+    let other = if first == "w1" { "w2" } else { "w1" };
+    c.report(RunnerReport::Started {
+        job: id,
+        attempt: 1,
+    });
+    let lease = LeaseConfig::default();
+    // The other node keeps heartbeating; the first falls silent.
+    let mut seq = 2;
+    let mut keep_alive = |c: &mut Cluster, ms: u64| {
+        for _ in 0..ms / 500 {
+            c.wait(500);
+            c.heartbeat(other, 1, seq);
+            seq += 1;
+        }
+    };
+    keep_alive(&mut c, lease.down_after_ms - 500);
+    assert_eq!(c.replica.state().nodes[&first].state, NodeState::Ready);
+    keep_alive(&mut c, 1_000);
+    assert_eq!(c.replica.state().nodes[&first].state, NodeState::Down);
+    assert_eq!(
+        c.replica.state().nodes[other].state,
+        NodeState::Ready,
+        "heartbeats keep a node up"
+    );
+    assert_eq!(
+        c.job_state(id),
+        JobState::Running,
+        "not moved while its lease may hold"
+    );
+    // A heartbeat of the down incarnation renews nothing.
+    assert!(matches!(
+        c.heartbeat(&first, 1, 99),
+        ServerMsg::Fenced { .. }
+    ));
+    keep_alive(&mut c, lease.requeue_after_ms() - lease.down_after_ms + 500);
+    let job = c.replica.state().job(id).unwrap();
+    assert_eq!(job.attempts[0].state, AttemptState::Lost);
+    assert_eq!(job.retries_used, 0, "a lost attempt spends no retry");
+    assert_eq!(job.attempts[1].node, other, "placed on the live node");
+    c.check();
+}
+
+#[test]
+fn a_report_is_acknowledged_once_it_is_applied() {
+    let mut c = Cluster::new();
+    c.heartbeat("w1", 3, 1);
+    let id = c.submit(spec(500, 10));
+    c.to_agents.clear();
+    c.report(RunnerReport::Finished {
+        job: id,
+        attempt: 1,
+        outcome: Outcome::Exited,
+        exit_code: Some(0),
+    });
+    assert_eq!(c.job_state(id), JobState::Succeeded);
+    assert!(c.to_agents.iter().any(|(n, inc, m)| n == "w1"
+        && *inc == 3
+        && matches!(m, ServerMsg::ReportAck { job, attempt: 1, .. } if *job == id)));
     c.check();
 }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rustci_core::event::{Entry, LogIndex, ReplicaId};
-use rustci_core::model::{AttemptNumber, JobId};
-use rustci_core::replica::{Command, CommandError, Replica, Reply, RunnerReport};
+use rustci_core::model::{AttemptNumber, JobId, Outcome};
+use rustci_core::protocol::AgentMsg;
+use rustci_core::replica::{Command, CommandError, Replica, Reply};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Inputs of the driver loop. Only the driver interprets them.
@@ -21,10 +22,27 @@ pub enum Input {
         reply: oneshot::Sender<Result<Reply, CommandError>>,
     },
     Query(Box<dyn FnOnce(&Replica) + Send>),
-    Runner(RunnerReport),
+    /// A message from a node's agent.
+    Agent(AgentMsg),
+    /// What the runner built into this process observed (`rustci dev`).
+    Run {
+        job: JobId,
+        attempt: AttemptNumber,
+        observed: RunObservation,
+    },
     Persisted(LogIndex),
     PersistFailed(String),
     Tick,
+}
+
+/// What a local runner saw of an attempt's process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunObservation {
+    Started,
+    Ended {
+        outcome: Outcome,
+        exit_code: Option<i32>,
+    },
 }
 
 /// Reads committed entries for the event stream, from wherever the driver

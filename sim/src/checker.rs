@@ -336,9 +336,18 @@ impl Checker {
         self.executing.insert(job, (attempt, node.to_string()));
         let (capacity, labels) = self.truth_of(node, incarnation);
         if !fits(running, capacity) {
+            let here: Vec<String> = self
+                .executing
+                .iter()
+                .filter(|(_, (_, on))| on == node)
+                .map(|(j, (a, _))| format!("{j}/{a}"))
+                .collect();
             return fail(
                 inv::CAPACITY,
-                format!("node {node} executes {running:?} > capacity {capacity:?}"),
+                format!(
+                    "node {node} executes {running:?} > capacity {capacity:?} (job/attempt: {})",
+                    here.join(" ")
+                ),
             );
         }
         let Some(rec) = self.jobs.get(&job) else {
@@ -665,12 +674,18 @@ impl Checker {
             Event::NodeUndrained { name } => {
                 self.node_moves(name, &[NodeStatus::Draining], NodeStatus::Ready)
             }
-            Event::NodeUp { name } => self.node_moves(name, &[NodeStatus::Down], NodeStatus::Ready),
-            Event::NodeDown { name } => {
+            Event::NodeUp { name, incarnation } => {
+                if self.is_incarnation(name, *incarnation) {
+                    self.node_moves(name, &[NodeStatus::Down], NodeStatus::Ready);
+                }
+            }
+            Event::NodeDown { name, incarnation } => {
+                if !self.is_incarnation(name, *incarnation) {
+                    return Ok(());
+                }
                 if !self.disturbed.contains(name) {
                     return fail(inv::NODE_DOWN, format!("node {name} marked down"));
                 }
-                self.touch_node(name, touched);
                 self.node_moves(
                     name,
                     &[NodeStatus::Ready, NodeStatus::Draining],
@@ -688,6 +703,15 @@ impl Checker {
             Event::LeaderElected { .. } => {}
         }
         Ok(())
+    }
+
+    /// `incarnation` is the node's current one by the ledger (0: any).
+    fn is_incarnation(&self, name: &str, incarnation: u64) -> bool {
+        incarnation == 0
+            || self
+                .nodes
+                .get(name)
+                .is_some_and(|n| n.incarnation == incarnation)
     }
 
     fn node_moves(&mut self, name: &str, from: &[NodeStatus], to: NodeStatus) {

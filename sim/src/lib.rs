@@ -18,6 +18,7 @@
 //! function that reads it, so nothing here touches a real clock.
 
 pub mod checker;
+mod nodes;
 pub mod plan;
 mod world;
 
@@ -82,6 +83,7 @@ impl PlantedBug {
                 "owned-replay-drops-key",
                 &[REPLAY, IDEMPOTENCY, ACKED_DURABLE],
             ),
+            Bug::RequeueBeforeLeaseLapses => ("requeue-before-lease-lapses", &[EXCLUSIVE]),
         }
     }
 

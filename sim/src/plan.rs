@@ -152,6 +152,8 @@ pub struct FaultPlan {
     pub cancel_share: Bp,
     pub drain_share: Bp,
     pub undrain_share: Bp,
+    /// Operators removing a node (its agent is fenced and joins again).
+    pub remove_share: Bp,
     pub no_key_share: Bp,
     pub constraint_share: Bp,
     /// Share of submissions that come as a burst of up to `burst_max` jobs
@@ -213,6 +215,7 @@ impl FaultPlan {
             cancel_share: swarm(rng, 6_000, 3_000),
             drain_share: swarm(rng, 4_000, 1_000),
             undrain_share: swarm(rng, 7_000, 1_000),
+            remove_share: swarm(rng, 4_000, 500),
             no_key_share: swarm(rng, 3_000, 3_000),
             constraint_share: swarm(rng, 7_000, 8_000),
             burst_share: swarm(rng, 6_000, 1_500),
@@ -269,7 +272,7 @@ impl fmt::Display for FaultPlan {
              replica_crashes_per_s={} node_crashes_per_s={} pauses_per_s={} \
              clock_jumps_per_s={} drift_ppm_max={} relabel_share={} scan_jobs_max={} \
              placements_max={} load={} cancel_share={} drain_share={} undrain_share={} \
-             no_key_share={} constraint_share={} burst_share={} burst_max={} \
+             remove_share={} no_key_share={} constraint_share={} burst_share={} burst_max={} \
              priority_levels={} job_secs_max={} fail_share={} start_fail_share={} \
              retries_max={} client_timeout_ms={}",
             self.nodes,
@@ -296,6 +299,7 @@ impl fmt::Display for FaultPlan {
             self.cancel_share,
             self.drain_share,
             self.undrain_share,
+            self.remove_share,
             self.no_key_share,
             self.constraint_share,
             self.burst_share,

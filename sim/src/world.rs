@@ -13,23 +13,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use rustci_core::event::Entry;
-use rustci_core::model::{
-    AttemptNumber, AttemptState, Job, JobId, JobSpec, Labels, Outcome, Resources,
-};
+use rustci_core::model::{AttemptNumber, Job, JobId, JobSpec, Labels, Resources};
+use rustci_core::protocol::{AgentMsg, LeaseConfig, ReportKind, ServerMsg};
 use rustci_core::replica::{
-    Command, CommandError, Config, Output, Replica, Reply, RequestId, RunnerCommand, RunnerReport,
-    TICK_MS,
+    Command, CommandError, Config, Output, Replica, Reply, RequestId, TICK_MS,
 };
 use rustci_core::state::{Fnv64, State};
 
 use crate::checker::{inv, Check, Checker, Violation};
+use crate::nodes::NodeHost;
 use crate::plan::{Bp, FaultPlan, SimRng};
 use crate::SimOptions;
 
 /// Wall-clock origin of every process (2023-11-14), so `at` stamps look real.
 const EPOCH_MS: i64 = 1_700_000_000_000;
-/// How often a runner node reconciles with the control plane (local ms).
-pub const AGENT_SYNC_MS: u64 = 1_000;
 /// Steps between whole-state consistency checks.
 const CONSISTENCY_EVERY_STEPS: u64 = 512;
 /// How often the liveness phase tests for convergence (true ms).
@@ -37,7 +34,7 @@ const CONVERGE_CHECK_MS: u64 = 1_000;
 /// A run that takes more steps than this is itself a failure (runaway loop).
 const STEPS_MAX: u64 = 20_000_000;
 /// Longest replica or node downtime after a crash (ms).
-const DOWNTIME_MS_MAX: u64 = 8_000;
+pub(crate) const DOWNTIME_MS_MAX: u64 = 8_000;
 /// Longest pause of a process (ms).
 const PAUSE_MS_MAX: u64 = 5_000;
 /// Longest partition (ms).
@@ -53,20 +50,6 @@ pub enum Ep {
     Client(usize),
 }
 
-/// An active attempt of a node, as the control plane's state has it.
-#[derive(Clone, Debug)]
-pub struct ActiveAttempt {
-    pub job: JobId,
-    pub attempt: AttemptNumber,
-    /// The node and incarnation the attempt was placed on.
-    pub node: String,
-    pub incarnation: u64,
-    /// The control plane recorded that it started.
-    pub started: bool,
-    pub cancel_requested: bool,
-    pub spec: JobSpec,
-}
-
 #[derive(Clone, Debug)]
 pub enum Body {
     /// Client -> replica.
@@ -76,19 +59,10 @@ pub enum Body {
         req: RequestId,
         result: Result<Reply, CommandError>,
     },
-    /// Replica -> node.
-    Runner(RunnerCommand),
-    /// Node -> replica.
-    Report(RunnerReport),
-    /// Node -> replica: (re-)registration, a `Command::RegisterNode`.
-    Register(Command),
-    /// Node -> replica: "what do you think runs on me?"
-    SyncRequest { node: String, inc: u64 },
-    /// Replica -> node: the committed view of the node.
-    SyncReply {
-        registered: Option<u64>,
-        active: Vec<ActiveAttempt>,
-    },
+    /// Replica -> agent.
+    ToAgent(ServerMsg),
+    /// Agent -> replica.
+    FromAgent(AgentMsg),
 }
 
 #[derive(Clone, Debug)]
@@ -111,16 +85,30 @@ pub enum Ev {
         inc: u64,
     },
     ReplicaRestart,
-    AgentSync {
+    /// The agent process `gen` of a node ticks.
+    AgentTick {
         node: usize,
-        inc: u64,
+        gen: u64,
     },
+    /// An attempt's process exits by itself.
     ProcEnd {
         node: usize,
-        inc: u64,
+        gen: u64,
         job: JobId,
         attempt: AttemptNumber,
-        timeout: bool,
+    },
+    /// The agent learns that a process it started has exited (it was killed
+    /// by its supervisor while the agent could not act).
+    ProcGone {
+        node: usize,
+        gen: u64,
+        job: JobId,
+        attempt: AttemptNumber,
+    },
+    /// The supervisors of a node's attempts check their lease deadline.
+    Supervise {
+        node: usize,
+        gen: u64,
     },
     AgentRestart {
         node: usize,
@@ -139,12 +127,15 @@ pub enum Ev {
 }
 
 impl Ev {
-    /// The process that must be running to handle this event.
+    /// The process that must be running to handle this event. Supervisors
+    /// are processes of their own: a paused agent does not pause them.
     fn target(&self) -> Option<Ep> {
         match self {
             Ev::Deliver(m) => Some(m.to),
             Ev::FsyncDone { .. } | Ev::Tick { .. } => Some(Ep::Replica),
-            Ev::AgentSync { node, .. } | Ev::ProcEnd { node, .. } => Some(Ep::Node(*node)),
+            Ev::AgentTick { node, .. } | Ev::ProcEnd { node, .. } | Ev::ProcGone { node, .. } => {
+                Some(Ep::Node(*node))
+            }
             _ => None,
         }
     }
@@ -160,36 +151,45 @@ impl Ev {
             Ev::Deliver(m) => {
                 let kind = match &m.body {
                     Body::Request { req, .. } | Body::Response { req, .. } => *req,
-                    Body::Runner(RunnerCommand::Start { job, .. }) => 1 << 40 | job.0,
-                    Body::Runner(RunnerCommand::Kill { job, .. }) => 2 << 40 | job.0,
-                    Body::Report(RunnerReport::Started { job, .. }) => 3 << 40 | job.0,
-                    Body::Report(RunnerReport::Finished { job, .. }) => 4 << 40 | job.0,
-                    Body::Register(_) => 5 << 40,
-                    Body::SyncRequest { .. } => 6 << 40,
-                    Body::SyncReply { active, .. } => 7 << 40 | active.len() as u64,
+                    Body::ToAgent(msg) => match msg {
+                        ServerMsg::Lease { seq, active, .. } => {
+                            1 << 40 | seq << 16 | active.len() as u64
+                        }
+                        ServerMsg::Joining { seq } => 2 << 40 | seq,
+                        ServerMsg::Fenced { .. } => 3 << 40,
+                        ServerMsg::Start { assignment, .. } => 4 << 40 | assignment.job.0,
+                        ServerMsg::Kill { job, .. } => 5 << 40 | job.0,
+                        ServerMsg::ReportAck { job, .. } => 6 << 40 | job.0,
+                    },
+                    Body::FromAgent(AgentMsg::Heartbeat { seq, node }) => {
+                        7 << 40 | node.incarnation << 20 | seq
+                    }
+                    Body::FromAgent(AgentMsg::Report(r)) => {
+                        8 << 40 | u64::from(matches!(r.kind, ReportKind::Started)) << 39 | r.job.0
+                    }
                 };
                 (0, ep(&m.from) << 16 | ep(&m.to), kind)
             }
             Ev::FsyncDone { inc } => (1, *inc, 0),
             Ev::Tick { inc } => (2, *inc, 0),
             Ev::ReplicaRestart => (3, 0, 0),
-            Ev::AgentSync { node, inc } => (4, *node as u64, *inc),
-            Ev::ProcEnd {
-                node, job, timeout, ..
-            } => (5, *node as u64, job.0 << 1 | u64::from(*timeout)),
+            Ev::AgentTick { node, gen } => (4, *node as u64, *gen),
+            Ev::ProcEnd { node, job, .. } => (5, *node as u64, job.0),
             Ev::AgentRestart { node } => (6, *node as u64, 0),
             Ev::ClientWake { client, gen } => (7, *client as u64, *gen),
             Ev::Fault => (8, 0, 0),
             Ev::Unblock { from, to } => (9, ep(from), ep(to)),
             Ev::Heal => (10, 0, 0),
             Ev::Converge => (11, 0, 0),
+            Ev::ProcGone { node, job, .. } => (12, *node as u64, job.0),
+            Ev::Supervise { node, gen } => (13, *node as u64, *gen),
         }
     }
 }
 
 /// A process clock: a rate error within the drift bound, an offset, jumps.
 #[derive(Clone, Copy, Debug)]
-struct Clock {
+pub(crate) struct Clock {
     offset_ms: i64,
     drift_ppm: i64,
 }
@@ -208,8 +208,15 @@ impl Clock {
         (EPOCH_MS + t + t * self.drift_ppm / 1_000_000 + self.offset_ms).max(0) as u64
     }
 
+    /// The monotonic clock this process reads at true time `t`: it drifts,
+    /// but never jumps.
+    pub(crate) fn mono(&self, t: u64) -> u64 {
+        let t = t as i64;
+        (t + t * self.drift_ppm / 1_000_000).max(0) as u64
+    }
+
     /// True duration of `local_ms` measured on this process's clock.
-    fn true_ms(&self, local_ms: u64) -> u64 {
+    pub(crate) fn true_ms(&self, local_ms: u64) -> u64 {
         let den = (1_000_000 + self.drift_ppm) as u128;
         ((u128::from(local_ms) * 1_000_000 / den) as u64).max(1)
     }
@@ -238,32 +245,6 @@ struct ReplicaHost {
     disk: Disk,
     restart_pending: bool,
     last_replay_check_ms: u64,
-}
-
-enum Run {
-    Running { resources: Resources },
-    Done { report: RunnerReport },
-}
-
-/// A simulated runner node: an agent that starts and kills processes on
-/// command, enforces timeouts, reports, and reconciles with the control
-/// plane every `AGENT_SYNC_MS` (stands in for core's future sans-IO agent).
-struct Agent {
-    name: String,
-    capacity: Resources,
-    /// Advertised at registration; a restart may come back with others.
-    labels: Labels,
-    inc: u64,
-    up: bool,
-    paused_until: u64,
-    clock: Clock,
-    /// Attempts of this incarnation.
-    runs: BTreeMap<(JobId, AttemptNumber), Run>,
-    /// Kills that arrived before their start.
-    killed_early: BTreeSet<(JobId, AttemptNumber)>,
-    running_total: Resources,
-    /// Final attempt states this incarnation reported, for the liveness check.
-    results: BTreeMap<(JobId, AttemptNumber), AttemptState>,
 }
 
 /// One request of a client's operation (a burst has many).
@@ -330,17 +311,17 @@ pub struct Stats {
 pub struct World {
     opts: SimOptions,
     pub plan: FaultPlan,
-    rng: SimRng,
+    pub(crate) rng: SimRng,
     pub now: u64,
     seq: u64,
     events: BTreeMap<(u64, u64), Ev>,
     host: ReplicaHost,
-    agents: Vec<Agent>,
+    pub(crate) nodes: Vec<NodeHost>,
     node_index: BTreeMap<String, usize>,
     clients: Vec<Client>,
     blocked: BTreeSet<(Ep, Ep)>,
     net_faults: bool,
-    checker: Checker,
+    pub(crate) checker: Checker,
     pub phase: Phase,
     pub steps: u64,
     hash: Fnv64,
@@ -372,19 +353,14 @@ impl World {
         let mut agents = Vec::new();
         for i in 0..plan.nodes {
             let labels = draw_labels(&mut rng);
-            agents.push(Agent {
-                name: format!("n{}", i + 1),
-                capacity: Resources::new(rng.range(2, 8) * 1000, rng.range(2, 16) * 1024),
+            let capacity = Resources::new(rng.range(2, 8) * 1000, rng.range(2, 16) * 1024);
+            let clock = Clock::draw(&mut rng, opts.drift_ppm_max);
+            agents.push(NodeHost::new(
+                format!("n{}", i + 1),
+                capacity,
                 labels,
-                inc: 1,
-                up: false,
-                paused_until: 0,
-                clock: Clock::draw(&mut rng, opts.drift_ppm_max),
-                runs: BTreeMap::new(),
-                killed_early: BTreeSet::new(),
-                running_total: Resources::default(),
-                results: BTreeMap::new(),
-            });
+                clock,
+            ));
         }
         let node_index = agents
             .iter()
@@ -417,7 +393,7 @@ impl World {
             seq: 0,
             events: BTreeMap::new(),
             host,
-            agents,
+            nodes: agents,
             node_index,
             clients,
             blocked: BTreeSet::new(),
@@ -436,7 +412,7 @@ impl World {
             stats: Stats::default(),
         };
         if !w.plan.net_loss.is_zero() {
-            for a in &w.agents {
+            for a in &w.nodes {
                 w.checker.disturbed.insert(a.name.clone());
             }
         }
@@ -446,7 +422,7 @@ impl World {
 
     fn boot(&mut self) {
         self.restart_replica_now();
-        for i in 0..self.agents.len() {
+        for i in 0..self.nodes.len() {
             self.agent_boot(i);
         }
         for c in 0..self.clients.len() {
@@ -459,12 +435,12 @@ impl World {
 
     // --- the event loop ---
 
-    fn push_at(&mut self, t: u64, ev: Ev) {
+    pub(crate) fn push_at(&mut self, t: u64, ev: Ev) {
         self.seq += 1;
         self.events.insert((t.max(self.now), self.seq), ev);
     }
 
-    fn push_in(&mut self, delay: u64, ev: Ev) {
+    pub(crate) fn push_in(&mut self, delay: u64, ev: Ev) {
         self.push_at(self.now + delay, ev);
     }
 
@@ -524,7 +500,7 @@ impl World {
     fn paused_until(&self, ep: Ep) -> u64 {
         match ep {
             Ep::Replica => self.host.paused_until,
-            Ep::Node(i) => self.agents[i].paused_until,
+            Ep::Node(i) => self.nodes[i].paused_until,
             Ep::Client(_) => 0,
         }
     }
@@ -536,22 +512,21 @@ impl World {
             Ev::Tick { inc } if inc == self.host.inc => self.tick(),
             Ev::FsyncDone { .. } | Ev::Tick { .. } => Ok(()),
             Ev::ReplicaRestart => self.replica_restart(),
-            Ev::AgentSync { node, inc } => self.agent_sync(node, inc),
+            Ev::AgentTick { node, gen } => self.agent_tick(node, gen),
             Ev::ProcEnd {
                 node,
-                inc,
+                gen,
                 job,
                 attempt,
-                timeout,
-            } => self.proc_end(node, inc, job, attempt, timeout),
-            Ev::AgentRestart { node } => {
-                self.agents[node].inc += 1;
-                if self.rng.chance(self.plan.relabel_share) {
-                    self.agents[node].labels = draw_labels(&mut self.rng);
-                }
-                self.agent_boot(node);
-                Ok(())
-            }
+            } => self.proc_end(node, gen, job, attempt),
+            Ev::ProcGone {
+                node,
+                gen,
+                job,
+                attempt,
+            } => self.proc_gone(node, gen, job, attempt),
+            Ev::Supervise { node, gen } => self.supervise(node, gen),
+            Ev::AgentRestart { node } => self.agent_restart(node),
             Ev::ClientWake { client, gen } => self.client_wake(client, gen),
             Ev::Fault => self.fault(),
             Ev::Unblock { from, to } => {
@@ -565,7 +540,7 @@ impl World {
 
     // --- network ---
 
-    fn send(&mut self, from: Ep, to: Ep, to_inc: u64, body: Body) {
+    pub(crate) fn send(&mut self, from: Ep, to: Ep, to_inc: u64, body: Body) {
         self.stats.messages_sent += 1;
         let faults = self.net_faults && self.phase == Phase::Faults;
         if self.blocked.contains(&(from, to)) || faults && self.rng.chance(self.plan.net_loss) {
@@ -602,12 +577,16 @@ impl World {
         match msg.to {
             Ep::Replica => self.replica_receive(msg.from, msg.body),
             Ep::Node(i) => {
-                let a = &self.agents[i];
-                if !a.up || a.inc != msg.to_inc {
+                // A message is for one incarnation of the agent: the
+                // connection of another is gone.
+                let Body::ToAgent(body) = msg.body else {
+                    return Ok(());
+                };
+                if self.nodes[i].incarnation() != Some(msg.to_inc) {
                     self.stats.messages_dropped += 1;
                     return Ok(());
                 }
-                self.agent_receive(i, msg.body)
+                self.agent_receive(i, body)
             }
             Ep::Client(c) => self.client_receive(c, msg.body),
         }
@@ -619,9 +598,18 @@ impl World {
         self.host.clock.wall(self.now)
     }
 
+    /// The cluster's lease timings, with the drift bound the clocks keep.
+    pub(crate) fn lease_config(&self) -> LeaseConfig {
+        LeaseConfig {
+            drift_ppm_max: self.opts.drift_ppm_max,
+            ..LeaseConfig::default()
+        }
+    }
+
     fn config(&self) -> Config {
         let mut config = Config::new(1);
         config.pass_bounds = self.plan.pass_bounds();
+        config.lease = self.lease_config();
         if let Some(bug) = self.opts.planted_bug {
             config.bugs = rustci_core::bugs::BugSet::only(bug.0);
         }
@@ -697,6 +685,7 @@ impl World {
 
     fn replica_receive(&mut self, from: Ep, body: Body) -> Check {
         let now = self.replica_now();
+        let mono = self.host.clock.mono(self.now);
         let Some(replica) = self.host.replica.as_mut() else {
             self.stats.messages_dropped += 1;
             return Ok(());
@@ -707,34 +696,17 @@ impl World {
                 self.routes.insert(req, Route::Client(c));
                 replica.propose(now, req, cmd);
             }
-            Body::Report(report) => replica.handle_runner_report(now, report),
-            Body::Register(cmd) => {
-                let req = self.next_request;
-                self.next_request += 1;
-                self.routes.insert(req, Route::Internal);
-                replica.propose(now, req, cmd);
-            }
-            Body::SyncRequest { node, inc } => {
-                // The answer travels on the asking incarnation's connection.
-                let inc: u64 = inc;
-                let (registered, active) = sync_view(replica.state(), &node);
-                self.send(
-                    Ep::Replica,
-                    from,
-                    inc,
-                    Body::SyncReply { registered, active },
-                );
-                return Ok(());
-            }
-            Body::Response { .. } | Body::Runner(_) | Body::SyncReply { .. } => return Ok(()),
+            Body::FromAgent(msg) => replica.handle_agent(now, mono, msg),
+            Body::Response { .. } | Body::ToAgent(_) => return Ok(()),
         }
         self.drain_outputs()
     }
 
     fn tick(&mut self) -> Check {
         let now = self.replica_now();
+        let mono = self.host.clock.mono(self.now);
         if let Some(r) = self.host.replica.as_mut() {
-            r.handle_tick(now);
+            r.handle_tick(now, mono);
         }
         let tick = self.host.clock.true_ms(TICK_MS);
         let inc = self.host.inc;
@@ -785,25 +757,18 @@ impl World {
                     ),
                     Some(Route::Internal) | None => {}
                 },
-                Output::Runner(cmd) => {
-                    // The command is for the incarnation the placement was
-                    // made on: a restarted node never receives it.
-                    let (node, to_inc) = match &cmd {
-                        RunnerCommand::Start {
-                            node, incarnation, ..
-                        } => (node.clone(), *incarnation),
-                        RunnerCommand::Kill {
-                            node,
-                            incarnation,
-                            job,
-                            attempt,
-                        } => {
-                            self.checker.runner_kill(*job, *attempt);
-                            (node.clone(), *incarnation)
-                        }
-                    };
+                Output::ToAgent {
+                    node,
+                    incarnation,
+                    msg,
+                } => {
+                    if let ServerMsg::Kill { job, attempt, .. } = &msg {
+                        self.checker.runner_kill(*job, *attempt);
+                    }
+                    // Only the incarnation named receives it: a restarted
+                    // agent never gets what was meant for its predecessor.
                     if let Some(&i) = self.node_index.get(&node) {
-                        self.send(Ep::Replica, Ep::Node(i), to_inc, Body::Runner(cmd));
+                        self.send(Ep::Replica, Ep::Node(i), incarnation, Body::ToAgent(msg));
                     }
                 }
             }
@@ -872,276 +837,6 @@ impl World {
         Checker::consistency(replica.state())
     }
 
-    // --- runner nodes ---
-
-    fn agent_boot(&mut self, i: usize) {
-        let a = &mut self.agents[i];
-        a.up = true;
-        self.checker
-            .node_truth(&a.name, a.inc, a.capacity, a.labels.clone());
-        let cmd = Command::RegisterNode {
-            name: a.name.clone(),
-            capacity: a.capacity,
-            labels: a.labels.clone(),
-            incarnation: a.inc,
-        };
-        let inc = a.inc;
-        self.send(Ep::Node(i), Ep::Replica, 0, Body::Register(cmd));
-        let first = self.rng.range(1, AGENT_SYNC_MS);
-        self.push_in(first, Ev::AgentSync { node: i, inc });
-    }
-
-    fn crash_agent(&mut self, i: usize) {
-        if !self.agents[i].up {
-            return;
-        }
-        self.stats.node_crashes += 1;
-        let a = &mut self.agents[i];
-        a.up = false;
-        // The processes die with the agent (process group, pdeathsig).
-        for ((job, attempt), run) in std::mem::take(&mut a.runs) {
-            if matches!(run, Run::Running { .. }) {
-                self.checker.exec_end(job, attempt);
-            }
-        }
-        a.killed_early.clear();
-        a.results.clear();
-        a.running_total = Resources::default();
-        self.checker.disturbed.insert(a.name.clone());
-        let delay = self.rng.range(100, DOWNTIME_MS_MAX);
-        self.push_in(delay, Ev::AgentRestart { node: i });
-    }
-
-    fn agent_sync(&mut self, i: usize, inc: u64) -> Check {
-        let a = &self.agents[i];
-        if !a.up || a.inc != inc {
-            return Ok(());
-        }
-        let node = a.name.clone();
-        let next = a.clock.true_ms(AGENT_SYNC_MS);
-        self.send(Ep::Node(i), Ep::Replica, 0, Body::SyncRequest { node, inc });
-        self.push_in(next, Ev::AgentSync { node: i, inc });
-        Ok(())
-    }
-
-    fn report(&mut self, i: usize, report: RunnerReport) {
-        self.send(Ep::Node(i), Ep::Replica, 0, Body::Report(report));
-    }
-
-    fn agent_receive(&mut self, i: usize, body: Body) -> Check {
-        match body {
-            Body::Runner(RunnerCommand::Start {
-                node,
-                incarnation,
-                job,
-                attempt,
-                spec,
-            }) => {
-                let a = &self.agents[i];
-                if node != a.name || incarnation != a.inc {
-                    return self.checker.foreign_attempt(
-                        &a.name,
-                        a.inc,
-                        job,
-                        attempt,
-                        &node,
-                        incarnation,
-                    );
-                }
-                self.agent_start(i, job, attempt, &spec)
-            }
-            Body::Runner(RunnerCommand::Kill { job, attempt, .. }) => {
-                self.agent_kill(i, job, attempt);
-                Ok(())
-            }
-            Body::SyncReply { registered, active } => self.agent_reconcile(i, registered, active),
-            _ => Ok(()),
-        }
-    }
-
-    fn agent_start(
-        &mut self,
-        i: usize,
-        job: JobId,
-        attempt: AttemptNumber,
-        spec: &JobSpec,
-    ) -> Check {
-        let a = &mut self.agents[i];
-        if a.runs.contains_key(&(job, attempt)) {
-            return Ok(());
-        }
-        if a.killed_early.remove(&(job, attempt)) {
-            self.finish(i, job, attempt, Outcome::Cancelled, None);
-            return Ok(());
-        }
-        if self.rng.chance(self.plan.start_fail_share) {
-            self.finish(i, job, attempt, Outcome::StartFailed, None);
-            return Ok(());
-        }
-        let a = &mut self.agents[i];
-        a.running_total = a.running_total.saturating_add(&spec.resources);
-        a.runs.insert(
-            (job, attempt),
-            Run::Running {
-                resources: spec.resources,
-            },
-        );
-        let (name, total, inc) = (a.name.clone(), a.running_total, a.inc);
-        let timeout_true = a.clock.true_ms(spec.timeout_secs * 1000);
-        self.checker.exec_start(job, attempt, &name, inc, total)?;
-        self.report(i, RunnerReport::Started { job, attempt });
-        let duration = self.rng.range(50, self.plan.job_secs_max * 1000);
-        for (delay, timeout) in [(duration, false), (timeout_true, true)] {
-            self.push_in(
-                delay,
-                Ev::ProcEnd {
-                    node: i,
-                    inc,
-                    job,
-                    attempt,
-                    timeout,
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// Stops a running attempt's process; `None` if it was not running.
-    fn stop_process(&mut self, i: usize, job: JobId, attempt: AttemptNumber) -> Option<()> {
-        let a = &mut self.agents[i];
-        let Some(Run::Running { resources }) = a.runs.get(&(job, attempt)) else {
-            return None;
-        };
-        a.running_total = a.running_total.saturating_sub(resources);
-        self.checker.exec_end(job, attempt);
-        Some(())
-    }
-
-    fn finish(
-        &mut self,
-        i: usize,
-        job: JobId,
-        attempt: AttemptNumber,
-        outcome: Outcome,
-        exit_code: Option<i32>,
-    ) {
-        let state = match outcome {
-            Outcome::Exited if exit_code == Some(0) => AttemptState::Succeeded,
-            Outcome::Exited | Outcome::StartFailed => AttemptState::Failed,
-            Outcome::TimedOut => AttemptState::TimedOut,
-            Outcome::Cancelled => AttemptState::Cancelled,
-        };
-        let report = RunnerReport::Finished {
-            job,
-            attempt,
-            outcome,
-            exit_code,
-        };
-        let a = &mut self.agents[i];
-        a.runs.insert(
-            (job, attempt),
-            Run::Done {
-                report: report.clone(),
-            },
-        );
-        a.results.insert((job, attempt), state);
-        self.report(i, report);
-    }
-
-    fn proc_end(
-        &mut self,
-        i: usize,
-        inc: u64,
-        job: JobId,
-        attempt: AttemptNumber,
-        timeout: bool,
-    ) -> Check {
-        if !self.agents[i].up || self.agents[i].inc != inc {
-            return Ok(());
-        }
-        if self.stop_process(i, job, attempt).is_none() {
-            return Ok(());
-        }
-        let (outcome, code) = if timeout {
-            (Outcome::TimedOut, None)
-        } else if self.rng.chance(self.plan.fail_share) {
-            (Outcome::Exited, Some(self.rng.range(1, 3) as i32))
-        } else {
-            (Outcome::Exited, Some(0))
-        };
-        self.finish(i, job, attempt, outcome, code);
-        Ok(())
-    }
-
-    fn agent_kill(&mut self, i: usize, job: JobId, attempt: AttemptNumber) {
-        if self.stop_process(i, job, attempt).is_some() {
-            self.finish(i, job, attempt, Outcome::Cancelled, None);
-        } else if !self.agents[i].runs.contains_key(&(job, attempt)) {
-            self.agents[i].killed_early.insert((job, attempt));
-        }
-    }
-
-    /// The agent's reconciliation: re-register if the control plane does
-    /// not know this incarnation; start what it lost a Start for, kill what
-    /// it lost a Kill for, resend reports it may have lost.
-    fn agent_reconcile(
-        &mut self,
-        i: usize,
-        registered: Option<u64>,
-        active: Vec<ActiveAttempt>,
-    ) -> Check {
-        let a = &self.agents[i];
-        if registered != Some(a.inc) {
-            let cmd = Command::RegisterNode {
-                name: a.name.clone(),
-                capacity: a.capacity,
-                labels: a.labels.clone(),
-                incarnation: a.inc,
-            };
-            self.send(Ep::Node(i), Ep::Replica, 0, Body::Register(cmd));
-            return Ok(());
-        }
-        for act in active {
-            let a = &self.agents[i];
-            if act.node != a.name || act.incarnation != a.inc {
-                // In production such an attempt would hang: no agent would
-                // ever run it. Core must have lost it when this incarnation
-                // registered, so the agent refuses it and says so.
-                return self.checker.foreign_attempt(
-                    &a.name,
-                    a.inc,
-                    act.job,
-                    act.attempt,
-                    &act.node,
-                    act.incarnation,
-                );
-            }
-            let key = (act.job, act.attempt);
-            match self.agents[i].runs.get(&key) {
-                None if act.cancel_requested => {
-                    self.finish(i, act.job, act.attempt, Outcome::Cancelled, None)
-                }
-                None => self.agent_start(i, act.job, act.attempt, &act.spec)?,
-                Some(Run::Running { .. }) if act.cancel_requested => {
-                    self.agent_kill(i, act.job, act.attempt)
-                }
-                Some(Run::Running { .. }) if !act.started => self.report(
-                    i,
-                    RunnerReport::Started {
-                        job: act.job,
-                        attempt: act.attempt,
-                    },
-                ),
-                Some(Run::Running { .. }) => {}
-                Some(Run::Done { report }) => {
-                    let report = report.clone();
-                    self.report(i, report);
-                }
-            }
-        }
-        Ok(())
-    }
-
     // --- clients ---
 
     fn client_wake(&mut self, c: usize, gen: u64) -> Check {
@@ -1179,14 +874,19 @@ impl World {
         let (drain, undrain, cancel) = (p.drain_share.0, p.undrain_share.0, p.cancel_share.0);
         let nodes = self.plan.nodes as u64;
         if roll < drain && nodes > 1 {
-            let name = self.agents[self.rng.below(nodes) as usize].name.clone();
+            let name = self.nodes[self.rng.below(nodes) as usize].name.clone();
             return vec![Item::new(Command::DrainNode { name })];
         }
         if roll < drain + undrain {
-            let name = self.agents[self.rng.below(nodes) as usize].name.clone();
+            let name = self.nodes[self.rng.below(nodes) as usize].name.clone();
             return vec![Item::new(Command::UndrainNode { name })];
         }
-        if roll < drain + undrain + cancel && !self.acked_jobs.is_empty() {
+        let remove = p.remove_share.0;
+        if roll < drain + undrain + remove {
+            let name = self.nodes[self.rng.below(nodes) as usize].name.clone();
+            return vec![Item::new(Command::RemoveNode { name })];
+        }
+        if roll < drain + undrain + remove + cancel && !self.acked_jobs.is_empty() {
             // Half the time the newest job (likely queued or just placed),
             // else any (running, finished, cancelled already...).
             let job = if self.rng.chance(Bp(5_000)) {
@@ -1350,7 +1050,7 @@ impl World {
         let p = self.plan.clone();
         let weights = self.fault_weights();
         let roll = self.rng.below(weights.iter().sum());
-        let nodes = self.agents.len() as u64;
+        let nodes = self.nodes.len() as u64;
         let node = self.rng.below(nodes) as usize;
         let mut kind = weights.len() - 1;
         let mut acc = 0;
@@ -1378,10 +1078,8 @@ impl World {
         if self.rng.chance(Bp(5_000)) {
             self.host.paused_until = until;
         } else {
-            self.agents[node].paused_until = until;
-            self.checker
-                .disturbed
-                .insert(self.agents[node].name.clone());
+            self.nodes[node].paused_until = until;
+            self.checker.disturbed.insert(self.nodes[node].name.clone());
         }
     }
 
@@ -1396,7 +1094,7 @@ impl World {
         if self.rng.chance(Bp(5_000)) {
             self.host.clock.offset_ms += jump;
         } else {
-            self.agents[node].clock.offset_ms += jump;
+            self.nodes[node].clock.offset_ms += jump;
         }
     }
 
@@ -1404,9 +1102,7 @@ impl World {
         self.stats.partitions += 1;
         // Mostly a node's link; sometimes a client's.
         let other = if self.rng.chance(Bp(8_000)) || self.clients.is_empty() {
-            self.checker
-                .disturbed
-                .insert(self.agents[node].name.clone());
+            self.checker.disturbed.insert(self.nodes[node].name.clone());
             Ep::Node(node)
         } else {
             Ep::Client(self.rng.below(self.clients.len() as u64) as usize)
@@ -1433,7 +1129,7 @@ impl World {
         self.phase = Phase::Liveness;
         self.blocked.clear();
         self.host.paused_until = self.host.paused_until.min(self.now);
-        for a in &mut self.agents {
+        for a in &mut self.nodes {
             a.paused_until = a.paused_until.min(self.now);
         }
         if self.host.replica.is_none() && !self.host.restart_pending {
@@ -1449,10 +1145,7 @@ impl World {
         };
         replica.is_ready()
             && self.clients.iter().all(|c| c.op.is_empty())
-            && self
-                .agents
-                .iter()
-                .all(|a| a.up && a.running_total == Resources::default())
+            && self.nodes_settled(replica.state())
             && self.host.disk.pending.is_empty()
             && replica.state().jobs.values().all(|j| {
                 // Terminal with its last attempt settled (a cancelled job's
@@ -1475,12 +1168,13 @@ impl World {
             return Err(Violation {
                 invariant: inv::LIVE_JOBS,
                 detail: format!(
-                    "not converged {} ms after healing (clients idle: {}, runners idle: {})",
+                    "not converged {} ms after healing (clients idle: {}, nodes registered and idle: {})",
                     self.opts.liveness_ms_max,
                     self.clients.iter().all(|c| c.op.is_empty()),
-                    self.agents
-                        .iter()
-                        .all(|a| a.running_total == Resources::default()),
+                    self.host
+                        .replica
+                        .as_ref()
+                        .is_some_and(|r| self.nodes_settled(r.state())),
                 ),
             });
         }
@@ -1519,13 +1213,8 @@ impl World {
         let state = self.replica().state();
         self.checker.acked_present(state)?;
         self.checker.live_jobs(state)?;
-        let results: Vec<_> = self
-            .agents
-            .iter()
-            .filter(|a| a.up)
-            .flat_map(|a| a.results.iter().map(|((j, n), s)| (*j, *n, *s)))
-            .collect();
-        Checker::live_results(state, &results)?;
+        let results = self.live_agent_results();
+        Checker::live_results(self.replica().state(), &results)?;
         let jobs = state.jobs.len() as u64;
         let terminal = state
             .jobs
@@ -1547,28 +1236,6 @@ impl Ev {
     }
 }
 
-/// What a node asking for reconciliation is told: the incarnation the state
-/// has for it and its active attempts.
-fn sync_view(state: &State, node: &str) -> (Option<u64>, Vec<ActiveAttempt>) {
-    let registered = state.nodes.get(node).map(|n| n.incarnation);
-    let mut active = Vec::new();
-    for id in state.active_by_node.get(node).into_iter().flatten() {
-        let Some(job) = state.job(*id) else { continue };
-        if let Some(a) = job.active_attempt() {
-            active.push(ActiveAttempt {
-                job: *id,
-                attempt: a.number,
-                node: a.node.clone(),
-                incarnation: a.incarnation,
-                started: a.state != AttemptState::Assigned,
-                cancel_requested: a.cancel_requested,
-                spec: job.spec.clone(),
-            });
-        }
-    }
-    (registered, active)
-}
-
 /// The label keys nodes carry and constraints ask for, with their values;
 /// the last value of each is one no node ever has.
 const LABEL_DOMAINS: [(&str, &[&str]); 4] = [
@@ -1579,7 +1246,7 @@ const LABEL_DOMAINS: [(&str, &[&str]); 4] = [
 ];
 
 /// A node's labels: an os, an arch and a zone always, a gpu sometimes.
-fn draw_labels(rng: &mut SimRng) -> Labels {
+pub(crate) fn draw_labels(rng: &mut SimRng) -> Labels {
     let mut labels = Labels::new();
     for (key, values) in LABEL_DOMAINS {
         if key == "gpu" && rng.chance(Bp(6_000)) {

@@ -553,7 +553,10 @@ fn checker_stale_attempt_results_change_nothing() {
 
 #[test]
 fn checker_node_down_only_if_disturbed() {
-    let down = Event::NodeDown { name: "n1".into() };
+    let down = Event::NodeDown {
+        name: "n1".into(),
+        incarnation: 1,
+    };
     assert_eq!(
         Run::new().node("n1", 1000).then(down.clone()).verdict,
         inv::NODE_DOWN

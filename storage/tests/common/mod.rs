@@ -95,8 +95,8 @@ pub fn event() -> impl Strategy<Value = Event> {
             }
         ),
         name().prop_map(|name| Event::NodeDrained { name }),
-        name().prop_map(|name| Event::NodeDown { name }),
-        name().prop_map(|name| Event::NodeUp { name }),
+        (name(), 0u64..3).prop_map(|(name, incarnation)| Event::NodeDown { name, incarnation }),
+        (name(), 0u64..3).prop_map(|(name, incarnation)| Event::NodeUp { name, incarnation }),
         name().prop_map(|name| Event::NodeRemoved { name }),
     ]
 }
@@ -131,6 +131,7 @@ pub fn entry(index: u64, term: u64) -> Entry {
         at: 1_700_000_000_000 + index,
         event: Event::NodeUp {
             name: format!("node-{index}"),
+            incarnation: 0,
         },
     }
 }

@@ -1,0 +1,120 @@
+//! A log written by an earlier release (commit 33623db, before events gained
+//! incarnations and `NodeUndrained`) still opens, decodes and replays: events
+//! evolve only by new variants and new trailing `#[serde(default)]` fields
+//! (docs/storage.md).
+//!
+//! The fixture was made with that release's `rustci dev`: a job that
+//! succeeded, one that failed after its retry, an idempotent duplicate, an
+//! unplaceable job, a cancel of a running job, a time-out, a drain, a
+//! `kill -9` with a job queued behind the drain, a restart, and a graceful
+//! stop.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use rustci_core::event::Event;
+use rustci_core::model::{AttemptState, JobId, JobState, NodeState};
+use rustci_core::state::State;
+use rustci_storage::LogStore;
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/log-33623db");
+
+#[test]
+fn a_log_written_by_release_33623db_still_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        Path::new(FIXTURE).join("log.redb"),
+        dir.path().join("log.redb"),
+    )
+    .unwrap();
+    let store = LogStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(store.last_index(), 32);
+    let mut entries = Vec::new();
+    store
+        .scan(1, |e| {
+            entries.push(e);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(entries.len(), 32);
+    let leaders = entries
+        .iter()
+        .filter(|e| matches!(e.event, Event::LeaderElected { .. }))
+        .count();
+    assert_eq!(leaders, 2, "two starts of the daemon");
+
+    let state = State::replay(&entries);
+    state.check_consistency().unwrap();
+    let owned = entries.iter().cloned().fold(State::new(), |mut s, e| {
+        s.apply_owned(e);
+        s
+    });
+    assert_eq!(owned.digest(), state.digest());
+
+    let job = |id: u64| state.job(JobId(id)).unwrap();
+    let states: Vec<(&str, JobState)> = (1..=8)
+        .map(|id| (job(id).spec.name.as_str(), job(id).state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("ok", JobState::Succeeded),
+            ("fails", JobState::Failed),
+            ("keyed", JobState::Succeeded),
+            ("nowhere", JobState::Queued),
+            ("long", JobState::Cancelled),
+            ("timeout", JobState::Failed),
+            ("queued-while-drained", JobState::Queued),
+            ("running-at-crash", JobState::Queued),
+        ]
+    );
+    assert_eq!(state.jobs.len(), 8, "the duplicate key made no job");
+    assert_eq!(job(2).attempts.len(), 2);
+    assert_eq!(job(2).exit_code(), Some(3));
+    assert_eq!(job(5).attempts[0].state, AttemptState::Cancelled);
+    assert_eq!(job(6).attempts[0].state, AttemptState::TimedOut);
+    // The log never recorded an attempt's node incarnation: the reducer
+    // derives it from the registration in force at the placement.
+    let first_registration = entries
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::NodeRegistered { incarnation, .. } => Some(*incarnation),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(job(1).attempts[0].incarnation, first_registration);
+    let node = &state.nodes["fixture-node"];
+    assert_eq!(node.state, NodeState::Draining);
+}
+
+/// The shape `NodeDown` and `NodeUp` had before they named an incarnation.
+#[derive(serde::Serialize)]
+enum EventBeforeIncarnations {
+    NodeDown { name: String },
+    NodeUp { name: String },
+}
+
+#[test]
+fn an_event_written_before_it_gained_a_field_decodes_with_the_default() {
+    for (old, want) in [
+        (
+            EventBeforeIncarnations::NodeDown { name: "n1".into() },
+            Event::NodeDown {
+                name: "n1".into(),
+                incarnation: 0,
+            },
+        ),
+        (
+            EventBeforeIncarnations::NodeUp { name: "n2".into() },
+            Event::NodeUp {
+                name: "n2".into(),
+                incarnation: 0,
+            },
+        ),
+    ] {
+        let mut bytes = Vec::new();
+        rmp_serde::encode::write(&mut bytes, &old).unwrap();
+        let decoded: Event = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(decoded, want);
+    }
+}
