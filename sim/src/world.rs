@@ -367,11 +367,16 @@ impl World {
             .enumerate()
             .map(|(i, a)| (a.name.clone(), i))
             .collect();
-        // Slots: how many average jobs (cpu 1.05 cores) run at once; the
-        // mean attempt lasts about half of job_secs_max. Each client waits
+        // Slots: how many average jobs run at once; the mean attempt lasts
+        // about half of job_secs_max. Each client waits
         // clients / (load * slots / mean job length) between submissions.
+        // An average job asks for 1.05 cores and 1,056 MiB: the cluster's
+        // slots are whichever of cpu and memory runs out first.
         let cpu_total: u64 = agents.iter().map(|a| a.capacity.cpu_millis).sum();
-        let slots_milli = (cpu_total * 1000 / 1050).max(1000);
+        let memory_total: u64 = agents.iter().map(|a| a.capacity.memory_mb).sum();
+        let slots_milli = (cpu_total * 1000 / 1050)
+            .min(memory_total * 1000 / 1056)
+            .max(1000);
         let mean_job_ms = plan.job_secs_max * 500;
         let submit_mean_gap_ms = (plan.clients as u64 * mean_job_ms * 10_000 * 1000
             / (u64::from(plan.load.0.max(1)) * slots_milli))
