@@ -48,6 +48,10 @@ pub struct ClientOpts {
 pub enum Cmd {
     /// One process: a single-replica control plane with a built-in native runner.
     Dev(DevArgs),
+    /// One control-plane replica: the API and the agent endpoint on one port.
+    Server(ServerArgs),
+    /// A worker node: joins the control plane and runs the jobs it is given.
+    Agent(AgentArgs),
     /// Submit a job; prints its id.
     Submit(SubmitArgs),
     /// List jobs.
@@ -132,6 +136,56 @@ pub struct DevArgs {
     /// choice on small machines since the state machine is serial anyway).
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// This replica's id (1-based).
+    #[arg(long, default_value_t = 1)]
+    pub id: u64,
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "./rustci-data")]
+    pub data_dir: PathBuf,
+    /// Another replica, ID=ADDR (repeatable). Multi-replica clusters are not
+    /// supported yet: with peers the server refuses to start.
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+    /// Require `Authorization: Bearer <token>` on the API (needed to listen beyond loopback).
+    #[arg(long, env = "RUSTCI_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Token agents must present to join.
+    #[arg(long, env = "RUSTCI_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Threads serving the API.
+    #[arg(long, default_value_t = 1)]
+    pub worker_threads: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Control-plane replicas, ADDR[,ADDR...]: the agent finds the leader.
+    #[arg(long, env = "RUSTCI_SERVER", default_value = "127.0.0.1:7878")]
+    pub server: String,
+    /// This node's name (default: the hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// CPUs offered to jobs (default: the machine's).
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory offered to jobs (default: the machine's).
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// A label of this node, KEY=VALUE (repeatable); `os`, `arch` and
+    /// `hostname` are always set.
+    #[arg(long = "label", value_parser = parse_kv)]
+    pub labels: Vec<(String, String)>,
+    /// Where jobs' work dirs and output live.
+    #[arg(long, default_value = "./rustci-agent")]
+    pub work_dir: PathBuf,
+    /// Token the control plane requires of agents.
+    #[arg(long, env = "RUSTCI_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
 }
 
 #[derive(Args, Debug)]

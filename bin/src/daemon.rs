@@ -28,6 +28,7 @@ use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resourc
 use rustci_core::protocol::LeaseConfig;
 use rustci_core::replica::{CommandError, Config, Output, Replica, Reply, TICK_MS};
 use rustci_core::state::State;
+use rustci_net::agent_link::{AgentLinks, LinkContext};
 use rustci_net::control::{
     output_path, ControlPlane, Input, LogReader, LogStats, RunObservation, ServerInfo,
 };
@@ -49,6 +50,10 @@ pub struct DevConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub api_token: Option<String>,
+    /// Token agents must present to join; `None`: any agent may.
+    pub join_token: Option<String>,
+    /// Run the built-in runner (`rustci dev`); `rustci server` does not.
+    pub local_runner: bool,
     /// Name of the built-in runner's node.
     pub node_name: String,
     /// Capacity the built-in runner advertises; default: the machine's.
@@ -233,8 +238,16 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         id: 1,
         advertise_addr: addr.to_string(),
         data_dir: config.data_dir.clone(),
-        local_node: Some(config.node_name.clone()),
+        local_node: config.local_runner.then(|| config.node_name.clone()),
     };
+    let links = AgentLinks::new();
+    let agents = Arc::new(LinkContext {
+        links: links.clone(),
+        join_token: config.join_token.clone(),
+        server_id: 1,
+        data_dir: config.data_dir.clone(),
+        to_driver: inputs_tx.clone(),
+    });
     let cp = ControlPlane::new(
         inputs_tx.clone(),
         applied_rx,
@@ -248,7 +261,8 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         replica,
         writer,
         runner,
-        agent: local_agent(&config),
+        agent: config.local_runner.then(|| local_agent(&config)),
+        links: links.clone(),
         mono_origin: Instant::now(),
         pending: HashMap::new(),
         next_request: 1,
@@ -265,6 +279,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         cp,
         ServerConfig {
             api_token: config.api_token.clone(),
+            agents: Some(agents),
         },
         async {
             let _ = server_stop_rx.await;
@@ -381,11 +396,13 @@ struct Driver {
     pending: HashMap<u64, Option<ReplySender>>,
     next_request: u64,
     applied: watch::Sender<LogIndex>,
-    /// The built-in runner's agent: the same state machine `rustci agent`
-    /// runs, talking to the replica in-process. Its incarnation is new at
-    /// every process start, so whatever an earlier process ran is lost and
-    /// runs again.
-    agent: Agent,
+    /// The built-in runner's agent (`rustci dev`): the same state machine
+    /// `rustci agent` runs, talking to the replica in-process. Its
+    /// incarnation is new at every process start, so whatever an earlier
+    /// process ran is lost and runs again.
+    agent: Option<Agent>,
+    /// Connections of remote agents.
+    links: Arc<AgentLinks>,
     /// Origin of the monotonic clock fed to the replica and the agent.
     mono_origin: Instant,
     data_dir: PathBuf,
@@ -427,7 +444,9 @@ impl Driver {
     fn tick(&mut self) {
         let mono = self.mono_ms();
         self.replica.handle_tick(wall_clock_ms(), mono);
-        self.agent.handle_tick(mono);
+        if let Some(agent) = self.agent.as_mut() {
+            agent.handle_tick(mono);
+        }
     }
 
     async fn run(
@@ -508,24 +527,25 @@ impl Driver {
                 observed,
             } => {
                 let mono = self.mono_ms();
+                let Some(agent) = self.agent.as_mut() else {
+                    return;
+                };
                 match observed {
-                    RunObservation::Started => {
-                        self.agent.handle_spawned(mono, job, attempt, Ok(()))
-                    }
+                    RunObservation::Started => agent.handle_spawned(mono, job, attempt, Ok(())),
                     RunObservation::Ended {
                         outcome: Outcome::StartFailed,
                         ..
                     } => {
                         let failed = Err("the command could not be started".to_string());
-                        self.agent.handle_spawned(mono, job, attempt, failed)
+                        agent.handle_spawned(mono, job, attempt, failed)
                     }
                     // The agent knows why it killed (cancel, time-out).
                     RunObservation::Ended {
                         outcome: Outcome::Cancelled | Outcome::TimedOut,
                         ..
-                    } => self.agent.handle_exit(mono, job, attempt, None),
+                    } => agent.handle_exit(mono, job, attempt, None),
                     RunObservation::Ended { exit_code, .. } => {
-                        self.agent.handle_exit(mono, job, attempt, exit_code)
+                        agent.handle_exit(mono, job, attempt, exit_code)
                     }
                 }
             }
@@ -548,7 +568,7 @@ impl Driver {
                 idle = false;
                 self.carry_out_replica(output);
             }
-            while let Some(output) = self.agent.poll_output() {
+            while let Some(output) = self.agent.as_mut().and_then(Agent::poll_output) {
                 idle = false;
                 self.carry_out_agent(output);
             }
@@ -616,16 +636,22 @@ impl Driver {
                     incarnation,
                     msg,
                 } => {
-                    if node == self.agent.name() && incarnation == self.agent.incarnation() {
-                        let mono = self.mono_ms();
-                        self.agent.handle_message(mono, msg);
-                    } else {
-                        tracing::debug!(
-                            node,
-                            incarnation,
-                            kind = msg.kind(),
-                            "message for an agent that is not here"
-                        );
+                    let mono = self.mono_ms();
+                    match self.agent.as_mut() {
+                        Some(agent) if node == agent.name() => {
+                            if incarnation == agent.incarnation() {
+                                agent.handle_message(mono, msg);
+                            }
+                        }
+                        _ => {
+                            if !self.links.send(&node, incarnation, msg) {
+                                tracing::debug!(
+                                    node,
+                                    incarnation,
+                                    "no connection to this node's agent"
+                                );
+                            }
+                        }
                     }
                 }
             }

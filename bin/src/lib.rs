@@ -1,6 +1,7 @@
 //! The `rustci` crate: the daemon (production driver), the CLI and the native
 //! runner. A library too, so integration tests can reach its modules.
 
+pub mod agent;
 pub mod bench;
 pub mod cli;
 pub mod daemon;

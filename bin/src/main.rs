@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let daemonish = matches!(cli.command, Cmd::Dev(_));
+    let daemonish = matches!(cli.command, Cmd::Dev(_) | Cmd::Server(_) | Cmd::Agent(_));
     if !daemonish {
         // A CLI whose output is piped into `head` should end quietly when
         // the pipe closes, as Unix tools do, not panic in println!. (The
@@ -45,6 +45,14 @@ fn main() -> ExitCode {
         // Measured on 2 cores: one API thread serves ~15% more submissions.
         Cmd::Dev(args) if args.worker_threads <= 1 => tokio::runtime::Builder::new_current_thread(),
         Cmd::Dev(args) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(args.worker_threads);
+            b
+        }
+        Cmd::Server(args) if args.worker_threads <= 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Cmd::Server(args) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(args.worker_threads);
             b
@@ -96,6 +104,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 data_dir: args.data_dir,
                 listen: args.listen,
                 api_token: args.api_token,
+                join_token: args.join_token,
+                local_runner: true,
                 node_name: args.node_name.unwrap_or_else(daemon::hostname),
                 capacity,
                 labels: args.labels.into_iter().collect(),
@@ -103,6 +113,58 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let handle = daemon::start_dev(config).await?;
             eprintln!("rustci dev: serving the API on http://{}", handle.addr);
             handle.run_until(shutdown_signal()).await?;
+            Ok(0)
+        }
+        Cmd::Server(args) => {
+            if !args.peers.is_empty() {
+                anyhow::bail!(
+                    "--peer: replicated control planes are not supported yet; run one replica without --peer"
+                );
+            }
+            if args.id != 1 {
+                anyhow::bail!("--id: a single replica has id 1");
+            }
+            let config = DevConfig {
+                data_dir: args.data_dir,
+                listen: args.listen,
+                api_token: args.api_token,
+                join_token: args.join_token,
+                local_runner: false,
+                node_name: String::new(),
+                capacity: None,
+                labels: Default::default(),
+            };
+            let handle = daemon::start_dev(config).await?;
+            eprintln!(
+                "rustci server: serving the API and agents on http://{}",
+                handle.addr
+            );
+            handle.run_until(shutdown_signal()).await?;
+            Ok(0)
+        }
+        Cmd::Agent(args) => {
+            let (mc, mm) = rustci::runner::machine_capacity();
+            let cpu = match args.cpus {
+                Some(c) => cli::cpus_to_millis(c)?,
+                None => mc,
+            };
+            let mut labels = daemon::default_labels();
+            labels.extend(args.labels);
+            let config = rustci::agent::AgentProcessConfig {
+                servers: args
+                    .server
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                join_token: args.join_token,
+                name: args.name.unwrap_or_else(daemon::hostname),
+                capacity: Resources::new(cpu, args.memory_mb.unwrap_or(mm)),
+                labels,
+                work_dir: args.work_dir,
+            };
+            rustci::agent::run(config, shutdown_signal()).await?;
             Ok(0)
         }
         Cmd::Submit(args) => cli::submit(args).await,

@@ -5,6 +5,7 @@
 //! Commands and reads go to the replica's driver loop through
 //! [`control::ControlPlane`]; what the answer means is decided in core.
 
+pub mod agent_link;
 pub mod client;
 pub mod control;
 pub mod dto;

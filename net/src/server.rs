@@ -53,10 +53,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ServerConfig {
     /// When set, every `/v1` request must carry `Authorization: Bearer <token>`.
     pub api_token: Option<String>,
+    /// The agent endpoint (`GET /v1/agent` with `Upgrade: rustci-agent`);
+    /// `None`: agents are refused.
+    pub agents: Option<Arc<crate::agent_link::LinkContext>>,
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets open
@@ -68,7 +71,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Graceful shutdown by hand: hyper-util's helper does not take
+    // connections that may switch to the agent protocol.
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new((cp, config));
     tokio::pin!(shutdown);
     loop {
@@ -91,7 +96,12 @@ pub async fn serve(
         let state = state.clone();
         let service = service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(route(&state.0, &state.1, peer, req).await) }
+            async move {
+                if req.uri().path() == crate::agent_link::AGENT_PATH {
+                    return Ok::<_, Infallible>(agent_upgrade(&state.1, peer, req));
+                }
+                Ok::<_, Infallible>(route(&state.0, &state.1, peer, req).await)
+            }
         });
         let conn = http1::Builder::new()
             .keep_alive(true)
@@ -102,20 +112,31 @@ pub async fn serve(
             // connection slot for ever (slowloris).
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut closing = closing_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended");
             }
             drop(permit);
         });
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(5)) => {
-            tracing::warn!("connections still open after 5 s; closing");
-        }
+    let _ = closing_tx.send(true);
+    let all = CONNECTIONS_MAX as u32;
+    if tokio::time::timeout(Duration::from_secs(5), limit.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 5 s; closing");
     }
 }
 
@@ -196,6 +217,53 @@ fn error_response(e: ApiError) -> Response<Body> {
             },
         },
     )
+}
+
+/// Switches an agent's connection to the agent protocol
+/// (`crate::agent_link`); anything else on that path is refused.
+fn agent_upgrade(
+    config: &ServerConfig,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    use crate::agent_link::AGENT_UPGRADE;
+    let Some(ctx) = config.agents.clone() else {
+        return error_response(ApiError::not_found("this server takes no agents"));
+    };
+    let wants = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(AGENT_UPGRADE));
+    if req.method() != Method::GET || !wants {
+        return error_response(ApiError::bad_request(
+            "upgrade_required",
+            format!(
+                "{} is for agents: GET with `Upgrade: {AGENT_UPGRADE}`",
+                crate::agent_link::AGENT_PATH
+            ),
+        ));
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                crate::agent_link::serve_agent(TokioIo::new(upgraded), ctx, peer.to_string()).await
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "agent upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut().insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static(AGENT_UPGRADE),
+    );
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    resp
 }
 
 async fn route(

@@ -1,0 +1,462 @@
+//! `rustci agent`: a worker node, the production driver of core's sans-IO
+//! [`Agent`].
+//!
+//! One task owns the agent state machine. It feeds it ticks, the control
+//! plane's messages and the native runner's process events, and carries out
+//! what it asks: frames to the control plane, spawns and kills. Around that
+//! it only moves bytes: it connects (and reconnects with backoff) to the
+//! first control-plane replica that accepts it, and ships each attempt's
+//! output in chunks while it runs, so the output stays readable on the
+//! control plane after this node is gone.
+//!
+//! Nothing here decides anything about jobs: the agent and the control
+//! plane do.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::{Read as _, Seek as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use rustci_core::agent::{Agent, AgentConfig, AgentOutput, AGENT_TICK_MS};
+use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources};
+use rustci_core::protocol::{LeaseConfig, PROTOCOL_VERSION};
+use rustci_net::agent_link::{
+    read_frame, write_frame, Down, Hello, HelloReply, Up, AGENT_PATH, AGENT_UPGRADE,
+    OUTPUT_CHUNK_BYTES,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::runner::{self, NativeRunner, RunEvent, RunSpec, RunnerConfig};
+
+/// Longest wait between two connection attempts.
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// First wait after a failed connection attempt.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Largest HTTP response head read while switching protocols.
+const RESPONSE_HEAD_BYTES_MAX: usize = 16 * 1024;
+/// How long a finished attempt's output is kept for resending after a
+/// reconnect.
+const SHIPPED_KEEP: Duration = Duration::from_secs(60);
+/// Frames waiting for the connection before new ones are dropped.
+const UP_QUEUE_MAX: usize = 4096;
+
+#[derive(Clone, Debug)]
+pub struct AgentProcessConfig {
+    /// Control-plane replicas to try, in order.
+    pub servers: Vec<String>,
+    pub join_token: Option<String>,
+    pub name: String,
+    pub capacity: Resources,
+    pub labels: Labels,
+    pub work_dir: PathBuf,
+}
+
+/// An attempt whose output is being shipped.
+struct Shipping {
+    path: PathBuf,
+    /// Bytes of the file already sent on the current connection.
+    offset: u64,
+    /// When the process ended (the rest was sent then).
+    ended: Option<Instant>,
+}
+
+/// A live connection to a control-plane replica.
+struct Link {
+    up: mpsc::Sender<Up>,
+    down: mpsc::Receiver<Down>,
+}
+
+/// Runs the agent until `shutdown` resolves. Returns an error at once for a
+/// refusal that retrying cannot fix (a wrong join token, another protocol
+/// version).
+pub async fn run(
+    config: AgentProcessConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    rustci_core::validate::validate_node_name(&config.name)
+        .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    rustci_core::validate::validate_resources(&config.capacity)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    rustci_core::validate::validate_labels(&config.labels, "labels")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if config.servers.is_empty() {
+        bail!("--server: give at least one control-plane address");
+    }
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("cannot create the work dir {}", config.work_dir.display()))?;
+    let pid_dir = config.work_dir.join("runner");
+    let reaped = NativeRunner::reap_leftovers(&pid_dir);
+    if reaped > 0 {
+        tracing::warn!(reaped, "killed job processes left by a previous agent");
+    }
+    let (run_tx, mut run_rx) = mpsc::unbounded_channel();
+    let mut runner_config = RunnerConfig::new(pid_dir);
+    runner_config.shim = Some(PathBuf::from("/proc/self/exe"));
+    let runner = NativeRunner::new(runner_config, run_tx);
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let agent = Agent::new(
+        AgentConfig {
+            name: config.name.clone(),
+            capacity: config.capacity,
+            labels: config.labels.clone(),
+            lease: LeaseConfig::default(),
+        },
+        incarnation,
+    );
+    let mut driver = Driver {
+        config,
+        agent,
+        runner,
+        origin: Instant::now(),
+        link: None,
+        shipping: BTreeMap::new(),
+    };
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_millis(AGENT_TICK_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut next_connect = Instant::now();
+    loop {
+        if driver.link.is_none() && Instant::now() >= next_connect {
+            match driver.connect().await {
+                Ok(()) => backoff = RECONNECT_BACKOFF_MIN,
+                Err(Refused::Fatal(reason)) => {
+                    driver.runner.shutdown().await;
+                    bail!("the control plane refused this agent: {reason}");
+                }
+                Err(Refused::Retry(reason)) => {
+                    tracing::warn!(%reason, retry_in_ms = backoff.as_millis() as u64, "cannot reach the control plane");
+                    next_connect = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            down = recv_down(&mut driver.link) => match down {
+                Some(down) => {
+                    if down.incarnation == driver.agent.incarnation() {
+                        let now = driver.now();
+                        driver.agent.handle_message(now, down.msg);
+                    }
+                }
+                None => {
+                    tracing::warn!("lost the connection to the control plane");
+                    driver.link = None;
+                    next_connect = Instant::now() + backoff;
+                }
+            },
+            ev = run_rx.recv() => {
+                if let Some(ev) = ev {
+                    driver.run_event(ev);
+                }
+            }
+            _ = tick.tick() => {
+                let now = driver.now();
+                driver.agent.handle_tick(now);
+                driver.ship_output();
+            }
+        }
+        driver.carry_out();
+    }
+    tracing::info!("agent stopping: its jobs are killed and will run elsewhere");
+    driver.runner.shutdown().await;
+    Ok(())
+}
+
+enum Refused {
+    /// Retrying cannot help (wrong token, another protocol version).
+    Fatal(String),
+    Retry(String),
+}
+
+async fn recv_down(link: &mut Option<Link>) -> Option<Down> {
+    match link {
+        Some(l) => l.down.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Driver {
+    config: AgentProcessConfig,
+    agent: Agent,
+    runner: NativeRunner,
+    origin: Instant,
+    link: Option<Link>,
+    shipping: BTreeMap<(JobId, AttemptNumber), Shipping>,
+}
+
+impl Driver {
+    /// The monotonic clock the agent runs on.
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Connects to the first replica that accepts this agent.
+    async fn connect(&mut self) -> Result<(), Refused> {
+        let mut last = String::new();
+        for server in self.config.servers.clone() {
+            match self.connect_to(&server).await {
+                Ok(link) => {
+                    tracing::info!(%server, "connected to the control plane");
+                    self.link = Some(link);
+                    // The server may have missed output sent before: send
+                    // everything still kept again.
+                    for s in self.shipping.values_mut() {
+                        s.offset = 0;
+                    }
+                    return Ok(());
+                }
+                Err(Refused::Fatal(reason)) => return Err(Refused::Fatal(reason)),
+                Err(Refused::Retry(reason)) => last = format!("{server}: {reason}"),
+            }
+        }
+        Err(Refused::Retry(last))
+    }
+
+    async fn connect_to(&self, server: &str) -> Result<Link, Refused> {
+        let addr = server
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let retry = |e: std::io::Error| Refused::Retry(e.to_string());
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr))
+            .await
+            .map_err(|_| Refused::Retry("connection timed out".into()))?
+            .map_err(retry)?;
+        let _ = stream.set_nodelay(true);
+        let request = format!(
+            "GET {AGENT_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {AGENT_UPGRADE}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.map_err(retry)?;
+        let head = read_response_head(&mut stream).await.map_err(retry)?;
+        let status = head.split_whitespace().nth(1).unwrap_or("");
+        if status != "101" {
+            return Err(Refused::Fatal(format!(
+                "{addr} is not a RustCI control plane taking agents (answered {:?})",
+                head.lines().next().unwrap_or("")
+            )));
+        }
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            join_token: self.config.join_token.clone(),
+            node: self.config.name.clone(),
+        };
+        write_frame(&mut stream, &hello).await.map_err(retry)?;
+        match read_frame::<_, HelloReply>(&mut stream).await {
+            Ok(Some(HelloReply::Welcome { .. })) => {}
+            Ok(Some(HelloReply::Rejected { reason })) => return Err(Refused::Fatal(reason)),
+            Ok(None) => return Err(Refused::Retry("closed during the hello".into())),
+            Err(e) => return Err(Refused::Retry(e.to_string())),
+        }
+        let (mut rd, mut wr) = stream.into_split();
+        let (up_tx, mut up_rx) = mpsc::channel::<Up>(UP_QUEUE_MAX);
+        let (down_tx, down_rx) = mpsc::channel::<Down>(UP_QUEUE_MAX);
+        tokio::spawn(async move {
+            while let Some(up) = up_rx.recv().await {
+                if write_frame(&mut wr, &up).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                match read_frame::<_, Down>(&mut rd).await {
+                    Ok(Some(down)) => {
+                        if down_tx.send(down).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad frame from the control plane");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Link {
+            up: up_tx,
+            down: down_rx,
+        })
+    }
+
+    fn send(&mut self, up: Up) {
+        if let Some(link) = &self.link {
+            if link.up.try_send(up).is_err() && link.up.is_closed() {
+                self.link = None;
+            }
+        }
+    }
+
+    /// Carries out what the agent asks for (see the driver contract in
+    /// `rustci_core::agent`).
+    fn carry_out(&mut self) {
+        while let Some(out) = self.agent.poll_output() {
+            match out {
+                AgentOutput::Send(msg) => self.send(Up::Msg(msg)),
+                AgentOutput::Spawn {
+                    job, attempt, spec, ..
+                } => {
+                    let run = run_spec(&self.config.work_dir, job, attempt, spec);
+                    self.shipping.insert(
+                        (job, attempt),
+                        Shipping {
+                            path: run.log_path.clone(),
+                            offset: 0,
+                            ended: None,
+                        },
+                    );
+                    self.runner.start(run);
+                }
+                AgentOutput::Kill { job, attempt } => self.runner.kill(job.0, attempt),
+                // Each attempt's supervisor (the shim) dies with this
+                // process; a lease held in the shim comes with a later step.
+                AgentOutput::LeaseUntil { .. } => {}
+                AgentOutput::Refused {
+                    job,
+                    attempt,
+                    node,
+                    incarnation,
+                } => tracing::error!(
+                    job = job.0,
+                    attempt,
+                    node,
+                    incarnation,
+                    "the control plane handed this agent an attempt placed elsewhere; not started"
+                ),
+            }
+        }
+    }
+
+    fn run_event(&mut self, ev: RunEvent) {
+        let now = self.now();
+        match ev {
+            RunEvent::Started { job, attempt } => {
+                self.agent.handle_spawned(now, JobId(job), attempt, Ok(()))
+            }
+            RunEvent::Finished {
+                job,
+                attempt,
+                outcome,
+                exit_code,
+            } => {
+                let key = (JobId(job), attempt);
+                // All of the output goes out before the report that ends
+                // the attempt (one ordered connection).
+                self.ship(key, true);
+                if let Some(s) = self.shipping.get_mut(&key) {
+                    s.ended = Some(Instant::now());
+                }
+                match outcome {
+                    Outcome::StartFailed => self.agent.handle_spawned(
+                        now,
+                        key.0,
+                        attempt,
+                        Err("the command could not be started".into()),
+                    ),
+                    // The agent knows why it killed (cancel, time-out).
+                    Outcome::Cancelled | Outcome::TimedOut => {
+                        self.agent.handle_exit(now, key.0, attempt, None)
+                    }
+                    Outcome::Exited => self.agent.handle_exit(now, key.0, attempt, exit_code),
+                }
+            }
+        }
+    }
+
+    /// Sends what each running attempt wrote since the last time.
+    fn ship_output(&mut self) {
+        let keys: Vec<(JobId, AttemptNumber)> = self.shipping.keys().copied().collect();
+        for key in keys {
+            self.ship(key, false);
+        }
+        self.shipping
+            .retain(|_, s| s.ended.is_none_or(|t| t.elapsed() < SHIPPED_KEEP));
+    }
+
+    fn ship(&mut self, key: (JobId, AttemptNumber), to_the_end: bool) {
+        if self.link.is_none() {
+            return;
+        }
+        loop {
+            let Some(s) = self.shipping.get_mut(&key) else {
+                return;
+            };
+            if s.ended.is_some() && !to_the_end {
+                // Sent in full when it ended; only a reconnect resends it.
+                if s.offset > 0 {
+                    return;
+                }
+            }
+            let chunk = match read_chunk(&s.path, s.offset) {
+                Ok(chunk) if chunk.is_empty() => return,
+                Ok(chunk) => chunk,
+                Err(_) => return,
+            };
+            let offset = s.offset;
+            s.offset += chunk.len() as u64;
+            self.send(Up::Output {
+                job: key.0,
+                attempt: key.1,
+                offset,
+                bytes: chunk,
+            });
+        }
+    }
+}
+
+/// Up to one chunk of `path` from `offset`.
+fn read_chunk(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(std::io::SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; OUTPUT_CHUNK_BYTES];
+    let n = f.read(&mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+async fn read_response_head(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= RESPONSE_HEAD_BYTES_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "response head too large",
+            ));
+        }
+        if stream.read(&mut byte).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before answering",
+            ));
+        }
+        head.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn run_spec(work_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) -> RunSpec {
+    RunSpec {
+        job: job.0,
+        attempt,
+        command: spec.command,
+        env: spec.env,
+        // The agent enforces the job's time-out; the runner never does.
+        timeout: runner::TIMEOUT_MAX,
+        work_dir: work_dir.join("work").join(format!("{}-{attempt}", job.0)),
+        log_path: work_dir
+            .join("output")
+            .join(job.0.to_string())
+            .join(format!("{attempt}.log")),
+    }
+}

@@ -1,0 +1,335 @@
+//! End to end with remote agents: `rustci server` and several `rustci agent`
+//! processes on loopback, driven through the CLI and HTTP as a user would.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc {
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], log: &Path) -> Proc {
+        let child = Command::new(BIN)
+            .args(args)
+            .env_remove("RUSTCI_JOIN_TOKEN")
+            .env_remove("RUSTCI_SERVER")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    addr: String,
+    server: Proc,
+    agents: BTreeMap<String, Proc>,
+}
+
+const JOIN_TOKEN: &str = "join-secret";
+
+impl Cluster {
+    fn start(agents: &[(&str, &str)]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let data = dir.path().join("data");
+        let server = Proc::spawn(
+            &[
+                "server",
+                "--listen",
+                &addr,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--join-token",
+                JOIN_TOKEN,
+            ],
+            &dir.path().join("server.log"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http(&addr, "GET", "/readyz", None).0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "server not ready: {}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut c = Cluster {
+            dir,
+            addr,
+            server,
+            agents: BTreeMap::new(),
+        };
+        for (name, label) in agents {
+            c.add_agent(name, label);
+        }
+        c.wait_nodes_ready(agents.len());
+        c
+    }
+
+    fn agent_args(&self, name: &str, label: &str, token: &str) -> Vec<String> {
+        let work = self.dir.path().join(format!("agent-{name}"));
+        vec![
+            "agent".into(),
+            "--server".into(),
+            self.addr.clone(),
+            "--name".into(),
+            name.into(),
+            "--cpus".into(),
+            "8".into(),
+            "--memory-mb".into(),
+            "8192".into(),
+            "--label".into(),
+            label.into(),
+            "--work-dir".into(),
+            work.to_str().unwrap().into(),
+            "--join-token".into(),
+            token.into(),
+        ]
+    }
+
+    fn add_agent(&mut self, name: &str, label: &str) {
+        let args = self.agent_args(name, label, JOIN_TOKEN);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.dir.path().join(format!("agent-{name}.log"));
+        self.agents
+            .insert(name.to_string(), Proc::spawn(&args, &log));
+    }
+
+    fn get(&self, path: &str) -> serde_json::Value {
+        let (status, body) = http(&self.addr, "GET", path, None);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn wait_nodes_ready(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let nodes = self.get("/v1/nodes");
+            let ready = nodes["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["state"] == "ready")
+                .count();
+            if ready >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nodes not ready: {nodes}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn submit(&self, body: &serde_json::Value) -> u64 {
+        let (status, text) = http(&self.addr, "POST", "/v1/jobs", Some(&body.to_string()));
+        assert_eq!(status, 201, "submit: {text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn job(&self, id: u64) -> serde_json::Value {
+        self.get(&format!("/v1/jobs/{id}"))
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.contains(") Z ")
+}
+
+#[test]
+fn a_killed_agents_jobs_run_elsewhere_within_seconds_never_twice_at_once() {
+    let mut c = Cluster::start(&[("a1", "zone=x"), ("a2", "zone=y"), ("a3", "zone=z")]);
+    let marks = c.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    // Each job holds a lock of its own while it runs: a second execution
+    // that overlaps the first cannot take it and says so.
+    let script = r#"exec 9>"$D/lock-$RUSTCI_JOB_ID"
+if flock -n 9; then
+  echo "start $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
+  sleep 6 & echo $! > "$D/pid-$RUSTCI_JOB_ID-$RUSTCI_ATTEMPT"; wait
+  echo "end $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
+else
+  echo "OVERLAP $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"; exit 1
+fi"#;
+    let ids: Vec<u64> = (0..24)
+        .map(|_| {
+            c.submit(&json!({
+                "command": ["sh", "-c", script],
+                "env": {"D": marks.to_str().unwrap()},
+                "resources": {"cpu_millis": 500, "memory_mb": 64},
+            }))
+        })
+        .collect();
+    // Wait until every job runs, then kill -9 the agent with the most.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let placed = loop {
+        let jobs: Vec<serde_json::Value> = ids.iter().map(|id| c.job(*id)).collect();
+        if jobs.iter().all(|j| j["state"] == "running") {
+            break jobs;
+        }
+        assert!(Instant::now() < deadline, "not all running: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut per_node: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for j in &placed {
+        per_node
+            .entry(j["node"].as_str().unwrap().to_string())
+            .or_default()
+            .push(j["id"].as_u64().unwrap());
+    }
+    let (victim, victims_jobs) = per_node
+        .iter()
+        .max_by_key(|(_, v)| v.len())
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .unwrap();
+    // Every job wrote its process ids by now (it runs).
+    std::thread::sleep(Duration::from_millis(300));
+    let killed_at = Instant::now();
+    c.agents.get_mut(&victim).unwrap().kill9();
+    // The killed agent's job processes die with it.
+    let pids: Vec<i32> = victims_jobs
+        .iter()
+        .filter_map(|id| std::fs::read_to_string(marks.join(format!("pid-{id}-1"))).ok())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), victims_jobs.len(), "every job recorded its pid");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|p| pid_alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "job processes outlived their agent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Each of its jobs runs again elsewhere, within seconds.
+    let mut moved_after = Vec::new();
+    for id in &victims_jobs {
+        let deadline = killed_at + Duration::from_secs(15);
+        loop {
+            let j = c.job(*id);
+            let attempts = j["attempts"].as_array().unwrap();
+            let last = attempts.last().unwrap();
+            if attempts.len() >= 2 && last["state"] == "running" {
+                assert_ne!(last["node"], victim.as_str(), "{j}");
+                assert_eq!(attempts[0]["state"], "lost", "{j}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not move: {j}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        moved_after.push(killed_at.elapsed());
+    }
+    let slowest = moved_after.iter().max().unwrap();
+    eprintln!("jobs of the killed agent running elsewhere after {slowest:?}");
+    assert!(
+        *slowest < Duration::from_secs(6),
+        "took {slowest:?} (the lease rule allows 3.5 s plus a pass)"
+    );
+    // All 24 succeed, and no two executions of a job overlapped.
+    for id in &ids {
+        let j = c.job(*id);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut j = j;
+        while j["state"] != "succeeded" {
+            assert!(Instant::now() < deadline, "job {id}: {j}");
+            assert!(
+                !matches!(j["state"].as_str(), Some("failed" | "cancelled")),
+                "{j}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            j = c.job(*id);
+        }
+    }
+    let text = std::fs::read_to_string(marks.join("marks.txt")).unwrap();
+    assert!(!text.contains("OVERLAP"), "{text}");
+    // The output of a finished job stays readable with its agent gone.
+    let (status, _) = http(
+        &c.addr,
+        "GET",
+        &format!("/v1/jobs/{}/logs?attempt=1", victims_jobs[0]),
+        None,
+    );
+    assert_eq!(status, 200);
+    drop(c.server.log());
+}
+
+#[test]
+fn an_agent_with_a_wrong_token_is_refused_and_never_joins() {
+    let c = Cluster::start(&[("good", "zone=a")]);
+    let args = c.agent_args("intruder", "zone=b", "wrong");
+    let out = Command::new(BIN)
+        .args(&args)
+        .env_remove("RUSTCI_JOIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("join token"), "{stderr}");
+    let nodes = c.get("/v1/nodes");
+    let names: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["good"]);
+    // Garbage on the agent endpoint gets a clear refusal and changes nothing.
+    let (status, body) = http(&c.addr, "GET", "/v1/agent", None);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("upgrade_required"), "{body}");
+    assert!(
+        c.server.log().contains("refused"),
+        "logged once: {}",
+        c.server.log()
+    );
+}
+
+#[test]
+fn output_of_a_remote_job_is_readable_from_the_server() {
+    let c = Cluster::start(&[("w", "zone=a")]);
+    let id = c.submit(
+        &json!({"command": ["sh", "-c", "for i in 1 2 3; do echo line $i; done; echo err >&2"]}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.job(id)["state"] != "succeeded" {
+        assert!(Instant::now() < deadline, "{}", c.job(id));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = http(&c.addr, "GET", &format!("/v1/jobs/{id}/logs"), None);
+    assert_eq!(status, 200);
+    assert_eq!(body, "line 1\nline 2\nline 3\nerr\n");
+}
