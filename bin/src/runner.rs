@@ -6,9 +6,11 @@
 //!   as arguments (no shell unless the user wrote one), in **its own process
 //!   group** (`pgid == pid` of the child). Every kill the runner does is a
 //!   `SIGKILL` to the whole group, so grandchildren die with the job.
-//! - The child inherits the daemon's environment plus the job's `env` plus
-//!   `RUSTCI_JOB_ID` and `RUSTCI_ATTEMPT`; stdin is `/dev/null`; its working
-//!   directory is `work_dir`, created per attempt.
+//! - The child gets a clean environment: `PATH`, `HOME` and `LANG` as the
+//!   daemon has them ([`INHERITED_ENV`]), then the job's `env`, then
+//!   `RUSTCI_JOB_ID` and `RUSTCI_ATTEMPT`; nothing else of the daemon's own
+//!   (tokens above all). stdin is `/dev/null`; its working directory is
+//!   `work_dir`, created per attempt.
 //! - **No orphans.** Before `exec` the child sets `PR_SET_PDEATHSIG = SIGKILL`,
 //!   so it dies when the runner dies. The kernel ties that signal to the
 //!   *thread* that forked, so every fork happens on one process-wide spawner
@@ -718,6 +720,14 @@ fn build_shim_command(
     Ok(command)
 }
 
+/// The only variables a job inherits, with the value used when this process
+/// has none.
+pub const INHERITED_ENV: [(&str, &str); 3] = [
+    ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+    ("HOME", "/"),
+    ("LANG", "C.UTF-8"),
+];
+
 /// What every group leader gets: cwd, environment, stdio, its own process
 /// group, and `deathsig` when the runner dies.
 fn configure_leader(
@@ -726,6 +736,16 @@ fn configure_leader(
     output: io::PipeWriter,
     deathsig: libc::c_int,
 ) -> io::Result<()> {
+    // A clean environment: nothing of the daemon's or agent's own (tokens
+    // above all) reaches a job, only PATH, HOME and LANG as this process has
+    // them, then the job's own `env`, then its identity.
+    command.env_clear();
+    for (name, fallback) in INHERITED_ENV {
+        match std::env::var_os(name) {
+            Some(value) => command.env(name, value),
+            None => command.env(name, fallback),
+        };
+    }
     command
         .current_dir(&spec.work_dir)
         .envs(&spec.env)

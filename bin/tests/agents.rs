@@ -333,3 +333,60 @@ fn output_of_a_remote_job_is_readable_from_the_server() {
     assert_eq!(status, 200);
     assert_eq!(body, "line 1\nline 2\nline 3\nerr\n");
 }
+
+#[test]
+fn a_job_sees_its_own_env_and_nothing_of_the_agents() {
+    let mut c = Cluster::start(&[]);
+    // This agent takes its join token from the environment, as an operator
+    // would; the job must not see it, nor anything else of the agent's.
+    let mut args = c.agent_args("envy", "zone=e", JOIN_TOKEN);
+    args.truncate(args.len() - 2);
+    let log = c.dir.path().join("agent-envy.log");
+    let child = Command::new(BIN)
+        .args(&args)
+        .env("RUSTCI_JOIN_TOKEN", JOIN_TOKEN)
+        .env("AGENT_ONLY_SECRET", "do-not-leak")
+        .env("LANG", "C.UTF-8")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    c.agents.insert(
+        "envy".into(),
+        Proc {
+            child: Some(child),
+            log,
+        },
+    );
+    c.wait_nodes_ready(1);
+    let id = c.submit(&json!({"command": ["env"], "env": {"MINE": "yes"}}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.job(id)["state"] != "succeeded" {
+        assert!(Instant::now() < deadline, "{}", c.job(id));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, env) = http(&c.addr, "GET", &format!("/v1/jobs/{id}/logs"), None);
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| k)
+        .collect();
+    let mut names = names;
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        vec![
+            "HOME",
+            "LANG",
+            "MINE",
+            "PATH",
+            "RUSTCI_ATTEMPT",
+            "RUSTCI_JOB_ID"
+        ],
+        "{env}"
+    );
+    assert!(
+        !env.contains(JOIN_TOKEN) && !env.contains("do-not-leak"),
+        "{env}"
+    );
+}
