@@ -242,6 +242,15 @@ pub enum JobCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCmd {
+    /// A node's labels, capacity, allocation, attempts and last heartbeat.
+    Status {
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// No new jobs for the node; running ones finish.
     Drain {
         name: String,
@@ -492,29 +501,82 @@ pub async fn nodes(client: &ClientOpts, as_json: bool) -> anyhow::Result<Exit> {
         return Ok(0);
     }
     println!(
-        "{:<20} {:<9} {:>6} {:>10} {:>12} {:>14} {:>8}",
-        "NAME", "STATE", "CPUS", "MEMORY_MB", "ALLOC_CPU", "ALLOC_MEM_MB", "RUNNING"
+        "{:<20} {:<9} {:>6} {:>10} {:>12} {:>14} {:>8} {:>7}  LABELS",
+        "NAME", "STATE", "CPUS", "MEMORY_MB", "ALLOC_CPU", "ALLOC_MEM_MB", "RUNNING", "HEARD"
     );
     for n in &list.nodes {
         println!(
-            "{:<20} {:<9} {:>6} {:>10} {:>12} {:>14} {:>8}",
+            "{:<20} {:<9} {:>6} {:>10} {:>12} {:>14} {:>8} {:>7}  {}",
             n.name,
             n.state,
             n.cpus,
             n.memory_mb,
             n.allocated.cpu_millis as f64 / 1000.0,
             n.allocated.memory_mb,
-            n.running
+            n.running,
+            heard(n.last_heartbeat_secs_ago),
+            labels_text(&n.labels),
         );
     }
     Ok(0)
 }
 
+/// "1.2s ago"-style age of the last heartbeat, or "-".
+fn heard(secs: Option<f64>) -> String {
+    secs.map_or_else(|| "-".to_string(), |s| format!("{s:.1}s"))
+}
+
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn node_status(client: &ClientOpts, name: &str, as_json: bool) -> anyhow::Result<Exit> {
+    let view: rustci_net::dto::NodeStatusView = connect(client)
+        .await?
+        .json(Method::GET, &format!("/v1/nodes/{name}"), None, &[])
+        .await?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(0);
+    }
+    let n = &view.node;
+    println!("name:            {}", n.name);
+    println!("state:           {}", n.state);
+    println!("incarnation:     {}", view.incarnation);
+    println!("capacity:        cpus={} memory_mb={}", n.cpus, n.memory_mb);
+    println!(
+        "allocated:       cpus={} memory_mb={}",
+        n.allocated.cpu_millis as f64 / 1000.0,
+        n.allocated.memory_mb
+    );
+    println!("labels:          {}", labels_text(&n.labels));
+    println!(
+        "last heartbeat:  {}",
+        match n.last_heartbeat_secs_ago {
+            Some(s) => format!("{s:.1}s ago"),
+            None => "never (since this replica started)".into(),
+        }
+    );
+    println!("attempts:        {}", view.attempts.len());
+    for a in &view.attempts {
+        println!("  job {} attempt {}: {}", a.job, a.attempt, a.state);
+    }
+    Ok(0)
+}
+
 pub async fn node(cmd: NodeCmd) -> anyhow::Result<Exit> {
+    if let NodeCmd::Status { name, json, client } = &cmd {
+        return node_status(client, name, *json).await;
+    }
     let (client, path) = match &cmd {
         NodeCmd::Drain { name, client } => (client, format!("/v1/nodes/{name}/drain")),
         NodeCmd::Undrain { name, client } => (client, format!("/v1/nodes/{name}/undrain")),
         NodeCmd::Remove { name, client } => (client, format!("/v1/nodes/{name}/remove")),
+        NodeCmd::Status { .. } => unreachable!("answered above"),
     };
     let node: NodeView = connect(client)
         .await?

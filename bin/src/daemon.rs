@@ -238,7 +238,6 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         id: 1,
         advertise_addr: addr.to_string(),
         data_dir: config.data_dir.clone(),
-        local_node: config.local_runner.then(|| config.node_name.clone()),
     };
     let links = AgentLinks::new();
     let agents = Arc::new(LinkContext {

@@ -293,6 +293,13 @@ impl Replica {
             _ => None,
         }
     }
+    /// How long ago (monotonic ms, as of the latest input) this replica last
+    /// heard from the node's agent; `None` before it heard anything.
+    pub fn heard_ago_ms(&self, node: &str) -> Option<u64> {
+        let live = self.liveness.get(node)?;
+        Some(self.mono?.saturating_sub(live.heard_mono))
+    }
+
     /// True when writes can be served.
     pub fn is_ready(&self) -> bool {
         self.lifecycle == Lifecycle::Running

@@ -16,6 +16,10 @@ use crate::model::{
     Outcome, Resources, TimestampMs,
 };
 
+/// Attempts of one job that may be lost (their node died or restarted)
+/// before the job fails instead of running again.
+pub const LOST_ATTEMPTS_MAX: usize = 10;
+
 /// Queue order: higher priority first, then submission order (FIFO).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct QueueKey {
@@ -224,6 +228,17 @@ impl State {
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
         self.jobs.get(&id)
+    }
+
+    /// Why a job failed, when the attempts' states alone do not say it.
+    pub fn failure_reason(job: &Job) -> Option<String> {
+        if job.state != JobState::Failed {
+            return None;
+        }
+        let last = job.attempts.last()?;
+        (last.state == AttemptState::Lost).then(|| {
+            format!("lost {LOST_ATTEMPTS_MAX} times (its nodes died or restarted under it); not retried further")
+        })
     }
 
     pub fn job_count(&self, s: JobState) -> u64 {
@@ -581,6 +596,18 @@ impl State {
                 } else {
                     JobState::Failed
                 }
+            }
+            // A job whose nodes keep dying under it is not retried for
+            // ever: it fails, and says why (`State::failure_reason`).
+            AttemptState::Lost
+                if job
+                    .attempts
+                    .iter()
+                    .filter(|a| a.state == AttemptState::Lost)
+                    .count()
+                    >= LOST_ATTEMPTS_MAX =>
+            {
+                JobState::Failed
             }
             AttemptState::Lost => JobState::Queued,
             AttemptState::Failed | AttemptState::TimedOut => {

@@ -746,3 +746,32 @@ fn a_report_is_acknowledged_once_it_is_applied() {
         && matches!(m, ServerMsg::ReportAck { job, attempt: 1, .. } if *job == id)));
     c.check();
 }
+
+#[test]
+fn a_job_lost_too_many_times_fails_and_says_why() {
+    use rustci_core::state::LOST_ATTEMPTS_MAX;
+    let mut c = Cluster::new();
+    c.add_node("n1", 1000, 100, &[]);
+    let id = c.submit(spec(500, 10));
+    for incarnation in 2..=(LOST_ATTEMPTS_MAX as u64 + 1) {
+        assert_ne!(
+            c.job_state(id),
+            JobState::Failed,
+            "at incarnation {incarnation}"
+        );
+        c.command(Command::RegisterNode {
+            name: "n1".into(),
+            capacity: Resources::new(1000, 100),
+            labels: BTreeMap::new(),
+            incarnation,
+        })
+        .unwrap();
+    }
+    let job = c.replica.state().job(id).unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.attempts.len(), LOST_ATTEMPTS_MAX);
+    assert_eq!(job.retries_used, 0, "lost attempts spend no retry");
+    let reason = State::failure_reason(job).unwrap();
+    assert!(reason.contains("lost 10 times"), "{reason}");
+    c.check();
+}

@@ -58,9 +58,6 @@ pub struct ServerInfo {
     pub id: ReplicaId,
     pub advertise_addr: String,
     pub data_dir: PathBuf,
-    /// The node whose runner lives in this process (`rustci dev`): it is
-    /// heard from continuously, so its last heartbeat is always now.
-    pub local_node: Option<String>,
 }
 
 /// Counters of the log writer, shown by `/metrics`.

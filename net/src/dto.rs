@@ -99,7 +99,7 @@ impl From<&Attempt> for AttemptView {
 }
 
 /// The job object of the contract, plus the spec fields a user submitted
-/// and `reason` (why a queued job is not placed).
+/// and `reason` (why a queued job is not placed, or why a failed job gave up).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct JobView {
     pub id: u64,
@@ -211,6 +211,24 @@ impl NodeView {
             last_heartbeat_secs_ago,
         }
     }
+}
+
+/// `GET /v1/nodes/{name}`: a node, its agent's incarnation and the attempts
+/// it holds.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct NodeStatusView {
+    #[serde(flatten)]
+    pub node: NodeView,
+    pub incarnation: u64,
+    pub attempts: Vec<NodeAttemptView>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct NodeAttemptView {
+    pub job: u64,
+    pub attempt: u32,
+    pub state: String,
+    pub incarnation: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

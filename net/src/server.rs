@@ -304,6 +304,7 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
         }
         (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(cp, parse_job_id(id)?, &query).await,
         (&Method::GET, ["v1", "nodes"]) => list_nodes(cp).await,
+        (&Method::GET, ["v1", "nodes", name]) => get_node(cp, name.to_string()).await,
         (&Method::POST, ["v1", "nodes", name, "drain"]) => {
             let name = name.to_string();
             command(cp, Command::DrainNode { name }).await
@@ -441,7 +442,9 @@ async fn command(cp: &ControlPlane, command: Command) -> ApiResult {
 }
 
 fn job_view(r: &Replica, job: &rustci_core::model::Job) -> JobView {
-    JobView::new(job, unplaced_reason(r.state(), job))
+    let reason =
+        unplaced_reason(r.state(), job).or_else(|| rustci_core::state::State::failure_reason(job));
+    JobView::new(job, reason)
 }
 
 async fn list_jobs(cp: &ControlPlane, query: &BTreeMap<String, String>) -> ApiResult {
@@ -477,20 +480,48 @@ async fn get_job(cp: &ControlPlane, id: JobId) -> ApiResult {
     }
 }
 
-async fn list_nodes(cp: &ControlPlane) -> ApiResult {
-    let local = cp.info.local_node.clone();
-    let nodes = cp
+fn node_view(r: &Replica, n: &rustci_core::model::Node) -> NodeView {
+    let running = r.state().active_by_node.get(&n.name).map_or(0, |s| s.len());
+    let heard = r.heard_ago_ms(&n.name).map(|ms| ms as f64 / 1000.0);
+    NodeView::new(n, running, heard)
+}
+
+/// One node with the attempts it holds: `rustci node status`.
+async fn get_node(cp: &ControlPlane, name: String) -> ApiResult {
+    let found = cp
         .query(move |r| {
             let st = r.state();
-            st.nodes
-                .values()
-                .map(|n| {
-                    let running = st.active_by_node.get(&n.name).map_or(0, |s| s.len());
-                    let heard = (local.as_deref() == Some(n.name.as_str())).then_some(0.0);
-                    NodeView::new(n, running, heard)
+            let node = st.nodes.get(&name)?;
+            let attempts = r
+                .view(&name)
+                .into_iter()
+                .map(|a| crate::dto::NodeAttemptView {
+                    job: a.job.0,
+                    attempt: a.attempt,
+                    state: st
+                        .job(a.job)
+                        .and_then(|j| j.active_attempt())
+                        .map_or("assigned", |x| x.state.as_str())
+                        .to_string(),
+                    incarnation: a.incarnation,
                 })
-                .collect()
+                .collect();
+            Some(crate::dto::NodeStatusView {
+                node: node_view(r, node),
+                incarnation: node.incarnation,
+                attempts,
+            })
         })
+        .await?;
+    match found {
+        Some(view) => Ok(json(StatusCode::OK, &view)),
+        None => Err(ApiError::not_found("no such node")),
+    }
+}
+
+async fn list_nodes(cp: &ControlPlane) -> ApiResult {
+    let nodes = cp
+        .query(move |r| r.state().nodes.values().map(|n| node_view(r, n)).collect())
         .await?;
     Ok(json(StatusCode::OK, &NodeList { nodes }))
 }

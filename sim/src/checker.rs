@@ -879,9 +879,17 @@ impl Checker {
             }
             let failed = failed_attempts(job);
             let budget = rec.max_retries + 1;
+            let lost = job
+                .attempts
+                .iter()
+                .filter(|a| a.state == AttemptState::Lost)
+                .count();
+            // A job also fails, with its retries unspent, once it was lost
+            // LOST_ATTEMPTS_MAX times.
+            let gave_up = lost >= rustci_core::state::LOST_ATTEMPTS_MAX;
             if failed > budget
-                || job.state == JobState::Failed && failed != budget
-                || !job.state.is_terminal() && failed >= budget
+                || job.state == JobState::Failed && failed != budget && !gave_up
+                || !job.state.is_terminal() && (failed >= budget || gave_up)
             {
                 return fail(
                     inv::RETRY_BUDGET,
