@@ -221,6 +221,11 @@ fn kill_9_and_restart_keeps_every_acknowledged_job_and_reruns_lost_attempts() {
         let job = dev.wait_job(*id, Duration::from_secs(60), terminal);
         assert_eq!(job["state"], "succeeded", "{job}");
     }
+    let metrics = http(&dev.addr, "GET", "/metrics", None).1;
+    assert!(
+        metrics.contains("rustci_attempts_lost_total 2"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -499,6 +504,21 @@ fn logs_follow_streams_until_the_attempt_ends() {
     }
     assert!(seen.contains_key("rustci_log_commit_index"));
     assert!(seen.contains_key("rustci_queue_length"));
+    for name in [
+        "rustci_oldest_queued_job_wait_seconds",
+        "rustci_unplaceable_jobs{reason=\"constraints\"}",
+        "rustci_heartbeats_received_total",
+        "rustci_attempts_lost_total",
+    ] {
+        assert!(seen.contains_key(name), "{name} missing: {metrics}");
+    }
+    assert!(
+        seen.keys()
+            .any(|k| k.starts_with("rustci_node_allocated_cpu_millis{node=")),
+        "{metrics}"
+    );
+    let heartbeats: u64 = seen["rustci_heartbeats_received_total"].parse().unwrap();
+    assert!(heartbeats > 0, "the built-in runner heartbeats too");
 }
 
 #[test]

@@ -228,6 +228,8 @@ pub struct Replica {
     losing: BTreeSet<(JobId, AttemptNumber)>,
     /// Reports proposed and not yet applied.
     reporting: BTreeSet<(JobId, AttemptNumber, bool)>,
+    /// Heartbeats this replica received (soft state, for metrics).
+    heartbeats_received: u64,
 }
 
 impl Replica {
@@ -260,6 +262,7 @@ impl Replica {
             downing: BTreeSet::new(),
             losing: BTreeSet::new(),
             reporting: BTreeSet::new(),
+            heartbeats_received: 0,
         }
     }
 
@@ -298,6 +301,11 @@ impl Replica {
     pub fn heard_ago_ms(&self, node: &str) -> Option<u64> {
         let live = self.liveness.get(node)?;
         Some(self.mono?.saturating_sub(live.heard_mono))
+    }
+
+    /// Agent heartbeats received since this replica started.
+    pub fn heartbeats_received(&self) -> u64 {
+        self.heartbeats_received
     }
 
     /// True when writes can be served.
@@ -450,7 +458,10 @@ impl Replica {
         }
         self.observe(mono);
         match msg {
-            AgentMsg::Heartbeat { node, seq } => self.heartbeat(now, mono, node, seq),
+            AgentMsg::Heartbeat { node, seq } => {
+                self.heartbeats_received += 1;
+                self.heartbeat(now, mono, node, seq)
+            }
             AgentMsg::Report(report) => self.report(now, report),
         }
     }

@@ -182,6 +182,8 @@ pub struct State {
     pub job_counts: [u64; 6],
     /// Entries that were no-ops (invalid in the state they met).
     pub ignored_entries: u64,
+    /// Attempts that ended `lost` (their node died, restarted or was removed).
+    pub attempts_lost: u64,
     /// SIM-BUGS: the planted bug the simulator selected, if any; ignored by
     /// `==`, `Hash` and so by [`State::digest`], and dead code without the
     /// `sim-bugs` feature.
@@ -535,6 +537,9 @@ impl State {
             a.started_at = Some(at);
         }
         let node = a.node.clone();
+        if attempt_state == AttemptState::Lost {
+            self.attempts_lost += 1;
+        }
         self.release(id, &node);
         self.settle_job(id, attempt_state);
         Applied::Done
@@ -547,6 +552,7 @@ impl State {
         a.state = AttemptState::Lost;
         a.finished_at = Some(at);
         let node = a.node.clone();
+        self.attempts_lost += 1;
         self.release(id, &node);
         self.settle_job(id, AttemptState::Lost);
         Applied::Done

@@ -45,6 +45,8 @@ pub const EVENTS_PAGE_MAX: usize = 1000;
 pub const EVENTS_WAIT_SECS_MAX: u64 = 60;
 /// How often `logs?follow=true` looks for new output.
 pub const LOG_FOLLOW_POLL_MS: u64 = 100;
+/// Queued jobs looked at for the queue metrics, in placement order.
+pub const METRICS_QUEUE_SCAN_MAX: usize = 10_000;
 /// Bytes of output sent per chunk of a followed log.
 pub const LOG_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -586,6 +588,9 @@ async fn metrics(cp: &ControlPlane) -> ApiResult {
         .log_stats
         .entries
         .load(std::sync::atomic::Ordering::Relaxed);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let body = cp
         .query(move |r| {
             let st = r.state();
@@ -600,6 +605,52 @@ async fn metrics(cp: &ControlPlane) -> ApiResult {
                 let n = st.nodes.values().filter(|n| n.state == s).count();
                 let _ = writeln!(out, "rustci_nodes{{state=\"{}\"}} {n}", s.as_str());
             }
+            let _ = writeln!(out, "# HELP rustci_node_capacity_cpu_millis CPU a node offers.\n# TYPE rustci_node_capacity_cpu_millis gauge");
+            for n in st.nodes.values() {
+                let _ = writeln!(out, "rustci_node_capacity_cpu_millis{{node=\"{}\"}} {}", n.name, n.capacity.cpu_millis);
+            }
+            let _ = writeln!(out, "# HELP rustci_node_allocated_cpu_millis CPU held by a node's active attempts.\n# TYPE rustci_node_allocated_cpu_millis gauge");
+            for n in st.nodes.values() {
+                let _ = writeln!(out, "rustci_node_allocated_cpu_millis{{node=\"{}\"}} {}", n.name, n.allocated.cpu_millis);
+            }
+            let _ = writeln!(out, "# HELP rustci_node_capacity_memory_mb Memory a node offers.\n# TYPE rustci_node_capacity_memory_mb gauge");
+            for n in st.nodes.values() {
+                let _ = writeln!(out, "rustci_node_capacity_memory_mb{{node=\"{}\"}} {}", n.name, n.capacity.memory_mb);
+            }
+            let _ = writeln!(out, "# HELP rustci_node_allocated_memory_mb Memory held by a node's active attempts.\n# TYPE rustci_node_allocated_memory_mb gauge");
+            for n in st.nodes.values() {
+                let _ = writeln!(out, "rustci_node_allocated_memory_mb{{node=\"{}\"}} {}", n.name, n.allocated.memory_mb);
+            }
+            let oldest = st
+                .queue
+                .iter()
+                .take(METRICS_QUEUE_SCAN_MAX)
+                .filter_map(|k| st.job(k.job).map(|j| j.submitted_at))
+                .min();
+            let wait = oldest.map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
+            let _ = writeln!(out, "# HELP rustci_oldest_queued_job_wait_seconds How long the oldest queued job has waited (among the first {METRICS_QUEUE_SCAN_MAX} in placement order).\n# TYPE rustci_oldest_queued_job_wait_seconds gauge\nrustci_oldest_queued_job_wait_seconds {wait:.3}");
+            let mut unplaceable: BTreeMap<&str, u64> = BTreeMap::new();
+            for key in st.queue.iter().take(METRICS_QUEUE_SCAN_MAX) {
+                let Some(reason) = st.job(key.job).and_then(|j| unplaced_reason(st, j)) else {
+                    continue;
+                };
+                let class = if reason.starts_with("no ready nodes") {
+                    "no_ready_node"
+                } else if reason.starts_with("no ready node matches") {
+                    "constraints"
+                } else if reason.starts_with("no matching node is large enough") {
+                    "too_large"
+                } else {
+                    continue;
+                };
+                *unplaceable.entry(class).or_default() += 1;
+            }
+            let _ = writeln!(out, "# HELP rustci_unplaceable_jobs Queued jobs no ready node can take now, by reason.\n# TYPE rustci_unplaceable_jobs gauge");
+            for class in ["constraints", "no_ready_node", "too_large"] {
+                let _ = writeln!(out, "rustci_unplaceable_jobs{{reason=\"{class}\"}} {}", unplaceable.get(class).copied().unwrap_or(0));
+            }
+            let _ = writeln!(out, "# HELP rustci_heartbeats_received_total Agent heartbeats this replica received.\n# TYPE rustci_heartbeats_received_total counter\nrustci_heartbeats_received_total {}", r.heartbeats_received());
+            let _ = writeln!(out, "# HELP rustci_attempts_lost_total Attempts lost because their node died, restarted or was removed.\n# TYPE rustci_attempts_lost_total counter\nrustci_attempts_lost_total {}", st.attempts_lost);
             let _ = writeln!(out, "# HELP rustci_log_commit_index Highest committed log index.\n# TYPE rustci_log_commit_index gauge\nrustci_log_commit_index {}", r.commit_index());
             let _ = writeln!(out, "# HELP rustci_log_applied_index Highest applied log index.\n# TYPE rustci_log_applied_index gauge\nrustci_log_applied_index {}", r.applied_index());
             let _ = writeln!(out, "# HELP rustci_term Current term.\n# TYPE rustci_term gauge\nrustci_term {}", r.term());
