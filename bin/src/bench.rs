@@ -55,6 +55,12 @@ pub enum BenchCmd {
         #[arg(long, default_value = "0..200")]
         seeds: String,
     },
+    /// Agent killed (`kill -9`) to its job running on another node: starts
+    /// `rustci server` and three `rustci agent`s on loopback.
+    Reschedule {
+        #[arg(long, default_value_t = 10)]
+        kills: u32,
+    },
     /// Scheduling passes over a large in-memory cluster.
     Schedule {
         #[arg(long, default_value_t = 1000)]
@@ -76,6 +82,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             token,
         } => bench_submit(clients, seconds, server, token).await?,
         BenchCmd::Schedule { nodes, jobs } => bench_schedule(nodes, jobs),
+        BenchCmd::Reschedule { kills } => bench_reschedule(kills).await?,
         BenchCmd::Sim { seeds } => {
             let seeds = crate::simcmd::parse_range(&seeds)?;
             tokio::task::spawn_blocking(move || crate::simcmd::bench(seeds)).await??
@@ -280,6 +287,122 @@ async fn wait_ready(addr: &str, token: Option<String>) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("the server at {addr} did not become ready in 30 s")
+}
+
+/// Starts `rustci agent NAME` against `addr`, its work dir under `scratch`.
+fn spawn_agent(addr: &str, scratch: &Path, name: &str) -> anyhow::Result<Child> {
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["agent", "--server", addr, "--name", name, "--cpus", "4"])
+        .arg("--work-dir")
+        .arg(scratch.join(name))
+        .env_remove("RUSTCI_JOIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting rustci agent")?;
+    Ok(Child(child))
+}
+
+async fn get_json(client: &mut Client, path: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(client.json(Method::GET, path, None, &[]).await?)
+}
+
+/// Waits until `n` nodes are ready.
+async fn wait_nodes(client: &mut Client, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let nodes = get_json(client, "/v1/nodes").await?;
+        let ready = nodes["nodes"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|n| n["state"] == "ready").count());
+        if ready >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("{n} nodes did not become ready in 30 s")
+}
+
+async fn bench_reschedule(kills: u32) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let server = std::process::Command::new(std::env::current_exe()?)
+        .args(["server", "--listen", &addr, "--data-dir"])
+        .arg(scratch.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting rustci server")?;
+    let _server = Child(server);
+    wait_ready(&addr, None).await?;
+    let names = ["a1", "a2", "a3"];
+    let mut agents: BTreeMap<&str, Child> = BTreeMap::new();
+    for name in names {
+        agents.insert(name, spawn_agent(&addr, scratch.path(), name)?);
+    }
+    let mut client = Client::connect(&addr, None).await?;
+    wait_nodes(&mut client, names.len()).await?;
+    let body = serde_json::to_vec(&serde_json::json!({"command": ["sleep", "600"]}))?;
+    let mut moved_ms = Vec::new();
+    for k in 0..kills {
+        let job: serde_json::Value = client
+            .json(Method::POST, "/v1/jobs", Some(body.clone()), &[])
+            .await?;
+        let id = job["id"].as_u64().context("job id")?;
+        let path = format!("/v1/jobs/{id}");
+        let node = loop {
+            let j = get_json(&mut client, &path).await?;
+            if j["state"] == "running" {
+                break j["node"].as_str().unwrap_or_default().to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let victim = names
+            .iter()
+            .copied()
+            .find(|n| *n == node)
+            .context("the job runs on one of the agents")?;
+        // Kill at a different point of the heartbeat cycle each time (a
+        // freshly started agent has just heartbeated: always the worst case).
+        tokio::time::sleep(Duration::from_millis(u64::from(k % 10) * 100)).await;
+        if let Some(mut child) = agents.remove(victim) {
+            let _ = child.0.kill();
+            let _ = child.0.wait();
+        }
+        let killed = Instant::now();
+        loop {
+            let j = get_json(&mut client, &path).await?;
+            let attempts = j["attempts"].as_array().cloned().unwrap_or_default();
+            if attempts.len() >= 2 && attempts.last().is_some_and(|a| a["state"] == "running") {
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(60) {
+                bail!("job {id} did not run elsewhere within 60 s: {j}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        moved_ms.push(killed.elapsed().as_secs_f64() * 1000.0);
+        let _: serde_json::Value = client
+            .json(Method::POST, &format!("{path}/cancel"), None, &[])
+            .await?;
+        agents.insert(victim, spawn_agent(&addr, scratch.path(), victim)?);
+        wait_nodes(&mut client, names.len()).await?;
+    }
+    moved_ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| moved_ms[((moved_ms.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "reschedule",
+            "kills": kills,
+            "agents": names.len(),
+            "p50_ms": round3(pct(0.5)),
+            "p99_ms": round3(pct(0.99)),
+            "max_ms": round3(*moved_ms.last().unwrap_or(&0.0)),
+            "lease_rule_ms": rustci_core::protocol::LeaseConfig::default().requeue_after_ms(),
+        })
+    );
+    Ok(())
 }
 
 async fn bench_submit(
