@@ -96,6 +96,11 @@ pub async fn run(
     let (run_tx, mut run_rx) = mpsc::unbounded_channel();
     let mut runner_config = RunnerConfig::new(pid_dir);
     runner_config.shim = Some(PathBuf::from("/proc/self/exe"));
+    // Until the first lease, the shims hold no work past now.
+    let lease_file = config.work_dir.join("lease");
+    runner::write_lease(&lease_file, runner::monotonic_ms())
+        .with_context(|| format!("cannot write {}", lease_file.display()))?;
+    runner_config.lease_file = Some(lease_file.clone());
     let runner = NativeRunner::new(runner_config, run_tx);
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -110,11 +115,14 @@ pub async fn run(
         },
         incarnation,
     );
+    let origin = Instant::now();
     let mut driver = Driver {
         config,
         agent,
         runner,
-        origin: Instant::now(),
+        origin,
+        origin_monotonic_ms: runner::monotonic_ms(),
+        lease_file,
         link: None,
         shipping: BTreeMap::new(),
     };
@@ -190,6 +198,10 @@ struct Driver {
     agent: Agent,
     runner: NativeRunner,
     origin: Instant,
+    /// `CLOCK_MONOTONIC` at `origin`: converts the agent's deadlines for the
+    /// shims.
+    origin_monotonic_ms: u64,
+    lease_file: PathBuf,
     link: Option<Link>,
     shipping: BTreeMap<(JobId, AttemptNumber), Shipping>,
 }
@@ -318,9 +330,14 @@ impl Driver {
                     self.runner.start(run);
                 }
                 AgentOutput::Kill { job, attempt } => self.runner.kill(job.0, attempt),
-                // Each attempt's supervisor (the shim) dies with this
-                // process; a lease held in the shim comes with a later step.
-                AgentOutput::LeaseUntil { .. } => {}
+                // Every attempt's shim kills its job at this deadline unless
+                // it is renewed: a paused agent cannot kill, its shims can.
+                AgentOutput::LeaseUntil { until_ms } => {
+                    let deadline = self.origin_monotonic_ms + until_ms;
+                    if let Err(e) = runner::write_lease(&self.lease_file, deadline) {
+                        tracing::error!(error = %e, "cannot record the lease for the jobs' shims");
+                    }
+                }
                 AgentOutput::Refused {
                     job,
                     attempt,

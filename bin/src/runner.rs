@@ -143,6 +143,11 @@ const SHIM_STATUS_FD_ENV: &str = "RUSTCI_SHIM_STATUS_FD";
 /// the shim can tell whether it was orphaned before it could catch SIGTERM.
 /// Removed from the job's environment.
 const SHIM_PARENT_ENV: &str = "RUSTCI_SHIM_PARENT";
+/// Environment variable with the path of the agent's lease file, for the
+/// shim. Removed from the job's environment.
+const SHIM_LEASE_ENV: &str = "RUSTCI_SHIM_LEASE";
+/// How often a shim with a lease checks it (and its job).
+const SHIM_LEASE_POLL: Duration = Duration::from_millis(50);
 
 const _: () = assert!(READ_BUFFER_BYTES as u64 <= LOG_CAP_BYTES_DEFAULT);
 const _: () = assert!(READ_BUFFER_BYTES > 0);
@@ -190,6 +195,10 @@ pub struct RunnerConfig {
     /// (`exe __shim -- CMD...`), so the job's whole group dies with the
     /// runner; see the module doc. `None`: the command is the group leader.
     pub shim: Option<PathBuf>,
+    /// The agent's lease file (see [`write_lease`]): each attempt's shim
+    /// kills the job's group once the deadline in it has passed, even if
+    /// the agent that should renew it is paused. `None`: no lease.
+    pub lease_file: Option<PathBuf>,
 }
 
 impl RunnerConfig {
@@ -198,6 +207,7 @@ impl RunnerConfig {
             log_cap_bytes: LOG_CAP_BYTES_DEFAULT,
             pid_dir: pid_dir.into(),
             shim: None,
+            lease_file: None,
         }
     }
 }
@@ -410,7 +420,9 @@ impl AttemptTask {
                 return (Outcome::StartFailed, None);
             }
         };
-        let spawned = match spawn_attempt(&self.spec, self.config.shim.as_deref()).await {
+        let shim = self.config.shim.as_deref();
+        let lease = self.config.lease_file.as_deref();
+        let spawned = match spawn_attempt(&self.spec, shim, lease).await {
             Ok(spawned) => spawned,
             Err(e) => {
                 let program = self.spec.command.first().map_or("", String::as_str);
@@ -643,7 +655,11 @@ fn kill_group(pgid: i32) {
 }
 
 /// Creates the work dir, builds the command and forks on the spawner thread.
-async fn spawn_attempt(spec: &RunSpec, shim: Option<&Path>) -> io::Result<Spawned> {
+async fn spawn_attempt(
+    spec: &RunSpec,
+    shim: Option<&Path>,
+    lease: Option<&Path>,
+) -> io::Result<Spawned> {
     if spec.command.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command"));
     }
@@ -660,7 +676,10 @@ async fn spawn_attempt(spec: &RunSpec, shim: Option<&Path>) -> io::Result<Spawne
             check_executable(&spec.command[0], path_var.as_deref(), &spec.work_dir)?;
             let (status_reader, status_writer) = io::pipe()?;
             set_nonblocking(status_reader.as_raw_fd())?;
-            let command = build_shim_command(spec, exe, writer, status_writer)?;
+            let mut command = build_shim_command(spec, exe, writer, status_writer)?;
+            if let Some(lease) = lease {
+                command.env(SHIM_LEASE_ENV, lease);
+            }
             (command, Some(status_reader))
         }
     };
@@ -891,7 +910,9 @@ pub fn shim_main(args: Vec<OsString>) -> i32 {
     command
         .args(rest)
         .env_remove(SHIM_PARENT_ENV)
-        .env_remove(SHIM_STATUS_FD_ENV);
+        .env_remove(SHIM_STATUS_FD_ENV)
+        .env_remove(SHIM_LEASE_ENV);
+    let lease = std::env::var_os(SHIM_LEASE_ENV).map(PathBuf::from);
     // SAFETY: getpid before the fork; the closure only makes
     // async-signal-safe syscalls. If the shim is SIGKILLed (OOM killer),
     // the command still dies, as it did when the runner was its parent.
@@ -905,7 +926,11 @@ pub fn shim_main(args: Vec<OsString>) -> i32 {
     };
     drop(status_pipe);
     // std retries the wait on EINTR.
-    let status = match child.wait() {
+    let status = match lease {
+        Some(lease) => wait_within_lease(&mut child, &lease),
+        None => child.wait(),
+    };
+    let status = match status {
         Ok(status) => status,
         Err(e) => {
             let _ = writeln!(io::stderr(), "rustci: shim: cannot wait for the job: {e}");
@@ -920,6 +945,55 @@ pub fn shim_main(args: Vec<OsString>) -> i32 {
         Some(signal) => die_of(signal),
         None => SHIM_INTERNAL_ERROR_EXIT,
     }
+}
+
+/// Waits for the job, checking the agent's lease file meanwhile: once its
+/// deadline has passed, the whole group dies (the agent that should have
+/// renewed it may be paused, or cut off from the control plane, which will
+/// run the job elsewhere). A missing or unreadable file changes nothing.
+fn wait_within_lease(
+    child: &mut std::process::Child,
+    lease: &Path,
+) -> io::Result<std::process::ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if read_lease(lease).is_some_and(|deadline| monotonic_ms() >= deadline) {
+            let _ = writeln!(
+                io::stderr(),
+                "rustci: the agent's lease lapsed; the job is killed"
+            );
+            kill_own_group();
+        }
+        std::thread::sleep(SHIM_LEASE_POLL);
+    }
+}
+
+/// Milliseconds on `CLOCK_MONOTONIC`: one clock for every process of this
+/// machine, so the agent and the shims agree on a deadline.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a plain syscall writing into `ts`.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Records the lease deadline (`CLOCK_MONOTONIC` ms) for the shims: written
+/// to a temporary file and renamed, so a reader never sees half of it.
+pub fn write_lease(path: &Path, deadline_ms: u64) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, deadline_ms.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+fn read_lease(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn shim_start_failed(program: &str, error: &io::Error, status_pipe: Option<std::fs::File>) -> i32 {

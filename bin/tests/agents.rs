@@ -390,3 +390,97 @@ fn a_job_sees_its_own_env_and_nothing_of_the_agents() {
         "{env}"
     );
 }
+
+#[test]
+fn a_paused_agents_jobs_die_at_its_lease_and_run_elsewhere_never_twice_at_once() {
+    let mut c = Cluster::start(&[("p1", "zone=x"), ("p2", "zone=y")]);
+    let marks = c.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let script = r#"exec 9>"$D/lock-$RUSTCI_JOB_ID"
+if flock -n 9; then
+  echo "start $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
+  sleep 8 & echo $! > "$D/pid-$RUSTCI_JOB_ID-$RUSTCI_ATTEMPT"; wait
+  echo "end $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
+else
+  echo "OVERLAP $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"; exit 1
+fi"#;
+    let ids: Vec<u64> = (0..4)
+        .map(|_| {
+            c.submit(&json!({
+                "command": ["sh", "-c", script],
+                "env": {"D": marks.to_str().unwrap()},
+                "resources": {"cpu_millis": 500, "memory_mb": 64},
+            }))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let placed = loop {
+        let jobs: Vec<serde_json::Value> = ids.iter().map(|id| c.job(*id)).collect();
+        if jobs.iter().all(|j| j["state"] == "running") {
+            break jobs;
+        }
+        assert!(Instant::now() < deadline, "not all running: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let victim = placed[0]["node"].as_str().unwrap().to_string();
+    let victims_jobs: Vec<u64> = placed
+        .iter()
+        .filter(|j| j["node"] == victim.as_str())
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let pids: Vec<i32> = victims_jobs
+        .iter()
+        .filter_map(|id| std::fs::read_to_string(marks.join(format!("pid-{id}-1"))).ok())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    assert_eq!(pids.len(), victims_jobs.len());
+    let agent_pid = c.agents[&victim].child.as_ref().unwrap().id() as i32;
+    unsafe {
+        libc::kill(agent_pid, libc::SIGSTOP);
+    }
+    let stopped = Instant::now();
+    // Its jobs run elsewhere, and by then the paused agent's processes are
+    // gone: their shims killed them when its lease lapsed.
+    for id in &victims_jobs {
+        loop {
+            let j = c.job(*id);
+            let attempts = j["attempts"].as_array().unwrap();
+            if attempts.len() >= 2 && attempts.last().unwrap()["state"] == "running" {
+                assert_ne!(attempts.last().unwrap()["node"], victim.as_str(), "{j}");
+                break;
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(15),
+                "job {id} did not move: {j}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            pids.iter().all(|p| !pid_alive(*p)),
+            "a paused agent's job still runs while it runs elsewhere"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed()));
+    unsafe {
+        libc::kill(agent_pid, libc::SIGCONT);
+    }
+    // The agent comes back as a new incarnation; the stale attempts stay
+    // lost (never reported as current), and every job succeeds once.
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut j = c.job(*id);
+        while j["state"] != "succeeded" {
+            assert!(Instant::now() < deadline, "job {id}: {j}");
+            std::thread::sleep(Duration::from_millis(100));
+            j = c.job(*id);
+        }
+    }
+    for id in &victims_jobs {
+        let j = c.job(*id);
+        assert_eq!(j["attempts"][0]["state"], "lost", "{j}");
+    }
+    let text = std::fs::read_to_string(marks.join("marks.txt")).unwrap();
+    assert!(!text.contains("OVERLAP"), "{text}");
+    c.wait_nodes_ready(2);
+}
