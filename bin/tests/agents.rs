@@ -393,7 +393,7 @@ fn a_job_sees_its_own_env_and_nothing_of_the_agents() {
 
 #[test]
 fn a_paused_agents_jobs_die_at_its_lease_and_run_elsewhere_never_twice_at_once() {
-    let mut c = Cluster::start(&[("p1", "zone=x"), ("p2", "zone=y")]);
+    let c = Cluster::start(&[("p1", "zone=x"), ("p2", "zone=y")]);
     let marks = c.dir.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     let script = r#"exec 9>"$D/lock-$RUSTCI_JOB_ID"
