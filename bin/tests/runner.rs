@@ -86,6 +86,7 @@ impl Harness {
             log_cap_bytes,
             pid_dir: dir.path().join("pids"),
             shim: mode.shim(),
+            lease_file: None,
         };
         let (tx, events) = mpsc::unbounded_channel();
         Self {
@@ -190,7 +191,7 @@ in_both_modes! {
 }
 
 in_both_modes! {
-    async fn exec_environment_is_the_daemons_plus_the_jobs_plus_rustci_ids(h: Harness, mode: Mode) {
+    async fn exec_environment_is_path_home_lang_plus_the_jobs_plus_rustci_ids(h: Harness, mode: Mode) {
         let mut spec = h.spec(7, &sh("echo \"$PATH|$FOO|$RUSTCI_JOB_ID|$RUSTCI_ATTEMPT\""));
         spec.attempt = 1;
         spec.env.insert("FOO".into(), "bar baz".into());
@@ -199,11 +200,21 @@ in_both_modes! {
         assert_eq!(h.finished(7).await, (Outcome::Exited, Some(0)));
         let path = std::env::var("PATH").unwrap();
         assert_eq!(read_log(&spec), format!("{path}|bar baz|7|1\n"));
-        // The shim's own variables do not reach the job.
+        // The shim's own variables do not reach the job, nor anything else
+        // of this process's environment.
         let spec = h.spec(8, &sh("env | grep '^RUSTCI_SHIM' || echo none"));
         h.runner.start(spec.clone());
         h.finished(8).await;
         assert_eq!(read_log(&spec), "none\n");
+        let spec = h.spec(9, &["env"]);
+        h.runner.start(spec.clone());
+        h.finished(9).await;
+        let mut names: Vec<String> = read_log(&spec)
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_string()))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["HOME", "LANG", "PATH", "RUSTCI_ATTEMPT", "RUSTCI_JOB_ID"]);
     }
 }
 
@@ -820,4 +831,50 @@ fn machine_capacity_reports_real_cpus_and_memory() {
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
     assert_eq!(cpu_millis, cpus * 1000);
     assert!(memory_mb > 64, "{memory_mb} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
+    let dir = tempfile::tempdir().unwrap();
+    let lease = dir.path().join("lease");
+    rustci::runner::write_lease(&lease, rustci::runner::monotonic_ms() + 60_000).unwrap();
+    let config = RunnerConfig {
+        log_cap_bytes: rustci::runner::LOG_CAP_BYTES_DEFAULT,
+        pid_dir: dir.path().join("pids"),
+        shim: Some(PathBuf::from(SHIM_EXE)),
+        lease_file: Some(lease.clone()),
+    };
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let runner = NativeRunner::new(config, tx);
+    let spec = RunSpec {
+        job: 1,
+        attempt: 1,
+        command: vec!["sh".into(), "-c".into(), "sleep 30 & sleep 30; wait".into()],
+        env: Default::default(),
+        timeout: rustci::runner::TIMEOUT_MAX,
+        work_dir: dir.path().join("work"),
+        log_path: dir.path().join("out.log"),
+    };
+    runner.start(spec.clone());
+    assert!(matches!(
+        events.recv().await,
+        Some(RunEvent::Started { .. })
+    ));
+    // Renewed: it keeps running.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(runner.running(), 1);
+    // The agent stops renewing; the deadline passes: the shim kills the group.
+    let lapsed_at = std::time::Instant::now();
+    rustci::runner::write_lease(&lease, rustci::runner::monotonic_ms()).unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the job ends soon after its lease")
+        .unwrap();
+    assert!(matches!(ev, RunEvent::Finished { .. }), "{ev:?}");
+    assert!(lapsed_at.elapsed() < Duration::from_secs(2));
+    assert!(
+        read_log(&spec).contains("lease lapsed"),
+        "{}",
+        read_log(&spec)
+    );
 }
