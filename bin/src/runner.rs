@@ -38,6 +38,13 @@
 //! leftovers are killed by the runner's usual group kill after the leader
 //! (now the shim) exits; timeout and cancel SIGKILL the group as before.
 //!
+//! With [`RunnerConfig::lease_file`] (a `rustci agent`), the shim also holds
+//! the agent's lease: it polls the file's deadline (`CLOCK_MONOTONIC` ms,
+//! written by [`write_lease`]) every 50 ms while it waits for the job, and
+//! kills its whole group once the deadline has passed, even if the agent is
+//! paused and cannot. The control plane runs the job elsewhere only after
+//! that deadline (see `rustci_core::protocol`).
+//!
 //! Start failures with a shim: the runner first resolves `command[0]` as
 //! `execvp` would (`PATH` of the job, `work_dir` for relative paths) and
 //! reports `StartFailed` without spawning anything when it is missing or not
