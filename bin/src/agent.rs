@@ -13,7 +13,6 @@
 //! plane do.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io::{Read as _, Seek as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -53,6 +52,9 @@ pub struct AgentProcessConfig {
     pub capacity: Resources,
     pub labels: Labels,
     pub work_dir: PathBuf,
+    /// After a stop signal, how long running jobs may take to finish
+    /// before they are killed (and run elsewhere).
+    pub drain_timeout: Duration,
 }
 
 /// An attempt whose output is being shipped.
@@ -70,12 +72,14 @@ struct Link {
     down: mpsc::Receiver<Down>,
 }
 
-/// Runs the agent until `shutdown` resolves. Returns an error at once for a
-/// refusal that retrying cannot fix (a wrong join token, another protocol
-/// version).
+/// Runs the agent until it has left. Every message on `stop` is a stop
+/// signal: the first drains (no new work; running jobs may finish within
+/// `drain_timeout`), the second kills the jobs (they run elsewhere) and
+/// leaves at once. Returns an error at once for a refusal that retrying
+/// cannot fix (a wrong join token, another protocol version).
 pub async fn run(
     config: AgentProcessConfig,
-    shutdown: impl Future<Output = ()>,
+    mut stop: mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<()> {
     rustci_core::validate::validate_node_name(&config.name)
         .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
@@ -126,7 +130,9 @@ pub async fn run(
         link: None,
         shipping: BTreeMap::new(),
     };
-    tokio::pin!(shutdown);
+    let mut stops = 0u32;
+    let mut drain_until: Option<Instant> = None;
+    let mut gone_at: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(AGENT_TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = RECONNECT_BACKOFF_MIN;
@@ -146,9 +152,40 @@ pub async fn run(
                 }
             }
         }
+        if let Some(at) = gone_at {
+            // Left: give the last frames a moment to go out, then stop.
+            if at.elapsed() >= Duration::from_millis(500) {
+                break;
+            }
+        } else if driver.agent.is_gone() {
+            gone_at = Some(Instant::now());
+        }
+        if drain_until.is_some_and(|t| Instant::now() >= t) {
+            drain_until = None;
+            let now = driver.now();
+            tracing::warn!("the drain time ran out: killing the remaining jobs");
+            driver.agent.leave(now, LEAVE_REASON, false);
+            // Whatever happens to the acknowledgements, stop soon after.
+            gone_at.get_or_insert(Instant::now() + Duration::from_secs(10));
+        }
         tokio::select! {
             biased;
-            _ = &mut shutdown => break,
+            signal = stop.recv(), if stops < 2 => {
+                stops += 1;
+                let now = driver.now();
+                if signal.is_none() || stops > 1 {
+                    tracing::info!("stopping now: killing the running jobs (they run elsewhere)");
+                    driver.agent.leave(now, LEAVE_REASON, false);
+                    gone_at.get_or_insert(Instant::now() + Duration::from_secs(5));
+                } else {
+                    tracing::info!(
+                        drain_timeout_secs = driver.config.drain_timeout.as_secs(),
+                        "stopping: no new jobs; running ones may finish (signal again to stop at once)"
+                    );
+                    driver.agent.leave(now, LEAVE_REASON, true);
+                    drain_until = Some(Instant::now() + driver.config.drain_timeout);
+                }
+            }
             down = recv_down(&mut driver.link) => match down {
                 Some(down) => {
                     if down.incarnation == driver.agent.incarnation() {
@@ -175,10 +212,13 @@ pub async fn run(
         }
         driver.carry_out();
     }
-    tracing::info!("agent stopping: its jobs are killed and will run elsewhere");
     driver.runner.shutdown().await;
+    tracing::info!("agent left");
     Ok(())
 }
+
+/// The reason a stopped agent gives for leaving.
+const LEAVE_REASON: &str = "the agent was stopped (SIGTERM or Ctrl-C)";
 
 enum Refused {
     /// Retrying cannot help (wrong token, another protocol version).

@@ -186,6 +186,10 @@ pub struct AgentArgs {
     /// Token the control plane requires of agents.
     #[arg(long, env = "RUSTCI_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// On SIGTERM or Ctrl-C, how long running jobs may take to finish
+    /// before they are killed and run elsewhere (0..=86400).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub drain_timeout_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -263,9 +267,13 @@ pub enum NodeCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Remove the node; its running attempts are lost and run elsewhere.
+    /// Remove the node; its running attempts are stopped and run elsewhere
+    /// once its lease has lapsed.
     Remove {
         name: String,
+        /// Why (shown with the node).
+        #[arg(long, default_value = "")]
+        reason: String,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -575,12 +583,18 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<Exit> {
     let (client, path) = match &cmd {
         NodeCmd::Drain { name, client } => (client, format!("/v1/nodes/{name}/drain")),
         NodeCmd::Undrain { name, client } => (client, format!("/v1/nodes/{name}/undrain")),
-        NodeCmd::Remove { name, client } => (client, format!("/v1/nodes/{name}/remove")),
+        NodeCmd::Remove { name, client, .. } => (client, format!("/v1/nodes/{name}/remove")),
         NodeCmd::Status { .. } => unreachable!("answered above"),
+    };
+    let body = match &cmd {
+        NodeCmd::Remove { reason, .. } => {
+            Some(serde_json::to_vec(&serde_json::json!({"reason": reason}))?)
+        }
+        _ => None,
     };
     let node: NodeView = connect(client)
         .await?
-        .json(Method::POST, &path, None, &[])
+        .json(Method::POST, &path, body, &[])
         .await?;
     println!("{} {}", node.name, node.state);
     Ok(0)

@@ -163,8 +163,28 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 capacity: Resources::new(cpu, args.memory_mb.unwrap_or(mm)),
                 labels,
                 work_dir: args.work_dir,
+                drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
             };
-            rustci::agent::run(config, shutdown_signal()).await?;
+            let (stop_tx, stop_rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    if stop_tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            });
+            rustci::agent::run(config, stop_rx).await?;
             Ok(0)
         }
         Cmd::Submit(args) => cli::submit(args).await,

@@ -484,3 +484,83 @@ fi"#;
     assert!(!text.contains("OVERLAP"), "{text}");
     c.wait_nodes_ready(2);
 }
+
+fn signal(p: &Proc, sig: i32) {
+    unsafe {
+        libc::kill(p.child.as_ref().unwrap().id() as i32, sig);
+    }
+}
+
+fn wait_exit(p: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = p.child.as_mut().unwrap().try_wait().unwrap() {
+            p.child = None;
+            return status;
+        }
+        assert!(Instant::now() < deadline, "did not exit: {}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_stopped_agent_lets_its_jobs_finish_then_leaves_with_the_reason() {
+    let mut c = Cluster::start(&[("d1", "zone=a")]);
+    let id = c.submit(&json!({"command": ["sh", "-c", "sleep 2; echo done"]}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.job(id)["state"] != "running" {
+        assert!(Instant::now() < deadline, "{}", c.job(id));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&c.agents["d1"], libc::SIGTERM);
+    // Drained at once: a new job waits.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.get("/v1/nodes")["nodes"][0]["state"] != "draining" {
+        assert!(Instant::now() < deadline, "{}", c.get("/v1/nodes"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let waiting = c.submit(&json!({"command": ["true"]}));
+    let status = wait_exit(c.agents.get_mut("d1").unwrap(), Duration::from_secs(15));
+    assert!(status.success(), "{status:?}");
+    assert_eq!(c.job(id)["state"], "succeeded", "the running job finished");
+    assert_eq!(c.job(waiting)["state"], "queued");
+    let node = &c.get("/v1/nodes")["nodes"][0];
+    assert_eq!(node["state"], "left", "{node}");
+    assert!(
+        node["reason"].as_str().unwrap().contains("stopped"),
+        "{node}"
+    );
+}
+
+#[test]
+fn a_second_stop_signal_kills_the_jobs_and_they_run_elsewhere_at_once() {
+    let mut c = Cluster::start(&[("k1", "zone=a")]);
+    let id = c.submit(&json!({"command": ["sleep", "60"], "constraints": {"zone": "a"}}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.job(id)["state"] != "running" {
+        assert!(Instant::now() < deadline, "{}", c.job(id));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.add_agent("k2", "zone=a");
+    c.wait_nodes_ready(2);
+    signal(&c.agents["k1"], libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&c.agents["k1"], libc::SIGTERM);
+    let stopped = Instant::now();
+    let status = wait_exit(c.agents.get_mut("k1").unwrap(), Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    loop {
+        let j = c.job(id);
+        let attempts = j["attempts"].as_array().unwrap();
+        if attempts.len() == 2 && attempts[1]["state"] == "running" {
+            assert_eq!(attempts[0]["state"], "lost", "{j}");
+            assert_eq!(attempts[1]["node"], "k2", "{j}");
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(3),
+            "not moved at once: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

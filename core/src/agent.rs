@@ -79,6 +79,13 @@ pub enum AgentOutput {
     },
 }
 
+#[derive(Clone, Debug)]
+struct Leaving {
+    reason: String,
+    /// Told the control plane that it left: nothing more to do.
+    gone: bool,
+}
+
 /// Why the agent killed an attempt: decides what it reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KillReason {
@@ -121,6 +128,9 @@ pub struct Agent {
     /// Log index of the newest view reconciled: older views are ignored.
     view_index: LogIndex,
     runs: BTreeMap<(JobId, AttemptNumber), Run>,
+    /// Set once the agent is stopping: why, and whether it still lets its
+    /// attempts finish (drain) or has killed them.
+    leaving: Option<Leaving>,
     /// Kills that arrived before their start.
     killed_early: BTreeSet<(JobId, AttemptNumber)>,
     outputs: VecDeque<AgentOutput>,
@@ -141,6 +151,7 @@ impl Agent {
             next_heartbeat_at: 0,
             view_index: 0,
             runs: BTreeMap::new(),
+            leaving: None,
             killed_early: BTreeSet::new(),
             outputs: VecDeque::new(),
         }
@@ -196,9 +207,79 @@ impl Agent {
         deadline.is_some_and(|d| now < d)
     }
 
+    /// The agent is stopping (SIGTERM). With `drain`, it takes no new work
+    /// and lets its attempts finish; without (a second signal, or the drain
+    /// time ran out), it kills them: they are reported `cancelled`, which
+    /// the control plane takes as lost and runs elsewhere at once. Once
+    /// nothing runs and every result is acknowledged, it tells the control
+    /// plane that it left, with `reason`.
+    pub fn leave(&mut self, now: u64, reason: &str, drain: bool) {
+        if self.leaving.is_none() {
+            self.leaving = Some(Leaving {
+                reason: reason.to_string(),
+                gone: false,
+            });
+            self.send_leaving(false);
+        }
+        if !drain {
+            let running: Vec<(JobId, AttemptNumber)> = self
+                .runs
+                .iter()
+                .filter(|(_, r)| r.done.is_none() && r.kill.is_none())
+                .map(|(k, _)| *k)
+                .collect();
+            for (job, attempt) in running {
+                self.kill(job, attempt, KillReason::Cancel);
+            }
+        }
+        self.maybe_gone(now);
+    }
+
+    /// True once the agent told the control plane that it left.
+    pub fn is_gone(&self) -> bool {
+        self.leaving.as_ref().is_some_and(|l| l.gone)
+    }
+
+    fn send_leaving(&mut self, done: bool) {
+        let Some(leaving) = &self.leaving else {
+            return;
+        };
+        let msg = AgentMsg::Leaving {
+            node: self.config.name.clone(),
+            incarnation: self.incarnation,
+            reason: leaving.reason.clone(),
+            done,
+        };
+        self.outputs.push_back(AgentOutput::Send(msg));
+    }
+
+    /// Leaves once nothing runs and every result was acknowledged.
+    fn maybe_gone(&mut self, _now: u64) {
+        let settled = self.runs.values().all(|r| {
+            r.done.is_some() && r.acked_at.is_some()
+                || r.kill == Some(KillReason::Stale) && r.done.is_none()
+        });
+        let holding = self
+            .runs
+            .values()
+            .any(|r| r.done.is_none() && r.started_at.is_some());
+        if settled && !holding && self.leaving.as_ref().is_some_and(|l| !l.gone) {
+            self.send_leaving(true);
+            if let Some(l) = self.leaving.as_mut() {
+                l.gone = true;
+            }
+        }
+    }
+
     /// Periodic work: the lease, time-outs, heartbeats and report resends.
     pub fn handle_tick(&mut self, now: u64) {
         self.check_lease(now);
+        if self.leaving.is_some() {
+            if self.is_gone() {
+                return;
+            }
+            self.maybe_gone(now);
+        }
         let expired: Vec<(JobId, AttemptNumber)> = self
             .runs
             .iter()
@@ -280,6 +361,9 @@ impl Agent {
                     if run.done.is_some() {
                         run.acked_at = Some(index);
                     }
+                }
+                if self.leaving.is_some() {
+                    self.maybe_gone(now);
                 }
             }
         }
@@ -384,6 +468,10 @@ impl Agent {
     fn start(&mut self, index: LogIndex, a: &Assignment) {
         let key = (a.job, a.attempt);
         if self.runs.contains_key(&key) {
+            return;
+        }
+        if self.leaving.is_some() {
+            // Stopping: it runs elsewhere once this node is gone.
             return;
         }
         let run = Run {

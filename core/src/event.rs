@@ -78,8 +78,13 @@ pub enum Event {
         #[serde(default)]
         incarnation: u64,
     },
-    /// An operator removed the node.
-    NodeRemoved { name: String },
+    /// An operator removed the node, or its agent left. `reason` says why
+    /// (empty in entries written before it was recorded).
+    NodeRemoved {
+        name: String,
+        #[serde(default)]
+        reason: String,
+    },
     /// An operator ended a drain: the node takes new work again.
     /// (Added after the first release: new variants go last, so the logs
     /// written before it still decode.)

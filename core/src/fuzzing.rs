@@ -150,7 +150,10 @@ pub fn entries_from_bytes(data: &[u8]) -> Vec<Entry> {
                 name: bytes.node(),
                 incarnation: u64::from(bytes.next() >> 6),
             },
-            11 => Event::NodeRemoved { name: bytes.node() },
+            11 => Event::NodeRemoved {
+                name: bytes.node(),
+                reason: String::new(),
+            },
             _ => Event::NodeUndrained { name: bytes.node() },
         };
         entries.push(Entry {

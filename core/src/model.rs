@@ -268,6 +268,8 @@ pub struct Node {
     /// Changes every time the node's agent process starts; a registration with
     /// a new incarnation means whatever ran under the old one is gone.
     pub incarnation: u64,
+    /// Why the node was removed or left; cleared when it joins again.
+    pub left_reason: Option<String>,
 }
 
 impl Node {

@@ -161,6 +161,15 @@ pub enum AgentMsg {
     Heartbeat { node: NodeAd, seq: u64 },
     /// Sent until acknowledged.
     Report(Report),
+    /// The agent is stopping: with `done` false it asks for no new work
+    /// (its node is drained); with `done` true it has stopped everything and
+    /// leaves (its node is removed, with `reason`).
+    Leaving {
+        node: String,
+        incarnation: u64,
+        reason: String,
+        done: bool,
+    },
 }
 
 /// Control plane to agent. Every message is for one node incarnation.

@@ -116,6 +116,8 @@ pub enum Command {
     },
     RemoveNode {
         name: String,
+        /// Why (shown with the node); may be empty.
+        reason: String,
     },
     RegisterNode {
         name: String,
@@ -425,9 +427,12 @@ impl Replica {
                 }
                 Ok(None)
             }
+            Command::RemoveNode { reason, .. } if reason.len() > validate::REASON_BYTES_MAX => Err(
+                CommandError::Invalid(ValidationError::ReasonTooLong(reason.len())),
+            ),
             Command::DrainNode { name }
             | Command::UndrainNode { name }
-            | Command::RemoveNode { name } => {
+            | Command::RemoveNode { name, .. } => {
                 self.state
                     .nodes
                     .get(name)
@@ -463,6 +468,45 @@ impl Replica {
                 self.heartbeat(now, mono, node, seq)
             }
             AgentMsg::Report(report) => self.report(now, report),
+            AgentMsg::Leaving {
+                node,
+                incarnation,
+                reason,
+                done,
+            } => self.leaving(now, node, incarnation, reason, done),
+        }
+    }
+
+    /// An agent stopping: its node is drained, then removed with `reason`.
+    fn leaving(
+        &mut self,
+        now: TimestampMs,
+        name: String,
+        incarnation: u64,
+        reason: String,
+        done: bool,
+    ) {
+        let Some(node) = self.state.nodes.get(&name) else {
+            return;
+        };
+        if node.incarnation != incarnation {
+            return;
+        }
+        let command = match (done, node.state) {
+            (false, NodeState::Ready) => Command::DrainNode { name },
+            (true, NodeState::Ready | NodeState::Draining | NodeState::Down) => {
+                let mut reason = reason;
+                let mut cut = validate::REASON_BYTES_MAX.min(reason.len());
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason.truncate(cut);
+                Command::RemoveNode { name, reason }
+            }
+            _ => return,
+        };
+        if self.check(&command).is_ok() {
+            self.append(now, command_event(command), Origin::Internal);
         }
     }
 
@@ -845,7 +889,7 @@ impl Replica {
             Applied::CancelActive { job, attempt } => self.kill(*job, *attempt),
             _ => {}
         }
-        if let (Event::NodeRemoved { name }, Applied::Done) = (&entry.event, &applied) {
+        if let (Event::NodeRemoved { name, .. }, Applied::Done) = (&entry.event, &applied) {
             // Stop what runs there now; the attempts are requeued once the
             // node's lease has lapsed (or its agent reports them killed).
             let ids: Vec<JobId> = self
@@ -929,7 +973,7 @@ impl Replica {
             (
                 Event::NodeDrained { name }
                 | Event::NodeUndrained { name }
-                | Event::NodeRemoved { name }
+                | Event::NodeRemoved { name, .. }
                 | Event::NodeRegistered { name, .. },
                 _,
             ) => node_reply(name),
@@ -989,7 +1033,7 @@ fn command_event(command: Command) -> Event {
         Command::Cancel { job } => Event::JobCancelled { job },
         Command::DrainNode { name } => Event::NodeDrained { name },
         Command::UndrainNode { name } => Event::NodeUndrained { name },
-        Command::RemoveNode { name } => Event::NodeRemoved { name },
+        Command::RemoveNode { name, reason } => Event::NodeRemoved { name, reason },
         Command::RegisterNode {
             name,
             capacity,

@@ -339,7 +339,15 @@ impl State {
                 }
                 self.node_transition(name, at, NodeTransition::Up)
             }
-            Event::NodeRemoved { name } => self.node_transition(name, at, NodeTransition::Remove),
+            Event::NodeRemoved { name, reason } => {
+                let applied = self.node_transition(name, at, NodeTransition::Remove);
+                if applied == Applied::Done {
+                    if let Some(node) = self.nodes.get_mut(name) {
+                        node.left_reason = Some(reason.clone()).filter(|r| !r.is_empty());
+                    }
+                }
+                applied
+            }
         }
     }
 
@@ -646,6 +654,7 @@ impl State {
                 node.incarnation = incarnation;
                 if matches!(node.state, NodeState::Down | NodeState::Left) {
                     node.state = NodeState::Ready;
+                    node.left_reason = None;
                 }
                 restarted
             }
@@ -659,6 +668,7 @@ impl State {
                         labels: labels.clone(),
                         allocated: Resources::default(),
                         incarnation,
+                        left_reason: None,
                     },
                 );
                 false

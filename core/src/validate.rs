@@ -26,6 +26,8 @@ pub const LABELS_MAX: usize = 64;
 pub const LABEL_BYTES_MAX: usize = 256;
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 pub const NODE_NAME_BYTES_MAX: usize = 128;
+/// Longest reason given for removing a node.
+pub const REASON_BYTES_MAX: usize = 1024;
 
 const _: () = assert!(PRIORITY_DEFAULT <= PRIORITY_MAX);
 const _: () = assert!(TIMEOUT_SECS_DEFAULT <= TIMEOUT_SECS_MAX);
@@ -60,6 +62,8 @@ pub enum ValidationError {
     Memory(u64),
     #[error("env has {0} variables; at most {ENV_VARS_MAX} are allowed")]
     TooManyEnv(usize),
+    #[error("reason is {0} bytes; at most {REASON_BYTES_MAX} are allowed")]
+    ReasonTooLong(usize),
     #[error("env is {0} bytes; at most {ENV_BYTES_MAX} are allowed")]
     EnvTooLong(usize),
     #[error("env name {0:?} is invalid (empty, or contains '=')")]

@@ -89,7 +89,10 @@ pub fn event() -> impl Strategy<Value = Event> {
             name,
             incarnation: 0
         }),
-        node_name().prop_map(|name| Event::NodeRemoved { name }),
+        node_name().prop_map(|name| Event::NodeRemoved {
+            name,
+            reason: "r".into()
+        }),
         node_name().prop_map(|name| Event::NodeUndrained { name }),
     ]
 }

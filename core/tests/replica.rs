@@ -558,8 +558,13 @@ fn drained_node_gets_no_new_work_and_removed_node_loses_its_attempts_after_its_l
     assert_eq!(c.job_state(b), JobState::Queued);
     c.command(Command::RemoveNode {
         name: first_node.clone(),
+        reason: "disk failing".into(),
     })
     .unwrap();
+    assert_eq!(
+        c.replica.state().nodes[&first_node].left_reason.as_deref(),
+        Some("disk failing")
+    );
     assert_eq!(c.replica.state().nodes[&first_node].state, NodeState::Left);
     // Its agent is told to stop the attempt at once, but the job is placed
     // elsewhere only once the node's lease has provably lapsed.

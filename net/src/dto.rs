@@ -195,6 +195,9 @@ pub struct NodeView {
     pub allocated: Resources,
     pub running: usize,
     pub last_heartbeat_secs_ago: Option<f64>,
+    /// Why the node was removed or left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl NodeView {
@@ -209,6 +212,7 @@ impl NodeView {
             allocated: node.allocated,
             running,
             last_heartbeat_secs_ago,
+            reason: node.left_reason.clone(),
         }
     }
 }

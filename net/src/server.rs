@@ -318,7 +318,8 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
         (&Method::POST, ["v1", "nodes", name, "remove"])
         | (&Method::DELETE, ["v1", "nodes", name]) => {
             let name = name.to_string();
-            command(cp, Command::RemoveNode { name }).await
+            let reason = remove_reason(req).await?;
+            command(cp, Command::RemoveNode { name, reason }).await
         }
         (&Method::GET, ["v1", "cluster"]) => cluster(cp).await,
         (&Method::GET, ["v1", "events"]) => events(cp, &query).await,
@@ -409,6 +410,23 @@ fn too_large() -> ApiError {
         "payload_too_large",
         format!("request body exceeds {BODY_BYTES_MAX} bytes"),
     )
+}
+
+/// The optional body of a removal: `{"reason": "..."}`.
+async fn remove_reason(req: Request<Incoming>) -> Result<String, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Removal {
+        #[serde(default)]
+        reason: String,
+    }
+    let body = read_body(req).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(String::new());
+    }
+    let removal: Removal = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid removal: {e}")))?;
+    Ok(removal.reason)
 }
 
 async fn submit(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {

@@ -692,7 +692,7 @@ impl Checker {
                     NodeStatus::Down,
                 );
             }
-            Event::NodeRemoved { name } => {
+            Event::NodeRemoved { name, .. } => {
                 self.touch_node(name, touched);
                 self.node_moves(
                     name,

@@ -300,6 +300,7 @@ impl World {
                         .insert((r.job, r.attempt), (r.incarnation, state));
                 }
             }
+            AgentMsg::Leaving { .. } => {}
         }
         self.send(Ep::Node(i), Ep::Replica, 0, Body::FromAgent(msg));
     }

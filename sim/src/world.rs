@@ -164,6 +164,7 @@ impl Ev {
                     Body::FromAgent(AgentMsg::Heartbeat { seq, node }) => {
                         7 << 40 | node.incarnation << 20 | seq
                     }
+                    Body::FromAgent(AgentMsg::Leaving { done, .. }) => 9 << 40 | u64::from(*done),
                     Body::FromAgent(AgentMsg::Report(r)) => {
                         8 << 40 | u64::from(matches!(r.kind, ReportKind::Started)) << 39 | r.job.0
                     }
@@ -889,7 +890,8 @@ impl World {
         let remove = p.remove_share.0;
         if roll < drain + undrain + remove {
             let name = self.nodes[self.rng.below(nodes) as usize].name.clone();
-            return vec![Item::new(Command::RemoveNode { name })];
+            let reason = "the simulated operator removed it".to_string();
+            return vec![Item::new(Command::RemoveNode { name, reason })];
         }
         if roll < drain + undrain + remove + cancel && !self.acked_jobs.is_empty() {
             // Half the time the newest job (likely queued or just placed),

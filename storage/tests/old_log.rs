@@ -89,9 +89,11 @@ fn a_log_written_by_release_33623db_still_replays() {
 
 /// The shape `NodeDown` and `NodeUp` had before they named an incarnation.
 #[derive(serde::Serialize)]
+#[allow(clippy::enum_variant_names)] // the names are the events' own
 enum EventBeforeIncarnations {
     NodeDown { name: String },
     NodeUp { name: String },
+    NodeRemoved { name: String },
 }
 
 #[test]
@@ -109,6 +111,13 @@ fn an_event_written_before_it_gained_a_field_decodes_with_the_default() {
             Event::NodeUp {
                 name: "n2".into(),
                 incarnation: 0,
+            },
+        ),
+        (
+            EventBeforeIncarnations::NodeRemoved { name: "n3".into() },
+            Event::NodeRemoved {
+                name: "n3".into(),
+                reason: String::new(),
             },
         ),
     ] {

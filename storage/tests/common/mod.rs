@@ -97,7 +97,10 @@ pub fn event() -> impl Strategy<Value = Event> {
         name().prop_map(|name| Event::NodeDrained { name }),
         (name(), 0u64..3).prop_map(|(name, incarnation)| Event::NodeDown { name, incarnation }),
         (name(), 0u64..3).prop_map(|(name, incarnation)| Event::NodeUp { name, incarnation }),
-        name().prop_map(|name| Event::NodeRemoved { name }),
+        name().prop_map(|name| Event::NodeRemoved {
+            name,
+            reason: String::new()
+        }),
     ]
 }
 
