@@ -217,6 +217,41 @@ pub async fn run(
     Ok(())
 }
 
+/// Tells `agent` how an attempt's process ended, as the native runner saw
+/// it. Both drivers of the agent (`rustci agent` and `rustci dev`) use it.
+pub fn process_ended(
+    agent: &mut Agent,
+    now: u64,
+    job: JobId,
+    attempt: AttemptNumber,
+    outcome: Outcome,
+    exit_code: Option<i32>,
+) {
+    match outcome {
+        Outcome::StartFailed => agent.handle_spawned(
+            now,
+            job,
+            attempt,
+            Err("the command could not be started".into()),
+        ),
+        // The agent knows why it killed (cancel, time-out, lapse).
+        Outcome::Cancelled | Outcome::TimedOut => agent.handle_exit(now, job, attempt, None),
+        Outcome::Exited => agent.handle_exit(now, job, attempt, exit_code),
+    }
+}
+
+/// Logs an attempt the agent refused: the control plane placed it on
+/// another node or incarnation (a bug there; the attempt is not started).
+pub fn log_refused(job: JobId, attempt: AttemptNumber, node: &str, incarnation: u64) {
+    tracing::error!(
+        job = job.0,
+        attempt,
+        node,
+        incarnation,
+        "the control plane handed this agent an attempt placed elsewhere; not started"
+    );
+}
+
 /// The reason a stopped agent gives for leaving.
 const LEAVE_REASON: &str = "the agent was stopped (SIGTERM or Ctrl-C)";
 
@@ -383,13 +418,7 @@ impl Driver {
                     attempt,
                     node,
                     incarnation,
-                } => tracing::error!(
-                    job = job.0,
-                    attempt,
-                    node,
-                    incarnation,
-                    "the control plane handed this agent an attempt placed elsewhere; not started"
-                ),
+                } => log_refused(job, attempt, &node, incarnation),
             }
         }
     }
@@ -413,19 +442,7 @@ impl Driver {
                 if let Some(s) = self.shipping.get_mut(&key) {
                     s.ended = Some(Instant::now());
                 }
-                match outcome {
-                    Outcome::StartFailed => self.agent.handle_spawned(
-                        now,
-                        key.0,
-                        attempt,
-                        Err("the command could not be started".into()),
-                    ),
-                    // The agent knows why it killed (cancel, time-out).
-                    Outcome::Cancelled | Outcome::TimedOut => {
-                        self.agent.handle_exit(now, key.0, attempt, None)
-                    }
-                    Outcome::Exited => self.agent.handle_exit(now, key.0, attempt, exit_code),
-                }
+                process_ended(&mut self.agent, now, key.0, attempt, outcome, exit_code);
             }
         }
     }

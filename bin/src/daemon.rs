@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use rustci_core::agent::{Agent, AgentConfig, AgentOutput};
 use rustci_core::event::{Entry, LogIndex};
-use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources};
+use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Resources};
 use rustci_core::protocol::LeaseConfig;
 use rustci_core::replica::{CommandError, Config, Output, Replica, Reply, TICK_MS};
 use rustci_core::state::State;
@@ -531,20 +531,8 @@ impl Driver {
                 };
                 match observed {
                     RunObservation::Started => agent.handle_spawned(mono, job, attempt, Ok(())),
-                    RunObservation::Ended {
-                        outcome: Outcome::StartFailed,
-                        ..
-                    } => {
-                        let failed = Err("the command could not be started".to_string());
-                        agent.handle_spawned(mono, job, attempt, failed)
-                    }
-                    // The agent knows why it killed (cancel, time-out).
-                    RunObservation::Ended {
-                        outcome: Outcome::Cancelled | Outcome::TimedOut,
-                        ..
-                    } => agent.handle_exit(mono, job, attempt, None),
-                    RunObservation::Ended { exit_code, .. } => {
-                        agent.handle_exit(mono, job, attempt, exit_code)
+                    RunObservation::Ended { outcome, exit_code } => {
+                        crate::agent::process_ended(agent, mono, job, attempt, outcome, exit_code)
                     }
                 }
             }
@@ -605,13 +593,7 @@ impl Driver {
                 attempt,
                 node,
                 incarnation,
-            } => tracing::error!(
-                job = job.0,
-                attempt,
-                node,
-                incarnation,
-                "the control plane handed this runner an attempt placed elsewhere; not started"
-            ),
+            } => crate::agent::log_refused(job, attempt, &node, incarnation),
         }
     }
 

@@ -165,6 +165,42 @@ impl Cluster {
     }
 }
 
+/// A job that holds a lock of its own while it runs for `secs`: a second
+/// execution overlapping the first cannot take it, says so and fails. It
+/// records its marks and its process id under `marks`.
+fn locking_job(marks: &Path, secs: u32) -> serde_json::Value {
+    let script = format!(
+        r#"exec 9>"$D/lock-$RUSTCI_JOB_ID"
+if flock -n 9; then
+  echo "start $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
+  sleep {secs} & echo $! > "$D/pid-$RUSTCI_JOB_ID-$RUSTCI_ATTEMPT"; wait
+  echo "end $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
+else
+  echo "OVERLAP $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"; exit 1
+fi"#
+    );
+    json!({
+        "command": ["sh", "-c", script],
+        "env": {"D": marks.to_str().unwrap()},
+        "resources": {"cpu_millis": 500, "memory_mb": 64},
+    })
+}
+
+impl Cluster {
+    /// Waits until every job of `ids` runs; returns their views.
+    fn wait_all_running(&self, ids: &[u64]) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let jobs: Vec<serde_json::Value> = ids.iter().map(|id| self.job(*id)).collect();
+            if jobs.iter().all(|j| j["state"] == "running") {
+                return jobs;
+            }
+            assert!(Instant::now() < deadline, "not all running: {jobs:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 fn pid_alive(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     !stat.is_empty() && !stat.contains(") Z ")
@@ -175,35 +211,9 @@ fn a_killed_agents_jobs_run_elsewhere_within_seconds_never_twice_at_once() {
     let mut c = Cluster::start(&[("a1", "zone=x"), ("a2", "zone=y"), ("a3", "zone=z")]);
     let marks = c.dir.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    // Each job holds a lock of its own while it runs: a second execution
-    // that overlaps the first cannot take it and says so.
-    let script = r#"exec 9>"$D/lock-$RUSTCI_JOB_ID"
-if flock -n 9; then
-  echo "start $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
-  sleep 6 & echo $! > "$D/pid-$RUSTCI_JOB_ID-$RUSTCI_ATTEMPT"; wait
-  echo "end $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
-else
-  echo "OVERLAP $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"; exit 1
-fi"#;
-    let ids: Vec<u64> = (0..24)
-        .map(|_| {
-            c.submit(&json!({
-                "command": ["sh", "-c", script],
-                "env": {"D": marks.to_str().unwrap()},
-                "resources": {"cpu_millis": 500, "memory_mb": 64},
-            }))
-        })
-        .collect();
+    let ids: Vec<u64> = (0..24).map(|_| c.submit(&locking_job(&marks, 6))).collect();
     // Wait until every job runs, then kill -9 the agent with the most.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let placed = loop {
-        let jobs: Vec<serde_json::Value> = ids.iter().map(|id| c.job(*id)).collect();
-        if jobs.iter().all(|j| j["state"] == "running") {
-            break jobs;
-        }
-        assert!(Instant::now() < deadline, "not all running: {jobs:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let placed = c.wait_all_running(&ids);
     let mut per_node: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for j in &placed {
         per_node
@@ -396,32 +406,8 @@ fn a_paused_agents_jobs_die_at_its_lease_and_run_elsewhere_never_twice_at_once()
     let c = Cluster::start(&[("p1", "zone=x"), ("p2", "zone=y")]);
     let marks = c.dir.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    let script = r#"exec 9>"$D/lock-$RUSTCI_JOB_ID"
-if flock -n 9; then
-  echo "start $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
-  sleep 8 & echo $! > "$D/pid-$RUSTCI_JOB_ID-$RUSTCI_ATTEMPT"; wait
-  echo "end $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"
-else
-  echo "OVERLAP $RUSTCI_JOB_ID $RUSTCI_ATTEMPT" >> "$D/marks.txt"; exit 1
-fi"#;
-    let ids: Vec<u64> = (0..4)
-        .map(|_| {
-            c.submit(&json!({
-                "command": ["sh", "-c", script],
-                "env": {"D": marks.to_str().unwrap()},
-                "resources": {"cpu_millis": 500, "memory_mb": 64},
-            }))
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let placed = loop {
-        let jobs: Vec<serde_json::Value> = ids.iter().map(|id| c.job(*id)).collect();
-        if jobs.iter().all(|j| j["state"] == "running") {
-            break jobs;
-        }
-        assert!(Instant::now() < deadline, "not all running: {jobs:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let ids: Vec<u64> = (0..4).map(|_| c.submit(&locking_job(&marks, 8))).collect();
+    let placed = c.wait_all_running(&ids);
     let victim = placed[0]["node"].as_str().unwrap().to_string();
     let victims_jobs: Vec<u64> = placed
         .iter()

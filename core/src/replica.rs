@@ -527,14 +527,7 @@ impl Replica {
                         .push_back(to_agent(ServerMsg::Fenced { reason }));
                     return;
                 }
-                self.liveness.insert(
-                    name.clone(),
-                    Liveness {
-                        incarnation,
-                        heard_mono: mono,
-                        leased_mono: mono,
-                    },
-                );
+                self.leased(&name, incarnation, mono);
                 let msg = ServerMsg::Lease {
                     seq,
                     index: self.state.applied_index,
@@ -567,19 +560,23 @@ impl Replica {
                     self.registering.insert(name.clone(), incarnation);
                     // A lease may be granted from the moment this
                     // incarnation is registered.
-                    self.liveness.insert(
-                        name.clone(),
-                        Liveness {
-                            incarnation,
-                            heard_mono: mono,
-                            leased_mono: mono,
-                        },
-                    );
+                    self.leased(&name, incarnation, mono);
                     self.append(now, command_event(command), Origin::Registration);
                 }
                 self.outputs.push_back(to_agent(ServerMsg::Joining { seq }));
             }
         }
+    }
+
+    /// The node's agent was heard from and (may have been) granted a lease
+    /// at `mono`.
+    fn leased(&mut self, name: &str, incarnation: u64, mono: u64) {
+        let live = Liveness {
+            incarnation,
+            heard_mono: mono,
+            leased_mono: mono,
+        };
+        self.liveness.insert(name.to_string(), live);
     }
 
     /// An agent's report about one of its attempts. One about an attempt
