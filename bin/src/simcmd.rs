@@ -29,6 +29,12 @@ pub struct SimArgs {
     /// Clock drift bound in parts per million.
     #[arg(long)]
     pub drift_ppm_max: Option<u64>,
+    /// A planted fault: every agent's clock runs this many parts per
+    /// million slow, beyond the drift bound the control plane assumes (the
+    /// lease arithmetic no longer holds; exclusive execution must be seen to
+    /// break).
+    #[arg(long)]
+    pub drift_fault_ppm: Option<u64>,
     /// Submissions per run, at most.
     #[arg(long)]
     pub jobs_max: Option<u64>,
@@ -36,7 +42,7 @@ pub struct SimArgs {
     #[arg(long = "replay-check-ms")]
     pub replay_check_ms: Option<u64>,
     /// Plant a bug (needs a build with `--features sim-bugs`):
-    /// skip-capacity-check, apply-stale-result, ack-before-durable.
+    /// see `docs/simulation.md` for the list.
     #[arg(long, env = "RUSTCI_SIM_BUG")]
     pub bug: Option<String>,
 }
@@ -55,6 +61,10 @@ impl SimArgs {
         }
         if let Some(v) = self.jobs_max {
             o.jobs_max = v;
+        }
+        if let Some(v) = self.drift_fault_ppm {
+            anyhow::ensure!(v < 1_000_000, "--drift-fault-ppm must be below 1000000");
+            o.drift_fault_ppm = v;
         }
         if let Some(v) = self.replay_check_ms {
             o.replay_check_interval_ms = v;

@@ -107,6 +107,9 @@ pub struct SimOptions {
     pub liveness_ms_max: u64,
     /// Clock drift bound (parts per million); clocks drift within it.
     pub drift_ppm_max: u64,
+    /// A planted fault, not a bug: every agent's clock runs this many ppm
+    /// slow, past the bound the control plane assumes (0: off).
+    pub drift_fault_ppm: u64,
     /// Submissions per run, at most.
     pub jobs_max: u64,
     /// Least simulated time between two replay-equality checks.
@@ -131,6 +134,7 @@ impl SimOptions {
             fault_phase_ms: FAULT_PHASE_MS_DEFAULT,
             liveness_ms_max: LIVENESS_MS_MAX_DEFAULT,
             drift_ppm_max: DRIFT_PPM_MAX_DEFAULT,
+            drift_fault_ppm: 0,
             jobs_max: JOBS_MAX_DEFAULT,
             replay_check_interval_ms: REPLAY_CHECK_INTERVAL_MS_DEFAULT,
             planted_bug: None,
@@ -150,6 +154,9 @@ impl SimOptions {
         }
         if self.drift_ppm_max != d.drift_ppm_max {
             s += &format!(" --drift-ppm-max {}", self.drift_ppm_max);
+        }
+        if self.drift_fault_ppm != d.drift_fault_ppm {
+            s += &format!(" --drift-fault-ppm {}", self.drift_fault_ppm);
         }
         if self.jobs_max != d.jobs_max {
             s += &format!(" --jobs-max {}", self.jobs_max);

@@ -192,7 +192,7 @@ impl Ev {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Clock {
     offset_ms: i64,
-    drift_ppm: i64,
+    pub(crate) drift_ppm: i64,
 }
 
 impl Clock {
@@ -355,7 +355,12 @@ impl World {
         for i in 0..plan.nodes {
             let labels = draw_labels(&mut rng);
             let capacity = Resources::new(rng.range(2, 8) * 1000, rng.range(2, 16) * 1024);
-            let clock = Clock::draw(&mut rng, opts.drift_ppm_max);
+            let mut clock = Clock::draw(&mut rng, opts.drift_ppm_max);
+            if opts.drift_fault_ppm > 0 {
+                // The planted fault: this machine's clock runs slow past the
+                // bound, so its lease outlasts what the leader waits for.
+                clock.drift_ppm = -(opts.drift_fault_ppm as i64);
+            }
             agents.push(NodeHost::new(
                 format!("n{}", i + 1),
                 capacity,

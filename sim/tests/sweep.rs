@@ -113,3 +113,35 @@ fn regression_seeds_pass() {
         assert!(report.passed, "seed {seed} ({found}): {report}");
     }
 }
+
+/// The lease arithmetic assumes clocks drift within the bound. A planted
+/// fault (not a bug) breaks that: agents' clocks run 30% slow, their leases
+/// outlast what the leader waits, and the simulator must see two attempts
+/// of a job run at once. Without the fault the same seeds pass.
+#[test]
+fn drift_past_the_bound_is_seen_to_break_exclusive_execution() {
+    let failing = (0..1000).find_map(|seed| {
+        let opts = SimOptions {
+            drift_fault_ppm: 300_000,
+            ..SimOptions::new(seed)
+        };
+        let report = run_seed(&opts);
+        report.failure.map(|f| (seed, f))
+    });
+    let (seed, failure) = failing.expect("drift past the bound never broke anything");
+    assert_eq!(
+        failure.invariant,
+        rustci_sim::inv::EXCLUSIVE,
+        "{}",
+        failure.detail
+    );
+    assert!(
+        failure.repro.contains("--drift-fault-ppm 300000"),
+        "{}",
+        failure.repro
+    );
+    assert!(
+        run_seed(&SimOptions::new(seed)).passed,
+        "seed {seed} passes without the fault"
+    );
+}
