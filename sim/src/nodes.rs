@@ -93,14 +93,22 @@ impl World {
     }
 
     pub(crate) fn crash_agent(&mut self, i: usize) {
+        if self.agent_down(i) {
+            self.stats.node_crashes += 1;
+            self.checker.disturbed.insert(self.nodes[i].name.clone());
+        }
+    }
+
+    /// The agent process ends (crash or exit): its processes die with it
+    /// (process group, pdeathsig), and it starts again after a while.
+    /// False if it was not running.
+    fn agent_down(&mut self, i: usize) -> bool {
         let Some(agent) = self.nodes[i].agent.take() else {
-            return;
+            return false;
         };
-        self.stats.node_crashes += 1;
         let host = &mut self.nodes[i];
         host.gen += 1;
         host.next_incarnation = agent.incarnation() + 1;
-        // The processes die with the agent (process group, pdeathsig).
         for (job, attempt) in std::mem::take(&mut host.procs).into_keys() {
             self.checker.exec_end(job, attempt);
         }
@@ -108,9 +116,25 @@ impl World {
         host.running_total = Resources::default();
         host.supervisor_deadline = None;
         host.results.clear();
-        self.checker.disturbed.insert(host.name.clone());
         let delay = self.rng.range(100, DOWNTIME_MS_MAX);
         self.push_in(delay, Ev::AgentRestart { node: i });
+        true
+    }
+
+    /// An operator stops the agent (SIGTERM): it drains (or kills its
+    /// jobs), leaves, and its process exits; it starts again later.
+    pub(crate) fn stop_agent(&mut self, i: usize, drain: bool) -> Check {
+        if self.nodes[i].agent.is_none() {
+            return Ok(());
+        }
+        // Once gone, it no longer heartbeats: a lost goodbye ends as down.
+        self.checker.disturbed.insert(self.nodes[i].name.clone());
+        self.stats.agent_stops += 1;
+        let now = self.agent_now(i);
+        if let Some(agent) = self.nodes[i].agent.as_mut() {
+            agent.leave(now, "stopped by the simulated operator", drain);
+        }
+        self.agent_outputs(i)
     }
 
     pub(crate) fn agent_restart(&mut self, i: usize) -> Check {
@@ -226,6 +250,10 @@ impl World {
     fn agent_outputs(&mut self, i: usize) -> Check {
         loop {
             let Some(out) = self.nodes[i].agent.as_mut().and_then(Agent::poll_output) else {
+                if self.nodes[i].agent.as_ref().is_some_and(Agent::is_gone) {
+                    // It left: its process exits.
+                    self.agent_down(i);
+                }
                 return Ok(());
             };
             match out {

@@ -139,6 +139,8 @@ pub struct FaultPlan {
     pub node_crashes_per_s: Bp,
     pub pauses_per_s: Bp,
     pub clock_jumps_per_s: Bp,
+    /// Agents stopped by an operator (SIGTERM): half drain, half kill.
+    pub agent_stops_per_s: Bp,
     pub drift_ppm_max: u64,
     /// Share of node restarts that come back with other labels.
     pub relabel_share: Bp,
@@ -207,6 +209,7 @@ impl FaultPlan {
             node_crashes_per_s: swarm(rng, 5_000, 1_000),
             pauses_per_s: swarm(rng, 4_000, 1_000),
             clock_jumps_per_s: swarm(rng, 4_000, 1_000),
+            agent_stops_per_s: swarm(rng, 4_000, 500),
             drift_ppm_max,
             relabel_share: swarm(rng, 5_000, 5_000),
             scan_jobs_max,
@@ -270,7 +273,8 @@ impl fmt::Display for FaultPlan {
              net_reorder={} partitions_per_s={} partition_one_way={} \
              fsync_delay_max_ms={} unsynced_survives={} read_error={} \
              replica_crashes_per_s={} node_crashes_per_s={} pauses_per_s={} \
-             clock_jumps_per_s={} drift_ppm_max={} relabel_share={} scan_jobs_max={} \
+             clock_jumps_per_s={} agent_stops_per_s={} drift_ppm_max={} relabel_share={} \
+             scan_jobs_max={} \
              placements_max={} load={} cancel_share={} drain_share={} undrain_share={} \
              remove_share={} no_key_share={} constraint_share={} burst_share={} burst_max={} \
              priority_levels={} job_secs_max={} fail_share={} start_fail_share={} \
@@ -291,6 +295,7 @@ impl fmt::Display for FaultPlan {
             self.node_crashes_per_s,
             self.pauses_per_s,
             self.clock_jumps_per_s,
+            self.agent_stops_per_s,
             self.drift_ppm_max,
             self.relabel_share,
             self.scan_jobs_max,

@@ -299,6 +299,7 @@ pub struct Stats {
     pub messages_dropped: u64,
     pub replica_crashes: u64,
     pub node_crashes: u64,
+    pub agent_stops: u64,
     pub partitions: u64,
     pub pauses: u64,
     pub clock_jumps: u64,
@@ -1035,7 +1036,7 @@ impl World {
     // --- faults ---
 
     /// The rate of each fault class per second, in basis points.
-    fn fault_weights(&self) -> [u64; 5] {
+    fn fault_weights(&self) -> [u64; 6] {
         let p = &self.plan;
         [
             p.partitions_per_s,
@@ -1043,6 +1044,7 @@ impl World {
             p.node_crashes_per_s,
             p.pauses_per_s,
             p.clock_jumps_per_s,
+            p.agent_stops_per_s,
         ]
         .map(|r| u64::from(r.0))
     }
@@ -1078,7 +1080,11 @@ impl World {
             1 => self.crash_replica(),
             2 => self.crash_agent(node),
             3 => self.pause(node),
-            _ => self.clock_jump(node),
+            4 => self.clock_jump(node),
+            _ => {
+                let drain = self.rng.chance(Bp(5_000));
+                self.stop_agent(node, drain)?
+            }
         }
         self.schedule_fault();
         Ok(())
