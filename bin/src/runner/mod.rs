@@ -1,0 +1,574 @@
+//! The native runner: executes attempts of jobs as local processes.
+//!
+//! # Process model
+//!
+//! - Every attempt is one process started from `command[0]` with `command[1..]`
+//!   as arguments (no shell unless the user wrote one), in **its own process
+//!   group** (`pgid == pid` of the child). Every kill the runner does is a
+//!   `SIGKILL` to the whole group, so grandchildren die with the job.
+//! - The child gets a clean environment: `PATH`, `HOME` and `LANG` as the
+//!   daemon has them ([`INHERITED_ENV`]), then the job's `env`, then
+//!   `RUSTCI_JOB_ID` and `RUSTCI_ATTEMPT`; nothing else of the daemon's own
+//!   (tokens above all). stdin is `/dev/null`; its working directory is
+//!   `work_dir`, created per attempt.
+//! - **No orphans.** Before `exec` the child sets `PR_SET_PDEATHSIG = SIGKILL`,
+//!   so it dies when the runner dies. The kernel ties that signal to the
+//!   *thread* that forked, so every fork happens on one process-wide spawner
+//!   thread that never exits. `PDEATHSIG` is not inherited by grandchildren,
+//!   so each running attempt's pgid is also recorded as a file in
+//!   [`RunnerConfig::pid_dir`]; after a crash (`kill -9` of the daemon) the
+//!   next daemon calls [`NativeRunner::reap_leftovers`] before starting work.
+//! - When the job's main process exits on its own, whatever it left running in
+//!   its group is killed too: an attempt owns nothing once it has finished.
+//!
+//! # The shim (`RunnerConfig::shim`)
+//!
+//! `PDEATHSIG` reaches only the direct child, so without a shim a `kill -9` of
+//! the daemon kills `sh` but not the `sleep` it forked; those wait for
+//! [`NativeRunner::reap_leftovers`] at the next start. With
+//! `shim: Some(exe)` the runner instead starts `exe __shim -- CMD ARGS...`
+//! (`exe` is the `rustci` binary itself; `main` dispatches to [`shim_main`])
+//! as the group leader, with `PDEATHSIG = SIGTERM`. The shim catches
+//! SIGTERM/SIGINT/SIGHUP and answers with `kill(0, SIGKILL)`: its whole
+//! group, itself included, so the job's grandchildren die with the daemon.
+//! It starts the command as its own child in the same group (stdio
+//! inherited: the log pipe and `/dev/null`), waits for it and exits with
+//! its status, re-raising the signal if the command was killed by one, so
+//! the runner sees the same `exit_code` as without a shim. Background
+//! leftovers are killed by the runner's usual group kill after the leader
+//! (now the shim) exits; timeout and cancel SIGKILL the group as before.
+//!
+//! With [`RunnerConfig::lease_file`] (a `rustci agent`), the shim also holds
+//! the agent's lease: it polls the file's deadline (`CLOCK_MONOTONIC` ms,
+//! written by [`write_lease`]) every 50 ms while it waits for the job, and
+//! kills its whole group once the deadline has passed, even if the agent is
+//! paused and cannot. The control plane runs the job elsewhere only after
+//! that deadline (see `rustci_core::protocol`).
+//!
+//! Start failures with a shim: the runner first resolves `command[0]` as
+//! `execvp` would (`PATH` of the job, `work_dir` for relative paths) and
+//! reports `StartFailed` without spawning anything when it is missing or not
+//! executable: same events and log line as without a shim. Anything the
+//! check cannot foresee (a bad ELF or `#!` interpreter, a file removed in
+//! between) fails in the shim after `Started` was sent: the shim writes
+//! `rustci: cannot start "CMD": ERROR` to the log, tells the runner on a
+//! private status pipe (its fd named in `RUSTCI_SHIM_STATUS_FD`), and exits with
+//! [`SHIM_START_FAILED_EXIT`]; the runner reports `StartFailed` from the pipe,
+//! never from the exit code, so a job exiting with that code is not confused
+//! with a start failure.
+//!
+//! # Output
+//!
+//! stdout and stderr share ONE pipe, so the log shows them interleaved in the
+//! order they were written. The pipe is appended to `log_path` as it arrives,
+//! so a reader can follow the file live. Past [`RunnerConfig::log_cap_bytes`]
+//! the runner writes one line `\n[rustci: output truncated at N bytes]\n` and
+//! discards the rest, while still draining the pipe so the job never blocks.
+//!
+//! # What a driver must do with [`RunEvent`]s
+//!
+//! For every [`NativeRunner::start`] the driver receives at most one
+//! `Started` (only if the process spawned) and then EXACTLY one `Finished`,
+//! in that order. `Finished` is sent only after the process has exited and
+//! all of its output is in the log, so a reader that has seen `Finished`
+//! sees the whole log. The driver MUST keep receiving from the channel (it is
+//! unbounded) and report `Finished` to the control plane; that is the only
+//! point at which the attempt's resources may be released.
+//!
+//! Exit codes: `exit_code` is the process's exit status; a process killed by
+//! a signal (ours or anyone's) reports `exit_code: None`. A signal we did not
+//! send gives `Outcome::Exited` with `None`; our own kills give `TimedOut` or
+//! `Cancelled`. [`NativeRunner::shutdown`] reports `Cancelled`.
+//!
+//! # Known limits
+//!
+//! - A process that leaves the job's group (`setsid`, `setpgid`) escapes every
+//!   group kill; if it keeps the output pipe open, the runner stops reading
+//!   [`DRAIN_AFTER_EXIT_MS`] after the group died and drops its later output.
+//! - On a normal exit the leader is reaped before its group is killed, so in
+//!   theory the pgid could be reused in between; the window is microseconds
+//!   and needs a full wrap of the pid space.
+//! - [`NativeRunner::reap_leftovers`] sends `SIGKILL` and returns; it does not
+//!   wait for the processes to disappear.
+//! - With a shim, a late start failure (see above) reports `Started` before
+//!   `Finished { StartFailed }`. A job killed by a signal that dumps core makes
+//!   the shim re-raise it with `RLIMIT_CORE = 0`: same `exit_code` (`None`),
+//!   but the wait status's core-dump bit is lost. The shim can die of
+//!   `SIGKILL` from outside (OOM killer) without killing the group; its child
+//!   then gets `PDEATHSIG = SIGKILL` and the runner kills the rest of the
+//!   group when it sees the shim exit, but a dead daemon AND a dead shim
+//!   leave the grandchildren to `reap_leftovers`.
+//!
+//! Linux only.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rustci_core::model::Outcome;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn, Instrument};
+
+mod output;
+mod reap;
+mod shim;
+mod spawn;
+
+pub use output::truncation_marker;
+use output::*;
+pub use reap::live_group_members;
+use reap::*;
+pub use shim::{monotonic_ms, shim_main, write_lease};
+pub use spawn::INHERITED_ENV;
+use spawn::*;
+
+/// Default cap on one attempt's log: bytes past it are discarded.
+pub const LOG_CAP_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
+/// Bytes read from a job's output pipe per read call.
+pub const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// After the job's process group is gone, how long to wait for the pipe to
+/// reach end-of-file. Only a process that escaped the group (`setsid`) can
+/// keep it open that long; its further output is dropped.
+pub const DRAIN_AFTER_EXIT_MS: u64 = 2_000;
+/// Timeouts longer than this are clamped to it (a week).
+pub const TIMEOUT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// File extension of the pgid records in [`RunnerConfig::pid_dir`].
+pub const PGID_RECORD_EXTENSION: &str = "pgid";
+/// First argument that makes the `rustci` binary run [`shim_main`]:
+/// `rustci __shim -- CMD ARGS...`.
+pub const SHIM_ARG: &str = "__shim";
+/// Exit code of the shim when it cannot start the command. The runner does
+/// not rely on it (it reads the status pipe), it is for humans: 127 is what a
+/// shell reports for a command it cannot find.
+pub const SHIM_START_FAILED_EXIT: i32 = 127;
+/// Exit code of the shim when it cannot even set itself up (signal handlers,
+/// process group) or cannot wait for its child.
+pub const SHIM_INTERNAL_ERROR_EXIT: i32 = 126;
+/// What the shim writes on its status pipe when it cannot start the command.
+const SHIM_START_FAILED_BYTE: u8 = b'F';
+/// Environment variable naming the fd (the write end of a pipe whose read
+/// end the runner keeps) on which the shim reports a start failure, as one
+/// byte. Removed from the job's environment.
+const SHIM_STATUS_FD_ENV: &str = "RUSTCI_SHIM_STATUS_FD";
+/// Environment variable with the pid of the runner that started the shim, so
+/// the shim can tell whether it was orphaned before it could catch SIGTERM.
+/// Removed from the job's environment.
+const SHIM_PARENT_ENV: &str = "RUSTCI_SHIM_PARENT";
+/// Environment variable with the path of the agent's lease file, for the
+/// shim. Removed from the job's environment.
+const SHIM_LEASE_ENV: &str = "RUSTCI_SHIM_LEASE";
+/// How often a shim with a lease checks it (and its job).
+const SHIM_LEASE_POLL: Duration = Duration::from_millis(50);
+
+const _: () = assert!(READ_BUFFER_BYTES as u64 <= LOG_CAP_BYTES_DEFAULT);
+const _: () = assert!(READ_BUFFER_BYTES > 0);
+
+/// One attempt of one job, as the runner executes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSpec {
+    pub job: u64,
+    pub attempt: u32,
+    /// `command[0]` is the executable (looked up in `PATH`), the rest its arguments.
+    pub command: Vec<String>,
+    /// Added to (and overriding) the daemon's environment.
+    pub env: BTreeMap<String, String>,
+    /// Measured from the moment the process spawned.
+    pub timeout: Duration,
+    /// Created if missing; the process's current directory.
+    pub work_dir: PathBuf,
+    /// Output is appended here; parent directories are created.
+    pub log_path: PathBuf,
+}
+
+/// What the runner reports about an attempt; see the module doc for the order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunEvent {
+    Started {
+        job: u64,
+        attempt: u32,
+    },
+    Finished {
+        job: u64,
+        attempt: u32,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerConfig {
+    /// Bytes of output kept per attempt; see the module doc.
+    pub log_cap_bytes: u64,
+    /// Where each running attempt's pgid is recorded, so a daemon restarted
+    /// after a crash can kill what the previous one left behind.
+    pub pid_dir: PathBuf,
+    /// The `rustci` binary to run each attempt under as a supervisor
+    /// (`exe __shim -- CMD...`), so the job's whole group dies with the
+    /// runner; see the module doc. `None`: the command is the group leader.
+    pub shim: Option<PathBuf>,
+    /// The agent's lease file (see [`write_lease`]): each attempt's shim
+    /// kills the job's group once the deadline in it has passed, even if
+    /// the agent that should renew it is paused. `None`: no lease.
+    pub lease_file: Option<PathBuf>,
+}
+
+impl RunnerConfig {
+    pub fn new(pid_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            log_cap_bytes: LOG_CAP_BYTES_DEFAULT,
+            pid_dir: pid_dir.into(),
+            shim: None,
+            lease_file: None,
+        }
+    }
+}
+
+type AttemptKey = (u64, u32);
+
+/// State shared between the runner handle and its attempt tasks.
+struct Shared {
+    /// One entry per attempt from `start` until its `Finished` has been sent.
+    /// The sender is taken by the first `kill`/`shutdown`, so a second kill
+    /// is a no-op.
+    attempts: Mutex<BTreeMap<AttemptKey, Option<oneshot::Sender<()>>>>,
+    /// Mirrors `attempts.len()`; `shutdown` waits for it to reach zero.
+    running: watch::Sender<usize>,
+}
+
+/// Runs attempts as local processes. Cheap to share behind an `Arc`.
+pub struct NativeRunner {
+    config: Arc<RunnerConfig>,
+    events: mpsc::UnboundedSender<RunEvent>,
+    shared: Arc<Shared>,
+}
+
+impl NativeRunner {
+    pub fn new(config: RunnerConfig, events: mpsc::UnboundedSender<RunEvent>) -> Self {
+        assert!(config.log_cap_bytes > 0, "log_cap_bytes must be positive");
+        Self {
+            config: Arc::new(config),
+            events,
+            shared: Arc::new(Shared {
+                attempts: Mutex::new(BTreeMap::new()),
+                running: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    /// Starts an attempt and returns at once. MUST be called inside a tokio
+    /// runtime. Starting an attempt that is already running is ignored.
+    pub fn start(&self, spec: RunSpec) {
+        let key = (spec.job, spec.attempt);
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        {
+            let mut attempts = self.shared.attempts.lock().expect("runner lock");
+            if attempts.contains_key(&key) {
+                warn!(
+                    job = spec.job,
+                    attempt = spec.attempt,
+                    "attempt already running"
+                );
+                return;
+            }
+            attempts.insert(key, Some(cancel_tx));
+            self.shared.running.send_replace(attempts.len());
+        }
+        let attempt = AttemptTask {
+            config: Arc::clone(&self.config),
+            events: self.events.clone(),
+            guard: SlotGuard {
+                shared: Arc::clone(&self.shared),
+                key,
+            },
+            spec,
+        };
+        let span = tracing::info_span!("attempt", job = key.0, attempt = key.1);
+        tokio::spawn(attempt.run(cancel_rx).instrument(span));
+    }
+
+    /// Cancels a running attempt: kills its process group, then it reports
+    /// `Finished { outcome: Cancelled }`. Unknown or finished attempts: no-op.
+    pub fn kill(&self, job: u64, attempt: u32) {
+        let sender = {
+            let mut attempts = self.shared.attempts.lock().expect("runner lock");
+            attempts.get_mut(&(job, attempt)).and_then(Option::take)
+        };
+        if let Some(sender) = sender {
+            let _ = sender.send(());
+        }
+    }
+
+    /// Attempts started and not yet `Finished`.
+    pub fn running(&self) -> usize {
+        self.shared.attempts.lock().expect("runner lock").len()
+    }
+
+    /// Kills every running attempt and returns once all of them have been
+    /// reaped and their `Finished { outcome: Cancelled }` events sent.
+    pub async fn shutdown(&self) {
+        let senders: Vec<_> = {
+            let mut attempts = self.shared.attempts.lock().expect("runner lock");
+            attempts.values_mut().filter_map(Option::take).collect()
+        };
+        info!(attempts = senders.len(), "runner shutting down");
+        for sender in senders {
+            let _ = sender.send(());
+        }
+        let mut running = self.shared.running.subscribe();
+        let _ = running.wait_for(|n| *n == 0).await;
+    }
+
+    /// At start-up, before any `start`: kills the process groups recorded in
+    /// `pid_dir` by a previous runner that died without cleaning up, and
+    /// removes every record. A group is only killed if one of its live
+    /// members still carries the recorded `RUSTCI_JOB_ID`/`RUSTCI_ATTEMPT`
+    /// (a pgid reused by an unrelated process is left alone). Returns how many
+    /// groups were killed.
+    pub fn reap_leftovers(pid_dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(pid_dir) else {
+            return 0;
+        };
+        let mut killed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(PGID_RECORD_EXTENSION) {
+                continue;
+            }
+            if reap_record(&path) {
+                killed += 1;
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(path = %path.display(), error = %e, "cannot remove pgid record");
+            }
+        }
+        killed
+    }
+}
+
+/// Where the pgid of a running attempt is recorded: `<pid_dir>/<job>-<attempt>.pgid`,
+/// holding the pgid in decimal.
+pub fn pgid_record_path(pid_dir: &Path, job: u64, attempt: u32) -> PathBuf {
+    pid_dir.join(format!("{job}-{attempt}.{PGID_RECORD_EXTENSION}"))
+}
+
+/// This machine's real capacity: `(cpu_millis, memory_mb)` from the number of
+/// CPUs available to this process and `MemTotal` in `/proc/meminfo`.
+pub fn machine_capacity() -> (u64, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let memory_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_mem_total_kb(&text))
+        .unwrap_or(0);
+    (cpus * 1000, memory_kb / 1024)
+}
+
+fn parse_mem_total_kb(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Removes an attempt from the runner's table when its task ends, however it
+/// ends (normally after `Finished` is sent, or by panic or runtime shutdown),
+/// so `running()` and `shutdown()` never wait for a task that is gone.
+struct SlotGuard {
+    shared: Arc<Shared>,
+    key: AttemptKey,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut attempts = self
+            .shared
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        attempts.remove(&self.key);
+        self.shared.running.send_replace(attempts.len());
+    }
+}
+
+/// Everything one attempt's task owns.
+struct AttemptTask {
+    config: Arc<RunnerConfig>,
+    events: mpsc::UnboundedSender<RunEvent>,
+    guard: SlotGuard,
+    spec: RunSpec,
+}
+
+/// A spawned job: its main process, the read end of its output pipe and its pgid.
+struct Spawned {
+    child: tokio::process::Child,
+    output: pipe::Receiver,
+    pgid: i32,
+    /// With a shim: the read end of its status pipe (non-blocking).
+    shim_status: Option<io::PipeReader>,
+}
+
+impl AttemptTask {
+    async fn run(self, cancel: oneshot::Receiver<()>) {
+        let (outcome, exit_code) = self.execute(cancel).await;
+        info!(?outcome, ?exit_code, "attempt finished");
+        self.send(RunEvent::Finished {
+            job: self.spec.job,
+            attempt: self.spec.attempt,
+            outcome,
+            exit_code,
+        });
+        drop(self.guard);
+    }
+
+    fn send(&self, event: RunEvent) {
+        if self.events.send(event).is_err() {
+            debug!("run event receiver dropped");
+        }
+    }
+
+    async fn execute(&self, cancel: oneshot::Receiver<()>) -> (Outcome, Option<i32>) {
+        let mut log = match open_log(&self.spec.log_path).await {
+            Ok(log) => log,
+            Err(e) => {
+                warn!(path = %self.spec.log_path.display(), error = %e, "cannot open log");
+                return (Outcome::StartFailed, None);
+            }
+        };
+        let shim = self.config.shim.as_deref();
+        let lease = self.config.lease_file.as_deref();
+        let spawned = match spawn_attempt(&self.spec, shim, lease).await {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                let program = self.spec.command.first().map_or("", String::as_str);
+                let line = format!("rustci: cannot start {program:?}: {e}\n");
+                warn!(error = %e, "cannot start");
+                if let Err(e) = write_and_flush(&mut log, line.as_bytes()).await {
+                    warn!(error = %e, "cannot write log");
+                }
+                return (Outcome::StartFailed, None);
+            }
+        };
+        let record = self.record_pgid(spawned.pgid);
+        info!(pgid = spawned.pgid, "attempt started");
+        self.send(RunEvent::Started {
+            job: self.spec.job,
+            attempt: self.spec.attempt,
+        });
+        let result = self.supervise(spawned, log, cancel).await;
+        if let Some(record) = record {
+            if let Err(e) = std::fs::remove_file(&record) {
+                warn!(path = %record.display(), error = %e, "cannot remove pgid record");
+            }
+        }
+        result
+    }
+
+    /// Waits for exit, deadline or cancellation; kills the group; drains the output.
+    async fn supervise(
+        &self,
+        spawned: Spawned,
+        log: tokio::fs::File,
+        cancel: oneshot::Receiver<()>,
+    ) -> (Outcome, Option<i32>) {
+        let Spawned {
+            mut child,
+            output,
+            pgid,
+            shim_status,
+        } = spawned;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let pump = tokio::spawn(
+            pump_output(output, log, self.config.log_cap_bytes, stop_rx).in_current_span(),
+        );
+        let deadline = tokio::time::sleep(self.spec.timeout.min(TIMEOUT_MAX));
+        let outcome = tokio::select! {
+            biased;
+            _ = child.wait() => Outcome::Exited,
+            _ = cancel => Outcome::Cancelled,
+            _ = deadline => Outcome::TimedOut,
+        };
+        // Also on a normal exit: whatever the job left in its group dies now.
+        // (Then the leader is already reaped; see "Known limits" on pgid reuse.)
+        kill_group(pgid);
+        let exit_code = match child.wait().await {
+            Ok(status) => status.code(),
+            Err(e) => {
+                warn!(error = %e, "cannot wait for the job process");
+                None
+            }
+        };
+        finish_output(pump, stop_tx).await;
+        if outcome == Outcome::Exited && shim_status.is_some_and(shim_reported_start_failure) {
+            warn!("the shim could not start the command");
+            return (Outcome::StartFailed, None);
+        }
+        (outcome, exit_code)
+    }
+
+    /// Writes the pgid record; a failure is logged, not fatal (pdeathsig
+    /// still covers the main process).
+    fn record_pgid(&self, pgid: i32) -> Option<PathBuf> {
+        let dir = &self.config.pid_dir;
+        let path = pgid_record_path(dir, self.spec.job, self.spec.attempt);
+        let written =
+            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, format!("{pgid}\n")));
+        match written {
+            Ok(()) => Some(path),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot record pgid");
+                None
+            }
+        }
+    }
+}
+
+/// SIGKILLs a job's whole process group. ESRCH (already gone) is fine.
+fn kill_group(pgid: i32) {
+    // kill(-1) would signal every process we may signal; kill(0) our own group.
+    assert!(pgid > 1, "refusing to kill process group {pgid}");
+    assert_ne!(
+        pgid,
+        unsafe { libc::getpgrp() },
+        "refusing to kill our own group"
+    );
+    // SAFETY: plain syscall, no memory involved.
+    let rc = unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            warn!(pgid, error = %e, "cannot kill process group");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing_survives_command_names_with_spaces_and_parens() {
+        let stat = "1234 (my (weird) cmd) S 1 4321 4321 0 -1 4194560";
+        assert_eq!(parse_stat(stat), Some(('S', 4321)));
+    }
+
+    #[test]
+    fn meminfo_parsing_reads_mem_total_in_kib() {
+        let meminfo = "MemTotal:       16318856 kB\nMemFree:         1234 kB\n";
+        assert_eq!(parse_mem_total_kb(meminfo), Some(16_318_856));
+        assert_eq!(parse_mem_total_kb("nothing"), None);
+    }
+
+    #[test]
+    fn pgid_records_round_trip_through_their_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = pgid_record_path(dir.path(), 42, 3);
+        std::fs::write(&path, "777\n").unwrap();
+        assert_eq!(parse_record(&path), Some((42, 3, 777)));
+    }
+}

@@ -1,0 +1,207 @@
+//! The per-attempt shim (`rustci __shim -- CMD...`): the job's supervisor,
+//! which dies with the runner, takes the job's group with it, and holds the
+//! agent's lease.
+
+use super::*;
+
+/// The shim: `rustci __shim -- CMD ARGS...` runs this with `CMD ARGS...`.
+/// Starts the command as its child in its own process group (becoming the
+/// group's leader first if it is not), and on SIGTERM, SIGINT or SIGHUP
+/// (SIGTERM is its `PDEATHSIG` when the runner starts it) SIGKILLs the whole
+/// group, itself included. Returns the command's exit code; if the command
+/// was killed by a signal the shim dies of the same signal instead of
+/// returning. If the command cannot be started: writes
+/// `rustci: cannot start "CMD": ERROR` to stderr, reports it on the status
+/// fd if the runner gave one, and returns [`SHIM_START_FAILED_EXIT`].
+pub fn shim_main(args: Vec<OsString>) -> i32 {
+    if let Err(e) = shim_setup() {
+        let _ = writeln!(io::stderr(), "rustci: shim: {e}");
+        return SHIM_INTERNAL_ERROR_EXIT;
+    }
+    let status_pipe = take_status_fd();
+    let Some((program, rest)) = args.split_first() else {
+        return shim_start_failed("", &io::Error::other("empty command"), status_pipe);
+    };
+    let mut command = std::process::Command::new(program);
+    command
+        .args(rest)
+        .env_remove(SHIM_PARENT_ENV)
+        .env_remove(SHIM_STATUS_FD_ENV)
+        .env_remove(SHIM_LEASE_ENV);
+    let lease = std::env::var_os(SHIM_LEASE_ENV).map(PathBuf::from);
+    // SAFETY: getpid before the fork; the closure only makes
+    // async-signal-safe syscalls. If the shim is SIGKILLed (OOM killer),
+    // the command still dies, as it did when the runner was its parent.
+    let shim = unsafe { libc::getpid() };
+    unsafe {
+        command.pre_exec(move || die_with_parent(shim, libc::SIGKILL));
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return shim_start_failed(&program.to_string_lossy(), &e, status_pipe),
+    };
+    drop(status_pipe);
+    // std retries the wait on EINTR.
+    let status = match lease {
+        Some(lease) => wait_within_lease(&mut child, &lease),
+        None => child.wait(),
+    };
+    let status = match status {
+        Ok(status) => status,
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "rustci: shim: cannot wait for the job: {e}");
+            kill_own_group();
+            return SHIM_INTERNAL_ERROR_EXIT;
+        }
+    };
+    if let Some(code) = status.code() {
+        return code;
+    }
+    match status.signal() {
+        Some(signal) => die_of(signal),
+        None => SHIM_INTERNAL_ERROR_EXIT,
+    }
+}
+
+/// Waits for the job, checking the agent's lease file meanwhile: once its
+/// deadline has passed, the whole group dies (the agent that should have
+/// renewed it may be paused, or cut off from the control plane, which will
+/// run the job elsewhere). A missing or unreadable file changes nothing.
+pub(super) fn wait_within_lease(
+    child: &mut std::process::Child,
+    lease: &Path,
+) -> io::Result<std::process::ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if read_lease(lease).is_some_and(|deadline| monotonic_ms() >= deadline) {
+            let _ = writeln!(
+                io::stderr(),
+                "rustci: the agent's lease lapsed; the job is killed"
+            );
+            kill_own_group();
+        }
+        std::thread::sleep(SHIM_LEASE_POLL);
+    }
+}
+
+/// Milliseconds on `CLOCK_MONOTONIC`: one clock for every process of this
+/// machine, so the agent and the shims agree on a deadline.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a plain syscall writing into `ts`.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Records the lease deadline (`CLOCK_MONOTONIC` ms) for the shims: written
+/// to a temporary file and renamed, so a reader never sees half of it.
+pub fn write_lease(path: &Path, deadline_ms: u64) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, deadline_ms.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+pub(super) fn read_lease(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+pub(super) fn shim_start_failed(
+    program: &str,
+    error: &io::Error,
+    status_pipe: Option<std::fs::File>,
+) -> i32 {
+    let _ = writeln!(io::stderr(), "rustci: cannot start {program:?}: {error}");
+    if let Some(mut pipe) = status_pipe {
+        let _ = pipe.write_all(&[SHIM_START_FAILED_BYTE]);
+    }
+    SHIM_START_FAILED_EXIT
+}
+
+/// Process group leadership, signal handlers, and the orphan check.
+pub(super) fn shim_setup() -> io::Result<()> {
+    // SAFETY: plain syscalls; the handler only calls kill (async-signal-safe).
+    unsafe {
+        // kill(0) must never hit the group of whoever started us by hand.
+        if libc::getpgrp() != libc::getpid() && libc::setpgid(0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_terminating_signal as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigfillset(&mut action.sa_mask);
+        let mut unblock: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut unblock);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::sigaddset(&mut unblock, signal);
+        }
+        libc::sigprocmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
+    }
+    // The runner may have died between our exec and the sigaction above; a
+    // SIGTERM then killed us by default action, unless it was ignored (an
+    // inherited SIG_IGN). Either way, check now that nothing can be missed.
+    let parent = std::env::var(SHIM_PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<libc::pid_t>().ok());
+    if let Some(parent) = parent {
+        if unsafe { libc::getppid() } != parent {
+            kill_own_group();
+        }
+    }
+    Ok(())
+}
+
+pub(super) extern "C" fn on_terminating_signal(_signal: libc::c_int) {
+    kill_own_group();
+}
+
+/// SIGKILLs the shim's process group: the shim and everything of the job.
+/// Async-signal-safe.
+pub(super) fn kill_own_group() {
+    // SAFETY: kill is async-signal-safe; shim_setup made us the group leader.
+    unsafe {
+        libc::kill(0, libc::SIGKILL);
+    }
+}
+
+/// The status fd the runner passed, marked close-on-exec so the job does not
+/// inherit it.
+pub(super) fn take_status_fd() -> Option<std::fs::File> {
+    let fd: i32 = std::env::var(SHIM_STATUS_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: fcntl on a number; F_SETFD fails with EBADF if it is not open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: the runner handed this descriptor to us and nothing else owns it.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Dies of `signal` (default action, no core file), so the runner sees the
+/// same wait status as if the command had been its own child.
+pub(super) fn die_of(signal: libc::c_int) -> i32 {
+    // SAFETY: plain syscalls. signal() fails harmlessly for SIGKILL/SIGSTOP.
+    unsafe {
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        libc::signal(signal, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(signal);
+    }
+    // Only for a signal whose default action is not to terminate.
+    128 + signal
+}
