@@ -105,6 +105,7 @@ pub async fn run(
     runner::write_lease(&lease_file, runner::monotonic_ms())
         .with_context(|| format!("cannot write {}", lease_file.display()))?;
     runner_config.lease_file = Some(lease_file.clone());
+    runner_config.cgroups = runner::detect_cgroups();
     let runner = NativeRunner::new(runner_config, run_tx);
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -237,6 +238,7 @@ pub fn process_ended(
         // The agent knows why it killed (cancel, time-out, lapse).
         Outcome::Cancelled | Outcome::TimedOut => agent.handle_exit(now, job, attempt, None),
         Outcome::Exited => agent.handle_exit(now, job, attempt, exit_code),
+        Outcome::Oom => agent.handle_out_of_memory(now, job, attempt),
     }
 }
 
@@ -532,5 +534,6 @@ fn run_spec(work_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) 
             .join("output")
             .join(job.0.to_string())
             .join(format!("{attempt}.log")),
+        limits: Some((spec.resources.memory_mb, spec.resources.cpu_millis)),
     }
 }

@@ -231,6 +231,9 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     // and takes the job's whole process group with it. /proc/self/exe keeps
     // pointing at this process's image even if the binary is replaced.
     runner_config.shim = Some(PathBuf::from("/proc/self/exe"));
+    if config.local_runner {
+        runner_config.cgroups = runner::detect_cgroups();
+    }
     let runner = NativeRunner::new(runner_config, run_tx);
     tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()));
 
@@ -651,6 +654,7 @@ fn run_spec(data_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) 
         timeout: runner::TIMEOUT_MAX,
         work_dir: data_dir.join("work").join(format!("{}-{attempt}", job.0)),
         log_path: output_path(data_dir, job, attempt),
+        limits: Some((spec.resources.memory_mb, spec.resources.cpu_millis)),
     }
 }
 

@@ -550,3 +550,83 @@ fn a_second_stop_signal_kills_the_jobs_and_they_run_elsewhere_at_once() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+fn wait_terminal(c: &Cluster, id: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = c.job(id);
+        if matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "{j}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Jobs run in cgroups where the machine has them (this one does: cgroup v1
+/// as root); elsewhere these checks do not apply.
+fn has_cgroups(c: &Cluster, agent: &str) -> bool {
+    let log = c.agents[agent].log();
+    log.contains("jobs run in their own cgroups")
+}
+
+#[test]
+fn a_job_over_its_memory_ends_oom_and_escaped_processes_die_with_their_attempt() {
+    let c = Cluster::start(&[("m1", "zone=a")]);
+    if !has_cgroups(&c, "m1") {
+        eprintln!("no cgroups here: skipping the cgroup checks");
+        return;
+    }
+    let hog = c.submit(&json!({
+        "command": ["sh", "-c", "head -c 400000000 /dev/zero | tail -c 300000000 > /dev/null; echo survived"],
+        "resources": {"cpu_millis": 500, "memory_mb": 64},
+    }));
+    let j = wait_terminal(&c, hog);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["attempts"][0]["outcome"], "oom", "{j}");
+    // A job that escapes its process group (setsid) is still killed, by
+    // cancel and by its time-out.
+    let marks = c.dir.path().join("escape");
+    std::fs::create_dir_all(&marks).unwrap();
+    let script = r#"setsid sh -c 'echo $$ > "$D/pid-$RUSTCI_JOB_ID"; exec sleep 300' & sleep 300"#;
+    let cancelled = c.submit(&json!({
+        "command": ["sh", "-c", script],
+        "env": {"D": marks.to_str().unwrap()},
+    }));
+    let timed_out = c.submit(&json!({
+        "command": ["sh", "-c", script],
+        "env": {"D": marks.to_str().unwrap()},
+        "timeout_secs": 2,
+    }));
+    c.wait_all_running(&[cancelled, timed_out]);
+    std::thread::sleep(Duration::from_millis(500));
+    let escaped = |id: u64| -> i32 {
+        std::fs::read_to_string(marks.join(format!("pid-{id}")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (p1, p2) = (escaped(cancelled), escaped(timed_out));
+    assert!(pid_alive(p1) && pid_alive(p2));
+    let (status, _) = http(
+        &c.addr,
+        "POST",
+        &format!("/v1/jobs/{cancelled}/cancel"),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(wait_terminal(&c, cancelled)["state"], "cancelled");
+    assert_eq!(wait_terminal(&c, timed_out)["state"], "failed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid_alive(p1) || pid_alive(p2) {
+        assert!(
+            Instant::now() < deadline,
+            "a setsid escapee survived its attempt"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -87,6 +87,7 @@ impl Harness {
             pid_dir: dir.path().join("pids"),
             shim: mode.shim(),
             lease_file: None,
+            cgroups: None,
         };
         let (tx, events) = mpsc::unbounded_channel();
         Self {
@@ -109,6 +110,7 @@ impl Harness {
             timeout: Duration::from_secs(30),
             work_dir: self.dir.path().join(format!("work/{job}/1")),
             log_path: self.dir.path().join(format!("logs/{job}/1.log")),
+            limits: None,
         }
     }
 
@@ -605,6 +607,7 @@ fn crash_helper_daemon() {
             timeout: Duration::from_secs(60),
             work_dir: dir.join("work"),
             log_path: dir.join("job.log"),
+            limits: None,
         });
         assert!(matches!(rx.recv().await, Some(RunEvent::Started { .. })));
         std::fs::write(dir.join("ready"), "").unwrap();
@@ -843,6 +846,7 @@ async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
         pid_dir: dir.path().join("pids"),
         shim: Some(PathBuf::from(SHIM_EXE)),
         lease_file: Some(lease.clone()),
+        cgroups: None,
     };
     let (tx, mut events) = mpsc::unbounded_channel();
     let runner = NativeRunner::new(config, tx);
@@ -854,6 +858,7 @@ async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
         timeout: rustci::runner::TIMEOUT_MAX,
         work_dir: dir.path().join("work"),
         log_path: dir.path().join("out.log"),
+        limits: None,
     };
     runner.start(spec.clone());
     assert!(matches!(

@@ -418,6 +418,21 @@ impl Agent {
         }
     }
 
+    /// The kernel killed the attempt's process for its memory limit.
+    pub fn handle_out_of_memory(&mut self, now: u64, job: JobId, attempt: AttemptNumber) {
+        self.check_lease(now);
+        let Some(run) = self.runs.get(&(job, attempt)) else {
+            return;
+        };
+        match (&run.done, run.kill) {
+            (Some(_), _) => {}
+            (None, Some(KillReason::Stale)) => {
+                self.runs.remove(&(job, attempt));
+            }
+            (None, _) => self.finish(job, attempt, Outcome::Oom, None),
+        }
+    }
+
     /// The attempt's process ended (`exit_code` as the executor saw it).
     pub fn handle_exit(
         &mut self,

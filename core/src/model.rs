@@ -179,6 +179,8 @@ pub enum Outcome {
     Cancelled,
     /// The runner could not start it (bad executable, no such file...).
     StartFailed,
+    /// The kernel killed it for using more memory than `memory_mb`.
+    Oom,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -193,6 +195,10 @@ pub struct Attempt {
     pub assigned_at: TimestampMs,
     pub started_at: Option<TimestampMs>,
     pub finished_at: Option<TimestampMs>,
+    /// How the runner said it ended, once it did (`None` before, and for
+    /// attempts lost or written before outcomes were recorded).
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
     /// Set when the job was cancelled while this attempt was active: the
     /// runner has been told to kill it, and its resources stay allocated until
     /// it reports back (or its node is declared down).

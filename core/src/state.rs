@@ -471,6 +471,7 @@ impl State {
                 number: attempt,
                 node: node_name.to_string(),
                 incarnation,
+                outcome: None,
                 state: AttemptState::Assigned,
                 exit_code: None,
                 assigned_at: at,
@@ -531,7 +532,7 @@ impl State {
         let cancel_requested = a.cancel_requested;
         let attempt_state = match outcome {
             Outcome::Exited if exit_code == Some(0) => AttemptState::Succeeded,
-            Outcome::Exited | Outcome::StartFailed => AttemptState::Failed,
+            Outcome::Exited | Outcome::StartFailed | Outcome::Oom => AttemptState::Failed,
             Outcome::TimedOut => AttemptState::TimedOut,
             Outcome::Cancelled if cancel_requested => AttemptState::Cancelled,
             // The runner stopped it without being asked to (its agent shut
@@ -540,6 +541,7 @@ impl State {
         };
         a.state = attempt_state;
         a.exit_code = exit_code;
+        a.outcome = Some(outcome);
         a.finished_at = Some(at);
         if a.started_at.is_none() && outcome != Outcome::StartFailed {
             a.started_at = Some(at);

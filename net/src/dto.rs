@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use rustci_core::event::{Entry, ReplicaId};
-use rustci_core::model::{Attempt, Job, JobSpec, Labels, Node, Resources};
+use rustci_core::model::{Attempt, Job, JobSpec, Labels, Node, Outcome, Resources};
 use rustci_core::validate::{
     self, ValidationError, MAX_RETRIES_DEFAULT, PRIORITY_DEFAULT, RESOURCES_DEFAULT,
     TIMEOUT_SECS_DEFAULT,
@@ -82,6 +82,10 @@ pub struct AttemptView {
     pub assigned_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
+    /// How the runner said it ended: `exited`, `timed_out`, `cancelled`,
+    /// `start_failed` or `oom` (killed for exceeding `memory_mb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
 }
 
 impl From<&Attempt> for AttemptView {
@@ -94,6 +98,7 @@ impl From<&Attempt> for AttemptView {
             assigned_at: a.assigned_at,
             started_at: a.started_at,
             finished_at: a.finished_at,
+            outcome: a.outcome,
         }
     }
 }

@@ -319,7 +319,9 @@ impl World {
                 if let ReportKind::Finished { outcome, exit_code } = r.kind {
                     let state = match outcome {
                         Outcome::Exited if exit_code == Some(0) => AttemptState::Succeeded,
-                        Outcome::Exited | Outcome::StartFailed => AttemptState::Failed,
+                        Outcome::Exited | Outcome::StartFailed | Outcome::Oom => {
+                            AttemptState::Failed
+                        }
                         Outcome::TimedOut => AttemptState::TimedOut,
                         Outcome::Cancelled => AttemptState::Cancelled,
                     };

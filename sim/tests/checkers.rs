@@ -276,6 +276,7 @@ fn checker_accepted_attempts_never_exceed_a_node_in_any_dimension() {
             number: 1,
             node: "n1".into(),
             incarnation: 1,
+            outcome: None,
             state: AttemptState::Assigned,
             exit_code: None,
             assigned_at: 0,

@@ -118,6 +118,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn, Instrument};
 
+pub mod cgroup;
 mod output;
 mod reap;
 mod shim;
@@ -166,6 +167,10 @@ const SHIM_PARENT_ENV: &str = "RUSTCI_SHIM_PARENT";
 /// Environment variable with the path of the agent's lease file, for the
 /// shim. Removed from the job's environment.
 const SHIM_LEASE_ENV: &str = "RUSTCI_SHIM_LEASE";
+/// Environment variable with the `cgroup.procs` files (a `PATH`-like list)
+/// the shim joins before it starts the command. Removed from the job's
+/// environment.
+const SHIM_CGROUPS_ENV: &str = "RUSTCI_SHIM_CGROUPS";
 /// How often a shim with a lease checks it (and its job).
 const SHIM_LEASE_POLL: Duration = Duration::from_millis(50);
 
@@ -187,6 +192,9 @@ pub struct RunSpec {
     pub work_dir: PathBuf,
     /// Output is appended here; parent directories are created.
     pub log_path: PathBuf,
+    /// `(memory_mb, cpu_millis)`: the attempt's limits where it runs in its
+    /// own cgroup ([`RunnerConfig::cgroups`]); `None`: no limits.
+    pub limits: Option<(u64, u64)>,
 }
 
 /// What the runner reports about an attempt; see the module doc for the order.
@@ -219,6 +227,24 @@ pub struct RunnerConfig {
     /// kills the job's group once the deadline in it has passed, even if
     /// the agent that should renew it is paused. `None`: no lease.
     pub lease_file: Option<PathBuf>,
+    /// Per-attempt cgroups (with a shim): limits, containment of escaped
+    /// processes, `oom`. `None`: process groups only.
+    pub cgroups: Option<Arc<cgroup::Cgroups>>,
+}
+
+/// This process's cgroups for attempts, if the machine has usable ones;
+/// says once which containment jobs get.
+pub fn detect_cgroups() -> Option<Arc<cgroup::Cgroups>> {
+    match cgroup::Cgroups::detect(&std::process::id().to_string()) {
+        Some(c) => {
+            info!("jobs run in their own cgroups (memory, cpu and pids limits)");
+            Some(Arc::new(c))
+        }
+        None => {
+            warn!("no usable cgroups (v1 memory, cpu, pids): jobs are contained by process groups only, without resource limits");
+            None
+        }
+    }
 }
 
 impl RunnerConfig {
@@ -228,6 +254,7 @@ impl RunnerConfig {
             pid_dir: pid_dir.into(),
             shim: None,
             lease_file: None,
+            cgroups: None,
         }
     }
 }
@@ -442,7 +469,9 @@ impl AttemptTask {
         };
         let shim = self.config.shim.as_deref();
         let lease = self.config.lease_file.as_deref();
-        let spawned = match spawn_attempt(&self.spec, shim, lease).await {
+        let cgroup = self.cgroup();
+        let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        let spawned = match spawn_attempt(&self.spec, shim, lease, &cgroup_procs).await {
             Ok(spawned) => spawned,
             Err(e) => {
                 let program = self.spec.command.first().map_or("", String::as_str);
@@ -450,6 +479,10 @@ impl AttemptTask {
                 warn!(error = %e, "cannot start");
                 if let Err(e) = write_and_flush(&mut log, line.as_bytes()).await {
                     warn!(error = %e, "cannot write log");
+                }
+                if let Some(c) = &cgroup {
+                    c.kill_all();
+                    c.remove();
                 }
                 return (Outcome::StartFailed, None);
             }
@@ -460,7 +493,10 @@ impl AttemptTask {
             job: self.spec.job,
             attempt: self.spec.attempt,
         });
-        let result = self.supervise(spawned, log, cancel).await;
+        let result = self.supervise(spawned, log, cancel, cgroup.as_ref()).await;
+        if let Some(c) = &cgroup {
+            c.remove();
+        }
         if let Some(record) = record {
             if let Err(e) = std::fs::remove_file(&record) {
                 warn!(path = %record.display(), error = %e, "cannot remove pgid record");
@@ -475,6 +511,7 @@ impl AttemptTask {
         spawned: Spawned,
         log: tokio::fs::File,
         cancel: oneshot::Receiver<()>,
+        cgroup: Option<&cgroup::AttemptCgroup>,
     ) -> (Outcome, Option<i32>) {
         let Spawned {
             mut child,
@@ -495,7 +532,11 @@ impl AttemptTask {
         };
         // Also on a normal exit: whatever the job left in its group dies now.
         // (Then the leader is already reaped; see "Known limits" on pgid reuse.)
+        // Its cgroup also holds what escaped the group (`setsid`, daemons).
         kill_group(pgid);
+        if let Some(c) = cgroup {
+            c.kill_all();
+        }
         let exit_code = match child.wait().await {
             Ok(status) => status.code(),
             Err(e) => {
@@ -508,7 +549,32 @@ impl AttemptTask {
             warn!("the shim could not start the command");
             return (Outcome::StartFailed, None);
         }
+        if let Some(c) = cgroup {
+            if let Some(peak) = c.peak_memory_mb() {
+                info!(peak_memory_mb = peak, "attempt memory");
+            }
+            if outcome == Outcome::Exited && c.oom_killed() {
+                warn!("the job exceeded its memory limit and was killed");
+                return (Outcome::Oom, exit_code);
+            }
+        }
         (outcome, exit_code)
+    }
+
+    /// The attempt's own cgroups, when the runner has cgroups, a shim to
+    /// join them and limits to set; a failure is logged, and the attempt
+    /// runs without.
+    fn cgroup(&self) -> Option<cgroup::AttemptCgroup> {
+        let cgroups = self.config.cgroups.as_ref()?;
+        self.config.shim.as_ref()?;
+        let (memory_mb, cpu_millis) = self.spec.limits?;
+        match cgroups.attempt(self.spec.job, self.spec.attempt, memory_mb, cpu_millis) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(error = %e, "cannot create the attempt's cgroup; running without");
+                None
+            }
+        }
     }
 
     /// Writes the pgid record; a failure is logged, not fatal (pdeathsig

@@ -27,7 +27,21 @@ pub fn shim_main(args: Vec<OsString>) -> i32 {
         .args(rest)
         .env_remove(SHIM_PARENT_ENV)
         .env_remove(SHIM_STATUS_FD_ENV)
-        .env_remove(SHIM_LEASE_ENV);
+        .env_remove(SHIM_LEASE_ENV)
+        .env_remove(SHIM_CGROUPS_ENV);
+    // Join the attempt's cgroups first: whatever the job starts is inside.
+    if let Some(files) = std::env::var_os(SHIM_CGROUPS_ENV) {
+        let me = std::process::id().to_string();
+        for file in std::env::split_paths(&files) {
+            if let Err(e) = std::fs::write(&file, &me) {
+                let _ = writeln!(
+                    io::stderr(),
+                    "rustci: shim: cannot join {}: {e}",
+                    file.display()
+                );
+            }
+        }
+    }
     let lease = std::env::var_os(SHIM_LEASE_ENV).map(PathBuf::from);
     // SAFETY: getpid before the fork; the closure only makes
     // async-signal-safe syscalls. If the shim is SIGKILLed (OOM killer),

@@ -9,6 +9,7 @@ pub(super) async fn spawn_attempt(
     spec: &RunSpec,
     shim: Option<&Path>,
     lease: Option<&Path>,
+    cgroup_procs: &[PathBuf],
 ) -> io::Result<Spawned> {
     if spec.command.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command"));
@@ -29,6 +30,10 @@ pub(super) async fn spawn_attempt(
             let mut command = build_shim_command(spec, exe, writer, status_writer)?;
             if let Some(lease) = lease {
                 command.env(SHIM_LEASE_ENV, lease);
+            }
+            if !cgroup_procs.is_empty() {
+                let joined = std::env::join_paths(cgroup_procs).map_err(io::Error::other)?;
+                command.env(SHIM_CGROUPS_ENV, joined);
             }
             (command, Some(status_reader))
         }
