@@ -42,6 +42,11 @@ const RESPONSE_HEAD_BYTES_MAX: usize = 16 * 1024;
 const SHIPPED_KEEP: Duration = Duration::from_secs(60);
 /// Frames waiting for the connection before new ones are dropped.
 const UP_QUEUE_MAX: usize = 4096;
+/// Longest a connection may take to be set up (TCP, protocol switch, hello).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Silence on a link after which the agent drops it and reconnects (the
+/// control plane answers every heartbeat, sent every second).
+const LINK_SILENCE_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct AgentProcessConfig {
@@ -102,7 +107,7 @@ pub async fn run(
     runner_config.shim = Some(PathBuf::from("/proc/self/exe"));
     // Until the first lease, the shims hold no work past now.
     let lease_file = config.work_dir.join("lease");
-    runner::write_lease(&lease_file, runner::monotonic_ms())
+    runner::write_lease(&lease_file, runner::boot_clock_ms())
         .with_context(|| format!("cannot write {}", lease_file.display()))?;
     runner_config.lease_file = Some(lease_file.clone());
     runner_config.cgroups = runner::detect_cgroups();
@@ -120,13 +125,12 @@ pub async fn run(
         },
         incarnation,
     );
-    let origin = Instant::now();
     let mut driver = Driver {
         config,
         agent,
         runner,
-        origin,
-        origin_monotonic_ms: runner::monotonic_ms(),
+        origin_boot_ms: runner::boot_clock_ms(),
+        last_heard: Instant::now(),
         lease_file,
         link: None,
         shipping: BTreeMap::new(),
@@ -139,9 +143,17 @@ pub async fn run(
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let mut next_connect = Instant::now();
     loop {
+        if driver.link.is_some() && driver.last_heard.elapsed() > LINK_SILENCE_MAX {
+            tracing::warn!("the control plane went silent; reconnecting");
+            driver.link = None;
+            next_connect = Instant::now();
+        }
         if driver.link.is_none() && Instant::now() >= next_connect {
             match driver.connect().await {
-                Ok(()) => backoff = RECONNECT_BACKOFF_MIN,
+                Ok(()) => {
+                    backoff = RECONNECT_BACKOFF_MIN;
+                    driver.last_heard = Instant::now();
+                }
                 Err(Refused::Fatal(reason)) => {
                     driver.runner.shutdown().await;
                     bail!("the control plane refused this agent: {reason}");
@@ -189,6 +201,7 @@ pub async fn run(
             }
             down = recv_down(&mut driver.link) => match down {
                 Some(down) => {
+                    driver.last_heard = Instant::now();
                     if down.incarnation == driver.agent.incarnation() {
                         let now = driver.now();
                         driver.agent.handle_message(now, down.msg);
@@ -274,10 +287,12 @@ struct Driver {
     config: AgentProcessConfig,
     agent: Agent,
     runner: NativeRunner,
-    origin: Instant,
-    /// `CLOCK_MONOTONIC` at `origin`: converts the agent's deadlines for the
-    /// shims.
-    origin_monotonic_ms: u64,
+    /// `CLOCK_BOOTTIME` when the agent started: the origin of its clock,
+    /// which converts its deadlines for the shims.
+    origin_boot_ms: u64,
+    /// When the control plane last said anything on the current link: it
+    /// answers every heartbeat, so a long silence means a dead connection.
+    last_heard: Instant,
     lease_file: PathBuf,
     link: Option<Link>,
     shipping: BTreeMap<(JobId, AttemptNumber), Shipping>,
@@ -285,15 +300,19 @@ struct Driver {
 
 impl Driver {
     /// The monotonic clock the agent runs on.
+    /// The agent's clock: `CLOCK_BOOTTIME` since start (it counts through
+    /// a suspend, as the control plane's does).
     fn now(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+        runner::boot_clock_ms().saturating_sub(self.origin_boot_ms)
     }
 
     /// Connects to the first replica that accepts this agent.
     async fn connect(&mut self) -> Result<(), Refused> {
         let mut last = String::new();
         for server in self.config.servers.clone() {
-            match self.connect_to(&server).await {
+            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_to(&server)).await;
+            let attempt = attempt.unwrap_or_else(|_| Err(Refused::Retry("timed out".into())));
+            match attempt {
                 Ok(link) => {
                     tracing::info!(%server, "connected to the control plane");
                     self.link = Some(link);
@@ -317,10 +336,7 @@ impl Driver {
             .trim_end_matches('/')
             .to_string();
         let retry = |e: std::io::Error| Refused::Retry(e.to_string());
-        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr))
-            .await
-            .map_err(|_| Refused::Retry("connection timed out".into()))?
-            .map_err(retry)?;
+        let mut stream = TcpStream::connect(&addr).await.map_err(retry)?;
         let _ = stream.set_nodelay(true);
         let request = format!(
             "GET {AGENT_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {AGENT_UPGRADE}\r\n\r\n"
@@ -342,7 +358,11 @@ impl Driver {
         write_frame(&mut stream, &hello).await.map_err(retry)?;
         match read_frame::<_, HelloReply>(&mut stream).await {
             Ok(Some(HelloReply::Welcome { .. })) => {}
-            Ok(Some(HelloReply::Rejected { reason })) => return Err(Refused::Fatal(reason)),
+            Ok(Some(HelloReply::Rejected {
+                reason,
+                permanent: true,
+            })) => return Err(Refused::Fatal(reason)),
+            Ok(Some(HelloReply::Rejected { reason, .. })) => return Err(Refused::Retry(reason)),
             Ok(None) => return Err(Refused::Retry("closed during the hello".into())),
             Err(e) => return Err(Refused::Retry(e.to_string())),
         }
@@ -410,7 +430,7 @@ impl Driver {
                 // Every attempt's shim kills its job at this deadline unless
                 // it is renewed: a paused agent cannot kill, its shims can.
                 AgentOutput::LeaseUntil { until_ms } => {
-                    let deadline = self.origin_monotonic_ms + until_ms;
+                    let deadline = self.origin_boot_ms + until_ms;
                     if let Err(e) = runner::write_lease(&self.lease_file, deadline) {
                         tracing::error!(error = %e, "cannot record the lease for the jobs' shims");
                     }

@@ -196,6 +196,12 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
             config.listen
         );
     }
+    if config.join_token.is_none() && !config.listen.ip().is_loopback() {
+        bail!(
+            "refusing to take agents on {} without --join-token: anyone who can reach it could join and receive jobs",
+            config.listen
+        );
+    }
     let started = Instant::now();
     let (store, state) = guard_corruption(&config.data_dir, || {
         let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -248,6 +254,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         join_token: config.join_token.clone(),
         server_id: 1,
         data_dir: config.data_dir.clone(),
+        reserved_node: config.local_runner.then(|| config.node_name.clone()),
         to_driver: inputs_tx.clone(),
     });
     let cp = ControlPlane::new(

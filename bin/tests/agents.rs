@@ -507,7 +507,7 @@ fn a_stopped_agent_lets_its_jobs_finish_then_leaves_with_the_reason() {
     }
     let waiting = c.submit(&json!({"command": ["true"]}));
     let status = wait_exit(c.agents.get_mut("d1").unwrap(), Duration::from_secs(15));
-    assert!(status.success(), "{status:?}");
+    assert!(status.success(), "{status:?}: {}", c.agents["d1"].log());
     assert_eq!(c.job(id)["state"], "succeeded", "the running job finished");
     assert_eq!(c.job(waiting)["state"], "queued");
     let node = &c.get("/v1/nodes")["nodes"][0];
@@ -534,7 +534,7 @@ fn a_second_stop_signal_kills_the_jobs_and_they_run_elsewhere_at_once() {
     signal(&c.agents["k1"], libc::SIGTERM);
     let stopped = Instant::now();
     let status = wait_exit(c.agents.get_mut("k1").unwrap(), Duration::from_secs(10));
-    assert!(status.success(), "{status:?}");
+    assert!(status.success(), "{status:?}: {}", c.agents["k1"].log());
     loop {
         let j = c.job(id);
         let attempts = j["attempts"].as_array().unwrap();

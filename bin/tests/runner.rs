@@ -840,7 +840,7 @@ fn machine_capacity_reports_real_cpus_and_memory() {
 async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
     let dir = tempfile::tempdir().unwrap();
     let lease = dir.path().join("lease");
-    rustci::runner::write_lease(&lease, rustci::runner::monotonic_ms() + 60_000).unwrap();
+    rustci::runner::write_lease(&lease, rustci::runner::boot_clock_ms() + 60_000).unwrap();
     let config = RunnerConfig {
         log_cap_bytes: rustci::runner::LOG_CAP_BYTES_DEFAULT,
         pid_dir: dir.path().join("pids"),
@@ -870,7 +870,7 @@ async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
     assert_eq!(runner.running(), 1);
     // The agent stops renewing; the deadline passes: the shim kills the group.
     let lapsed_at = std::time::Instant::now();
-    rustci::runner::write_lease(&lease, rustci::runner::monotonic_ms()).unwrap();
+    rustci::runner::write_lease(&lease, rustci::runner::boot_clock_ms()).unwrap();
     let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await
         .expect("the job ends soon after its lease")

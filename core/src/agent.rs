@@ -297,6 +297,9 @@ impl Agent {
         if now >= self.next_heartbeat_at {
             self.heartbeat(now);
             self.resend_reports();
+            if self.leaving.as_ref().is_some_and(|l| !l.gone) {
+                self.send_leaving(false);
+            }
         }
     }
 
@@ -312,11 +315,22 @@ impl Agent {
                         self.outputs
                             .push_back(AgentOutput::LeaseUntil { until_ms: until });
                     }
-                    self.reconcile(index, active);
+                    if !self.leased(now) {
+                        // A grant that arrives after it ran out (a delayed
+                        // reply, a paused agent): the leader may already have
+                        // given this node's work away. Nothing from its view
+                        // may start.
+                        self.lapse(now);
+                        return;
+                    }
+                    self.reconcile(now, index, active);
                 }
             }
             ServerMsg::Joining { .. } => {}
-            ServerMsg::Fenced { .. } => self.lapse(now),
+            ServerMsg::Fenced { current, .. } => {
+                self.incarnation = self.incarnation.max(current);
+                self.lapse(now);
+            }
             ServerMsg::Start { index, assignment } => {
                 // A view at least as new as the placement already said what
                 // to do with it (it may be settled and forgotten since): a
@@ -327,7 +341,7 @@ impl Agent {
                 if assignment.incarnation == self.incarnation && assignment.node == self.config.name
                 {
                     if self.leased(now) {
-                        self.start(index, &assignment);
+                        self.start(now, index, &assignment);
                     } else {
                         // Too late: the control plane may already have
                         // given up on this incarnation.
@@ -480,13 +494,12 @@ impl Agent {
             .push_back(AgentOutput::Send(AgentMsg::Heartbeat { node, seq }));
     }
 
-    fn start(&mut self, index: LogIndex, a: &Assignment) {
+    fn start(&mut self, now: u64, index: LogIndex, a: &Assignment) {
         let key = (a.job, a.attempt);
         if self.runs.contains_key(&key) {
             return;
         }
-        if self.leaving.is_some() {
-            // Stopping: it runs elsewhere once this node is gone.
+        if !self.leased(now) {
             return;
         }
         let run = Run {
@@ -499,7 +512,9 @@ impl Agent {
             acked_at: None,
         };
         self.runs.insert(key, run);
-        if self.killed_early.remove(&key) || a.cancel_requested {
+        // Stopping: never started, so reported `cancelled`, which the leader
+        // takes as lost and places elsewhere at once.
+        if self.killed_early.remove(&key) || a.cancel_requested || self.leaving.is_some() {
             self.finish(a.job, a.attempt, Outcome::Cancelled, None);
             return;
         }
@@ -613,7 +628,7 @@ impl Agent {
 
     /// Brings what runs here in line with the control plane's committed view
     /// of this node as of `index`.
-    fn reconcile(&mut self, index: LogIndex, active: Vec<Assignment>) {
+    fn reconcile(&mut self, now: u64, index: LogIndex, active: Vec<Assignment>) {
         if index < self.view_index {
             return;
         }
@@ -633,7 +648,7 @@ impl Agent {
             listed.insert(key);
             let Some(run) = self.runs.get(&key) else {
                 // Its Start was lost (or its Kill arrived first).
-                self.start(index, &a);
+                self.start(now, index, &a);
                 continue;
             };
             match (&run.done, run.kill) {
@@ -942,6 +957,63 @@ mod tests {
                 incarnation: 7,
             },
         );
+        a.handle_message(
+            20,
+            ServerMsg::Start {
+                index: 5,
+                assignment: assignment(1, 7),
+            },
+        );
+        let out = drain(&mut a);
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Spawn { .. })));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, AgentOutput::Send(AgentMsg::Report(r))
+            if r.kind == ReportKind::Finished { outcome: Outcome::Cancelled, exit_code: None })));
+    }
+
+    #[test]
+    fn agent_a_grant_that_arrives_after_it_ran_out_starts_nothing() {
+        let mut a = joined(0);
+        a.handle_tick(1_000);
+        drain(&mut a);
+        // The reply to heartbeat 2 (sent at 1,000) comes at 5,000: its lease
+        // ended at 4,000, and the leader may have moved the work since.
+        let view = vec![assignment(1, 7)];
+        a.handle_message(
+            5_000,
+            ServerMsg::Lease {
+                seq: 2,
+                index: 9,
+                active: view,
+            },
+        );
+        let out = drain(&mut a);
+        assert!(
+            !out.iter().any(|o| matches!(o, AgentOutput::Spawn { .. })),
+            "{out:?}"
+        );
+        assert_eq!(a.incarnation(), 8, "it joins again as a new incarnation");
+    }
+
+    #[test]
+    fn agent_fenced_jumps_past_the_registered_incarnation_at_once() {
+        let mut a = joined(0);
+        a.handle_message(
+            10,
+            ServerMsg::Fenced {
+                reason: "replaced".into(),
+                current: 1_000,
+            },
+        );
+        assert_eq!(a.incarnation(), 1_001);
+    }
+
+    #[test]
+    fn agent_that_is_leaving_reports_new_work_cancelled_instead_of_ignoring_it() {
+        let mut a = joined(0);
+        a.leave(10, "stopping", true);
+        drain(&mut a);
         a.handle_message(
             20,
             ServerMsg::Start {

@@ -185,8 +185,10 @@ pub enum ServerMsg {
     /// This incarnation is not registered yet; its registration is on the way.
     Joining { seq: u64 },
     /// This incarnation was declared down, removed or replaced: whatever it
-    /// runs is stale. The agent kills it all and joins again.
-    Fenced { reason: String },
+    /// runs is stale. The agent kills it all and joins again under an
+    /// incarnation above both its own and `current` (the node's registered
+    /// one), so it never has to climb to it one step at a time.
+    Fenced { reason: String, current: u64 },
     /// Run this attempt (placed as of log index `index`).
     Start {
         index: LogIndex,

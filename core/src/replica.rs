@@ -446,8 +446,11 @@ impl Replica {
                 name,
                 capacity,
                 labels,
-                ..
+                incarnation,
             } => {
+                if *incarnation == 0 {
+                    return Err(ValidationError::ZeroIncarnation.into());
+                }
                 validate::validate_node_name(name)?;
                 validate::validate_resources(capacity)?;
                 validate::validate_labels(labels, "labels")?;
@@ -523,8 +526,9 @@ impl Replica {
                     || self.downing.contains(&ad.name)
                 {
                     let reason = format!("node {} is {}", n.name, n.state.as_str());
+                    let current = n.incarnation;
                     self.outputs
-                        .push_back(to_agent(ServerMsg::Fenced { reason }));
+                        .push_back(to_agent(ServerMsg::Fenced { reason, current }));
                     return;
                 }
                 self.leased(&name, incarnation, mono);
@@ -540,8 +544,9 @@ impl Replica {
                     "incarnation {incarnation} was replaced by {}",
                     n.incarnation
                 );
+                let current = n.incarnation;
                 self.outputs
-                    .push_back(to_agent(ServerMsg::Fenced { reason }));
+                    .push_back(to_agent(ServerMsg::Fenced { reason, current }));
             }
             _ => {
                 if self.registering.get(&name) != Some(&incarnation) {
@@ -554,7 +559,7 @@ impl Replica {
                     if let Err(e) = self.check(&command) {
                         let reason = format!("registration refused: {e}");
                         self.outputs
-                            .push_back(to_agent(ServerMsg::Fenced { reason }));
+                            .push_back(to_agent(ServerMsg::Fenced { reason, current: 0 }));
                         return;
                     }
                     self.registering.insert(name.clone(), incarnation);
@@ -589,9 +594,7 @@ impl Replica {
             .job(job)
             .and_then(Job::active_attempt)
             .is_some_and(|a| {
-                a.number == attempt
-                    && a.node == report.node
-                    && (a.incarnation == report.incarnation || a.incarnation == 0)
+                a.number == attempt && a.node == report.node && a.incarnation == report.incarnation
             });
         // SIM-BUGS (b): the planted bug also drops this first line of fencing.
         let current = current || planted!(self.config.bugs, StaleResultApplied);

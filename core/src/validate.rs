@@ -64,6 +64,8 @@ pub enum ValidationError {
     TooManyEnv(usize),
     #[error("reason is {0} bytes; at most {REASON_BYTES_MAX} are allowed")]
     ReasonTooLong(usize),
+    #[error("a node incarnation must not be 0")]
+    ZeroIncarnation,
     #[error("env is {0} bytes; at most {ENV_BYTES_MAX} are allowed")]
     EnvTooLong(usize),
     #[error("env name {0:?} is invalid (empty, or contains '=')")]

@@ -41,6 +41,11 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting to be written to one agent before new ones are dropped
 /// (the protocol repeats what matters).
 pub const DOWN_QUEUE_MAX: usize = 4096;
+/// Silence after which the server closes an agent's connection.
+pub const LINK_SILENCE_MAX: Duration = Duration::from_secs(10);
+/// Bytes of one attempt's shipped output the server keeps (the agent's
+/// runner caps output at 8 MiB plus its truncation marker).
+pub const OUTPUT_BYTES_MAX: u64 = 8 * 1024 * 1024 + 4096;
 
 const _: () = assert!(OUTPUT_CHUNK_BYTES * 2 < FRAME_BYTES_MAX);
 
@@ -54,8 +59,16 @@ pub struct Hello {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HelloReply {
-    Welcome { server: u64 },
-    Rejected { reason: String },
+    Welcome {
+        server: u64,
+    },
+    /// Refused. `permanent`: retrying cannot help (a wrong token, another
+    /// version, a bad name); otherwise it may (the name is held by a
+    /// connection that is not closed yet).
+    Rejected {
+        reason: String,
+        permanent: bool,
+    },
 }
 
 /// Agent to server, after the hello.
@@ -136,15 +149,19 @@ impl AgentLinks {
         Arc::new(AgentLinks::default())
     }
 
-    fn register(&self, node: &str, tx: mpsc::Sender<Down>) -> u64 {
+    /// Registers the connection of `node`'s agent; `None` while another
+    /// live connection holds that name (two processes claiming one node
+    /// would each be told the other's work).
+    fn register(&self, node: &str, tx: mpsc::Sender<Down>) -> Option<u64> {
         let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.get(node).is_some_and(|(_, old)| !old.is_closed()) {
+            return None;
+        }
         *next += 1;
         let id = *next;
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node.to_string(), (id, tx));
-        id
+        links.insert(node.to_string(), (id, tx));
+        Some(id)
     }
 
     fn unregister(&self, node: &str, id: u64) {
@@ -181,6 +198,8 @@ pub struct LinkContext {
     pub join_token: Option<String>,
     pub server_id: u64,
     pub data_dir: std::path::PathBuf,
+    /// A node name no remote agent may use (`rustci dev`'s built-in node).
+    pub reserved_node: Option<String>,
     /// Where protocol messages from agents go (the driver).
     pub to_driver: mpsc::Sender<crate::control::Input>,
 }
@@ -197,7 +216,11 @@ where
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "agent connection refused: not a RustCI agent hello");
             let reason = format!("expected a hello frame: {e}");
-            let _ = write_frame(&mut wr, &HelloReply::Rejected { reason }).await;
+            let reply = HelloReply::Rejected {
+                reason,
+                permanent: true,
+            };
+            let _ = write_frame(&mut wr, &reply).await;
             return;
         }
         Err(_) => {
@@ -205,25 +228,38 @@ where
             return;
         }
     };
-    if let Some(reason) = refusal(&hello, ctx.join_token.as_deref()) {
-        tracing::warn!(%peer, node = %hello.node, %reason, "agent refused");
-        let _ = write_frame(&mut wr, &HelloReply::Rejected { reason }).await;
-        return;
+    let mut refused = refusal(&hello, ctx.join_token.as_deref());
+    if refused.is_none() && ctx.reserved_node.as_deref() == Some(hello.node.as_str()) {
+        refused = Some(format!(
+            "node name {} is this server's own runner",
+            hello.node
+        ));
     }
-    if write_frame(
-        &mut wr,
-        &HelloReply::Welcome {
-            server: ctx.server_id,
-        },
-    )
-    .await
-    .is_err()
-    {
+    let (tx, mut rx) = mpsc::channel::<Down>(DOWN_QUEUE_MAX);
+    let id = match refused {
+        Some(reason) => Err((reason, true)),
+        None => ctx.links.register(&hello.node, tx).ok_or_else(|| {
+            let reason = format!("an agent named {} is connected already", hello.node);
+            (reason, false)
+        }),
+    };
+    let id = match id {
+        Ok(id) => id,
+        Err((reason, permanent)) => {
+            tracing::warn!(%peer, node = %hello.node, %reason, "agent refused");
+            let reply = HelloReply::Rejected { reason, permanent };
+            let _ = write_frame(&mut wr, &reply).await;
+            return;
+        }
+    };
+    let welcome = HelloReply::Welcome {
+        server: ctx.server_id,
+    };
+    if write_frame(&mut wr, &welcome).await.is_err() {
+        ctx.links.unregister(&hello.node, id);
         return;
     }
     tracing::info!(%peer, node = %hello.node, "agent connected");
-    let (tx, mut rx) = mpsc::channel::<Down>(DOWN_QUEUE_MAX);
-    let id = ctx.links.register(&hello.node, tx);
     let writer = tokio::spawn(async move {
         while let Some(down) = rx.recv().await {
             if write_frame(&mut wr, &down).await.is_err() {
@@ -232,8 +268,22 @@ where
         }
     });
     loop {
-        match read_frame::<_, Up>(&mut rd).await {
+        // An agent heartbeats every second: a connection silent for much
+        // longer is dead (a half-open one would otherwise hold its name).
+        let frame = match tokio::time::timeout(LINK_SILENCE_MAX, read_frame::<_, Up>(&mut rd)).await
+        {
+            Ok(frame) => frame,
+            Err(_) => {
+                tracing::warn!(%peer, node = %hello.node, "agent connection silent; closing it");
+                break;
+            }
+        };
+        match frame {
             Ok(Some(Up::Msg(msg))) => {
+                if agent_msg_node(&msg) != hello.node {
+                    tracing::warn!(%peer, node = %hello.node, "agent spoke for another node; closing");
+                    break;
+                }
                 if ctx
                     .to_driver
                     .send(crate::control::Input::Agent(msg))
@@ -242,6 +292,11 @@ where
                 {
                     break;
                 }
+            }
+            Ok(Some(Up::Output { offset, bytes, .. }))
+                if offset.saturating_add(bytes.len() as u64) > OUTPUT_BYTES_MAX =>
+            {
+                tracing::warn!(%peer, node = %hello.node, offset, "shipped output past the cap; dropped");
             }
             Ok(Some(Up::Output {
                 job,
@@ -266,6 +321,15 @@ where
     tracing::info!(%peer, node = %hello.node, "agent disconnected");
 }
 
+/// The node an agent message speaks for.
+fn agent_msg_node(msg: &AgentMsg) -> &str {
+    match msg {
+        AgentMsg::Heartbeat { node, .. } => &node.name,
+        AgentMsg::Report(r) => &r.node,
+        AgentMsg::Leaving { node, .. } => node,
+    }
+}
+
 /// Why a hello is refused, if it is.
 pub fn refusal(hello: &Hello, join_token: Option<&str>) -> Option<String> {
     if hello.protocol != PROTOCOL_VERSION {
@@ -275,7 +339,8 @@ pub fn refusal(hello: &Hello, join_token: Option<&str>) -> Option<String> {
         ));
     }
     if let Some(want) = join_token {
-        if hello.join_token.as_deref() != Some(want) {
+        let given = hello.join_token.as_deref().unwrap_or_default();
+        if !crate::server::constant_time_eq(given.as_bytes(), want.as_bytes()) {
             return Some("wrong or missing join token".into());
         }
     }

@@ -39,7 +39,7 @@
 //! (now the shim) exits; timeout and cancel SIGKILL the group as before.
 //!
 //! With [`RunnerConfig::lease_file`] (a `rustci agent`), the shim also holds
-//! the agent's lease: it polls the file's deadline (`CLOCK_MONOTONIC` ms,
+//! the agent's lease: it polls the file's deadline (`CLOCK_BOOTTIME` ms,
 //! written by [`write_lease`]) every 50 ms while it waits for the job, and
 //! kills its whole group once the deadline has passed, even if the agent is
 //! paused and cannot. The control plane runs the job elsewhere only after
@@ -128,7 +128,7 @@ pub use output::truncation_marker;
 use output::*;
 pub use reap::live_group_members;
 use reap::*;
-pub use shim::{monotonic_ms, shim_main, write_lease};
+pub use shim::{boot_clock_ms, shim_main, write_lease};
 pub use spawn::INHERITED_ENV;
 use spawn::*;
 

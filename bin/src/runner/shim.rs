@@ -89,7 +89,8 @@ pub(super) fn wait_within_lease(
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }
-        if read_lease(lease).is_some_and(|deadline| monotonic_ms() >= deadline) {
+        // No readable deadline counts as lapsed: fail closed.
+        if read_lease(lease).is_none_or(|deadline| boot_clock_ms() >= deadline) {
             let _ = writeln!(
                 io::stderr(),
                 "rustci: the agent's lease lapsed; the job is killed"
@@ -100,21 +101,24 @@ pub(super) fn wait_within_lease(
     }
 }
 
-/// Milliseconds on `CLOCK_MONOTONIC`: one clock for every process of this
-/// machine, so the agent and the shims agree on a deadline.
-pub fn monotonic_ms() -> u64 {
+/// Milliseconds on `CLOCK_BOOTTIME`: one clock for every process of this
+/// machine, so the agent and the shims agree on a deadline, and one that
+/// keeps counting while the machine is suspended (`CLOCK_MONOTONIC` stops,
+/// and a lease would outlive a suspend while the control plane moves the
+/// work elsewhere).
+pub fn boot_clock_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: a plain syscall writing into `ts`.
     unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
     }
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
-/// Records the lease deadline (`CLOCK_MONOTONIC` ms) for the shims: written
+/// Records the lease deadline (`CLOCK_BOOTTIME` ms) for the shims: written
 /// to a temporary file and renamed, so a reader never sees half of it.
 pub fn write_lease(path: &Path, deadline_ms: u64) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
