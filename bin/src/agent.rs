@@ -112,10 +112,7 @@ pub async fn run(
     runner_config.lease_file = Some(lease_file.clone());
     runner_config.cgroups = runner::detect_cgroups();
     let runner = NativeRunner::new(runner_config, run_tx);
-    let incarnation = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
+    let (incarnation, predecessor) = next_incarnation(&config.work_dir.join("incarnation"));
     let agent = Agent::new(
         AgentConfig {
             name: config.name.clone(),
@@ -124,6 +121,7 @@ pub async fn run(
             lease: LeaseConfig::default(),
         },
         incarnation,
+        predecessor,
     );
     let mut driver = Driver {
         config,
@@ -229,6 +227,27 @@ pub async fn run(
     driver.runner.shutdown().await;
     tracing::info!("agent left");
     Ok(())
+}
+
+/// A new incarnation for this node's agent, above the one recorded in
+/// `file` (and above the wall clock's nanoseconds, so a lost file still
+/// moves forward), and the recorded one as its predecessor: the caller has
+/// reaped whatever the previous process left, so its work is dead. Records
+/// the new one.
+pub fn next_incarnation(file: &Path) -> (u64, Option<u64>) {
+    let previous: Option<u64> = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let next = clock.max(previous.map_or(1, |p| p + 1));
+    let tmp = file.with_extension("tmp");
+    let written = std::fs::write(&tmp, next.to_string()).and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        tracing::warn!(file = %file.display(), error = %e, "cannot record the agent's incarnation");
+    }
+    (next, previous)
 }
 
 /// Tells `agent` how an attempt's process ended, as the native runner saw

@@ -113,6 +113,7 @@ fn synthetic_events(total: u64) -> impl Iterator<Item = Event> {
         capacity: Resources::new(64_000, 256 * 1024),
         labels: [("os".to_string(), "linux".to_string())].into(),
         incarnation: 1,
+        predecessor: None,
     });
     let jobs = (0..).flat_map(|i: u64| {
         let job = JobId(i + 1);
@@ -208,6 +209,7 @@ fn bench_schedule(nodes: u64, jobs: u64) {
                 capacity: Resources::new(16_000, 64 * 1024),
                 labels: [("pool".to_string(), format!("p{}", n % 4))].into(),
                 incarnation: 1,
+                predecessor: None,
             },
         );
     }

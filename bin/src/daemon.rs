@@ -429,19 +429,19 @@ fn local_agent(config: &DevConfig) -> Agent {
     let mut labels = default_labels();
     labels.extend(config.labels.clone());
     // A new incarnation per process start, larger than any before it:
-    // whatever the previous process ran died with it, and the reducer marks
-    // those attempts lost.
-    let incarnation = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
+    // whatever the previous process ran died with it (reaped at start), so
+    // the new one vouches for it and the reducer marks those attempts lost.
+    let runner_dir = config.data_dir.join("runner");
+    let _ = std::fs::create_dir_all(&runner_dir);
+    let (incarnation, predecessor) =
+        crate::agent::next_incarnation(&runner_dir.join("incarnation"));
     let config = AgentConfig {
         name: config.node_name.clone(),
         capacity,
         labels,
         lease: LeaseConfig::default(),
     };
-    Agent::new(config, incarnation)
+    Agent::new(config, incarnation, predecessor)
 }
 
 impl Driver {

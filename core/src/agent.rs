@@ -116,6 +116,9 @@ struct Run {
 pub struct Agent {
     config: AgentConfig,
     incarnation: u64,
+    /// The incarnation this one replaced (a lapse here, or the previous
+    /// process, whose work the driver reaped before starting this one).
+    predecessor: Option<u64>,
     next_seq: u64,
     /// (seq, sent at) of recent heartbeats of this incarnation.
     sent: VecDeque<(u64, u64)>,
@@ -138,12 +141,15 @@ pub struct Agent {
 
 impl Agent {
     /// An agent that joins at its first tick. `incarnation` must be larger
-    /// than any this node had before (a clock reading will do).
-    pub fn new(config: AgentConfig, incarnation: u64) -> Agent {
+    /// than any this node had before. `predecessor` is the incarnation of
+    /// the previous agent process of this node, if the driver knows it and
+    /// has made sure that whatever it ran is dead.
+    pub fn new(config: AgentConfig, incarnation: u64, predecessor: Option<u64>) -> Agent {
         assert!(config.lease.check().is_ok(), "inconsistent lease timings");
         Agent {
             config,
             incarnation,
+            predecessor,
             next_seq: 1,
             sent: VecDeque::new(),
             first_sent_at: None,
@@ -174,11 +180,17 @@ impl Agent {
     }
     /// The resources of the attempts this incarnation runs.
     pub fn advertised(&self) -> NodeAd {
+        // Vouch for the predecessor only once nothing of it runs any more.
+        let stale = self
+            .runs
+            .values()
+            .any(|r| r.done.is_none() && r.kill == Some(KillReason::Stale));
         NodeAd {
             name: self.config.name.clone(),
             incarnation: self.incarnation,
             capacity: self.config.capacity,
             labels: self.config.labels.clone(),
+            predecessor: self.predecessor.filter(|_| !stale),
         }
     }
 
@@ -618,12 +630,19 @@ impl Agent {
             }
         }
         self.killed_early.clear();
+        self.predecessor = Some(self.incarnation);
         self.incarnation += 1;
         self.sent.clear();
         self.first_sent_at = None;
         self.lease_until = None;
         self.next_heartbeat_at = now;
-        self.heartbeat(now);
+        // Join again at once, unless the old work is still being killed:
+        // then at the next tick, so that the new incarnation can vouch that
+        // its predecessor's work is dead.
+        let stale = self.runs.values().any(|r| r.done.is_none());
+        if !stale {
+            self.heartbeat(now);
+        }
     }
 
     /// Brings what runs here in line with the control plane's committed view
@@ -729,7 +748,7 @@ mod tests {
     }
 
     fn joined(now: u64) -> Agent {
-        let mut a = Agent::new(config(), 7);
+        let mut a = Agent::new(config(), 7, None);
         a.handle_tick(now);
         let out = drain(&mut a);
         assert!(matches!(

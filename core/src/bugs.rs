@@ -36,8 +36,8 @@ pub enum Bug {
     RetryOneTooFew,
     /// A lost attempt spends a retry.
     LostSpendsRetry,
-    /// A node that re-registers with a new incarnation keeps the attempts of
-    /// the old one.
+    /// A node that re-registers with a new incarnation is handed the
+    /// attempts of the old one in its view.
     RestartNotNoticed,
     /// The replica forgets that a pass stopped at its bounds.
     TruncatedPassForgotten,

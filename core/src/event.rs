@@ -53,12 +53,18 @@ pub enum Event {
     /// The attempt's node died or restarted: the attempt is gone and the job
     /// is queued again without spending a retry.
     AttemptLost { job: JobId, attempt: AttemptNumber },
-    /// A node's agent joined (or re-joined with a new incarnation).
+    /// A node's agent joined (or re-joined with a new incarnation). With
+    /// `predecessor` naming the node's current incarnation, the agent vouches
+    /// that whatever that incarnation ran is dead (it lapsed and killed it,
+    /// or it restarted and reaped it): its attempts are lost at once.
+    /// Otherwise they are lost only once its lease has provably lapsed.
     NodeRegistered {
         name: String,
         capacity: Resources,
         labels: Labels,
         incarnation: u64,
+        #[serde(default)]
+        predecessor: Option<u64>,
     },
     /// No new work for this node; running attempts finish.
     NodeDrained { name: String },

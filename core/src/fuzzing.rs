@@ -139,6 +139,7 @@ pub fn entries_from_bytes(data: &[u8]) -> Vec<Entry> {
                     ),
                     labels: labels(b >> 4),
                     incarnation: u64::from(b >> 6),
+                    predecessor: (b & 0x20 != 0).then_some(u64::from(b >> 6).saturating_sub(1)),
                 }
             }
             8 => Event::NodeDrained { name: bytes.node() },

@@ -117,6 +117,10 @@ pub struct NodeAd {
     pub incarnation: u64,
     pub capacity: Resources,
     pub labels: Labels,
+    /// The incarnation this one replaces, once whatever it ran is dead (see
+    /// `Event::NodeRegistered`).
+    #[serde(default)]
+    pub predecessor: Option<u64>,
 }
 
 /// An attempt the control plane has active on a node, as committed.

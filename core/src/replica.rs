@@ -124,6 +124,8 @@ pub enum Command {
         capacity: Resources,
         labels: Labels,
         incarnation: u64,
+        /// See `Event::NodeRegistered::predecessor`.
+        predecessor: Option<u64>,
     },
 }
 
@@ -191,6 +193,10 @@ struct Liveness {
     /// (monotonic clock): the node's attempts are requeued only
     /// `requeue_after_ms` after this.
     leased_mono: u64,
+    /// The last lease any incarnation this one replaced may hold: their
+    /// attempts (still active unless the new one vouched for them) are
+    /// requeued only `requeue_after_ms` after it.
+    replaced_leased_mono: Option<u64>,
 }
 
 pub struct Replica {
@@ -447,6 +453,7 @@ impl Replica {
                 capacity,
                 labels,
                 incarnation,
+                ..
             } => {
                 if *incarnation == 0 {
                     return Err(ValidationError::ZeroIncarnation.into());
@@ -555,6 +562,7 @@ impl Replica {
                         capacity: ad.capacity,
                         labels: ad.labels,
                         incarnation,
+                        predecessor: ad.predecessor,
                     };
                     if let Err(e) = self.check(&command) {
                         let reason = format!("registration refused: {e}");
@@ -576,10 +584,18 @@ impl Replica {
     /// The node's agent was heard from and (may have been) granted a lease
     /// at `mono`.
     fn leased(&mut self, name: &str, incarnation: u64, mono: u64) {
+        let replaced = self.liveness.get(name).and_then(|old| {
+            if old.incarnation == incarnation {
+                old.replaced_leased_mono
+            } else {
+                Some(old.leased_mono.max(old.replaced_leased_mono.unwrap_or(0)))
+            }
+        });
         let live = Liveness {
             incarnation,
             heard_mono: mono,
             leased_mono: mono,
+            replaced_leased_mono: replaced,
         };
         self.liveness.insert(name.to_string(), live);
     }
@@ -632,14 +648,19 @@ impl Replica {
         self.append(now, event, origin);
     }
 
-    /// The committed view of a node: its active attempts.
+    /// The committed view of a node: the active attempts of its current
+    /// incarnation (those of a replaced one are not its to run).
     pub fn view(&self, node: &str) -> Vec<Assignment> {
+        let current = self.state.nodes.get(node).map(|n| n.incarnation);
         let mut active = Vec::new();
         for id in self.state.active_by_node.get(node).into_iter().flatten() {
             let Some(job) = self.state.job(*id) else {
                 continue;
             };
-            if let Some(a) = job.active_attempt() {
+            let theirs = |a: &&crate::model::Attempt| {
+                Some(a.incarnation) == current || planted!(self.config.bugs, RestartNotNoticed)
+            };
+            if let Some(a) = job.active_attempt().filter(theirs) {
                 active.push(Assignment {
                     job: *id,
                     attempt: a.number,
@@ -686,6 +707,9 @@ impl Replica {
                         incarnation: node.incarnation,
                         heard_mono: mono,
                         leased_mono: mono,
+                        // Any replaced incarnation may have been leased by a
+                        // leader before this one: count from now.
+                        replaced_leased_mono: Some(mono),
                     },
                 );
             }
@@ -714,6 +738,29 @@ impl Replica {
             let Some(live) = self.liveness.get(&node.name) else {
                 continue;
             };
+            // Attempts of a replaced incarnation that did not vouch for them.
+            let replaced_lapsed = live
+                .replaced_leased_mono
+                .is_some_and(|t| mono.saturating_sub(t) >= requeue_after);
+            if replaced_lapsed {
+                for id in self
+                    .state
+                    .active_by_node
+                    .get(&node.name)
+                    .into_iter()
+                    .flatten()
+                {
+                    let stale = self
+                        .state
+                        .job(*id)
+                        .and_then(Job::active_attempt)
+                        .filter(|a| a.incarnation != node.incarnation)
+                        .map(|a| a.number);
+                    if let Some(number) = stale.filter(|n| !self.losing.contains(&(*id, *n))) {
+                        lost.push((*id, number));
+                    }
+                }
+            }
             match node.state {
                 NodeState::Ready | NodeState::Draining => {
                     let silent = mono.saturating_sub(live.heard_mono) >= lease.down_after_ms;
@@ -1039,11 +1086,13 @@ fn command_event(command: Command) -> Event {
             capacity,
             labels,
             incarnation,
+            predecessor,
         } => Event::NodeRegistered {
             name,
             capacity,
             labels,
             incarnation,
+            predecessor,
         },
     }
 }

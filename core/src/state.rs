@@ -322,7 +322,8 @@ impl State {
                 capacity,
                 labels,
                 incarnation,
-            } => self.register(name, *capacity, labels, *incarnation, at),
+                predecessor,
+            } => self.register(name, *capacity, labels, *incarnation, *predecessor, at),
             Event::NodeDrained { name } => self.node_transition(name, at, NodeTransition::Drain),
             Event::NodeUndrained { name } => {
                 self.node_transition(name, at, NodeTransition::Undrain)
@@ -646,11 +647,16 @@ impl State {
         capacity: Resources,
         labels: &Labels,
         incarnation: u64,
+        predecessor: Option<u64>,
         at: TimestampMs,
     ) -> Applied {
         let restarted = match self.nodes.get_mut(name) {
             Some(node) => {
-                let restarted = node.incarnation != incarnation;
+                // Lost at once only when the new incarnation vouches that the
+                // old one's work is dead; otherwise the leader loses it once
+                // the old incarnation's lease has provably lapsed.
+                let restarted =
+                    node.incarnation != incarnation && predecessor == Some(node.incarnation);
                 node.capacity = capacity;
                 node.labels = labels.clone();
                 node.incarnation = incarnation;
@@ -676,7 +682,7 @@ impl State {
                 false
             }
         };
-        if restarted && !planted!(self.bugs, RestartNotNoticed) {
+        if restarted {
             // Whatever ran under the old incarnation died with it.
             self.lose_all_on(name, at);
         }

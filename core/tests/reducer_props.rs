@@ -78,6 +78,7 @@ pub fn event() -> impl Strategy<Value = Event> {
                 name,
                 capacity: Resources::new(c, m),
                 incarnation,
+                predecessor: None,
             }
         }),
         node_name().prop_map(|name| Event::NodeDrained { name }),

@@ -117,6 +117,7 @@ impl Cluster {
             incarnation,
             capacity: Resources::new(1000, 100),
             labels: BTreeMap::new(),
+            predecessor: None,
         };
         self.to_agents.clear();
         self.replica
@@ -149,6 +150,7 @@ impl Cluster {
             capacity: Resources::new(cpu, mem),
             labels,
             incarnation: 1,
+            predecessor: None,
         })
         .unwrap();
     }
@@ -368,12 +370,14 @@ fn stale_attempt_results_are_ignored() {
     let mut c = Cluster::new();
     c.add_node("n1", 1000, 100, &[]);
     let id = c.submit(spec(1000, 10));
-    // The node restarts: attempt 1 is lost, attempt 2 is placed.
+    // The node restarts (and vouches that its old work died with it):
+    // attempt 1 is lost, attempt 2 is placed.
     c.command(Command::RegisterNode {
         name: "n1".into(),
         capacity: Resources::new(1000, 100),
         labels: BTreeMap::new(),
         incarnation: 2,
+        predecessor: Some(1),
     })
     .unwrap();
     let job = c.replica.state().job(id).unwrap();
@@ -525,6 +529,7 @@ fn recovery_after_crash_loses_running_attempts_and_runs_them_again() {
         capacity: Resources::new(2000, 1000),
         labels: BTreeMap::new(),
         incarnation: 2,
+        predecessor: Some(1),
     })
     .unwrap();
     let st = c.replica.state();
@@ -769,6 +774,7 @@ fn a_job_lost_too_many_times_fails_and_says_why() {
             capacity: Resources::new(1000, 100),
             labels: BTreeMap::new(),
             incarnation,
+            predecessor: Some(incarnation - 1),
         })
         .unwrap();
     }
@@ -778,5 +784,38 @@ fn a_job_lost_too_many_times_fails_and_says_why() {
     assert_eq!(job.retries_used, 0, "lost attempts spend no retry");
     let reason = State::failure_reason(job).unwrap();
     assert!(reason.contains("lost 10 times"), "{reason}");
+    c.check();
+}
+
+#[test]
+fn a_new_incarnation_that_does_not_vouch_for_the_old_one_waits_out_its_lease() {
+    let mut c = Cluster::new();
+    c.heartbeat("w1", 1, 1);
+    let id = c.submit(spec(500, 10));
+    c.report(RunnerReport::Started { job: id, attempt: 1 });
+    // Another process claims the node with a newer incarnation, without
+    // vouching that incarnation 1's work is dead (it may still run it).
+    c.heartbeat("w1", 2, 1);
+    assert_eq!(c.replica.state().nodes["w1"].incarnation, 2);
+    assert_eq!(c.job_state(id), JobState::Running, "not requeued at once");
+    match c.heartbeat("w1", 2, 2) {
+        ServerMsg::Lease { active, .. } => assert!(active.is_empty(), "not handed to the newcomer"),
+        other => panic!("{other:?}"),
+    }
+    let requeue_after = LeaseConfig::default().requeue_after_ms();
+    let mut seq = 3;
+    let mut waited = 0;
+    while waited + 500 < requeue_after {
+        c.wait(500);
+        waited += 500;
+        c.heartbeat("w1", 2, seq);
+        seq += 1;
+    }
+    assert_eq!(c.job_state(id), JobState::Running, "still within the old lease");
+    c.wait(600);
+    let job = c.replica.state().job(id).unwrap();
+    assert_eq!(job.attempts[0].state, AttemptState::Lost);
+    assert_eq!(job.attempts.len(), 2, "placed again, on the new incarnation");
+    assert_eq!(job.attempts[1].incarnation, 2);
     c.check();
 }

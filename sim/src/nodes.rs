@@ -85,7 +85,10 @@ impl World {
             labels: host.labels.clone(),
             lease,
         };
-        let agent = Agent::new(config, host.next_incarnation);
+        // The previous process's work died with it (process group,
+        // pdeathsig): the new one vouches for it.
+        let predecessor = (host.next_incarnation > 1).then(|| host.next_incarnation - 1);
+        let agent = Agent::new(config, host.next_incarnation, predecessor);
         host.agent = Some(agent);
         let gen = host.gen;
         let first = self.rng.range(1, AGENT_TICK_MS);

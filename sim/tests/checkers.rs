@@ -95,6 +95,7 @@ impl Run {
             capacity,
             labels: l,
             incarnation: 1,
+            predecessor: None,
         })
     }
 
@@ -239,6 +240,7 @@ fn checker_placement_must_fit_every_dimension_and_match_every_constraint() {
                 capacity: Resources::new(1000, 1000),
                 labels: labels(&[("os", "linux"), ("arch", "aarch64")]),
                 incarnation: 1,
+                predecessor: None,
             },
             |_| {},
         )

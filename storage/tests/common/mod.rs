@@ -91,7 +91,8 @@ pub fn event() -> impl Strategy<Value = Event> {
                 name,
                 capacity,
                 labels,
-                incarnation
+                incarnation,
+                predecessor: None,
             }
         ),
         name().prop_map(|name| Event::NodeDrained { name }),
