@@ -792,7 +792,10 @@ fn a_new_incarnation_that_does_not_vouch_for_the_old_one_waits_out_its_lease() {
     let mut c = Cluster::new();
     c.heartbeat("w1", 1, 1);
     let id = c.submit(spec(500, 10));
-    c.report(RunnerReport::Started { job: id, attempt: 1 });
+    c.report(RunnerReport::Started {
+        job: id,
+        attempt: 1,
+    });
     // Another process claims the node with a newer incarnation, without
     // vouching that incarnation 1's work is dead (it may still run it).
     c.heartbeat("w1", 2, 1);
@@ -811,11 +814,19 @@ fn a_new_incarnation_that_does_not_vouch_for_the_old_one_waits_out_its_lease() {
         c.heartbeat("w1", 2, seq);
         seq += 1;
     }
-    assert_eq!(c.job_state(id), JobState::Running, "still within the old lease");
+    assert_eq!(
+        c.job_state(id),
+        JobState::Running,
+        "still within the old lease"
+    );
     c.wait(600);
     let job = c.replica.state().job(id).unwrap();
     assert_eq!(job.attempts[0].state, AttemptState::Lost);
-    assert_eq!(job.attempts.len(), 2, "placed again, on the new incarnation");
+    assert_eq!(
+        job.attempts.len(),
+        2,
+        "placed again, on the new incarnation"
+    );
     assert_eq!(job.attempts[1].incarnation, 2);
     c.check();
 }
