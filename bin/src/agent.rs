@@ -106,10 +106,8 @@ pub async fn run(
     let mut runner_config = RunnerConfig::new(pid_dir);
     runner_config.shim = Some(PathBuf::from("/proc/self/exe"));
     // Until the first lease, the shims hold no work past now.
-    let lease_file = config.work_dir.join("lease");
-    runner::write_lease(&lease_file, runner::boot_clock_ms())
-        .with_context(|| format!("cannot write {}", lease_file.display()))?;
-    runner_config.lease_file = Some(lease_file.clone());
+    std::fs::create_dir_all(config.work_dir.join("leases"))
+        .with_context(|| format!("cannot create {}", config.work_dir.join("leases").display()))?;
     runner_config.cgroups = runner::detect_cgroups();
     let runner = NativeRunner::new(runner_config, run_tx);
     let (incarnation, predecessor) = next_incarnation(&config.work_dir.join("incarnation"));
@@ -128,8 +126,8 @@ pub async fn run(
         agent,
         runner,
         origin_boot_ms: runner::boot_clock_ms(),
+        lease_incarnation: incarnation,
         last_heard: Instant::now(),
-        lease_file,
         link: None,
         shipping: BTreeMap::new(),
     };
@@ -312,7 +310,9 @@ struct Driver {
     /// When the control plane last said anything on the current link: it
     /// answers every heartbeat, so a long silence means a dead connection.
     last_heard: Instant,
-    lease_file: PathBuf,
+    /// The incarnation whose lease file the agent keeps: when it changes,
+    /// the old file goes, and the old incarnation's shims kill what is left.
+    lease_incarnation: u64,
     link: Option<Link>,
     shipping: BTreeMap<(JobId, AttemptNumber), Shipping>,
 }
@@ -428,13 +428,18 @@ impl Driver {
     /// Carries out what the agent asks for (see the driver contract in
     /// `rustci_core::agent`).
     fn carry_out(&mut self) {
+        self.retire_old_lease();
         while let Some(out) = self.agent.poll_output() {
             match out {
                 AgentOutput::Send(msg) => self.send(Up::Msg(msg)),
                 AgentOutput::Spawn {
-                    job, attempt, spec, ..
+                    job,
+                    attempt,
+                    incarnation,
+                    spec,
                 } => {
-                    let run = run_spec(&self.config.work_dir, job, attempt, spec);
+                    let mut run = run_spec(&self.config.work_dir, job, attempt, spec);
+                    run.lease_file = Some(lease_path(&self.config.work_dir, incarnation));
                     self.shipping.insert(
                         (job, attempt),
                         Shipping {
@@ -448,9 +453,16 @@ impl Driver {
                 AgentOutput::Kill { job, attempt } => self.runner.kill(job.0, attempt),
                 // Every attempt's shim kills its job at this deadline unless
                 // it is renewed: a paused agent cannot kill, its shims can.
-                AgentOutput::LeaseUntil { until_ms } => {
+                AgentOutput::LeaseUntil {
+                    until_ms,
+                    incarnation,
+                } => {
+                    if incarnation != self.agent.incarnation() {
+                        continue; // a grant for an incarnation already gone
+                    }
                     let deadline = self.origin_boot_ms + until_ms;
-                    if let Err(e) = runner::write_lease(&self.lease_file, deadline) {
+                    let file = lease_path(&self.config.work_dir, incarnation);
+                    if let Err(e) = runner::write_lease(&file, deadline) {
                         tracing::error!(error = %e, "cannot record the lease for the jobs' shims");
                     }
                 }
@@ -529,6 +541,23 @@ impl Driver {
     }
 }
 
+/// The lease file of one agent incarnation.
+fn lease_path(work_dir: &Path, incarnation: u64) -> PathBuf {
+    work_dir.join("leases").join(incarnation.to_string())
+}
+
+impl Driver {
+    /// When the agent moved to a new incarnation, the old one's lease file
+    /// goes: its shims (fail closed) kill whatever it left at once.
+    fn retire_old_lease(&mut self) {
+        let now = self.agent.incarnation();
+        if now != self.lease_incarnation {
+            let _ = std::fs::remove_file(lease_path(&self.config.work_dir, self.lease_incarnation));
+            self.lease_incarnation = now;
+        }
+    }
+}
+
 /// Up to one chunk of `path` from `offset`.
 fn read_chunk(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
     let mut f = std::fs::File::open(path)?;
@@ -574,5 +603,6 @@ fn run_spec(work_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) 
             .join(job.0.to_string())
             .join(format!("{attempt}.log")),
         limits: Some((spec.resources.memory_mb, spec.resources.cpu_millis)),
+        lease_file: None,
     }
 }

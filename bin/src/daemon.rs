@@ -662,6 +662,7 @@ fn run_spec(data_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) 
         work_dir: data_dir.join("work").join(format!("{}-{attempt}", job.0)),
         log_path: output_path(data_dir, job, attempt),
         limits: Some((spec.resources.memory_mb, spec.resources.cpu_millis)),
+        lease_file: None,
     }
 }
 

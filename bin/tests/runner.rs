@@ -111,6 +111,7 @@ impl Harness {
             work_dir: self.dir.path().join(format!("work/{job}/1")),
             log_path: self.dir.path().join(format!("logs/{job}/1.log")),
             limits: None,
+            lease_file: None,
         }
     }
 
@@ -608,6 +609,7 @@ fn crash_helper_daemon() {
             work_dir: dir.join("work"),
             log_path: dir.join("job.log"),
             limits: None,
+            lease_file: None,
         });
         assert!(matches!(rx.recv().await, Some(RunEvent::Started { .. })));
         std::fs::write(dir.join("ready"), "").unwrap();
@@ -859,6 +861,7 @@ async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
         work_dir: dir.path().join("work"),
         log_path: dir.path().join("out.log"),
         limits: None,
+        lease_file: None,
     };
     runner.start(spec.clone());
     assert!(matches!(

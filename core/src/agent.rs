@@ -65,9 +65,10 @@ pub enum AgentOutput {
         job: JobId,
         attempt: AttemptNumber,
     },
-    /// The lease now runs until this time (agent clock).
+    /// The lease of `incarnation` now runs until this time (agent clock).
     LeaseUntil {
         until_ms: u64,
+        incarnation: u64,
     },
     /// The control plane's view handed this agent an attempt placed on
     /// another node or incarnation. It was not started; log it loudly.
@@ -324,8 +325,10 @@ impl Agent {
                     let until = sent_at + self.config.lease.lease_ms;
                     if self.lease_until.is_none_or(|u| until > u) {
                         self.lease_until = Some(until);
-                        self.outputs
-                            .push_back(AgentOutput::LeaseUntil { until_ms: until });
+                        self.outputs.push_back(AgentOutput::LeaseUntil {
+                            until_ms: until,
+                            incarnation: self.incarnation,
+                        });
                     }
                     if !self.leased(now) {
                         // A grant that arrives after it ran out (a delayed
@@ -536,7 +539,10 @@ impl Agent {
             // runs out, even if the agent cannot.
             if let Some(first) = self.first_sent_at {
                 let until_ms = first + self.config.lease.lease_ms;
-                self.outputs.push_back(AgentOutput::LeaseUntil { until_ms });
+                self.outputs.push_back(AgentOutput::LeaseUntil {
+                    until_ms,
+                    incarnation: self.incarnation,
+                });
             }
         }
         self.outputs.push_back(AgentOutput::Spawn {
@@ -766,7 +772,8 @@ mod tests {
         assert_eq!(
             drain(&mut a),
             vec![AgentOutput::LeaseUntil {
-                until_ms: now + 3_000
+                until_ms: now + 3_000,
+                incarnation: 7,
             }]
         );
         a

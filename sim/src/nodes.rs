@@ -277,7 +277,7 @@ impl World {
                         }
                     }
                 }
-                AgentOutput::LeaseUntil { until_ms } => {
+                AgentOutput::LeaseUntil { until_ms, .. } => {
                     // Convert the agent's deadline to true time.
                     let host = &self.nodes[i];
                     let local_now = host.clock.mono(self.now);

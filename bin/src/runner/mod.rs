@@ -195,6 +195,10 @@ pub struct RunSpec {
     /// `(memory_mb, cpu_millis)`: the attempt's limits where it runs in its
     /// own cgroup ([`RunnerConfig::cgroups`]); `None`: no limits.
     pub limits: Option<(u64, u64)>,
+    /// The lease file of the agent incarnation that runs it, if not
+    /// [`RunnerConfig::lease_file`]: each incarnation has its own, so a new
+    /// one's lease never renews what an old one left.
+    pub lease_file: Option<PathBuf>,
 }
 
 /// What the runner reports about an attempt; see the module doc for the order.
@@ -468,7 +472,11 @@ impl AttemptTask {
             }
         };
         let shim = self.config.shim.as_deref();
-        let lease = self.config.lease_file.as_deref();
+        let lease = self
+            .spec
+            .lease_file
+            .as_deref()
+            .or(self.config.lease_file.as_deref());
         let cgroup = self.cgroup();
         let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
         let spawned = match spawn_attempt(&self.spec, shim, lease, &cgroup_procs).await {
