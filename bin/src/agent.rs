@@ -590,19 +590,10 @@ async fn read_response_head(stream: &mut TcpStream) -> std::io::Result<String> {
 }
 
 fn run_spec(work_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) -> RunSpec {
-    RunSpec {
-        job: job.0,
-        attempt,
-        command: spec.command,
-        env: spec.env,
-        // The agent enforces the job's time-out; the runner never does.
-        timeout: runner::TIMEOUT_MAX,
-        work_dir: work_dir.join("work").join(format!("{}-{attempt}", job.0)),
-        log_path: work_dir
-            .join("output")
-            .join(job.0.to_string())
-            .join(format!("{attempt}.log")),
-        limits: Some((spec.resources.memory_mb, spec.resources.cpu_millis)),
-        lease_file: None,
-    }
+    let work = work_dir.join("work").join(format!("{}-{attempt}", job.0));
+    let log = work_dir
+        .join("output")
+        .join(job.0.to_string())
+        .join(format!("{attempt}.log"));
+    RunSpec::for_attempt(job, attempt, spec, work, log)
 }

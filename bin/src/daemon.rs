@@ -651,19 +651,14 @@ impl Driver {
 }
 
 fn run_spec(data_dir: &Path, job: JobId, attempt: AttemptNumber, spec: JobSpec) -> RunSpec {
-    RunSpec {
-        job: job.0,
+    let work = data_dir.join("work").join(format!("{}-{attempt}", job.0));
+    RunSpec::for_attempt(
+        job,
         attempt,
-        command: spec.command,
-        env: spec.env,
-        // The agent enforces the job's time-out (it kills the attempt and
-        // reports `timed_out`); the runner itself never times out.
-        timeout: runner::TIMEOUT_MAX,
-        work_dir: data_dir.join("work").join(format!("{}-{attempt}", job.0)),
-        log_path: output_path(data_dir, job, attempt),
-        limits: Some((spec.resources.memory_mb, spec.resources.cpu_millis)),
-        lease_file: None,
-    }
+        spec,
+        work,
+        output_path(data_dir, job, attempt),
+    )
 }
 
 /// Labels every node gets: `os`, `arch` and `hostname`.

@@ -729,6 +729,22 @@ impl Replica {
         self.mono = Some(self.mono.map_or(mono, |m| m.max(mono)));
     }
 
+    /// The node's active attempts that `which` selects and that are not
+    /// being lost already, as (job, attempt).
+    fn unlost_active(
+        &self,
+        node: &str,
+        which: impl Fn(&crate::model::Attempt) -> bool,
+    ) -> Vec<(JobId, AttemptNumber)> {
+        let ids = self.state.active_by_node.get(node).into_iter().flatten();
+        ids.filter_map(|id| {
+            let a = self.state.job(*id).and_then(Job::active_attempt)?;
+            let key = (*id, a.number);
+            (which(a) && !self.losing.contains(&key)).then_some(key)
+        })
+        .collect()
+    }
+
     fn detect_failures(&mut self, now: TimestampMs, mono: u64) {
         let lease = self.config.lease;
         let requeue_after = lease.requeue_after_ms();
@@ -743,23 +759,8 @@ impl Replica {
                 .replaced_leased_mono
                 .is_some_and(|t| mono.saturating_sub(t) >= requeue_after);
             if replaced_lapsed {
-                for id in self
-                    .state
-                    .active_by_node
-                    .get(&node.name)
-                    .into_iter()
-                    .flatten()
-                {
-                    let stale = self
-                        .state
-                        .job(*id)
-                        .and_then(Job::active_attempt)
-                        .filter(|a| a.incarnation != node.incarnation)
-                        .map(|a| a.number);
-                    if let Some(number) = stale.filter(|n| !self.losing.contains(&(*id, *n))) {
-                        lost.push((*id, number));
-                    }
-                }
+                // Attempts placed on an incarnation the node no longer has.
+                lost.extend(self.unlost_active(&node.name, |a| a.incarnation != node.incarnation));
             }
             match node.state {
                 NodeState::Ready | NodeState::Draining => {
@@ -774,22 +775,7 @@ impl Replica {
                     if !lapsed {
                         continue;
                     }
-                    for id in self
-                        .state
-                        .active_by_node
-                        .get(&node.name)
-                        .into_iter()
-                        .flatten()
-                    {
-                        let number = self
-                            .state
-                            .job(*id)
-                            .and_then(Job::active_attempt)
-                            .map(|a| a.number);
-                        if let Some(number) = number.filter(|n| !self.losing.contains(&(*id, *n))) {
-                            lost.push((*id, number));
-                        }
-                    }
+                    lost.extend(self.unlost_active(&node.name, |_| true));
                 }
             }
         }
@@ -798,8 +784,10 @@ impl Replica {
             self.append(now, Event::NodeDown { name, incarnation }, Origin::Internal);
         }
         for (job, attempt) in lost {
-            self.losing.insert((job, attempt));
-            self.append(now, Event::AttemptLost { job, attempt }, Origin::Internal);
+            // Once each (a down node's attempt may also be a replaced one's).
+            if self.losing.insert((job, attempt)) {
+                self.append(now, Event::AttemptLost { job, attempt }, Origin::Internal);
+            }
         }
     }
 

@@ -201,6 +201,31 @@ pub struct RunSpec {
     pub lease_file: Option<PathBuf>,
 }
 
+impl RunSpec {
+    /// An attempt of a job as an agent runs it: its command, env and limits
+    /// from the spec; no runner-side time-out (the agent enforces the job's
+    /// and reports `timed_out`).
+    pub fn for_attempt(
+        job: rustci_core::model::JobId,
+        attempt: u32,
+        spec: rustci_core::model::JobSpec,
+        work_dir: PathBuf,
+        log_path: PathBuf,
+    ) -> RunSpec {
+        RunSpec {
+            job: job.0,
+            attempt,
+            limits: Some((spec.resources.memory_mb, spec.resources.cpu_millis)),
+            command: spec.command,
+            env: spec.env,
+            timeout: TIMEOUT_MAX,
+            work_dir,
+            log_path,
+            lease_file: None,
+        }
+    }
+}
+
 /// What the runner reports about an attempt; see the module doc for the order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunEvent {
