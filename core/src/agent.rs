@@ -749,6 +749,15 @@ mod tests {
         }
     }
 
+    /// The work was answered with a Cancelled report and never started.
+    fn assert_reported_cancelled_without_spawning(out: &[AgentOutput]) {
+        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Spawn { .. })));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, AgentOutput::Send(AgentMsg::Report(r))
+            if r.kind == ReportKind::Finished { outcome: Outcome::Cancelled, exit_code: None })));
+    }
+
     fn drain(a: &mut Agent) -> Vec<AgentOutput> {
         std::iter::from_fn(|| a.poll_output()).collect()
     }
@@ -990,12 +999,7 @@ mod tests {
                 assignment: assignment(1, 7),
             },
         );
-        let out = drain(&mut a);
-        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Spawn { .. })));
-        assert!(out
-            .iter()
-            .any(|o| matches!(o, AgentOutput::Send(AgentMsg::Report(r))
-            if r.kind == ReportKind::Finished { outcome: Outcome::Cancelled, exit_code: None })));
+        assert_reported_cancelled_without_spawning(&drain(&mut a));
     }
 
     #[test]
@@ -1047,11 +1051,6 @@ mod tests {
                 assignment: assignment(1, 7),
             },
         );
-        let out = drain(&mut a);
-        assert!(!out.iter().any(|o| matches!(o, AgentOutput::Spawn { .. })));
-        assert!(out
-            .iter()
-            .any(|o| matches!(o, AgentOutput::Send(AgentMsg::Report(r))
-            if r.kind == ReportKind::Finished { outcome: Outcome::Cancelled, exit_code: None })));
+        assert_reported_cancelled_without_spawning(&drain(&mut a));
     }
 }
