@@ -62,10 +62,13 @@ pub enum Bug {
     /// The attempts of a down or removed node are requeued without waiting
     /// for its lease to lapse.
     RequeueBeforeLeaseLapses,
+    /// A report resent while its first copy is still on its way to the log
+    /// is appended again.
+    ReportAppendedTwice,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 21] = [
+    pub const ALL: [Bug; 22] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -87,6 +90,7 @@ impl Bug {
         Bug::StampFollowsClock,
         Bug::OwnedReplayDropsKey,
         Bug::RequeueBeforeLeaseLapses,
+        Bug::ReportAppendedTwice,
     ];
 }
 

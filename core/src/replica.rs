@@ -629,7 +629,9 @@ impl Replica {
             }
             return;
         }
-        if !self.reporting.insert((job, attempt, finished)) {
+        if !self.reporting.insert((job, attempt, finished))
+            && !planted!(self.config.bugs, ReportAppendedTwice)
+        {
             return;
         }
         let event = match report.kind {

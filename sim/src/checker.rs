@@ -48,6 +48,7 @@ pub mod inv {
     pub const LIVE_LEADER: &str = "liveness_leader";
     pub const LIVE_JOBS: &str = "liveness_jobs_terminal";
     pub const LIVE_RESULTS: &str = "liveness_results_recorded";
+    pub const RESULT_ONCE: &str = "result_recorded_once";
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,6 +205,8 @@ pub struct Checker {
     kills_owed: BTreeSet<(JobId, AttemptNumber)>,
     /// Jobs whose first cancel the ledger took in the batch being walked.
     first_cancels: Vec<JobId>,
+    /// Attempts whose result the log holds: each may be recorded once.
+    results: BTreeSet<(JobId, AttemptNumber)>,
 }
 
 /// Idle replica ticks a job may be owed a placement before it is a
@@ -586,6 +589,7 @@ impl Checker {
         self.owed_ticks = 0;
         self.next_unseen_job = 1;
         self.first_cancels.clear();
+        self.results.clear();
         let by_seq = self.new_jobs(state)?;
         let mut touched: BTreeSet<JobId> = by_seq.values().copied().collect();
         let last = last_assignments(durable);
@@ -650,9 +654,21 @@ impl Checker {
                     self.accepted_placement(*job, *attempt, node, state)?;
                 }
             }
-            Event::AttemptStarted { job, .. }
-            | Event::AttemptFinished { job, .. }
-            | Event::AttemptLost { job, .. } => {
+            Event::AttemptFinished { job, attempt, .. } => {
+                touched.insert(*job);
+                // A result is recorded once: a report resent while its first
+                // copy was on its way to the log must not be appended again.
+                if !self.results.insert((*job, *attempt)) {
+                    return fail(
+                        inv::RESULT_ONCE,
+                        format!(
+                            "job {job} attempt {attempt}: a second result in the log at index {}",
+                            entry.index
+                        ),
+                    );
+                }
+            }
+            Event::AttemptStarted { job, .. } | Event::AttemptLost { job, .. } => {
                 touched.insert(*job);
             }
             Event::NodeRegistered {

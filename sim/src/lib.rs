@@ -84,6 +84,7 @@ impl PlantedBug {
                 &[REPLAY, IDEMPOTENCY, ACKED_DURABLE],
             ),
             Bug::RequeueBeforeLeaseLapses => ("requeue-before-lease-lapses", &[EXCLUSIVE]),
+            Bug::ReportAppendedTwice => ("report-appended-twice", &[RESULT_ONCE]),
         }
     }
 
