@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use rustci_core::agent::{Agent, AgentConfig, AgentOutput, AGENT_TICK_MS};
-use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources};
+use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources, Usage};
 use rustci_core::protocol::{LeaseConfig, PROTOCOL_VERSION};
 use rustci_net::agent_link::{
     read_frame, write_frame, Down, Hello, HelloReply, Up, AGENT_PATH, AGENT_UPGRADE,
@@ -257,6 +257,7 @@ pub fn process_ended(
     attempt: AttemptNumber,
     outcome: Outcome,
     exit_code: Option<i32>,
+    usage: Option<Usage>,
 ) {
     match outcome {
         Outcome::StartFailed => agent.handle_spawned(
@@ -266,9 +267,9 @@ pub fn process_ended(
             Err("the command could not be started".into()),
         ),
         // The agent knows why it killed (cancel, time-out, lapse).
-        Outcome::Cancelled | Outcome::TimedOut => agent.handle_exit(now, job, attempt, None),
-        Outcome::Exited => agent.handle_exit(now, job, attempt, exit_code),
-        Outcome::Oom => agent.handle_out_of_memory(now, job, attempt),
+        Outcome::Cancelled | Outcome::TimedOut => agent.handle_exit(now, job, attempt, None, usage),
+        Outcome::Exited => agent.handle_exit(now, job, attempt, exit_code, usage),
+        Outcome::Oom => agent.handle_out_of_memory(now, job, attempt, usage),
     }
 }
 
@@ -487,6 +488,7 @@ impl Driver {
                 attempt,
                 outcome,
                 exit_code,
+                usage,
             } => {
                 let key = (JobId(job), attempt);
                 // All of the output goes out before the report that ends
@@ -495,7 +497,15 @@ impl Driver {
                 if let Some(s) = self.shipping.get_mut(&key) {
                     s.ended = Some(Instant::now());
                 }
-                process_ended(&mut self.agent, now, key.0, attempt, outcome, exit_code);
+                process_ended(
+                    &mut self.agent,
+                    now,
+                    key.0,
+                    attempt,
+                    outcome,
+                    exit_code,
+                    usage,
+                );
             }
         }
     }

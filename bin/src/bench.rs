@@ -134,6 +134,7 @@ fn synthetic_events(total: u64) -> impl Iterator<Item = Event> {
                 attempt: 1,
                 outcome: Outcome::Exited,
                 exit_code: Some(i32::from(i.is_multiple_of(7))),
+                usage: None,
             },
         ]
     });

@@ -383,10 +383,15 @@ async fn forward_run_events(
                 attempt,
                 outcome,
                 exit_code,
+                usage,
             } => Input::Run {
                 job: JobId(job),
                 attempt,
-                observed: RunObservation::Ended { outcome, exit_code },
+                observed: RunObservation::Ended {
+                    outcome,
+                    exit_code,
+                    usage,
+                },
             },
         };
         if inputs.send(input).await.is_err() {
@@ -541,9 +546,13 @@ impl Driver {
                 };
                 match observed {
                     RunObservation::Started => agent.handle_spawned(mono, job, attempt, Ok(())),
-                    RunObservation::Ended { outcome, exit_code } => {
-                        crate::agent::process_ended(agent, mono, job, attempt, outcome, exit_code)
-                    }
+                    RunObservation::Ended {
+                        outcome,
+                        exit_code,
+                        usage,
+                    } => crate::agent::process_ended(
+                        agent, mono, job, attempt, outcome, exit_code, usage,
+                    ),
                 }
             }
             Input::Persisted(index) => self.replica.handle_persisted(now, index),

@@ -587,6 +587,23 @@ fn a_job_over_its_memory_ends_oom_and_escaped_processes_die_with_their_attempt()
     let j = wait_terminal(&c, hog);
     assert_eq!(j["state"], "failed", "{j}");
     assert_eq!(j["attempts"][0]["outcome"], "oom", "{j}");
+    // What an attempt used is recorded on it, from its cgroups.
+    let script = "x = bytearray(100 * 1024 * 1024)\n\
+                  import time\n\
+                  t = time.process_time()\n\
+                  while time.process_time() - t < 0.3: pass\n";
+    let busy = c.submit(&json!({
+        "command": ["python3", "-c", script],
+        "resources": {"cpu_millis": 1000, "memory_mb": 512},
+    }));
+    let j = wait_terminal(&c, busy);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let peak = j["attempts"][0]["peak_memory_mb"]
+        .as_u64()
+        .expect("peak memory");
+    let cpu = j["attempts"][0]["cpu_ms"].as_u64().expect("cpu time");
+    assert!((100..512).contains(&peak), "{j}");
+    assert!(cpu >= 300, "{j}");
     // A job that escapes its process group (setsid) is still killed, by
     // cancel and by its time-out.
     let marks = c.dir.path().join("escape");

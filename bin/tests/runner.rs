@@ -140,6 +140,7 @@ impl Harness {
                     attempt: 1,
                     outcome,
                     exit_code,
+                    usage: _,
                 } if j == job => return (outcome, exit_code),
                 other => panic!("unexpected event {other:?}"),
             }
@@ -417,6 +418,7 @@ in_both_modes! {
             attempt: 1,
             outcome: Outcome::StartFailed,
             exit_code: None,
+            usage: None,
         };
         assert_eq!(first, expected);
         let log = read_log(&spec);
@@ -806,6 +808,7 @@ in_both_modes! {
             attempt: 1,
             outcome: Outcome::StartFailed,
             exit_code: None,
+            usage: None,
         };
         assert_eq!(first, expected);
         let log = read_log(&spec);
@@ -885,4 +888,127 @@ async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
         "{}",
         read_log(&spec)
     );
+}
+
+/// Without cgroups the shim measures the command's process tree: its peak
+/// memory and cpu time reach the Finished event. (Without a shim nothing
+/// measures: no usage rather than a made-up one.)
+#[tokio::test]
+async fn the_shim_measures_what_the_command_used() {
+    let mut h = Harness::new_in(Mode::Shim);
+    // 80 MiB touched, then at least 300 ms of cpu.
+    let script = "x = bytearray(80 * 1024 * 1024)\n\
+                  import time\n\
+                  t = time.process_time()\n\
+                  while time.process_time() - t < 0.3: pass\n";
+    h.runner.start(h.spec(1, &["python3", "-c", script]));
+    let usage = loop {
+        match h.next_event().await {
+            RunEvent::Started { .. } => continue,
+            RunEvent::Finished { outcome, usage, .. } => {
+                assert_eq!(outcome, Outcome::Exited);
+                break usage;
+            }
+        }
+    };
+    let usage = usage.expect("the shim reports usage");
+    assert!(usage.peak_memory_mb >= 80, "{usage:?}");
+    assert!(usage.peak_memory_mb < 1024, "{usage:?}");
+    assert!(usage.cpu_ms >= 300, "{usage:?}");
+    let mut direct = Harness::new_in(Mode::Direct);
+    direct.runner.start(direct.spec(1, &["true"]));
+    loop {
+        if let RunEvent::Finished { usage, .. } = direct.next_event().await {
+            assert_eq!(usage, None);
+            break;
+        }
+    }
+}
+
+/// Without cgroups, the shim is the job's child subreaper: a process that
+/// leaves the job's group and session (`setsid`) and loses its parent is
+/// still found and killed by cancel, by time-out, and when the job ends.
+mod escapees_without_cgroups {
+    use super::*;
+
+    /// Starts a job whose `setsid` child writes its pid to a file in the
+    /// harness's dir and sleeps; returns that pid once it runs.
+    async fn start_escapee(h: &mut Harness, job: u64, then: &str, timeout: Duration) -> i32 {
+        let marks = h.dir.path().join("marks");
+        std::fs::create_dir_all(&marks).unwrap();
+        let script =
+            format!(r#"setsid sh -c 'echo $$ > "$D/pid-$RUSTCI_JOB_ID"; exec sleep 300' & {then}"#);
+        let mut spec = h.spec(job, &sh(&script));
+        spec.env.insert("D".into(), marks.to_str().unwrap().into());
+        spec.timeout = timeout;
+        h.runner.start(spec);
+        let file = marks.join(format!("pid-{job}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // The escapee is in a session (and group) of its own.
+                assert_ne!(unsafe { libc::getsid(pid) }, unsafe { libc::getsid(0) });
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "the escapee never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    }
+
+    fn dies(pid: i32) -> bool {
+        let deadline = Instant::now() + GROUP_DEATH_WAIT_MAX;
+        while Instant::now() < deadline {
+            if !alive(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_a_setsid_escapee() {
+        let mut h = Harness::new_in(Mode::Shim);
+        let pid = start_escapee(&mut h, 1, "sleep 300", Duration::from_secs(60)).await;
+        assert!(alive(pid));
+        h.runner.kill(1, 1);
+        assert_eq!(h.finished(1).await, (Outcome::Cancelled, None));
+        assert!(dies(pid), "escapee {pid} survived the cancel");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_a_setsid_escapee() {
+        let mut h = Harness::new_in(Mode::Shim);
+        let pid = start_escapee(&mut h, 1, "sleep 300", Duration::from_secs(2)).await;
+        assert_eq!(h.finished(1).await, (Outcome::TimedOut, None));
+        assert!(dies(pid), "escapee {pid} survived the time-out");
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_job_kills_a_setsid_escapee() {
+        let mut h = Harness::new_in(Mode::Shim);
+        // The job's shell waits until the escapee runs, then exits 0.
+        let pid = start_escapee(
+            &mut h,
+            1,
+            r#"while [ ! -s "$D/pid-$RUSTCI_JOB_ID" ]; do sleep 0.05; done; exit 0"#,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
+        assert!(dies(pid), "escapee {pid} outlived its job");
+    }
 }

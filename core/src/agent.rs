@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::event::LogIndex;
-use crate::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources};
+use crate::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources, Usage};
 use crate::protocol::{AgentMsg, Assignment, LeaseConfig, NodeAd, Report, ReportKind, ServerMsg};
 
 /// How often a driver should call [`Agent::handle_tick`].
@@ -112,6 +112,8 @@ struct Run {
     done: Option<Report>,
     /// Log index as of which the control plane acknowledged `done`.
     acked_at: Option<LogIndex>,
+    /// What the process used, once it ended and the executor measured it.
+    usage: Option<Usage>,
 }
 
 pub struct Agent {
@@ -448,11 +450,21 @@ impl Agent {
     }
 
     /// The kernel killed the attempt's process for its memory limit.
-    pub fn handle_out_of_memory(&mut self, now: u64, job: JobId, attempt: AttemptNumber) {
+    /// `usage` is what it used, if the executor measured it.
+    pub fn handle_out_of_memory(
+        &mut self,
+        now: u64,
+        job: JobId,
+        attempt: AttemptNumber,
+        usage: Option<Usage>,
+    ) {
         self.check_lease(now);
-        let Some(run) = self.runs.get(&(job, attempt)) else {
+        let Some(run) = self.runs.get_mut(&(job, attempt)) else {
             return;
         };
+        if run.done.is_none() {
+            run.usage = usage;
+        }
         match (&run.done, run.kill) {
             (Some(_), _) => {}
             (None, Some(KillReason::Stale)) => {
@@ -462,21 +474,24 @@ impl Agent {
         }
     }
 
-    /// The attempt's process ended (`exit_code` as the executor saw it).
+    /// The attempt's process ended (`exit_code` as the executor saw it;
+    /// `usage` what it used, if the executor measured it).
     pub fn handle_exit(
         &mut self,
         now: u64,
         job: JobId,
         attempt: AttemptNumber,
         exit_code: Option<i32>,
+        usage: Option<Usage>,
     ) {
         self.check_lease(now);
-        let Some(run) = self.runs.get(&(job, attempt)) else {
+        let Some(run) = self.runs.get_mut(&(job, attempt)) else {
             return;
         };
         if run.done.is_some() {
             return;
         }
+        run.usage = usage;
         match run.kill {
             Some(KillReason::Stale) => {
                 self.runs.remove(&(job, attempt));
@@ -525,6 +540,7 @@ impl Agent {
             kill: None,
             done: None,
             acked_at: None,
+            usage: None,
         };
         self.runs.insert(key, run);
         // Stopping: never started, so reported `cancelled`, which the leader
@@ -585,16 +601,19 @@ impl Agent {
     /// A report about one of this agent's runs, in the name of the
     /// incarnation it was assigned to.
     fn report_of(&self, job: JobId, attempt: AttemptNumber, kind: ReportKind) -> Report {
-        let incarnation = self
-            .runs
-            .get(&(job, attempt))
-            .map_or(self.incarnation, |r| r.incarnation);
+        let run = self.runs.get(&(job, attempt));
+        let incarnation = run.map_or(self.incarnation, |r| r.incarnation);
+        let usage = match kind {
+            ReportKind::Finished { .. } => run.and_then(|r| r.usage),
+            ReportKind::Started => None,
+        };
         Report {
             node: self.config.name.clone(),
             incarnation,
             job,
             attempt,
             kind,
+            usage,
         }
     }
 
@@ -819,16 +838,21 @@ mod tests {
         assert!(
             matches!(&drain(&mut a)[..], [AgentOutput::Send(AgentMsg::Report(r))] if r.kind == ReportKind::Started)
         );
-        a.handle_exit(500, JobId(1), 1, Some(0));
+        let used = Usage {
+            peak_memory_mb: 12,
+            cpu_ms: 340,
+        };
+        a.handle_exit(500, JobId(1), 1, Some(0), Some(used));
         let out = drain(&mut a);
         assert!(matches!(&out[..], [AgentOutput::Send(AgentMsg::Report(r))]
-            if r.kind == ReportKind::Finished { outcome: Outcome::Exited, exit_code: Some(0) } && r.incarnation == 7));
-        // Not acknowledged: sent again with the next heartbeat.
+            if r.kind == ReportKind::Finished { outcome: Outcome::Exited, exit_code: Some(0) }
+                && r.incarnation == 7 && r.usage == Some(used)));
+        // Not acknowledged: sent again with the next heartbeat, usage too.
         a.handle_tick(1_000);
         let out = drain(&mut a);
         assert!(out
             .iter()
-            .any(|o| matches!(o, AgentOutput::Send(AgentMsg::Report(_)))));
+            .any(|o| matches!(o, AgentOutput::Send(AgentMsg::Report(r)) if r.usage == Some(used))));
         a.handle_message(
             1_010,
             ServerMsg::ReportAck {
@@ -867,7 +891,7 @@ mod tests {
             job: JobId(1),
             attempt: 1
         }));
-        a.handle_exit(1_030, JobId(1), 1, None);
+        a.handle_exit(1_030, JobId(1), 1, None, None);
         assert!(
             matches!(&drain(&mut a)[..], [AgentOutput::Send(AgentMsg::Report(r))]
             if r.kind == ReportKind::Finished { outcome: Outcome::TimedOut, exit_code: None })
@@ -907,7 +931,7 @@ mod tests {
             matches!(&out[1], AgentOutput::Send(AgentMsg::Heartbeat { node, .. }) if node.incarnation == 8)
         );
         // The killed attempt is never reported.
-        a.handle_exit(3_010, JobId(1), 1, None);
+        a.handle_exit(3_010, JobId(1), 1, None, None);
         a.handle_tick(4_000);
         assert!(!drain(&mut a)
             .iter()
@@ -976,7 +1000,7 @@ mod tests {
             job: JobId(2),
             attempt: 1
         }));
-        a.handle_exit(2_020, JobId(2), 1, None);
+        a.handle_exit(2_020, JobId(2), 1, None, None);
         assert!(drain(&mut a).is_empty());
     }
 

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources, TimestampMs};
+use crate::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources, TimestampMs, Usage};
 
 /// A replica's identity within its cluster (1-based, as on the command line).
 pub type ReplicaId = u64;
@@ -49,6 +49,9 @@ pub enum Event {
         attempt: AttemptNumber,
         outcome: Outcome,
         exit_code: Option<i32>,
+        /// What it used, when the runner measured it.
+        #[serde(default)]
+        usage: Option<Usage>,
     },
     /// The attempt's node died or restarted: the attempt is gone and the job
     /// is queued again without spending a retry.

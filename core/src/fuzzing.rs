@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::event::{Entry, Event};
-use crate::model::{JobId, JobSpec, JobState, Labels, Outcome, Resources};
+use crate::model::{JobId, JobSpec, JobState, Labels, Outcome, Resources, Usage};
 use crate::state::{Applied, State};
 
 /// Most entries one input decodes to; keeps every run fast (each step checks
@@ -123,6 +123,10 @@ pub fn entries_from_bytes(data: &[u8]) -> Vec<Entry> {
                         Outcome::StartFailed,
                     ][usize::from(b & 3)],
                     exit_code: [None, Some(0), Some(1), Some(-9)][usize::from((b >> 2) & 3)],
+                    usage: (b & 0x10 != 0).then(|| Usage {
+                        peak_memory_mb: u64::from(b >> 5),
+                        cpu_ms: u64::from(b),
+                    }),
                 }
             }
             6 => Event::AttemptLost {

@@ -167,6 +167,17 @@ impl AttemptState {
     }
 }
 
+/// What an attempt used, as measured by the runner that executed it: the
+/// attempt's cgroup where it had one, else the resource usage of the
+/// command's process tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Usage {
+    /// Peak resident memory, MiB.
+    pub peak_memory_mb: u64,
+    /// Cpu time, user plus system, milliseconds.
+    pub cpu_ms: u64,
+}
+
 /// How an attempt ended, as reported by the runner that executed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -203,6 +214,9 @@ pub struct Attempt {
     /// runner has been told to kill it, and its resources stay allocated until
     /// it reports back (or its node is declared down).
     pub cancel_requested: bool,
+    /// What it used, when its runner measured it.
+    #[serde(default)]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -25,7 +25,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::event::LogIndex;
-use crate::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources};
+use crate::model::{AttemptNumber, JobId, JobSpec, Labels, Outcome, Resources, Usage};
 
 /// Version of the agent protocol; a peer speaking another is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -156,6 +156,9 @@ pub struct Report {
     pub job: JobId,
     pub attempt: AttemptNumber,
     pub kind: ReportKind,
+    /// With a final report: what the attempt used, when measured.
+    #[serde(default)]
+    pub usage: Option<Usage>,
 }
 
 /// Agent to control plane.

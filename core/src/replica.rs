@@ -641,6 +641,7 @@ impl Replica {
                 attempt,
                 outcome,
                 exit_code,
+                usage: report.usage,
             },
         };
         let origin = Origin::Report {

@@ -13,7 +13,7 @@ use std::hash::{Hash, Hasher};
 use crate::event::{Entry, Event, LogIndex, ReplicaId, Term};
 use crate::model::{
     Attempt, AttemptNumber, AttemptState, Job, JobId, JobSpec, JobState, Labels, Node, NodeState,
-    Outcome, Resources, TimestampMs,
+    Outcome, Resources, TimestampMs, Usage,
 };
 
 /// Attempts of one job that may be lost (their node died or restarted)
@@ -315,7 +315,8 @@ impl State {
                 attempt,
                 outcome,
                 exit_code,
-            } => self.finished(*job, *attempt, *outcome, *exit_code, at),
+                usage,
+            } => self.finished(*job, *attempt, *outcome, *exit_code, *usage, at),
             Event::AttemptLost { job, attempt } => self.lost(*job, *attempt, at),
             Event::NodeRegistered {
                 name,
@@ -479,6 +480,7 @@ impl State {
                 started_at: None,
                 finished_at: None,
                 cancel_requested: false,
+                usage: None,
             });
         }
         self.set_job_state(id, JobState::Assigned);
@@ -525,6 +527,7 @@ impl State {
         attempt: AttemptNumber,
         outcome: Outcome,
         exit_code: Option<i32>,
+        usage: Option<Usage>,
         at: TimestampMs,
     ) -> Applied {
         let Some(a) = self.active_attempt_mut(id, attempt) else {
@@ -543,6 +546,7 @@ impl State {
         a.state = attempt_state;
         a.exit_code = exit_code;
         a.outcome = Some(outcome);
+        a.usage = usage;
         a.finished_at = Some(at);
         if a.started_at.is_none() && outcome != Outcome::StartFailed {
             a.started_at = Some(at);

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use rustci_core::event::{Entry, Event};
-use rustci_core::model::{JobId, JobSpec, Outcome, Resources};
+use rustci_core::model::{JobId, JobSpec, Outcome, Resources, Usage};
 use rustci_core::state::State;
 
 fn node_name() -> impl Strategy<Value = String> {
@@ -61,14 +61,19 @@ pub fn event() -> impl Strategy<Value = Event> {
             job.clone(),
             attempt.clone(),
             outcome(),
-            prop::option::of(-1i32..3)
+            prop::option::of(-1i32..3),
+            prop::option::of((0u64..4096, 0u64..100_000))
         )
             .prop_map(
-                |(job, attempt, outcome, exit_code)| Event::AttemptFinished {
+                |(job, attempt, outcome, exit_code, usage)| Event::AttemptFinished {
                     job,
                     attempt,
                     outcome,
-                    exit_code
+                    exit_code,
+                    usage: usage.map(|(peak_memory_mb, cpu_ms)| Usage {
+                        peak_memory_mb,
+                        cpu_ms
+                    }),
                 }
             ),
         (job, attempt).prop_map(|(job, attempt)| Event::AttemptLost { job, attempt }),

@@ -186,6 +186,7 @@ impl Cluster {
             job,
             attempt,
             kind,
+            usage: None,
         };
         self.replica
             .handle_agent(self.now, self.mono, AgentMsg::Report(report));
@@ -396,6 +397,7 @@ fn stale_attempt_results_are_ignored() {
             outcome: Outcome::Exited,
             exit_code: Some(0),
         },
+        usage: None,
     };
     c.replica
         .handle_agent(c.now, c.mono, AgentMsg::Report(late));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rustci_core::event::{Entry, LogIndex, ReplicaId};
-use rustci_core::model::{AttemptNumber, JobId, Outcome};
+use rustci_core::model::{AttemptNumber, JobId, Outcome, Usage};
 use rustci_core::protocol::AgentMsg;
 use rustci_core::replica::{Command, CommandError, Replica, Reply};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -42,6 +42,7 @@ pub enum RunObservation {
     Ended {
         outcome: Outcome,
         exit_code: Option<i32>,
+        usage: Option<Usage>,
     },
 }
 

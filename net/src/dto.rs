@@ -86,6 +86,13 @@ pub struct AttemptView {
     /// `start_failed` or `oom` (killed for exceeding `memory_mb`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
+    /// Peak resident memory of the attempt, MiB, once it ended (when its
+    /// runner measured it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_mb: Option<u64>,
+    /// Cpu time the attempt used, user plus system, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
 }
 
 impl From<&Attempt> for AttemptView {
@@ -99,6 +106,8 @@ impl From<&Attempt> for AttemptView {
             started_at: a.started_at,
             finished_at: a.finished_at,
             outcome: a.outcome,
+            peak_memory_mb: a.usage.map(|u| u.peak_memory_mb),
+            cpu_ms: a.usage.map(|u| u.cpu_ms),
         }
     }
 }

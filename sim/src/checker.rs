@@ -21,7 +21,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use rustci_core::event::{Entry, Event, LogIndex};
-use rustci_core::model::{AttemptNumber, AttemptState, Job, JobId, JobState, Labels, Resources};
+use rustci_core::model::{
+    AttemptNumber, AttemptState, Job, JobId, JobState, Labels, Resources, Usage,
+};
 use rustci_core::replica::Lifecycle;
 use rustci_core::state::State;
 
@@ -163,6 +165,10 @@ struct JobRec {
     /// then, by the ledger).
     placed: BTreeMap<AttemptNumber, (String, u64)>,
 }
+
+/// A result a live agent reported: (job, attempt, the attempt state it
+/// means, what the attempt used).
+pub type LiveResult = (JobId, AttemptNumber, AttemptState, Option<Usage>);
 
 /// Queue order by the checker's own rule: higher priority first, then
 /// earlier submission.
@@ -1110,13 +1116,14 @@ impl Checker {
 
     /// After healing: a result a live runner reported for an attempt is
     /// recorded on that attempt. `results` are (job, attempt, attempt state).
-    pub fn live_results(state: &State, results: &[(JobId, AttemptNumber, AttemptState)]) -> Check {
-        for (job, attempt, want) in results {
+    pub fn live_results(state: &State, results: &[LiveResult]) -> Check {
+        for (job, attempt, want, usage) in results {
+            let want = (*want, *usage);
             let got = state
                 .job(*job)
                 .and_then(|j| j.attempts.iter().find(|a| a.number == *attempt))
-                .map(|a| a.state);
-            if got != Some(*want) {
+                .map(|a| (a.state, a.usage));
+            if got != Some(want) {
                 return fail(
                     inv::LIVE_RESULTS,
                     format!("job {job} attempt {attempt}: ran to {want:?}, recorded {got:?}"),

@@ -8,10 +8,12 @@
 use std::collections::BTreeMap;
 
 use rustci_core::agent::{Agent, AgentConfig, AgentOutput, AGENT_TICK_MS};
-use rustci_core::model::{AttemptNumber, AttemptState, JobId, JobSpec, Labels, Outcome, Resources};
+use rustci_core::model::{
+    AttemptNumber, AttemptState, JobId, JobSpec, Labels, Outcome, Resources, Usage,
+};
 use rustci_core::protocol::{AgentMsg, ReportKind, ServerMsg};
 
-use crate::checker::Check;
+use crate::checker::{Check, LiveResult};
 use crate::world::{Body, Clock, Ep, Ev, World, DOWNTIME_MS_MAX};
 
 /// A process of an attempt, as the machine runs it.
@@ -42,7 +44,8 @@ pub(crate) struct NodeHost {
     pub supervisor_deadline: Option<u64>,
     /// Final attempt states the agent reported, with the incarnation that
     /// reported them, for the liveness check.
-    pub results: BTreeMap<(JobId, AttemptNumber), (u64, AttemptState)>,
+    /// (job, attempt) -> (incarnation, state, usage) the agent reported.
+    pub results: BTreeMap<(JobId, AttemptNumber), (u64, AttemptState, Option<Usage>)>,
 }
 
 impl NodeHost {
@@ -211,8 +214,14 @@ impl World {
         code: Option<i32>,
     ) -> Check {
         let now = self.agent_now(i);
+        // A process that ran to its end was measured; the values are a
+        // function of the attempt, so the checker can tell them apart.
+        let usage = code.map(|_| Usage {
+            peak_memory_mb: job.0 % 509 + u64::from(attempt),
+            cpu_ms: job.0.wrapping_mul(37) % 10_007,
+        });
         if let Some(agent) = self.nodes[i].agent.as_mut() {
-            agent.handle_exit(now, job, attempt, code);
+            agent.handle_exit(now, job, attempt, code, usage);
         }
         self.agent_outputs(i)
     }
@@ -273,7 +282,7 @@ impl World {
                     if was_running {
                         let now = self.agent_now(i);
                         if let Some(agent) = self.nodes[i].agent.as_mut() {
-                            agent.handle_exit(now, job, attempt, None);
+                            agent.handle_exit(now, job, attempt, None, None);
                         }
                     }
                 }
@@ -330,7 +339,7 @@ impl World {
                     };
                     self.nodes[i]
                         .results
-                        .insert((r.job, r.attempt), (r.incarnation, state));
+                        .insert((r.job, r.attempt), (r.incarnation, state, r.usage));
                 }
             }
             AgentMsg::Leaving { .. } => {}
@@ -382,15 +391,15 @@ impl World {
 
     /// Results a live agent reported for attempts of its current
     /// incarnation: they must be recorded.
-    pub(crate) fn live_agent_results(&self) -> Vec<(JobId, AttemptNumber, AttemptState)> {
+    pub(crate) fn live_agent_results(&self) -> Vec<LiveResult> {
         self.nodes
             .iter()
             .filter_map(|h| h.incarnation().map(|inc| (h, inc)))
             .flat_map(|(h, inc)| {
                 h.results
                     .iter()
-                    .filter(move |(_, (by, _))| *by == inc)
-                    .map(|((j, n), (_, s))| (*j, *n, *s))
+                    .filter(move |(_, (by, _, _))| *by == inc)
+                    .map(|((j, n), (_, s, u))| (*j, *n, *s, *u))
             })
             .collect()
     }

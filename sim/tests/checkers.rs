@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use rustci_core::event::{Entry, Event};
-use rustci_core::model::{AttemptState, JobId, JobSpec, JobState, Labels, Outcome, Resources};
+use rustci_core::model::{
+    AttemptState, JobId, JobSpec, JobState, Labels, Outcome, Resources, Usage,
+};
 use rustci_core::replica::Lifecycle;
 use rustci_core::state::State;
 use rustci_sim::checker::{inv, Checker, OWED_TICKS_MAX};
@@ -46,6 +48,12 @@ struct Run {
     /// The invariant of the first violation, or "ok".
     verdict: &'static str,
 }
+
+/// What every crafted attempt used.
+const USED: Usage = Usage {
+    peak_memory_mb: 64,
+    cpu_ms: 1500,
+};
 
 impl Run {
     fn new() -> Run {
@@ -125,6 +133,7 @@ impl Run {
             attempt,
             outcome: Outcome::Exited,
             exit_code: Some(exit_code),
+            usage: Some(USED),
         })
     }
 
@@ -285,6 +294,7 @@ fn checker_accepted_attempts_never_exceed_a_node_in_any_dimension() {
             started_at: None,
             finished_at: None,
             cancel_requested: false,
+            usage: None,
         });
         job.state = JobState::Assigned;
     });
@@ -420,6 +430,7 @@ fn checker_retry_budget_is_spent_exactly() {
                 attempt: 2,
                 outcome: Outcome::Exited,
                 exit_code: Some(3),
+                usage: None,
             },
             |s| s.jobs.get_mut(&JobId(1)).unwrap().state = JobState::Queued,
         );
@@ -435,6 +446,7 @@ fn checker_retry_budget_is_spent_exactly() {
                 attempt: 1,
                 outcome: Outcome::Exited,
                 exit_code: Some(3),
+                usage: None,
             },
             |s| s.jobs.get_mut(&JobId(1)).unwrap().state = JobState::Failed,
         );
@@ -527,26 +539,32 @@ fn checker_terminal_jobs_stay_terminal() {
 
 #[test]
 fn checker_stale_attempt_results_change_nothing() {
-    // Attempt 1 failed and the job was retried as attempt 2.
-    let mut s = spec("a", 500, 50);
-    s.max_retries = 1;
-    let r = Run::new()
-        .node("n1", 1000)
-        .submit_spec(s)
-        .assign(1, 1, "n1")
-        .finish(1, 1, 3)
-        .assign(1, 2, "n1");
+    // Attempt 1 was lost and the job runs again as attempt 2; attempt 1's
+    // result comes in late (the log holds no result of it yet).
+    let history = || {
+        Run::new()
+            .node("n1", 1000)
+            .submit("a", 500, 50)
+            .assign(1, 1, "n1")
+            .then(Event::AttemptLost {
+                job: JobId(1),
+                attempt: 1,
+            })
+            .assign(1, 2, "n1")
+    };
+    assert_eq!(history().verdict, "ok");
     let late = Event::AttemptFinished {
         job: JobId(1),
         attempt: 1,
         outcome: Outcome::Exited,
         exit_code: Some(0),
+        usage: None,
     };
     // The real reducer fences it: nothing changes.
-    let fenced = Run { verdict: "ok", ..r }.then(late.clone());
+    let fenced = history().then(late.clone());
     assert_eq!(fenced.verdict, "ok");
     // A reducer that applied it rewrote the stale attempt.
-    let applied = fenced.with(late, |s| {
+    let applied = history().with(late, |s| {
         let a1 = &mut s.jobs.get_mut(&JobId(1)).unwrap().attempts[0];
         a1.state = AttemptState::Succeeded;
         a1.exit_code = Some(0);
@@ -626,11 +644,35 @@ fn checker_liveness_after_healing() {
     let never = Run::new().node("n1", 1000).submit("a", 5000, 50);
     assert_eq!(invariant(never.checker.live_jobs(&never.state)), "ok");
     let state = stuck.assign(1, 1, "n1").finish(1, 1, 2).state;
-    let ran = [(JobId(1), 1, AttemptState::Failed)];
+    let ran = [(JobId(1), 1, AttemptState::Failed, Some(USED))];
     assert_eq!(invariant(Checker::live_results(&state, &ran)), "ok");
-    let claimed = [(JobId(1), 1, AttemptState::Succeeded)];
+    let claimed = [(JobId(1), 1, AttemptState::Succeeded, Some(USED))];
     let r = Checker::live_results(&state, &claimed);
     assert_eq!(invariant(r), inv::LIVE_RESULTS);
+    // What the attempt used is part of its result.
+    let measured = [(JobId(1), 1, AttemptState::Failed, Some(Usage::default()))];
+    let r = Checker::live_results(&state, &measured);
+    assert_eq!(invariant(r), inv::LIVE_RESULTS);
+}
+
+#[test]
+fn checker_a_result_is_recorded_once() {
+    let once = Run::new()
+        .node("n1", 1000)
+        .submit("a", 500, 50)
+        .assign(1, 1, "n1")
+        .finish(1, 1, 0);
+    assert_eq!(once.verdict, "ok");
+    // The same report appended again: the reducer ignores it, the log
+    // holds it twice.
+    let twice = once.finish(1, 1, 0);
+    assert_eq!(twice.verdict, inv::RESULT_ONCE);
+    // Also when the ledger is rebuilt from the durable log.
+    let mut fresh = Checker::new();
+    assert_eq!(
+        invariant(fresh.resync(&twice.log, &twice.state)),
+        inv::RESULT_ONCE
+    );
 }
 
 #[test]

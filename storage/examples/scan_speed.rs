@@ -25,6 +25,7 @@ fn synthetic(index: u64) -> Entry {
             attempt: 1,
             outcome: Outcome::Exited,
             exit_code: Some(0),
+            usage: None,
         },
         _ => Event::JobCancelled { job },
     };

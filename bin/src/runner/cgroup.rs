@@ -15,6 +15,10 @@ use std::time::Duration;
 
 /// The controllers used, and what each limits.
 const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// Controllers used where the machine has them: `cpuacct` accounts the
+/// attempt's cpu time (where it is mounted with `cpu`, the `cpu` cgroup
+/// already has its files).
+const OPTIONAL_CONTROLLERS: [&str; 1] = ["cpuacct"];
 /// Processes (and threads) one attempt may have at once.
 pub const PIDS_MAX: u64 = 4096;
 /// The cpu quota's period.
@@ -49,6 +53,21 @@ impl Cgroups {
             let mine = dir.join(format!("rustci-{instance}"));
             std::fs::create_dir_all(&mine).ok()?;
             roots.push((controller, mine));
+        }
+        for controller in OPTIONAL_CONTROLLERS {
+            let dir = base.join(controller);
+            // The same hierarchy as one already used (`cpu,cpuacct`).
+            let shared = roots
+                .iter()
+                .any(|(_, r)| r.parent().is_some_and(|p| same_dir(p, &dir)));
+            if shared || !dir.join("cgroup.procs").is_file() {
+                continue;
+            }
+            reap_dead_runners(controller, &dir);
+            let mine = dir.join(format!("rustci-{instance}"));
+            if std::fs::create_dir_all(&mine).is_ok() {
+                roots.push((controller, mine));
+            }
         }
         Some(Cgroups { roots })
     }
@@ -102,6 +121,13 @@ impl Drop for Cgroups {
         for (_, root) in &self.roots {
             let _ = std::fs::remove_dir(root);
         }
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 
@@ -203,6 +229,19 @@ impl AttemptCgroup {
             .parse()
             .ok()?;
         Some(bytes / (1024 * 1024))
+    }
+
+    /// Cpu time of the attempt (user plus system), milliseconds, from
+    /// `cpuacct.usage` (nanoseconds) wherever a cgroup of it has one.
+    pub fn cpu_ms(&self) -> Option<u64> {
+        self.dirs.iter().find_map(|(_, dir)| {
+            let nanos: u64 = std::fs::read_to_string(dir.join("cpuacct.usage"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(nanos / 1_000_000)
+        })
     }
 
     /// Removes the (empty) cgroups.

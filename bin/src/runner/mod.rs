@@ -28,15 +28,22 @@
 //! [`NativeRunner::reap_leftovers`] at the next start. With
 //! `shim: Some(exe)` the runner instead starts `exe __shim -- CMD ARGS...`
 //! (`exe` is the `rustci` binary itself; `main` dispatches to [`shim_main`])
-//! as the group leader, with `PDEATHSIG = SIGTERM`. The shim catches
-//! SIGTERM/SIGINT/SIGHUP and answers with `kill(0, SIGKILL)`: its whole
-//! group, itself included, so the job's grandchildren die with the daemon.
-//! It starts the command as its own child in the same group (stdio
-//! inherited: the log pipe and `/dev/null`), waits for it and exits with
-//! its status, re-raising the signal if the command was killed by one, so
-//! the runner sees the same `exit_code` as without a shim. Background
-//! leftovers are killed by the runner's usual group kill after the leader
-//! (now the shim) exits; timeout and cancel SIGKILL the group as before.
+//! as the group leader, with `PDEATHSIG = SIGTERM`. The shim is the job's
+//! child subreaper (`PR_SET_CHILD_SUBREAPER`): a process the job starts
+//! that leaves the group (`setsid`, a daemon's double fork) and loses its
+//! parent is re-parented to the shim, so every process of the job stays a
+//! descendant of the shim. The shim catches SIGTERM/SIGINT/SIGHUP and then
+//! SIGKILLs every descendant (found through `/proc`'s parent links, round
+//! after round until none is left) and finally `kill(0, SIGKILL)`: its
+//! whole group, itself included, so the job dies with the daemon even
+//! without cgroups. It starts the command as its own child in the same
+//! group (stdio inherited: the log pipe and `/dev/null`), waits for it,
+//! reaping every other descendant that ends, kills what the command left
+//! behind, writes what the tree used (`getrusage(RUSAGE_CHILDREN)`) on its
+//! status pipe, and exits with the command's status, re-raising the signal
+//! if the command was killed by one, so the runner sees the same
+//! `exit_code` as without a shim. Cancel and time-out send the shim SIGTERM
+//! first (it kills the escapees), then SIGKILL the group as a backstop.
 //!
 //! With [`RunnerConfig::lease_file`] (a `rustci agent`), the shim also holds
 //! the agent's lease: it polls the file's deadline (`CLOCK_BOOTTIME` ms,
@@ -82,9 +89,12 @@
 //!
 //! # Known limits
 //!
-//! - A process that leaves the job's group (`setsid`, `setpgid`) escapes every
-//!   group kill; if it keeps the output pipe open, the runner stops reading
-//!   [`DRAIN_AFTER_EXIT_MS`] after the group died and drops its later output.
+//! - Without a shim, a process that leaves the job's group (`setsid`,
+//!   `setpgid`) escapes every group kill; if it keeps the output pipe open,
+//!   the runner stops reading [`DRAIN_AFTER_EXIT_MS`] after the group died and
+//!   drops its later output. With a shim it is killed (see above), unless it
+//!   makes itself a subreaper too or the shim itself is SIGKILLed from
+//!   outside; with cgroups it is killed whatever it does.
 //! - On a normal exit the leader is reaped before its group is killed, so in
 //!   theory the pgid could be reused in between; the window is microseconds
 //!   and needs a full wrap of the pid space.
@@ -112,7 +122,7 @@ use std::process::Stdio;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use rustci_core::model::Outcome;
+use rustci_core::model::{Outcome, Usage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -156,9 +166,13 @@ pub const SHIM_START_FAILED_EXIT: i32 = 127;
 pub const SHIM_INTERNAL_ERROR_EXIT: i32 = 126;
 /// What the shim writes on its status pipe when it cannot start the command.
 const SHIM_START_FAILED_BYTE: u8 = b'F';
+/// What the shim writes on its status pipe once the command has ended,
+/// followed by the usage of the command's process tree: peak resident
+/// memory in KiB and cpu time in microseconds, each a little-endian u64.
+const SHIM_USAGE_BYTE: u8 = b'U';
 /// Environment variable naming the fd (the write end of a pipe whose read
 /// end the runner keeps) on which the shim reports a start failure, as one
-/// byte. Removed from the job's environment.
+/// byte, or what the command used. Removed from the job's environment.
 const SHIM_STATUS_FD_ENV: &str = "RUSTCI_SHIM_STATUS_FD";
 /// Environment variable with the pid of the runner that started the shim, so
 /// the shim can tell whether it was orphaned before it could catch SIGTERM.
@@ -238,6 +252,10 @@ pub enum RunEvent {
         attempt: u32,
         outcome: Outcome,
         exit_code: Option<i32>,
+        /// What it used: from its cgroup where it had one, else from the
+        /// shim's account of the command's process tree (none when the
+        /// shim was killed: cancel, time-out, lapse).
+        usage: Option<Usage>,
     },
 }
 
@@ -270,7 +288,7 @@ pub fn detect_cgroups() -> Option<Arc<cgroup::Cgroups>> {
             Some(Arc::new(c))
         }
         None => {
-            warn!("no usable cgroups (v1 memory, cpu, pids): jobs are contained by process groups only, without resource limits");
+            warn!("no usable cgroups (v1 memory, cpu, pids): jobs are contained by process groups, with each attempt's shim as the child subreaper that kills what leaves the group; no memory, cpu or pids limits, and no oom outcome");
             None
         }
     }
@@ -469,15 +487,19 @@ struct Spawned {
     shim_status: Option<io::PipeReader>,
 }
 
+/// How an attempt ended: outcome, exit code, what it used.
+type Ended = (Outcome, Option<i32>, Option<Usage>);
+
 impl AttemptTask {
     async fn run(self, cancel: oneshot::Receiver<()>) {
-        let (outcome, exit_code) = self.execute(cancel).await;
-        info!(?outcome, ?exit_code, "attempt finished");
+        let (outcome, exit_code, usage) = self.execute(cancel).await;
+        info!(?outcome, ?exit_code, ?usage, "attempt finished");
         self.send(RunEvent::Finished {
             job: self.spec.job,
             attempt: self.spec.attempt,
             outcome,
             exit_code,
+            usage,
         });
         drop(self.guard);
     }
@@ -488,12 +510,12 @@ impl AttemptTask {
         }
     }
 
-    async fn execute(&self, cancel: oneshot::Receiver<()>) -> (Outcome, Option<i32>) {
+    async fn execute(&self, cancel: oneshot::Receiver<()>) -> Ended {
         let mut log = match open_log(&self.spec.log_path).await {
             Ok(log) => log,
             Err(e) => {
                 warn!(path = %self.spec.log_path.display(), error = %e, "cannot open log");
-                return (Outcome::StartFailed, None);
+                return (Outcome::StartFailed, None, None);
             }
         };
         let shim = self.config.shim.as_deref();
@@ -517,7 +539,7 @@ impl AttemptTask {
                     c.kill_all();
                     c.remove();
                 }
-                return (Outcome::StartFailed, None);
+                return (Outcome::StartFailed, None, None);
             }
         };
         let record = self.record_pgid(spawned.pgid);
@@ -545,7 +567,7 @@ impl AttemptTask {
         log: tokio::fs::File,
         cancel: oneshot::Receiver<()>,
         cgroup: Option<&cgroup::AttemptCgroup>,
-    ) -> (Outcome, Option<i32>) {
+    ) -> Ended {
         let Spawned {
             mut child,
             output,
@@ -563,6 +585,12 @@ impl AttemptTask {
             _ = cancel => Outcome::Cancelled,
             _ = deadline => Outcome::TimedOut,
         };
+        // Cancel or time-out with a shim: the shim kills the job's
+        // descendants, those that left the group too, then itself; the group
+        // kill below is the backstop.
+        if outcome != Outcome::Exited && shim_status.is_some() {
+            terminate_shim(&mut child, pgid).await;
+        }
         // Also on a normal exit: whatever the job left in its group dies now.
         // (Then the leader is already reaped; see "Known limits" on pgid reuse.)
         // Its cgroup also holds what escaped the group (`setsid`, daemons).
@@ -578,20 +606,19 @@ impl AttemptTask {
             }
         };
         finish_output(pump, stop_tx).await;
-        if outcome == Outcome::Exited && shim_status.is_some_and(shim_reported_start_failure) {
+        let status = shim_status.map(read_shim_status).unwrap_or_default();
+        if outcome == Outcome::Exited && status.start_failed {
             warn!("the shim could not start the command");
-            return (Outcome::StartFailed, None);
+            return (Outcome::StartFailed, None, None);
         }
+        let usage = measured_usage(cgroup, status.usage);
         if let Some(c) = cgroup {
-            if let Some(peak) = c.peak_memory_mb() {
-                info!(peak_memory_mb = peak, "attempt memory");
-            }
             if outcome == Outcome::Exited && c.oom_killed() {
                 warn!("the job exceeded its memory limit and was killed");
-                return (Outcome::Oom, exit_code);
+                return (Outcome::Oom, exit_code, usage);
             }
         }
-        (outcome, exit_code)
+        (outcome, exit_code, usage)
     }
 
     /// The attempt's own cgroups, when the runner has cgroups, a shim to
@@ -627,6 +654,43 @@ impl AttemptTask {
     }
 }
 
+/// What an attempt used. Its cgroup saw everything the job started,
+/// escapees included, even when the shim was killed; the shim saw the
+/// process tree it waited for. Each value comes from the cgroup when it has
+/// it.
+fn measured_usage(cgroup: Option<&cgroup::AttemptCgroup>, shim: Option<Usage>) -> Option<Usage> {
+    let Some(c) = cgroup else {
+        return shim;
+    };
+    let peak = c.peak_memory_mb().or(shim.map(|u| u.peak_memory_mb));
+    let cpu = c.cpu_ms().or(shim.map(|u| u.cpu_ms));
+    match (peak, cpu) {
+        (None, None) => None,
+        (peak, cpu) => Some(Usage {
+            peak_memory_mb: peak.unwrap_or(0),
+            cpu_ms: cpu.unwrap_or(0),
+        }),
+    }
+}
+
+/// How long a shim may take to kill its job's descendants when asked.
+const SHIM_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Asks the shim (the group leader, `pid` = `pgid`) to stop the job: SIGTERM
+/// makes it kill every descendant, escapees included, and then itself.
+async fn terminate_shim(child: &mut tokio::process::Child, pgid: i32) {
+    // SAFETY: a plain syscall on the shim's pid (still our unreaped child).
+    unsafe {
+        libc::kill(pgid, libc::SIGTERM);
+    }
+    if tokio::time::timeout(SHIM_STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        warn!(pgid, "the shim did not stop in time; killing its group");
+    }
+}
+
 /// SIGKILLs a job's whole process group. ESRCH (already gone) is fine.
 fn kill_group(pgid: i32) {
     // kill(-1) would signal every process we may signal; kill(0) our own group.
@@ -653,7 +717,7 @@ mod tests {
     #[test]
     fn stat_parsing_survives_command_names_with_spaces_and_parens() {
         let stat = "1234 (my (weird) cmd) S 1 4321 4321 0 -1 4194560";
-        assert_eq!(parse_stat(stat), Some(('S', 4321)));
+        assert_eq!(parse_stat(stat), Some(('S', 1, 4321)));
     }
 
     #[test]

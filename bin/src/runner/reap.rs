@@ -53,18 +53,18 @@ pub fn live_group_members(pgid: i32) -> Vec<i32> {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 return false;
             };
-            matches!(parse_stat(&stat), Some((state, pgrp)) if pgrp == pgid && state != 'Z' && state != 'X')
+            matches!(parse_stat(&stat), Some((state, _, pgrp)) if pgrp == pgid && state != 'Z' && state != 'X')
         })
         .collect()
 }
 
-/// `(state, pgrp)` from a /proc/PID/stat line; the command name may contain
-/// spaces and parentheses, so fields are counted after the last `)`.
-pub(super) fn parse_stat(stat: &str) -> Option<(char, i32)> {
+/// `(state, ppid, pgrp)` from a /proc/PID/stat line; the command name may
+/// contain spaces and parentheses, so fields are counted after the last `)`.
+pub(super) fn parse_stat(stat: &str) -> Option<(char, i32, i32)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
-    Some((state, pgrp))
+    Some((state, ppid, pgrp))
 }

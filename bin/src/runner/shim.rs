@@ -1,14 +1,29 @@
 //! The per-attempt shim (`rustci __shim -- CMD...`): the job's supervisor,
-//! which dies with the runner, takes the job's group with it, and holds the
-//! agent's lease.
+//! which dies with the runner, takes the job's group with it, holds the
+//! agent's lease, and is the job's child subreaper: whatever the job
+//! starts stays its descendant (a `setsid` or daemonized process that
+//! loses its parent is re-parented to the shim, not to init), so it can
+//! kill all of it even without cgroups.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
+
+/// Set by the terminating signals' handler; the wait loop acts on it.
+static TERMINATING: AtomicBool = AtomicBool::new(false);
+/// How often the shim's wait loop looks at its children, the signal flag
+/// and the lease.
+const SHIM_POLL: Duration = Duration::from_millis(10);
+/// Rounds of "kill every descendant" before the shim gives up on them.
+const DESCENDANT_KILL_ROUNDS_MAX: usize = 100;
 
 /// The shim: `rustci __shim -- CMD ARGS...` runs this with `CMD ARGS...`.
 /// Starts the command as its child in its own process group (becoming the
 /// group's leader first if it is not), and on SIGTERM, SIGINT or SIGHUP
-/// (SIGTERM is its `PDEATHSIG` when the runner starts it) SIGKILLs the whole
-/// group, itself included. Returns the command's exit code; if the command
+/// (SIGTERM is its `PDEATHSIG` when the runner starts it) SIGKILLs every
+/// descendant (escapees from the group included) and then its whole group,
+/// itself included. When the command ends, what it left running is killed
+/// the same way. Returns the command's exit code; if the command
 /// was killed by a signal the shim dies of the same signal instead of
 /// returning. If the command cannot be started: writes
 /// `rustci: cannot start "CMD": ERROR` to stderr, reports it on the status
@@ -54,20 +69,19 @@ pub fn shim_main(args: Vec<OsString>) -> i32 {
         Ok(child) => child,
         Err(e) => return shim_start_failed(&program.to_string_lossy(), &e, status_pipe),
     };
-    drop(status_pipe);
-    // std retries the wait on EINTR.
-    let status = match lease {
-        Some(lease) => wait_within_lease(&mut child, &lease),
-        None => child.wait(),
-    };
-    let status = match status {
+    let status = match wait_for_job(&mut child, lease.as_deref()) {
         Ok(status) => status,
         Err(e) => {
             let _ = writeln!(io::stderr(), "rustci: shim: cannot wait for the job: {e}");
-            kill_own_group();
-            return SHIM_INTERNAL_ERROR_EXIT;
+            stop_everything();
         }
     };
+    // Whatever the job left running (in its group or escaped from it) ends
+    // with it; it is all accounted in the usage below.
+    kill_descendants();
+    if let Some(mut pipe) = status_pipe {
+        let _ = pipe.write_all(&shim_usage_record());
+    }
     if let Some(code) = status.code() {
         return code;
     }
@@ -77,28 +91,121 @@ pub fn shim_main(args: Vec<OsString>) -> i32 {
     }
 }
 
-/// Waits for the job, checking the agent's lease file meanwhile: once its
-/// deadline has passed, the whole group dies (the agent that should have
-/// renewed it may be paused, or cut off from the control plane, which will
-/// run the job elsewhere). A missing or unreadable file changes nothing.
-pub(super) fn wait_within_lease(
+/// Waits for the job's command, reaping every other descendant that ends
+/// meanwhile (as a subreaper must). Stops everything on a terminating
+/// signal, and once the agent's lease deadline (in `lease`, if given) has
+/// passed: the agent that should have renewed it may be paused, or cut off
+/// from the control plane, which will run the job elsewhere. No readable
+/// deadline counts as lapsed: fail closed.
+fn wait_for_job(
     child: &mut std::process::Child,
-    lease: &Path,
+    lease: Option<&Path>,
 ) -> io::Result<std::process::ExitStatus> {
+    let pid = libc::pid_t::try_from(child.id()).map_err(io::Error::other)?;
+    let mut lease_checked = std::time::Instant::now();
     loop {
-        if let Some(status) = child.try_wait()? {
+        if TERMINATING.load(Ordering::SeqCst) {
+            stop_everything();
+        }
+        if let Some(status) = reap_children(pid)? {
             return Ok(status);
         }
-        // No readable deadline counts as lapsed: fail closed.
-        if read_lease(lease).is_none_or(|deadline| boot_clock_ms() >= deadline) {
-            let _ = writeln!(
-                io::stderr(),
-                "rustci: the agent's lease lapsed; the job is killed"
-            );
-            kill_own_group();
+        if let Some(lease) = lease.filter(|_| lease_checked.elapsed() >= SHIM_LEASE_POLL) {
+            lease_checked = std::time::Instant::now();
+            if read_lease(lease).is_none_or(|deadline| boot_clock_ms() >= deadline) {
+                let _ = writeln!(
+                    io::stderr(),
+                    "rustci: the agent's lease lapsed; the job is killed"
+                );
+                stop_everything();
+            }
         }
-        std::thread::sleep(SHIM_LEASE_POLL);
+        std::thread::sleep(SHIM_POLL);
     }
+}
+
+/// Reaps every child that has ended; the wait status of `main` if it is
+/// one of them.
+fn reap_children(main: libc::pid_t) -> io::Result<Option<std::process::ExitStatus>> {
+    let mut found = None;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status it is given.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        match pid {
+            0 => return Ok(found),
+            -1 => {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ECHILD) if found.is_some() => Ok(found),
+                    _ => Err(e),
+                };
+            }
+            pid if pid == main => found = Some(std::process::ExitStatus::from_raw(status)),
+            _ => {}
+        }
+    }
+}
+
+/// Kills every descendant of the shim (the job's group and whatever left
+/// it), and reaps them, until none is left or the rounds run out.
+pub(super) fn kill_descendants() {
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { libc::getpid() };
+    for _ in 0..DESCENDANT_KILL_ROUNDS_MAX {
+        let _ = reap_children(0);
+        let pids = descendants_of(me);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: a plain syscall.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = writeln!(io::stderr(), "rustci: shim: processes of the job survive");
+}
+
+/// Kills everything of the job, then the shim's group with the shim.
+fn stop_everything() -> ! {
+    kill_descendants();
+    kill_own_group();
+    // SIGKILL of ourselves does not return; this is for the type checker.
+    std::process::exit(SHIM_INTERNAL_ERROR_EXIT)
+}
+
+/// Live (non-zombie) descendants of `root`, from /proc.
+pub(super) fn descendants_of(root: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children: BTreeMap<libc::pid_t, Vec<libc::pid_t>> = BTreeMap::new();
+    for pid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+    {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some((state, ppid, _)) = parse_stat(&stat) {
+            if state != 'Z' && state != 'X' {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let mut todo = vec![root];
+    while let Some(parent) = todo.pop() {
+        for child in children.remove(&parent).unwrap_or_default() {
+            found.push(child);
+            todo.push(child);
+        }
+    }
+    found
 }
 
 /// Milliseconds on `CLOCK_BOOTTIME`: one clock for every process of this
@@ -144,10 +251,16 @@ pub(super) fn shim_start_failed(
 
 /// Process group leadership, signal handlers, and the orphan check.
 pub(super) fn shim_setup() -> io::Result<()> {
-    // SAFETY: plain syscalls; the handler only calls kill (async-signal-safe).
+    // SAFETY: plain syscalls; the handler only stores to an atomic
+    // (async-signal-safe).
     unsafe {
         // kill(0) must never hit the group of whoever started us by hand.
         if libc::getpgrp() != libc::getpid() && libc::setpgid(0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Orphans of the job come to us, not to init: nothing it starts
+        // leaves our sight.
+        if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0 {
             return Err(io::Error::last_os_error());
         }
         let mut action: libc::sigaction = std::mem::zeroed();
@@ -178,8 +291,10 @@ pub(super) fn shim_setup() -> io::Result<()> {
     Ok(())
 }
 
+/// Only raises the flag (async-signal-safe); the wait loop kills the job's
+/// descendants and the group within [`SHIM_POLL`].
 pub(super) extern "C" fn on_terminating_signal(_signal: libc::c_int) {
-    kill_own_group();
+    TERMINATING.store(true, Ordering::SeqCst);
 }
 
 /// SIGKILLs the shim's process group: the shim and everything of the job.

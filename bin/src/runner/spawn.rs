@@ -243,11 +243,65 @@ pub(super) fn set_nonblocking(fd: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Called once the shim has exited: did it report that the command could
-/// not be started? (The write end is closed, so this never blocks.)
-pub(super) fn shim_reported_start_failure(mut status: io::PipeReader) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(status.read(&mut byte), Ok(1) if byte[0] == SHIM_START_FAILED_BYTE)
+/// What the shim said on its status pipe.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct ShimStatus {
+    /// The command could not be started.
+    pub start_failed: bool,
+    /// What the command's process tree used, once it ended.
+    pub usage: Option<Usage>,
+}
+
+/// Called once the shim has exited: reads what it reported. (The write end
+/// is closed, so this never blocks.)
+pub(super) fn read_shim_status(mut status: io::PipeReader) -> ShimStatus {
+    let mut bytes = Vec::with_capacity(17);
+    // At most one record; a short or odd read reports nothing.
+    let _ = (&mut status).take(64).read_to_end(&mut bytes);
+    parse_shim_status(&bytes)
+}
+
+pub(super) fn parse_shim_status(bytes: &[u8]) -> ShimStatus {
+    match bytes {
+        [SHIM_START_FAILED_BYTE, ..] => ShimStatus {
+            start_failed: true,
+            usage: None,
+        },
+        [SHIM_USAGE_BYTE, rest @ ..] if rest.len() == 16 => {
+            let word = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rest[i * 8..i * 8 + 8]);
+                u64::from_le_bytes(b)
+            };
+            ShimStatus {
+                start_failed: false,
+                usage: Some(Usage {
+                    peak_memory_mb: word(0).div_ceil(1024),
+                    cpu_ms: word(1) / 1000,
+                }),
+            }
+        }
+        _ => ShimStatus::default(),
+    }
+}
+
+/// The usage record the shim writes once its command has ended: the
+/// resources of every descendant it (and they) waited for.
+pub(super) fn shim_usage_record() -> [u8; 17] {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let micros = |t: libc::timeval| (t.tv_sec.max(0) as u64) * 1_000_000 + t.tv_usec.max(0) as u64;
+    let cpu_us = micros(usage.ru_utime) + micros(usage.ru_stime);
+    let peak_kb = usage.ru_maxrss.max(0) as u64;
+    let mut record = [0u8; 17];
+    record[0] = SHIM_USAGE_BYTE;
+    record[1..9].copy_from_slice(&peak_kb.to_le_bytes());
+    record[9..17].copy_from_slice(&cpu_us.to_le_bytes());
+    record
 }
 
 /// One fork request for the spawner thread.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use rustci_core::event::{Entry, Event};
-use rustci_core::model::{JobId, JobSpec, Outcome, Resources};
+use rustci_core::model::{JobId, JobSpec, Outcome, Resources, Usage};
 
 fn name() -> impl Strategy<Value = String> {
     "[a-z0-9-]{0,12}"
@@ -75,14 +75,19 @@ pub fn event() -> impl Strategy<Value = Event> {
             job.clone(),
             any::<u32>(),
             outcome(),
-            proptest::option::of(any::<i32>())
+            proptest::option::of(any::<i32>()),
+            proptest::option::of(any::<(u64, u64)>())
         )
             .prop_map(
-                |(job, attempt, outcome, exit_code)| Event::AttemptFinished {
+                |(job, attempt, outcome, exit_code, usage)| Event::AttemptFinished {
                     job,
                     attempt,
                     outcome,
-                    exit_code
+                    exit_code,
+                    usage: usage.map(|(peak_memory_mb, cpu_ms)| Usage {
+                        peak_memory_mb,
+                        cpu_ms
+                    }),
                 }
             ),
         (job, any::<u32>()).prop_map(|(job, attempt)| Event::AttemptLost { job, attempt }),
