@@ -4,8 +4,10 @@
 //! One task owns the agent state machine. It feeds it ticks, the control
 //! plane's messages and the native runner's process events, and carries out
 //! what it asks: frames to the control plane, spawns and kills. Around that
-//! it only moves bytes: it connects (and reconnects with backoff) to the
-//! first control-plane replica that accepts it, and ships each attempt's
+//! it only moves bytes: it connects (and reconnects with backoff) to a
+//! control-plane replica that accepts it, dialling all listed servers at
+//! once in a task of its own so that a silent server never holds up ticks,
+//! signals or the runner's events, and ships each attempt's
 //! output in chunks while it runs, so the output stays readable on the
 //! control plane after this node is gone.
 //!
@@ -138,28 +140,15 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let mut next_connect = Instant::now();
+    let mut connecting: Option<tokio::task::JoinHandle<Result<(Link, String), Refused>>> = None;
     loop {
         if driver.link.is_some() && driver.last_heard.elapsed() > LINK_SILENCE_MAX {
             tracing::warn!("the control plane went silent; reconnecting");
             driver.link = None;
             next_connect = Instant::now();
         }
-        if driver.link.is_none() && Instant::now() >= next_connect {
-            match driver.connect().await {
-                Ok(()) => {
-                    backoff = RECONNECT_BACKOFF_MIN;
-                    driver.last_heard = Instant::now();
-                }
-                Err(Refused::Fatal(reason)) => {
-                    driver.runner.shutdown().await;
-                    bail!("the control plane refused this agent: {reason}");
-                }
-                Err(Refused::Retry(reason)) => {
-                    tracing::warn!(%reason, retry_in_ms = backoff.as_millis() as u64, "cannot reach the control plane");
-                    next_connect = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-                }
-            }
+        if driver.link.is_none() && connecting.is_none() && Instant::now() >= next_connect {
+            connecting = Some(tokio::spawn(connect_any(driver.dial())));
         }
         if let Some(at) = gone_at {
             // Left: give the last frames a moment to go out, then stop.
@@ -177,8 +166,28 @@ pub async fn run(
             // Whatever happens to the acknowledgements, stop soon after.
             gone_at.get_or_insert(Instant::now() + Duration::from_secs(10));
         }
+        let until_reconnect = tokio::time::sleep_until(next_connect.into());
         tokio::select! {
             biased;
+            dialled = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
+                connecting = None;
+                match dialled.unwrap_or_else(|e| Err(Refused::Retry(e.to_string()))) {
+                    Ok((link, server)) => {
+                        tracing::info!(%server, "connected to the control plane");
+                        driver.connected(link);
+                        backoff = RECONNECT_BACKOFF_MIN;
+                    }
+                    Err(Refused::Fatal(reason)) => {
+                        driver.runner.shutdown().await;
+                        bail!("the control plane refused this agent: {reason}");
+                    }
+                    Err(Refused::Retry(reason)) => {
+                        tracing::warn!(%reason, retry_in_ms = backoff.as_millis() as u64, "cannot reach the control plane");
+                        next_connect = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                    }
+                }
+            }
             signal = stop.recv(), if stops < 2 => {
                 stops += 1;
                 let now = driver.now();
@@ -219,6 +228,7 @@ pub async fn run(
                 driver.agent.handle_tick(now);
                 driver.ship_output();
             }
+            _ = until_reconnect, if driver.link.is_none() && connecting.is_none() => {}
         }
         driver.carry_out();
     }
@@ -294,6 +304,104 @@ enum Refused {
     Retry(String),
 }
 
+/// What a connection attempt needs.
+struct Dial {
+    servers: Vec<String>,
+    hello: Hello,
+}
+
+/// Dials every listed server at once; the first that accepts this agent
+/// wins (a replica that is not the leader refuses it, so with several
+/// replicas this finds the leader). A permanent refusal (wrong token,
+/// another protocol) from any ends it; otherwise the reasons of all are
+/// reported.
+async fn connect_any(dial: Dial) -> Result<(Link, String), Refused> {
+    let mut attempts = tokio::task::JoinSet::new();
+    for server in dial.servers {
+        let hello = dial.hello.clone();
+        attempts.spawn(async move {
+            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, connect_to(&server, &hello)).await;
+            let attempt = attempt.unwrap_or_else(|_| Err(Refused::Retry("timed out".into())));
+            (server, attempt)
+        });
+    }
+    let mut reasons = Vec::new();
+    while let Some(done) = attempts.join_next().await {
+        let Ok((server, attempt)) = done else {
+            continue;
+        };
+        match attempt {
+            Ok(link) => return Ok((link, server)),
+            Err(Refused::Fatal(reason)) => return Err(Refused::Fatal(reason)),
+            Err(Refused::Retry(reason)) => reasons.push(format!("{server}: {reason}")),
+        }
+    }
+    Err(Refused::Retry(reasons.join("; ")))
+}
+
+async fn connect_to(server: &str, hello: &Hello) -> Result<Link, Refused> {
+    let addr = server
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let retry = |e: std::io::Error| Refused::Retry(e.to_string());
+    let mut stream = TcpStream::connect(&addr).await.map_err(retry)?;
+    let _ = stream.set_nodelay(true);
+    let request = format!(
+        "GET {AGENT_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {AGENT_UPGRADE}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.map_err(retry)?;
+    let head = read_response_head(&mut stream).await.map_err(retry)?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "101" {
+        return Err(Refused::Fatal(format!(
+            "{addr} is not a RustCI control plane taking agents (answered {:?})",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    write_frame(&mut stream, hello).await.map_err(retry)?;
+    match read_frame::<_, HelloReply>(&mut stream).await {
+        Ok(Some(HelloReply::Welcome { .. })) => {}
+        Ok(Some(HelloReply::Rejected {
+            reason,
+            permanent: true,
+        })) => return Err(Refused::Fatal(reason)),
+        Ok(Some(HelloReply::Rejected { reason, .. })) => return Err(Refused::Retry(reason)),
+        Ok(None) => return Err(Refused::Retry("closed during the hello".into())),
+        Err(e) => return Err(Refused::Retry(e.to_string())),
+    }
+    let (mut rd, mut wr) = stream.into_split();
+    let (up_tx, mut up_rx) = mpsc::channel::<Up>(UP_QUEUE_MAX);
+    let (down_tx, down_rx) = mpsc::channel::<Down>(UP_QUEUE_MAX);
+    tokio::spawn(async move {
+        while let Some(up) = up_rx.recv().await {
+            if write_frame(&mut wr, &up).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            match read_frame::<_, Down>(&mut rd).await {
+                Ok(Some(down)) => {
+                    if down_tx.send(down).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad frame from the control plane");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Link {
+        up: up_tx,
+        down: down_rx,
+    })
+}
+
 async fn recv_down(link: &mut Option<Link>) -> Option<Down> {
     match link {
         Some(l) => l.down.recv().await,
@@ -326,96 +434,27 @@ impl Driver {
         runner::boot_clock_ms().saturating_sub(self.origin_boot_ms)
     }
 
-    /// Connects to the first replica that accepts this agent.
-    async fn connect(&mut self) -> Result<(), Refused> {
-        let mut last = String::new();
-        for server in self.config.servers.clone() {
-            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_to(&server)).await;
-            let attempt = attempt.unwrap_or_else(|_| Err(Refused::Retry("timed out".into())));
-            match attempt {
-                Ok(link) => {
-                    tracing::info!(%server, "connected to the control plane");
-                    self.link = Some(link);
-                    // The server may have missed output sent before: send
-                    // everything still kept again.
-                    for s in self.shipping.values_mut() {
-                        s.offset = 0;
-                    }
-                    return Ok(());
-                }
-                Err(Refused::Fatal(reason)) => return Err(Refused::Fatal(reason)),
-                Err(Refused::Retry(reason)) => last = format!("{server}: {reason}"),
-            }
+    /// What dialling needs, for a task of its own.
+    fn dial(&self) -> Dial {
+        Dial {
+            servers: self.config.servers.clone(),
+            hello: Hello {
+                protocol: PROTOCOL_VERSION,
+                join_token: self.config.join_token.clone(),
+                node: self.config.name.clone(),
+            },
         }
-        Err(Refused::Retry(last))
     }
 
-    async fn connect_to(&self, server: &str) -> Result<Link, Refused> {
-        let addr = server
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-        let retry = |e: std::io::Error| Refused::Retry(e.to_string());
-        let mut stream = TcpStream::connect(&addr).await.map_err(retry)?;
-        let _ = stream.set_nodelay(true);
-        let request = format!(
-            "GET {AGENT_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {AGENT_UPGRADE}\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.map_err(retry)?;
-        let head = read_response_head(&mut stream).await.map_err(retry)?;
-        let status = head.split_whitespace().nth(1).unwrap_or("");
-        if status != "101" {
-            return Err(Refused::Fatal(format!(
-                "{addr} is not a RustCI control plane taking agents (answered {:?})",
-                head.lines().next().unwrap_or("")
-            )));
+    /// A new link is up.
+    fn connected(&mut self, link: Link) {
+        self.link = Some(link);
+        self.last_heard = Instant::now();
+        // The server may have missed output sent before: send everything
+        // still kept again.
+        for s in self.shipping.values_mut() {
+            s.offset = 0;
         }
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            join_token: self.config.join_token.clone(),
-            node: self.config.name.clone(),
-        };
-        write_frame(&mut stream, &hello).await.map_err(retry)?;
-        match read_frame::<_, HelloReply>(&mut stream).await {
-            Ok(Some(HelloReply::Welcome { .. })) => {}
-            Ok(Some(HelloReply::Rejected {
-                reason,
-                permanent: true,
-            })) => return Err(Refused::Fatal(reason)),
-            Ok(Some(HelloReply::Rejected { reason, .. })) => return Err(Refused::Retry(reason)),
-            Ok(None) => return Err(Refused::Retry("closed during the hello".into())),
-            Err(e) => return Err(Refused::Retry(e.to_string())),
-        }
-        let (mut rd, mut wr) = stream.into_split();
-        let (up_tx, mut up_rx) = mpsc::channel::<Up>(UP_QUEUE_MAX);
-        let (down_tx, down_rx) = mpsc::channel::<Down>(UP_QUEUE_MAX);
-        tokio::spawn(async move {
-            while let Some(up) = up_rx.recv().await {
-                if write_frame(&mut wr, &up).await.is_err() {
-                    return;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            loop {
-                match read_frame::<_, Down>(&mut rd).await {
-                    Ok(Some(down)) => {
-                        if down_tx.send(down).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "bad frame from the control plane");
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Link {
-            up: up_tx,
-            down: down_rx,
-        })
     }
 
     fn send(&mut self, up: Up) {

@@ -647,3 +647,32 @@ fn a_job_over_its_memory_ends_oom_and_escaped_processes_die_with_their_attempt()
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A listed server that accepts connections and never answers (a hung
+/// replica, a black-holed address) does not hold the agent up: it dials
+/// every listed server at once and joins through the one that answers.
+#[test]
+fn a_silent_server_in_the_list_does_not_delay_joining() {
+    let mut c = Cluster::start(&[]);
+    // Listening sockets that never accept: connect succeeds (backlog), and
+    // then nothing ever comes back.
+    let silent: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut servers: Vec<String> = silent
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    servers.push(c.addr.clone());
+    let mut args = c.agent_args("late", "zone=a", JOIN_TOKEN);
+    let at = args.iter().position(|a| a == "--server").unwrap() + 1;
+    args[at] = servers.join(",");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = c.dir.path().join("agent-late.log");
+    let started = Instant::now();
+    c.agents.insert("late".into(), Proc::spawn(&args, &log));
+    c.wait_nodes_ready(1);
+    // Dialling one server after the other waits out 5 s per silent one.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "joined after {took:?}");
+}
