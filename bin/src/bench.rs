@@ -61,6 +61,15 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         kills: u32,
     },
+    /// Submission to start on an idle agent: starts `rustci server` and one
+    /// `rustci agent` on loopback and runs jobs one at a time. Times come
+    /// from the log's own stamps: placed after submitted, and started (the
+    /// agent got the assignment, spawned it and reported back) after
+    /// placed.
+    Assign {
+        #[arg(long, default_value_t = 200)]
+        jobs: u32,
+    },
     /// Scheduling passes over a large in-memory cluster.
     Schedule {
         #[arg(long, default_value_t = 1000)]
@@ -83,6 +92,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         } => bench_submit(clients, seconds, server, token).await?,
         BenchCmd::Schedule { nodes, jobs } => bench_schedule(nodes, jobs),
         BenchCmd::Reschedule { kills } => bench_reschedule(kills).await?,
+        BenchCmd::Assign { jobs } => bench_assign(jobs).await?,
         BenchCmd::Sim { seeds } => {
             let seeds = crate::simcmd::parse_range(&seeds)?;
             tokio::task::spawn_blocking(move || crate::simcmd::bench(seeds)).await??
@@ -326,18 +336,84 @@ async fn wait_nodes(client: &mut Client, n: usize) -> anyhow::Result<()> {
     bail!("{n} nodes did not become ready in 30 s")
 }
 
-async fn bench_reschedule(kills: u32) -> anyhow::Result<()> {
-    let scratch = tempfile::tempdir()?;
+/// Starts `rustci server` on a free loopback port, data under `scratch`;
+/// returns it once ready, with its address.
+async fn spawn_server(scratch: &Path) -> anyhow::Result<(Child, String)> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let server = std::process::Command::new(std::env::current_exe()?)
         .args(["server", "--listen", &addr, "--data-dir"])
-        .arg(scratch.path().join("data"))
+        .arg(scratch.join("data"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting rustci server")?;
-    let _server = Child(server);
+    let server = Child(server);
     wait_ready(&addr, None).await?;
+    Ok((server, addr))
+}
+
+fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let pct = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    (
+        round3(pct(0.5)),
+        round3(pct(0.99)),
+        round3(*v.last().unwrap_or(&0.0)),
+    )
+}
+
+async fn bench_assign(jobs: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
+    let scratch = tempfile::tempdir()?;
+    let (_server, addr) = spawn_server(scratch.path()).await?;
+    let _agent = spawn_agent(&addr, scratch.path(), "a1")?;
+    let mut client = Client::connect(&addr, None).await?;
+    wait_nodes(&mut client, 1).await?;
+    let body = serde_json::to_vec(&serde_json::json!({"command": ["true"]}))?;
+    let (mut placed_ms, mut started_ms) = (Vec::new(), Vec::new());
+    for _ in 0..jobs {
+        let job: serde_json::Value = client
+            .json(Method::POST, "/v1/jobs", Some(body.clone()), &[])
+            .await?;
+        let id = job["id"].as_u64().context("job id")?;
+        let path = format!("/v1/jobs/{id}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let j = loop {
+            let j = get_json(&mut client, &path).await?;
+            if j["state"] == "succeeded" {
+                break j;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "job {id} did not succeed: {j}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let a = &j["attempts"][0];
+        let ms = |v: &serde_json::Value| v.as_u64().context("a timestamp");
+        let (submitted, assigned) = (ms(&j["submitted_at"])?, ms(&a["assigned_at"])?);
+        let started = ms(&a["started_at"])?;
+        placed_ms.push(assigned.saturating_sub(submitted) as f64);
+        started_ms.push(started.saturating_sub(assigned) as f64);
+    }
+    let (placed_p50, placed_p99, placed_max) = percentiles(placed_ms);
+    let (p50, p99, max) = percentiles(started_ms);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "assign",
+            "jobs": jobs,
+            "submitted_to_placed_p50_ms": placed_p50,
+            "submitted_to_placed_p99_ms": placed_p99,
+            "submitted_to_placed_max_ms": placed_max,
+            "placed_to_started_p50_ms": p50,
+            "placed_to_started_p99_ms": p99,
+            "placed_to_started_max_ms": max,
+        })
+    );
+    Ok(())
+}
+
+async fn bench_reschedule(kills: u32) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let (_server, addr) = spawn_server(scratch.path()).await?;
     let names = ["a1", "a2", "a3"];
     let mut agents: BTreeMap<&str, Child> = BTreeMap::new();
     for name in names {
@@ -391,17 +467,16 @@ async fn bench_reschedule(kills: u32) -> anyhow::Result<()> {
         agents.insert(victim, spawn_agent(&addr, scratch.path(), victim)?);
         wait_nodes(&mut client, names.len()).await?;
     }
-    moved_ms.sort_by(f64::total_cmp);
-    let pct = |p: f64| moved_ms[((moved_ms.len() as f64 - 1.0) * p).round() as usize];
+    let (p50, p99, max) = percentiles(moved_ms);
     println!(
         "{}",
         serde_json::json!({
             "bench": "reschedule",
             "kills": kills,
             "agents": names.len(),
-            "p50_ms": round3(pct(0.5)),
-            "p99_ms": round3(pct(0.99)),
-            "max_ms": round3(*moved_ms.last().unwrap_or(&0.0)),
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "max_ms": max,
             "lease_rule_ms": rustci_core::protocol::LeaseConfig::default().requeue_after_ms(),
         })
     );
