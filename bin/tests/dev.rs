@@ -136,9 +136,11 @@ fn timeout_fails_the_job_as_timed_out_within_two_seconds_and_leaves_no_process()
     let dir = scratch();
     let dev = Dev::start(&dir.path().join("data"), &[]);
     let t = Instant::now();
+    let mark = unique_mark();
     let job = dev.submit_json(&json!({
-        "command": ["sh", "-c", "sleep 30.0417 & sleep 30.0417; wait"],
+        "command": ["sh", "-c", "sleep 30 & sleep 30; wait"],
         "timeout_secs": 1,
+        "env": {"TEST_MARK": mark},
     }));
     let id = job["id"].as_u64().unwrap();
     let job = dev.wait_job(id, Duration::from_secs(5), terminal);
@@ -150,7 +152,7 @@ fn timeout_fails_the_job_as_timed_out_within_two_seconds_and_leaves_no_process()
     assert_eq!(job["state"], "failed");
     assert_eq!(job["attempts"][0]["state"], "timed_out");
     assert!(
-        processes_with("sleep 30.0417").is_empty(),
+        processes_marked(&mark).is_empty(),
         "a sleep survived"
     );
 }
@@ -159,9 +161,27 @@ fn timeout_fails_the_job_as_timed_out_within_two_seconds_and_leaves_no_process()
 fn cancel_kills_the_running_job_and_leaves_no_process() {
     let dir = scratch();
     let dev = Dev::start(&dir.path().join("data"), &[]);
-    let job = dev.submit_json(&json!({"command": ["sh", "-c", "sleep 30.0533; true"]}));
+    // A look-alike of the job from another copy of this suite on the same
+    // machine: same command line, not ours; it must not count.
+    let mut decoy = std::process::Command::new("sh")
+        .args(["-c", "sleep 30; true"])
+        .env("TEST_MARK", unique_mark())
+        .spawn()
+        .unwrap();
+    let mark = unique_mark();
+    let job = dev.submit_json(&json!({
+        "command": ["sh", "-c", "sleep 30; true"],
+        "env": {"TEST_MARK": mark},
+    }));
     let id = job["id"].as_u64().unwrap();
     dev.wait_job(id, Duration::from_secs(10), |j| j["state"] == "running");
+    // The marker finds the job's processes (so finding none later means
+    // they are gone).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_marked(&mark).is_empty() {
+        assert!(Instant::now() < deadline, "the job's processes are not found");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let t = Instant::now();
     let out = dev.cli(&["job", "cancel", &id.to_string()]);
     assert!(out.status.success(), "{out:?}");
@@ -171,9 +191,11 @@ fn cancel_kills_the_running_job_and_leaves_no_process() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(job["state"], "cancelled");
     assert!(
-        processes_with("sleep 30.0533").is_empty(),
+        processes_marked(&mark).is_empty(),
         "a sleep survived"
     );
+    let _ = decoy.kill();
+    let _ = decoy.wait();
     // Cancelling a terminal job is a no-op that still answers 200.
     let (status, _) = http(&dev.addr, "POST", &format!("/v1/jobs/{id}/cancel"), None);
     assert_eq!(status, 200);
@@ -185,10 +207,12 @@ fn kill_9_and_restart_keeps_every_acknowledged_job_and_reruns_lost_attempts() {
     let data = dir.path().join("data");
     let mut dev = Dev::start(&data, &["--cpus", "2"]);
     let mut ids = Vec::new();
+    let mark = unique_mark();
     for i in 0..6 {
         let job = dev.submit_json(&json!({
-            "command": ["sh", "-c", format!("echo run-{i}; sleep 3.0719")],
+            "command": ["sh", "-c", format!("echo run-{i}; sleep 3")],
             "resources": {"cpu_millis": 1000},
+            "env": {"TEST_MARK": mark},
         }));
         ids.push(job["id"].as_u64().unwrap());
     }
@@ -199,7 +223,7 @@ fn kill_9_and_restart_keeps_every_acknowledged_job_and_reruns_lost_attempts() {
     // The jobs' processes die with the daemon: each runs under a shim that
     // kills its process group when the daemon goes away.
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !processes_with("sleep 3.0719").is_empty() {
+    while !processes_marked(&mark).is_empty() {
         assert!(
             Instant::now() < deadline,
             "job processes outlived the daemon"

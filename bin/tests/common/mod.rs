@@ -224,8 +224,22 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-/// Processes whose command line contains `needle` (from /proc).
-pub fn processes_with(needle: &str) -> Vec<i32> {
+/// A marker unique to this test process and call: put it in a job's `env`
+/// as `TEST_MARK` and find the job's processes with [`processes_marked`],
+/// so that another copy of the suite on the same machine is never mistaken
+/// for this one's.
+pub fn unique_mark() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}-{n}", std::process::id())
+}
+
+/// Live processes (not zombies) whose environment holds `TEST_MARK=mark`.
+pub fn processes_marked(mark: &str) -> Vec<i32> {
+    let want = format!("TEST_MARK={mark}");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -235,9 +249,8 @@ pub fn processes_with(needle: &str) -> Vec<i32> {
         if stat.contains(") Z ") {
             continue; // zombies are dead; PID 1 here may be slow to reap them
         }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if environ.split(|b| *b == 0).any(|v| v == want.as_bytes()) {
             found.push(pid);
         }
     }
