@@ -546,6 +546,10 @@ impl Driver {
                     usage,
                 );
             }
+            RunEvent::NotStarted { job, attempt } => {
+                self.shipping.remove(&(JobId(job), attempt));
+                self.agent.handle_not_started(now, JobId(job), attempt);
+            }
         }
     }
 

@@ -393,6 +393,11 @@ async fn forward_run_events(
                     usage,
                 },
             },
+            RunEvent::NotStarted { job, attempt } => Input::Run {
+                job: JobId(job),
+                attempt,
+                observed: RunObservation::NotStarted,
+            },
         };
         if inputs.send(input).await.is_err() {
             return;
@@ -553,6 +558,7 @@ impl Driver {
                     } => crate::agent::process_ended(
                         agent, mono, job, attempt, outcome, exit_code, usage,
                     ),
+                    RunObservation::NotStarted => agent.handle_not_started(mono, job, attempt),
                 }
             }
             Input::Persisted(index) => self.replica.handle_persisted(now, index),

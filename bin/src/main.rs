@@ -38,7 +38,28 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    // Before any thread or descriptor of our own exists.
+    let inherited = daemonish.then(rustci::procenv::cloexec_inherited_fds);
     init_tracing(daemonish);
+    if daemonish {
+        if let Some(n @ 1..) = inherited {
+            tracing::info!(
+                descriptors = n,
+                "inherited descriptors marked close-on-exec: jobs never see them"
+            );
+        }
+        match rustci::procenv::raise_fd_limit() {
+            Ok((before, after)) if after > before => {
+                tracing::info!(
+                    before,
+                    after,
+                    "raised the open-files limit to the hard limit"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        }
+    }
     let mut builder = match &cli.command {
         // The control plane's hot path is serial (one driver task, one log
         // writer thread); extra API threads mostly add cross-thread wake-ups.

@@ -151,10 +151,7 @@ fn timeout_fails_the_job_as_timed_out_within_two_seconds_and_leaves_no_process()
     );
     assert_eq!(job["state"], "failed");
     assert_eq!(job["attempts"][0]["state"], "timed_out");
-    assert!(
-        processes_marked(&mark).is_empty(),
-        "a sleep survived"
-    );
+    assert!(processes_marked(&mark).is_empty(), "a sleep survived");
 }
 
 #[test]
@@ -179,7 +176,10 @@ fn cancel_kills_the_running_job_and_leaves_no_process() {
     // they are gone).
     let deadline = Instant::now() + Duration::from_secs(5);
     while processes_marked(&mark).is_empty() {
-        assert!(Instant::now() < deadline, "the job's processes are not found");
+        assert!(
+            Instant::now() < deadline,
+            "the job's processes are not found"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let t = Instant::now();
@@ -190,10 +190,7 @@ fn cancel_kills_the_running_job_and_leaves_no_process() {
     });
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(job["state"], "cancelled");
-    assert!(
-        processes_marked(&mark).is_empty(),
-        "a sleep survived"
-    );
+    assert!(processes_marked(&mark).is_empty(), "a sleep survived");
     let _ = decoy.kill();
     let _ = decoy.wait();
     // Cancelling a terminal job is a no-op that still answers 200.
@@ -624,4 +621,83 @@ fn a_drained_node_takes_nothing_new_until_it_is_undrained() {
     assert!(out.status.success(), "{out:?}");
     let (status, _) = http(&dev.addr, "POST", "/v1/nodes/ghost/undrain", None);
     assert_eq!(status, 404);
+}
+
+/// Whatever the daemon inherited (here a pipe's write end at fd 251, as a
+/// shell or supervisor may leave open) never reaches a job: a job sees
+/// stdin, stdout and stderr only.
+#[test]
+fn descriptors_the_daemon_inherited_never_reach_a_job() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = scratch();
+    let (_reader, writer) = std::io::pipe().unwrap();
+    let fd = writer.as_raw_fd();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let dev = Dev::start_with(&dir.path().join("data"), &addr, &[], |c| unsafe {
+        c.pre_exec(move || {
+            // dup2 leaves the copy without close-on-exec.
+            if libc::dup2(fd, 251) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    });
+    let job = dev.submit_json(&json!({"command": ["ls", "/proc/self/fd"]}));
+    let id = job["id"].as_u64().unwrap();
+    let job = dev.wait_job(id, Duration::from_secs(10), terminal);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let out = dev.cli(&["logs", &id.to_string()]);
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    let fds: Vec<&str> = listed.split_whitespace().collect();
+    // `ls` itself holds 3: the directory it reads.
+    assert_eq!(fds, ["0", "1", "2", "3"], "{listed}");
+}
+
+/// With few file descriptors, attempts the daemon cannot start for lack of
+/// its own descriptors wait for them instead of failing the job: every job
+/// succeeds on its first attempt, with no retries to spend.
+#[test]
+fn a_daemon_short_of_descriptors_does_not_fail_the_jobs() {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let dev = Dev::start_with(
+        &dir.path().join("data"),
+        &addr,
+        &["--cpus", "8"],
+        |c| unsafe {
+            c.pre_exec(|| {
+                // About 14 for the daemon itself, then room for a few attempts.
+                let limit = libc::rlimit {
+                    rlim_cur: 32,
+                    rlim_max: 32,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        },
+    );
+    let ids: Vec<u64> = (0..12)
+        .map(|_| {
+            let job = dev.submit_json(&json!({
+                "command": ["sleep", "0.5"],
+                "resources": {"cpu_millis": 100, "memory_mb": 16},
+                "max_retries": 0,
+            }));
+            job["id"].as_u64().unwrap()
+        })
+        .collect();
+    for id in ids {
+        let job = dev.wait_job(id, Duration::from_secs(60), terminal);
+        assert_eq!(job["state"], "succeeded", "{job}\n{}", dev.stderr());
+        assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job}");
+    }
+    assert!(
+        dev.stderr().contains("lack of the node's own resources"),
+        "the limit was reached: {}",
+        dev.stderr()
+    );
 }

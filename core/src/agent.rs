@@ -400,6 +400,26 @@ impl Agent {
         }
     }
 
+    /// The executor could not start the attempt for reasons of its own,
+    /// not the job's (no file descriptors, memory or disk left on the
+    /// node): the attempt is given back, reported `cancelled` without a
+    /// cancel, which the control plane takes as lost (it runs again without
+    /// spending a retry; a job lost too often fails, saying so).
+    pub fn handle_not_started(&mut self, now: u64, job: JobId, attempt: AttemptNumber) {
+        self.check_lease(now);
+        let Some(run) = self.runs.get(&(job, attempt)) else {
+            return;
+        };
+        if run.done.is_some() {
+            return;
+        }
+        if run.kill == Some(KillReason::Stale) {
+            self.runs.remove(&(job, attempt));
+            return;
+        }
+        self.finish(job, attempt, Outcome::Cancelled, None);
+    }
+
     /// The process of an attempt spawned (`Ok`) or could not be started.
     pub fn handle_spawned(
         &mut self,
@@ -821,6 +841,26 @@ mod tests {
             },
         );
         assert_eq!(a.lease_until(), Some(4_000));
+    }
+
+    #[test]
+    fn agent_gives_back_an_attempt_its_executor_could_not_start() {
+        let mut a = joined(0);
+        a.handle_message(
+            10,
+            ServerMsg::Start {
+                index: 5,
+                assignment: assignment(1, 7),
+            },
+        );
+        assert!(matches!(drain(&mut a)[..], [AgentOutput::Spawn { .. }]));
+        // Out of file descriptors: not the job's failure.
+        a.handle_not_started(20, JobId(1), 1);
+        let out = drain(&mut a);
+        assert_reported_cancelled_without_spawning(&out);
+        // Once only.
+        a.handle_not_started(30, JobId(1), 1);
+        assert!(drain(&mut a).is_empty());
     }
 
     #[test]

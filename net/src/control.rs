@@ -44,6 +44,8 @@ pub enum RunObservation {
         exit_code: Option<i32>,
         usage: Option<Usage>,
     },
+    /// The runner could not start it for lack of the node's own resources.
+    NotStarted,
 }
 
 /// Reads committed entries for the event stream, from wherever the driver

@@ -257,6 +257,14 @@ pub enum RunEvent {
         /// shim was killed: cancel, time-out, lapse).
         usage: Option<Usage>,
     },
+    /// The attempt never started: the node lacked its own resources (file
+    /// descriptors, processes, memory, disk) for longer than it waits for
+    /// them. Not the job's failure: drivers give the attempt back
+    /// (`Agent::handle_not_started`). Sent instead of `Finished`.
+    NotStarted {
+        job: u64,
+        attempt: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -490,17 +498,56 @@ struct Spawned {
 /// How an attempt ended: outcome, exit code, what it used.
 type Ended = (Outcome, Option<i32>, Option<Usage>);
 
+/// The attempt could not be started for lack of the node's own resources,
+/// however long it waited for them.
+struct NotStarted;
+
+/// Why one try to start an attempt failed.
+enum Unstarted {
+    /// The job's fault (bad executable...): already in its log.
+    Job,
+    /// The node's: out of descriptors, processes, memory or disk.
+    Node(io::Error),
+}
+
+/// Errors that are the node's shortage rather than the job's fault.
+fn node_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM | libc::ENOSPC | libc::EDQUOT
+        )
+    )
+}
+
+/// First wait before trying again to start an attempt the node lacked the
+/// resources for; it doubles up to the max.
+const NODE_SHORTAGE_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const NODE_SHORTAGE_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long an attempt waits for the node's resources before it is given
+/// back to the control plane (it then runs again, maybe elsewhere, without
+/// spending a retry).
+const NODE_SHORTAGE_WAIT_MAX: Duration = Duration::from_secs(30);
+
 impl AttemptTask {
     async fn run(self, cancel: oneshot::Receiver<()>) {
-        let (outcome, exit_code, usage) = self.execute(cancel).await;
-        info!(?outcome, ?exit_code, ?usage, "attempt finished");
-        self.send(RunEvent::Finished {
-            job: self.spec.job,
-            attempt: self.spec.attempt,
-            outcome,
-            exit_code,
-            usage,
-        });
+        let event = match self.execute(cancel).await {
+            Ok((outcome, exit_code, usage)) => {
+                info!(?outcome, ?exit_code, ?usage, "attempt finished");
+                RunEvent::Finished {
+                    job: self.spec.job,
+                    attempt: self.spec.attempt,
+                    outcome,
+                    exit_code,
+                    usage,
+                }
+            }
+            Err(NotStarted) => RunEvent::NotStarted {
+                job: self.spec.job,
+                attempt: self.spec.attempt,
+            },
+        };
+        self.send(event);
         drop(self.guard);
     }
 
@@ -510,36 +557,27 @@ impl AttemptTask {
         }
     }
 
-    async fn execute(&self, cancel: oneshot::Receiver<()>) -> Ended {
-        let mut log = match open_log(&self.spec.log_path).await {
-            Ok(log) => log,
-            Err(e) => {
-                warn!(path = %self.spec.log_path.display(), error = %e, "cannot open log");
-                return (Outcome::StartFailed, None, None);
-            }
-        };
-        let shim = self.config.shim.as_deref();
-        let lease = self
-            .spec
-            .lease_file
-            .as_deref()
-            .or(self.config.lease_file.as_deref());
-        let cgroup = self.cgroup();
-        let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-        let spawned = match spawn_attempt(&self.spec, shim, lease, &cgroup_procs).await {
-            Ok(spawned) => spawned,
-            Err(e) => {
-                let program = self.spec.command.first().map_or("", String::as_str);
-                let line = format!("rustci: cannot start {program:?}: {e}\n");
-                warn!(error = %e, "cannot start");
-                if let Err(e) = write_and_flush(&mut log, line.as_bytes()).await {
-                    warn!(error = %e, "cannot write log");
+    async fn execute(&self, mut cancel: oneshot::Receiver<()>) -> Result<Ended, NotStarted> {
+        let first_try = std::time::Instant::now();
+        let mut backoff = NODE_SHORTAGE_BACKOFF_MIN;
+        let (log, spawned, cgroup) = loop {
+            match self.start().await {
+                Ok(started) => break started,
+                Err(Unstarted::Job) => return Ok((Outcome::StartFailed, None, None)),
+                Err(Unstarted::Node(e)) => {
+                    // The node's shortage, not the job's fault: wait for it
+                    // to pass, then give the attempt back.
+                    if first_try.elapsed() >= NODE_SHORTAGE_WAIT_MAX {
+                        warn!(error = %e, "cannot start the attempt for lack of the node's own resources; giving it back");
+                        return Err(NotStarted);
+                    }
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot start the attempt for lack of the node's own resources");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut cancel => return Ok((Outcome::Cancelled, None, None)),
+                    }
+                    backoff = (backoff * 2).min(NODE_SHORTAGE_BACKOFF_MAX);
                 }
-                if let Some(c) = &cgroup {
-                    c.kill_all();
-                    c.remove();
-                }
-                return (Outcome::StartFailed, None, None);
             }
         };
         let record = self.record_pgid(spawned.pgid);
@@ -557,7 +595,50 @@ impl AttemptTask {
                 warn!(path = %record.display(), error = %e, "cannot remove pgid record");
             }
         }
-        result
+        Ok(result)
+    }
+
+    /// Opens the log, creates the attempt's cgroups and spawns it. A
+    /// failure is the job's (a missing executable: it is in the log) or the
+    /// node's (no descriptors, processes, memory or disk left).
+    async fn start(
+        &self,
+    ) -> Result<(tokio::fs::File, Spawned, Option<cgroup::AttemptCgroup>), Unstarted> {
+        let mut log = match open_log(&self.spec.log_path).await {
+            Ok(log) => log,
+            Err(e) if node_shortage(&e) => return Err(Unstarted::Node(e)),
+            Err(e) => {
+                warn!(path = %self.spec.log_path.display(), error = %e, "cannot open log");
+                return Err(Unstarted::Job);
+            }
+        };
+        let shim = self.config.shim.as_deref();
+        let lease = self
+            .spec
+            .lease_file
+            .as_deref()
+            .or(self.config.lease_file.as_deref());
+        let cgroup = self.cgroup();
+        let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        match spawn_attempt(&self.spec, shim, lease, &cgroup_procs).await {
+            Ok(spawned) => Ok((log, spawned, cgroup)),
+            Err(e) => {
+                if let Some(c) = &cgroup {
+                    c.kill_all();
+                    c.remove();
+                }
+                if node_shortage(&e) {
+                    return Err(Unstarted::Node(e));
+                }
+                let program = self.spec.command.first().map_or("", String::as_str);
+                let line = format!("rustci: cannot start {program:?}: {e}\n");
+                warn!(error = %e, "cannot start");
+                if let Err(e) = write_and_flush(&mut log, line.as_bytes()).await {
+                    warn!(error = %e, "cannot write log");
+                }
+                Err(Unstarted::Job)
+            }
+        }
     }
 
     /// Waits for exit, deadline or cancellation; kills the group; drains the output.

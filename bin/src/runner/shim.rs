@@ -29,6 +29,9 @@ const DESCENDANT_KILL_ROUNDS_MAX: usize = 100;
 /// `rustci: cannot start "CMD": ERROR` to stderr, reports it on the status
 /// fd if the runner gave one, and returns [`SHIM_START_FAILED_EXIT`].
 pub fn shim_main(args: Vec<OsString>) -> i32 {
+    // Nothing the shim inherited but stdio reaches the job (its status fd
+    // is made close-on-exec too, below).
+    crate::procenv::cloexec_inherited_fds();
     if let Err(e) = shim_setup() {
         let _ = writeln!(io::stderr(), "rustci: shim: {e}");
         return SHIM_INTERNAL_ERROR_EXIT;

@@ -51,16 +51,28 @@ impl Dev {
     }
 
     pub fn start_on(data_dir: &Path, addr: &str, extra: &[&str]) -> Dev {
+        Self::start_with(data_dir, addr, extra, |_| {})
+    }
+
+    /// Starts `rustci dev` with `prepare` applied to its command first
+    /// (limits, inherited descriptors...).
+    pub fn start_with(
+        data_dir: &Path,
+        addr: &str,
+        extra: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Dev {
         let stderr_path = data_dir.with_extension(format!("{}.log", free_port()));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["dev", "--listen", addr, "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("rustci dev starts");
+            .stderr(stderr);
+        prepare(&mut command);
+        let child = command.spawn().expect("rustci dev starts");
         let dev = Dev {
             child: Some(child),
             addr: addr.to_string(),
