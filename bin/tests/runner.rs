@@ -909,6 +909,7 @@ async fn the_shim_measures_what_the_command_used() {
                 assert_eq!(outcome, Outcome::Exited);
                 break usage;
             }
+            other => panic!("unexpected {other:?}"),
         }
     };
     let usage = usage.expect("the shim reports usage");
