@@ -136,6 +136,11 @@ pub struct DevArgs {
     /// choice on small machines since the state machine is serial anyway).
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
+    /// How long an idempotency key names its job, in seconds (1 to
+    /// 31,536,000; default 86,400: 24 hours). A later submission with a key
+    /// bound longer ago creates a new job.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    pub idempotency_window_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +165,11 @@ pub struct ServerArgs {
     /// Threads serving the API.
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
+    /// How long an idempotency key names its job, in seconds (1 to
+    /// 31,536,000; default 86,400: 24 hours). A later submission with a key
+    /// bound longer ago creates a new job.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    pub idempotency_window_secs: u64,
 }
 
 #[derive(Args, Debug)]

@@ -59,6 +59,8 @@ pub struct DevConfig {
     /// Capacity the built-in runner advertises; default: the machine's.
     pub capacity: Option<Resources>,
     pub labels: Labels,
+    /// How long an idempotency key names its job.
+    pub idempotency_window: Duration,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock: the `now` this
@@ -265,7 +267,10 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         started,
         log_stats,
     );
-    let replica = Replica::recover(Config::new(1), state, last_index, last_term);
+    let mut replica_config = Config::new(1);
+    replica_config.idempotency_window_ms =
+        u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
+    let replica = Replica::recover(replica_config, state, last_index, last_term);
     let mut driver = Driver {
         replica,
         writer,

@@ -130,6 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 node_name: args.node_name.unwrap_or_else(daemon::hostname),
                 capacity,
                 labels: args.labels.into_iter().collect(),
+                idempotency_window: std::time::Duration::from_secs(args.idempotency_window_secs),
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!("rustci dev: serving the API on http://{}", handle.addr);
@@ -154,6 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 node_name: String::new(),
                 capacity: None,
                 labels: Default::default(),
+                idempotency_window: std::time::Duration::from_secs(args.idempotency_window_secs),
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!(

@@ -98,6 +98,10 @@ pub enum Event {
     /// (Added after the first release: new variants go last, so the logs
     /// written before it still decode.)
     NodeUndrained { name: String },
+    /// The leader expired the idempotency keys of submissions stamped
+    /// before `before` (its clock minus the window): a later submission
+    /// with such a key creates a new job.
+    IdempotencyKeysExpired { before: TimestampMs },
 }
 
 impl Event {
@@ -117,6 +121,7 @@ impl Event {
             Event::NodeUp { .. } => "node_up",
             Event::NodeRemoved { .. } => "node_removed",
             Event::NodeUndrained { .. } => "node_undrained",
+            Event::IdempotencyKeysExpired { .. } => "idempotency_keys_expired",
         }
     }
 

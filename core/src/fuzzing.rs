@@ -61,7 +61,7 @@ fn labels(selector: u8) -> Labels {
 }
 
 /// Decodes `data` into a contiguous log from index 1: one tag byte per entry
-/// (`tag % 13` picks the event kind, `tag / 13` advances the clock by that
+/// (`tag % 14` picks the event kind, `tag / 14` advances the clock by that
 /// many seconds), then one byte per parameter. Terms only grow.
 pub fn entries_from_bytes(data: &[u8]) -> Vec<Entry> {
     let mut bytes = Bytes(data);
@@ -69,8 +69,8 @@ pub fn entries_from_bytes(data: &[u8]) -> Vec<Entry> {
     let (mut term, mut at) = (1u64, 1_700_000_000_000u64);
     while !bytes.0.is_empty() && entries.len() < ENTRIES_MAX {
         let tag = bytes.next();
-        at += u64::from(tag / 13) * 1000;
-        let event = match tag % 13 {
+        at += u64::from(tag / 14) * 1000;
+        let event = match tag % 14 {
             0 => {
                 let b = bytes.next();
                 term += u64::from(b >> 7);
@@ -159,7 +159,10 @@ pub fn entries_from_bytes(data: &[u8]) -> Vec<Entry> {
                 name: bytes.node(),
                 reason: String::new(),
             },
-            _ => Event::NodeUndrained { name: bytes.node() },
+            12 => Event::NodeUndrained { name: bytes.node() },
+            _ => Event::IdempotencyKeysExpired {
+                before: at.saturating_sub(u64::from(bytes.next()) * 1000),
+            },
         };
         entries.push(Entry {
             index: entries.len() as u64 + 1,

@@ -52,12 +52,19 @@ pub struct Config {
     pub pass_bounds: scheduler::PassBounds,
     /// Heartbeat, lease and failure-detection timings.
     pub lease: LeaseConfig,
+    /// How long an idempotency key names its job: a submission with a key
+    /// bound longer ago than this creates a new job. The leader records the
+    /// expiry in the log (`IdempotencyKeysExpired`).
+    pub idempotency_window_ms: u64,
     /// SIM-BUGS: the planted bug selected by the simulator (none by
     /// default; dead code without the `sim-bugs` feature).
     /// [`Replica::recover`] copies it into the state for the reducer and
     /// the scheduler.
     pub bugs: crate::bugs::BugSet,
 }
+
+/// Default of [`Config::idempotency_window_ms`]: 24 hours.
+pub const IDEMPOTENCY_WINDOW_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
 
 impl Config {
     pub fn new(id: ReplicaId) -> Config {
@@ -66,6 +73,7 @@ impl Config {
             proposals_inflight_max: PROPOSALS_INFLIGHT_MAX,
             pass_bounds: scheduler::PassBounds::default(),
             lease: LeaseConfig::default(),
+            idempotency_window_ms: IDEMPOTENCY_WINDOW_MS_DEFAULT,
             bugs: crate::bugs::BugSet::default(),
         }
     }
@@ -236,6 +244,8 @@ pub struct Replica {
     losing: BTreeSet<(JobId, AttemptNumber)>,
     /// Reports proposed and not yet applied.
     reporting: BTreeSet<(JobId, AttemptNumber, bool)>,
+    /// An expiry of idempotency keys is proposed and not yet applied.
+    expiring_keys: bool,
     /// Heartbeats this replica received (soft state, for metrics).
     heartbeats_received: u64,
 }
@@ -270,6 +280,7 @@ impl Replica {
             downing: BTreeSet::new(),
             losing: BTreeSet::new(),
             reporting: BTreeSet::new(),
+            expiring_keys: false,
             heartbeats_received: 0,
         }
     }
@@ -696,8 +707,30 @@ impl Replica {
         if self.lifecycle == Lifecycle::Running {
             self.observe(mono);
             self.detect_failures(now, mono);
+            self.expire_keys(now);
         }
         self.maybe_schedule(now);
+    }
+
+    /// Proposes the expiry of the idempotency keys bound longer than the
+    /// window ago, once the oldest one is.
+    fn expire_keys(&mut self, now: TimestampMs) {
+        let Some(before) = now.checked_sub(self.config.idempotency_window_ms) else {
+            return;
+        };
+        let due = self
+            .state
+            .key_times
+            .first()
+            .is_some_and(|(at, _)| *at < before);
+        if due && !self.expiring_keys {
+            self.expiring_keys = true;
+            self.append(
+                now,
+                Event::IdempotencyKeysExpired { before },
+                Origin::Internal,
+            );
+        }
     }
 
     /// Starts every node's grace period at the first monotonic reading.
@@ -864,6 +897,7 @@ impl Replica {
             Event::AttemptFinished { job, attempt, .. } => {
                 self.reporting.remove(&(*job, *attempt, true));
             }
+            Event::IdempotencyKeysExpired { .. } => self.expiring_keys = false,
             _ => {}
         }
     }

@@ -172,6 +172,9 @@ pub struct State {
     pub leader_term: Term,
     pub jobs: JobTable,
     pub idempotency: BTreeMap<String, JobId>,
+    /// The keys of `idempotency` by the stamp of the submission that bound
+    /// them, oldest first: what the next expiry removes.
+    pub key_times: BTreeSet<(TimestampMs, String)>,
     pub nodes: BTreeMap<String, Node>,
     /// Jobs in state `queued`, in placement order. Derived from `jobs`, kept
     /// in step by every transition so the scheduler never scans all jobs.
@@ -329,6 +332,7 @@ impl State {
             Event::NodeUndrained { name } => {
                 self.node_transition(name, at, NodeTransition::Undrain)
             }
+            Event::IdempotencyKeysExpired { before } => self.expire_keys(*before),
             Event::NodeDown { name, incarnation } => {
                 if !self.is_incarnation(name, *incarnation) {
                     return Applied::Ignored("down of a replaced incarnation");
@@ -379,10 +383,29 @@ impl State {
         self.queue.insert(self.queue_key(&job));
         self.job_counts[state_slot(JobState::Queued)] += 1;
         if let Some(key) = key.filter(|_| !planted!(self.bugs, IdempotencyKeyForgotten)) {
+            self.key_times.insert((at, key.clone()));
             self.idempotency.insert(key, id);
         }
         self.jobs.push(job);
         Applied::Submitted(id)
+    }
+
+    /// Forgets the idempotency keys bound by submissions stamped before
+    /// `before`.
+    fn expire_keys(&mut self, before: TimestampMs) -> Applied {
+        let mut expired = 0usize;
+        while let Some((at, _)) = self.key_times.first() {
+            if *at >= before {
+                break;
+            }
+            let (_, key) = self.key_times.pop_first().expect("just seen");
+            self.idempotency.remove(&key);
+            expired += 1;
+        }
+        if expired == 0 {
+            return Applied::Ignored("no idempotency key to expire");
+        }
+        Applied::Done
     }
 
     /// Moves a job to `to`, keeping the queue and the counts in step.
@@ -754,6 +777,21 @@ impl State {
     /// must keep (derived indexes agree with the jobs, allocations add up).
     /// Used by tests and by the simulator after every step.
     pub fn check_consistency(&self) -> Result<(), String> {
+        if self.key_times.len() != self.idempotency.len() {
+            return Err(format!(
+                "{} idempotency keys but {} key times",
+                self.idempotency.len(),
+                self.key_times.len()
+            ));
+        }
+        for (at, key) in &self.key_times {
+            let bound = self.idempotency.get(key).and_then(|id| self.jobs.get(id));
+            if bound.is_none_or(|job| job.submitted_at != *at) {
+                return Err(format!(
+                    "idempotency key {key:?} at {at} names no job submitted then"
+                ));
+            }
+        }
         let mut counts = [0u64; 6];
         let mut allocated: BTreeMap<&str, Resources> = BTreeMap::new();
         let mut active: BTreeMap<&str, BTreeSet<JobId>> = BTreeMap::new();

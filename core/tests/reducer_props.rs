@@ -100,6 +100,7 @@ pub fn event() -> impl Strategy<Value = Event> {
             reason: "r".into()
         }),
         node_name().prop_map(|name| Event::NodeUndrained { name }),
+        (0u64..200_000).prop_map(|before| Event::IdempotencyKeysExpired { before }),
     ]
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use rustci_core::event::Entry;
+use rustci_core::event::{Entry, Event};
 use rustci_core::model::{AttemptState, JobId, JobSpec, JobState, NodeState, Outcome, Resources};
 use rustci_core::protocol::{AgentMsg, LeaseConfig, NodeAd, Report, ReportKind, ServerMsg};
 use rustci_core::replica::{Command, CommandError, Config, Output, Replica, Reply};
@@ -41,8 +41,12 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
+        Cluster::with_config(Config::new(1))
+    }
+
+    fn with_config(config: Config) -> Cluster {
         let mut c = Cluster {
-            replica: Replica::recover(Config::new(1), State::new(), 0, 0),
+            replica: Replica::recover(config, State::new(), 0, 0),
             disk: Vec::new(),
             replies: BTreeMap::new(),
             runner: Vec::new(),
@@ -481,6 +485,34 @@ fn idempotency_key_makes_one_job() {
         .collect();
     assert_eq!(ids[0], ids[1]);
     assert_eq!(c.replica.state().jobs.len(), 3);
+    c.check();
+}
+
+#[test]
+fn idempotency_keys_expire_after_the_window_and_replay_agrees() {
+    let mut config = Config::new(1);
+    config.idempotency_window_ms = 10_000;
+    let mut c = Cluster::with_config(config);
+    let a = c.submit_keyed(spec(100, 10), Some("k1")).unwrap();
+    c.wait(5_000);
+    let b = c.submit_keyed(spec(100, 10), Some("k2")).unwrap();
+    assert_eq!(c.submit_keyed(spec(100, 10), Some("k1")).unwrap(), a);
+    let expiries = |c: &Cluster| {
+        c.disk
+            .iter()
+            .filter(|e| matches!(e.event, Event::IdempotencyKeysExpired { .. }))
+            .count()
+    };
+    assert_eq!(expiries(&c), 0);
+    // k1 is now past the window, k2 is not.
+    c.wait(6_000);
+    assert_eq!(expiries(&c), 1, "one expiry, proposed once");
+    assert_eq!(c.replica.state().idempotency.len(), 1);
+    let again = c.submit_keyed(spec(100, 10), Some("k1")).unwrap();
+    assert_ne!(again, a, "an expired key makes a new job");
+    assert_eq!(c.submit_keyed(spec(100, 10), Some("k2")).unwrap(), b);
+    // The expiry is a decision in the log: replay agrees.
+    assert_eq!(State::replay(&c.disk).digest(), c.replica.state().digest());
     c.check();
 }
 

@@ -677,6 +677,13 @@ impl Checker {
             Event::AttemptStarted { job, .. } | Event::AttemptLost { job, .. } => {
                 touched.insert(*job);
             }
+            Event::IdempotencyKeysExpired { before } => {
+                // An expired key may name a new job from now on.
+                let stamp = |id: &JobId| state.job(*id).map_or(0, |j| j.submitted_at);
+                self.created_for_key
+                    .retain(|_, (id, _)| stamp(id) >= *before);
+                self.replied_for_key.retain(|_, id| stamp(id) >= *before);
+            }
             Event::NodeRegistered {
                 name, incarnation, ..
             } => {

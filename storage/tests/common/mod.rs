@@ -107,6 +107,7 @@ pub fn event() -> impl Strategy<Value = Event> {
             name,
             reason: String::new()
         }),
+        any::<u64>().prop_map(|before| Event::IdempotencyKeysExpired { before }),
     ]
 }
 
