@@ -62,6 +62,10 @@ pub struct AgentProcessConfig {
     /// After a stop signal, how long running jobs may take to finish
     /// before they are killed (and run elsewhere).
     pub drain_timeout: Duration,
+    /// Free space kept on the work dir's file system: output stops below.
+    pub disk_reserve_bytes: u64,
+    /// How long a failed attempt's work dir is kept.
+    pub keep_failed_workspaces: Duration,
 }
 
 /// An attempt whose output is being shipped.
@@ -111,7 +115,10 @@ pub async fn run(
     std::fs::create_dir_all(config.work_dir.join("leases"))
         .with_context(|| format!("cannot create {}", config.work_dir.join("leases").display()))?;
     runner_config.cgroups = runner::detect_cgroups();
+    runner_config.disk_reserve_bytes = config.disk_reserve_bytes;
+    runner_config.keep_failed_workspaces = config.keep_failed_workspaces;
     let runner = NativeRunner::new(runner_config, run_tx);
+    tokio::spawn(runner.workspace_sweeper().run(config.work_dir.join("work")));
     let (incarnation, predecessor) = next_incarnation(&config.work_dir.join("incarnation"));
     let agent = Agent::new(
         AgentConfig {
@@ -559,8 +566,21 @@ impl Driver {
         for key in keys {
             self.ship(key, false);
         }
-        self.shipping
-            .retain(|_, s| s.ended.is_none_or(|t| t.elapsed() < SHIPPED_KEEP));
+        // Output shipped a while ago is the control plane's to keep: the
+        // local copy goes.
+        let done: Vec<(JobId, AttemptNumber)> = self
+            .shipping
+            .iter()
+            .filter(|(_, s)| s.ended.is_some_and(|t| t.elapsed() >= SHIPPED_KEEP))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in done {
+            if let Some(s) = self.shipping.remove(&key) {
+                if let Err(e) = std::fs::remove_file(&s.path) {
+                    tracing::debug!(path = %s.path.display(), error = %e, "cannot remove shipped output");
+                }
+            }
+        }
     }
 
     fn ship(&mut self, key: (JobId, AttemptNumber), to_the_end: bool) {

@@ -141,6 +141,21 @@ pub struct DevArgs {
     /// bound longer ago creates a new job.
     #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub idempotency_window_secs: u64,
+    /// Free space (MiB, 0 to 1,048,576; default 256) kept on the data dir's
+    /// file system for the log: job output stops below it, marked
+    /// incomplete.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub disk_reserve_mb: u64,
+    /// Total job output kept (MiB, 1 to 1,073,741,824; default 10,240):
+    /// past it the oldest attempts' output is evicted (replaced by a line
+    /// that says so).
+    #[arg(long, default_value_t = 10_240, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
+    pub output_quota_mb: u64,
+    /// How long the work dir of an attempt that did not succeed is kept
+    /// (seconds, 0 to 31,536,000; default 3,600); a succeeded attempt's is
+    /// removed at once.
+    #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub keep_failed_workspaces_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -170,6 +185,16 @@ pub struct ServerArgs {
     /// bound longer ago creates a new job.
     #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub idempotency_window_secs: u64,
+    /// Free space (MiB, 0 to 1,048,576; default 256) kept on the data dir's
+    /// file system for the log: job output stops below it, marked
+    /// incomplete.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub disk_reserve_mb: u64,
+    /// Total job output kept (MiB, 1 to 1,073,741,824; default 10,240):
+    /// past it the oldest attempts' output is evicted (replaced by a line
+    /// that says so).
+    #[arg(long, default_value_t = 10_240, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
+    pub output_quota_mb: u64,
 }
 
 #[derive(Args, Debug)]
@@ -200,6 +225,15 @@ pub struct AgentArgs {
     /// before they are killed and run elsewhere (0..=86400).
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub drain_timeout_secs: u64,
+    /// Free space (MiB, 0 to 1,048,576; default 256) kept on the work
+    /// dir's file system: job output stops below it, marked incomplete.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub disk_reserve_mb: u64,
+    /// How long the work dir of an attempt that did not succeed is kept
+    /// (seconds, 0 to 31,536,000; default 3,600); a succeeded attempt's is
+    /// removed at once.
+    #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub keep_failed_workspaces_secs: u64,
 }
 
 #[derive(Args, Debug)]

@@ -61,6 +61,12 @@ pub struct DevConfig {
     pub labels: Labels,
     /// How long an idempotency key names its job.
     pub idempotency_window: Duration,
+    /// Free space kept for the log: job output stops below it.
+    pub disk_reserve_bytes: u64,
+    /// Total job output kept; the oldest is evicted past it.
+    pub output_quota_bytes: u64,
+    /// How long a failed attempt's work dir is kept.
+    pub keep_failed_workspaces: Duration,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock: the `now` this
@@ -242,7 +248,16 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     if config.local_runner {
         runner_config.cgroups = runner::detect_cgroups();
     }
+    runner_config.disk_reserve_bytes = config.disk_reserve_bytes;
+    runner_config.keep_failed_workspaces = config.keep_failed_workspaces;
     let runner = NativeRunner::new(runner_config, run_tx);
+    if config.local_runner {
+        tokio::spawn(runner.workspace_sweeper().run(config.data_dir.join("work")));
+    }
+    tokio::spawn(rustci_net::disk::run_output_janitor(
+        config.data_dir.join("output"),
+        config.output_quota_bytes,
+    ));
     tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()));
 
     let info = ServerInfo {
@@ -258,6 +273,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         data_dir: config.data_dir.clone(),
         reserved_node: config.local_runner.then(|| config.node_name.clone()),
         to_driver: inputs_tx.clone(),
+        disk_reserve_bytes: config.disk_reserve_bytes,
     });
     let cp = ControlPlane::new(
         inputs_tx.clone(),

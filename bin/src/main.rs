@@ -131,6 +131,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 capacity,
                 labels: args.labels.into_iter().collect(),
                 idempotency_window: std::time::Duration::from_secs(args.idempotency_window_secs),
+                disk_reserve_bytes: args.disk_reserve_mb * 1024 * 1024,
+                output_quota_bytes: args.output_quota_mb * 1024 * 1024,
+                keep_failed_workspaces: std::time::Duration::from_secs(
+                    args.keep_failed_workspaces_secs,
+                ),
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!("rustci dev: serving the API on http://{}", handle.addr);
@@ -156,6 +161,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 capacity: None,
                 labels: Default::default(),
                 idempotency_window: std::time::Duration::from_secs(args.idempotency_window_secs),
+                disk_reserve_bytes: args.disk_reserve_mb * 1024 * 1024,
+                output_quota_bytes: args.output_quota_mb * 1024 * 1024,
+                keep_failed_workspaces: rustci::runner::KEEP_FAILED_WORKSPACES_DEFAULT,
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!(
@@ -187,6 +195,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 labels,
                 work_dir: args.work_dir,
                 drain_timeout: std::time::Duration::from_secs(args.drain_timeout_secs),
+                disk_reserve_bytes: args.disk_reserve_mb * 1024 * 1024,
+                keep_failed_workspaces: std::time::Duration::from_secs(
+                    args.keep_failed_workspaces_secs,
+                ),
             };
             let (stop_tx, stop_rx) = tokio::sync::mpsc::unbounded_channel();
             tokio::spawn(async move {

@@ -81,14 +81,22 @@ impl Harness {
     }
 
     fn build(log_cap_bytes: u64, mode: Mode) -> Self {
+        Self::configured(mode, |c| c.log_cap_bytes = log_cap_bytes)
+    }
+
+    /// A harness whose runner config `tune` adjusts first.
+    fn configured(mode: Mode, tune: impl FnOnce(&mut RunnerConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = RunnerConfig {
-            log_cap_bytes,
+        let mut config = RunnerConfig {
+            log_cap_bytes: rustci::runner::LOG_CAP_BYTES_DEFAULT,
             pid_dir: dir.path().join("pids"),
             shim: mode.shim(),
             lease_file: None,
             cgroups: None,
+            disk_reserve_bytes: 0,
+            keep_failed_workspaces: Duration::from_secs(3600),
         };
+        tune(&mut config);
         let (tx, events) = mpsc::unbounded_channel();
         Self {
             runner: NativeRunner::new(config, tx),
@@ -852,6 +860,8 @@ async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
         shim: Some(PathBuf::from(SHIM_EXE)),
         lease_file: Some(lease.clone()),
         cgroups: None,
+        disk_reserve_bytes: 0,
+        keep_failed_workspaces: Duration::from_secs(3600),
     };
     let (tx, mut events) = mpsc::unbounded_channel();
     let runner = NativeRunner::new(config, tx);
@@ -1012,4 +1022,58 @@ mod escapees_without_cgroups {
         assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
         assert!(dies(pid), "escapee {pid} outlived its job");
     }
+}
+
+/// Output stops while the disk has no more free space than the reserve,
+/// and the log says so: cut output is never taken for complete.
+#[tokio::test]
+async fn output_stops_at_the_disk_reserve_and_says_it_is_incomplete() {
+    let mut h = Harness::configured(Mode::Shim, |c| c.disk_reserve_bytes = u64::MAX);
+    let (outcome, code, log) = h.run(&["echo", "hello"]).await;
+    assert_eq!((outcome, code), (Outcome::Exited, Some(0)));
+    assert_eq!(log, rustci_net::disk::OUTPUT_INCOMPLETE_MARKER);
+    // With room, the same output is all there.
+    let mut h = Harness::configured(Mode::Shim, |c| c.disk_reserve_bytes = 1);
+    let (_, _, log) = h.run(&["echo", "hello"]).await;
+    assert_eq!(log, "hello\n");
+}
+
+/// A succeeded attempt's work dir is removed when it ends; a failed one's
+/// stays until the sweeper finds it older than the keep time.
+#[tokio::test]
+async fn work_dirs_go_when_the_attempt_succeeds_and_failed_ones_after_the_keep_time() {
+    let mut h = Harness::configured(Mode::Shim, |c| {
+        c.keep_failed_workspaces = Duration::from_millis(300)
+    });
+    // Work dirs named as the drivers name them: `<root>/<job>-<attempt>`.
+    let root = h.dir.path().join("workspaces");
+    let named = |mut spec: RunSpec| {
+        spec.work_dir = root.join(format!("{}-{}", spec.job, spec.attempt));
+        spec
+    };
+    let ok = named(h.spec(1, &sh("echo data > file")));
+    h.runner.start(ok.clone());
+    assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
+    assert!(
+        !ok.work_dir.exists(),
+        "a succeeded attempt's work dir is removed"
+    );
+    let failed = named(h.spec(2, &sh("echo data > file; exit 3")));
+    h.runner.start(failed.clone());
+    assert_eq!(h.finished(2).await, (Outcome::Exited, Some(3)));
+    assert!(
+        failed.work_dir.join("file").exists(),
+        "kept to be looked at"
+    );
+    let sweeper = h.runner.workspace_sweeper();
+    // A running attempt's work dir is never swept, however old.
+    let running = named(h.spec(3, &["sleep", "30"]));
+    h.runner.start(running.clone());
+    h.expect_started(3).await;
+    assert_eq!(sweeper.sweep(&root).await, 0, "too young to go");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(sweeper.sweep(&root).await, 1);
+    assert!(!failed.work_dir.exists());
+    assert!(running.work_dir.exists());
+    h.runner.kill(3, 1);
 }

@@ -202,6 +202,8 @@ pub struct LinkContext {
     pub reserved_node: Option<String>,
     /// Where protocol messages from agents go (the driver).
     pub to_driver: mpsc::Sender<crate::control::Input>,
+    /// Free space kept for the log: shipped output stops below it.
+    pub disk_reserve_bytes: u64,
 }
 
 /// Serves one agent connection (after the protocol switch) until it ends.
@@ -267,6 +269,8 @@ where
             }
         }
     });
+    // Attempts whose output stopped being stored on this connection.
+    let mut cut: std::collections::BTreeSet<(JobId, AttemptNumber)> = Default::default();
     loop {
         // An agent heartbeats every second: a connection silent for much
         // longer is dead (a half-open one would otherwise hold its name).
@@ -304,9 +308,23 @@ where
                 offset,
                 bytes,
             })) => {
+                if cut.contains(&(job, attempt)) {
+                    continue;
+                }
                 let path = crate::control::output_path(&ctx.data_dir, job, attempt);
-                if let Err(e) = write_output(&path, offset, &bytes).await {
-                    tracing::warn!(job = job.0, attempt, error = %e, "cannot store shipped output");
+                let room = crate::disk::room_for_output(&ctx.data_dir, ctx.disk_reserve_bytes);
+                let written = if room {
+                    write_output(&path, offset, &bytes).await
+                } else {
+                    Err(io::Error::other("the disk is nearly full"))
+                };
+                if let Err(e) = written {
+                    // The rest of this attempt's output is not kept, and
+                    // the output says so where it stops.
+                    tracing::warn!(job = job.0, attempt, error = %e, "cannot store shipped output; the rest of it is dropped");
+                    let marker = crate::disk::OUTPUT_INCOMPLETE_MARKER.as_bytes();
+                    let _ = write_output(&path, offset, marker).await;
+                    cut.insert((job, attempt));
                 }
             }
             Ok(None) => break,

@@ -8,6 +8,7 @@
 pub mod agent_link;
 pub mod client;
 pub mod control;
+pub mod disk;
 pub mod dto;
 /// The request decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
 #[doc(hidden)]

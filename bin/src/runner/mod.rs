@@ -123,6 +123,7 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rustci_core::model::{Outcome, Usage};
+use rustci_net::disk::{room_for_output, OUTPUT_INCOMPLETE_MARKER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -285,7 +286,17 @@ pub struct RunnerConfig {
     /// Per-attempt cgroups (with a shim): limits, containment of escaped
     /// processes, `oom`. `None`: process groups only.
     pub cgroups: Option<Arc<cgroup::Cgroups>>,
+    /// Free space (bytes) kept on the output's file system: output stops
+    /// below it, marked incomplete (0: none).
+    pub disk_reserve_bytes: u64,
+    /// How long the work dir of an attempt that did not succeed is kept
+    /// (a succeeded attempt's goes at once): see
+    /// [`WorkspaceSweeper`].
+    pub keep_failed_workspaces: Duration,
 }
+
+/// Default of [`RunnerConfig::keep_failed_workspaces`]: one hour.
+pub const KEEP_FAILED_WORKSPACES_DEFAULT: Duration = Duration::from_secs(3600);
 
 /// This process's cgroups for attempts, if the machine has usable ones;
 /// says once which containment jobs get.
@@ -310,6 +321,8 @@ impl RunnerConfig {
             shim: None,
             lease_file: None,
             cgroups: None,
+            disk_reserve_bytes: rustci_net::disk::DISK_RESERVE_BYTES_DEFAULT,
+            keep_failed_workspaces: KEEP_FAILED_WORKSPACES_DEFAULT,
         }
     }
 }
@@ -407,6 +420,14 @@ impl NativeRunner {
         }
         let mut running = self.shared.running.subscribe();
         let _ = running.wait_for(|n| *n == 0).await;
+    }
+
+    /// A handle that removes old work dirs (see [`WorkspaceSweeper`]).
+    pub fn workspace_sweeper(&self) -> WorkspaceSweeper {
+        WorkspaceSweeper {
+            shared: Arc::clone(&self.shared),
+            keep: self.config.keep_failed_workspaces,
+        }
     }
 
     /// At start-up, before any `start`: kills the process groups recorded in
@@ -531,7 +552,13 @@ const NODE_SHORTAGE_WAIT_MAX: Duration = Duration::from_secs(30);
 
 impl AttemptTask {
     async fn run(self, cancel: oneshot::Receiver<()>) {
-        let event = match self.execute(cancel).await {
+        let ended = self.execute(cancel).await;
+        // A succeeded attempt's work dir goes at once; others stay for a
+        // while, to be looked at (`NativeRunner::sweep_workspaces`).
+        if matches!(ended, Ok((Outcome::Exited, Some(0), _))) {
+            remove_workspace(&self.spec.work_dir).await;
+        }
+        let event = match ended {
             Ok((outcome, exit_code, usage)) => {
                 info!(?outcome, ?exit_code, ?usage, "attempt finished");
                 RunEvent::Finished {
@@ -656,8 +683,21 @@ impl AttemptTask {
             shim_status,
         } = spawned;
         let (stop_tx, stop_rx) = oneshot::channel();
+        let log_dir = self
+            .spec
+            .log_path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let pump = tokio::spawn(
-            pump_output(output, log, self.config.log_cap_bytes, stop_rx).in_current_span(),
+            pump_output(
+                output,
+                log,
+                log_dir,
+                self.config.log_cap_bytes,
+                self.config.disk_reserve_bytes,
+                stop_rx,
+            )
+            .in_current_span(),
         );
         let deadline = tokio::time::sleep(self.spec.timeout.min(TIMEOUT_MAX));
         let outcome = tokio::select! {
@@ -751,6 +791,95 @@ fn measured_usage(cgroup: Option<&cgroup::AttemptCgroup>, shim: Option<Usage>) -
             peak_memory_mb: peak.unwrap_or(0),
             cpu_ms: cpu.unwrap_or(0),
         }),
+    }
+}
+
+/// How often drivers sweep old work dirs.
+pub const WORKSPACE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Removes the work dirs of attempts that ended a while ago; cheap to clone.
+#[derive(Clone)]
+pub struct WorkspaceSweeper {
+    shared: Arc<Shared>,
+    keep: Duration,
+}
+
+impl WorkspaceSweeper {
+    /// Removes the work dirs under `root` (named `<job>-<attempt>`) of
+    /// attempts not running here whose last change is older than
+    /// [`RunnerConfig::keep_failed_workspaces`]: what failed attempts (and
+    /// a runner that died) left. Returns how many it removed. Drivers call
+    /// it at start and then every [`WORKSPACE_SWEEP_INTERVAL`].
+    pub async fn sweep(&self, root: &Path) -> usize {
+        let keep = self.keep;
+        let running: Vec<AttemptKey> = self
+            .shared
+            .attempts
+            .lock()
+            .expect("runner lock")
+            .keys()
+            .copied()
+            .collect();
+        let root = root.to_path_buf();
+        let removed = tokio::task::spawn_blocking(move || {
+            let Ok(entries) = std::fs::read_dir(&root) else {
+                return 0;
+            };
+            let mut removed = 0;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(key) = name
+                    .split_once('-')
+                    .and_then(|(j, a)| Some((j.parse::<u64>().ok()?, a.parse::<u32>().ok()?)))
+                else {
+                    continue;
+                };
+                if running.contains(&key) {
+                    continue;
+                }
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= keep);
+                if old && std::fs::remove_dir_all(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+            removed
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            info!(
+                removed,
+                "removed the work dirs of attempts past their keep time"
+            );
+        }
+        removed
+    }
+
+    /// Sweeps `root` now and then every [`WORKSPACE_SWEEP_INTERVAL`],
+    /// forever (spawn it).
+    pub async fn run(self, root: PathBuf) {
+        loop {
+            self.sweep(&root).await;
+            tokio::time::sleep(WORKSPACE_SWEEP_INTERVAL).await;
+        }
+    }
+}
+
+/// Removes an attempt's work dir (off the async threads: it may be big).
+async fn remove_workspace(dir: &Path) {
+    let dir = dir.to_path_buf();
+    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err((dir, e)),
+        _ => Ok(()),
+    })
+    .await;
+    if let Ok(Err((dir, e))) = removed {
+        warn!(dir = %dir.display(), error = %e, "cannot remove the work dir");
     }
 }
 

@@ -38,10 +38,15 @@ pub(super) async fn finish_output(
 
 /// Copies the job's output into its log until end-of-file (or `stop`),
 /// honouring the cap, and flushes before returning.
+/// While the log's file system has no more than `reserve` bytes free, no
+/// output is written: the rest is dropped after one
+/// [`OUTPUT_INCOMPLETE_MARKER`] line, as after a failed write.
 pub(super) async fn pump_output(
     mut output: pipe::Receiver,
     mut log: tokio::fs::File,
+    log_dir: PathBuf,
     log_cap_bytes: u64,
+    reserve: u64,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut buffer = vec![0u8; READ_BUFFER_BYTES];
@@ -61,9 +66,19 @@ pub(super) async fn pump_output(
                 break;
             }
         };
+        if log_ok && !room_for_output(&log_dir, reserve) {
+            warn!(
+                reserve,
+                "the disk is nearly full: discarding further output"
+            );
+            let _ = write_and_flush(&mut log, OUTPUT_INCOMPLETE_MARKER.as_bytes()).await;
+            log_ok = false;
+        }
         if log_ok {
             if let Err(e) = write_capped(&mut log, &mut cap, &buffer[..n]).await {
                 warn!(error = %e, "cannot write log; discarding further output");
+                // Within the reserve there is room for the line that says so.
+                let _ = write_and_flush(&mut log, OUTPUT_INCOMPLETE_MARKER.as_bytes()).await;
                 log_ok = false;
             }
         }
