@@ -232,10 +232,11 @@ in_both_modes! {
 
 in_both_modes! {
     async fn exec_work_dir_is_created_per_attempt_and_is_the_cwd(h: Harness, mode: Mode) {
-        let spec = h.spec(1, &["pwd"]);
+        // Failing, so that its work dir is kept to be looked at.
+        let spec = h.spec(1, &sh("pwd; exit 1"));
         assert!(!spec.work_dir.exists());
         h.runner.start(spec.clone());
-        assert_eq!(h.finished(1).await, (Outcome::Exited, Some(0)));
+        assert_eq!(h.finished(1).await, (Outcome::Exited, Some(1)));
         let cwd = std::fs::canonicalize(&spec.work_dir).unwrap();
         assert_eq!(read_log(&spec), format!("{}\n", cwd.display()));
     }
@@ -775,6 +776,9 @@ fn shim_orphaned_before_it_could_catch_sigterm_kills_its_group_without_running_t
 
 #[tokio::test]
 async fn exec_with_a_shim_the_shim_leads_the_group_and_the_command_is_its_child() {
+    // As the daemons do at start: what this test process inherited (from
+    // whoever ran the suite) is not passed on to jobs started without a shim.
+    rustci::procenv::cloexec_inherited_fds();
     let mut h = Harness::new_in(Mode::Shim);
     let script = "echo $PPID; cut -d' ' -f5 /proc/$$/stat; readlink /proc/$PPID/exe; \
                   cd /proc/$$/fd && echo *";
