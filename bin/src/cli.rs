@@ -13,9 +13,10 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use http_body_util::BodyExt;
 use hyper::Method;
+use rustci_core::model::Outcome;
 use rustci_net::client::{api_error, Client};
 use rustci_net::dto::{
-    ClusterView, JobList, JobView, NodeList, NodeView, ResourcesRequest, SubmitRequest,
+    AttemptView, ClusterView, JobList, JobView, NodeList, NodeView, ResourcesRequest, SubmitRequest,
 };
 
 #[derive(Parser, Debug)]
@@ -423,22 +424,176 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Exit> {
     if !args.wait {
         return Ok(0);
     }
-    let job = wait_terminal(&mut client, job.id).await?;
-    Ok(match job.state.as_str() {
-        "succeeded" => 0,
-        _ => job.exit_code.filter(|c| *c != 0).unwrap_or(1),
-    })
+    drop(client);
+    let followed = follow_job(&args.client, job.id, 1, Follow::AllAttempts).await;
+    match followed {
+        Ok(Followed::Ended(job)) => {
+            let (code, how) = job_ending(&job);
+            eprintln!("rustci: job {} {how}", job.id);
+            Ok(code)
+        }
+        Ok(Followed::Unplaceable(reason)) => {
+            eprintln!(
+                "rustci: job {} cannot be placed: {reason} (it stays queued; `rustci job cancel {}` drops it)",
+                job.id, job.id
+            );
+            Ok(EXIT_UNPLACEABLE)
+        }
+        Err(e) => {
+            eprintln!("rustci: lost track of job {}: {e:#}", job.id);
+            Ok(EXIT_SERVER_ERROR)
+        }
+    }
 }
 
-/// Polls the job until it is terminal.
-async fn wait_terminal(client: &mut Client, id: u64) -> anyhow::Result<JobView> {
+/// `submit --wait`'s exit code when the job was cancelled.
+pub const EXIT_CANCELLED: Exit = 121;
+/// ... when it failed because it was lost (its node died) too many times.
+pub const EXIT_LOST: Exit = 122;
+/// ... when no node can take it (constraints or size), after a short grace.
+pub const EXIT_UNPLACEABLE: Exit = 123;
+/// ... when it timed out, as `timeout(1)` exits.
+pub const EXIT_TIMED_OUT: Exit = 124;
+/// ... when the server could not be reached or answered with an error
+/// while the job was being followed.
+pub const EXIT_SERVER_ERROR: Exit = 120;
+/// ... when its command could not be started, as a shell does.
+pub const EXIT_START_FAILED: Exit = 127;
+/// ... when it was killed for using more memory than `memory_mb` (the
+/// kernel's SIGKILL: 128 + 9).
+pub const EXIT_OOM: Exit = 137;
+/// How long a queued job may look unplaceable before `submit --wait` gives
+/// up on it (a node may be just joining).
+const UNPLACEABLE_GRACE: Duration = Duration::from_secs(3);
+
+/// What to follow of a job's output.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    /// This attempt only.
+    OneAttempt,
+    /// This attempt and every later one, until the job ends.
+    AllAttempts,
+}
+
+enum Followed {
+    /// The job (or the one attempt followed) ended.
+    Ended(JobView),
+    /// Queued, and no ready node could take it for [`UNPLACEABLE_GRACE`].
+    Unplaceable(String),
+}
+
+/// Streams a job's output to stdout from attempt `first` on, with a line
+/// on stderr as each attempt starts and ends, until the job is terminal
+/// (or, with [`Follow::OneAttempt`], that attempt ended).
+async fn follow_job(
+    opts: &ClientOpts,
+    id: u64,
+    first: u32,
+    what: Follow,
+) -> anyhow::Result<Followed> {
+    let mut client = connect(opts).await?;
     let path = format!("/v1/jobs/{id}");
+    let mut next = first.max(1);
+    let mut unplaceable_since: Option<std::time::Instant> = None;
     loop {
         let job: JobView = client.json(Method::GET, &path, None, &[]).await?;
+        let latest = job.attempts.last().map_or(0, |a| a.number);
+        if latest >= next {
+            unplaceable_since = None;
+            if let Some(a) = job.attempts.iter().find(|a| a.number == next) {
+                eprintln!("rustci: job {id} attempt {next} on {}", a.node);
+            }
+            stream_logs(&mut client, id, Some(next), true).await?;
+            // The stream ends with the attempt; its result follows shortly.
+            let job = loop {
+                let job: JobView = client.json(Method::GET, &path, None, &[]).await?;
+                let active = job
+                    .attempts
+                    .iter()
+                    .find(|a| a.number == next)
+                    .is_some_and(|a| matches!(a.state.as_str(), "assigned" | "running"));
+                if !active {
+                    break job;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            if let Some(a) = job.attempts.iter().find(|a| a.number == next) {
+                eprintln!("rustci: job {id} attempt {next} {}", attempt_ending(a));
+            }
+            let later = job.attempts.last().is_some_and(|a| a.number > next);
+            if what == Follow::OneAttempt || (job.is_terminal() && !later) {
+                return Ok(Followed::Ended(job));
+            }
+            next += 1;
+            continue;
+        }
         if job.is_terminal() {
-            return Ok(job);
+            return Ok(Followed::Ended(job));
+        }
+        match job.reason.as_deref().filter(|r| never_placeable(r)) {
+            Some(reason) => {
+                let since = *unplaceable_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= UNPLACEABLE_GRACE {
+                    return Ok(Followed::Unplaceable(reason.to_string()));
+                }
+            }
+            None => unplaceable_since = None,
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A queued job's reason that no ready node could ever take it as the
+/// cluster stands (`rustci_core::scheduler::unplaced_reason`).
+fn never_placeable(reason: &str) -> bool {
+    ["no ready node", "no matching node is large enough"]
+        .iter()
+        .any(|p| reason.starts_with(p))
+}
+
+/// How an attempt ended, in words.
+fn attempt_ending(a: &AttemptView) -> String {
+    match (a.state.as_str(), a.outcome, a.exit_code) {
+        ("succeeded", ..) => "succeeded".into(),
+        ("timed_out", ..) => "timed out".into(),
+        ("cancelled", ..) => "was cancelled".into(),
+        ("lost", ..) => "was lost (its node went away or stopped it); the job runs again".into(),
+        (_, Some(Outcome::Oom), _) => {
+            "failed: killed for using more memory than its memory_mb".into()
+        }
+        (_, Some(Outcome::StartFailed), _) => "failed: its command could not be started".into(),
+        (_, _, Some(code)) if code < 0 => format!("failed: killed by signal {}", -code),
+        (_, _, Some(code)) => format!("failed with exit code {code}"),
+        (_, _, None) => "failed: killed by a signal".into(),
+    }
+}
+
+/// `submit --wait`'s exit code for a terminal job, and what to say.
+fn job_ending(job: &JobView) -> (Exit, String) {
+    let last = job.attempts.last();
+    match job.state.as_str() {
+        "succeeded" => (0, "succeeded".into()),
+        "cancelled" => (EXIT_CANCELLED, "was cancelled".into()),
+        _ => match last {
+            None => (EXIT_CANCELLED, "ended without running".into()),
+            Some(a) => match (a.state.as_str(), a.outcome, a.exit_code) {
+                ("timed_out", ..) => (EXIT_TIMED_OUT, "timed out".into()),
+                ("lost", ..) => (
+                    EXIT_LOST,
+                    format!(
+                        "failed: {}",
+                        job.reason
+                            .as_deref()
+                            .unwrap_or("its attempts were lost too often")
+                    ),
+                ),
+                (_, Some(Outcome::Oom), _) => (EXIT_OOM, attempt_ending(a)),
+                (_, Some(Outcome::StartFailed), _) => (EXIT_START_FAILED, attempt_ending(a)),
+                (_, _, Some(code)) if code < 0 => (128 - code, attempt_ending(a)),
+                (_, _, Some(code)) if code != 0 => (code, attempt_ending(a)),
+                (_, _, _) => (128 + libc::SIGKILL, attempt_ending(a)),
+            },
+        },
     }
 }
 
@@ -509,7 +664,41 @@ pub async fn logs(
     follow: bool,
     attempt: Option<u32>,
 ) -> anyhow::Result<Exit> {
-    let mut path = format!("{}/logs", job_path(id)?);
+    job_path(id)?;
+    let num: u64 = id.parse().context("job ids are numbers")?;
+    if follow {
+        // From the given attempt (only that one), or from the latest and
+        // on through retries and reschedules until the job ends.
+        let (first, what) = match attempt {
+            Some(n) => (n, Follow::OneAttempt),
+            None => {
+                let job: JobView = connect(client)
+                    .await?
+                    .json(Method::GET, &format!("/v1/jobs/{num}"), None, &[])
+                    .await?;
+                let latest = job.attempts.last().map_or(1, |a| a.number);
+                (latest, Follow::AllAttempts)
+            }
+        };
+        return match follow_job(client, num, first, what).await? {
+            Followed::Ended(_) => Ok(0),
+            Followed::Unplaceable(reason) => bail!("job {num} cannot be placed: {reason}"),
+        };
+    }
+    let mut c = connect(client).await?;
+    stream_logs(&mut c, num, attempt, false).await?;
+    Ok(0)
+}
+
+/// Copies an attempt's output (default: the latest) to stdout; with
+/// `follow`, until the attempt ends.
+async fn stream_logs(
+    c: &mut Client,
+    id: u64,
+    attempt: Option<u32>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut path = format!("/v1/jobs/{id}/logs");
     let mut q = Vec::new();
     if let Some(a) = attempt {
         q.push(format!("attempt={a}"));
@@ -520,7 +709,6 @@ pub async fn logs(
     if !q.is_empty() {
         path = format!("{path}?{}", q.join("&"));
     }
-    let mut c = connect(client).await?;
     let resp = c.send(Method::GET, &path, None, &[]).await?;
     let status = resp.status();
     let mut body = resp.into_body();
@@ -532,15 +720,15 @@ pub async fn logs(
             .unwrap_or_default();
         return Err(api_error(status, &bytes).into());
     }
-    let mut out = std::io::stdout().lock();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| anyhow!("output stream broken: {e}"))?;
         if let Some(data) = frame.data_ref() {
+            let mut out = std::io::stdout().lock();
             out.write_all(data)?;
             out.flush()?;
         }
     }
-    Ok(0)
+    Ok(())
 }
 
 pub async fn nodes(client: &ClientOpts, as_json: bool) -> anyhow::Result<Exit> {

@@ -19,11 +19,13 @@ fn quickstart_submit_wait_exits_with_the_jobs_code_and_logs_show_its_output() {
     let dev = Dev::start(&dir.path().join("data"), &[]);
     let out = dev.cli(&["submit", "--wait", "--", "sh", "-c", "echo hello; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let (id, output) = stdout.split_once('\n').unwrap();
     assert!(
         id.parse::<u64>().is_ok(),
-        "submit prints the job id, got {id:?}"
+        "submit prints the job id first, got {id:?}"
     );
+    assert_eq!(output, "hello\n", "then the job's output");
     let logs = dev.cli(&["logs", &id]);
     assert!(logs.status.success());
     assert_eq!(String::from_utf8(logs.stdout).unwrap(), "hello\n");
@@ -700,4 +702,110 @@ fn a_daemon_short_of_descriptors_does_not_fail_the_jobs() {
         "the limit was reached: {}",
         dev.stderr()
     );
+}
+
+/// `submit --wait` streams the job's output as it runs (every attempt,
+/// retries too), says on stderr how the job ended, and exits as a shell
+/// user expects: the job's code, 128+N for signal N, 124 for a time-out,
+/// 127 when the command cannot start, and distinct codes for a job no node
+/// can take (123, at once rather than hanging) and a cancelled one (121).
+#[test]
+fn submit_wait_streams_output_and_exits_as_a_shell_would() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    let out = dev.cli(&[
+        "submit",
+        "--wait",
+        "--retries",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "echo try $RUSTCI_ATTEMPT; echo oops >&2; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    assert!(
+        lines.next().unwrap().parse::<u64>().is_ok(),
+        "the id first: {stdout}"
+    );
+    assert_eq!(
+        lines.collect::<Vec<_>>(),
+        ["try 1", "oops", "try 2", "oops"],
+        "{stdout}"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("attempt 2 failed with exit code 4"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.trim_end().ends_with("failed with exit code 4"),
+        "{stderr}"
+    );
+    let code = |args: &[&str]| {
+        let mut all = vec!["submit", "--wait"];
+        all.extend_from_slice(args);
+        let out = dev.cli(&all);
+        (out.status.code(), text(&out.stderr))
+    };
+    assert_eq!(code(&["--", "true"]).0, Some(0));
+    let (c, err) = code(&["--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(c, Some(128 + 15), "{err}");
+    assert!(err.contains("killed by signal 15"), "{err}");
+    let (c, err) = code(&["--timeout-secs", "1", "--", "sleep", "30"]);
+    assert_eq!(c, Some(124), "{err}");
+    assert!(err.contains("timed out"), "{err}");
+    let (c, err) = code(&["--", "no-such-command-rustci"]);
+    assert_eq!(c, Some(127), "{err}");
+    let t = Instant::now();
+    let (c, err) = code(&["--constraint", "gpu=none-here", "--", "true"]);
+    assert_eq!(c, Some(123), "{err}");
+    assert!(err.contains("gpu=none-here"), "says why: {err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "fails fast");
+    // Cancelled while it waits.
+    let mut waiting = std::process::Command::new(BIN)
+        .args(["submit", "--wait", "--", "sleep", "30"])
+        .env("RUSTCI_SERVER", &dev.addr)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = dev.wait_job_where(|j| j["state"] == "running");
+    let out = dev.cli(&["job", "cancel", &id.to_string()]);
+    assert!(out.status.success());
+    let done = waiting.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(121), "{done:?}");
+    assert!(text(&done.stderr).contains("was cancelled"));
+}
+
+/// `logs --follow` follows a job through its retries, with a line on stderr
+/// per attempt and how each ended.
+#[test]
+fn logs_follow_goes_on_through_retries() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let job = dev.submit_json(&json!({
+        "command": ["sh", "-c", "sleep 0.3; echo run $RUSTCI_ATTEMPT; exit 1"],
+        "max_retries": 2,
+    }));
+    let id = job["id"].to_string();
+    let out = dev.cli(&["logs", "--follow", &id]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "run 1\nrun 2\nrun 3\n"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for n in 1..=3 {
+        assert!(
+            stderr.contains(&format!("attempt {n} failed with exit code 1")),
+            "{stderr}"
+        );
+    }
+    // One attempt only, when asked for it.
+    let out = dev.cli(&["logs", "--follow", "--attempt", "2", &id]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "run 2\n");
 }

@@ -361,9 +361,11 @@ in_both_modes! {
 }
 
 in_both_modes! {
-    async fn exit_by_a_signal_we_did_not_send_is_exited_without_a_code(h: Harness, mode: Mode) {
+    async fn exit_by_a_signal_we_did_not_send_is_exited_with_minus_the_signal(h: Harness, mode: Mode) {
         let (outcome, code, _) = h.run(&sh("kill -9 $$")).await;
-        assert_eq!((outcome, code), (Outcome::Exited, None));
+        assert_eq!((outcome, code), (Outcome::Exited, Some(-9)));
+        let (outcome, code, _) = h.run(&sh("kill -TERM $$")).await;
+        assert_eq!((outcome, code), (Outcome::Exited, Some(-15)));
     }
 }
 

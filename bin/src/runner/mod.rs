@@ -83,9 +83,9 @@
 //! point at which the attempt's resources may be released.
 //!
 //! Exit codes: `exit_code` is the process's exit status; a process killed by
-//! a signal (ours or anyone's) reports `exit_code: None`. A signal we did not
-//! send gives `Outcome::Exited` with `None`; our own kills give `TimedOut` or
-//! `Cancelled`. [`NativeRunner::shutdown`] reports `Cancelled`.
+//! signal N (ours or anyone's) reports `exit_code: Some(-N)`. A signal we did
+//! not send gives `Outcome::Exited` with `Some(-N)`; our own kills give
+//! `TimedOut` or `Cancelled`. [`NativeRunner::shutdown`] reports `Cancelled`.
 //!
 //! # Known limits
 //!
@@ -720,7 +720,13 @@ impl AttemptTask {
             c.kill_all();
         }
         let exit_code = match child.wait().await {
-            Ok(status) => status.code(),
+            // Killed by signal N: -N (as Python's `returncode`), so the
+            // signal is kept; `submit --wait` exits 128 + N for it.
+            // Our own kills (cancel, time-out) report no code.
+            Ok(status) if outcome == Outcome::Exited => {
+                status.code().or_else(|| status.signal().map(|s| -s))
+            }
+            Ok(_) => None,
             Err(e) => {
                 warn!(error = %e, "cannot wait for the job process");
                 None

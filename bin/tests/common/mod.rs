@@ -157,6 +157,26 @@ impl Dev {
     }
 }
 
+impl Dev {
+    /// Waits (up to 30 s) until some job satisfies `done`; returns its id.
+    pub fn wait_job_where<F: Fn(&serde_json::Value) -> bool>(&self, done: F) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = self.get_json("/v1/jobs");
+            if let Some(job) = list["jobs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|j| done(j))
+            {
+                return job["id"].as_u64().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no job got there: {list}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Dev {
     fn drop(&mut self) {
         self.kill9();
