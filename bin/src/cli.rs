@@ -477,7 +477,7 @@ enum Follow {
 
 enum Followed {
     /// The job (or the one attempt followed) ended.
-    Ended(JobView),
+    Ended(Box<JobView>),
     /// Queued, and no ready node could take it for [`UNPLACEABLE_GRACE`].
     Unplaceable(String),
 }
@@ -522,13 +522,13 @@ async fn follow_job(
             }
             let later = job.attempts.last().is_some_and(|a| a.number > next);
             if what == Follow::OneAttempt || (job.is_terminal() && !later) {
-                return Ok(Followed::Ended(job));
+                return Ok(Followed::Ended(Box::new(job)));
             }
             next += 1;
             continue;
         }
         if job.is_terminal() {
-            return Ok(Followed::Ended(job));
+            return Ok(Followed::Ended(Box::new(job)));
         }
         match job.reason.as_deref().filter(|r| never_placeable(r)) {
             Some(reason) => {
