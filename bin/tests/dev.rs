@@ -26,7 +26,7 @@ fn quickstart_submit_wait_exits_with_the_jobs_code_and_logs_show_its_output() {
         "submit prints the job id first, got {id:?}"
     );
     assert_eq!(output, "hello\n", "then the job's output");
-    let logs = dev.cli(&["logs", &id]);
+    let logs = dev.cli(&["logs", id]);
     assert!(logs.status.success());
     assert_eq!(String::from_utf8(logs.stdout).unwrap(), "hello\n");
     let ok = dev.cli(&["submit", "--wait", "--", "true"]);
@@ -766,7 +766,7 @@ fn submit_wait_streams_output_and_exits_as_a_shell_would() {
     assert!(err.contains("gpu=none-here"), "says why: {err}");
     assert!(t.elapsed() < Duration::from_secs(20), "fails fast");
     // Cancelled while it waits.
-    let mut waiting = std::process::Command::new(BIN)
+    let waiting = std::process::Command::new(BIN)
         .args(["submit", "--wait", "--", "sleep", "30"])
         .env("RUSTCI_SERVER", &dev.addr)
         .stdout(std::process::Stdio::piped())
