@@ -347,10 +347,7 @@ async fn connect_any(dial: Dial) -> Result<(Link, String), Refused> {
 }
 
 async fn connect_to(server: &str, hello: &Hello) -> Result<Link, Refused> {
-    let addr = server
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let addr = crate::cli::server_addr(server);
     let retry = |e: std::io::Error| Refused::Retry(e.to_string());
     let mut stream = TcpStream::connect(&addr).await.map_err(retry)?;
     let _ = stream.set_nodelay(true);

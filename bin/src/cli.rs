@@ -36,7 +36,7 @@ pub struct ClientOpts {
     #[arg(
         long,
         env = "RUSTCI_SERVER",
-        default_value = "127.0.0.1:7878",
+        default_value = DEFAULT_SERVER,
         global = true
     )]
     pub server: String,
@@ -335,7 +335,7 @@ pub fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub type Exit = i32;
 
 async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
-    Ok(Client::connect(&opts.server, opts.token.clone()).await?)
+    Ok(Client::connect(&server_addr(&opts.server), opts.token.clone()).await?)
 }
 
 fn job_path(id: &str) -> anyhow::Result<String> {
@@ -350,9 +350,76 @@ fn job_path(id: &str) -> anyhow::Result<String> {
 fn read_job_file(path: &PathBuf) -> anyhow::Result<SubmitRequest> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read job file {}", path.display()))?;
-    toml::from_str(&text)
-        .map_err(|e| anyhow!("invalid job file {}: {}", path.display(), e.message()))
+    toml::from_str(&text).map_err(|e| {
+        let at = e.span().map_or(String::new(), |span| {
+            let (line, column) = line_and_column(&text, span.start);
+            format!(":{line}:{column}")
+        });
+        anyhow!("invalid job file {}{at}: {}", path.display(), e.message())
+    })
 }
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// A clap error in one line, with clap's tip if it has one, and, for a
+/// command given to `submit` without `--`, how to give it.
+pub fn one_line_usage_error(e: &clap::Error, subcommand: Option<&str>) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("bad arguments")
+        .trim_start_matches("error: ")
+        .to_string();
+    let tip = lines
+        .find_map(|l| l.strip_prefix("tip: "))
+        .map(|t| format!(" ({t})"))
+        .unwrap_or_default();
+    let dashdash = e.kind() == clap::error::ErrorKind::UnknownArgument
+        && subcommand == Some("submit")
+        && !first.contains("'-");
+    if dashdash {
+        return format!(
+            "{first}: the job's command goes after `--`, as in `rustci submit [OPTIONS] -- CMD ARGS...`"
+        );
+    }
+    format!("{first}{tip}")
+}
+
+/// `--server`/`RUSTCI_SERVER` as a socket address: accepts `host:port`,
+/// `http://host:port[/]` and a bare host (port 7878); empty means the
+/// default.
+pub fn server_addr(given: &str) -> String {
+    let s = given.trim();
+    let s = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
+    if s.is_empty() {
+        return DEFAULT_SERVER.to_string();
+    }
+    let has_port = match s.rsplit_once(':') {
+        // `[::1]:7878` or `host:7878`; a bare IPv6 address has colons
+        // but no brackets.
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    if has_port {
+        s.to_string()
+    } else if s.contains(':') && !s.starts_with('[') {
+        format!("[{s}]:7878")
+    } else {
+        format!("{s}:7878")
+    }
+}
+
+/// Where the CLI goes by default.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7878";
 
 fn build_request(args: &SubmitArgs) -> anyhow::Result<SubmitRequest> {
     let mut req = match &args.file {
@@ -863,4 +930,31 @@ pub async fn status(client: &ClientOpts, as_json: bool) -> anyhow::Result<Exit> 
     println!("jobs:          {}", jobs.join(" "));
     println!("uptime:        {}s", c.uptime_secs);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_in_the_forms_people_write() {
+        assert_eq!(server_addr("10.0.0.5:9000"), "10.0.0.5:9000");
+        assert_eq!(server_addr("http://10.0.0.5:9000/"), "10.0.0.5:9000");
+        assert_eq!(server_addr("ci.example"), "ci.example:7878");
+        assert_eq!(server_addr("http://ci.example"), "ci.example:7878");
+        assert_eq!(server_addr("  "), DEFAULT_SERVER);
+        assert_eq!(server_addr(""), DEFAULT_SERVER);
+        assert_eq!(server_addr("[::1]:9000"), "[::1]:9000");
+        assert_eq!(server_addr("::1"), "[::1]:7878");
+    }
+
+    #[test]
+    fn positions_in_a_job_file_are_one_based_lines_and_columns() {
+        let text = "a = 1\nbé = [2\nc";
+        assert_eq!(line_and_column(text, 0), (1, 1));
+        assert_eq!(line_and_column(text, 6), (2, 1));
+        // Columns count characters, not bytes.
+        assert_eq!(line_and_column(text, text.find('[').unwrap()), (2, 6));
+        assert_eq!(line_and_column(text, text.len() + 10), (3, 2));
+    }
 }

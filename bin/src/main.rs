@@ -18,14 +18,17 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // `rustci` (or `rustci node`) alone: the usage, as help shows it.
+            eprint!("{}", e.render());
+            return ExitCode::from(2);
+        }
         Err(e) => {
             // The contract: one line on stderr, non-zero exit.
-            let text = e.to_string();
-            let line = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("bad arguments");
-            eprintln!("rustci: {}", line.trim_start_matches("error: "));
+            eprintln!(
+                "rustci: {}",
+                cli::one_line_usage_error(&e, std::env::args().nth(1).as_deref())
+            );
             return ExitCode::from(2);
         }
     };

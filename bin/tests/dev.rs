@@ -809,3 +809,87 @@ fn logs_follow_goes_on_through_retries() {
     let out = dev.cli(&["logs", "--follow", "--attempt", "2", &id]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "run 2\n");
 }
+
+/// The everyday slips of a new user get one helpful line: no arguments
+/// show the usage, a typo suggests the command, a command given to
+/// `submit` without `--` says where it goes, a bad job file says where the
+/// fault is, and `RUSTCI_SERVER` takes the forms people write.
+#[test]
+fn cli_slips_get_one_helpful_line() {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    let bare = run(&[], None);
+    assert_eq!(bare.status.code(), Some(2));
+    let usage = text(&bare.stderr);
+    assert!(
+        usage.contains("Usage: rustci <COMMAND>") && usage.contains("submit"),
+        "{usage}"
+    );
+    let typo = run(&["sumbit"], None);
+    let err = text(&typo.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("'submit'"), "suggests the command: {err}");
+    let nodash = run(&["submit", "echo", "hi"], None);
+    let err = text(&nodash.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("after `--`"), "{err}");
+    let dir = scratch();
+    let file = dir.path().join("job.toml");
+    std::fs::write(&file, "name = \"x\"\ncommand = [\"true\"\npriority = 5\n").unwrap();
+    let bad = run(&["submit", "-f", file.to_str().unwrap()], None);
+    let err = text(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(err.contains("job.toml:3:1"), "line and column: {err}");
+    // The server's address in the forms people write.
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let port = dev.addr.rsplit_once(':').unwrap().1.to_string();
+    for form in [
+        dev.addr.clone(),
+        format!("http://{}", dev.addr),
+        format!("http://{}/", dev.addr),
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(["jobs"])
+            .env("RUSTCI_SERVER", &form)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{form}: {out:?}");
+    }
+    // Empty means the default (nothing listens on it here, or a stranger
+    // does): the error names the default address.
+    let out = std::process::Command::new(BIN)
+        .args(["jobs"])
+        .env("RUSTCI_SERVER", "")
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        assert!(text(&out.stderr).contains("127.0.0.1:7878"), "{out:?}");
+    }
+    assert_ne!(port, "7878");
+    // Something that is not RustCI: one line that says so.
+    let stranger = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = stranger.local_addr().unwrap().to_string();
+    let answer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = stranger.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let body = "<html><body>hello</body></html>";
+        let _ = write!(
+            s,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let out = std::process::Command::new(BIN)
+        .args(["jobs", "--server", &addr])
+        .output()
+        .unwrap();
+    answer.join().unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("did not answer as a RustCI control plane"),
+        "{err}"
+    );
+}

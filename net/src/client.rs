@@ -27,7 +27,7 @@ pub enum ClientError {
         code: String,
         message: String,
     },
-    #[error("unexpected answer from the server: {0}")]
+    #[error("the server did not answer as a RustCI control plane: {0}")]
     Protocol(String),
 }
 
@@ -135,6 +135,18 @@ impl Client {
     }
 }
 
+/// At most 100 characters of `body`, on one line.
+fn one_line_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let line = words.join(" ");
+    match line.char_indices().nth(100) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None if line.is_empty() => "(an empty body)".to_string(),
+        None => line,
+    }
+}
+
 pub fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => ClientError::Api {
@@ -144,8 +156,11 @@ pub fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
         },
         Err(_) => ClientError::Api {
             status: status.as_u16(),
-            code: "http_error".into(),
-            message: String::from_utf8_lossy(body).trim().to_string(),
+            code: "not_rustci".into(),
+            message: format!(
+                "the server did not answer as a RustCI control plane: {}",
+                one_line_excerpt(body)
+            ),
         },
     }
 }
