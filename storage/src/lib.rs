@@ -57,5 +57,5 @@ pub use error::{AppendError, DbError, Error, HardStateError, OpenError, ReadErro
 pub use frame::{decode_entry, encode_entry, FrameError, FrameFault, FRAME_VERSION};
 pub use store::{
     BackupSummary, HardState, LogReadHandle, LogStore, APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES,
-    ENTRY_FRAME_BYTES_MAX, LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX,
+    ENTRY_FRAME_BYTES_MAX, FRAME_PART_BYTES, LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX,
 };

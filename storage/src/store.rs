@@ -18,6 +18,9 @@ use crate::frame::{self, FRAME_HEADER_BYTES};
 
 /// Frames keyed by log index. Keys are contiguous from `first_index` to `last_index`.
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+/// The parts of frames too large to store inline, keyed by (index, part):
+/// the entry's value in [`ENTRIES`] is then a split record (see [`split_record`]).
+const ENTRY_PARTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("entry_parts");
 /// Small named values (the hard state), each a frame under [`META_FRAME_KEY`].
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_HARD_STATE: &str = "hard_state";
@@ -33,6 +36,15 @@ pub const LOCK_FILE_NAME: &str = "LOCK";
 /// Most entries one [`LogStore::append`] takes: one write transaction and one
 /// fsync. Callers with more split them.
 pub const APPEND_BATCH_ENTRIES_MAX: usize = 65_536;
+/// Frames up to this size are stored inline in `entries`; larger ones are
+/// split into parts of this size in `entry_parts`. redb gives a value that
+/// does not fit a 4 KiB page a page of the next power of two, and copies
+/// the leaf on every later append: one 320 KiB frame per transaction made
+/// the file 2.8 times the frames (docs/benchmarks.md). A part fills one page.
+pub const FRAME_PART_BYTES: usize = 3968;
+/// First byte of a split record: never a frame version.
+const SPLIT_MARKER: u8 = 0xC5;
+const SPLIT_RECORD_BYTES: usize = 1 + 4 + 4;
 /// Largest frame accepted for one entry (a job spec with a large env fits).
 pub const ENTRY_FRAME_BYTES_MAX: usize = 1 << 20;
 /// Most entries one [`LogStore::read_range`] returns, whatever is asked.
@@ -382,8 +394,10 @@ impl LogStore {
             let last = table
                 .last()
                 .map_err(|e| self.db_err("read last entry", e))?;
-            if let (Some((first, _)), Some((last, frame))) = (first, last) {
-                let entry = frame::decode_entry(last.value(), frame.value())
+            if let (Some((first, _)), Some((last, stored))) = (first, last) {
+                let parts = open_read_table(&txn, ENTRY_PARTS, &self.path)?;
+                let bytes = assemble(last.value(), stored.value(), parts.as_ref(), &self.path)?;
+                let entry = frame::decode_entry(last.value(), &bytes)
                     .map_err(|e| ReadError::corrupt(&self.path, e))?;
                 self.first_index = first.value();
                 self.last_index = entry.index;
@@ -555,6 +569,9 @@ impl LogStore {
         let mut last = None;
         {
             let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
+            let mut parts = txn
+                .open_table(ENTRY_PARTS)
+                .map_err(err(path, "open entry parts"))?;
             for (index, term, bytes) in frames {
                 if bytes.len() > ENTRY_FRAME_BYTES_MAX {
                     return Err(AppendError::EntryTooLarge {
@@ -564,8 +581,7 @@ impl LogStore {
                         max: ENTRY_FRAME_BYTES_MAX,
                     });
                 }
-                table
-                    .insert(index, bytes)
+                insert_frame(&mut table, &mut parts, index, bytes)
                     .map_err(err(path, "insert entry"))?;
                 last = Some((index, term));
                 if crate::fault::take_append_panic(&self.data_dir) {
@@ -611,14 +627,21 @@ impl LogStore {
             .map_err(err(path, "set durability"))?;
         let (last_index, last_term) = {
             let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
+            let mut parts = txn
+                .open_table(ENTRY_PARTS)
+                .map_err(err(path, "open entry parts"))?;
             table
                 .retain_in(from_index.., |_, _| false)
                 .map_err(err(path, "remove entries"))?;
+            parts
+                .retain_in((from_index, 0).., |_, _| false)
+                .map_err(err(path, "remove entry parts"))?;
             let last = table.last().map_err(err(path, "read last entry"))?;
             match last {
                 None => (0, 0),
-                Some((key, bytes)) => {
-                    let entry = frame::decode_entry(key.value(), bytes.value())
+                Some((key, stored)) => {
+                    let bytes = assemble(key.value(), stored.value(), Some(&parts), path)?;
+                    let entry = frame::decode_entry(key.value(), &bytes)
                         .map_err(|e| ReadError::corrupt(path, e))?;
                     (entry.index, entry.term)
                 }
@@ -803,6 +826,8 @@ fn create_tables(db: &Database, path: &Path) -> Result<(), DbError> {
     let txn = db.begin_write().map_err(err(path, "begin create tables"))?;
     txn.open_table(ENTRIES)
         .map_err(err(path, "create entries"))?;
+    txn.open_table(ENTRY_PARTS)
+        .map_err(err(path, "create entry parts"))?;
     txn.open_table(META).map_err(err(path, "create meta"))?;
     txn.commit().map_err(err(path, "commit create tables"))?;
     Ok(())
@@ -915,6 +940,7 @@ fn scan_db(
     let Some(table) = open_read_table(&txn, ENTRIES, path)? else {
         return Ok(());
     };
+    let parts = open_read_table(&txn, ENTRY_PARTS, path)?;
     let range = table
         .range(from..)
         .map_err(|e| DbError::new("scan entries", path, e))?;
@@ -931,8 +957,8 @@ fn scan_db(
                 });
             }
         }
-        let entry =
-            frame::decode_entry(index, bytes.value()).map_err(|e| ReadError::corrupt(path, e))?;
+        let frame = assemble(index, bytes.value(), parts.as_ref(), path)?;
+        let entry = frame::decode_entry(index, &frame).map_err(|e| ReadError::corrupt(path, e))?;
         expected = Some(index + 1);
         if f(entry).is_break() {
             break;
@@ -987,6 +1013,7 @@ fn backup_db(db: &Db, path: &Path, dest_dir: &Path) -> Result<BackupSummary, cra
             }
             w.commit().map_err(err(&tmp, "commit backup"))?;
         }
+        let parts = open_read_table(&txn, ENTRY_PARTS, path)?;
         if let Some(entries) = open_read_table(&txn, ENTRIES, path)? {
             let mut range = entries
                 .range(0..)
@@ -1000,6 +1027,9 @@ fn backup_db(db: &Db, path: &Path, dest_dir: &Path) -> Result<BackupSummary, cra
                 let mut bytes_in_txn = 0;
                 {
                     let mut to = w.open_table(ENTRIES).map_err(err(&tmp, "open entries"))?;
+                    let mut to_parts = w
+                        .open_table(ENTRY_PARTS)
+                        .map_err(err(&tmp, "open entry parts"))?;
                     while bytes_in_txn < BACKUP_TXN_BYTES {
                         let Some(item) = range.next() else { break };
                         let (key, bytes) =
@@ -1013,15 +1043,16 @@ fn backup_db(db: &Db, path: &Path, dest_dir: &Path) -> Result<BackupSummary, cra
                             }
                             .into());
                         }
-                        frame::open_frame(index, bytes.value())
+                        let frame = assemble(index, bytes.value(), parts.as_ref(), path)?;
+                        frame::open_frame(index, &frame)
                             .map_err(|e| ReadError::corrupt(path, e))?;
-                        to.insert(index, bytes.value())
+                        insert_frame(&mut to, &mut to_parts, index, &frame)
                             .map_err(err(&tmp, "write entry"))?;
                         expected = Some(index + 1);
-                        bytes_in_txn += bytes.value().len();
+                        bytes_in_txn += frame.len();
                         summary.entries += 1;
                         summary.last_index = index;
-                        summary.frame_bytes += bytes.value().len() as u64;
+                        summary.frame_bytes += frame.len() as u64;
                     }
                 }
                 w.commit().map_err(err(&tmp, "commit backup"))?;
@@ -1104,4 +1135,93 @@ fn check_integrity(db: &mut Database, path: &Path) -> Result<(), OpenError> {
             detail: e.to_string(),
         }),
     }
+}
+
+/// Stores `frame` under `index`: inline when it fits [`FRAME_PART_BYTES`],
+/// else as parts plus a split record.
+fn insert_frame(
+    entries: &mut redb::Table<u64, &[u8]>,
+    parts: &mut redb::Table<(u64, u32), &[u8]>,
+    index: LogIndex,
+    frame: &[u8],
+) -> Result<(), redb::StorageError> {
+    if frame.len() <= FRAME_PART_BYTES {
+        entries.insert(index, frame)?;
+        return Ok(());
+    }
+    let mut count = 0u32;
+    for (part, bytes) in frame.chunks(FRAME_PART_BYTES).enumerate() {
+        parts.insert((index, part as u32), bytes)?;
+        count += 1;
+    }
+    entries.insert(index, split_record(frame.len(), count).as_slice())?;
+    Ok(())
+}
+
+/// The value stored in `entries` for a frame kept in parts: a marker byte
+/// (never a frame version), the frame's length and its number of parts.
+fn split_record(len: usize, parts: u32) -> [u8; SPLIT_RECORD_BYTES] {
+    let mut record = [0u8; SPLIT_RECORD_BYTES];
+    record[0] = SPLIT_MARKER;
+    record[1..5].copy_from_slice(&(len as u32).to_le_bytes());
+    record[5..9].copy_from_slice(&parts.to_le_bytes());
+    record
+}
+
+/// The frame stored under `index`: `stored` itself, or the parts a split
+/// record names, joined. Missing or odd parts are a corrupt entry; the
+/// frame's own checksum then covers the joined bytes.
+fn assemble<'v, T>(
+    index: LogIndex,
+    stored: &'v [u8],
+    parts: Option<&T>,
+    path: &Path,
+) -> Result<std::borrow::Cow<'v, [u8]>, ReadError>
+where
+    T: ReadableTable<(u64, u32), &'static [u8]>,
+{
+    if stored.first() != Some(&SPLIT_MARKER) {
+        return Ok(std::borrow::Cow::Borrowed(stored));
+    }
+    let corrupt = |reason: String| ReadError::Corrupt {
+        index,
+        path: path.to_path_buf(),
+        reason: crate::frame::FrameFault::Parts { reason },
+    };
+    if stored.len() != SPLIT_RECORD_BYTES {
+        return Err(corrupt(format!(
+            "split record is {} bytes, not {SPLIT_RECORD_BYTES}",
+            stored.len()
+        )));
+    }
+    let len = u32::from_le_bytes([stored[1], stored[2], stored[3], stored[4]]) as usize;
+    let count = u32::from_le_bytes([stored[5], stored[6], stored[7], stored[8]]);
+    if len > ENTRY_FRAME_BYTES_MAX || len.div_ceil(FRAME_PART_BYTES) != count as usize {
+        return Err(corrupt(format!(
+            "split record of {len} bytes in {count} parts"
+        )));
+    }
+    let Some(parts) = parts else {
+        return Err(corrupt("its parts table is missing".into()));
+    };
+    let mut frame = Vec::with_capacity(len);
+    let range = parts
+        .range((index, 0)..(index, count))
+        .map_err(|e| DbError::new("read entry parts", path, e))?;
+    let mut seen = 0u32;
+    for item in range {
+        let (key, bytes) = item.map_err(|e| DbError::new("read entry parts", path, e))?;
+        if key.value().1 != seen {
+            return Err(corrupt(format!("part {seen} is missing")));
+        }
+        frame.extend_from_slice(bytes.value());
+        seen += 1;
+    }
+    if seen != count || frame.len() != len {
+        return Err(corrupt(format!(
+            "{seen} of {count} parts, {} of {len} bytes",
+            frame.len()
+        )));
+    }
+    Ok(std::borrow::Cow::Owned(frame))
 }
