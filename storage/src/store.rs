@@ -858,10 +858,14 @@ fn open_repaired_copy(
         copy = %copy.display(),
         "log was not closed cleanly; replaying a repaired private copy"
     );
-    let db = Database::builder()
+    let mut db = Database::builder()
         .set_cache_size(DB_CACHE_BYTES)
         .open(&copy)
         .map_err(|e| open_failed(data_dir, &copy, e))?;
+    // The same check start-up runs on a file that was not closed cleanly,
+    // so `rustci replay` and `rustci dev` agree on what is corrupt; it names
+    // the original file.
+    check_integrity(&mut db, path)?;
     Ok((db, dir))
 }
 
