@@ -30,7 +30,8 @@ use rustci_core::replica::{CommandError, Config, Output, Replica, Reply, TICK_MS
 use rustci_core::state::State;
 use rustci_net::agent_link::{AgentLinks, LinkContext};
 use rustci_net::control::{
-    output_path, ControlPlane, Input, LogReader, LogStats, RunObservation, ServerInfo,
+    output_path, BackupDone, BackupError, ControlPlane, Input, LogReader, LogStats, RunObservation,
+    ServerInfo,
 };
 use rustci_net::server::{serve, ServerConfig};
 use rustci_storage::{LogReadHandle, LogStore};
@@ -143,11 +144,31 @@ pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
 
 /// The API's view of the log: redb read transactions on their own handle,
 /// sharing no lock with the log writer (a writer that panics cannot poison it).
-struct SharedLog(LogReadHandle);
+struct SharedLog {
+    reader: LogReadHandle,
+    data_dir: PathBuf,
+}
 
 impl LogReader for SharedLog {
     fn read_after(&self, after: LogIndex, max: usize) -> Result<Vec<Entry>, String> {
-        self.0.read_range(after + 1, max).map_err(|e| e.to_string())
+        self.reader
+            .read_range(after + 1, max)
+            .map_err(|e| e.to_string())
+    }
+
+    fn backup(&self, to: &Path, cluster_id: &str) -> Result<BackupDone, BackupError> {
+        let ours = rustci_storage::Identity::read(&self.data_dir)
+            .ok()
+            .flatten()
+            .map(|i| i.cluster_id);
+        if ours.as_deref() != Some(cluster_id) {
+            return Err(BackupError::WrongCluster(format!(
+                "this daemon serves data dir {} of cluster {}, not cluster {cluster_id}",
+                self.data_dir.display(),
+                ours.as_deref().unwrap_or("unknown")
+            )));
+        }
+        crate::backup::make_copy(&self.data_dir, to, |staging| self.reader.backup_to(staging))
     }
 }
 
@@ -213,6 +234,13 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    // Where `rustci backup --data-dir` finds this daemon.
+    let address_file = config.data_dir.join(crate::backup::API_ADDRESS_FILE_NAME);
+    if let Err(e) =
+        rustci_storage::datadir::write_atomically(&address_file, format!("{addr}\n").as_bytes())
+    {
+        tracing::warn!(error = %e, path = %address_file.display(), "cannot record the API address: `rustci backup` will need --server");
+    }
 
     let pid_dir = config.data_dir.join("runner");
     let reaped = NativeRunner::reap_leftovers(&pid_dir);
@@ -253,7 +281,10 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     let cp = ControlPlane::new(
         inputs_tx.clone(),
         applied_rx,
-        Arc::new(SharedLog(reader)),
+        Arc::new(SharedLog {
+            reader,
+            data_dir: config.data_dir.clone(),
+        }),
         info,
         started,
         log_stats,

@@ -51,10 +51,12 @@ pub const ENTRY_FRAME_BYTES_MAX: usize = 1 << 20;
 pub const READ_RANGE_ENTRIES_MAX: usize = 65_536;
 /// redb page cache; a full replay reads each page once, so it need not hold the log.
 pub const DB_CACHE_BYTES: usize = 256 << 20;
-/// How processes share `log.redb`: one writer (the daemon) and any number of
-/// read-only processes (`rustci backup`, `rustci replay`) reading consistent
-/// snapshots while it writes. Every open of the file uses this mode.
-const CONCURRENCY: ConcurrencyMode = ConcurrencyMode::SingleWriter;
+/// How processes share `log.redb`: the writer excludes every other process.
+/// redb's single-writer mode would let other processes read while the
+/// daemon writes, but it makes every commit two-phase (two fsyncs):
+/// measured, it halved durable appends (p50 8.0 ms instead of 2.1-3.9 ms).
+/// So a live copy is taken by the daemon itself (`POST /v1/backup`).
+const CONCURRENCY: ConcurrencyMode = ConcurrencyMode::ExclusiveWriter;
 
 const _: () = assert!(ENTRY_FRAME_BYTES_MAX > FRAME_HEADER_BYTES);
 const _: () = assert!(APPEND_BATCH_ENTRIES_MAX <= READ_RANGE_ENTRIES_MAX);
