@@ -103,6 +103,8 @@ pub enum Cmd {
     },
     /// Read a (copied) data dir offline; never writes to it.
     Replay(crate::replay::ReplayArgs),
+    /// A consistent copy of a data dir, safe while the daemon runs.
+    Backup(crate::backup::BackupArgs),
     /// Deterministic simulation: prints SEED= first; exit 0 when every invariant held.
     Sim(crate::simcmd::SimArgs),
     /// Benchmarks; one JSON object per result on stdout.

@@ -18,7 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -30,10 +30,11 @@ use rustci_core::replica::{CommandError, Config, Output, Replica, Reply, TICK_MS
 use rustci_core::state::State;
 use rustci_net::agent_link::{AgentLinks, LinkContext};
 use rustci_net::control::{
-    output_path, ControlPlane, Input, LogReader, LogStats, RunObservation, ServerInfo,
+    output_path, BackupDone, BackupError, ControlPlane, Input, LogReader, LogStats, RunObservation,
+    ServerInfo,
 };
 use rustci_net::server::{serve, ServerConfig};
-use rustci_storage::LogStore;
+use rustci_storage::{LogReadHandle, LogStore};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -92,15 +93,10 @@ pub fn guard_corruption<T>(
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
     result.unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown failure".to_string());
-        Err(anyhow::anyhow!(
-            "cannot read the event log {}: the file is corrupt ({why})",
-            data_dir.join(rustci_storage::LOG_FILE_NAME).display()
-        ))
+        Err(anyhow::anyhow!(rustci_storage::corrupt_file_message(
+            &data_dir.join(rustci_storage::LOG_FILE_NAME),
+            &panic_message(&*panic)
+        )))
     })
 }
 
@@ -154,15 +150,33 @@ pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
     })
 }
 
-struct SharedLog(Arc<Mutex<LogStore>>);
+/// The API's view of the log: redb read transactions on their own handle,
+/// sharing no lock with the log writer (a writer that panics cannot poison it).
+struct SharedLog {
+    reader: LogReadHandle,
+    data_dir: PathBuf,
+}
 
 impl LogReader for SharedLog {
     fn read_after(&self, after: LogIndex, max: usize) -> Result<Vec<Entry>, String> {
-        let store = self
-            .0
-            .lock()
-            .map_err(|_| "log store poisoned".to_string())?;
-        store.read_range(after + 1, max).map_err(|e| e.to_string())
+        self.reader
+            .read_range(after + 1, max)
+            .map_err(|e| e.to_string())
+    }
+
+    fn backup(&self, to: &Path, cluster_id: &str) -> Result<BackupDone, BackupError> {
+        let ours = rustci_storage::Identity::read(&self.data_dir)
+            .ok()
+            .flatten()
+            .map(|i| i.cluster_id);
+        if ours.as_deref() != Some(cluster_id) {
+            return Err(BackupError::WrongCluster(format!(
+                "this daemon serves data dir {} of cluster {}, not cluster {cluster_id}",
+                self.data_dir.display(),
+                ours.as_deref().unwrap_or("unknown")
+            )));
+        }
+        crate::backup::make_copy(&self.data_dir, to, |staging| self.reader.backup_to(staging))
     }
 }
 
@@ -228,17 +242,24 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    // Where `rustci backup --data-dir` finds this daemon.
+    let address_file = config.data_dir.join(crate::backup::API_ADDRESS_FILE_NAME);
+    if let Err(e) =
+        rustci_storage::datadir::write_atomically(&address_file, format!("{addr}\n").as_bytes())
+    {
+        tracing::warn!(error = %e, path = %address_file.display(), "cannot record the API address: `rustci backup` will need --server");
+    }
 
     let pid_dir = config.data_dir.join("runner");
     let reaped = NativeRunner::reap_leftovers(&pid_dir);
     if reaped > 0 {
         tracing::warn!(reaped, "killed job processes left by a previous run");
     }
-    let store = Arc::new(Mutex::new(store));
+    let reader = store.reader();
     let (inputs_tx, inputs_rx) = mpsc::channel(INPUTS_QUEUE_MAX);
     let (applied_tx, applied_rx) = watch::channel(last_index);
     let log_stats = Arc::new(LogStats::default());
-    let writer = spawn_log_writer(store.clone(), inputs_tx.clone(), log_stats.clone());
+    let writer = spawn_log_writer(store, inputs_tx.clone(), log_stats.clone());
     let (run_tx, run_rx) = mpsc::unbounded_channel();
     let mut runner_config = RunnerConfig::new(pid_dir);
     // Every attempt runs under `rustci __shim`, which dies with this process
@@ -278,7 +299,10 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     let cp = ControlPlane::new(
         inputs_tx.clone(),
         applied_rx,
-        Arc::new(SharedLog(store.clone())),
+        Arc::new(SharedLog {
+            reader,
+            data_dir: config.data_dir.clone(),
+        }),
         info,
         started,
         log_stats,
@@ -329,8 +353,14 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
 }
 
 /// The log writer: one redb transaction and one fsync per batch of batches.
+///
+/// It owns the store. The first failure, an error or a panic inside redb
+/// (a damaged file can make redb panic), is reported to the driver as
+/// [`Input::PersistFailed`] at once, and the writer stops: nothing after it
+/// can be acknowledged. The thread hands the store back only when every
+/// append succeeded, so only then is the log closed as clean.
 fn spawn_log_writer(
-    store: Arc<Mutex<LogStore>>,
+    mut store: LogStore,
     inputs: mpsc::Sender<Input>,
     stats: Arc<LogStats>,
 ) -> LogWriter {
@@ -343,24 +373,30 @@ fn spawn_log_writer(
                     batch.extend(more);
                 }
                 let last = batch.last().map(|e| e.index).unwrap_or(0);
-                let result = store
-                    .lock()
-                    .map_err(|_| "log store poisoned".to_string())
-                    .and_then(|mut s| s.append(&batch).map_err(|e| e.to_string()));
-                let input = match result {
-                    Ok(()) => {
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.append(&batch)));
+                let failure = match result {
+                    Ok(Ok(())) => {
                         stats.appends.fetch_add(1, Ordering::Relaxed);
                         stats
                             .entries
                             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        Input::Persisted(last)
+                        if inputs.blocking_send(Input::Persisted(last)).is_err() {
+                            return Some(store);
+                        }
+                        continue;
                     }
-                    Err(e) => Input::PersistFailed(e),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(panic) => format!(
+                        "the log writer panicked inside the log file {}: {}",
+                        store.path().display(),
+                        panic_message(&*panic)
+                    ),
                 };
-                if inputs.blocking_send(input).is_err() {
-                    return;
-                }
+                let _ = inputs.blocking_send(Input::PersistFailed(failure));
+                return None;
             }
+            Some(store)
         })
         .expect("spawning the log writer thread");
     LogWriter {
@@ -369,9 +405,18 @@ fn spawn_log_writer(
     }
 }
 
+/// The text of a panic payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown failure".to_string())
+}
+
 struct LogWriter {
     tx: Option<std::sync::mpsc::Sender<Vec<Entry>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Option<LogStore>>>,
 }
 
 impl LogWriter {
@@ -379,12 +424,11 @@ impl LogWriter {
         self.tx.as_ref().is_some_and(|tx| tx.send(entries).is_ok())
     }
 
-    /// Lets the writer finish what it has and waits for it.
-    fn close(&mut self) {
+    /// Lets the writer finish what it has and waits for it; the store comes
+    /// back when every append succeeded.
+    fn close(&mut self) -> Option<LogStore> {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.take().and_then(|t| t.join().ok().flatten())
     }
 }
 
@@ -524,6 +568,9 @@ impl Driver {
             self.carry_out();
             if let Some(e) = &self.fatal {
                 let e = e.clone();
+                // Whoever waits for an entry that will never be durable
+                // hears so now (503), before the slow parts of the stop.
+                self.fail_pending();
                 if let Some(s) = server_stop.take() {
                     let _ = s.send(());
                 }
@@ -535,15 +582,22 @@ impl Driver {
         Ok(())
     }
 
-    async fn shutdown(&mut self) {
-        self.replica.stop();
-        self.runner.shutdown().await;
-        self.carry_out();
-        self.writer.close();
+    fn fail_pending(&mut self) {
         for (_, waiter) in self.pending.drain() {
             if let Some(w) = waiter {
                 let _ = w.send(Err(CommandError::Stopping));
             }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.replica.stop();
+        self.runner.shutdown().await;
+        self.carry_out();
+        let store = self.writer.close();
+        self.fail_pending();
+        if let (Some(store), None) = (store, &self.fatal) {
+            store.close_clean();
         }
     }
 

@@ -2,6 +2,7 @@
 //! runner. A library too, so integration tests can reach its modules.
 
 pub mod agent;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod daemon;

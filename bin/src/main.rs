@@ -242,6 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Node { command } => cli::node(command).await,
         Cmd::Status { json, client } => cli::status(&client, json).await,
         Cmd::Replay(args) => tokio::task::spawn_blocking(move || rustci::replay::run(args)).await?,
+        Cmd::Backup(args) => rustci::backup::run(args).await,
         Cmd::Sim(args) => tokio::task::spawn_blocking(move || rustci::simcmd::run(args)).await?,
         Cmd::Bench(args) => rustci::bench::run(args).await,
     }

@@ -53,6 +53,36 @@ pub enum RunObservation {
 pub trait LogReader: Send + Sync + 'static {
     /// Up to `max` committed entries with index > `after`, in order.
     fn read_after(&self, after: LogIndex, max: usize) -> Result<Vec<Entry>, String>;
+
+    /// Writes a consistent copy of the data dir into `to` (a new directory
+    /// on this machine), as of one read transaction of the log, while the
+    /// daemon keeps writing (`POST /v1/backup`, used by `rustci backup`).
+    /// `cluster_id` must be the data dir's own, so a backup never copies
+    /// another daemon's data by mistake. Blocking: call it off the runtime.
+    fn backup(&self, to: &std::path::Path, cluster_id: &str) -> Result<BackupDone, BackupError> {
+        let _ = (to, cluster_id);
+        Err(BackupError::Failed("this server takes no backups".into()))
+    }
+}
+
+/// What a backup copied.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BackupDone {
+    pub entries: u64,
+    pub last_index: LogIndex,
+    pub frame_bytes: u64,
+    pub output_files: u64,
+}
+
+/// Why a backup was not taken.
+#[derive(Clone, Debug)]
+pub enum BackupError {
+    /// Bad request (`to` exists and is not empty, is not absolute...): 400.
+    Invalid(String),
+    /// The data dir belongs to another cluster than the caller named: 409.
+    WrongCluster(String),
+    /// The copy failed (disk, corruption): 503, nothing left at `to`.
+    Failed(String),
 }
 
 /// Driver-side facts the API shows but the replica does not know.

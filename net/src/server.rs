@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::control::{ControlPlane, Unavailable};
+use crate::control::{BackupError, ControlPlane, Unavailable};
 use crate::dto::{
     event_json, ClusterView, ErrorBody, ErrorDetail, EventList, JobList, JobView, NodeList,
     NodeView, ReplicaView, SubmitRequest,
@@ -323,6 +323,12 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
         }
         (&Method::GET, ["v1", "cluster"]) => cluster(cp).await,
         (&Method::GET, ["v1", "events"]) => events(cp, &query).await,
+        (&Method::POST, ["v1", "backup"]) => backup(cp, req).await,
+        (_, ["v1", "backup"]) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        )),
         (_, ["healthz" | "readyz" | "metrics"])
         | (_, ["v1", "jobs", ..])
         | (_, ["v1", "nodes", ..])
@@ -410,6 +416,51 @@ fn too_large() -> ApiError {
         "payload_too_large",
         format!("request body exceeds {BODY_BYTES_MAX} bytes"),
     )
+}
+
+/// `POST /v1/backup {"to": "/abs/dir", "cluster_id": "..."}`: a consistent
+/// copy of the data dir, taken by the daemon itself (it holds the log's
+/// file lock), off the runtime's threads.
+async fn backup(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct BackupRequest {
+        to: String,
+        cluster_id: String,
+    }
+    let body = read_body(req).await?;
+    let request: BackupRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("invalid backup request: {e}"))
+    })?;
+    let to = std::path::PathBuf::from(&request.to);
+    if !to.is_absolute() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("backup target {:?} is not an absolute path", request.to),
+        ));
+    }
+    let log = cp.log.clone();
+    let done = tokio::task::spawn_blocking(move || log.backup(&to, &request.cluster_id))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backup_failed",
+                "the backup stopped unexpectedly",
+            )
+        })?;
+    match done {
+        Ok(done) => Ok(json(StatusCode::OK, &done)),
+        Err(BackupError::Invalid(m)) => Err(ApiError::bad_request("invalid_request", m)),
+        Err(BackupError::WrongCluster(m)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "wrong_cluster", m))
+        }
+        Err(BackupError::Failed(m)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backup_failed",
+            m,
+        )),
+    }
 }
 
 /// The optional body of a removal: `{"reason": "..."}`.

@@ -6,13 +6,32 @@ use std::path::PathBuf;
 use crate::frame::{FrameError, FrameFault};
 
 /// A failure inside redb, with the file it happened on and what we were doing.
+/// Damage is told in terms of the file and its index (the B-tree that maps
+/// log indexes to frames), never in redb's internal words alone.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} on {path}: {source}")]
+#[error("{}", describe_db_error(op, path, source))]
 pub struct DbError {
     pub op: &'static str,
     pub path: PathBuf,
     #[source]
     pub source: Box<redb::Error>,
+}
+
+fn describe_db_error(op: &str, path: &std::path::Path, source: &redb::Error) -> String {
+    match source {
+        redb::Error::Corrupted(detail) => corrupt_file_message(path, detail),
+        redb::Error::Io(e) => format!("{op} on {path}: {e}", path = path.display()),
+        other => format!("{op} on {path}: {other}", path = path.display()),
+    }
+}
+
+/// The one wording for a log file whose structure (not one entry) is
+/// damaged: start-up, `rustci replay` and `rustci backup` all use it.
+pub fn corrupt_file_message(path: &std::path::Path, detail: &str) -> String {
+    format!(
+        "the log file {} is corrupt: its index is damaged ({detail}); keep the file for inspection and restore the data dir from a backup",
+        path.display()
+    )
 }
 
 impl DbError {
@@ -48,6 +67,29 @@ pub enum OpenError {
     },
     #[error("no log at {path} (nothing to open read-only)")]
     Missing { path: PathBuf },
+    #[error("data dir {data_dir} belongs to cluster {cluster_id} (see its identity file) but its log {path} is {what}: refusing to start a new cluster over it; restore the log from a backup, or move the data dir away to start afresh")]
+    LogLost {
+        data_dir: PathBuf,
+        path: PathBuf,
+        cluster_id: String,
+        what: &'static str,
+    },
+    #[error("the log {path} belongs to cluster {log_cluster_id}, not to this data dir's cluster {cluster_id}: refusing to start")]
+    ForeignLog {
+        path: PathBuf,
+        log_cluster_id: String,
+        cluster_id: String,
+    },
+    #[error("data dir identity {path} is unreadable: {reason}")]
+    Identity { path: PathBuf, reason: String },
+    #[error("{}", crate::error::corrupt_file_message(path, detail))]
+    Damaged { path: PathBuf, detail: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot copy {from} to {to} for a read-only replay: {source}")]
     Copy {
         from: PathBuf,
@@ -194,4 +236,6 @@ pub enum Error {
     HardState(#[from] HardStateError),
     #[error(transparent)]
     Frame(#[from] FrameError),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }

@@ -40,6 +40,9 @@ pub enum FrameFault {
     Payload { reason: String },
     #[error("frame stored under index {index} holds entry {found}")]
     IndexMismatch { index: u64, found: u64 },
+    /// A frame stored in parts (see `FRAME_PART_BYTES`) cannot be joined.
+    #[error("frame stored in parts is incomplete: {reason}")]
+    Parts { reason: String },
 }
 
 /// A frame that failed to decode, with the index (key) it was read under.

@@ -41,16 +41,21 @@
 //! Log compaction and snapshots are not implemented yet: a non-empty log
 //! starts at index 1.
 
+pub mod datadir;
 pub mod error;
+#[doc(hidden)]
+pub mod fault;
 pub mod frame;
 /// The frame decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
 #[doc(hidden)]
 pub mod fuzzing;
 mod store;
 
+pub use datadir::{Identity, CLEAN_SHUTDOWN_FILE_NAME, IDENTITY_FILE_NAME};
+pub use error::corrupt_file_message;
 pub use error::{AppendError, DbError, Error, HardStateError, OpenError, ReadError, TruncateError};
 pub use frame::{decode_entry, encode_entry, FrameError, FrameFault, FRAME_VERSION};
 pub use store::{
-    HardState, LogStore, APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES, ENTRY_FRAME_BYTES_MAX,
-    LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX,
+    BackupSummary, HardState, LogReadHandle, LogStore, APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES,
+    ENTRY_FRAME_BYTES_MAX, FRAME_PART_BYTES, LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX,
 };
