@@ -70,6 +70,29 @@ pub struct DevConfig {
     pub keep_failed_workspaces: Duration,
 }
 
+impl DevConfig {
+    /// A `rustci server` (no built-in runner) on `data_dir` and `listen`,
+    /// every other setting at its default.
+    pub fn server(data_dir: PathBuf, listen: SocketAddr) -> DevConfig {
+        DevConfig {
+            data_dir,
+            listen,
+            api_token: None,
+            join_token: None,
+            local_runner: false,
+            node_name: String::new(),
+            capacity: None,
+            labels: Labels::new(),
+            idempotency_window: Duration::from_millis(
+                rustci_core::replica::IDEMPOTENCY_WINDOW_MS_DEFAULT,
+            ),
+            disk_reserve_bytes: rustci_net::disk::DISK_RESERVE_BYTES_DEFAULT,
+            output_quota_bytes: rustci_net::disk::OUTPUT_QUOTA_BYTES_DEFAULT,
+            keep_failed_workspaces: runner::KEEP_FAILED_WORKSPACES_DEFAULT,
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch on this machine's clock: the `now` this
 /// driver feeds the replica.
 pub fn wall_clock_ms() -> u64 {

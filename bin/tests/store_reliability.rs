@@ -55,16 +55,10 @@ fn a_panic_in_the_log_writer_fails_the_waiting_request_with_503_and_stops_the_da
         .build()
         .unwrap();
     let handle = rt
-        .block_on(start_dev(DevConfig {
-            data_dir: data.clone(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            api_token: None,
-            join_token: None,
-            local_runner: false,
-            node_name: String::new(),
-            capacity: None,
-            labels: Default::default(),
-        }))
+        .block_on(start_dev(DevConfig::server(
+            data.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+        )))
         .unwrap();
     let addr = handle.addr.to_string();
     let submit = r#"{"command": ["true"]}"#;

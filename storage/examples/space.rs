@@ -63,6 +63,7 @@ fn main() {
                 attempt: 1,
                 outcome: Outcome::Exited,
                 exit_code: Some(0),
+                usage: None,
             },
         ];
         for event in events {
