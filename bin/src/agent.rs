@@ -115,7 +115,8 @@ pub async fn run(
     std::fs::create_dir_all(config.work_dir.join("leases"))
         .with_context(|| format!("cannot create {}", config.work_dir.join("leases").display()))?;
     runner_config.cgroups = runner::detect_cgroups();
-    runner_config.disk_reserve_bytes = config.disk_reserve_bytes;
+    runner_config.disk_reserve_bytes =
+        rustci_net::disk::effective_reserve(&config.work_dir, config.disk_reserve_bytes);
     runner_config.keep_failed_workspaces = config.keep_failed_workspaces;
     let runner = NativeRunner::new(runner_config, run_tx);
     tokio::spawn(runner.workspace_sweeper().run(config.work_dir.join("work")));

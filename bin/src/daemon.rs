@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -292,7 +292,8 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     if config.local_runner {
         runner_config.cgroups = runner::detect_cgroups();
     }
-    runner_config.disk_reserve_bytes = config.disk_reserve_bytes;
+    let reserve = rustci_net::disk::effective_reserve(&config.data_dir, config.disk_reserve_bytes);
+    runner_config.disk_reserve_bytes = reserve;
     runner_config.keep_failed_workspaces = config.keep_failed_workspaces;
     let runner = NativeRunner::new(runner_config, run_tx);
     if config.local_runner {
@@ -317,7 +318,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         data_dir: config.data_dir.clone(),
         reserved_node: config.local_runner.then(|| config.node_name.clone()),
         to_driver: inputs_tx.clone(),
-        disk_reserve_bytes: config.disk_reserve_bytes,
+        disk_reserve_bytes: reserve,
     });
     let cp = ControlPlane::new(
         inputs_tx.clone(),
@@ -388,12 +389,26 @@ fn spawn_log_writer(
     stats: Arc<LogStats>,
 ) -> LogWriter {
     let (tx, rx) = std::sync::mpsc::channel::<Vec<Entry>>();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stopping_flag = stopping.clone();
     let thread = std::thread::Builder::new()
         .name("rustci-log-writer".into())
         .spawn(move || {
             while let Ok(mut batch) = rx.recv() {
-                while let Ok(more) = rx.try_recv() {
-                    batch.extend(more);
+                while batch.len() < WRITER_BATCH_ENTRIES_MAX {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend(more),
+                        Err(_) => break,
+                    }
+                }
+                // No append starts without room for it: redb fails for good
+                // on a write error (until reopened), so the disk filling up
+                // must be met before redb meets it. Meanwhile new commands
+                // get 507 and the batch waits; nothing is lost.
+                if !wait_for_log_room(&store, &batch, &stopping_flag, &inputs) {
+                    // Stopping while the disk is full: these entries were
+                    // never acknowledged.
+                    return Some(store);
                 }
                 let last = batch.last().map(|e| e.index).unwrap_or(0);
                 let result =
@@ -425,6 +440,59 @@ fn spawn_log_writer(
     LogWriter {
         tx: Some(tx),
         thread: Some(thread),
+        stopping,
+    }
+}
+
+/// Entries one append takes at most (the rest waits for the next).
+const WRITER_BATCH_ENTRIES_MAX: usize = rustci_storage::APPEND_BATCH_ENTRIES_MAX / 2;
+/// Free space the log keeps for itself before an append, beyond what the
+/// batch needs (redb grows its file by regions, not by entries).
+const LOG_FREE_MIN_BYTES: u64 = 4 * 1024 * 1024;
+/// How often a writer waiting for disk space looks again.
+const LOG_ROOM_POLL: Duration = Duration::from_millis(200);
+
+/// Free space one append of `batch` wants: the minimum plus four times a
+/// generous estimate of its frames.
+fn log_room_needed(batch: &[Entry]) -> u64 {
+    LOG_FREE_MIN_BYTES + 4 * batch.len() as u64 * 4096
+}
+
+/// Waits until the log's file system has room for `batch`, telling the
+/// driver when it starts and stops waiting. Returns false if the daemon
+/// stops meanwhile.
+fn wait_for_log_room(
+    store: &LogStore,
+    batch: &[Entry],
+    stopping: &AtomicBool,
+    inputs: &mpsc::Sender<Input>,
+) -> bool {
+    let dir = store
+        .path()
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let has_room =
+        || rustci_net::disk::free_bytes(&dir).is_none_or(|free| free >= log_room_needed(batch));
+    if has_room() {
+        return true;
+    }
+    tracing::error!(
+        dir = %dir.display(),
+        "the event log's disk is full: writes are refused (507) until space is freed"
+    );
+    let _ = inputs.blocking_send(Input::StorageFull(true));
+    loop {
+        // Batches that arrive meanwhile stay queued in order behind this one.
+        std::thread::sleep(LOG_ROOM_POLL);
+        if has_room() {
+            tracing::info!("the event log's disk has room again: writes resume");
+            let _ = inputs.blocking_send(Input::StorageFull(false));
+            return true;
+        }
+        if inputs.is_closed() || stopping.load(Ordering::Relaxed) {
+            return false;
+        }
     }
 }
 
@@ -440,6 +508,8 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 struct LogWriter {
     tx: Option<std::sync::mpsc::Sender<Vec<Entry>>>,
     thread: Option<std::thread::JoinHandle<Option<LogStore>>>,
+    /// Set when the daemon stops: a writer waiting for disk space gives up.
+    stopping: Arc<AtomicBool>,
 }
 
 impl LogWriter {
@@ -450,6 +520,7 @@ impl LogWriter {
     /// Lets the writer finish what it has and waits for it; the store comes
     /// back when every append succeeded.
     fn close(&mut self) -> Option<LogStore> {
+        self.stopping.store(true, Ordering::Relaxed);
         self.tx.take();
         self.thread.take().and_then(|t| t.join().ok().flatten())
     }
@@ -660,6 +731,7 @@ impl Driver {
                 }
             }
             Input::Persisted(index) => self.replica.handle_persisted(now, index),
+            Input::StorageFull(full) => self.replica.handle_storage_full(full),
             Input::PersistFailed(e) => {
                 tracing::error!(error = %e, "appending to the event log failed");
                 self.replica.fail();

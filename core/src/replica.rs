@@ -156,6 +156,8 @@ pub enum CommandError {
     Overloaded,
     #[error("the control plane is stopping")]
     Stopping,
+    #[error("the event log cannot grow: its disk is full; retry once space is freed")]
+    StorageFull,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,6 +248,8 @@ pub struct Replica {
     reporting: BTreeSet<(JobId, AttemptNumber, bool)>,
     /// An expiry of idempotency keys is proposed and not yet applied.
     expiring_keys: bool,
+    /// The driver said the log cannot grow (disk full).
+    storage_full: bool,
     /// Heartbeats this replica received (soft state, for metrics).
     heartbeats_received: u64,
 }
@@ -281,6 +285,7 @@ impl Replica {
             losing: BTreeSet::new(),
             reporting: BTreeSet::new(),
             expiring_keys: false,
+            storage_full: false,
             heartbeats_received: 0,
         }
     }
@@ -329,7 +334,19 @@ impl Replica {
 
     /// True when writes can be served.
     pub fn is_ready(&self) -> bool {
-        self.lifecycle == Lifecycle::Running
+        self.lifecycle == Lifecycle::Running && !self.storage_full
+    }
+
+    /// The driver's log cannot grow (its disk is full: `true`) or can again
+    /// (`false`). While it cannot, new commands are refused with
+    /// [`CommandError::StorageFull`] (what was already proposed waits for
+    /// the disk) and the replica is not ready.
+    pub fn handle_storage_full(&mut self, full: bool) {
+        self.storage_full = full;
+    }
+
+    pub fn storage_full(&self) -> bool {
+        self.storage_full
     }
 
     // --- inputs ---
@@ -364,6 +381,8 @@ impl Replica {
         match self.check(&command) {
             Err(e) => self.reply(request, Err(e)),
             Ok(Some(done)) => self.reply(request, Ok(done)),
+            // Valid, but there is no room to record it.
+            Ok(None) if self.storage_full => self.reply(request, Err(CommandError::StorageFull)),
             Ok(None) if planted!(self.config.bugs, AckBeforeDurable) => {
                 self.ack_early(now, request, command)
             }

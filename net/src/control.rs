@@ -32,6 +32,9 @@ pub enum Input {
     },
     Persisted(LogIndex),
     PersistFailed(String),
+    /// The log's disk is full (`true`): the writer holds its batches until
+    /// there is room again (`false`).
+    StorageFull(bool),
     Tick,
 }
 

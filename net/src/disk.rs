@@ -9,7 +9,8 @@
 
 use std::path::Path;
 
-/// Default space kept free for the log: job output stops below it.
+/// Default space kept free for the log: job output stops below it (and
+/// below a quarter of the file system, whichever is less).
 pub const DISK_RESERVE_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
 
 /// Written once at the end of output that stopped for want of disk space.
@@ -27,6 +28,12 @@ pub fn evicted_marker(quota_bytes: u64) -> String {
 /// Bytes available to unprivileged writers on the file system of `path`
 /// (or of its nearest existing ancestor); `None` if it cannot be read.
 pub fn free_bytes(path: &Path) -> Option<u64> {
+    space(path).map(|(free, _)| free)
+}
+
+/// (free, total) bytes of the file system of `path` or of its nearest
+/// existing ancestor.
+pub fn space(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let mut dir = Some(path);
     while let Some(d) = dir {
@@ -39,7 +46,11 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
             if rc != 0 {
                 return None;
             }
-            return Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64));
+            let unit = st.f_frsize as u64;
+            return Some((
+                (st.f_bavail as u64).saturating_mul(unit),
+                (st.f_blocks as u64).saturating_mul(unit),
+            ));
         }
         dir = d.parent();
     }
@@ -51,6 +62,12 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 /// as having room (writes then fail or not on their own).
 pub fn room_for_output(dir: &Path, reserve: u64) -> bool {
     reserve == 0 || free_bytes(dir).is_none_or(|free| free > reserve)
+}
+
+/// The reserve to keep under `dir` for a configured one: at most a quarter
+/// of the file system, so that a small disk stays usable.
+pub fn effective_reserve(dir: &Path, configured: u64) -> u64 {
+    space(dir).map_or(configured, |(_, total)| configured.min(total / 4))
 }
 
 /// Default quota of all stored job output.

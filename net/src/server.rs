@@ -184,6 +184,7 @@ impl From<CommandError> for ApiError {
             CommandError::NotLeader { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
             CommandError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             CommandError::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+            CommandError::StorageFull => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
             _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, e.to_string())

@@ -427,6 +427,7 @@ impl NativeRunner {
         WorkspaceSweeper {
             shared: Arc::clone(&self.shared),
             keep: self.config.keep_failed_workspaces,
+            reserve: self.config.disk_reserve_bytes,
         }
     }
 
@@ -554,8 +555,14 @@ impl AttemptTask {
     async fn run(self, cancel: oneshot::Receiver<()>) {
         let ended = self.execute(cancel).await;
         // A succeeded attempt's work dir goes at once; others stay for a
-        // while, to be looked at (`NativeRunner::sweep_workspaces`).
-        if matches!(ended, Ok((Outcome::Exited, Some(0), _))) {
+        // while, to be looked at (`WorkspaceSweeper`), unless the disk is
+        // nearly full: then the log's room comes first.
+        let low = self
+            .spec
+            .work_dir
+            .parent()
+            .is_some_and(|root| !room_for_output(root, self.config.disk_reserve_bytes));
+        if low || matches!(ended, Ok((Outcome::Exited, Some(0), _))) {
             remove_workspace(&self.spec.work_dir).await;
         }
         let event = match ended {
@@ -808,6 +815,8 @@ pub const WORKSPACE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub struct WorkspaceSweeper {
     shared: Arc<Shared>,
     keep: Duration,
+    /// Below this much free space, kept work dirs go whatever their age.
+    reserve: u64,
 }
 
 impl WorkspaceSweeper {
@@ -817,7 +826,11 @@ impl WorkspaceSweeper {
     /// a runner that died) left. Returns how many it removed. Drivers call
     /// it at start and then every [`WORKSPACE_SWEEP_INTERVAL`].
     pub async fn sweep(&self, root: &Path) -> usize {
-        let keep = self.keep;
+        let keep = if room_for_output(root, self.reserve) {
+            self.keep
+        } else {
+            Duration::ZERO
+        };
         let running: Vec<AttemptKey> = self
             .shared
             .attempts
