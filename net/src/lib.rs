@@ -7,6 +7,7 @@
 
 pub mod agent_link;
 pub mod client;
+pub mod conns;
 pub mod control;
 pub mod dto;
 /// The request decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
