@@ -59,6 +59,8 @@ pub struct DevConfig {
     /// Capacity the built-in runner advertises; default: the machine's.
     pub capacity: Option<Resources>,
     pub labels: Labels,
+    /// HTTP connections held at once (`--connections-max`).
+    pub connections_max: usize,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock: the `now` this
@@ -289,6 +291,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         ServerConfig {
             api_token: config.api_token.clone(),
             agents: Some(agents),
+            connections_max: config.connections_max,
         },
         async {
             let _ = server_stop_rx.await;

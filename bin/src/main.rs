@@ -109,6 +109,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 node_name: args.node_name.unwrap_or_else(daemon::hostname),
                 capacity,
                 labels: args.labels.into_iter().collect(),
+                connections_max: args.connections_max,
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!("rustci dev: serving the API on http://{}", handle.addr);
@@ -133,6 +134,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 node_name: String::new(),
                 capacity: None,
                 labels: Default::default(),
+                connections_max: args.connections_max,
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!(
@@ -190,9 +192,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Submit(args) => cli::submit(args).await,
         Cmd::Jobs {
             state,
+            node,
+            name,
+            limit,
             json,
             client,
-        } => cli::jobs(&client, state, json).await,
+        } => {
+            let filter = cli::JobsFilter { state, node, name };
+            cli::jobs(&client, filter, limit, json).await
+        }
         Cmd::Job { command } => cli::job(command).await,
         Cmd::Logs {
             id,
