@@ -205,6 +205,8 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         );
     }
     let started = Instant::now();
+    crate::memory::tune_allocator();
+    tokio::spawn(crate::memory::trim_after_bursts());
     let (store, state) = guard_corruption(&config.data_dir, || {
         let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         let state = replay_store(&store)?;

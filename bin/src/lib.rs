@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod cli;
 pub mod daemon;
+pub mod memory;
 pub mod replay;
 pub mod runner;
 pub mod simcmd;

@@ -25,7 +25,6 @@ use hyper_util::rt::TokioIo;
 use rustci_core::model::{JobId, JobState, NodeState};
 use rustci_core::replica::{Command, CommandError, Replica, Reply};
 use rustci_core::scheduler::unplaced_reason;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -52,12 +51,12 @@ pub const LOG_FOLLOW_POLL_MS: u64 = 100;
 /// Queued jobs looked at for the queue metrics, in placement order.
 pub const METRICS_QUEUE_SCAN_MAX: usize = 10_000;
 /// Bytes of output read from disk and sent per chunk of a log. A reader
-/// that does not read holds at most a few chunks (one in the channel, one
-/// being read, and hyper's write buffer of `WRITE_BUF_BYTES_MAX`).
+/// that does not read holds at most one chunk in the channel plus hyper's
+/// write buffer of `WRITE_BUF_BYTES_MAX` (and a chunk).
 pub const LOG_CHUNK_BYTES: usize = 16 * 1024;
 /// hyper's per-connection buffer bound: the response bytes queued for a
 /// client that does not read, and the largest request head accepted.
-pub const WRITE_BUF_BYTES_MAX: usize = 64 * 1024;
+pub const WRITE_BUF_BYTES_MAX: usize = 32 * 1024;
 /// Jobs in a page of `GET /v1/jobs` when `limit` is not given.
 pub const JOBS_PAGE_DEFAULT: usize = 100;
 /// Largest `limit` of `GET /v1/jobs`.
@@ -694,12 +693,25 @@ fn decode_cursor(c: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Large answers built so far (pages of jobs, logs streamed): the daemon
+/// gives memory back to the system after a burst of them.
+static LARGE_ANSWERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn large_answers() -> u64 {
+    LARGE_ANSWERS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_large_answer() {
+    LARGE_ANSWERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Serializes a large answer on a blocking thread, so that neither the
 /// driver nor the other connections wait for it.
 async fn json_off_driver<T: serde::Serialize + Send + 'static>(
     status: StatusCode,
     value: T,
 ) -> ApiResult {
+    count_large_answer();
     tokio::task::spawn_blocking(move || json(status, &value))
         .await
         .map_err(|_| ApiError::from(Unavailable))
@@ -981,17 +993,23 @@ async fn logs(cp: &ControlPlane, id: JobId, query: &BTreeMap<String, String>) ->
                 ))
             }
         };
-        let Some(mut file) = file else {
+        let Some(file) = file else {
             return Ok(text(StatusCode::OK, Bytes::new(), LOG_CONTENT_TYPE));
         };
+        let file = file.into_std().await;
         let (tx, rx) = mpsc::channel(1);
+        count_large_answer();
         tokio::spawn(async move {
-            let _ = send_file(&tx, &mut file, &mut 0).await;
+            let _ = send_file(&tx, file, &mut 0).await;
         });
         return Ok(stream_response(rx));
     }
     Ok(stream_response(follow_logs(cp.clone(), id, Some(attempt))))
 }
+
+/// Log chunk reads from disk in progress at once, over all readers.
+pub const LOG_READS_CONCURRENT: usize = 8;
+static LOG_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LOG_READS_CONCURRENT);
 
 /// Job output is whatever bytes the job wrote: no charset is claimed.
 const LOG_CONTENT_TYPE: &str = "text/plain";
@@ -1056,33 +1074,44 @@ async fn send_new_output(
     path: &std::path::Path,
     offset: &mut u64,
 ) -> Result<(), ()> {
-    let Ok(mut file) = tokio::fs::File::open(path).await else {
+    let Ok(file) = tokio::fs::File::open(path).await else {
         return Ok(());
     };
-    if file.seek(std::io::SeekFrom::Start(*offset)).await.is_err() {
-        return Ok(());
-    }
-    send_file(tx, &mut file, offset).await
+    send_file(tx, file.into_std().await, offset).await
 }
 
-/// Sends what is left of `file` a chunk at a time, each read only once the
-/// previous one was taken; Err when the client went away.
+/// Sends `file` from `offset` to its end a chunk at a time, each read only
+/// once the previous one was taken; Err when the client went away.
 async fn send_file(
     tx: &mpsc::Sender<Bytes>,
-    file: &mut tokio::fs::File,
+    file: std::fs::File,
     offset: &mut u64,
 ) -> Result<(), ()> {
-    let mut buf = vec![0u8; LOG_CHUNK_BYTES];
+    let file = Arc::new(file);
     loop {
         // Wait for room before reading, so an unread response holds no
         // more than the chunk in the channel.
         let permit = tx.reserve().await.map_err(|_| ())?;
-        let n = match file.read(&mut buf).await {
-            Ok(0) | Err(_) => return Ok(()),
-            Ok(n) => n,
+        let chunk = {
+            // Each read takes a blocking thread: a thousand readers must
+            // not start hundreds of them.
+            let _reading = LOG_READS.acquire().await.map_err(|_| ())?;
+            let (file, at) = (file.clone(), *offset);
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = bytes::BytesMut::zeroed(LOG_CHUNK_BYTES);
+                let n = file.read_at(&mut buf, at).unwrap_or(0);
+                buf.truncate(n);
+                buf.freeze()
+            })
+            .await
+            .map_err(|_| ())?
         };
-        *offset += n as u64;
-        permit.send(Bytes::copy_from_slice(&buf[..n]));
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        *offset += chunk.len() as u64;
+        permit.send(chunk);
     }
 }
 
