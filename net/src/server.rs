@@ -61,6 +61,9 @@ pub const WRITE_BUF_BYTES_MAX: usize = 32 * 1024;
 pub const JOBS_PAGE_DEFAULT: usize = 100;
 /// Largest `limit` of `GET /v1/jobs`.
 pub const JOBS_PAGE_MAX: usize = 1000;
+/// Jobs copied by one read on the driver (a page takes several): bounds how
+/// long a submission can wait behind a listing.
+pub const JOBS_SLICE: usize = 100;
 /// Jobs one page of `GET /v1/jobs` examines at most, matching or not: the
 /// bound on the driver's work per request. A page cut short by it has fewer
 /// jobs than `limit` and a `next_cursor`.
@@ -621,8 +624,9 @@ fn job_view(r: &Replica, job: &rustci_core::model::Job) -> JobView {
 
 /// `GET /v1/jobs?state=S&node=N&name=X&limit=L&cursor=C`: one page of jobs,
 /// oldest first. The cursor is the id of the last job the previous page
-/// examined; the driver examines at most `JOBS_SCAN_MAX` jobs and copies at
-/// most `limit`, and the page is serialized off the driver.
+/// examined. A page examines at most `JOBS_SCAN_MAX` jobs and copies at
+/// most `limit`, in reads of at most `JOBS_SLICE` copies each; it is
+/// serialized off the driver.
 async fn list_jobs(cp: &ControlPlane, query: &BTreeMap<String, String>) -> ApiResult {
     let state = match query.get("state") {
         None => None,
@@ -654,28 +658,45 @@ async fn list_jobs(cp: &ControlPlane, query: &BTreeMap<String, String>) -> ApiRe
             )
         })?,
     };
-    let (jobs, last_examined, more) = cp
-        .query(move |r| {
-            let st = r.state();
-            let mut page = Vec::new();
-            let mut id = after;
-            let end = st.jobs.len() as u64;
-            let mut examined = 0;
-            while id < end && page.len() < limit && examined < JOBS_SCAN_MAX {
-                id += 1;
-                examined += 1;
-                let Some(j) = st.job(JobId(id)) else { continue };
-                if state.is_some_and(|s| j.state != s)
-                    || node.as_deref().is_some_and(|n| j.node() != Some(n))
-                    || name.as_deref().is_some_and(|n| j.spec.name != n)
-                {
-                    continue;
+    // The page is gathered in slices, each a separate read on the driver,
+    // so that a submission waits behind at most one slice, never a page.
+    let mut jobs = Vec::with_capacity(limit);
+    let mut last_examined = after;
+    let mut examined_total = 0;
+    let more = loop {
+        let (state, node, name) = (state, node.clone(), name.clone());
+        let want = (limit - jobs.len()).min(JOBS_SLICE);
+        let scan = (JOBS_SCAN_MAX - examined_total).min(JOBS_SLICE * 10);
+        let from = last_examined;
+        let (slice, last, examined, more) = cp
+            .query(move |r| {
+                let st = r.state();
+                let mut slice = Vec::new();
+                let mut id = from;
+                let end = st.jobs.len() as u64;
+                let mut examined = 0;
+                while id < end && slice.len() < want && examined < scan {
+                    id += 1;
+                    examined += 1;
+                    let Some(j) = st.job(JobId(id)) else { continue };
+                    if state.is_some_and(|s| j.state != s)
+                        || node.as_deref().is_some_and(|n| j.node() != Some(n))
+                        || name.as_deref().is_some_and(|n| j.spec.name != n)
+                    {
+                        continue;
+                    }
+                    slice.push(job_view(r, j));
                 }
-                page.push(job_view(r, j));
-            }
-            (page, id, id < end)
-        })
-        .await?;
+                (slice, id, examined, id < end)
+            })
+            .await?;
+        jobs.extend(slice);
+        last_examined = last;
+        examined_total += examined;
+        if !more || jobs.len() >= limit || examined_total >= JOBS_SCAN_MAX {
+            break more;
+        }
+    };
     let next_cursor = more.then(|| encode_cursor(last_examined));
     json_off_driver(StatusCode::OK, JobList { jobs, next_cursor }).await
 }
@@ -712,10 +733,21 @@ async fn json_off_driver<T: serde::Serialize + Send + 'static>(
     value: T,
 ) -> ApiResult {
     count_large_answer();
+    // A few at a time: eight clients listing in a loop must not keep eight
+    // threads busy against the driver's one on a small machine.
+    let _encoding = LARGE_ENCODES
+        .acquire()
+        .await
+        .map_err(|_| ApiError::from(Unavailable))?;
     tokio::task::spawn_blocking(move || json(status, &value))
         .await
         .map_err(|_| ApiError::from(Unavailable))
 }
+
+/// Large answers serialized at once, over all connections.
+pub const LARGE_ENCODES_CONCURRENT: usize = 2;
+static LARGE_ENCODES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(LARGE_ENCODES_CONCURRENT);
 
 async fn get_job(cp: &ControlPlane, id: JobId) -> ApiResult {
     let view = cp
