@@ -55,10 +55,19 @@ pub enum Cmd {
     Agent(AgentArgs),
     /// Submit a job; prints its id.
     Submit(SubmitArgs),
-    /// List jobs.
+    /// List jobs, oldest first (every page of them).
     Jobs {
         #[arg(long)]
         state: Option<String>,
+        /// Only jobs on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only jobs with this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Show at most this many jobs (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -159,6 +168,10 @@ pub struct DevArgs {
     /// removed at once.
     #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub keep_failed_workspaces_secs: u64,
+    /// HTTP connections held at once; at the limit the one that waited
+    /// longest for its client is closed to serve a newcomer.
+    #[arg(long, default_value_t = rustci_net::server::CONNECTIONS_MAX)]
+    pub connections_max: usize,
 }
 
 #[derive(Args, Debug)]
@@ -198,6 +211,10 @@ pub struct ServerArgs {
     /// that says so).
     #[arg(long, default_value_t = 10_240, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
     pub output_quota_mb: u64,
+    /// HTTP connections held at once; at the limit the one that waited
+    /// longest for its client is closed to serve a newcomer.
+    #[arg(long, default_value_t = rustci_net::server::CONNECTIONS_MAX)]
+    pub connections_max: usize,
 }
 
 #[derive(Args, Debug)]
@@ -666,19 +683,66 @@ fn job_ending(job: &JobView) -> (Exit, String) {
     }
 }
 
+/// Filters of `rustci jobs`, passed to `GET /v1/jobs` as they are.
+#[derive(Debug, Default)]
+pub struct JobsFilter {
+    pub state: Option<String>,
+    pub node: Option<String>,
+    pub name: Option<String>,
+}
+
+/// Jobs asked for per page by `rustci jobs`.
+const JOBS_CLI_PAGE: usize = 1000;
+
+/// Every job matching `filter` (up to `limit`), following `next_cursor`
+/// page by page.
+pub async fn list_all_jobs(
+    client: &mut Client,
+    filter: &JobsFilter,
+    limit: Option<usize>,
+) -> anyhow::Result<Vec<JobView>> {
+    let mut base = String::new();
+    for (k, v) in [
+        ("state", &filter.state),
+        ("node", &filter.node),
+        ("name", &filter.name),
+    ] {
+        if let Some(v) = v {
+            base.push_str(&format!("&{k}={}", rustci_net::client::query_value(v)));
+        }
+    }
+    let mut jobs = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let want = limit.map_or(JOBS_CLI_PAGE, |l| (l - jobs.len()).min(JOBS_CLI_PAGE));
+        if want == 0 {
+            break;
+        }
+        let mut path = format!("/v1/jobs?limit={want}{base}");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={}", rustci_net::client::query_value(c)));
+        }
+        let page: JobList = client.json(Method::GET, &path, None, &[]).await?;
+        jobs.extend(page.jobs);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok(jobs)
+}
+
 pub async fn jobs(
     client: &ClientOpts,
-    state: Option<String>,
+    filter: JobsFilter,
+    limit: Option<usize>,
     as_json: bool,
 ) -> anyhow::Result<Exit> {
-    let path = match &state {
-        Some(s) => format!("/v1/jobs?state={s}"),
-        None => "/v1/jobs".to_string(),
+    let jobs = list_all_jobs(&mut connect(client).await?, &filter, limit).await?;
+    let list = JobList {
+        jobs,
+        next_cursor: None,
     };
-    let list: JobList = connect(client)
-        .await?
-        .json(Method::GET, &path, None, &[])
-        .await?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(0);

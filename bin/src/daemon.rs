@@ -68,6 +68,8 @@ pub struct DevConfig {
     pub output_quota_bytes: u64,
     /// How long a failed attempt's work dir is kept.
     pub keep_failed_workspaces: Duration,
+    /// HTTP connections held at once (`--connections-max`).
+    pub connections_max: usize,
 }
 
 impl DevConfig {
@@ -89,6 +91,7 @@ impl DevConfig {
             disk_reserve_bytes: rustci_net::disk::DISK_RESERVE_BYTES_DEFAULT,
             output_quota_bytes: rustci_net::disk::OUTPUT_QUOTA_BYTES_DEFAULT,
             keep_failed_workspaces: runner::KEEP_FAILED_WORKSPACES_DEFAULT,
+            connections_max: rustci_net::server::CONNECTIONS_MAX,
         }
     }
 }
@@ -248,6 +251,8 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         );
     }
     let started = Instant::now();
+    crate::memory::tune_allocator();
+    tokio::spawn(crate::memory::trim_after_bursts());
     let (store, state) = guard_corruption(&config.data_dir, || {
         let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         let state = replay_store(&store)?;
@@ -358,6 +363,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         ServerConfig {
             api_token: config.api_token.clone(),
             agents: Some(agents),
+            connections_max: config.connections_max,
         },
         async {
             let _ = server_stop_rx.await;

@@ -139,6 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 keep_failed_workspaces: std::time::Duration::from_secs(
                     args.keep_failed_workspaces_secs,
                 ),
+                connections_max: args.connections_max,
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!("rustci dev: serving the API on http://{}", handle.addr);
@@ -167,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 disk_reserve_bytes: args.disk_reserve_mb * 1024 * 1024,
                 output_quota_bytes: args.output_quota_mb * 1024 * 1024,
                 keep_failed_workspaces: rustci::runner::KEEP_FAILED_WORKSPACES_DEFAULT,
+                connections_max: args.connections_max,
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!(
@@ -228,9 +230,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Submit(args) => cli::submit(args).await,
         Cmd::Jobs {
             state,
+            node,
+            name,
+            limit,
             json,
             client,
-        } => cli::jobs(&client, state, json).await,
+        } => {
+            let filter = cli::JobsFilter { state, node, name };
+            cli::jobs(&client, filter, limit, json).await
+        }
         Cmd::Job { command } => cli::job(command).await,
         Cmd::Logs {
             id,

@@ -164,3 +164,9 @@ pub fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
         },
     }
 }
+
+/// Percent-encodes one query value, for building paths like
+/// `/v1/jobs?name=...`.
+pub fn query_value(v: &str) -> String {
+    form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}

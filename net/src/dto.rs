@@ -192,9 +192,13 @@ impl JobView {
     }
 }
 
+/// A page of `GET /v1/jobs`, oldest first. `next_cursor` (passed back as
+/// `cursor=`) continues after this page; `null` when there is nothing more.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct JobList {
     pub jobs: Vec<JobView>,
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -7,6 +7,7 @@
 
 pub mod agent_link;
 pub mod client;
+pub mod conns;
 pub mod control;
 pub mod disk;
 pub mod dto;

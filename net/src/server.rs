@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body as _, Frame, Incoming};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -25,10 +25,10 @@ use hyper_util::rt::TokioIo;
 use rustci_core::model::{JobId, JobState, NodeState};
 use rustci_core::replica::{Command, CommandError, Replica, Reply};
 use rustci_core::scheduler::unplaced_reason;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
+use crate::conns::{Admission, Conn, ConnTable, Phase, Tracked};
 use crate::control::{BackupError, ControlPlane, Unavailable};
 use crate::dto::{
     event_json, ClusterView, ErrorBody, ErrorDetail, EventList, JobList, JobView, NodeList,
@@ -37,7 +37,10 @@ use crate::dto::{
 
 /// Largest request body accepted; larger ones get 413.
 pub const BODY_BYTES_MAX: usize = 1 << 20;
-/// Connections served at once (mini-redis style); more wait in the backlog.
+/// Connections served at once by default. At the limit a newcomer is still
+/// served: the connection that waited longest for its client (idle, or
+/// sending its request or reading its answer slowest) is closed to make
+/// room (see `conns.rs`).
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Events returned by one `GET /v1/events`.
 pub const EVENTS_PAGE_MAX: usize = 1000;
@@ -47,21 +50,58 @@ pub const EVENTS_WAIT_SECS_MAX: u64 = 60;
 pub const LOG_FOLLOW_POLL_MS: u64 = 100;
 /// Queued jobs looked at for the queue metrics, in placement order.
 pub const METRICS_QUEUE_SCAN_MAX: usize = 10_000;
-/// Bytes of output sent per chunk of a followed log.
-pub const LOG_CHUNK_BYTES: usize = 64 * 1024;
+/// Bytes of output read from disk and sent per chunk of a log. A reader
+/// that does not read holds at most one chunk in the channel plus hyper's
+/// write buffer of `WRITE_BUF_BYTES_MAX` (and a chunk).
+pub const LOG_CHUNK_BYTES: usize = 16 * 1024;
+/// hyper's per-connection buffer bound: the response bytes queued for a
+/// client that does not read, and the largest request head accepted.
+pub const WRITE_BUF_BYTES_MAX: usize = 32 * 1024;
+/// Jobs in a page of `GET /v1/jobs` when `limit` is not given.
+pub const JOBS_PAGE_DEFAULT: usize = 100;
+/// Largest `limit` of `GET /v1/jobs`.
+pub const JOBS_PAGE_MAX: usize = 1000;
+/// Jobs copied by one read on the driver (a page takes several): bounds how
+/// long a submission can wait behind a listing.
+pub const JOBS_SLICE: usize = 100;
+/// Jobs one page of `GET /v1/jobs` examines at most, matching or not: the
+/// bound on the driver's work per request. A page cut short by it has fewer
+/// jobs than `limit` and a `next_cursor`.
+pub const JOBS_SCAN_MAX: usize = 10_000;
 
-/// Longest a client may take to send a request's headers.
+/// Longest a client may take to send a request's headers (also the
+/// longest a keep-alive connection may stay idle).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request's body, once its headers
+/// are in.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slowest a body may arrive, on average, once `BODY_RATE_GRACE` has
+/// passed: a client dripping bytes is answered 408 and disconnected.
+pub const BODY_BYTES_PER_SEC_MIN: u64 = 4096;
+/// Time a body may take before the minimum rate applies.
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(2);
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// When set, every `/v1` request must carry `Authorization: Bearer <token>`.
     pub api_token: Option<String>,
     /// The agent endpoint (`GET /v1/agent` with `Upgrade: rustci-agent`);
     /// `None`: agents are refused.
     pub agents: Option<Arc<crate::agent_link::LinkContext>>,
+    /// Connections held at once (default [`CONNECTIONS_MAX`]).
+    pub connections_max: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            api_token: None,
+            agents: None,
+            connections_max: CONNECTIONS_MAX,
+        }
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets open
@@ -72,17 +112,13 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let table = Arc::new(ConnTable::new(config.connections_max));
     // Graceful shutdown by hand: hyper-util's helper does not take
     // connections that may switch to the agent protocol.
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new((cp, config));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -94,15 +130,29 @@ pub async fn serve(
                 }
             },
         };
+        let (id, conn_rec) = match table.admit() {
+            Admission::Serve(id, c) => (id, c),
+            Admission::Full => {
+                tracing::warn!(%peer, "every connection is busy with a request; refusing a new one");
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        let service = service_fn(move |req| {
+        let rec = conn_rec.clone();
+        let service = service_fn(move |mut req: Request<Incoming>| {
             let state = state.clone();
+            let rec = rec.clone();
             async move {
+                rec.set_phase(Phase::Working);
                 if req.uri().path() == crate::agent_link::AGENT_PATH {
                     return Ok::<_, Infallible>(agent_upgrade(&state.1, peer, req));
                 }
-                Ok::<_, Infallible>(route(&state.0, &state.1, peer, req).await)
+                req.extensions_mut().insert(rec.clone());
+                let resp = route(&state.0, &state.1, peer, req).await;
+                rec.set_phase(Phase::Responding);
+                Ok::<_, Infallible>(resp.map(|b| PhaseBody { inner: b, rec }.boxed()))
             }
         });
         let conn = http1::Builder::new()
@@ -114,9 +164,14 @@ pub async fn serve(
             // connection slot for ever (slowloris).
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service)
+            .max_buf_size(WRITE_BUF_BYTES_MAX)
+            .serve_connection(
+                TokioIo::new(Tracked::new(stream, conn_rec.clone())),
+                service,
+            )
             .with_upgrades();
         let mut closing = closing_rx.clone();
+        let table = table.clone();
         tokio::spawn(async move {
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -125,20 +180,58 @@ pub async fn serve(
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
+                _ = conn_rec.shed() => {
+                    tracing::debug!(%peer, phase = ?conn_rec.phase(), "connection shed to make room");
+                    Ok(())
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended");
             }
-            drop(permit);
+            table.remove(id);
         });
     }
     let _ = closing_tx.send(true);
-    let all = CONNECTIONS_MAX as u32;
-    if tokio::time::timeout(Duration::from_secs(5), limit.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after 5 s; closing");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !table.is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("connections still open after 5 s; closing");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A response body that marks its connection idle again once it has been
+/// sent (or dropped).
+struct PhaseBody {
+    inner: Body,
+    rec: Arc<Conn>,
+}
+
+impl hyper::body::Body for PhaseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PhaseBody {
+    fn drop(&mut self) {
+        self.rec.set_phase(Phase::Idle);
     }
 }
 
@@ -281,7 +374,13 @@ async fn route(
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(%peer, %path, code = e.code, message = %e.message, "request refused");
-            error_response(e)
+            let close = e.status == StatusCode::REQUEST_TIMEOUT;
+            let mut resp = error_response(e);
+            if close {
+                resp.headers_mut()
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     }
 }
@@ -290,6 +389,12 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
+    // HEAD is GET without the body (hyper leaves the body out).
+    let method = if method == Method::HEAD {
+        Method::GET
+    } else {
+        method
+    };
     if segments.first() == Some(&"v1") {
         authorize(config, &req)?;
     }
@@ -365,14 +470,10 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The query string, percent-decoded; a repeated key keeps its last value.
 fn parse_query(q: Option<&str>) -> BTreeMap<String, String> {
-    q.unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (p.to_string(), String::new()),
-        })
+    form_urlencoded::parse(q.unwrap_or("").as_bytes())
+        .into_owned()
         .collect()
 }
 
@@ -394,21 +495,62 @@ fn parse_job_id(s: &str) -> Result<JobId, ApiError> {
         .map_err(|_| ApiError::not_found(format!("job {s:?} not found (job ids are integers)")))
 }
 
+/// Reads a request body whole, within the limits: at most
+/// `BODY_BYTES_MAX` bytes (413), all of it within `BODY_READ_TIMEOUT`, and
+/// past `BODY_RATE_GRACE` at no less than `BODY_BYTES_PER_SEC_MIN` on
+/// average (408, and the connection is closed).
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     if req.body().size_hint().lower() > BODY_BYTES_MAX as u64 {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), BODY_BYTES_MAX)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(
-            "bad_body",
-            format!("could not read request body: {e}"),
-        )),
+    let rec = req.extensions().get::<Arc<Conn>>().cloned();
+    if let Some(r) = &rec {
+        r.set_phase(Phase::ReadingBody);
     }
+    let started = tokio::time::Instant::now();
+    let deadline = started + BODY_READ_TIMEOUT;
+    let mut body = req.into_body();
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        // The rate floor as a schedule: byte n must have arrived by
+        // grace + n / rate.
+        let owed = Duration::from_secs_f64((buf.len() + 1) as f64 / BODY_BYTES_PER_SEC_MIN as f64);
+        let due = (started + BODY_RATE_GRACE + owed).min(deadline);
+        let frame = match tokio::time::timeout_at(due, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(
+                    "bad_body",
+                    format!("could not read request body: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "request body too slow: {} bytes in {:.1} s (a body must arrive within {} s, at {} bytes/s or faster after the first {} s)",
+                        buf.len(),
+                        started.elapsed().as_secs_f64(),
+                        BODY_READ_TIMEOUT.as_secs(),
+                        BODY_BYTES_PER_SEC_MIN,
+                        BODY_RATE_GRACE.as_secs(),
+                    ),
+                ))
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > BODY_BYTES_MAX {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    if let Some(r) = &rec {
+        r.set_phase(Phase::Working);
+    }
+    Ok(buf.freeze())
 }
 
 fn too_large() -> ApiError {
@@ -509,7 +651,20 @@ async fn submit(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
 async fn command(cp: &ControlPlane, command: Command) -> ApiResult {
     Ok(match cp.command(command).await?? {
         Reply::Job(job) => json(StatusCode::OK, &JobView::from_owned(job)),
-        Reply::Node(node) => json(StatusCode::OK, &NodeView::new(&node, 0, None)),
+        Reply::Node(node) => {
+            // The reply carries the committed node; what it runs and when
+            // it was last heard from are the replica's live view, as in
+            // `GET /v1/nodes/{name}`.
+            let name = node.name.clone();
+            let live = cp
+                .query(move |r| {
+                    let running = r.state().active_by_node.get(&name).map_or(0, |s| s.len());
+                    let heard = r.heard_ago_ms(&name).map(|ms| ms as f64 / 1000.0);
+                    (running, heard)
+                })
+                .await?;
+            json(StatusCode::OK, &NodeView::new(&node, live.0, live.1))
+        }
     })
 }
 
@@ -519,8 +674,13 @@ fn job_view(r: &Replica, job: &rustci_core::model::Job) -> JobView {
     JobView::new(job, reason)
 }
 
+/// `GET /v1/jobs?state=S&node=N&name=X&limit=L&cursor=C`: one page of jobs,
+/// oldest first. The cursor is the id of the last job the previous page
+/// examined. A page examines at most `JOBS_SCAN_MAX` jobs and copies at
+/// most `limit`, in reads of at most `JOBS_SLICE` copies each; it is
+/// serialized off the driver.
 async fn list_jobs(cp: &ControlPlane, query: &BTreeMap<String, String>) -> ApiResult {
-    let filter = match query.get("state") {
+    let state = match query.get("state") {
         None => None,
         Some(s) => Some(JobState::parse(s).ok_or_else(|| {
             ApiError::bad_request(
@@ -529,18 +689,117 @@ async fn list_jobs(cp: &ControlPlane, query: &BTreeMap<String, String>) -> ApiRe
             )
         })?),
     };
-    let jobs = cp
-        .query(move |r| {
-            r.state()
-                .jobs
-                .values()
-                .filter(|j| filter.is_none_or(|f| j.state == f))
-                .map(|j| job_view(r, j))
-                .collect()
-        })
-        .await?;
-    Ok(json(StatusCode::OK, &JobList { jobs }))
+    let node = query.get("node").cloned();
+    let name = query.get("name").cloned();
+    let limit = match query_u64(query, "limit")? {
+        None => JOBS_PAGE_DEFAULT,
+        Some(l) if l == 0 || l > JOBS_PAGE_MAX as u64 => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("limit={l} is out of range: use 1 to {JOBS_PAGE_MAX}"),
+            ))
+        }
+        Some(l) => l as usize,
+    };
+    let after = match query.get("cursor").map(String::as_str) {
+        None | Some("") => 0,
+        Some(c) => decode_cursor(c).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("cursor={c:?} is not a cursor this server gave out (pass next_cursor from the previous page)"),
+            )
+        })?,
+    };
+    // The page is gathered in slices, each a separate read on the driver,
+    // so that a submission waits behind at most one slice, never a page.
+    let mut jobs = Vec::with_capacity(limit);
+    let mut last_examined = after;
+    let mut examined_total = 0;
+    let more = loop {
+        let (state, node, name) = (state, node.clone(), name.clone());
+        let want = (limit - jobs.len()).min(JOBS_SLICE);
+        let scan = (JOBS_SCAN_MAX - examined_total).min(JOBS_SLICE * 10);
+        let from = last_examined;
+        let (slice, last, examined, more) = cp
+            .query(move |r| {
+                let st = r.state();
+                let mut slice = Vec::new();
+                let mut id = from;
+                let end = st.jobs.len() as u64;
+                let mut examined = 0;
+                while id < end && slice.len() < want && examined < scan {
+                    id += 1;
+                    examined += 1;
+                    let Some(j) = st.job(JobId(id)) else { continue };
+                    if state.is_some_and(|s| j.state != s)
+                        || node.as_deref().is_some_and(|n| j.node() != Some(n))
+                        || name.as_deref().is_some_and(|n| j.spec.name != n)
+                    {
+                        continue;
+                    }
+                    slice.push(job_view(r, j));
+                }
+                (slice, id, examined, id < end)
+            })
+            .await?;
+        jobs.extend(slice);
+        last_examined = last;
+        examined_total += examined;
+        if !more || jobs.len() >= limit || examined_total >= JOBS_SCAN_MAX {
+            break more;
+        }
+    };
+    let next_cursor = more.then(|| encode_cursor(last_examined));
+    json_off_driver(StatusCode::OK, JobList { jobs, next_cursor }).await
 }
+
+/// Cursors are opaque to clients: `j` and the id of the last job examined.
+fn encode_cursor(last: u64) -> String {
+    format!("j{last}")
+}
+
+fn decode_cursor(c: &str) -> Option<u64> {
+    let digits = c.strip_prefix('j')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Large answers built so far (pages of jobs, logs streamed): the daemon
+/// gives memory back to the system after a burst of them.
+static LARGE_ANSWERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn large_answers() -> u64 {
+    LARGE_ANSWERS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_large_answer() {
+    LARGE_ANSWERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Serializes a large answer on a blocking thread, so that neither the
+/// driver nor the other connections wait for it.
+async fn json_off_driver<T: serde::Serialize + Send + 'static>(
+    status: StatusCode,
+    value: T,
+) -> ApiResult {
+    count_large_answer();
+    // A few at a time: eight clients listing in a loop must not keep eight
+    // threads busy against the driver's one on a small machine.
+    let _encoding = LARGE_ENCODES
+        .acquire()
+        .await
+        .map_err(|_| ApiError::from(Unavailable))?;
+    tokio::task::spawn_blocking(move || json(status, &value))
+        .await
+        .map_err(|_| ApiError::from(Unavailable))
+}
+
+/// Large answers serialized at once, over all connections.
+pub const LARGE_ENCODES_CONCURRENT: usize = 2;
+static LARGE_ENCODES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(LARGE_ENCODES_CONCURRENT);
 
 async fn get_job(cp: &ControlPlane, id: JobId) -> ApiResult {
     let view = cp
@@ -636,9 +895,15 @@ async fn cluster(cp: &ControlPlane) -> ApiResult {
 }
 
 async fn readyz(cp: &ControlPlane) -> ApiResult {
-    let ready = cp.query(|r| r.is_ready()).await?;
+    let (ready, full) = cp.query(|r| (r.is_ready(), r.storage_full())).await?;
     if ready {
         Ok(text(StatusCode::OK, "ready\n", "text/plain"))
+    } else if full {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_full",
+            "not ready: the event log's disk is full; writes get 507 until space is freed",
+        ))
     } else {
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -797,20 +1062,19 @@ async fn logs(cp: &ControlPlane, id: JobId, query: &BTreeMap<String, String>) ->
     };
     let Some(attempt) = attempt else {
         if !follow {
-            return Ok(text(
-                StatusCode::OK,
-                Bytes::new(),
-                "text/plain; charset=utf-8",
-            ));
+            return Ok(text(StatusCode::OK, Bytes::new(), LOG_CONTENT_TYPE));
         }
         // Queued with no attempt yet: follow waits for the first one.
         return Ok(stream_response(follow_logs(cp.clone(), id, None)));
     };
     if !follow {
         let path = cp.output_path(id, attempt);
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        // Opened here so that an unreadable file is an error, not an
+        // empty answer; then streamed from disk a chunk at a time, as
+        // fast as the client reads (never the whole file in memory).
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -819,24 +1083,39 @@ async fn logs(cp: &ControlPlane, id: JobId, query: &BTreeMap<String, String>) ->
                 ))
             }
         };
-        return Ok(text(StatusCode::OK, bytes, "text/plain; charset=utf-8"));
+        let Some(file) = file else {
+            return Ok(text(StatusCode::OK, Bytes::new(), LOG_CONTENT_TYPE));
+        };
+        let file = file.into_std().await;
+        let (tx, rx) = mpsc::channel(1);
+        count_large_answer();
+        tokio::spawn(async move {
+            let _ = send_file(&tx, file, &mut 0).await;
+        });
+        return Ok(stream_response(rx));
     }
     Ok(stream_response(follow_logs(cp.clone(), id, Some(attempt))))
 }
 
+/// Log chunk reads from disk in progress at once, over all readers.
+pub const LOG_READS_CONCURRENT: usize = 8;
+static LOG_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LOG_READS_CONCURRENT);
+
+/// Job output is whatever bytes the job wrote: no charset is claimed.
+const LOG_CONTENT_TYPE: &str = "text/plain";
+
 fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     let mut resp = Response::new(ChannelBody(rx).boxed());
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(LOG_CONTENT_TYPE));
     resp
 }
 
 /// Streams an attempt's output file as it grows, until the attempt has ended
 /// and everything written has been sent.
 fn follow_logs(cp: ControlPlane, id: JobId, attempt: Option<u32>) -> mpsc::Receiver<Bytes> {
-    let (tx, rx) = mpsc::channel(8);
+    // One chunk in flight: a reader that stops reading stops the reads.
+    let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut attempt = attempt;
         let mut offset = 0u64;
@@ -885,22 +1164,44 @@ async fn send_new_output(
     path: &std::path::Path,
     offset: &mut u64,
 ) -> Result<(), ()> {
-    let Ok(mut file) = tokio::fs::File::open(path).await else {
+    let Ok(file) = tokio::fs::File::open(path).await else {
         return Ok(());
     };
-    if file.seek(std::io::SeekFrom::Start(*offset)).await.is_err() {
-        return Ok(());
-    }
-    let mut buf = vec![0u8; LOG_CHUNK_BYTES];
+    send_file(tx, file.into_std().await, offset).await
+}
+
+/// Sends `file` from `offset` to its end a chunk at a time, each read only
+/// once the previous one was taken; Err when the client went away.
+async fn send_file(
+    tx: &mpsc::Sender<Bytes>,
+    file: std::fs::File,
+    offset: &mut u64,
+) -> Result<(), ()> {
+    let file = Arc::new(file);
     loop {
-        let n = match file.read(&mut buf).await {
-            Ok(0) | Err(_) => return Ok(()),
-            Ok(n) => n,
-        };
-        *offset += n as u64;
-        tx.send(Bytes::copy_from_slice(&buf[..n]))
+        // Wait for room before reading, so an unread response holds no
+        // more than the chunk in the channel.
+        let permit = tx.reserve().await.map_err(|_| ())?;
+        let chunk = {
+            // Each read takes a blocking thread: a thousand readers must
+            // not start hundreds of them.
+            let _reading = LOG_READS.acquire().await.map_err(|_| ())?;
+            let (file, at) = (file.clone(), *offset);
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = bytes::BytesMut::zeroed(LOG_CHUNK_BYTES);
+                let n = file.read_at(&mut buf, at).unwrap_or(0);
+                buf.truncate(n);
+                buf.freeze()
+            })
             .await
-            .map_err(|_| ())?;
+            .map_err(|_| ())?
+        };
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        *offset += chunk.len() as u64;
+        permit.send(chunk);
     }
 }
 
