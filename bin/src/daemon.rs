@@ -458,10 +458,15 @@ const LOG_FREE_MIN_BYTES: u64 = 4 * 1024 * 1024;
 /// How often a writer waiting for disk space looks again.
 const LOG_ROOM_POLL: Duration = Duration::from_millis(200);
 
-/// Free space one append of `batch` wants: the minimum plus four times a
-/// generous estimate of its frames.
-fn log_room_needed(batch: &[Entry]) -> u64 {
-    LOG_FREE_MIN_BYTES + 4 * batch.len() as u64 * 4096
+/// Free space an append of `entries` entries wants: the minimum plus four
+/// times a generous estimate of their frames.
+fn log_room_needed(entries: usize) -> u64 {
+    LOG_FREE_MIN_BYTES + 4 * entries as u64 * 4096
+}
+
+/// Whether the log in `data_dir` has room to append `entries` entries.
+fn log_has_room(data_dir: &Path, entries: usize) -> bool {
+    rustci_net::disk::free_bytes(data_dir).is_none_or(|free| free >= log_room_needed(entries))
 }
 
 /// Waits until the log's file system has room for `batch`, telling the
@@ -478,8 +483,7 @@ fn wait_for_log_room(
         .parent()
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let has_room =
-        || rustci_net::disk::free_bytes(&dir).is_none_or(|free| free >= log_room_needed(batch));
+    let has_room = || log_has_room(&dir, batch.len());
     if has_room() {
         return true;
     }
@@ -627,6 +631,11 @@ impl Driver {
     /// Periodic work of the replica and of the local agent.
     fn tick(&mut self) {
         let mono = self.mono_ms();
+        // The disk has room again and no batch is waiting for it (a
+        // waiting writer says so itself when it resumes).
+        if self.replica.storage_full() && log_has_room(&self.data_dir, 1) {
+            self.replica.handle_storage_full(false);
+        }
         self.replica.handle_tick(wall_clock_ms(), mono);
         if let Some(agent) = self.agent.as_mut() {
             agent.handle_tick(mono);
@@ -705,6 +714,13 @@ impl Driver {
         let now = wall_clock_ms();
         match input {
             Input::Command { command, reply } => {
+                // Seen before the entry is made: a command that finds the
+                // disk full is answered 507 at once instead of waiting for
+                // the space it needs.
+                if !self.replica.storage_full() && !log_has_room(&self.data_dir, 1) {
+                    tracing::error!("the event log's disk is full: writes are refused (507) until space is freed");
+                    self.replica.handle_storage_full(true);
+                }
                 let request = self.next_request;
                 self.next_request += 1;
                 self.pending.insert(request, Some(reply));

@@ -893,3 +893,115 @@ fn cli_slips_get_one_helpful_line() {
         "{err}"
     );
 }
+
+/// A small file system mounted for one test (tmpfs; needs root, as CI
+/// has), unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// On a 48 MB data dir, a job that writes 100 MB into its workspace does
+/// not stop the daemon and its cut output says so; a full disk answers
+/// writes 507 (reads still work, /readyz says why); once space is freed,
+/// writes succeed again without a restart, and nothing acknowledged is lost.
+#[test]
+fn a_full_disk_gets_507_and_the_daemon_resumes_when_space_returns() {
+    let Some(disk) = SmallDisk::mount("48m") else {
+        // Mounting needs root (CI and the dev machines are root).
+        assert_ne!(
+            unsafe { libc::geteuid() },
+            0,
+            "root could not mount a tmpfs"
+        );
+        return;
+    };
+    let data = disk.dir.path().join("data");
+    let dev = Dev::start(&data, &[]);
+    let hog = dev.cli(&[
+        "submit",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "head -c 100000000 /dev/zero > big; echo wrote $?; exit 1",
+    ]);
+    assert_eq!(hog.status.code(), Some(1), "{hog:?}");
+    let id = String::from_utf8_lossy(&hog.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let logs = dev.cli(&["logs", &id]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        text.contains("output incomplete"),
+        "never served as complete: {text:?}"
+    );
+    // Fill the disk from outside: writes get 507, reads still answer.
+    let fill = disk.dir.path().join("fill");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=100"])
+        .arg(format!("of={}", fill.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let (status, body) = http(
+        &dev.addr,
+        "POST",
+        "/v1/jobs",
+        Some(r#"{"command": ["true"]}"#),
+    );
+    assert_eq!(status, 507, "{body}");
+    assert!(body.contains("storage_full"), "{body}");
+    let (status, body) = http(&dev.addr, "GET", "/readyz", None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("disk is full"), "{body}");
+    assert_eq!(
+        http(&dev.addr, "GET", &format!("/v1/jobs/{id}"), None).0,
+        200
+    );
+    // Space returns: writes succeed again, no restart.
+    std::fs::remove_file(&fill).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job = loop {
+        let (status, body) = http(
+            &dev.addr,
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"command": ["true"]}"#),
+        );
+        if status == 201 {
+            break serde_json::from_str::<serde_json::Value>(&body).unwrap();
+        }
+        assert_eq!(status, 507, "{body}");
+        assert!(Instant::now() < deadline, "writes did not resume");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let done = dev.wait_job(
+        job["id"].as_u64().unwrap(),
+        Duration::from_secs(10),
+        terminal,
+    );
+    assert_eq!(done["state"], "succeeded");
+    assert_eq!(http(&dev.addr, "GET", "/readyz", None).0, 200);
+}

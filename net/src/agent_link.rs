@@ -323,7 +323,9 @@ where
                     // the output says so where it stops.
                     tracing::warn!(job = job.0, attempt, error = %e, "cannot store shipped output; the rest of it is dropped");
                     let marker = crate::disk::OUTPUT_INCOMPLETE_MARKER.as_bytes();
-                    let _ = write_output(&path, offset, marker).await;
+                    if write_output(&path, offset, marker).await.is_err() {
+                        let _ = std::fs::File::create(crate::disk::incomplete_path(&path));
+                    }
                     cut.insert((job, attempt));
                 }
             }

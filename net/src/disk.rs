@@ -17,6 +17,15 @@ pub const DISK_RESERVE_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
 pub const OUTPUT_INCOMPLETE_MARKER: &str =
     "\n[rustci: output incomplete: the disk is nearly full; the rest was not kept]\n";
 
+/// The empty file beside an output file that says its output is not all
+/// there, for when not even [`OUTPUT_INCOMPLETE_MARKER`] could be written
+/// (a full disk still has room for an empty file's entry).
+pub fn incomplete_path(log: &Path) -> std::path::PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".incomplete");
+    std::path::PathBuf::from(name)
+}
+
 /// What an evicted attempt's output is replaced with.
 pub fn evicted_marker(quota_bytes: u64) -> String {
     format!(

@@ -1084,13 +1084,21 @@ async fn logs(cp: &ControlPlane, id: JobId, query: &BTreeMap<String, String>) ->
             }
         };
         let Some(file) = file else {
-            return Ok(text(StatusCode::OK, Bytes::new(), LOG_CONTENT_TYPE));
+            // Never served as a complete empty log if it was cut short.
+            let note = if crate::disk::incomplete_path(&path).exists() {
+                Bytes::from_static(crate::disk::OUTPUT_INCOMPLETE_MARKER.as_bytes())
+            } else {
+                Bytes::new()
+            };
+            return Ok(text(StatusCode::OK, note, LOG_CONTENT_TYPE));
         };
         let file = file.into_std().await;
         let (tx, rx) = mpsc::channel(1);
         count_large_answer();
         tokio::spawn(async move {
-            let _ = send_file(&tx, file, &mut 0).await;
+            if send_file(&tx, file, &mut 0).await.is_ok() {
+                send_incomplete_note(&tx, &path).await;
+            }
         });
         return Ok(stream_response(rx));
     }
@@ -1150,12 +1158,30 @@ fn follow_logs(cp: ControlPlane, id: JobId, attempt: Option<u32>) -> mpsc::Recei
                 }
             }
             if !active {
+                if let Some(n) = attempt {
+                    send_incomplete_note(&tx, &cp.output_path(id, n)).await;
+                }
                 return;
             }
             tokio::time::sleep(Duration::from_millis(LOG_FOLLOW_POLL_MS)).await;
         }
     });
     rx
+}
+
+/// When the output at `path` was cut short and not even its last line
+/// could say so (a full disk), says so at the end of what is served.
+async fn send_incomplete_note(tx: &mpsc::Sender<Bytes>, path: &std::path::Path) {
+    if tokio::fs::try_exists(crate::disk::incomplete_path(path))
+        .await
+        .unwrap_or(false)
+    {
+        let _ = tx
+            .send(Bytes::from_static(
+                crate::disk::OUTPUT_INCOMPLETE_MARKER.as_bytes(),
+            ))
+            .await;
+    }
 }
 
 /// Sends the bytes of `path` past `offset`; Err when the client went away.

@@ -690,16 +690,11 @@ impl AttemptTask {
             shim_status,
         } = spawned;
         let (stop_tx, stop_rx) = oneshot::channel();
-        let log_dir = self
-            .spec
-            .log_path
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let pump = tokio::spawn(
             pump_output(
                 output,
                 log,
-                log_dir,
+                self.spec.log_path.clone(),
                 self.config.log_cap_bytes,
                 self.config.disk_reserve_bytes,
                 stop_rx,

@@ -44,7 +44,7 @@ pub(super) async fn finish_output(
 pub(super) async fn pump_output(
     mut output: pipe::Receiver,
     mut log: tokio::fs::File,
-    log_dir: PathBuf,
+    log_path: PathBuf,
     log_cap_bytes: u64,
     reserve: u64,
     mut stop: oneshot::Receiver<()>,
@@ -52,6 +52,9 @@ pub(super) async fn pump_output(
     let mut buffer = vec![0u8; READ_BUFFER_BYTES];
     let mut cap = LogCap::new(log_cap_bytes);
     let mut log_ok = true;
+    let log_dir = log_path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     loop {
         let read = tokio::select! {
             biased;
@@ -71,14 +74,17 @@ pub(super) async fn pump_output(
                 reserve,
                 "the disk is nearly full: discarding further output"
             );
-            let _ = write_and_flush(&mut log, OUTPUT_INCOMPLETE_MARKER.as_bytes()).await;
+            let _ = log.flush().await;
+            mark_incomplete(&log_path);
             log_ok = false;
         }
         if log_ok {
             if let Err(e) = write_capped(&mut log, &mut cap, &buffer[..n]).await {
                 warn!(error = %e, "cannot write log; discarding further output");
-                // Within the reserve there is room for the line that says so.
-                let _ = write_and_flush(&mut log, OUTPUT_INCOMPLETE_MARKER.as_bytes()).await;
+                // Within the reserve there is room for the line that says
+                // so; on a disk full of something else, an empty file says it.
+                let _ = log.flush().await;
+                mark_incomplete(&log_path);
                 log_ok = false;
             }
         }
@@ -207,5 +213,24 @@ mod tests {
                 truncated_now: false
             }
         );
+    }
+}
+
+/// Marks the output at `log_path` as cut short: the marker line at its
+/// end, or, when not even that can be written (the disk is full of
+/// something else), the empty file beside it that says so.
+fn mark_incomplete(log_path: &Path) {
+    let appended = std::fs::OpenOptions::new()
+        .append(true)
+        .open(log_path)
+        .and_then(|mut f| {
+            f.write_all(OUTPUT_INCOMPLETE_MARKER.as_bytes())?;
+            f.sync_data()
+        });
+    if let Err(e) = appended {
+        let beside = rustci_net::disk::incomplete_path(log_path);
+        if let Err(e2) = std::fs::File::create(&beside) {
+            warn!(error = %e, error2 = %e2, "cannot mark the output as incomplete");
+        }
     }
 }
