@@ -158,6 +158,25 @@ impl LogCap {
     }
 }
 
+/// Marks the output at `log_path` as cut short: the marker line at its
+/// end, or, when not even that can be written (the disk is full of
+/// something else), the empty file beside it that says so.
+fn mark_incomplete(log_path: &Path) {
+    let appended = std::fs::OpenOptions::new()
+        .append(true)
+        .open(log_path)
+        .and_then(|mut f| {
+            f.write_all(OUTPUT_INCOMPLETE_MARKER.as_bytes())?;
+            f.sync_data()
+        });
+    if let Err(e) = appended {
+        let beside = rustci_net::disk::incomplete_path(log_path);
+        if let Err(e2) = std::fs::File::create(&beside) {
+            warn!(error = %e, error2 = %e2, "cannot mark the output as incomplete");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,24 +232,5 @@ mod tests {
                 truncated_now: false
             }
         );
-    }
-}
-
-/// Marks the output at `log_path` as cut short: the marker line at its
-/// end, or, when not even that can be written (the disk is full of
-/// something else), the empty file beside it that says so.
-fn mark_incomplete(log_path: &Path) {
-    let appended = std::fs::OpenOptions::new()
-        .append(true)
-        .open(log_path)
-        .and_then(|mut f| {
-            f.write_all(OUTPUT_INCOMPLETE_MARKER.as_bytes())?;
-            f.sync_data()
-        });
-    if let Err(e) = appended {
-        let beside = rustci_net::disk::incomplete_path(log_path);
-        if let Err(e2) = std::fs::File::create(&beside) {
-            warn!(error = %e, error2 = %e2, "cannot mark the output as incomplete");
-        }
     }
 }
