@@ -1345,3 +1345,44 @@ fn leadership_transfer_hands_over_to_an_up_to_date_follower() {
     assert_eq!(n.r.role(), Role::Follower);
     assert_eq!(n.r.term(), 2);
 }
+
+/// Found by the safety harness (seeds 17, 78, 97 of `raft_safety.rs`): an
+/// append lost in the replicate state, with nothing new to send after it,
+/// left the follower one entry short forever. A heartbeat answer from a
+/// follower that lacks entries now draws an append from `next_index`,
+/// which it refuses, and the refusal sends the leader back to probe.
+#[test]
+fn a_lost_append_is_recovered_after_a_heartbeat_answer() {
+    let mut n = Node::new(1, 2);
+    n.elect();
+    n.ack_all();
+    n.ready();
+    assert_eq!(n.r.progress(2).unwrap().2, ReplicationState::Replicate);
+    n.r.propose(D::Cmd(1)).unwrap();
+    let lost = n.messages();
+    assert_eq!(lost.len(), 1, "the append that the network drops");
+    let (matched, next, _) = n.r.progress(2).unwrap();
+    n.step(2, 1, Body::HeartbeatResp);
+    let msgs = n.messages();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    let Body::Append { prev_index, .. } = msgs[0].body else {
+        panic!("{msgs:?}")
+    };
+    assert_eq!(prev_index, next - 1);
+    n.step(
+        2,
+        1,
+        Body::AppendResp {
+            index: prev_index,
+            reject: Some(RejectHint {
+                index: matched,
+                term: 1,
+            }),
+        },
+    );
+    let msgs = n.messages();
+    assert!(
+        matches!(&msgs[0].body, Body::Append { prev_index, entries, .. } if *prev_index == matched && entries.len() == 1),
+        "{msgs:?}"
+    );
+}

@@ -239,7 +239,9 @@ impl<T: Payload> Raft<T> {
             pr.inflight.pop_front();
         }
         if pr.match_index < last {
-            self.send_append(from, false);
+            // Also when nothing is new: an append from `next_index` that the
+            // follower refuses reveals an append lost on the way.
+            self.send_append(from, true);
         }
     }
 
