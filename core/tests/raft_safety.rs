@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use rustci_core::raft::{
-    Config, Entry, HardState, LogIndex, Message, NeedEntries, NodeId, Payload, Persist, Raft,
+    Body, Config, Entry, HardState, LogIndex, Message, NeedEntries, NodeId, Payload, Persist, Raft,
     Recovered, Role, Term,
 };
 
@@ -87,6 +87,8 @@ struct Node {
     applied: Vec<(Term, D)>,
     /// The term this node was leader in at its last ready.
     leading: Option<Term>,
+    /// The commit index of the last hard state it handed out.
+    commit_seen: LogIndex,
 }
 
 struct InFlight {
@@ -124,12 +126,39 @@ impl std::ops::AddAssign for Coverage {
 #[derive(Default)]
 struct Checker {
     leaders: BTreeMap<Term, NodeId>,
+    /// Whom each node voted for in each term, from the votes it let out (a
+    /// candidate votes for itself when it asks for votes).
+    votes: BTreeMap<(NodeId, Term), NodeId>,
     /// Every entry some node applied, by index: the state machine's input.
     committed: BTreeMap<LogIndex, (Term, D)>,
     violation: Option<String>,
 }
 
 impl Checker {
+    /// One vote per node and term, as seen on the wire: a node that forgot
+    /// its vote in a crash, or votes twice, shows up here before it elects
+    /// two leaders.
+    fn message_released(&mut self, m: &Message<D>) {
+        let vote = match m.body {
+            Body::VoteResp { granted: true } => Some(m.to),
+            Body::Vote { .. } => Some(m.from),
+            _ => None,
+        };
+        if let Some(candidate) = vote {
+            let voter = m.from;
+            match self.votes.get(&(voter, m.term)) {
+                Some(&c) if c != candidate => self.fail(format!(
+                    "one vote per term: node {voter} voted for {c} and for {candidate} in term {}",
+                    m.term
+                )),
+                Some(_) => {}
+                None => {
+                    self.votes.insert((voter, m.term), candidate);
+                }
+            }
+        }
+    }
+
     fn fail(&mut self, what: String) {
         if self.violation.is_none() {
             self.violation = Some(what);
@@ -141,6 +170,8 @@ struct Sim {
     rng: ChaCha8Rng,
     now_ms: u64,
     faults: Faults,
+    /// See [`Sim::new`].
+    storm: bool,
     nodes: Vec<Node>,
     net: Vec<InFlight>,
     seq: u64,
@@ -168,13 +199,26 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let size = if below(&mut rng, 3) == 0 { 5 } else { 3 };
+        // A third of the seeds are storms: crashes every few hundred ms per
+        // node, short outages and leaders killed on purpose, so leaders
+        // change while entries of several terms are half replicated (the
+        // paper's figure 8).
+        let storm = below(&mut rng, 3) == 0;
         let faults = Faults {
             loss: below(&mut rng, 2_000),
             duplicate: below(&mut rng, 1_000),
             delay_max_ms: 1 + below(&mut rng, 20),
-            crash: below(&mut rng, 15),
-            down_max_ms: 10 + below(&mut rng, 300),
-            partition: below(&mut rng, 60),
+            crash: if storm {
+                20 + below(&mut rng, 80)
+            } else {
+                below(&mut rng, 15)
+            },
+            down_max_ms: if storm {
+                5 + below(&mut rng, 60)
+            } else {
+                10 + below(&mut rng, 300)
+            },
+            partition: below(&mut rng, if storm { 200 } else { 60 }),
             sync_delay_max_ms: below(&mut rng, 10),
             propose: 500 + below(&mut rng, 3_000),
         };
@@ -207,6 +251,7 @@ impl Sim {
                     mirror: Vec::new(),
                     applied: Vec::new(),
                     leading: None,
+                    commit_seen: 0,
                 }
             })
             .collect();
@@ -214,6 +259,7 @@ impl Sim {
             rng,
             now_ms: 0,
             faults,
+            storm,
             nodes,
             net: Vec::new(),
             seq: 0,
@@ -271,6 +317,17 @@ impl Sim {
             if self.nodes[i].raft.is_some() && pct(&mut self.rng, self.faults.crash) {
                 let down = 1 + below(&mut self.rng, self.faults.down_max_ms);
                 self.crash(i, down);
+            }
+        }
+        // Leaders die young in a storm.
+        if self.storm && pct(&mut self.rng, self.faults.crash) {
+            let leader = self
+                .nodes
+                .iter()
+                .position(|n| n.raft.as_ref().is_some_and(|r| r.role() == Role::Leader));
+            if let Some(l) = leader {
+                let down = 1 + below(&mut self.rng, self.faults.down_max_ms);
+                self.crash(l, down);
             }
         }
         // A graceful hand-over now and then (one per ~second).
@@ -419,6 +476,7 @@ impl Sim {
     }
 
     fn send(&mut self, m: Message<D>) {
+        self.checker.message_released(&m);
         if self.cut.contains(&(m.from, m.to)) || pct(&mut self.rng, self.faults.loss) {
             return;
         }
@@ -473,6 +531,20 @@ impl Sim {
                 }
                 n.mirror.push((e.term, e.data.clone()));
             }
+        }
+        // The commit rule (§5.4.2): a leader moves its commit index only to
+        // an entry of its own term, never to an older one by counting.
+        if let Some(hs) = ready.persist.as_ref().and_then(|p| p.hard_state) {
+            if role == Role::Leader && hs.commit > n.commit_seen {
+                let at = n.mirror.get(hs.commit as usize - 1).map(|e| e.0);
+                if at != Some(term) {
+                    self.checker.fail(format!(
+                        "commit rule: node {id}, leader of term {term}, committed index {} of term {at:?}",
+                        hs.commit
+                    ));
+                }
+            }
+            n.commit_seen = hs.commit;
         }
         // State machine safety: every node applies the same entry at an index.
         for e in &ready.committed {
@@ -693,9 +765,18 @@ fn five_safety_properties_hold_over_many_seeds_of_faults() {
     let mut total = Coverage::default();
     let mut failures = Vec::new();
     for seed in 0..seeds {
-        match run(seed) {
-            Ok((_, c)) => total += c,
-            Err(v) => failures.push(format!("SEED={seed}: {v}")),
+        // A node's own assertions are failures of the seed too.
+        match std::panic::catch_unwind(|| run(seed)) {
+            Ok(Ok((_, c))) => total += c,
+            Ok(Err(v)) => failures.push(format!("SEED={seed}: {v}")),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                failures.push(format!("SEED={seed}: a node panicked: {what}"));
+            }
         }
         if failures.len() >= 3 {
             break;
