@@ -1386,3 +1386,37 @@ fn a_lost_append_is_recovered_after_a_heartbeat_answer() {
         "{msgs:?}"
     );
 }
+
+/// A follower commits no further than the last entry an append proved to
+/// match the leader's: entries after it may be another term's leftovers
+/// (§5.3: "set commitIndex = min(leaderCommit, index of last new entry)").
+#[test]
+fn a_follower_commits_no_further_than_the_append_proved() {
+    // Entry 3 is a leftover of term 3 that the term-4 leader does not have.
+    let hs = HardState {
+        term: 3,
+        vote: None,
+        commit: 0,
+    };
+    let mut n = Node::with(config(1, 3), hs, &[1, 1, 3]);
+    n.ready();
+    let entries = vec![Entry {
+        index: 2,
+        term: 1,
+        data: D::Cmd(2),
+    }];
+    n.step(
+        2,
+        4,
+        Body::Append {
+            prev_index: 1,
+            prev_term: 1,
+            entries,
+            commit: 3,
+        },
+    );
+    assert_eq!(n.r.last_index(), 3, "nothing conflicted, nothing truncated");
+    assert_eq!(n.r.commit_index(), 2);
+    n.step(2, 4, Body::Heartbeat { commit: 2 });
+    assert_eq!(n.r.commit_index(), 2);
+}

@@ -508,6 +508,24 @@ impl Sim {
         let (role, term) = (r.role(), r.term());
         let sync_delay = below(&mut self.rng, self.faults.sync_delay_max_ms + 1);
         let now = self.now_ms;
+        // Commitment: an entry is applied only once a quorum's disks hold it
+        // (and disks never lose a committed entry, so it stays that way).
+        let quorum = self.nodes.len() / 2 + 1;
+        for e in &ready.committed {
+            let holders = self
+                .nodes
+                .iter()
+                .filter(|m| m.disk_log.get(e.index as usize - 1) == Some(e))
+                .count();
+            if holders < quorum {
+                self.checker.fail(format!(
+                    "commitment: node {} applied entry {} (term {}) that only {holders} disks hold",
+                    i + 1,
+                    e.index,
+                    e.term
+                ));
+            }
+        }
         let n = &mut self.nodes[i];
         let id = n.id;
         // Leader append-only: a leader never truncates its own log.
