@@ -13,8 +13,8 @@
 //! - [`validate`]: limits and defaults of commands.
 //! - [`scheduler`]: placement decisions as a pure function of state.
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
-//! - [`raft`]: sans-IO Raft consensus (elections, replication, commit);
-//!   not yet wired under the replica.
+//! - [`raft`]: sans-IO Raft consensus (elections, replication, commit,
+//!   compaction and snapshots); not yet wired under the replica.
 //! - [`protocol`]: the agent protocol's messages and the lease arithmetic.
 //! - [`agent`]: the sans-IO agent state machine every worker node runs.
 //! - `bugs`: planted bugs for the simulator's self-test; dormant data unless

@@ -5,7 +5,7 @@
 
 use rustci_core::raft::{
     Body, Config, Entry, HardState, LogIndex, Message, NodeId, Payload, ProposeError, Raft, Ready,
-    Recovered, RejectHint, ReplicationState, Role, Term, TransferError,
+    Recovered, RejectHint, ReplicationState, Role, SnapshotMeta, Term, TransferError,
 };
 
 /// The test payload: a command number, or a leader's first entry.
@@ -1419,4 +1419,199 @@ fn a_follower_commits_no_further_than_the_append_proved() {
     assert_eq!(n.r.commit_index(), 2);
     n.step(2, 4, Body::Heartbeat { commit: 2 });
     assert_eq!(n.r.commit_index(), 2);
+}
+
+// ---- §7: log compaction ----
+
+/// A leader that compacted its log sends a follower that needs compacted
+/// entries its snapshot, then streams the entries after it.
+#[test]
+fn a_follower_behind_the_snapshot_gets_installsnapshot() {
+    let mut n = Node::with(
+        config(1, 2),
+        HardState {
+            term: 1,
+            vote: None,
+            commit: 10,
+        },
+        &[1; 10],
+    );
+    n.r.compact(10);
+    assert_eq!(n.r.snapshot(), SnapshotMeta { index: 10, term: 1 });
+    assert_eq!(n.r.term_at(9), None, "compacted");
+    n.elect();
+    n.messages();
+    let term = n.r.term();
+    n.step(
+        2,
+        term,
+        Body::AppendResp {
+            index: 10,
+            reject: Some(RejectHint { index: 0, term: 0 }),
+        },
+    );
+    let msgs = n.messages();
+    assert_eq!(
+        msgs,
+        vec![Message {
+            from: 1,
+            to: 2,
+            term,
+            body: Body::InstallSnapshot {
+                meta: SnapshotMeta { index: 10, term: 1 }
+            }
+        }]
+    );
+    assert_eq!(n.r.progress(2).unwrap().2, ReplicationState::Snapshot);
+    n.step(2, term, Body::HeartbeatResp);
+    assert!(
+        n.messages().is_empty(),
+        "nothing else while the snapshot is out"
+    );
+    n.step(
+        2,
+        term,
+        Body::AppendResp {
+            index: 10,
+            reject: None,
+        },
+    );
+    assert_eq!(n.r.progress(2).unwrap().2, ReplicationState::Replicate);
+    let msgs = n.messages();
+    assert!(
+        matches!(&msgs[0].body, Body::Append { prev_index: 10, prev_term: 1, entries, .. } if entries[0].index == 11),
+        "{msgs:?}"
+    );
+}
+
+/// A follower whose log lacks the snapshot's last entry drops its log for
+/// the snapshot: the persist unit installs it, the application restores
+/// from it, and the answer goes out with that unit.
+#[test]
+fn a_follower_replaces_its_log_with_a_snapshot_it_lacks() {
+    let hs = HardState {
+        term: 3,
+        vote: None,
+        commit: 1,
+    };
+    let mut n = Node::with(config(1, 3), hs, &[1, 1, 3]);
+    n.ready();
+    let meta = SnapshotMeta { index: 5, term: 4 };
+    n.step(2, 4, Body::InstallSnapshot { meta });
+    let ready = n.ready();
+    let persist = ready.persist.expect("persist");
+    assert_eq!(persist.snapshot, Some(meta));
+    assert_eq!(persist.hard_state.map(|h| h.commit), Some(5));
+    assert_eq!(ready.restore, Some(meta));
+    assert!(ready.committed.is_empty());
+    assert_eq!(
+        ready.messages,
+        vec![Message {
+            from: 1,
+            to: 2,
+            term: 4,
+            body: Body::AppendResp {
+                index: 5,
+                reject: None
+            }
+        }]
+    );
+    assert_eq!(
+        (n.r.last_index(), n.r.term_at(5), n.r.term_at(3)),
+        (5, Some(4), None)
+    );
+    let e = Entry {
+        index: 6,
+        term: 4,
+        data: D::Cmd(6),
+    };
+    n.step(
+        2,
+        4,
+        Body::Append {
+            prev_index: 5,
+            prev_term: 4,
+            entries: vec![e.clone()],
+            commit: 6,
+        },
+    );
+    n.ready();
+    assert_eq!(n.ready().committed, vec![e]);
+}
+
+/// A follower whose log already holds the snapshot's last entry keeps its
+/// log and only learns the commit; an old snapshot changes nothing.
+#[test]
+fn a_follower_keeps_a_log_that_holds_the_snapshot() {
+    let hs = HardState {
+        term: 2,
+        vote: None,
+        commit: 0,
+    };
+    let mut n = Node::with(config(1, 3), hs, &[1, 1, 2, 2]);
+    n.ready();
+    n.step(
+        2,
+        2,
+        Body::InstallSnapshot {
+            meta: SnapshotMeta { index: 3, term: 2 },
+        },
+    );
+    let ready = n.ready();
+    assert_eq!(ready.persist.as_ref().and_then(|p| p.snapshot), None);
+    assert_eq!(ready.restore, None);
+    assert_eq!(n.r.last_index(), 4);
+    assert_eq!(n.r.commit_index(), 3);
+    assert_eq!(
+        ready.messages[0].body,
+        Body::AppendResp {
+            index: 3,
+            reject: None
+        }
+    );
+    n.step(
+        2,
+        2,
+        Body::InstallSnapshot {
+            meta: SnapshotMeta { index: 2, term: 1 },
+        },
+    );
+    let ready = n.ready();
+    assert_eq!(ready.restore, None);
+    assert_eq!(
+        ready.messages[0].body,
+        Body::AppendResp {
+            index: 3,
+            reject: None
+        }
+    );
+}
+
+/// A node restarts from a snapshot and the log after it; a snapshot that
+/// became durable before the hard state that commits it counts as
+/// committed.
+#[test]
+fn a_node_restarts_from_a_snapshot_and_the_log_after_it() {
+    let meta = SnapshotMeta { index: 5, term: 2 };
+    let tail: Vec<Entry<D>> = [(6, 2), (7, 3)]
+        .into_iter()
+        .map(|(index, term)| Entry {
+            index,
+            term,
+            data: D::Cmd(index),
+        })
+        .collect();
+    let hs = HardState {
+        term: 3,
+        vote: None,
+        commit: 3,
+    };
+    let r: Raft<D> = Raft::new(config(1, 3), Recovered::from_snapshot(hs, meta, &tail), 0);
+    assert_eq!(r.commit_index(), 5);
+    assert_eq!(r.snapshot(), meta);
+    assert_eq!((r.last_index(), r.last_term()), (7, 3));
+    assert_eq!(
+        (r.term_at(4), r.term_at(5), r.term_at(6)),
+        (None, Some(2), Some(2))
+    );
 }

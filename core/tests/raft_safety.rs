@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use rustci_core::raft::{
     Body, Config, Entry, HardState, LogIndex, Message, NeedEntries, NodeId, Payload, Persist, Raft,
-    Recovered, Role, Term,
+    Recovered, Role, SnapshotMeta, Term,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,11 +60,18 @@ struct Faults {
     sync_delay_max_ms: u64,
     /// Per ms: a proposal to a random node.
     propose: u64,
+    /// Per ready: the node snapshots its applied state and compacts.
+    compact: u64,
 }
+
+/// The application's state as a snapshot holds it: every entry applied.
+type AppState = Vec<(Term, D)>;
 
 struct Pending {
     due_ms: u64,
     persist: Option<Persist<D>>,
+    /// The snapshot `persist` installs.
+    snapshot: Option<AppState>,
     messages: Vec<Message<D>>,
 }
 
@@ -74,9 +81,12 @@ struct Node {
     /// None while crashed.
     raft: Option<Raft<D>>,
     up_at_ms: u64,
-    /// What survived: the log and the hard state.
+    /// What survived: a snapshot, the log after it, the hard state.
+    disk_snapshot: (SnapshotMeta, AppState),
     disk_log: Vec<Entry<D>>,
     disk_hard: HardState,
+    /// Snapshots received and not yet installed (dropped at each ready).
+    received: BTreeMap<SnapshotMeta, AppState>,
     /// Persist units handed out and not yet durable, in order, each with
     /// the messages that wait for it.
     pending: VecDeque<Pending>,
@@ -91,10 +101,35 @@ struct Node {
     commit_seen: LogIndex,
 }
 
+impl Node {
+    fn disk_base(&self) -> LogIndex {
+        self.disk_snapshot.0.index
+    }
+
+    /// A stored entry (in the log after the snapshot).
+    fn disk_entry(&self, index: LogIndex) -> Option<&Entry<D>> {
+        let base = self.disk_base();
+        if index <= base {
+            return None;
+        }
+        self.disk_log.get((index - base - 1) as usize)
+    }
+
+    /// Whether storage holds `e`, in the log or in the snapshot.
+    fn disk_holds(&self, e: &Entry<D>) -> bool {
+        self.disk_entry(e.index) == Some(e)
+            || (e.index <= self.disk_base()
+                && self.disk_snapshot.1.get(e.index as usize - 1)
+                    == Some(&(e.term, e.data.clone())))
+    }
+}
+
 struct InFlight {
     at_ms: u64,
     seq: u64,
     msg: Message<D>,
+    /// An InstallSnapshot's bytes, attached by the sending driver.
+    snapshot: Option<AppState>,
 }
 
 /// How much of the protocol a run exercised (a rule never exercised is
@@ -105,6 +140,8 @@ struct Coverage {
     truncations: u64,
     storage_reads: u64,
     transfers: u64,
+    compactions: u64,
+    snapshots_installed: u64,
     degraded_reports: u64,
     leader_terms: u64,
     committed: u64,
@@ -116,6 +153,8 @@ impl std::ops::AddAssign for Coverage {
         self.truncations += o.truncations;
         self.storage_reads += o.storage_reads;
         self.transfers += o.transfers;
+        self.compactions += o.compactions;
+        self.snapshots_installed += o.snapshots_installed;
         self.degraded_reports += o.degraded_reports;
         self.leader_terms += o.leader_terms;
         self.committed += o.committed;
@@ -221,6 +260,11 @@ impl Sim {
             partition: below(&mut rng, if storm { 200 } else { 60 }),
             sync_delay_max_ms: below(&mut rng, 10),
             propose: 500 + below(&mut rng, 3_000),
+            compact: if below(&mut rng, 3) == 0 {
+                0
+            } else {
+                1 + below(&mut rng, 500)
+            },
         };
         let pre_vote = below(&mut rng, 4) != 0;
         let check_quorum = below(&mut rng, 4) != 0;
@@ -244,8 +288,10 @@ impl Sim {
                     config,
                     raft: Some(raft),
                     up_at_ms: 0,
+                    disk_snapshot: (SnapshotMeta::default(), Vec::new()),
                     disk_log: Vec::new(),
                     disk_hard: HardState::default(),
+                    received: BTreeMap::new(),
                     pending: VecDeque::new(),
                     loads: Vec::new(),
                     mirror: Vec::new(),
@@ -388,20 +434,21 @@ impl Sim {
         let now = self.now_ms;
         for n in &mut self.nodes {
             if n.raft.is_none() && now >= n.up_at_ms {
-                let commit = n.disk_hard.commit as usize;
+                let (meta, state) = n.disk_snapshot.clone();
+                let commit = n.disk_hard.commit.max(meta.index) as usize;
                 assert!(
-                    commit <= n.disk_log.len(),
+                    commit <= meta.index as usize + n.disk_log.len(),
                     "hard state commits past the log"
                 );
-                let recovered = Recovered::from_log(n.disk_hard, &n.disk_log);
+                let recovered = Recovered::from_snapshot(n.disk_hard, meta, &n.disk_log);
                 n.raft = Some(Raft::new(n.config.clone(), recovered, now));
-                n.mirror = n
-                    .disk_log
-                    .iter()
-                    .map(|e| (e.term, e.data.clone()))
-                    .collect();
-                // Replay: the application holds what the stored commit says.
+                n.mirror = state;
+                n.mirror
+                    .extend(n.disk_log.iter().map(|e| (e.term, e.data.clone())));
+                // Replay: the application restores the snapshot and applies
+                // the stored log up to the stored commit.
                 n.applied = n.mirror[..commit].to_vec();
+                n.received.clear();
             }
         }
     }
@@ -421,6 +468,9 @@ impl Sim {
         for f in due {
             let m = f.msg;
             let n = &mut self.nodes[m.to as usize - 1];
+            if let (Body::InstallSnapshot { meta }, Some(state)) = (&m.body, f.snapshot) {
+                n.received.insert(*meta, state);
+            }
             if let Some(r) = &mut n.raft {
                 self.trace = fnv(
                     self.trace,
@@ -438,11 +488,22 @@ impl Sim {
             while n.pending.front().is_some_and(|p| p.due_ms <= now) {
                 let p = n.pending.pop_front().expect("front");
                 if let Some(unit) = p.persist {
+                    if let Some(meta) = unit.snapshot {
+                        let state = p.snapshot.expect("the installed snapshot");
+                        n.disk_snapshot = (meta, state);
+                        n.disk_log.clear();
+                    }
+                    let base = n.disk_base();
                     if let Some(from) = unit.truncate_from {
-                        n.disk_log.truncate(from as usize - 1);
+                        assert!(from > base, "truncating into the snapshot");
+                        n.disk_log.truncate((from - base - 1) as usize);
                     }
                     if let Some(first) = unit.entries.first() {
-                        assert_eq!(first.index as usize, n.disk_log.len() + 1, "gap on disk");
+                        assert_eq!(
+                            first.index,
+                            base + n.disk_log.len() as u64 + 1,
+                            "gap on disk"
+                        );
                     }
                     n.disk_log.extend(unit.entries.iter().cloned());
                     if let Some(hs) = unit.hard_state {
@@ -467,7 +528,15 @@ impl Sim {
             n.loads = later;
             for (_, need) in due {
                 self.coverage.storage_reads += 1;
-                let entries = n.disk_log[need.from as usize - 1..need.to as usize].to_vec();
+                // Compacted meanwhile: an empty answer says so.
+                let entries: Vec<Entry<D>> = (need.from..=need.to)
+                    .map_while(|i| n.disk_entry(i).cloned())
+                    .collect();
+                let entries = if entries.len() as u64 == need.to - need.from + 1 {
+                    entries
+                } else {
+                    Vec::new()
+                };
                 if let Some(r) = &mut n.raft {
                     r.entries_loaded(need.peer, entries);
                 }
@@ -480,6 +549,17 @@ impl Sim {
         if self.cut.contains(&(m.from, m.to)) || pct(&mut self.rng, self.faults.loss) {
             return;
         }
+        let snapshot = match m.body {
+            Body::InstallSnapshot { meta } => {
+                let (stored, state) = &self.nodes[m.from as usize - 1].disk_snapshot;
+                if *stored != meta {
+                    // Storage moved on: the leader will send the newer one.
+                    return;
+                }
+                Some(state.clone())
+            }
+            _ => None,
+        };
         let copies = if pct(&mut self.rng, self.faults.duplicate) {
             2
         } else {
@@ -492,6 +572,7 @@ impl Sim {
                 at_ms,
                 seq: self.seq,
                 msg: m.clone(),
+                snapshot: snapshot.clone(),
             });
         }
     }
@@ -512,11 +593,7 @@ impl Sim {
         // (and disks never lose a committed entry, so it stays that way).
         let quorum = self.nodes.len() / 2 + 1;
         for e in &ready.committed {
-            let holders = self
-                .nodes
-                .iter()
-                .filter(|m| m.disk_log.get(e.index as usize - 1) == Some(e))
-                .count();
+            let holders = self.nodes.iter().filter(|m| m.disk_holds(e)).count();
             if holders < quorum {
                 self.checker.fail(format!(
                     "commitment: node {} applied entry {} (term {}) that only {holders} disks hold",
@@ -529,11 +606,21 @@ impl Sim {
         let n = &mut self.nodes[i];
         let id = n.id;
         // Leader append-only: a leader never truncates its own log.
+        let mut installed: Option<AppState> = None;
         if let Some(unit) = &ready.persist {
-            if n.leading == Some(term) && role == Role::Leader && unit.truncate_from.is_some() {
+            let rewrites = unit.truncate_from.is_some() || unit.snapshot.is_some();
+            if n.leading == Some(term) && role == Role::Leader && rewrites {
                 self.checker.fail(format!(
                     "leader append-only: node {id} truncated in term {term}"
                 ));
+            }
+            if let Some(meta) = unit.snapshot {
+                let state = n.received.get(&meta).cloned();
+                let state = state.expect("a snapshot is installed only once received");
+                assert_eq!(state.len() as u64, meta.index);
+                n.mirror = state.clone();
+                installed = Some(state);
+                self.coverage.snapshots_installed += 1;
             }
             if let Some(from) = unit.truncate_from {
                 n.mirror.truncate(from as usize - 1);
@@ -564,8 +651,22 @@ impl Sim {
             }
             n.commit_seen = hs.commit;
         }
-        // State machine safety: every node applies the same entry at an index.
-        for e in &ready.committed {
+        // State machine safety: every node applies the same entry at an index
+        // (a restored snapshot counts as applying all it holds).
+        let mut applying: Vec<Entry<D>> = Vec::new();
+        if let Some(meta) = ready.restore {
+            let state = installed.clone().expect("restore comes with its install");
+            assert_eq!(state.len() as u64, meta.index);
+            n.applied.clear();
+            applying.extend(
+                state
+                    .into_iter()
+                    .zip(1..)
+                    .map(|((term, data), index)| Entry { index, term, data }),
+            );
+        }
+        applying.extend(ready.committed.iter().cloned());
+        for e in &applying {
             if e.index as usize != n.applied.len() + 1 {
                 self.checker.fail(format!(
                     "node {id} applied {} after {}",
@@ -631,6 +732,7 @@ impl Sim {
             n.pending.push_back(Pending {
                 due_ms,
                 persist: ready.persist,
+                snapshot: installed,
                 messages: ready.messages,
             });
         } else {
@@ -638,6 +740,29 @@ impl Sim {
                 self.send(m);
             }
         }
+        let n = &mut self.nodes[i];
+        n.received.clear();
+        if pct(&mut self.rng, self.faults.compact) {
+            self.compact(i);
+        }
+    }
+
+    /// Node `i` snapshots its applied state and compacts its log behind it.
+    fn compact(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let Some(r) = &mut n.raft else { return };
+        let index = n.applied.len() as u64;
+        let base = n.disk_snapshot.0.index;
+        if index <= r.snapshot().index {
+            return;
+        }
+        let term = n.applied.last().expect("applied").0;
+        let dropped = (index - base) as usize;
+        assert!(dropped <= n.disk_log.len(), "applied entries are on disk");
+        n.disk_log.drain(..dropped);
+        n.disk_snapshot = (SnapshotMeta { index, term }, n.applied.clone());
+        r.compact(index);
+        self.coverage.compactions += 1;
     }
 
     /// Log matching: if two logs hold an entry with the same index and
@@ -811,6 +936,8 @@ fn five_safety_properties_hold_over_many_seeds_of_faults() {
     assert!(c.storage_reads > seeds / 10, "{c:?}");
     assert!(c.transfers > seeds / 10, "{c:?}");
     assert!(c.degraded_reports > seeds / 10, "{c:?}");
+    assert!(c.compactions > seeds, "{c:?}");
+    assert!(c.snapshots_installed > seeds / 10, "{c:?}");
 }
 
 #[test]

@@ -37,7 +37,7 @@ impl<T: Payload> Raft<T> {
                 // A stale leader (or one cut off for a while) learns of the
                 // newer term from the answer and steps down; without it, a
                 // node that was partitioned could stall under CheckQuorum.
-                Body::Append { .. } | Body::Heartbeat { .. } => {
+                Body::Append { .. } | Body::Heartbeat { .. } | Body::InstallSnapshot { .. } => {
                     self.send(
                         msg.from,
                         self.term,
@@ -107,6 +107,7 @@ impl<T: Payload> Raft<T> {
                 }
             }
             Body::Heartbeat { commit } => self.handle_heartbeat(from, commit),
+            Body::InstallSnapshot { meta } => self.handle_install_snapshot(from, meta),
             Body::HeartbeatResp => {
                 if self.role == Role::Leader {
                     self.handle_heartbeat_resp(from);

@@ -3,22 +3,28 @@
 //! far the driver has made them durable.
 //!
 //! Older entries live only in the driver's storage; a leader that needs them
-//! for a lagging follower asks for them (`Ready::need_entries`). This file
-//! never decides anything about elections or commit; it keeps the books.
+//! for a lagging follower asks for them (`Ready::need_entries`). Entries up
+//! to the snapshot `base` are gone from storage too (compacted); a follower
+//! that needs them gets the snapshot. This file never decides anything about
+//! elections or commit; it keeps the books.
 
 use std::collections::VecDeque;
 
-use super::msg::{Entry, LogIndex, Term};
+use super::msg::{Entry, LogIndex, SnapshotMeta, Term};
 
 /// The log view. Invariants (checked by [`Log::check`]):
-/// - `runs` starts with index 1 when the log is not empty, is strictly
-///   increasing in index and in term, and covers `1..=last_index`;
+/// - `runs` starts with index `base + 1` when the log holds entries after
+///   the base, is strictly increasing in index and in term (from the base's
+///   term on), and covers `base + 1..=last_index`;
 /// - `cache` holds `cache_first()..=last_index` without gaps, and every
 ///   entry after `min(applied, stable_index)`;
 /// - `applied <= committed <= last_index`, `applied <= stable_index`.
 #[derive(Clone, Debug)]
 pub(crate) struct Log<T> {
-    /// `(first index, term)` of each run of equal terms.
+    /// The last entry covered by the latest snapshot (`0, 0` before any):
+    /// its term is known, the entries up to it are not.
+    base: SnapshotMeta,
+    /// `(first index, term)` of each run of equal terms after `base`.
     runs: Vec<(LogIndex, Term)>,
     last_index: LogIndex,
     /// The newest entries; older ones were evicted once durable and applied.
@@ -37,19 +43,26 @@ pub(crate) struct Log<T> {
     pub(crate) committed: LogIndex,
     /// Entries up to here were handed to the application.
     pub(crate) applied: LogIndex,
+    /// A snapshot received from the leader replaced the log; the next persist
+    /// unit installs it and the application restores from it.
+    install: Option<SnapshotMeta>,
 }
 
-/// One persist unit's share of the log: drop storage's entries from
-/// `truncate_from` on, then append `entries`.
+/// One persist unit's share of the log: install `snapshot` (dropping the
+/// whole stored log), drop storage's entries from `truncate_from` on, then
+/// append `entries`.
 pub(crate) struct Unstable<T> {
+    pub snapshot: Option<SnapshotMeta>,
     pub truncate_from: Option<LogIndex>,
     pub entries: Vec<Entry<T>>,
 }
 
 impl<T: Clone> Log<T> {
-    /// A log recovered from storage: `runs` and `last_index` describe all of
-    /// it, `tail` holds every entry after `committed` (all durable).
+    /// A log recovered from storage: `base` is its snapshot, `runs` and
+    /// `last_index` describe the entries after it, `tail` holds every entry
+    /// after `committed` (all durable).
     pub(crate) fn recover(
+        base: SnapshotMeta,
         runs: Vec<(LogIndex, Term)>,
         last_index: LogIndex,
         committed: LogIndex,
@@ -57,12 +70,17 @@ impl<T: Clone> Log<T> {
         cache_entries_max: usize,
     ) -> Log<T> {
         assert!(committed <= last_index, "commit past the recovered log");
+        assert!(
+            base.index <= committed,
+            "the snapshot holds committed entries only"
+        );
         assert_eq!(
             tail.len() as u64,
             last_index - committed,
             "the recovered tail must hold every entry after the commit index"
         );
         let log = Log {
+            base,
             runs,
             last_index,
             cache: tail.into(),
@@ -73,6 +91,7 @@ impl<T: Clone> Log<T> {
             truncate_from: None,
             committed,
             applied: committed,
+            install: None,
         };
         for e in &log.cache {
             assert_eq!(Some(e.term), log.term(e.index), "tail disagrees with runs");
@@ -86,7 +105,12 @@ impl<T: Clone> Log<T> {
     }
 
     pub(crate) fn last_term(&self) -> Term {
-        self.runs.last().map_or(0, |r| r.1)
+        self.runs.last().map_or(self.base.term, |r| r.1)
+    }
+
+    /// The latest snapshot: entries up to it are compacted away.
+    pub(crate) fn base(&self) -> SnapshotMeta {
+        self.base
     }
 
     /// First index held in memory (`last_index + 1` when none is).
@@ -94,12 +118,13 @@ impl<T: Clone> Log<T> {
         self.cache.front().map_or(self.last_index + 1, |e| e.index)
     }
 
-    /// The term of the entry at `index`; 0 for index 0, `None` past the end.
+    /// The term of the entry at `index`; the base's term at the base (0 for
+    /// index 0), `None` before the base (compacted) or past the end.
     pub(crate) fn term(&self, index: LogIndex) -> Option<Term> {
-        if index == 0 {
-            return Some(0);
+        if index == self.base.index {
+            return Some(self.base.term);
         }
-        if index > self.last_index {
+        if index < self.base.index || index > self.last_index {
             return None;
         }
         let run = self.runs.partition_point(|r| r.0 <= index);
@@ -114,10 +139,15 @@ impl<T: Clone> Log<T> {
             || (last_term == self.last_term() && last_index >= self.last_index)
     }
 
-    /// The largest index at or below `index` whose term is at most `term`
-    /// (0 if none). Used on both sides of the conflict hint.
+    /// The largest index at or below `index` whose term is at most `term`,
+    /// looking no further back than the base (committed, so it agrees with
+    /// every leader); an `index` before the base comes back as it is. Used
+    /// on both sides of the conflict hint.
     pub(crate) fn last_index_with_term_at_most(&self, index: LogIndex, term: Term) -> LogIndex {
         let mut i = index.min(self.last_index);
+        if i <= self.base.index {
+            return i;
+        }
         let mut run = self.runs.partition_point(|r| r.0 <= i);
         while run > 0 {
             let (first, t) = self.runs[run - 1];
@@ -127,7 +157,7 @@ impl<T: Clone> Log<T> {
             i = first - 1;
             run -= 1;
         }
-        0
+        self.base.index
     }
 
     /// Entries `lo..=hi` if all are in memory, at most `entries_max` of them
@@ -140,7 +170,7 @@ impl<T: Clone> Log<T> {
         bytes_max: u64,
         size: impl Fn(&T) -> u64,
     ) -> Option<Vec<Entry<T>>> {
-        assert!(lo >= 1 && hi <= self.last_index && lo <= hi);
+        assert!(lo > self.base.index && hi <= self.last_index && lo <= hi);
         if lo < self.cache_first() {
             return None;
         }
@@ -251,13 +281,16 @@ impl<T: Clone> Log<T> {
         self.persist_next = self.last_index + 1;
         self.handed_last = self.last_index;
         Unstable {
+            snapshot: self.install.take(),
             truncate_from: self.truncate_from.take(),
             entries,
         }
     }
 
     pub(crate) fn has_unstable(&self) -> bool {
-        self.persist_next <= self.last_index || self.truncate_from.is_some()
+        self.persist_next <= self.last_index
+            || self.truncate_from.is_some()
+            || self.install.is_some()
     }
 
     /// Committed, durable entries not yet handed to the application, at most
@@ -300,22 +333,68 @@ impl<T: Clone> Log<T> {
         }
     }
 
+    /// The driver stored a snapshot of the application's state at `index`
+    /// and drops the entries up to it: they become the base.
+    pub(crate) fn compact(&mut self, index: LogIndex) {
+        assert!(index > self.base.index, "compacting behind the base");
+        assert!(
+            index <= self.applied && index <= self.stable_index,
+            "snapshot of unapplied entries"
+        );
+        let term = self.term(index).expect("compacted entry is in the log");
+        let next_term = self.term(index + 1);
+        let first_kept = self.runs.partition_point(|r| r.0 <= index);
+        let mut runs: Vec<(LogIndex, Term)> = self.runs.split_off(first_kept);
+        if let Some(t) = next_term {
+            if runs.first().is_none_or(|r| r.0 > index + 1) {
+                runs.insert(0, (index + 1, t));
+            }
+        }
+        self.runs = runs;
+        self.base = SnapshotMeta { index, term };
+        while self.cache.front().is_some_and(|e| e.index <= index) {
+            self.cache.pop_front();
+        }
+    }
+
+    /// A leader's snapshot replaces the whole log (whose entries after the
+    /// snapshot's index, if any, are not known to agree with it).
+    pub(crate) fn install(&mut self, meta: SnapshotMeta) {
+        assert!(meta.index > self.committed, "installing an old snapshot");
+        self.base = meta;
+        self.runs.clear();
+        self.cache.clear();
+        self.last_index = meta.index;
+        self.committed = meta.index;
+        self.applied = meta.index;
+        // Committed on a quorum already; nothing here counts on its being
+        // durable locally, and acknowledgements wait for the unit anyway.
+        self.stable_index = meta.index;
+        self.persist_next = meta.index + 1;
+        self.handed_last = meta.index;
+        self.truncate_from = None;
+        self.install = Some(meta);
+    }
+
     /// Checks the invariants listed on [`Log`]; cheap enough to run after
     /// every input in debug builds.
     pub(crate) fn check(&self) {
+        assert!(self.base.index <= self.applied);
         assert!(self.applied <= self.committed && self.committed <= self.last_index);
         assert!(self.applied <= self.stable_index && self.stable_index <= self.last_index);
         assert!(self.persist_next <= self.last_index + 1);
-        if self.last_index == 0 {
+        if self.last_index == self.base.index {
             assert!(self.runs.is_empty());
         } else {
-            assert_eq!(self.runs.first().map(|r| r.0), Some(1));
+            assert_eq!(self.runs.first().map(|r| r.0), Some(self.base.index + 1));
+            assert!(self.runs.first().is_some_and(|r| r.1 >= self.base.term));
             assert!(self
                 .runs
                 .windows(2)
                 .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1));
             assert!(self.runs.last().is_some_and(|r| r.0 <= self.last_index));
         }
+        assert!(self.cache_first() > self.base.index);
         assert!(self.cache_first() <= self.applied.min(self.stable_index) + 1);
         if let (Some(f), Some(b)) = (self.cache.front(), self.cache.back()) {
             assert_eq!(b.index, self.last_index);
@@ -324,18 +403,20 @@ impl<T: Clone> Log<T> {
     }
 }
 
-/// The runs of a log given as `(index, term)` pairs in index order from 1:
-/// what a driver computes while it replays its log at start-up.
+/// The runs of a log given as `(index, term)` pairs in index order from
+/// `base.index + 1`: what a driver computes while it replays its log at
+/// start-up.
 pub fn term_runs(
+    base: SnapshotMeta,
     log: impl IntoIterator<Item = (LogIndex, Term)>,
 ) -> (Vec<(LogIndex, Term)>, LogIndex) {
     let mut runs: Vec<(LogIndex, Term)> = Vec::new();
-    let mut last = 0;
+    let mut last = base.index;
     for (index, term) in log {
-        assert_eq!(index, last + 1, "the log is contiguous from index 1");
+        assert_eq!(index, last + 1, "the log is contiguous from the base");
         if runs.last().is_none_or(|r| r.1 != term) {
             assert!(
-                runs.last().is_none_or(|r| r.1 < term),
+                runs.last().map_or(term >= base.term, |r| r.1 < term),
                 "terms never decrease"
             );
             runs.push((index, term));

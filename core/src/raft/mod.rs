@@ -17,41 +17,57 @@
 //!   follower is found in one round trip per term, not per entry;
 //! - commit of current-term entries only (§5.4.2); a new leader's first
 //!   entry is [`Payload::leader_elected`] of its term;
-//! - leadership transfer ([`Raft::transfer_leadership`], `TimeoutNow`).
+//! - leadership transfer ([`Raft::transfer_leadership`], `TimeoutNow`);
+//! - log compaction behind a snapshot of the application's state
+//!   ([`Raft::compact`]) and InstallSnapshot for a follower that needs
+//!   compacted entries (§7). Raft handles only a snapshot's metadata; its
+//!   bytes travel between drivers beside the message.
 //!
-//! Not yet: snapshots, log compaction and InstallSnapshot; membership
-//! changes.
+//! Not yet: membership changes; sending a snapshot in chunks.
 //!
 //! # Inputs
 //!
 //! [`Raft::new`] (from what storage holds), [`Raft::tick`] (monotonic
 //! milliseconds; timers advance only here), [`Raft::step`] (a message from a
 //! peer), [`Raft::propose`], [`Raft::persisted`], [`Raft::entries_loaded`],
-//! [`Raft::transfer_leadership`]. Between ticks, inputs see the time of the
-//! last tick.
+//! [`Raft::compact`], [`Raft::transfer_leadership`]. Between ticks, inputs
+//! see the time of the last tick.
 //!
 //! # Driver contract
 //!
 //! After each batch of inputs the driver calls [`Raft::ready`] and acts on
 //! the [`Ready`] it returns, in this order. It MUST:
-//! 1. make `persist` durable as ONE atomic unit (truncate storage's log from
+//! 1. make `persist` durable as ONE atomic unit (install `snapshot`, which
+//!    replaces the whole stored log, then truncate storage's log from
 //!    `truncate_from`, append `entries`, store `hard_state`), units in the
 //!    order they were returned, and then call [`Raft::persisted`] with
-//!    [`Persist::last`] (when it has entries). A notice about entries that
+//!    [`Persist::last`] (when there is one). A notice about entries that
 //!    were truncated meanwhile is recognised as late and ignored;
 //! 2. send `messages` only once that unit and every earlier one is durable:
 //!    a granted vote or an append acknowledgement promises what the disk
 //!    holds, and a crash must not take it back. Messages may be lost,
 //!    duplicated or reordered; Raft tolerates that;
-//! 3. apply `committed` entries in order, each once. They are committed and
-//!    already durable on this node; the driver never applies anything else;
+//! 3. if `restore` is set, replace the application's state with that
+//!    snapshot's; then apply `committed` entries in order, each once. They
+//!    are committed and already durable on this node; the driver never
+//!    applies anything else;
 //! 4. answer every `need_entries` from storage with
 //!    [`Raft::entries_loaded`] (synchronously or later; the leader sends
-//!    nothing more to that follower until then);
+//!    nothing more to that follower until then), with no entries if storage
+//!    compacted them meanwhile;
 //! 5. report `status` (role, term, leader, `degraded`) to whoever cares.
 //!
-//! On restart the driver has applied exactly the entries up to the stored
-//! commit index and builds the node with [`Recovered`].
+//! Snapshots: when the driver has stored a snapshot of the application's
+//! state at an applied index, it calls [`Raft::compact`] and may then drop
+//! the stored entries up to it. When it sends a
+//! [`Body::InstallSnapshot`] it attaches the stored snapshot with that
+//! metadata (or drops the message if storage moved on); when it receives
+//! one, it keeps the bytes until the persist unit that installs them (and
+//! drops them if the next [`Ready`] does not).
+//!
+//! On restart the driver has restored its snapshot and applied exactly the
+//! entries after it up to the stored commit index, and builds the node with
+//! [`Recovered`].
 
 mod log;
 pub mod msg;
@@ -67,7 +83,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
 pub use log::term_runs;
-pub use msg::{Body, Entry, HardState, LogIndex, Message, NodeId, Payload, RejectHint, Term};
+pub use msg::{
+    Body, Entry, HardState, LogIndex, Message, NodeId, Payload, RejectHint, SnapshotMeta, Term,
+};
 pub use progress::ReplicationState;
 pub use ready::{NeedEntries, Persist, Ready, Role, Status};
 
@@ -166,11 +184,14 @@ impl Config {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Recovered<T> {
     pub hard_state: HardState,
+    /// The stored snapshot (`0, 0` if none); the log starts after it.
+    pub snapshot: SnapshotMeta,
     /// `(first index, term)` of each run of equal terms in the stored log
-    /// (see [`term_runs`]).
+    /// after the snapshot (see [`term_runs`]).
     pub runs: Vec<(LogIndex, Term)>,
     pub last_index: LogIndex,
-    /// Every stored entry after `hard_state.commit`.
+    /// Every stored entry after the commit index (entries at or before it
+    /// are ignored).
     pub tail: Vec<Entry<T>>,
 }
 
@@ -179,6 +200,7 @@ impl<T: Clone> Recovered<T> {
     pub fn empty() -> Recovered<T> {
         Recovered {
             hard_state: HardState::default(),
+            snapshot: SnapshotMeta::default(),
             runs: Vec::new(),
             last_index: 0,
             tail: Vec::new(),
@@ -187,14 +209,21 @@ impl<T: Clone> Recovered<T> {
 
     /// From a whole stored log (index 1 first); tests and small logs.
     pub fn from_log(hard_state: HardState, log: &[Entry<T>]) -> Recovered<T> {
-        let (runs, last_index) = term_runs(log.iter().map(|e| (e.index, e.term)));
-        let tail = log
-            .iter()
-            .filter(|e| e.index > hard_state.commit)
-            .cloned()
-            .collect();
+        Recovered::from_snapshot(hard_state, SnapshotMeta::default(), log)
+    }
+
+    /// From a snapshot and every stored entry after it.
+    pub fn from_snapshot(
+        hard_state: HardState,
+        snapshot: SnapshotMeta,
+        log: &[Entry<T>],
+    ) -> Recovered<T> {
+        let (runs, last_index) = term_runs(snapshot, log.iter().map(|e| (e.index, e.term)));
+        let commit = hard_state.commit.max(snapshot.index);
+        let tail = log.iter().filter(|e| e.index > commit).cloned().collect();
         Recovered {
             hard_state,
+            snapshot,
             runs,
             last_index,
             tail,
@@ -271,11 +300,19 @@ impl<T: Payload> Raft<T> {
         if let Some(v) = hs.vote {
             assert!(config.voters.contains(&v), "voted for a stranger");
         }
+        // A snapshot may be durable before the hard state that commits it.
+        let commit = hs.commit.max(recovered.snapshot.index);
+        let tail = recovered
+            .tail
+            .into_iter()
+            .filter(|e| e.index > commit)
+            .collect();
         let log = Log::recover(
+            recovered.snapshot,
             recovered.runs,
             recovered.last_index,
-            hs.commit,
-            recovered.tail,
+            commit,
+            tail,
             config.cache_entries_max,
         );
         assert!(
@@ -338,7 +375,12 @@ impl<T: Payload> Raft<T> {
     pub fn last_term(&self) -> Term {
         self.log.last_term()
     }
-    /// The term of the entry at `index` (0 at 0, `None` past the end).
+    /// The latest snapshot's metadata (`0, 0` if none).
+    pub fn snapshot(&self) -> SnapshotMeta {
+        self.log.base()
+    }
+    /// The term of the entry at `index` (0 at 0, `None` past the end or
+    /// before the snapshot).
     pub fn term_at(&self, index: LogIndex) -> Option<Term> {
         self.log.term(index)
     }
@@ -427,6 +469,14 @@ impl<T: Payload> Raft<T> {
         self.check();
     }
 
+    /// The driver stored a snapshot of the application's state as of the
+    /// applied entry `index` and drops the log up to it (§7). `index` must
+    /// be applied, durable and past the current snapshot.
+    pub fn compact(&mut self, index: LogIndex) {
+        self.log.compact(index);
+        self.check();
+    }
+
     /// As the leader, hands leadership to `to` (graceful shutdown): stops
     /// taking proposals, brings `to` up to date, then tells it to campaign.
     /// Abandoned after an election timeout.
@@ -452,10 +502,13 @@ impl<T: Payload> Raft<T> {
     pub fn ready(&mut self) -> Ready<T> {
         let hard_state = self.hard_state();
         let hard_changed = hard_state != self.hard_state_handed;
+        let mut restore = None;
         let persist = if hard_changed || self.log.has_unstable() {
             let unstable = self.log.take_unstable();
             self.hard_state_handed = hard_state;
+            restore = unstable.snapshot;
             Some(Persist {
+                snapshot: unstable.snapshot,
                 hard_state: hard_changed.then_some(hard_state),
                 truncate_from: unstable.truncate_from,
                 entries: unstable.entries,
@@ -469,6 +522,7 @@ impl<T: Payload> Raft<T> {
         let ready = Ready {
             persist,
             messages: std::mem::take(&mut self.messages),
+            restore,
             committed: self.log.take_committed(self.config.apply_entries_max),
             need_entries: std::mem::take(&mut self.need_entries),
             status: status_changed.then_some(status),

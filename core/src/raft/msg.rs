@@ -36,6 +36,13 @@ pub struct HardState {
     pub commit: LogIndex,
 }
 
+/// The last entry a snapshot of the application's state covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SnapshotMeta {
+    pub index: LogIndex,
+    pub term: Term,
+}
+
 /// A message between two nodes. `term` is the sender's term, except for a
 /// pre-vote request (the term the sender would campaign in) and a granted
 /// pre-vote response (that same future term).
@@ -88,6 +95,14 @@ pub enum Body<T> {
         commit: LogIndex,
     },
     HeartbeatResp,
+    /// InstallSnapshot (paper §7): the entries this follower needs are
+    /// compacted away. Raft handles only the metadata; the sending driver
+    /// attaches the snapshot's bytes from its storage, the receiving driver
+    /// keeps them until a persist unit installs them (or drops them).
+    /// Answered with an `AppendResp`.
+    InstallSnapshot {
+        meta: SnapshotMeta,
+    },
     /// The leader hands over: campaign now (leadership transfer, §3.10 of
     /// Ongaro's thesis).
     TimeoutNow,
@@ -111,7 +126,10 @@ impl<T> Body<T> {
     pub fn is_from_leader(&self) -> bool {
         matches!(
             self,
-            Body::Append { .. } | Body::Heartbeat { .. } | Body::TimeoutNow
+            Body::Append { .. }
+                | Body::Heartbeat { .. }
+                | Body::InstallSnapshot { .. }
+                | Body::TimeoutNow
         )
     }
 
@@ -125,6 +143,7 @@ impl<T> Body<T> {
             Body::AppendResp { .. } => "append_resp",
             Body::Heartbeat { .. } => "heartbeat",
             Body::HeartbeatResp => "heartbeat_resp",
+            Body::InstallSnapshot { .. } => "install_snapshot",
             Body::TimeoutNow => "timeout_now",
         }
     }

@@ -14,6 +14,9 @@ pub enum ReplicationState {
     /// The follower's log matches up to `match_index`: appends stream
     /// without waiting, `next_index` moved ahead optimistically.
     Replicate,
+    /// It needs entries compacted away: a snapshot is on its way; nothing
+    /// else is sent until it is answered (or `election_timeout` passes).
+    Snapshot,
 }
 
 #[derive(Clone, Debug)]
@@ -35,6 +38,8 @@ pub(crate) struct Progress {
     /// Entries `lo..=hi` were asked of the driver's storage and not yet
     /// given: nothing is sent to this follower until they come.
     pub loading: Option<(LogIndex, LogIndex)>,
+    /// Snapshot: when it was sent and the index it covers.
+    pub snapshot_sent: (u64, LogIndex),
 }
 
 impl Progress {
@@ -49,6 +54,7 @@ impl Progress {
             inflight: VecDeque::new(),
             heard_ms: now_ms,
             loading: None,
+            snapshot_sent: (0, 0),
         }
     }
 
@@ -57,6 +63,7 @@ impl Progress {
             || match self.state {
                 ReplicationState::Probe => self.probe_sent,
                 ReplicationState::Replicate => self.inflight.len() >= inflight_max,
+                ReplicationState::Snapshot => true,
             }
     }
 
@@ -74,6 +81,14 @@ impl Progress {
         self.next_index = self.match_index + 1;
     }
 
+    /// A snapshot covering up to `index` went out at `now_ms`.
+    pub fn become_snapshot(&mut self, index: LogIndex, now_ms: u64) {
+        self.state = ReplicationState::Snapshot;
+        self.probe_sent = false;
+        self.inflight.clear();
+        self.snapshot_sent = (now_ms, index);
+    }
+
     /// An append carrying entries up to `last` went out.
     pub fn sent(&mut self, last: LogIndex, inflight_max: usize) {
         match self.state {
@@ -83,6 +98,7 @@ impl Progress {
                 self.next_index = last + 1;
                 self.inflight.push_back(last);
             }
+            ReplicationState::Snapshot => unreachable!("appends wait for the snapshot"),
         }
     }
 
@@ -107,6 +123,7 @@ impl Progress {
         let stale = match self.state {
             ReplicationState::Replicate => rejected <= self.match_index,
             ReplicationState::Probe => rejected != self.next_index - 1,
+            ReplicationState::Snapshot => true,
         };
         if stale {
             return false;

@@ -2,7 +2,7 @@
 //! batch of inputs. The order in which a driver acts on them is the driver
 //! contract in the module doc of [`crate::raft`].
 
-use super::msg::{Entry, HardState, LogIndex, Message, NodeId, Term};
+use super::msg::{Entry, HardState, LogIndex, Message, NodeId, SnapshotMeta, Term};
 
 /// Everything a node wants done since the last [`super::Raft::ready`].
 #[derive(Clone, Debug, PartialEq)]
@@ -13,6 +13,9 @@ pub struct Ready<T> {
     /// Send these only after `persist` (and every earlier one) is durable:
     /// a vote or an append acknowledgement promises what the disk holds.
     pub messages: Vec<Message<T>>,
+    /// Replace the application's state with the snapshot received from the
+    /// leader with this metadata, before applying `committed`.
+    pub restore: Option<SnapshotMeta>,
     /// Committed entries to apply, in index order, each exactly once. They
     /// are already durable here, so they may be applied at once.
     pub committed: Vec<Entry<T>>,
@@ -28,16 +31,20 @@ impl<T> Ready<T> {
     pub fn is_empty(&self) -> bool {
         self.persist.is_none()
             && self.messages.is_empty()
+            && self.restore.is_none()
             && self.committed.is_empty()
             && self.need_entries.is_empty()
             && self.status.is_none()
     }
 }
 
-/// One atomic write: drop stored entries from `truncate_from` on, append
-/// `entries`, store `hard_state` (when given).
+/// One atomic write, in this order: install `snapshot` (the one received
+/// with that metadata; it replaces the whole stored log), drop stored
+/// entries from `truncate_from` on, append `entries`, store `hard_state`
+/// (each when given).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Persist<T> {
+    pub snapshot: Option<SnapshotMeta>,
     pub hard_state: Option<HardState>,
     pub truncate_from: Option<LogIndex>,
     pub entries: Vec<Entry<T>>,
@@ -45,9 +52,12 @@ pub struct Persist<T> {
 
 impl<T> Persist<T> {
     /// `(index, term)` of the last entry, what [`super::Raft::persisted`]
-    /// is told once the unit is durable.
+    /// is told once the unit is durable (the snapshot's, if no entries).
     pub fn last(&self) -> Option<(LogIndex, Term)> {
-        self.entries.last().map(|e| (e.index, e.term))
+        self.entries
+            .last()
+            .map(|e| (e.index, e.term))
+            .or(self.snapshot.map(|s| (s.index, s.term)))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Log replication and commit (paper §5.3, §5.4.2): what a leader sends
 //! each follower, how a follower merges it, and when an entry is committed.
 
-use super::msg::{Body, Entry, LogIndex, NodeId, Payload, RejectHint, Term};
+use super::msg::{Body, Entry, LogIndex, NodeId, Payload, RejectHint, SnapshotMeta, Term};
 use super::progress::ReplicationState;
 use super::ready::{NeedEntries, Role};
 use super::Raft;
@@ -36,6 +36,17 @@ impl<T: Payload> Raft<T> {
         let next = pr.next_index;
         let last = self.log.last_index();
         assert!(next >= 1 && next <= last + 1);
+        let base = self.log.base();
+        if next <= base.index {
+            // Compacted away: only the snapshot can bring it up.
+            let now = self.now_ms;
+            self.progress
+                .get_mut(&peer)
+                .expect("peer")
+                .become_snapshot(base.index, now);
+            self.send(peer, self.term, Body::InstallSnapshot { meta: base });
+            return;
+        }
         let entries = if next <= last {
             let sliced = self.log.slice(
                 next,
@@ -99,6 +110,11 @@ impl<T: Payload> Raft<T> {
             return;
         };
         let next = pr.next_index;
+        if entries.is_empty() || from <= self.log.base().index {
+            // Storage compacted them meanwhile: the snapshot will do.
+            self.send_append(peer, true);
+            return;
+        }
         let as_asked = entries.len() as u64 == to - from + 1
             && entries
                 .iter()
@@ -186,6 +202,29 @@ impl<T: Payload> Raft<T> {
         }
     }
 
+    /// A follower offered the leader's snapshot (paper §7).
+    pub(super) fn handle_install_snapshot(&mut self, from: NodeId, meta: SnapshotMeta) {
+        let index = if meta.index <= self.log.committed {
+            // Old news: what it covers is committed here already.
+            self.log.committed
+        } else if self.log.term(meta.index) == Some(meta.term) {
+            // The log holds the snapshot's last entry, hence all before it.
+            self.log.committed = meta.index;
+            meta.index
+        } else {
+            self.log.install(meta);
+            meta.index
+        };
+        self.send(
+            from,
+            self.term,
+            Body::AppendResp {
+                index,
+                reject: None,
+            },
+        );
+    }
+
     pub(super) fn handle_heartbeat(&mut self, from: NodeId, commit: LogIndex) {
         let commit = commit.min(self.log.last_index());
         if commit > self.log.committed {
@@ -208,8 +247,11 @@ impl<T: Payload> Raft<T> {
                 if !pr.accepted(index) {
                     return;
                 }
-                if pr.state == ReplicationState::Probe {
-                    pr.become_replicate();
+                let snapshot_done = pr.match_index >= pr.snapshot_sent.1;
+                match pr.state {
+                    ReplicationState::Probe => pr.become_replicate(),
+                    ReplicationState::Snapshot if snapshot_done => pr.become_replicate(),
+                    _ => {}
                 }
                 if self.maybe_commit() {
                     self.broadcast_append(true);
@@ -230,8 +272,17 @@ impl<T: Payload> Raft<T> {
 
     pub(super) fn handle_heartbeat_resp(&mut self, from: NodeId) {
         let last = self.log.last_index();
+        let now = self.now_ms;
+        let snapshot_timeout_ms = self.config.election_timeout_ms;
         let pr = self.progress.get_mut(&from).expect("peer");
-        pr.heard_ms = self.now_ms;
+        pr.heard_ms = now;
+        if pr.state == ReplicationState::Snapshot {
+            if now - pr.snapshot_sent.0 < snapshot_timeout_ms {
+                return;
+            }
+            // The snapshot (or its answer) was lost: start over.
+            pr.become_probe();
+        }
         // A lost append leaves a probe waiting or a pipeline full forever;
         // each heartbeat answer lets one more append out.
         pr.probe_sent = false;
