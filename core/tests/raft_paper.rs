@@ -258,6 +258,35 @@ fn a_stale_term_message_changes_nothing() {
     assert!(n.messages().is_empty(), "a stale vote request gets no vote");
 }
 
+/// A message from a node that is not another voter changes nothing.
+#[test]
+fn a_message_from_a_stranger_is_ignored() {
+    let mut n = Node::new(1, 3);
+    for from in [1, 4] {
+        n.step(
+            from,
+            5,
+            Body::Append {
+                prev_index: 0,
+                prev_term: 0,
+                entries: log_of(&[5]),
+                commit: 1,
+            },
+        );
+        n.step(
+            from,
+            5,
+            Body::Vote {
+                last_index: 9,
+                last_term: 5,
+                transfer: false,
+            },
+        );
+    }
+    assert_eq!((n.r.term(), n.r.last_index(), n.r.vote()), (0, 0, None));
+    assert!(n.messages().is_empty());
+}
+
 // ---- §5.2: elections ----
 
 /// TestStartAsFollower.

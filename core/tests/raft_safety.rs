@@ -237,7 +237,11 @@ fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let size = if below(&mut rng, 3) == 0 { 5 } else { 3 };
+        let size = match below(&mut rng, 8) {
+            0 => 1,
+            1..=3 => 5,
+            _ => 3,
+        };
         // A third of the seeds are storms: crashes every few hundred ms per
         // node, short outages and leaders killed on purpose, so leaders
         // change while entries of several terms are half replicated (the

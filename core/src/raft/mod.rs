@@ -424,10 +424,14 @@ impl<T: Payload> Raft<T> {
         self.check();
     }
 
-    /// A message from a peer.
+    /// A message from a peer. One from a node that is not another voter
+    /// (a stale member, a misconfigured peer) is ignored; one addressed to
+    /// another node is the driver's mistake and panics.
     pub fn step(&mut self, msg: Message<T>) {
         assert_eq!(msg.to, self.config.id, "message for another node");
-        assert!(msg.from != self.config.id && self.config.voters.contains(&msg.from));
+        if msg.from == self.config.id || !self.config.voters.contains(&msg.from) {
+            return;
+        }
         if self.step_term(&msg) {
             self.step_current(msg);
         }
