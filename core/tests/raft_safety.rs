@@ -11,6 +11,23 @@
 //! The checkers are oracles of their own: they judge from what the nodes
 //! handed to their drivers (persist units, committed entries, status) and
 //! never ask the node under test whether it is right.
+//!
+//! Planted by hand (2026-11-26) to see the checks bite, then removed; the
+//! first check to fail in a 500-seed sweep:
+//! - a voter grants every up-to-date candidate, voted or not: the node's own
+//!   invariant (a leader voted for itself); without it, "one vote per term"
+//!   (seed 1); without that too, election safety (seed 1);
+//! - the leader commits by counting replicas whatever the entry's term: the
+//!   commit rule (seed 6; election of the paper's figure 8 is rare: the five
+//!   properties alone caught it once in 3,000 seeds of an earlier mix);
+//! - the hard state drops the vote: "one vote per term" (seed 0);
+//! - a voter ignores whose log is more up to date: leader completeness
+//!   (seed 2);
+//! - the driver sends messages before the unit they depend on is durable:
+//!   commitment (seed 0);
+//! - a follower commits up to its last index instead of the last entry the
+//!   append proved: not caught in 1,000 seeds (too rare here); the unit test
+//!   `a_follower_commits_no_further_than_the_append_proved` catches it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
