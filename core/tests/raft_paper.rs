@@ -56,20 +56,24 @@ struct Node {
     r: Raft<D>,
     now: u64,
     size: u64,
-    /// What the driver stored: the whole log.
+    /// What the driver stored: the whole log and the hard state.
     disk: Vec<Entry<D>>,
+    hard: HardState,
+    config: Config,
 }
 
 impl Node {
     fn with(config: Config, hard_state: HardState, terms: &[Term]) -> Node {
         let size = config.voters.len() as u64;
         let disk = log_of(terms);
-        let r = Raft::new(config, Recovered::from_log(hard_state, &disk), 0);
+        let r = Raft::new(config.clone(), Recovered::from_log(hard_state, &disk), 0);
         Node {
             r,
             now: 0,
             size,
             disk,
+            hard: hard_state,
+            config,
         }
     }
 
@@ -105,11 +109,20 @@ impl Node {
                 self.disk.truncate(from as usize - 1);
             }
             self.disk.extend(p.entries.iter().cloned());
+            if let Some(hs) = p.hard_state {
+                self.hard = hs;
+            }
             if let Some((index, term)) = p.last() {
                 self.r.persisted(index, term);
             }
         }
         ready
+    }
+
+    /// Crashes and restarts from what the disk holds.
+    fn restart(&mut self) {
+        let recovered = Recovered::from_log(self.hard, &self.disk);
+        self.r = Raft::new(self.config.clone(), recovered, self.now);
     }
 
     /// Answers the leader's requests for old entries from `disk`.
@@ -802,33 +815,64 @@ fn a_follower_replaces_a_conflicting_suffix() {
 }
 
 /// A small lossless network of nodes for scenarios that need several.
+#[derive(Default)]
 struct Net {
     nodes: Vec<Node>,
     /// Messages to nobody in `nodes` (a silent voter) are dropped.
     queue: Vec<Message<D>>,
+    /// Nodes cut off from everyone: their messages, both ways, are dropped.
+    cut_off: std::collections::BTreeSet<NodeId>,
+    /// What each node applied, `(index, term)`.
+    applied: std::collections::BTreeMap<NodeId, Vec<(LogIndex, Term)>>,
 }
 
 impl Net {
-    /// Runs until no message is left; each node's ready is persisted at once.
+    fn of(nodes: Vec<Node>) -> Net {
+        Net {
+            nodes,
+            ..Net::default()
+        }
+    }
+
+    /// Every node's ready (persisted at once), then every message; false
+    /// once there was nothing to do.
+    fn round(&mut self) -> bool {
+        let mut busy = false;
+        for n in &mut self.nodes {
+            let ready = n.ready();
+            n.serve(&ready);
+            busy |= !ready.need_entries.is_empty();
+            let applied = self.applied.entry(n.r.id()).or_default();
+            applied.extend(ready.committed.iter().map(|e| (e.index, e.term)));
+            self.queue.extend(ready.messages);
+        }
+        busy |= !self.queue.is_empty();
+        for m in std::mem::take(&mut self.queue) {
+            if self.cut_off.contains(&m.from) || self.cut_off.contains(&m.to) {
+                continue;
+            }
+            if let Some(n) = self.nodes.iter_mut().find(|n| n.r.id() == m.to) {
+                n.r.step(m);
+            }
+        }
+        busy
+    }
+
+    /// Runs until no message is left.
     fn settle(&mut self) {
         for _ in 0..10_000 {
-            let mut served = false;
-            for n in &mut self.nodes {
-                let ready = n.ready();
-                n.serve(&ready);
-                served |= !ready.need_entries.is_empty();
-                self.queue.extend(ready.messages);
-            }
-            if self.queue.is_empty() && !served {
+            if !self.round() {
                 return;
-            }
-            for m in std::mem::take(&mut self.queue) {
-                if let Some(n) = self.nodes.iter_mut().find(|n| n.r.id() == m.to) {
-                    n.r.step(m);
-                }
             }
         }
         panic!("the network did not settle");
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.r.id() == id)
+            .expect("node")
     }
 
     fn log(&self, i: usize) -> Vec<(LogIndex, Term)> {
@@ -871,10 +915,7 @@ fn a_leader_brings_any_follower_log_to_its_own() {
         lead.time_out();
         lead.step(3, term + 1, Body::VoteResp { granted: true });
         assert_eq!(lead.r.role(), Role::Leader, "case {i}");
-        let mut net = Net {
-            nodes: vec![lead, follower],
-            queue: vec![],
-        };
+        let mut net = Net::of(vec![lead, follower]);
         net.nodes[0].r.propose(D::Cmd(7)).unwrap();
         net.settle();
         assert_eq!(net.log(0), net.log(1), "case {i}");
@@ -910,10 +951,7 @@ fn a_diverged_follower_is_found_in_one_round_trip_per_term() {
     );
     lead.time_out();
     lead.step(3, 6, Body::VoteResp { granted: true });
-    let mut net = Net {
-        nodes: vec![lead, follower],
-        queue: vec![],
-    };
+    let mut net = Net::of(vec![lead, follower]);
     let mut rejections = 0;
     for _ in 0..100 {
         let mut served = false;
@@ -1643,4 +1681,88 @@ fn a_node_restarts_from_a_snapshot_and_the_log_after_it() {
         (r.term_at(4), r.term_at(5), r.term_at(6)),
         (None, Some(2), Some(2))
     );
+}
+
+/// The paper's figure 8 on three nodes: an entry of an earlier term that
+/// reached a majority is not committed by counting, because a node with a
+/// later term's entry at its index can still be elected and overwrite it.
+#[test]
+fn figure_8_an_old_term_entry_on_a_majority_is_not_committed_by_counting() {
+    let nodes = (1..=3)
+        .map(|id| {
+            let mut c = config(id, 3);
+            c.append_entries_max = 1;
+            Node::with(c, HardState::default(), &[])
+        })
+        .collect();
+    let mut net = Net::of(nodes);
+    // S1 leads term 1; its first entry is committed everywhere.
+    net.node(1).time_out();
+    net.settle();
+    assert_eq!(net.node(1).r.role(), Role::Leader);
+    // S1 appends X = (2, term 1) and is cut off before anyone gets it.
+    net.cut_off.insert(1);
+    net.node(1).r.propose(D::Cmd(99)).unwrap();
+    net.settle();
+    // S3 leads term 2 with S2's vote; its first entry Y = (2, term 2)
+    // reaches nobody.
+    net.cut_off = [1].into();
+    net.node(3).time_out();
+    while net.node(3).r.role() != Role::Leader {
+        assert!(net.round(), "S3 is not elected");
+    }
+    assert_eq!(net.node(3).r.term(), 2);
+    net.cut_off = [1, 3].into();
+    net.settle();
+    // S1 restarts and comes back while S3 is cut off; it leads term 3 with
+    // S2's vote and
+    // gives S2 the entry X, one entry per append. Stop the moment S1 knows
+    // S2 holds X: X is on a majority (S1, S2), S1's own entry of term 3 is not.
+    net.cut_off = [3].into();
+    net.node(1).restart();
+    for _ in 0..5 {
+        if net.node(1).r.role() == Role::Leader {
+            break;
+        }
+        net.node(1).time_out();
+        for _ in 0..3 {
+            net.round();
+        }
+    }
+    assert_eq!(
+        (net.node(1).r.role(), net.node(1).r.term()),
+        (Role::Leader, 3)
+    );
+    let mut rounds = 0;
+    while net.node(1).r.progress(2).unwrap().0 < 2 {
+        assert!(net.round() && rounds < 20, "S2 never got X");
+        rounds += 1;
+    }
+    assert_eq!(net.node(2).r.term_at(2), Some(1));
+    assert_eq!(
+        net.node(1).r.commit_index(),
+        1,
+        "X (term 1) is not committed by counting"
+    );
+    // S1 is cut off before its term-3 entry leaves; S3 restarts and, with a
+    // later last term than S2's, is elected and overwrites X with Y.
+    net.cut_off = [1].into();
+    net.node(3).restart();
+    for _ in 0..5 {
+        if net.node(3).r.role() == Role::Leader && net.node(3).r.term() > 3 {
+            break;
+        }
+        net.node(3).time_out();
+        net.settle();
+    }
+    assert_eq!(net.node(3).r.role(), Role::Leader);
+    net.settle();
+    assert_eq!(net.node(2).r.term_at(2), Some(2), "X was overwritten by Y");
+    // Nobody ever applied X.
+    for (id, applied) in &net.applied {
+        assert!(
+            !applied.contains(&(2, 1)),
+            "node {id} applied X: {applied:?}"
+        );
+    }
 }

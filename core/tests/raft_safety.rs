@@ -18,8 +18,10 @@
 //!   invariant (a leader voted for itself); without it, "one vote per term"
 //!   (seed 1); without that too, election safety (seed 1);
 //! - the leader commits by counting replicas whatever the entry's term: the
-//!   commit rule (seed 6; election of the paper's figure 8 is rare: the five
-//!   properties alone caught it once in 3,000 seeds of an earlier mix);
+//!   commit rule (seed 6; the scenario of the paper's figure 8 is rare: the five
+//!   properties alone caught it once in 3,000 seeds of an earlier mix; the
+//!   unit test `figure_8_an_old_term_entry_on_a_majority_is_not_committed_by_counting`
+//!   replays that scenario step by step and catches it);
 //! - the hard state drops the vote: "one vote per term" (seed 0);
 //! - a voter ignores whose log is more up to date: leader completeness
 //!   (seed 2);
