@@ -36,7 +36,8 @@
 //! # Driver contract
 //!
 //! After each batch of inputs the driver calls [`Raft::ready`] and acts on
-//! the [`Ready`] it returns, in this order. It MUST:
+//! the [`Ready`] it returns, in this order (there is no separate "advance":
+//! what `ready` returns counts as handed over). It MUST:
 //! 1. make `persist` durable as ONE atomic unit (install `snapshot`, which
 //!    replaces the whole stored log, then truncate storage's log from
 //!    `truncate_from`, append `entries`, store `hard_state`), units in the
