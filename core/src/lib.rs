@@ -13,6 +13,8 @@
 //! - [`validate`]: limits and defaults of commands.
 //! - [`scheduler`]: placement decisions as a pure function of state.
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
+//! - [`raft`]: sans-IO Raft consensus (elections, replication, commit,
+//!   compaction and snapshots); not yet wired under the replica.
 //! - [`protocol`]: the agent protocol's messages and the lease arithmetic.
 //! - [`agent`]: the sans-IO agent state machine every worker node runs.
 //! - `bugs`: planted bugs for the simulator's self-test; dormant data unless
@@ -28,6 +30,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod model;
 pub mod protocol;
+pub mod raft;
 pub mod replica;
 pub mod scheduler;
 pub mod state;

@@ -1,0 +1,618 @@
+//! Raft consensus as a sans-IO state machine: the piece that decides which
+//! entries of the replicated log are committed.
+//!
+//! It does no IO, reads no clock and draws randomness only from a generator
+//! seeded by [`Config::seed`], so a simulator seed replays exactly. It is
+//! not yet wired under [`crate::replica`]; issue 10 does that next.
+//!
+//! What it implements (references are to the Raft paper, "In Search of an
+//! Understandable Consensus Algorithm", and Ongaro's thesis):
+//! - elections with randomized timeouts in `[election, 2 * election)`
+//!   (§5.2), PreVote (thesis §9.6) and CheckQuorum (thesis §6.2): a leader
+//!   that has not heard from a quorum for an election timeout steps down,
+//!   and reports `degraded` once some follower was silent half as long;
+//! - replication with batching (`append_entries_max`, `append_bytes_max`)
+//!   and pipelining (probe, then up to `inflight_appends_max` optimistic
+//!   appends per follower), with the conflict hint of §5.3 so a lagging
+//!   follower is found in one round trip per term, not per entry;
+//! - commit of current-term entries only (§5.4.2); a new leader's first
+//!   entry is [`Payload::leader_elected`] of its term;
+//! - leadership transfer ([`Raft::transfer_leadership`], `TimeoutNow`);
+//! - log compaction behind a snapshot of the application's state
+//!   ([`Raft::compact`]) and InstallSnapshot for a follower that needs
+//!   compacted entries (§7). Raft handles only a snapshot's metadata; its
+//!   bytes travel between drivers beside the message.
+//!
+//! Not yet: membership changes; sending a snapshot in chunks.
+//!
+//! # Inputs
+//!
+//! [`Raft::new`] (from what storage holds), [`Raft::tick`] (monotonic
+//! milliseconds; timers advance only here), [`Raft::step`] (a message from a
+//! peer), [`Raft::propose`], [`Raft::persisted`], [`Raft::entries_loaded`],
+//! [`Raft::compact`], [`Raft::transfer_leadership`]. Between ticks, inputs
+//! see the time of the last tick.
+//!
+//! # Driver contract
+//!
+//! After each batch of inputs the driver calls [`Raft::ready`] and acts on
+//! the [`Ready`] it returns, in this order (there is no separate "advance":
+//! what `ready` returns counts as handed over). It MUST:
+//! 1. make `persist` durable as ONE atomic unit (install `snapshot`, which
+//!    replaces the whole stored log, then truncate storage's log from
+//!    `truncate_from`, append `entries`, store `hard_state`), units in the
+//!    order they were returned, and then call [`Raft::persisted`] with
+//!    [`Persist::last`] (when there is one). A notice about entries that
+//!    were truncated meanwhile is recognised as late and ignored;
+//! 2. send `messages` only once that unit and every earlier one is durable:
+//!    a granted vote or an append acknowledgement promises what the disk
+//!    holds, and a crash must not take it back. Messages may be lost,
+//!    duplicated or reordered; Raft tolerates that;
+//! 3. if `restore` is set, replace the application's state with that
+//!    snapshot's; then apply `committed` entries in order, each once. They
+//!    are committed and already durable on this node; the driver never
+//!    applies anything else;
+//! 4. answer every `need_entries` from storage with
+//!    [`Raft::entries_loaded`] (synchronously or later; the leader sends
+//!    nothing more to that follower until then), with no entries if storage
+//!    compacted them meanwhile;
+//! 5. report `status` (role, term, leader, `degraded`) to whoever cares.
+//!
+//! Snapshots: when the driver has stored a snapshot of the application's
+//! state at an applied index, it calls [`Raft::compact`] and may then drop
+//! the stored entries up to it. When it sends a
+//! [`Body::InstallSnapshot`] it attaches the stored snapshot with that
+//! metadata (or drops the message if storage moved on); when it receives
+//! one, it keeps the bytes until the persist unit that installs them (and
+//! drops them if the next [`Ready`] does not).
+//!
+//! On restart the driver has restored its snapshot and applied exactly the
+//! entries after it up to the stored commit index, and builds the node with
+//! [`Recovered`].
+
+mod log;
+pub mod msg;
+mod progress;
+pub mod ready;
+
+mod election;
+mod replication;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+
+pub use log::term_runs;
+pub use msg::{
+    Body, Entry, HardState, LogIndex, Message, NodeId, Payload, RejectHint, SnapshotMeta, Term,
+};
+pub use progress::ReplicationState;
+pub use ready::{NeedEntries, Persist, Ready, Role, Status};
+
+use log::Log;
+use progress::Progress;
+
+/// Most voters a group may have (7 tolerates 3 failures; more only slows
+/// every commit down).
+pub const VOTERS_MAX: usize = 7;
+/// Messages a node may queue between two calls of [`Raft::ready`]; a driver
+/// that stops draining is a bug, and this makes it loud.
+pub const MESSAGES_PENDING_MAX: usize = 1 << 16;
+
+pub const ELECTION_TIMEOUT_MS_DEFAULT: u64 = 300;
+pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 50;
+pub const APPEND_ENTRIES_MAX_DEFAULT: usize = 256;
+pub const APPEND_BYTES_MAX_DEFAULT: u64 = 1 << 20;
+pub const INFLIGHT_APPENDS_MAX_DEFAULT: usize = 64;
+pub const UNCOMMITTED_ENTRIES_MAX_DEFAULT: u64 = 1 << 16;
+pub const CACHE_ENTRIES_MAX_DEFAULT: usize = 1 << 14;
+pub const APPLY_ENTRIES_MAX_DEFAULT: usize = 1 << 12;
+
+// A heartbeat must fit several times in an election timeout, or followers
+// campaign against a healthy leader.
+const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT * 4 <= ELECTION_TIMEOUT_MS_DEFAULT);
+const _: () = assert!(APPEND_ENTRIES_MAX_DEFAULT as u64 <= UNCOMMITTED_ENTRIES_MAX_DEFAULT);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub id: NodeId,
+    /// Every member, this node included.
+    pub voters: BTreeSet<NodeId>,
+    /// Base election timeout; each wait is drawn from `[t, 2t)`.
+    pub election_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+    /// Entries per append message (at least one is always sent).
+    pub append_entries_max: usize,
+    /// Payload bytes per append message, by [`Payload::size_bytes`].
+    pub append_bytes_max: u64,
+    /// Appends in flight per follower in the replicate state.
+    pub inflight_appends_max: usize,
+    /// A leader refuses proposals ([`ProposeError::Overloaded`]) while this
+    /// many entries wait for commit.
+    pub uncommitted_entries_max: u64,
+    /// Durable, applied entries kept in memory for followers; older ones are
+    /// read back from storage ([`Ready::need_entries`]).
+    pub cache_entries_max: usize,
+    /// Committed entries handed out per [`Ready`].
+    pub apply_entries_max: usize,
+    /// Seeds the election timeout draws.
+    pub seed: u64,
+}
+
+impl Config {
+    pub fn new(id: NodeId, voters: impl IntoIterator<Item = NodeId>, seed: u64) -> Config {
+        Config {
+            id,
+            voters: voters.into_iter().collect(),
+            election_timeout_ms: ELECTION_TIMEOUT_MS_DEFAULT,
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS_DEFAULT,
+            pre_vote: true,
+            check_quorum: true,
+            append_entries_max: APPEND_ENTRIES_MAX_DEFAULT,
+            append_bytes_max: APPEND_BYTES_MAX_DEFAULT,
+            inflight_appends_max: INFLIGHT_APPENDS_MAX_DEFAULT,
+            uncommitted_entries_max: UNCOMMITTED_ENTRIES_MAX_DEFAULT,
+            cache_entries_max: CACHE_ENTRIES_MAX_DEFAULT,
+            apply_entries_max: APPLY_ENTRIES_MAX_DEFAULT,
+            seed,
+        }
+    }
+
+    fn validate(&self) {
+        assert!(
+            self.voters.contains(&self.id),
+            "a node is one of its voters"
+        );
+        assert!(!self.voters.contains(&0), "node ids start at 1");
+        assert!(self.voters.len() <= VOTERS_MAX);
+        assert!(self.heartbeat_interval_ms > 0);
+        assert!(self.heartbeat_interval_ms < self.election_timeout_ms);
+        assert!(self.append_entries_max > 0 && self.append_bytes_max > 0);
+        assert!(self.inflight_appends_max > 0);
+        assert!(self.uncommitted_entries_max > 0);
+        assert!(self.apply_entries_max > 0);
+    }
+
+    fn quorum(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+}
+
+/// What storage holds when a node starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recovered<T> {
+    pub hard_state: HardState,
+    /// The stored snapshot (`0, 0` if none); the log starts after it.
+    pub snapshot: SnapshotMeta,
+    /// `(first index, term)` of each run of equal terms in the stored log
+    /// after the snapshot (see [`term_runs`]).
+    pub runs: Vec<(LogIndex, Term)>,
+    pub last_index: LogIndex,
+    /// Every stored entry after the commit index (entries at or before it
+    /// are ignored).
+    pub tail: Vec<Entry<T>>,
+}
+
+impl<T: Clone> Recovered<T> {
+    /// A node that never ran.
+    pub fn empty() -> Recovered<T> {
+        Recovered {
+            hard_state: HardState::default(),
+            snapshot: SnapshotMeta::default(),
+            runs: Vec::new(),
+            last_index: 0,
+            tail: Vec::new(),
+        }
+    }
+
+    /// From a whole stored log (index 1 first); tests and small logs.
+    pub fn from_log(hard_state: HardState, log: &[Entry<T>]) -> Recovered<T> {
+        Recovered::from_snapshot(hard_state, SnapshotMeta::default(), log)
+    }
+
+    /// From a snapshot and every stored entry after it.
+    pub fn from_snapshot(
+        hard_state: HardState,
+        snapshot: SnapshotMeta,
+        log: &[Entry<T>],
+    ) -> Recovered<T> {
+        let (runs, last_index) = term_runs(snapshot, log.iter().map(|e| (e.index, e.term)));
+        let commit = hard_state.commit.max(snapshot.index);
+        let tail = log.iter().filter(|e| e.index > commit).cloned().collect();
+        Recovered {
+            hard_state,
+            snapshot,
+            runs,
+            last_index,
+            tail,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProposeError {
+    #[error("not the leader (leader: {leader_hint:?})")]
+    NotLeader { leader_hint: Option<NodeId> },
+    #[error("leadership is being handed to {to}")]
+    Transferring { to: NodeId },
+    #[error("too many entries wait for commit")]
+    Overloaded,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    #[error("not the leader (leader: {leader_hint:?})")]
+    NotLeader { leader_hint: Option<NodeId> },
+    #[error("{0} is not another voter")]
+    NotAPeer(NodeId),
+}
+
+/// One Raft node. See the module doc for its driver contract.
+#[derive(Clone, Debug)]
+pub struct Raft<T> {
+    config: Config,
+    rng: ChaCha8Rng,
+    term: Term,
+    /// Whom this node voted for in `term` (durable before any vote is sent).
+    vote: Option<NodeId>,
+    role: Role,
+    leader: Option<NodeId>,
+    log: Log<T>,
+    /// The hard state last handed to the driver: a unit carries it only
+    /// when it changed.
+    hard_state_handed: HardState,
+    /// Monotonic time of the last tick.
+    now_ms: u64,
+    /// When the election timer was last reset, and the drawn timeout.
+    election_reset_ms: u64,
+    election_timeout_ms: u64,
+    /// A leader's next heartbeat.
+    heartbeat_due_ms: u64,
+    /// When this node last heard from its leader (or, as the leader, from a
+    /// quorum): while that is within an election timeout, CheckQuorum has a
+    /// follower ignore vote requests (the leader's lease).
+    leader_heard_ms: u64,
+    /// Votes (or pre-votes) received in the current campaign.
+    votes: BTreeMap<NodeId, bool>,
+    /// A leader's view of each follower.
+    progress: BTreeMap<NodeId, Progress>,
+    /// See [`Status::degraded`].
+    degraded: bool,
+    /// Leadership is being handed to this voter until this deadline; the
+    /// leader takes no proposals meanwhile.
+    transfer: Option<(NodeId, u64)>,
+    messages: Vec<Message<T>>,
+    need_entries: Vec<NeedEntries>,
+    /// The status last reported in a [`Ready`].
+    status_reported: Option<Status>,
+}
+
+impl<T: Payload> Raft<T> {
+    /// A node that starts (or restarts) as a follower from what its storage
+    /// holds, at monotonic time `now_ms`.
+    pub fn new(config: Config, recovered: Recovered<T>, now_ms: u64) -> Raft<T> {
+        config.validate();
+        let hs = recovered.hard_state;
+        if let Some(v) = hs.vote {
+            assert!(config.voters.contains(&v), "voted for a stranger");
+        }
+        // A snapshot may be durable before the hard state that commits it.
+        let commit = hs.commit.max(recovered.snapshot.index);
+        let tail = recovered
+            .tail
+            .into_iter()
+            .filter(|e| e.index > commit)
+            .collect();
+        let log = Log::recover(
+            recovered.snapshot,
+            recovered.runs,
+            recovered.last_index,
+            commit,
+            tail,
+            config.cache_entries_max,
+        );
+        assert!(
+            log.last_term() <= hs.term,
+            "the log holds a term from the future"
+        );
+        let rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let mut raft = Raft {
+            config,
+            rng,
+            term: hs.term,
+            vote: hs.vote,
+            role: Role::Follower,
+            leader: None,
+            log,
+            hard_state_handed: hs,
+            now_ms,
+            election_reset_ms: now_ms,
+            election_timeout_ms: 0,
+            heartbeat_due_ms: now_ms,
+            leader_heard_ms: 0,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            degraded: false,
+            transfer: None,
+            messages: Vec::new(),
+            need_entries: Vec::new(),
+            status_reported: None,
+        };
+        raft.reset_election_timer();
+        raft
+    }
+
+    // ---- getters ----
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    pub fn vote(&self) -> Option<NodeId> {
+        self.vote
+    }
+    pub fn degraded(&self) -> bool {
+        self.degraded
+    }
+    pub fn commit_index(&self) -> LogIndex {
+        self.log.committed
+    }
+    pub fn last_index(&self) -> LogIndex {
+        self.log.last_index()
+    }
+    pub fn last_term(&self) -> Term {
+        self.log.last_term()
+    }
+    /// The latest snapshot's metadata (`0, 0` if none).
+    pub fn snapshot(&self) -> SnapshotMeta {
+        self.log.base()
+    }
+    /// The term of the entry at `index` (0 at 0, `None` past the end or
+    /// before the snapshot).
+    pub fn term_at(&self, index: LogIndex) -> Option<Term> {
+        self.log.term(index)
+    }
+    /// The election timeout currently drawn (for tests of its randomness).
+    pub fn election_timeout_drawn_ms(&self) -> u64 {
+        self.election_timeout_ms
+    }
+    /// The leader's view of a follower: `(match, next, state)`.
+    pub fn progress(&self, peer: NodeId) -> Option<(LogIndex, LogIndex, ReplicationState)> {
+        self.progress
+            .get(&peer)
+            .map(|p| (p.match_index, p.next_index, p.state))
+    }
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.log.committed,
+        }
+    }
+    pub fn status(&self) -> Status {
+        Status {
+            role: self.role,
+            term: self.term,
+            leader: self.leader,
+            degraded: self.degraded,
+        }
+    }
+
+    // ---- inputs ----
+
+    /// Time passes (monotonic milliseconds, never decreasing).
+    pub fn tick(&mut self, now_ms: u64) {
+        assert!(now_ms >= self.now_ms, "monotonic time went back");
+        self.now_ms = now_ms;
+        if self.role == Role::Leader {
+            self.tick_leader();
+        } else if now_ms - self.election_reset_ms >= self.election_timeout_ms {
+            self.campaign(false);
+        }
+        self.check();
+    }
+
+    /// A message from a peer. One from a node that is not another voter
+    /// (a stale member, a misconfigured peer) is ignored; one addressed to
+    /// another node is the driver's mistake and panics.
+    pub fn step(&mut self, msg: Message<T>) {
+        assert_eq!(msg.to, self.config.id, "message for another node");
+        if msg.from == self.config.id || !self.config.voters.contains(&msg.from) {
+            return;
+        }
+        if self.step_term(&msg) {
+            self.step_current(msg);
+        }
+        self.check();
+    }
+
+    /// Appends `data` to the log as the leader; it is committed once a
+    /// quorum holds it (watch `Ready::committed` for its index).
+    pub fn propose(&mut self, data: T) -> Result<LogIndex, ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if let Some((to, _)) = self.transfer {
+            return Err(ProposeError::Transferring { to });
+        }
+        if self.log.last_index() - self.log.committed >= self.config.uncommitted_entries_max {
+            return Err(ProposeError::Overloaded);
+        }
+        let index = self.log.push(self.term, data);
+        self.broadcast_append(false);
+        self.check();
+        Ok(index)
+    }
+
+    /// The driver made the log durable up to `(index, term)`.
+    pub fn persisted(&mut self, index: LogIndex, term: Term) {
+        if self.log.persisted(index, term) && self.role == Role::Leader && self.maybe_commit() {
+            self.broadcast_append(true);
+        }
+        self.check();
+    }
+
+    /// Entries read from storage for `peer`, answering a
+    /// [`NeedEntries`] (in index order, as asked).
+    pub fn entries_loaded(&mut self, peer: NodeId, entries: Vec<Entry<T>>) {
+        self.send_loaded(peer, entries);
+        self.check();
+    }
+
+    /// The driver stored a snapshot of the application's state as of the
+    /// applied entry `index` and drops the log up to it (§7). `index` must
+    /// be applied, durable and past the current snapshot.
+    pub fn compact(&mut self, index: LogIndex) {
+        self.log.compact(index);
+        self.check();
+    }
+
+    /// As the leader, hands leadership to `to` (graceful shutdown): stops
+    /// taking proposals, brings `to` up to date, then tells it to campaign.
+    /// Abandoned after an election timeout.
+    pub fn transfer_leadership(&mut self, to: NodeId) -> Result<(), TransferError> {
+        if self.role != Role::Leader {
+            return Err(TransferError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if to == self.config.id || !self.config.voters.contains(&to) {
+            return Err(TransferError::NotAPeer(to));
+        }
+        self.transfer = Some((to, self.now_ms + self.config.election_timeout_ms));
+        self.maybe_send_timeout_now(to);
+        self.send_append(to, true);
+        self.check();
+        Ok(())
+    }
+
+    // ---- outputs ----
+
+    /// Drains everything to do. See the driver contract.
+    pub fn ready(&mut self) -> Ready<T> {
+        let hard_state = self.hard_state();
+        let hard_changed = hard_state != self.hard_state_handed;
+        let mut restore = None;
+        let persist = if hard_changed || self.log.has_unstable() {
+            let unstable = self.log.take_unstable();
+            self.hard_state_handed = hard_state;
+            restore = unstable.snapshot;
+            Some(Persist {
+                snapshot: unstable.snapshot,
+                hard_state: hard_changed.then_some(hard_state),
+                truncate_from: unstable.truncate_from,
+                entries: unstable.entries,
+            })
+        } else {
+            None
+        };
+        let status = self.status();
+        let status_changed = self.status_reported != Some(status);
+        self.status_reported = Some(status);
+        let ready = Ready {
+            persist,
+            messages: std::mem::take(&mut self.messages),
+            restore,
+            committed: self.log.take_committed(self.config.apply_entries_max),
+            need_entries: std::mem::take(&mut self.need_entries),
+            status: status_changed.then_some(status),
+        };
+        self.check();
+        ready
+    }
+
+    /// Whether [`Raft::ready`] would return anything.
+    pub fn has_ready(&self) -> bool {
+        self.hard_state() != self.hard_state_handed
+            || self.log.has_unstable()
+            || !self.messages.is_empty()
+            || self.log.has_committed()
+            || !self.need_entries.is_empty()
+            || self.status_reported != Some(self.status())
+    }
+
+    // ---- shared internals ----
+
+    fn send(&mut self, to: NodeId, term: Term, body: Body<T>) {
+        assert!(
+            self.messages.len() < MESSAGES_PENDING_MAX,
+            "the driver stopped draining"
+        );
+        self.messages.push(Message {
+            from: self.config.id,
+            to,
+            term,
+            body,
+        });
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.config
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != self.config.id)
+            .collect()
+    }
+
+    fn reset_election_timer(&mut self) {
+        let base = self.config.election_timeout_ms;
+        self.election_reset_ms = self.now_ms;
+        self.election_timeout_ms = base + self.rng.next_u64() % base;
+    }
+
+    /// Becomes a follower of `term` (keeping the vote if the term is the
+    /// same), with `leader` if known.
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        assert!(term >= self.term);
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        if leader.is_some() {
+            self.leader_heard_ms = self.now_ms;
+        }
+        self.votes.clear();
+        self.progress.clear();
+        self.transfer = None;
+        self.degraded = false;
+        self.reset_election_timer();
+    }
+
+    /// Invariants that hold after every input.
+    fn check(&self) {
+        self.log.check();
+        assert!(self.log.last_term() <= self.term);
+        match self.role {
+            Role::Leader => {
+                assert_eq!(self.leader, Some(self.config.id));
+                assert_eq!(self.vote, Some(self.config.id));
+                assert_eq!(self.progress.len(), self.config.voters.len() - 1);
+            }
+            Role::Candidate => {
+                assert_eq!(self.vote, Some(self.config.id));
+                assert!(self.leader.is_none());
+            }
+            Role::PreCandidate => assert!(self.leader.is_none()),
+            Role::Follower => assert!(self.progress.is_empty()),
+        }
+        assert!(self.votes.len() <= self.config.voters.len());
+    }
+}
