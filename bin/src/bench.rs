@@ -240,7 +240,7 @@ fn bench_schedule(nodes: u64, jobs: u64) {
     let mut placed = 0u64;
     let mut passes = 0u64;
     loop {
-        let decisions = scheduler::schedule(&state);
+        let decisions = scheduler::schedule(&mut state);
         if decisions.is_empty() {
             break;
         }

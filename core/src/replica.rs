@@ -1065,7 +1065,7 @@ impl Replica {
         }
         let bounds = self.config.pass_bounds;
         let pass = if self.full_pass_needed {
-            scheduler::schedule_pass(&self.state, None, bounds)
+            scheduler::schedule_pass(&mut self.state, None, bounds)
         } else {
             let mut keys: Vec<QueueKey> = self
                 .new_jobs
@@ -1073,7 +1073,7 @@ impl Replica {
                 .filter_map(|id| self.state.job(*id).map(|j| self.state.queue_key(j)))
                 .collect();
             keys.sort_unstable();
-            scheduler::schedule_pass(&self.state, Some(&keys), bounds)
+            scheduler::schedule_pass(&mut self.state, Some(&keys), bounds)
         };
         self.new_jobs.clear();
         self.full_pass_needed =
