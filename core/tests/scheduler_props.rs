@@ -438,3 +438,65 @@ fn indexes_are_not_part_of_the_digest() {
     assert_eq!(other.digest(), log.state.digest());
     assert_eq!(other, log.state);
 }
+
+fn job_spec(cpu: u64, mem: u64, constraints: Labels) -> JobSpec {
+    JobSpec {
+        name: "j".into(),
+        command: vec!["true".into()],
+        env: BTreeMap::new(),
+        resources: Resources::new(cpu, mem),
+        constraints,
+        priority: 50,
+        timeout_secs: 10,
+        max_retries: 0,
+    }
+}
+
+/// Two nodes at different free capacities tie on score; the search must
+/// not stop at its bound while a node that ties and sorts first by name is
+/// still unseen. Here "z" (300, 700) is met first and "a" (500, 500) ties
+/// with it exactly when the bound equals their score.
+#[test]
+fn a_tie_between_different_free_capacities_goes_to_the_lowest_name() {
+    let mut log = Log {
+        state: State::new(),
+        index: 0,
+    };
+    let free = [
+        ("z", 300, 700),
+        ("p", 500, 100),
+        ("q", 100, 500),
+        ("r", 120, 500),
+        ("a", 500, 500),
+    ];
+    for (name, _, _) in free {
+        log.apply(Event::NodeRegistered {
+            name: name.into(),
+            capacity: Resources::new(1000, 1000),
+            labels: [("name".to_string(), name.to_string())].into(),
+            incarnation: 1,
+            predecessor: None,
+        });
+    }
+    for (i, (name, cpu, mem)) in free.into_iter().enumerate() {
+        let pin: Labels = [("name".to_string(), name.to_string())].into();
+        log.apply(Event::JobSubmitted {
+            spec: job_spec(1000 - cpu, 1000 - mem, pin),
+            idempotency_key: None,
+        });
+        log.apply(Event::AttemptAssigned {
+            job: JobId(i as u64 + 1),
+            attempt: 1,
+            node: name.into(),
+        });
+    }
+    log.apply(Event::JobSubmitted {
+        spec: job_spec(150, 150, Labels::new()),
+        idempotency_key: None,
+    });
+    let want = reference(&log.state, None, PassBounds::default());
+    assert_eq!(want.len(), 1);
+    assert_eq!(want[0].node, "a");
+    let got = scheduler::schedule(&mut log.state);
+    assert_eq!(got, want);
+}
