@@ -255,10 +255,13 @@ impl Replica {
     /// `last_index`/`last_term` describe that log; all of it is committed.
     pub fn recover(config: Config, state: State, last_index: LogIndex, last_term: Term) -> Replica {
         debug_assert_eq!(state.applied_index, last_index);
-        let state = State {
+        let mut state = State {
             bugs: config.bugs,
             ..state
         };
+        if state.sched.is_suspended() {
+            state.rebuild_indexes();
+        }
         Replica {
             config,
             lifecycle: Lifecycle::Initializing,

@@ -148,6 +148,10 @@ pub struct SchedIndex {
     /// Ready nodes with some free cpu and some free memory: while there is
     /// none, a pass stops at once.
     pub(crate) roomy: usize,
+    /// Not kept (replay folds the log first and rebuilds the indexes once at
+    /// the end, see [`crate::state::State::for_replay`]): everything above
+    /// is empty, and no pass may run.
+    pub(crate) suspended: bool,
 }
 
 /// Caches are not part of a state's identity.
@@ -198,6 +202,19 @@ impl SchedIndex {
         self.classes.len()
     }
 
+    /// True while the indexes are not kept (during replay).
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
+    }
+
+    /// Empty indexes that stay empty until rebuilt.
+    pub(crate) fn suspended() -> SchedIndex {
+        SchedIndex {
+            suspended: true,
+            ..SchedIndex::default()
+        }
+    }
+
     pub(crate) fn slot(&self, name: &str) -> Option<NodeSlot> {
         self.slots.get(name).copied()
     }
@@ -206,6 +223,9 @@ impl SchedIndex {
     /// re-files it from `node` and parks or wakes the jobs of every class it
     /// joined or left.
     pub(crate) fn node_reset(&mut self, node: &Node, bugs: &BugSet) {
+        if self.suspended {
+            return;
+        }
         let slot = match self.slots.get(node.name.as_str()) {
             Some(slot) => *slot,
             None => {
@@ -295,6 +315,7 @@ impl SchedIndex {
     /// or during a pass (the scheduler puts the node's own value back at the
     /// end of it).
     pub(crate) fn set_free(&mut self, slot: NodeSlot, free: Resources) {
+        debug_assert!(!self.suspended);
         let entry = &mut self.nodes[slot as usize];
         if entry.free == free {
             return;
@@ -381,6 +402,9 @@ impl SchedIndex {
         need: Resources,
         bugs: &BugSet,
     ) {
+        if self.suspended {
+            return;
+        }
         let id = self.class_for(constraints, bugs);
         let class = self.classes.get_mut(&id).expect("class_for made it");
         if let Some(since) = class.idle_since.take() {
@@ -400,6 +424,9 @@ impl SchedIndex {
 
     /// A job with `key` left the queue.
     pub(crate) fn job_unqueued(&mut self, key: &QueueKey, constraints: &Labels, need: Resources) {
+        if self.suspended {
+            return;
+        }
         let Some(id) = self.class_of.get(constraints).copied() else {
             return;
         };
@@ -449,6 +476,9 @@ impl SchedIndex {
         queued: impl Iterator<Item = (QueueKey, &'a Labels, Resources)>,
         bugs: &BugSet,
     ) -> Result<(), String> {
+        if self.suspended {
+            return Err("not kept (suspended for replay)".to_string());
+        }
         if self.slots.len() != self.nodes.len() || self.slots.len() != nodes.len() {
             return Err(format!(
                 "index has {} slots for {} nodes ({} in state)",

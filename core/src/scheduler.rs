@@ -88,6 +88,7 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
         ..
     } = state;
     let bugs = *bugs;
+    assert!(!sched.is_suspended(), "a pass needs the indexes kept");
     // Only jobs some ready node could ever take (constraints and total
     // capacity) count against the scan bound: otherwise a backlog of
     // unplaceable jobs at the head of the queue hides every job behind it.
