@@ -8,7 +8,8 @@
 //!   jobs for a fixed time; every 201 is a durable, acknowledged submission.
 //!   The jobs carry a constraint no node has, so they stay queued: this
 //!   measures the control plane, not process spawning.
-//! - `schedule`: placement passes over a large cluster, in memory.
+//! - `schedule`: placement passes over a large cluster, in memory; with
+//!   `--unplaceable N`, N jobs no node matches wait ahead of the others.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -74,8 +75,13 @@ pub enum BenchCmd {
     Schedule {
         #[arg(long, default_value_t = 1000)]
         nodes: u64,
-        #[arg(long, default_value_t = 100_000)]
-        jobs: u64,
+        /// Jobs that fit (default 100,000; 1,000 with `--unplaceable`).
+        #[arg(long)]
+        jobs: Option<u64>,
+        /// Jobs no node matches, queued ahead of the others (higher
+        /// priority): they must cost the passes nothing.
+        #[arg(long, default_value_t = 0)]
+        unplaceable: u64,
     },
 }
 
@@ -90,7 +96,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             server,
             token,
         } => bench_submit(clients, seconds, server, token).await?,
-        BenchCmd::Schedule { nodes, jobs } => bench_schedule(nodes, jobs),
+        BenchCmd::Schedule {
+            nodes,
+            jobs,
+            unplaceable,
+        } => {
+            let default_jobs = if unplaceable > 0 { 1000 } else { 100_000 };
+            bench_schedule(nodes, jobs.unwrap_or(default_jobs), unplaceable)
+        }
         BenchCmd::Reschedule { kills } => bench_reschedule(kills).await?,
         BenchCmd::Assign { jobs } => bench_assign(jobs).await?,
         BenchCmd::Sim { seeds } => {
@@ -200,7 +213,7 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn bench_schedule(nodes: u64, jobs: u64) {
+fn bench_schedule(nodes: u64, jobs: u64, unplaceable: u64) {
     let mut state = State::new();
     let mut index = 0;
     let mut push = |state: &mut State, event: Event| {
@@ -221,6 +234,18 @@ fn bench_schedule(nodes: u64, jobs: u64) {
                 labels: [("pool".to_string(), format!("p{}", n % 4))].into(),
                 incarnation: 1,
                 predecessor: None,
+            },
+        );
+    }
+    for i in 0..unplaceable {
+        let mut spec = bench_spec(i);
+        spec.priority = 100;
+        spec.constraints.insert("pool".into(), "none".into());
+        push(
+            &mut state,
+            Event::JobSubmitted {
+                spec,
+                idempotency_key: None,
             },
         );
     }
@@ -264,6 +289,8 @@ fn bench_schedule(nodes: u64, jobs: u64) {
             "bench": "schedule",
             "nodes": nodes,
             "jobs": jobs,
+            "unplaceable": unplaceable,
+            "ms": round3(secs * 1000.0),
             "placed": placed,
             "passes": passes,
             "seconds": round3(secs),
