@@ -82,6 +82,10 @@ pub enum BenchCmd {
         /// priority): they must cost the passes nothing.
         #[arg(long, default_value_t = 0)]
         unplaceable: u64,
+        /// Nodes of three capacities and jobs of seven sizes, instead of one
+        /// of each (the tightest-fit search meets more points).
+        #[arg(long)]
+        mixed: bool,
     },
 }
 
@@ -100,9 +104,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             nodes,
             jobs,
             unplaceable,
+            mixed,
         } => {
             let default_jobs = if unplaceable > 0 { 1000 } else { 100_000 };
-            bench_schedule(nodes, jobs.unwrap_or(default_jobs), unplaceable)
+            bench_schedule(nodes, jobs.unwrap_or(default_jobs), unplaceable, mixed)
         }
         BenchCmd::Reschedule { kills } => bench_reschedule(kills).await?,
         BenchCmd::Assign { jobs } => bench_assign(jobs).await?,
@@ -213,7 +218,24 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn bench_schedule(nodes: u64, jobs: u64, unplaceable: u64) {
+/// With `mixed`, node `n`'s capacity and job `i`'s size, cycling through
+/// small fixed sets (a multiplicative hash spreads the job sizes).
+const MIXED_CAPACITIES: [(u64, u64); 3] = [
+    (8_000, 32 * 1024),
+    (16_000, 64 * 1024),
+    (32_000, 128 * 1024),
+];
+const MIXED_SIZES: [(u64, u64); 7] = [
+    (250, 256),
+    (500, 512),
+    (1_000, 4 * 1024),
+    (2_000, 1024),
+    (4_000, 16 * 1024),
+    (500, 8 * 1024),
+    (6_000, 2 * 1024),
+];
+
+fn bench_schedule(nodes: u64, jobs: u64, unplaceable: u64, mixed: bool) {
     let mut state = State::new();
     let mut index = 0;
     let mut push = |state: &mut State, event: Event| {
@@ -230,7 +252,12 @@ fn bench_schedule(nodes: u64, jobs: u64, unplaceable: u64) {
             &mut state,
             Event::NodeRegistered {
                 name: format!("node-{n:05}"),
-                capacity: Resources::new(16_000, 64 * 1024),
+                capacity: if mixed {
+                    let (cpu, mem) = MIXED_CAPACITIES[(n % 3) as usize];
+                    Resources::new(cpu, mem)
+                } else {
+                    Resources::new(16_000, 64 * 1024)
+                },
                 labels: [("pool".to_string(), format!("p{}", n % 4))].into(),
                 incarnation: 1,
                 predecessor: None,
@@ -251,6 +278,10 @@ fn bench_schedule(nodes: u64, jobs: u64, unplaceable: u64) {
     }
     for i in 0..jobs {
         let mut spec = bench_spec(i);
+        if mixed {
+            let (cpu, mem) = MIXED_SIZES[(i.wrapping_mul(2_654_435_761) >> 7) as usize % 7];
+            spec.resources = Resources::new(cpu, mem);
+        }
         spec.constraints
             .insert("pool".into(), format!("p{}", i % 4));
         push(
@@ -290,6 +321,7 @@ fn bench_schedule(nodes: u64, jobs: u64, unplaceable: u64) {
             "nodes": nodes,
             "jobs": jobs,
             "unplaceable": unplaceable,
+            "mixed": mixed,
             "ms": round3(secs * 1000.0),
             "placed": placed,
             "passes": passes,
