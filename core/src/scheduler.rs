@@ -55,7 +55,11 @@ pub struct Placement {
 }
 
 /// The result of one pass: placements, and whether the pass stopped at one of
-/// its bounds with queued jobs left unexamined.
+/// its bounds with runnable jobs left unexamined. (Before the indexes, a
+/// parked job left behind the bound also counted, which asked for a full
+/// pass that could place nothing more: with that rule restored, `rustci sim
+/// --seeds 0..2000` gives the old trace for every seed; without it 3 seeds
+/// in 500 run their passes at other times.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pass {
     pub placements: Vec<Placement>,
