@@ -8,7 +8,8 @@
 //!   jobs for a fixed time; every 201 is a durable, acknowledged submission.
 //!   The jobs carry a constraint no node has, so they stay queued: this
 //!   measures the control plane, not process spawning.
-//! - `schedule`: placement passes over a large cluster, in memory.
+//! - `schedule`: placement passes over a large cluster, in memory; with
+//!   `--unplaceable N`, N jobs no node matches wait ahead of the others.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -74,8 +75,17 @@ pub enum BenchCmd {
     Schedule {
         #[arg(long, default_value_t = 1000)]
         nodes: u64,
-        #[arg(long, default_value_t = 100_000)]
-        jobs: u64,
+        /// Jobs that fit (default 100,000; 1,000 with `--unplaceable`).
+        #[arg(long)]
+        jobs: Option<u64>,
+        /// Jobs no node matches, queued ahead of the others (higher
+        /// priority): they must cost the passes nothing.
+        #[arg(long, default_value_t = 0)]
+        unplaceable: u64,
+        /// Nodes of three capacities and jobs of seven sizes, instead of one
+        /// of each (the tightest-fit search meets more points).
+        #[arg(long)]
+        mixed: bool,
     },
 }
 
@@ -90,7 +100,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             server,
             token,
         } => bench_submit(clients, seconds, server, token).await?,
-        BenchCmd::Schedule { nodes, jobs } => bench_schedule(nodes, jobs),
+        BenchCmd::Schedule {
+            nodes,
+            jobs,
+            unplaceable,
+            mixed,
+        } => {
+            let default_jobs = if unplaceable > 0 { 1000 } else { 100_000 };
+            bench_schedule(nodes, jobs.unwrap_or(default_jobs), unplaceable, mixed)
+        }
         BenchCmd::Reschedule { kills } => bench_reschedule(kills).await?,
         BenchCmd::Assign { jobs } => bench_assign(jobs).await?,
         BenchCmd::Sim { seeds } => {
@@ -200,7 +218,24 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn bench_schedule(nodes: u64, jobs: u64) {
+/// With `mixed`, node `n`'s capacity and job `i`'s size, cycling through
+/// small fixed sets (a multiplicative hash spreads the job sizes).
+const MIXED_CAPACITIES: [(u64, u64); 3] = [
+    (8_000, 32 * 1024),
+    (16_000, 64 * 1024),
+    (32_000, 128 * 1024),
+];
+const MIXED_SIZES: [(u64, u64); 7] = [
+    (250, 256),
+    (500, 512),
+    (1_000, 4 * 1024),
+    (2_000, 1024),
+    (4_000, 16 * 1024),
+    (500, 8 * 1024),
+    (6_000, 2 * 1024),
+];
+
+fn bench_schedule(nodes: u64, jobs: u64, unplaceable: u64, mixed: bool) {
     let mut state = State::new();
     let mut index = 0;
     let mut push = |state: &mut State, event: Event| {
@@ -217,15 +252,36 @@ fn bench_schedule(nodes: u64, jobs: u64) {
             &mut state,
             Event::NodeRegistered {
                 name: format!("node-{n:05}"),
-                capacity: Resources::new(16_000, 64 * 1024),
+                capacity: if mixed {
+                    let (cpu, mem) = MIXED_CAPACITIES[(n % 3) as usize];
+                    Resources::new(cpu, mem)
+                } else {
+                    Resources::new(16_000, 64 * 1024)
+                },
                 labels: [("pool".to_string(), format!("p{}", n % 4))].into(),
                 incarnation: 1,
                 predecessor: None,
             },
         );
     }
+    for i in 0..unplaceable {
+        let mut spec = bench_spec(i);
+        spec.priority = 100;
+        spec.constraints.insert("pool".into(), "none".into());
+        push(
+            &mut state,
+            Event::JobSubmitted {
+                spec,
+                idempotency_key: None,
+            },
+        );
+    }
     for i in 0..jobs {
         let mut spec = bench_spec(i);
+        if mixed {
+            let (cpu, mem) = MIXED_SIZES[(i.wrapping_mul(2_654_435_761) >> 7) as usize % 7];
+            spec.resources = Resources::new(cpu, mem);
+        }
         spec.constraints
             .insert("pool".into(), format!("p{}", i % 4));
         push(
@@ -240,7 +296,7 @@ fn bench_schedule(nodes: u64, jobs: u64) {
     let mut placed = 0u64;
     let mut passes = 0u64;
     loop {
-        let decisions = scheduler::schedule(&state);
+        let decisions = scheduler::schedule(&mut state);
         if decisions.is_empty() {
             break;
         }
@@ -264,6 +320,9 @@ fn bench_schedule(nodes: u64, jobs: u64) {
             "bench": "schedule",
             "nodes": nodes,
             "jobs": jobs,
+            "unplaceable": unplaceable,
+            "mixed": mixed,
+            "ms": round3(secs * 1000.0),
             "placed": placed,
             "passes": passes,
             "seconds": round3(secs),

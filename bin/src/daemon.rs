@@ -161,7 +161,7 @@ pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
             }
             result
         });
-        let mut state = State::new();
+        let mut state = State::for_replay();
         for mut batch in full_rx {
             for entry in batch.drain(..) {
                 state.apply_owned(entry);
@@ -169,7 +169,10 @@ pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
             let _ = empty_tx.send(batch);
         }
         match reader.join() {
-            Ok(Ok(())) => Ok(state),
+            Ok(Ok(())) => {
+                state.rebuild_indexes();
+                Ok(state)
+            }
             Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
             Err(panic) => std::panic::resume_unwind(panic),
         }

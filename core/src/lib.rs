@@ -11,7 +11,9 @@
 //! - [`event`]: the log's vocabulary, [`event::Entry`].
 //! - [`state`]: the pure, total reducer `State::apply`.
 //! - [`validate`]: limits and defaults of commands.
-//! - [`scheduler`]: placement decisions as a pure function of state.
+//! - [`scheduler`]: placement decisions as a function of state.
+//! - [`sched_index`]: the scheduler's indexes, caches the reducer keeps in
+//!   step (free capacity, nodes per constraint class, parked jobs).
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
 //! - [`raft`]: sans-IO Raft consensus (elections, replication, commit,
 //!   compaction and snapshots); not yet wired under the replica.
@@ -32,6 +34,7 @@ pub mod model;
 pub mod protocol;
 pub mod raft;
 pub mod replica;
+pub mod sched_index;
 pub mod scheduler;
 pub mod state;
 pub mod validate;

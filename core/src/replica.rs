@@ -259,10 +259,13 @@ impl Replica {
     /// `last_index`/`last_term` describe that log; all of it is committed.
     pub fn recover(config: Config, state: State, last_index: LogIndex, last_term: Term) -> Replica {
         debug_assert_eq!(state.applied_index, last_index);
-        let state = State {
+        let mut state = State {
             bugs: config.bugs,
             ..state
         };
+        if state.sched.is_suspended() {
+            state.rebuild_indexes();
+        }
         Replica {
             config,
             lifecycle: Lifecycle::Initializing,
@@ -1084,7 +1087,7 @@ impl Replica {
         }
         let bounds = self.config.pass_bounds;
         let pass = if self.full_pass_needed {
-            scheduler::schedule_pass(&self.state, None, bounds)
+            scheduler::schedule_pass(&mut self.state, None, bounds)
         } else {
             let mut keys: Vec<QueueKey> = self
                 .new_jobs
@@ -1092,7 +1095,7 @@ impl Replica {
                 .filter_map(|id| self.state.job(*id).map(|j| self.state.queue_key(j)))
                 .collect();
             keys.sort_unstable();
-            scheduler::schedule_pass(&self.state, Some(&keys), bounds)
+            scheduler::schedule_pass(&mut self.state, Some(&keys), bounds)
         };
         self.new_jobs.clear();
         self.full_pass_needed =

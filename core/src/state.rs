@@ -15,6 +15,7 @@ use crate::model::{
     Attempt, AttemptNumber, AttemptState, Job, JobId, JobSpec, JobState, Labels, Node, NodeState,
     Outcome, Resources, TimestampMs, Usage,
 };
+use crate::sched_index::SchedIndex;
 
 /// Attempts of one job that may be lost (their node died or restarted)
 /// before the job fails instead of running again.
@@ -191,6 +192,11 @@ pub struct State {
     /// `==`, `Hash` and so by [`State::digest`], and dead code without the
     /// `sim-bugs` feature.
     pub bugs: crate::bugs::BugSet,
+    /// The scheduler's indexes (free capacity per node, ready nodes per
+    /// constraint class, parked jobs): caches derived from the fields above,
+    /// kept in step by every transition, rebuilt by replay, and ignored by
+    /// `==`, `Hash` and so by [`State::digest`]. See [`crate::sched_index`].
+    pub sched: SchedIndex,
 }
 
 fn state_slot(s: JobState) -> usize {
@@ -224,11 +230,37 @@ impl State {
 
     /// Folds entries from scratch: what start-up and `rustci replay` do.
     pub fn replay<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> State {
-        let mut state = State::new();
+        let mut state = State::for_replay();
         for entry in entries {
             state.apply(entry);
         }
+        state.rebuild_indexes();
         state
+    }
+
+    /// An empty state that does not keep the scheduler's indexes while the
+    /// log is folded into it (they cost replay about a third of its speed);
+    /// [`State::rebuild_indexes`] builds them once at the end.
+    pub fn for_replay() -> State {
+        State {
+            sched: SchedIndex::suspended(),
+            ..State::default()
+        }
+    }
+
+    /// Builds the scheduler's indexes from scratch (and keeps them from
+    /// then on): every node, then every queued job in queue order.
+    pub fn rebuild_indexes(&mut self) {
+        let mut sched = SchedIndex::default();
+        for node in self.nodes.values() {
+            sched.node_reset(node, &self.bugs);
+        }
+        for key in &self.queue {
+            if let Some(job) = self.jobs.get(&key.job) {
+                sched.job_queued(*key, &job.spec.constraints, job.spec.resources, &self.bugs);
+            }
+        }
+        self.sched = sched;
     }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
@@ -380,7 +412,14 @@ impl State {
             attempts: Vec::new(),
             seq: index,
         };
-        self.queue.insert(self.queue_key(&job));
+        let queue_key = self.queue_key(&job);
+        self.queue.insert(queue_key);
+        self.sched.job_queued(
+            queue_key,
+            &job.spec.constraints,
+            job.spec.resources,
+            &self.bugs,
+        );
         self.job_counts[state_slot(JobState::Queued)] += 1;
         if let Some(key) = key.filter(|_| !planted!(self.bugs, IdempotencyKeyForgotten)) {
             self.key_times.insert((at, key.clone()));
@@ -420,9 +459,13 @@ impl State {
         let key = self.queue_key(job);
         if from == JobState::Queued {
             self.queue.remove(&key);
+            self.sched
+                .job_unqueued(&key, &job.spec.constraints, job.spec.resources);
         }
         if to == JobState::Queued {
             self.queue.insert(key);
+            self.sched
+                .job_queued(key, &job.spec.constraints, job.spec.resources, &self.bugs);
         }
         if let Some(job) = self.jobs.get_mut(&id) {
             job.state = to;
@@ -482,6 +525,10 @@ impl State {
         }
         node.allocated = node.allocated.saturating_add(&job.spec.resources);
         let incarnation = node.incarnation;
+        let free = node.free();
+        if let Some(slot) = self.sched.slot(node_name) {
+            self.sched.set_free(slot, free);
+        }
         match self.active_by_node.get_mut(node_name) {
             Some(set) => {
                 set.insert(id);
@@ -603,6 +650,9 @@ impl State {
         };
         if let Some(node) = self.nodes.get_mut(node_name) {
             node.allocated = node.allocated.saturating_sub(&resources);
+            if let Some(slot) = self.sched.slot(node_name) {
+                self.sched.set_free(slot, node.free());
+            }
         }
         if let Some(set) = self.active_by_node.get_mut(node_name) {
             set.remove(&id);
@@ -709,6 +759,9 @@ impl State {
                 false
             }
         };
+        if let Some(node) = self.nodes.get(name) {
+            self.sched.node_reset(node, &self.bugs);
+        }
         if restarted {
             // Whatever ran under the old incarnation died with it.
             self.lose_all_on(name, at);
@@ -755,6 +808,7 @@ impl State {
             return Applied::Ignored("node transition not allowed from its state");
         }
         node.state = to;
+        self.sched.node_reset(node, &self.bugs);
         // A down or removed node's attempts stay active: its agent may still
         // run them until its lease lapses. The leader loses them after that
         // (`AttemptLost`), and only then are they placed elsewhere.
@@ -859,7 +913,18 @@ impl State {
         if by_node != active {
             return Err("active_by_node disagrees with the jobs' active attempts".to_string());
         }
-        Ok(())
+        self.check_indexes()
+    }
+
+    /// Compares the scheduler's indexes with a computation from scratch.
+    pub fn check_indexes(&self) -> Result<(), String> {
+        let queued = self.queue.iter().filter_map(|key| {
+            let job = self.jobs.get(&key.job)?;
+            Some((*key, &job.spec.constraints, job.spec.resources))
+        });
+        self.sched
+            .check(&self.nodes, queued, &self.bugs)
+            .map_err(|e| format!("scheduler index: {e}"))
     }
 }
 

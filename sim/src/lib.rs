@@ -61,7 +61,10 @@ impl PlantedBug {
         use inv::*;
         match self.0 {
             Bug::SchedulerSkipsCapacity => ("skip-capacity-check", &[CAPACITY]),
-            Bug::StaleResultApplied => ("apply-stale-result", &[FENCING, CAPACITY, CONSISTENCY]),
+            Bug::StaleResultApplied => (
+                "apply-stale-result",
+                &[FENCING, RESULT_ONCE, CAPACITY, CONSISTENCY],
+            ),
             Bug::AckBeforeDurable => ("ack-before-durable", &[ACKED_DURABLE, LIVE_RESULTS]),
             Bug::FitIgnoresMemory => ("fit-ignores-memory", &[CAPACITY]),
             Bug::ConstraintAnyMatch => ("constraint-any-match", &[CAPACITY]),
