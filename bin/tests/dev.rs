@@ -1005,3 +1005,43 @@ fn a_full_disk_gets_507_and_the_daemon_resumes_when_space_returns() {
     assert_eq!(done["state"], "succeeded");
     assert_eq!(http(&dev.addr, "GET", "/readyz", None).0, 200);
 }
+
+/// Out of descriptors, `accept` fails: the daemon backs off and says so
+/// once instead of spinning and logging a line every few milliseconds, and
+/// serves again once descriptors are free.
+#[test]
+fn accept_failures_back_off_and_are_logged_once() {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let dev = Dev::start_with(&dir.path().join("data"), &addr, &[], |c| unsafe {
+        c.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 40,
+                rlim_max: 40,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    });
+    // Idle connections until the daemon has no descriptor left for more.
+    let held: Vec<std::net::TcpStream> = (0..60)
+        .filter_map(|_| std::net::TcpStream::connect(&dev.addr).ok())
+        .collect();
+    assert!(held.len() >= 40, "connections held: {}", held.len());
+    std::thread::sleep(Duration::from_secs(2));
+    let failures = dev.stderr().matches("accept failed").count();
+    assert!(failures >= 1, "the limit was reached: {}", dev.stderr());
+    assert!(failures <= 3, "logged {failures} times in 2 s: spinning");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(&dev.addr, "GET", "/healthz", None).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "serves again once descriptors are free"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -35,6 +35,10 @@ use crate::dto::{
     NodeView, ReplicaView, SubmitRequest,
 };
 
+/// First wait after a failed `accept`; it doubles up to the max.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Largest request body accepted; larger ones get 413.
 pub const BODY_BYTES_MAX: usize = 1 << 20;
 /// Connections served at once by default. At the limit a newcomer is still
@@ -118,14 +122,26 @@ pub async fn serve(
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new((cp, config));
     tokio::pin!(shutdown);
+    // Accept errors (out of descriptors, above all) back off instead of
+    // spinning, and are logged once per episode, not once per try.
+    let mut accept_backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    if accept_backoff > ACCEPT_BACKOFF_MIN {
+                        tracing::info!("accepting connections again");
+                    }
+                    accept_backoff = ACCEPT_BACKOFF_MIN;
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if accept_backoff == ACCEPT_BACKOFF_MIN {
+                        tracing::warn!(error = %e, "accept failed; backing off until it succeeds");
+                    }
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
