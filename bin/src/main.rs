@@ -104,9 +104,14 @@ fn init_tracing(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUSTCI_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal, and never with NO_COLOR set (no-color.org).
+    use std::io::IsTerminal as _;
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .try_init();
 }
 
@@ -124,15 +129,28 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     Some(Resources::new(cpu, mem.unwrap_or(mm)))
                 }
             };
+            // The built-in node must be one jobs can use: refuse at once
+            // rather than serve with no usable node.
+            let node_name = args.node_name.clone().unwrap_or_else(daemon::hostname);
+            rustci_core::validate::validate_node_name(&node_name)
+                .map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
+            if let Some(c) = &capacity {
+                rustci_core::validate::validate_resources(c).map_err(|e| {
+                    anyhow::anyhow!("the built-in node's size (--cpus, --memory-mb): {e}")
+                })?;
+            }
+            let labels: rustci_core::model::Labels = args.labels.iter().cloned().collect();
+            rustci_core::validate::validate_labels(&labels, "--label")
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let config = DevConfig {
                 data_dir: args.data_dir,
                 listen: args.listen,
                 api_token: args.api_token,
                 join_token: args.join_token,
                 local_runner: true,
-                node_name: args.node_name.unwrap_or_else(daemon::hostname),
+                node_name,
                 capacity,
-                labels: args.labels.into_iter().collect(),
+                labels,
                 idempotency_window: std::time::Duration::from_secs(args.idempotency_window_secs),
                 disk_reserve_bytes: args.disk_reserve_mb * 1024 * 1024,
                 output_quota_bytes: args.output_quota_mb * 1024 * 1024,
@@ -257,11 +275,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
+/// The first Ctrl-C or SIGTERM: a graceful stop (running attempts are
+/// ended; they run again after a restart). A second one while it is under
+/// way stops the process at once.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
+    eprintln!("rustci: stopping gracefully (again to stop at once)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("rustci: stopping at once");
+        std::process::exit(130);
+    });
 }

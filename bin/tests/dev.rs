@@ -1045,3 +1045,34 @@ fn accept_failures_back_off_and_are_logged_once() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `rustci dev` with a node no job could use refuses to start, in one line,
+/// and creates nothing; its log has colours only on a terminal.
+#[test]
+fn dev_refuses_an_unusable_node_and_logs_without_colours_off_a_terminal() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    for (args, says) in [
+        (&["--node-name", "bad name!"][..], "--node-name"),
+        (&["--memory-mb", "0"][..], "memory_mb"),
+        (&["--cpus", "0"][..], "--cpus"),
+    ] {
+        let out = dev_refusing(&data, args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.trim_end().lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("rustci: ") && last.contains(says),
+            "{args:?}: {err}"
+        );
+        assert!(!data.exists(), "{args:?} created the data dir");
+    }
+    // stderr is a file here: no escape codes, even with the default level.
+    let dev = Dev::start(&data, &[]);
+    let log = dev.stderr();
+    assert!(log.contains("rustci dev is serving"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes off a terminal: {log:?}"
+    );
+}
