@@ -103,6 +103,20 @@ pub enum Cmd {
         #[command(subcommand)]
         command: NodeCmd,
     },
+    /// The committed event log: one line per event, or `--json` lines.
+    Events {
+        /// Keep waiting for new events.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Start after this log index (default: the beginning).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// One JSON object per line (the API's form).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Cluster summary.
     Status {
         #[arg(long)]
@@ -294,9 +308,12 @@ pub struct SubmitArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum JobCmd {
-    /// Print a job as JSON.
+    /// Show a job: its spec, its state and a table of its attempts.
     Get {
         id: String,
+        /// Print the job object as JSON (the API's form) instead.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -409,6 +426,168 @@ pub fn one_line_usage_error(e: &clap::Error, subcommand: Option<&str>) -> String
         );
     }
     format!("{first}{tip}")
+}
+
+/// `rustci events`: pages through `GET /v1/events`, long-polling with
+/// `--follow`.
+pub async fn events(
+    opts: &ClientOpts,
+    mut after: u64,
+    follow: bool,
+    as_json: bool,
+) -> anyhow::Result<Exit> {
+    let mut client = connect(opts).await?;
+    loop {
+        let wait = if follow { 30 } else { 0 };
+        let path = format!("/v1/events?after={after}&wait_secs={wait}");
+        let page: rustci_net::dto::EventList = client.json(Method::GET, &path, None, &[]).await?;
+        let mut out = std::io::stdout().lock();
+        for event in &page.events {
+            if as_json {
+                writeln!(out, "{event}")?;
+            } else {
+                writeln!(out, "{}", event_line(event))?;
+            }
+        }
+        out.flush()?;
+        if page.events.is_empty() && !follow {
+            return Ok(0);
+        }
+        after = page.next;
+    }
+}
+
+/// One event as a line: index, time, type, then its fields as key=value.
+fn event_line(event: &serde_json::Value) -> String {
+    let field = |k: &str| event.get(k).cloned().unwrap_or_default();
+    let at = field("at").as_u64().map_or("-".to_string(), rfc3339);
+    let mut line = format!(
+        "{:>8} {at} {}",
+        field("index"),
+        field("type").as_str().unwrap_or("?")
+    );
+    if let Some(obj) = event.as_object() {
+        for (k, v) in obj {
+            if matches!(k.as_str(), "index" | "term" | "at" | "type") {
+                continue;
+            }
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            line.push_str(&format!(" {k}={v}"));
+        }
+    }
+    line
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A stamp (Unix ms) as RFC 3339, to the millisecond, UTC.
+fn rfc3339(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// A duration as people write it: `850ms`, `12.3s`, `4m 5s`, `2h 3m`.
+fn human_duration(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m {}s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{}h {}m", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+/// `rustci job get` for a person: the job, then a table of its attempts.
+fn describe_job(job: &JobView, now_ms: u64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let name = if job.name.is_empty() {
+        "-"
+    } else {
+        job.name.as_str()
+    };
+    let ended = match (job.state.as_str(), job.exit_code) {
+        ("succeeded" | "failed", Some(code)) => format!(" (exit code {code})"),
+        _ => String::new(),
+    };
+    let _ = writeln!(out, "job {}  {}{ended}", job.id, job.state);
+    let _ = writeln!(out, "name:         {name}");
+    let _ = writeln!(out, "command:      {}", job.command.join(" "));
+    let _ = writeln!(
+        out,
+        "submitted:    {} ({} ago)",
+        rfc3339(job.submitted_at),
+        human_duration(now_ms.saturating_sub(job.submitted_at))
+    );
+    let _ = writeln!(
+        out,
+        "resources:    cpu {}m, memory {} MiB; priority {}; timeout {}",
+        job.resources.cpu_millis,
+        job.resources.memory_mb,
+        job.priority,
+        human_duration(job.timeout_secs.saturating_mul(1000))
+    );
+    if !job.constraints.is_empty() {
+        let c: Vec<String> = job
+            .constraints
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(out, "constraints:  {}", c.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "retries:      {} of {} used",
+        job.retries_used, job.max_retries
+    );
+    if let Some(reason) = &job.reason {
+        let _ = writeln!(out, "reason:       {reason}");
+    }
+    if job.attempts.is_empty() {
+        let _ = writeln!(out, "attempts:     none yet");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<8} {:<16} {:<10} {:<13} {:<5} {:<25} {:<9} {:<8} CPU",
+        "ATTEMPT", "NODE", "STATE", "OUTCOME", "EXIT", "STARTED", "DURATION", "PEAK"
+    );
+    for a in &job.attempts {
+        let outcome = a.outcome.map_or("-".to_string(), |o| {
+            serde_json::to_value(o)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        });
+        let started = a.started_at.map_or("-".to_string(), rfc3339);
+        let duration = match (a.started_at, a.finished_at) {
+            (Some(s), Some(f)) => human_duration(f.saturating_sub(s)),
+            (Some(s), None) => format!("{} so far", human_duration(now_ms.saturating_sub(s))),
+            _ => "-".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<8} {:<16} {:<10} {:<13} {:<5} {:<25} {:<9} {:<8} {}",
+            a.number,
+            a.node,
+            a.state,
+            outcome,
+            a.exit_code.map_or("-".to_string(), |c| c.to_string()),
+            started,
+            duration,
+            a.peak_memory_mb
+                .map_or("-".to_string(), |m| format!("{m} MiB")),
+            a.cpu_ms.map_or("-".to_string(), human_duration),
+        );
+    }
+    out
 }
 
 /// `--server`/`RUSTCI_SERVER` as a socket address: accepts `host:port`,
@@ -772,12 +951,16 @@ pub async fn jobs(
 
 pub async fn job(cmd: JobCmd) -> anyhow::Result<Exit> {
     match cmd {
-        JobCmd::Get { id, client } => {
+        JobCmd::Get { id, json, client } => {
             let job: JobView = connect(&client)
                 .await?
                 .json(Method::GET, &job_path(&id)?, None, &[])
                 .await?;
-            println!("{}", serde_json::to_string_pretty(&job)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                print!("{}", describe_job(&job, wall_clock_ms()));
+            }
         }
         JobCmd::Cancel { id, client } => {
             let path = format!("{}/cancel", job_path(&id)?);
@@ -1012,6 +1195,15 @@ mod tests {
         assert_eq!(server_addr(""), DEFAULT_SERVER);
         assert_eq!(server_addr("[::1]:9000"), "[::1]:9000");
         assert_eq!(server_addr("::1"), "[::1]:7878");
+    }
+
+    #[test]
+    fn durations_and_stamps_read_as_people_write_them() {
+        assert_eq!(human_duration(850), "850ms");
+        assert_eq!(human_duration(12_340), "12.3s");
+        assert_eq!(human_duration(245_000), "4m 5s");
+        assert_eq!(human_duration(7_380_000), "2h 3m");
+        assert_eq!(rfc3339(1_795_668_452_674), "2026-11-26T04:47:32.674Z");
     }
 
     #[test]

@@ -267,6 +267,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Nodes { json, client } => cli::nodes(&client, json).await,
         Cmd::Node { command } => cli::node(command).await,
         Cmd::Status { json, client } => cli::status(&client, json).await,
+        Cmd::Events {
+            follow,
+            after,
+            json,
+            client,
+        } => cli::events(&client, after, follow, json).await,
         Cmd::Replay(args) => tokio::task::spawn_blocking(move || rustci::replay::run(args)).await?,
         Cmd::Backup(args) => rustci::backup::run(args).await,
         Cmd::Sim(args) => tokio::task::spawn_blocking(move || rustci::simcmd::run(args)).await?,

@@ -1076,3 +1076,55 @@ fn dev_refuses_an_unusable_node_and_logs_without_colours_off_a_terminal() {
         "colour codes off a terminal: {log:?}"
     );
 }
+
+/// `rustci events` prints the committed log one event a line (or JSON
+/// lines with `--json`); `rustci job get` reads as a person would read it,
+/// with `--json` for the API's form.
+#[test]
+fn events_and_job_get_read_as_people_read_them() {
+    let dir = scratch();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let out = dev.cli(&[
+        "submit", "--wait", "--name", "greet", "--", "sh", "-c", "exit 2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let events = dev.cli(&["events"]);
+    assert!(events.status.success(), "{events:?}");
+    let text = String::from_utf8_lossy(&events.stdout).to_string();
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    for kind in [
+        "leader_elected",
+        "job_submitted",
+        "attempt_assigned",
+        "attempt_finished",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing: {text}");
+    }
+    let json = dev.cli(&["events", "--json", "--after", "2"]);
+    let first: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&json.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["index"], 3);
+    let human = dev.cli(&["job", "get", "1"]);
+    let text = String::from_utf8_lossy(&human.stdout).to_string();
+    assert!(text.starts_with("job 1  failed (exit code 2)"), "{text}");
+    assert!(text.contains("name:         greet"), "{text}");
+    assert!(text.contains("ATTEMPT"), "{text}");
+    let row = text.lines().last().unwrap();
+    assert!(
+        row.starts_with('1') && row.contains("failed") && row.contains("exited"),
+        "{row}"
+    );
+    // RFC 3339 stamps.
+    assert!(text.contains('T') && text.contains('Z'), "{text}");
+    let machine = dev.cli(&["job", "get", "--json", "1"]);
+    let job: serde_json::Value = serde_json::from_slice(&machine.stdout).unwrap();
+    assert_eq!(job["exit_code"], 2);
+}
