@@ -475,7 +475,10 @@ fn job_file_constraints_priority_and_listing() {
     .unwrap();
     let out = dev.cli(&["submit", "--wait", "-f", file.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines();
+    let id = lines.next().unwrap().to_string();
+    assert_eq!(lines.collect::<Vec<_>>(), ["from-file"], "then its output");
     let job = dev.get_json(&format!("/v1/jobs/{id}"));
     assert_eq!(job["name"], "filejob");
     assert_eq!(job["priority"], 80);
