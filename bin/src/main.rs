@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     init_tracing(daemonish);
     if daemonish {
         if let Some(n @ 1..) = inherited {
-            tracing::info!(
+            tracing::debug!(
                 descriptors = n,
                 "inherited descriptors marked close-on-exec: jobs never see them"
             );
