@@ -53,7 +53,7 @@ fn main() -> ExitCode {
         }
         match rustci::procenv::raise_fd_limit() {
             Ok((before, after)) if after > before => {
-                tracing::info!(
+                tracing::debug!(
                     before,
                     after,
                     "raised the open-files limit to the hard limit"
