@@ -162,6 +162,19 @@ pub struct DevArgs {
     /// choice on small machines since the state machine is serial anyway).
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
+    #[command(flatten)]
+    pub control: ControlPlaneArgs,
+    /// How long the work dir of an attempt that did not succeed is kept
+    /// (seconds, 0 to 31,536,000; default 3,600); a succeeded attempt's is
+    /// removed at once.
+    #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub keep_failed_workspaces_secs: u64,
+}
+
+/// What `rustci dev` and `rustci server` share: how the control plane keeps
+/// its state, its disk and its connections.
+#[derive(Args, Debug)]
+pub struct ControlPlaneArgs {
     /// How long an idempotency key names its job, in seconds (1 to
     /// 31,536,000; default 86,400: 24 hours). A later submission with a key
     /// bound longer ago creates a new job.
@@ -177,11 +190,6 @@ pub struct DevArgs {
     /// that says so).
     #[arg(long, default_value_t = 10_240, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
     pub output_quota_mb: u64,
-    /// How long the work dir of an attempt that did not succeed is kept
-    /// (seconds, 0 to 31,536,000; default 3,600); a succeeded attempt's is
-    /// removed at once.
-    #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
-    pub keep_failed_workspaces_secs: u64,
     /// HTTP connections held at once; at the limit the one that waited
     /// longest for its client is closed to serve a newcomer.
     #[arg(long, default_value_t = rustci_net::server::CONNECTIONS_MAX)]
@@ -210,25 +218,8 @@ pub struct ServerArgs {
     /// Threads serving the API.
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
-    /// How long an idempotency key names its job, in seconds (1 to
-    /// 31,536,000; default 86,400: 24 hours). A later submission with a key
-    /// bound longer ago creates a new job.
-    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
-    pub idempotency_window_secs: u64,
-    /// Free space (MiB, 0 to 1,048,576; default 256) kept on the data dir's
-    /// file system for the log: job output stops below it, marked
-    /// incomplete.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
-    pub disk_reserve_mb: u64,
-    /// Total job output kept (MiB, 1 to 1,073,741,824; default 10,240):
-    /// past it the oldest attempts' output is evicted (replaced by a line
-    /// that says so).
-    #[arg(long, default_value_t = 10_240, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
-    pub output_quota_mb: u64,
-    /// HTTP connections held at once; at the limit the one that waited
-    /// longest for its client is closed to serve a newcomer.
-    #[arg(long, default_value_t = rustci_net::server::CONNECTIONS_MAX)]
-    pub connections_max: usize,
+    #[command(flatten)]
+    pub control: ControlPlaneArgs,
 }
 
 #[derive(Args, Debug)]

@@ -151,13 +151,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 node_name,
                 capacity,
                 labels,
-                idempotency_window: std::time::Duration::from_secs(args.idempotency_window_secs),
-                disk_reserve_bytes: args.disk_reserve_mb * 1024 * 1024,
-                output_quota_bytes: args.output_quota_mb * 1024 * 1024,
+                idempotency_window: std::time::Duration::from_secs(
+                    args.control.idempotency_window_secs,
+                ),
+                disk_reserve_bytes: args.control.disk_reserve_mb * 1024 * 1024,
+                output_quota_bytes: args.control.output_quota_mb * 1024 * 1024,
                 keep_failed_workspaces: std::time::Duration::from_secs(
                     args.keep_failed_workspaces_secs,
                 ),
-                connections_max: args.connections_max,
+                connections_max: args.control.connections_max,
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!("rustci dev: serving the API on http://{}", handle.addr);
@@ -182,11 +184,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 node_name: String::new(),
                 capacity: None,
                 labels: Default::default(),
-                idempotency_window: std::time::Duration::from_secs(args.idempotency_window_secs),
-                disk_reserve_bytes: args.disk_reserve_mb * 1024 * 1024,
-                output_quota_bytes: args.output_quota_mb * 1024 * 1024,
+                idempotency_window: std::time::Duration::from_secs(
+                    args.control.idempotency_window_secs,
+                ),
+                disk_reserve_bytes: args.control.disk_reserve_mb * 1024 * 1024,
+                output_quota_bytes: args.control.output_quota_mb * 1024 * 1024,
                 keep_failed_workspaces: rustci::runner::KEEP_FAILED_WORKSPACES_DEFAULT,
-                connections_max: args.connections_max,
+                connections_max: args.control.connections_max,
             };
             let handle = daemon::start_dev(config).await?;
             eprintln!(

@@ -664,26 +664,14 @@ fn descriptors_the_daemon_inherited_never_reach_a_job() {
 /// succeeds on its first attempt, with no retries to spend.
 #[test]
 fn a_daemon_short_of_descriptors_does_not_fail_the_jobs() {
-    use std::os::unix::process::CommandExt;
     let dir = scratch();
     let addr = format!("127.0.0.1:{}", free_port());
+    // About 14 for the daemon itself, then room for a few attempts.
     let dev = Dev::start_with(
         &dir.path().join("data"),
         &addr,
         &["--cpus", "8"],
-        |c| unsafe {
-            c.pre_exec(|| {
-                // About 14 for the daemon itself, then room for a few attempts.
-                let limit = libc::rlimit {
-                    rlim_cur: 32,
-                    rlim_max: 32,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        },
+        open_files_limit(32),
     );
     let ids: Vec<u64> = (0..12)
         .map(|_| {
@@ -1014,21 +1002,9 @@ fn a_full_disk_gets_507_and_the_daemon_resumes_when_space_returns() {
 /// serves again once descriptors are free.
 #[test]
 fn accept_failures_back_off_and_are_logged_once() {
-    use std::os::unix::process::CommandExt;
     let dir = scratch();
     let addr = format!("127.0.0.1:{}", free_port());
-    let dev = Dev::start_with(&dir.path().join("data"), &addr, &[], |c| unsafe {
-        c.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 40,
-                rlim_max: 40,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    });
+    let dev = Dev::start_with(&dir.path().join("data"), &addr, &[], open_files_limit(40));
     // Idle connections until the daemon has no descriptor left for more.
     let held: Vec<std::net::TcpStream> = (0..60)
         .filter_map(|_| std::net::TcpStream::connect(&dev.addr).ok())
@@ -1130,4 +1106,21 @@ fn events_and_job_get_read_as_people_read_them() {
     let machine = dev.cli(&["job", "get", "--json", "1"]);
     let job: serde_json::Value = serde_json::from_slice(&machine.stdout).unwrap();
     assert_eq!(job["exit_code"], 2);
+}
+
+/// Prepares a daemon's command to run with at most `n` open files.
+fn open_files_limit(n: u64) -> impl FnOnce(&mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    move |c| unsafe {
+        c.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
