@@ -308,6 +308,15 @@ pub enum JobCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Why a queued job is not placed (nodes evaluated, filtered by each
+    /// constraint, exhausted per resource), or where its attempt went.
+    Explain {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Cancel a job (a no-op for a finished one).
     Cancel {
         id: String,
@@ -470,6 +479,49 @@ fn event_line(event: &serde_json::Value) -> String {
         }
     }
     line
+}
+
+/// `rustci job explain` for a person.
+fn describe_placement(e: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let n = |k: &str| e[k].as_u64().unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "state:              {}",
+        e["state"].as_str().unwrap_or("?")
+    );
+    if let Some(reason) = e["reason"].as_str() {
+        let _ = writeln!(out, "reason:             {reason}");
+    }
+    let _ = writeln!(
+        out,
+        "nodes evaluated:    {} of {} ({} not ready)",
+        n("nodes_evaluated"),
+        n("nodes"),
+        n("nodes_not_ready")
+    );
+    if let Some(filtered) = e["filtered_by_constraint"].as_object() {
+        for (constraint, count) in filtered {
+            let _ = writeln!(out, "filtered by {constraint}: {count}");
+        }
+    }
+    let _ = writeln!(out, "too small:          {}", n("too_small"));
+    let _ = writeln!(out, "exhausted cpu:      {}", n("exhausted_cpu"));
+    let _ = writeln!(out, "exhausted memory:   {}", n("exhausted_memory"));
+    let _ = writeln!(out, "fitting now:        {}", n("fitting_now"));
+    if let Some(p) = e["placed"].as_object() {
+        let _ = writeln!(
+            out,
+            "attempt {} on {} ({}): the node has cpu {}m and memory {} MiB free with it (the tightest fit leaves the least)",
+            p["attempt"],
+            p["node"].as_str().unwrap_or("?"),
+            p["attempt_state"].as_str().unwrap_or("?"),
+            p["node_free_cpu_millis"],
+            p["node_free_memory_mb"]
+        );
+    }
+    out
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -942,6 +994,22 @@ pub async fn jobs(
 
 pub async fn job(cmd: JobCmd) -> anyhow::Result<Exit> {
     match cmd {
+        JobCmd::Explain { id, json, client } => {
+            let e: serde_json::Value = connect(&client)
+                .await?
+                .json(
+                    Method::GET,
+                    &format!("{}/placement", job_path(&id)?),
+                    None,
+                    &[],
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print!("{}", describe_placement(&e));
+            }
+        }
         JobCmd::Get { id, json, client } => {
             let job: JobView = connect(&client)
                 .await?

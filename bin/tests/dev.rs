@@ -1124,3 +1124,44 @@ fn open_files_limit(n: u64) -> impl FnOnce(&mut std::process::Command) {
         });
     }
 }
+
+/// `rustci job explain` (and `GET /v1/jobs/{id}/placement`) says why a
+/// queued job waits: nodes evaluated, filtered by which constraint, too
+/// small or exhausted; and where a placed attempt went.
+#[test]
+fn job_explain_says_why_a_job_waits_and_where_it_went() {
+    let dir = scratch();
+    let dev = Dev::start(
+        &dir.path().join("data"),
+        &["--cpus", "2", "--memory-mb", "1024", "--label", "pool=ci"],
+    );
+    let elsewhere = dev.submit_json(&json!({"command": ["true"], "constraints": {"pool": "gpu"}}));
+    let e = dev.get_json(&format!("/v1/jobs/{}/placement", elsewhere["id"]));
+    assert_eq!(e["state"], "queued");
+    assert_eq!(e["nodes_evaluated"], 1);
+    assert_eq!(e["filtered_by_constraint"]["pool=gpu"], 1, "{e}");
+    assert_eq!(e["fitting_now"], 0);
+    let huge = dev.submit_json(&json!({"command": ["true"], "resources": {"cpu_millis": 4000}}));
+    let e = dev.get_json(&format!("/v1/jobs/{}/placement", huge["id"]));
+    assert_eq!(e["too_small"], 1, "{e}");
+    let running =
+        dev.submit_json(&json!({"command": ["sleep", "30"], "resources": {"cpu_millis": 1500}}));
+    let id = running["id"].as_u64().unwrap();
+    dev.wait_job(id, Duration::from_secs(10), |j| j["state"] == "running");
+    let e = dev.get_json(&format!("/v1/jobs/{id}/placement"));
+    assert_eq!(
+        e["placed"]["node"],
+        dev.get_json("/v1/nodes")["nodes"][0]["name"]
+    );
+    assert_eq!(e["placed"]["node_free_cpu_millis"], 500, "{e}");
+    // A job that needs more cpu than is free now: exhausted, not too small.
+    let waits = dev.submit_json(&json!({"command": ["true"], "resources": {"cpu_millis": 1000}}));
+    let out = dev.cli(&["job", "explain", &waits["id"].to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("exhausted cpu:      1"), "{text}");
+    assert!(text.contains("nodes evaluated:    1 of 1"), "{text}");
+    let (status, _) = http(&dev.addr, "GET", "/v1/jobs/999/placement", None);
+    assert_eq!(status, 404);
+    dev.cli(&["job", "cancel", &id.to_string()]);
+}

@@ -340,3 +340,96 @@ pub fn unplaced_reason(state: &State, job: &Job) -> Option<String> {
         need.cpu_millis, need.memory_mb
     ))
 }
+
+/// Why a job is where it is, in the manner of Nomad's allocation metrics:
+/// what `GET /v1/jobs/{id}/placement` and `rustci job explain` show. It is
+/// computed on demand by visiting every node, never on the scheduler's path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Explanation {
+    /// The job's state.
+    pub state: String,
+    /// Nodes known to the control plane.
+    pub nodes: usize,
+    /// Ready nodes, all looked at.
+    pub nodes_evaluated: usize,
+    /// Nodes draining, down or gone: not looked at.
+    pub nodes_not_ready: usize,
+    /// Ready nodes filtered out, by the first constraint (`key=value`) each
+    /// failed.
+    pub filtered_by_constraint: BTreeMap<String, usize>,
+    /// Matching nodes too small for the job even when empty.
+    pub too_small: usize,
+    /// Matching nodes big enough, but without the cpu free now.
+    pub exhausted_cpu: usize,
+    /// Matching nodes big enough, but without the memory free now.
+    pub exhausted_memory: usize,
+    /// Matching nodes with room for the job now.
+    pub fitting_now: usize,
+    /// A queued job's short reason (as the job object's `reason`).
+    pub reason: Option<String>,
+    /// The active (or last) attempt's placement.
+    pub placed: Option<Placed>,
+}
+
+/// Where an attempt was placed, and its score: what the node had left after
+/// it (the scheduler picks the tightest fit, the least left).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Placed {
+    pub attempt: AttemptNumber,
+    pub node: String,
+    pub attempt_state: String,
+    /// Free on the node now, with this attempt's resources taken (for an
+    /// active attempt): the fit's leftover.
+    pub node_free_cpu_millis: u64,
+    pub node_free_memory_mb: u64,
+}
+
+/// Explains `job`'s placement in `state`.
+pub fn explain(state: &State, job: &Job) -> Explanation {
+    let need = job.spec.resources;
+    let mut e = Explanation {
+        state: job.state.as_str().to_string(),
+        nodes: state.nodes.len(),
+        reason: unplaced_reason(state, job),
+        ..Explanation::default()
+    };
+    for node in state.nodes.values() {
+        if !node.accepts_work() {
+            e.nodes_not_ready += 1;
+            continue;
+        }
+        e.nodes_evaluated += 1;
+        let failed = job
+            .spec
+            .constraints
+            .iter()
+            .find(|(k, v)| node.labels.get(*k) != Some(*v));
+        if let Some((k, v)) = failed {
+            *e.filtered_by_constraint
+                .entry(format!("{k}={v}"))
+                .or_insert(0) += 1;
+            continue;
+        }
+        if !need.fits_in(&node.capacity) {
+            e.too_small += 1;
+            continue;
+        }
+        let free = node.free();
+        let cpu_short = need.cpu_millis > free.cpu_millis;
+        let memory_short = need.memory_mb > free.memory_mb;
+        e.exhausted_cpu += usize::from(cpu_short);
+        e.exhausted_memory += usize::from(memory_short);
+        e.fitting_now += usize::from(!cpu_short && !memory_short);
+    }
+    e.placed = job.attempts.last().map(|a| {
+        let free = state.nodes.get(&a.node).map(Node::free).unwrap_or_default();
+        Placed {
+            attempt: a.number,
+            node: a.node.clone(),
+            attempt_state: a.state.as_str().to_string(),
+            node_free_cpu_millis: free.cpu_millis,
+            node_free_memory_mb: free.memory_mb,
+        }
+    });
+    e
+}

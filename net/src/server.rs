@@ -427,6 +427,7 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
             command(cp, Command::Cancel { job }).await
         }
         (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(cp, parse_job_id(id)?, &query).await,
+        (&Method::GET, ["v1", "jobs", id, "placement"]) => placement(cp, parse_job_id(id)?).await,
         (&Method::GET, ["v1", "nodes"]) => list_nodes(cp).await,
         (&Method::GET, ["v1", "nodes", name]) => get_node(cp, name.to_string()).await,
         (&Method::POST, ["v1", "nodes", name, "drain"]) => {
@@ -816,6 +817,21 @@ async fn json_off_driver<T: serde::Serialize + Send + 'static>(
 pub const LARGE_ENCODES_CONCURRENT: usize = 2;
 static LARGE_ENCODES: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(LARGE_ENCODES_CONCURRENT);
+
+async fn placement(cp: &ControlPlane, id: JobId) -> ApiResult {
+    let explained = cp
+        .query(move |r| {
+            let state = r.state();
+            state
+                .job(id)
+                .map(|j| rustci_core::scheduler::explain(state, j))
+        })
+        .await?;
+    match explained {
+        Some(e) => Ok(json(StatusCode::OK, &e)),
+        None => Err(ApiError::not_found(format!("job {id} not found"))),
+    }
+}
 
 async fn get_job(cp: &ControlPlane, id: JobId) -> ApiResult {
     let view = cp
