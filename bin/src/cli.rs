@@ -982,10 +982,18 @@ pub async fn jobs(
             j.node.as_deref().unwrap_or("-"),
             j.exit_code.map_or("-".to_string(), |c| c.to_string()),
             j.attempts.len(),
-            if j.name.is_empty() {
-                j.command.join(" ")
-            } else {
-                j.name.clone()
+            {
+                let name = if j.name.is_empty() {
+                    j.command.join(" ")
+                } else {
+                    j.name.clone()
+                };
+                // Every queued job says why it waits (and a failed one why
+                // it gave up, when it was not its own exit).
+                match &j.reason {
+                    Some(reason) => format!("{name}  [{reason}]"),
+                    None => name,
+                }
             }
         );
     }

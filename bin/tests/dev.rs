@@ -1161,6 +1161,13 @@ fn job_explain_says_why_a_job_waits_and_where_it_went() {
     assert!(out.status.success(), "{out:?}");
     assert!(text.contains("exhausted cpu:      1"), "{text}");
     assert!(text.contains("nodes evaluated:    1 of 1"), "{text}");
+    // The jobs table says why each queued job waits.
+    let table = dev.cli(&["jobs", "--state", "queued"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("[no ready node matches constraints pool=gpu]"),
+        "{table}"
+    );
     let (status, _) = http(&dev.addr, "GET", "/v1/jobs/999/placement", None);
     assert_eq!(status, 404);
     dev.cli(&["job", "cancel", &id.to_string()]);
