@@ -524,15 +524,10 @@ fn describe_placement(e: &serde_json::Value) -> String {
     out
 }
 
-/// Milliseconds since the Unix epoch, now.
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::daemon::wall_clock_ms;
 
 /// A stamp (Unix ms) as RFC 3339, to the millisecond, UTC.
-fn rfc3339(ms: u64) -> String {
+pub fn rfc3339(ms: u64) -> String {
     let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
     humantime::format_rfc3339_millis(at).to_string()
 }

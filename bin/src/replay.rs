@@ -101,9 +101,7 @@ fn print_entry(entry: &Entry, applied: &Applied, json: bool) -> anyhow::Result<(
             "{:>8} t{:<3} {} {:<17} {}",
             entry.index,
             entry.term,
-            humantime::format_rfc3339_millis(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(entry.at)
-            ),
+            crate::cli::rfc3339(entry.at),
             entry.event.kind(),
             details.join(" ")
         );

@@ -801,6 +801,21 @@ mod tests {
         std::iter::from_fn(|| a.poll_output()).collect()
     }
 
+    /// Joined at `now`, then handed job 1's first attempt at `now + 10`:
+    /// it is spawning.
+    fn spawning(now: u64) -> Agent {
+        let mut a = joined(now);
+        a.handle_message(
+            now + 10,
+            ServerMsg::Start {
+                index: 5,
+                assignment: assignment(1, 7),
+            },
+        );
+        assert!(matches!(drain(&mut a)[..], [AgentOutput::Spawn { .. }]));
+        a
+    }
+
     fn joined(now: u64) -> Agent {
         let mut a = Agent::new(config(), 7, None);
         a.handle_tick(now);
@@ -845,15 +860,7 @@ mod tests {
 
     #[test]
     fn agent_gives_back_an_attempt_its_executor_could_not_start() {
-        let mut a = joined(0);
-        a.handle_message(
-            10,
-            ServerMsg::Start {
-                index: 5,
-                assignment: assignment(1, 7),
-            },
-        );
-        assert!(matches!(drain(&mut a)[..], [AgentOutput::Spawn { .. }]));
+        let mut a = spawning(0);
         // Out of file descriptors: not the job's failure.
         a.handle_not_started(20, JobId(1), 1);
         let out = drain(&mut a);
@@ -865,15 +872,7 @@ mod tests {
 
     #[test]
     fn agent_runs_an_assignment_and_reports_until_acknowledged() {
-        let mut a = joined(0);
-        a.handle_message(
-            10,
-            ServerMsg::Start {
-                index: 5,
-                assignment: assignment(1, 7),
-            },
-        );
-        assert!(matches!(drain(&mut a)[..], [AgentOutput::Spawn { .. }]));
+        let mut a = spawning(0);
         a.handle_spawned(20, JobId(1), 1, Ok(()));
         assert!(
             matches!(&drain(&mut a)[..], [AgentOutput::Send(AgentMsg::Report(r))] if r.kind == ReportKind::Started)
