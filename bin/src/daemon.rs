@@ -26,7 +26,10 @@ use rustci_core::agent::{Agent, AgentConfig, AgentOutput};
 use rustci_core::event::{Entry, LogIndex};
 use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Resources};
 use rustci_core::protocol::LeaseConfig;
-use rustci_core::replica::{CommandError, Config, Output, Replica, Reply, TICK_MS};
+use rustci_core::raft::HardState;
+use rustci_core::replica::{
+    CommandError, Config, Output, PersistUnit, Recovery, Replica, Reply, TICK_MS,
+};
 use rustci_core::state::State;
 use rustci_net::agent_link::{AgentLinks, LinkContext};
 use rustci_net::control::{
@@ -131,13 +134,50 @@ const REPLAY_BATCH_ENTRIES: usize = 4096;
 /// Full batches queued between the reader and the reducer.
 const REPLAY_BATCHES_IN_FLIGHT: usize = 8;
 
-/// Reads the whole log and folds it into a state, as start-up does.
+/// Reads the whole log and folds it into a state (`rustci replay`,
+/// backups, benchmarks).
+pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
+    replay_store_until(store, LogIndex::MAX, |_| {}).map(|(state, _)| state)
+}
+
+/// What start-up reads from the log: the state up to the stored commit
+/// index, and the entries after it for Raft to commit again.
+pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
+    let stored = store.hard_state();
+    let stored = HardState {
+        term: stored.term,
+        vote: stored.voted_for,
+        commit: stored.commit,
+    };
+    let last = (store.last_index() > 0).then(|| (store.last_index(), store.last_term()));
+    let hard_state = Recovery::legacy(stored, last);
+    let mut terms = Vec::new();
+    let (state, tail) =
+        replay_store_until(store, hard_state.commit, |e| terms.push((e.index, e.term)))?;
+    // Only the first index of each term is kept: a handful per restart.
+    let (runs, last_index) =
+        rustci_core::raft::term_runs(rustci_core::raft::SnapshotMeta::default(), terms);
+    Ok(Recovery {
+        state,
+        hard_state,
+        runs,
+        last_index,
+        tail,
+    })
+}
+
+/// Folds the log up to `until` into a state and returns the entries after
+/// it; `seen` sees every entry's index and term, in order.
 ///
 /// A pipeline of two threads: one scans and decodes the log (checksums,
 /// MessagePack), the other applies entries in order. The reducer stays
 /// single-threaded and sees the entries in log order, so the result is the
 /// same as a plain fold; it only overlaps decoding with applying.
-pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
+fn replay_store_until(
+    store: &LogStore,
+    until: LogIndex,
+    mut seen: impl FnMut(&Entry),
+) -> anyhow::Result<(State, Vec<Entry>)> {
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(REPLAY_BATCHES_IN_FLIGHT);
     // Drained batches go back to the reader: reusing their buffers avoids an
     // mmap, page faults and a munmap per batch.
@@ -162,16 +202,22 @@ pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
             result
         });
         let mut state = State::for_replay();
+        let mut tail = Vec::new();
         for mut batch in full_rx {
             for entry in batch.drain(..) {
-                state.apply_owned(entry);
+                seen(&entry);
+                if entry.index <= until {
+                    state.apply_owned(entry);
+                } else {
+                    tail.push(entry);
+                }
             }
             let _ = empty_tx.send(batch);
         }
         match reader.join() {
             Ok(Ok(())) => {
                 state.rebuild_indexes();
-                Ok(state)
+                Ok((state, tail))
             }
             Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
             Err(panic) => std::panic::resume_unwind(panic),
@@ -256,16 +302,17 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     let started = Instant::now();
     crate::memory::tune_allocator();
     tokio::spawn(crate::memory::trim_after_bursts());
-    let (store, state) = guard_corruption(&config.data_dir, || {
+    let (store, recovery) = guard_corruption(&config.data_dir, || {
         let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let state = replay_store(&store)?;
-        Ok((store, state))
+        let recovery = recover_store(&store)?;
+        Ok((store, recovery))
     })?;
-    let (last_index, last_term) = (store.last_index(), store.last_term());
+    let last_index = store.last_index();
     tracing::info!(
         data_dir = %config.data_dir.display(),
         entries = last_index,
-        jobs = state.jobs.len(),
+        committed = recovery.hard_state.commit,
+        jobs = recovery.state.jobs.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "replayed the log"
     );
@@ -288,7 +335,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     }
     let reader = store.reader();
     let (inputs_tx, inputs_rx) = mpsc::channel(INPUTS_QUEUE_MAX);
-    let (applied_tx, applied_rx) = watch::channel(last_index);
+    let (applied_tx, applied_rx) = watch::channel(recovery.state.applied_index);
     let log_stats = Arc::new(LogStats::default());
     let writer = spawn_log_writer(store, inputs_tx.clone(), log_stats.clone());
     let (run_tx, run_rx) = mpsc::unbounded_channel();
@@ -342,14 +389,15 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     let mut replica_config = Config::new(1);
     replica_config.idempotency_window_ms =
         u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
-    let replica = Replica::recover(replica_config, state, last_index, last_term);
+    let mono_origin = Instant::now();
+    let replica = Replica::recover(replica_config, recovery, 0);
     let mut driver = Driver {
         replica,
         writer,
         runner,
         agent: config.local_runner.then(|| local_agent(&config)),
         links: links.clone(),
-        mono_origin: Instant::now(),
+        mono_origin,
         pending: HashMap::new(),
         next_request: 1,
         applied: applied_tx,
@@ -357,6 +405,21 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         fatal: None,
     };
     driver.replica.start(wall_clock_ms());
+    driver.carry_out();
+    // A single replica leads once its `LeaderElected` entry is durable:
+    // wait for that before the API and the agents are served, so the first
+    // heartbeat and the first request find a leader.
+    let mut inputs_rx = inputs_rx;
+    while driver.replica.voters().len() == 1 && !driver.replica.is_leading() {
+        if let Some(fatal) = &driver.fatal {
+            bail!("{fatal}");
+        }
+        let Some(input) = inputs_rx.recv().await else {
+            bail!("the log writer stopped during start-up");
+        };
+        driver.handle(input);
+        driver.carry_out();
+    }
     driver.tick();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
@@ -397,16 +460,27 @@ fn spawn_log_writer(
     inputs: mpsc::Sender<Input>,
     stats: Arc<LogStats>,
 ) -> LogWriter {
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<Entry>>();
+    let (tx, rx) = std::sync::mpsc::channel::<PersistUnit>();
     let stopping = Arc::new(AtomicBool::new(false));
     let stopping_flag = stopping.clone();
     let thread = std::thread::Builder::new()
         .name("rustci-log-writer".into())
         .spawn(move || {
-            while let Ok(mut batch) = rx.recv() {
-                while batch.len() < WRITER_BATCH_ENTRIES_MAX {
+            let mut next: Option<PersistUnit> = None;
+            while let Some(mut batch) = next.take().or_else(|| rx.recv().ok()) {
+                // Group commit: later units ride in the same transaction
+                // unless one truncates (it must follow what came before).
+                while batch.entries.len() < WRITER_BATCH_ENTRIES_MAX {
                     match rx.try_recv() {
-                        Ok(more) => batch.extend(more),
+                        Ok(more) if more.truncate_from.is_none() => {
+                            batch.id = more.id;
+                            batch.entries.extend(more.entries);
+                            batch.hard_state = more.hard_state.or(batch.hard_state);
+                        }
+                        Ok(more) => {
+                            next = Some(more);
+                            break;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -414,21 +488,21 @@ fn spawn_log_writer(
                 // on a write error (until reopened), so the disk filling up
                 // must be met before redb meets it. Meanwhile new commands
                 // get 507 and the batch waits; nothing is lost.
-                if !wait_for_log_room(&store, &batch, &stopping_flag, &inputs) {
+                if !wait_for_log_room(&store, &batch.entries, &stopping_flag, &inputs) {
                     // Stopping while the disk is full: these entries were
                     // never acknowledged.
                     return Some(store);
                 }
-                let last = batch.last().map(|e| e.index).unwrap_or(0);
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.append(&batch)));
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    persist_unit(&mut store, &batch)
+                }));
                 let failure = match result {
                     Ok(Ok(())) => {
                         stats.appends.fetch_add(1, Ordering::Relaxed);
                         stats
                             .entries
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        if inputs.blocking_send(Input::Persisted(last)).is_err() {
+                            .fetch_add(batch.entries.len() as u64, Ordering::Relaxed);
+                        if inputs.blocking_send(Input::Persisted(batch.id)).is_err() {
                             return Some(store);
                         }
                         continue;
@@ -451,6 +525,34 @@ fn spawn_log_writer(
         thread: Some(thread),
         stopping,
     }
+}
+
+/// Writes one (merged) unit; one bigger than a transaction may hold goes in
+/// parts: the truncation with the first, the hard state with the last.
+fn persist_unit(
+    store: &mut LogStore,
+    unit: &PersistUnit,
+) -> Result<(), rustci_storage::PersistError> {
+    let hard_state = unit.hard_state.map(|h| rustci_storage::HardState {
+        term: h.term,
+        voted_for: h.vote,
+        commit: h.commit,
+    });
+    let max = rustci_storage::APPEND_BATCH_ENTRIES_MAX;
+    if unit.entries.len() <= max {
+        return store.persist(unit.truncate_from, &unit.entries, hard_state.as_ref());
+    }
+    let parts: Vec<&[Entry]> = unit.entries.chunks(max).collect();
+    for (i, part) in parts.iter().enumerate() {
+        let truncate = if i == 0 { unit.truncate_from } else { None };
+        let hard = if i + 1 == parts.len() {
+            hard_state.as_ref()
+        } else {
+            None
+        };
+        store.persist(truncate, part, hard)?;
+    }
+    Ok(())
 }
 
 /// Entries one append takes at most (the rest waits for the next).
@@ -519,15 +621,15 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 struct LogWriter {
-    tx: Option<std::sync::mpsc::Sender<Vec<Entry>>>,
+    tx: Option<std::sync::mpsc::Sender<PersistUnit>>,
     thread: Option<std::thread::JoinHandle<Option<LogStore>>>,
     /// Set when the daemon stops: a writer waiting for disk space gives up.
     stopping: Arc<AtomicBool>,
 }
 
 impl LogWriter {
-    fn send(&self, entries: Vec<Entry>) -> bool {
-        self.tx.as_ref().is_some_and(|tx| tx.send(entries).is_ok())
+    fn send(&self, unit: PersistUnit) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(unit).is_ok())
     }
 
     /// Lets the writer finish what it has and waits for it; the store comes
@@ -820,10 +922,17 @@ impl Driver {
     fn carry_out_replica(&mut self, output: Output) {
         {
             match output {
-                Output::Persist(entries) => {
-                    if !self.writer.send(entries) && self.fatal.is_none() {
+                Output::Persist(unit) => {
+                    if !self.writer.send(unit) && self.fatal.is_none() {
                         self.fatal = Some("the log writer has stopped".into());
                     }
+                }
+                // One replica has no peers to talk to.
+                Output::Send(msg) => {
+                    tracing::error!(to = msg.to, kind = msg.body.kind(), "no peer to send to");
+                }
+                Output::LoadEntries(need) => {
+                    tracing::error!(peer = need.peer, "no peer to load entries for");
                 }
                 Output::Reply { request, result } => {
                     if let Some(Some(waiter)) = self.pending.remove(&request) {

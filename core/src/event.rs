@@ -105,6 +105,36 @@ pub enum Event {
 }
 
 impl Event {
+    /// About how many bytes the event takes encoded; Raft batches appends
+    /// by it. Counts the variable-length parts, plus a constant.
+    pub fn approx_bytes(&self) -> u64 {
+        let strings =
+            |it: &mut dyn Iterator<Item = &String>| -> u64 { it.map(|s| s.len() as u64 + 2).sum() };
+        let variable = match self {
+            Event::JobSubmitted {
+                spec,
+                idempotency_key,
+            } => {
+                spec.name.len() as u64
+                    + strings(&mut spec.command.iter())
+                    + strings(&mut spec.env.iter().flat_map(|(k, v)| [k, v]))
+                    + strings(&mut spec.constraints.iter().flat_map(|(k, v)| [k, v]))
+                    + idempotency_key.as_ref().map_or(0, |k| k.len() as u64)
+            }
+            Event::NodeRegistered { name, labels, .. } => {
+                name.len() as u64 + strings(&mut labels.iter().flat_map(|(k, v)| [k, v]))
+            }
+            Event::NodeRemoved { name, reason } => (name.len() + reason.len()) as u64,
+            Event::AttemptAssigned { node, .. } => node.len() as u64,
+            Event::NodeDrained { name }
+            | Event::NodeUndrained { name }
+            | Event::NodeDown { name, .. }
+            | Event::NodeUp { name, .. } => name.len() as u64,
+            _ => 0,
+        };
+        64 + variable
+    }
+
     /// The snake_case name used in the HTTP event stream and in traces.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1,31 +1,47 @@
 //! The replica: the sans-IO state machine a control-plane process runs.
 //!
-//! It owns the reduced [`State`], decides what to propose (user commands,
-//! runner reports, scheduler placements), and turns committed entries into
-//! replies and runner commands. It performs no IO and reads no clock.
+//! Two halves. [`crate::raft`] decides what is committed in the replicated
+//! log; the application half (this module) owns the reduced [`State`],
+//! decides what to propose (user commands, runner reports, scheduler
+//! placements), and turns committed entries into replies and runner
+//! commands. It performs no IO and reads no clock.
 //!
 //! # Driver contract
 //!
 //! Inputs, each taking `now` (wall-clock milliseconds: they only stamp
 //! entries) and, where timers matter, `mono` (milliseconds on a monotonic
-//! clock: failure detection and leases never read the wall clock):
-//! [`Replica::start`], [`Replica::propose`], [`Replica::handle_agent`],
-//! [`Replica::handle_persisted`], [`Replica::handle_tick`].
+//! clock: elections, failure detection and leases never read the wall
+//! clock): [`Replica::start`], [`Replica::propose`],
+//! [`Replica::handle_agent`], [`Replica::handle_peer`],
+//! [`Replica::handle_persisted`], [`Replica::handle_entries_loaded`],
+//! [`Replica::handle_tick`].
 //!
 //! Outputs come from [`Replica::poll_output`], in order. A driver MUST:
-//! 1. make every entry of an [`Output::Persist`] durable (fsync) *before*
-//!    calling [`Replica::handle_persisted`] with an index at or past it;
-//! 2. act on outputs in the order they are returned: a `Reply` is only ever
-//!    returned after the entry it acknowledges was reported persisted, so
-//!    sending it at once keeps "acknowledged means durable";
-//! 3. deliver every [`Output::ToAgent`] message to the agent of its node,
+//! 1. make each [`Output::Persist`] unit durable as ONE atomic write
+//!    (truncate the stored log from `truncate_from`, append `entries`,
+//!    store `hard_state`; one transaction, one fsync), units in the order
+//!    they were returned, and then call [`Replica::handle_persisted`] with
+//!    the unit's id (an id covers every earlier unit);
+//! 2. act on outputs in the order they are returned. A `Reply` is only
+//!    returned once its entry is committed (durable on a quorum) and
+//!    applied, and an [`Output::Send`] only once every unit before it is
+//!    durable (a vote or an append acknowledgement promises what the disk
+//!    holds), so sending at once keeps both promises;
+//! 3. deliver every [`Output::Send`] to the replica it names (it may be
+//!    lost, duplicated or reordered: Raft tolerates that), and answer every
+//!    [`Output::LoadEntries`] from storage with
+//!    [`Replica::handle_entries_loaded`];
+//! 4. deliver every [`Output::ToAgent`] message to the agent of its node,
 //!    and only to the incarnation it names; a message may be lost (the node
 //!    is gone, the network dropped it) and the replica tolerates that: every
 //!    lease renewal carries the node's committed view, and agents reconcile.
 //!
-//! Today a replica commits an entry as soon as its own disk has it (a
-//! single-replica cluster). Raft will sit between `propose` and commit,
-//! behind the same inputs and outputs, so the drivers do not change.
+//! Only the leader proposes and talks to agents, and only once it has
+//! applied its own `LeaderElected` entry (its state is then complete). A
+//! replica that stops leading fails the replies it still owes with
+//! [`CommandError::NotLeader`] and forgets its in-flight bookkeeping; pending
+//! replies are keyed by `(index, term)`, so an entry replaced by another
+//! leader's fails its waiter instead of answering it with the wrong entry.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -35,6 +51,7 @@ use crate::model::{
     TimestampMs,
 };
 use crate::protocol::{AgentMsg, Assignment, LeaseConfig, NodeAd, Report, ReportKind, ServerMsg};
+use crate::raft::{self, HardState, NeedEntries, ProposeError, Raft, Role};
 use crate::scheduler;
 use crate::state::{Applied, QueueKey, State};
 use crate::validate::{self, ValidationError};
@@ -46,6 +63,13 @@ pub const PROPOSALS_INFLIGHT_MAX: usize = 1 << 16;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: ReplicaId,
+    /// Every replica of the cluster, this one included (1, 3 or 5).
+    pub voters: BTreeSet<ReplicaId>,
+    /// Raft's base election timeout; each wait is drawn from `[t, 2t)`.
+    pub election_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// Seeds Raft's election timeout draws.
+    pub seed: u64,
     pub proposals_inflight_max: usize,
     /// The bounds of one scheduling pass. Production keeps the defaults; the
     /// simulator draws small ones per seed so truncated passes happen.
@@ -67,9 +91,149 @@ pub struct Config {
 pub const IDEMPOTENCY_WINDOW_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
 
 impl Config {
+    fn raft(&self) -> raft::Config {
+        let mut c = raft::Config::new(self.id, self.voters.iter().copied(), self.seed);
+        c.election_timeout_ms = self.election_timeout_ms;
+        c.heartbeat_interval_ms = self.heartbeat_interval_ms;
+        c.uncommitted_entries_max = self.proposals_inflight_max as u64;
+        c
+    }
+}
+
+/// What the replicated log carries: an event and the wall-clock stamp its
+/// leader gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub at: TimestampMs,
+    pub event: Event,
+}
+
+impl raft::Payload for Record {
+    fn size_bytes(&self) -> u64 {
+        self.event.approx_bytes()
+    }
+    fn leader_elected(term: Term, leader: ReplicaId, stamp: u64) -> Record {
+        Record {
+            at: stamp,
+            event: Event::LeaderElected {
+                replica: leader,
+                term,
+            },
+        }
+    }
+}
+
+/// A message between replicas.
+pub type PeerMessage = raft::Message<Record>;
+
+/// An [`Entry`] as Raft holds it.
+pub fn to_raft(entry: Entry) -> raft::Entry<Record> {
+    raft::Entry {
+        index: entry.index,
+        term: entry.term,
+        data: Record {
+            at: entry.at,
+            event: entry.event,
+        },
+    }
+}
+
+/// A Raft entry as the log stores it.
+pub fn from_raft(entry: raft::Entry<Record>) -> Entry {
+    Entry {
+        index: entry.index,
+        term: entry.term,
+        at: entry.data.at,
+        event: entry.data.event,
+    }
+}
+
+/// What a replica's storage holds when it starts, as the driver read it.
+#[derive(Clone, Debug)]
+pub struct Recovery {
+    /// The state replayed from the stored log up to `hard_state.commit`.
+    pub state: State,
+    pub hard_state: HardState,
+    /// `(first index, term)` of each run of equal terms in the stored log
+    /// (see [`raft::term_runs`]).
+    pub runs: Vec<(LogIndex, Term)>,
+    pub last_index: LogIndex,
+    /// The stored entries after `state.applied_index`.
+    pub tail: Vec<Entry>,
+}
+
+impl Recovery {
+    /// A replica that never ran.
+    pub fn empty() -> Recovery {
+        Recovery {
+            state: State::new(),
+            hard_state: HardState::default(),
+            runs: Vec::new(),
+            last_index: 0,
+            tail: Vec::new(),
+        }
+    }
+
+    /// From a whole stored log and hard state: replays the committed prefix
+    /// into `state` (for tests and the simulator; the daemon streams its log
+    /// instead).
+    pub fn from_log(mut state: State, log: &[Entry], hard_state: HardState) -> Recovery {
+        let hard_state = Recovery::legacy(hard_state, log.last().map(|e| (e.index, e.term)));
+        let split = log.partition_point(|e| e.index <= hard_state.commit);
+        for entry in &log[..split] {
+            state.apply(entry);
+        }
+        let (runs, last_index) = raft::term_runs(
+            raft::SnapshotMeta::default(),
+            log.iter().map(|e| (e.index, e.term)),
+        );
+        Recovery {
+            state,
+            hard_state,
+            runs,
+            last_index,
+            tail: log[split..].to_vec(),
+        }
+    }
+
+    /// The hard state to recover with, given the stored one and the stored
+    /// log's last `(index, term)`. A log written by a single replica before
+    /// hard states were stored has none: all of it was committed then.
+    pub fn legacy(stored: HardState, last: Option<(LogIndex, Term)>) -> HardState {
+        match last {
+            Some((index, term)) if stored == HardState::default() => HardState {
+                term,
+                vote: None,
+                commit: index,
+            },
+            Some((_, term)) if stored.term < term => HardState { term, ..stored },
+            _ => stored,
+        }
+    }
+}
+
+/// One unit for the driver to make durable atomically: see the driver
+/// contract.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistUnit {
+    /// Increases by one per unit; [`Replica::handle_persisted`] takes it.
+    pub id: u64,
+    /// Drop every stored entry from this index on, first.
+    pub truncate_from: Option<LogIndex>,
+    /// Then append these (contiguous, in index order).
+    pub entries: Vec<Entry>,
+    /// Then store this.
+    pub hard_state: Option<HardState>,
+}
+
+impl Config {
     pub fn new(id: ReplicaId) -> Config {
         Config {
             id,
+            voters: BTreeSet::from([id]),
+            election_timeout_ms: raft::ELECTION_TIMEOUT_MS_DEFAULT,
+            heartbeat_interval_ms: raft::HEARTBEAT_INTERVAL_MS_DEFAULT,
+            seed: id,
             proposals_inflight_max: PROPOSALS_INFLIGHT_MAX,
             pass_bounds: scheduler::PassBounds::default(),
             lease: LeaseConfig::default(),
@@ -83,8 +247,18 @@ impl Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lifecycle {
     Initializing,
+    /// A single replica elected itself and is applying its log.
     Starting,
+    /// A single replica serving.
     Running,
+    /// One of several replicas, knowing no leader, or a leader that has
+    /// not yet applied its own first entry.
+    ElectingLeader,
+    Leader,
+    Follower,
+    /// A leader that lost contact with part of the cluster (it still has a
+    /// quorum, else it steps down).
+    Degraded,
     Stopping,
     Stopped,
     Failed,
@@ -96,6 +270,10 @@ impl Lifecycle {
             Lifecycle::Initializing => "initializing",
             Lifecycle::Starting => "starting",
             Lifecycle::Running => "running",
+            Lifecycle::ElectingLeader => "electing_leader",
+            Lifecycle::Leader => "leader",
+            Lifecycle::Follower => "follower",
+            Lifecycle::Degraded => "degraded",
             Lifecycle::Stopping => "stopping",
             Lifecycle::Stopped => "stopped",
             Lifecycle::Failed => "failed",
@@ -162,8 +340,13 @@ pub enum CommandError {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// Entries to make durable, in index order. See the driver contract.
-    Persist(Vec<Entry>),
+    /// A unit to make durable. See the driver contract.
+    Persist(PersistUnit),
+    /// A message for another replica.
+    Send(PeerMessage),
+    /// Read entries `from..=to` from storage for replica `peer` and hand
+    /// them to [`Replica::handle_entries_loaded`].
+    LoadEntries(NeedEntries),
     /// The answer to a command, sent only once its entry is durable.
     Reply {
         request: RequestId,
@@ -211,20 +394,37 @@ struct Liveness {
 
 pub struct Replica {
     config: Config,
+    /// Decides what is committed.
+    raft: Raft<Record>,
     state: State,
-    lifecycle: Lifecycle,
-    term: Term,
-    /// Index of the last entry proposed (appended to the local log).
-    last_index: LogIndex,
-    /// Highest index the driver reported durable.
-    persisted_index: LogIndex,
-    commit_index: LogIndex,
-    /// `at` of the last proposed entry: stamps never decrease along the log.
-    last_at: TimestampMs,
-    /// Proposed, not yet applied, in index order.
-    unapplied: VecDeque<(Entry, Origin)>,
-    /// Proposed, not yet handed to the driver for persistence.
-    to_persist: Vec<Entry>,
+    /// Initializing, then Running once started, Stopping, Stopped or
+    /// Failed; [`Replica::lifecycle`] refines Running by Raft's role.
+    phase: Lifecycle,
+    /// This replica leads and has applied its own `LeaderElected` entry:
+    /// its state holds every committed entry, so it may propose, schedule
+    /// and talk to agents.
+    leading: bool,
+    /// The largest stamp in the local log (applied or not): stamps never
+    /// decrease along the log, also across leaders.
+    max_at: TimestampMs,
+    /// Why each entry this leader proposed was proposed, by index, with
+    /// the term it was proposed in.
+    origins: BTreeMap<LogIndex, (Term, Origin)>,
+    /// Indexes of the submissions among them (what the next job id is).
+    submits_unapplied: BTreeSet<LogIndex>,
+    /// Ids of the persist units handed out and reported durable.
+    units_issued: u64,
+    units_persisted: u64,
+    /// Per unit not yet durable: its id and the `(index, term)` Raft is
+    /// told once it is.
+    units_pending: VecDeque<(u64, Option<(LogIndex, Term)>)>,
+    /// Messages waiting for the unit (id) before them to be durable.
+    held: VecDeque<(u64, PeerMessage)>,
+    /// A hard state whose only change is the commit index: it needs no
+    /// fsync of its own and rides with the next unit.
+    deferred_hard_state: Option<HardState>,
+    /// The hard state last handed out in a unit.
+    hard_state_out: HardState,
     outputs: VecDeque<Output>,
     /// Placements proposed and not yet applied; the scheduler waits for them
     /// so that it never places from a state that misses its own decisions.
@@ -237,8 +437,11 @@ pub struct Replica {
     /// Per node: when its agent was last heard from and last leased. Every
     /// node's grace period starts afresh when this replica starts leading.
     liveness: BTreeMap<String, Liveness>,
-    /// Latest monotonic time seen; failure detection starts with the first.
+    /// Latest monotonic time seen while leading; failure detection starts
+    /// with the first.
     mono: Option<u64>,
+    /// Latest monotonic time given to Raft.
+    raft_mono: u64,
     /// Registrations, downs and losses proposed and not yet applied, so that
     /// each is proposed once.
     registering: BTreeMap<String, u64>,
@@ -252,13 +455,23 @@ pub struct Replica {
     storage_full: bool,
     /// Heartbeats this replica received (soft state, for metrics).
     heartbeats_received: u64,
+    /// Times this replica saw the leader change (soft state, for metrics).
+    leader_changes: u64,
+    leader_seen: Option<ReplicaId>,
 }
 
 impl Replica {
-    /// Builds a replica from the state replayed out of its durable log.
-    /// `last_index`/`last_term` describe that log; all of it is committed.
-    pub fn recover(config: Config, state: State, last_index: LogIndex, last_term: Term) -> Replica {
-        debug_assert_eq!(state.applied_index, last_index);
+    /// Builds a replica from what its storage holds, at monotonic time
+    /// `mono`. It follows until [`Replica::start`].
+    pub fn recover(config: Config, recovery: Recovery, mono: u64) -> Replica {
+        let Recovery {
+            state,
+            hard_state,
+            runs,
+            last_index,
+            tail,
+        } = recovery;
+        debug_assert_eq!(state.applied_index, hard_state.commit.min(last_index));
         let mut state = State {
             bugs: config.bugs,
             ..state
@@ -266,23 +479,37 @@ impl Replica {
         if state.sched.is_suspended() {
             state.rebuild_indexes();
         }
+        let max_at = tail.iter().map(|e| e.at).fold(state.last_at, u64::max);
+        let recovered = raft::Recovered {
+            hard_state,
+            snapshot: raft::SnapshotMeta::default(),
+            runs,
+            last_index,
+            tail: tail.into_iter().map(to_raft).collect(),
+        };
+        let raft = Raft::new(config.raft(), recovered, mono);
         Replica {
             config,
-            lifecycle: Lifecycle::Initializing,
-            term: last_term,
-            last_index,
-            persisted_index: last_index,
-            commit_index: last_index,
-            last_at: state.last_at,
+            raft,
+            phase: Lifecycle::Initializing,
+            leading: false,
+            max_at,
             state,
-            unapplied: VecDeque::new(),
-            to_persist: Vec::new(),
+            origins: BTreeMap::new(),
+            submits_unapplied: BTreeSet::new(),
+            units_issued: 0,
+            units_persisted: 0,
+            units_pending: VecDeque::new(),
+            held: VecDeque::new(),
+            deferred_hard_state: None,
+            hard_state_out: hard_state,
             outputs: VecDeque::new(),
             placements_inflight: 0,
             new_jobs: Vec::new(),
             full_pass_needed: true,
             liveness: BTreeMap::new(),
             mono: None,
+            raft_mono: mono,
             registering: BTreeMap::new(),
             downing: BTreeSet::new(),
             losing: BTreeSet::new(),
@@ -290,6 +517,8 @@ impl Replica {
             expiring_keys: false,
             storage_full: false,
             heartbeats_received: 0,
+            leader_changes: 0,
+            leader_seen: None,
         }
     }
 
@@ -301,27 +530,46 @@ impl Replica {
     pub fn id(&self) -> ReplicaId {
         self.config.id
     }
+    pub fn voters(&self) -> &BTreeSet<ReplicaId> {
+        &self.config.voters
+    }
     pub fn lifecycle(&self) -> Lifecycle {
-        self.lifecycle
+        if self.phase != Lifecycle::Running {
+            return self.phase;
+        }
+        let single = self.config.voters.len() == 1;
+        match (self.raft.role(), self.leading) {
+            (Role::Leader, true) if single => Lifecycle::Running,
+            (Role::Leader, false) if single => Lifecycle::Starting,
+            (Role::Leader, true) if self.raft.degraded() => Lifecycle::Degraded,
+            (Role::Leader, true) => Lifecycle::Leader,
+            (Role::Follower, _) if self.raft.leader().is_some() => Lifecycle::Follower,
+            _ => Lifecycle::ElectingLeader,
+        }
     }
     pub fn term(&self) -> Term {
-        self.term
+        self.raft.term()
     }
     pub fn commit_index(&self) -> LogIndex {
-        self.commit_index
+        self.raft.commit_index()
     }
     pub fn applied_index(&self) -> LogIndex {
         self.state.applied_index
     }
     pub fn last_index(&self) -> LogIndex {
-        self.last_index
+        self.raft.last_index()
     }
     /// The leader as far as this replica knows.
     pub fn leader(&self) -> Option<ReplicaId> {
-        match self.lifecycle {
-            Lifecycle::Starting | Lifecycle::Running => Some(self.config.id),
-            _ => None,
-        }
+        self.raft.leader()
+    }
+    /// This replica leads and its state is complete: it takes commands.
+    pub fn is_leading(&self) -> bool {
+        self.leading
+    }
+    /// Times the known leader changed since this replica started.
+    pub fn leader_changes(&self) -> u64 {
+        self.leader_changes
     }
     /// How long ago (monotonic ms, as of the latest input) this replica last
     /// heard from the node's agent; `None` before it heard anything.
@@ -337,7 +585,7 @@ impl Replica {
 
     /// True when writes can be served.
     pub fn is_ready(&self) -> bool {
-        self.lifecycle == Lifecycle::Running && !self.storage_full
+        self.leading && self.phase == Lifecycle::Running && !self.storage_full
     }
 
     /// The driver's log cannot grow (its disk is full: `true`) or can again
@@ -354,28 +602,28 @@ impl Replica {
 
     // --- inputs ---
 
-    /// Starts serving: a single replica elects itself for the next term.
+    /// Starts serving. A single replica elects itself at once; one of
+    /// several waits for a leader or its election timeout.
     pub fn start(&mut self, now: TimestampMs) {
-        if self.lifecycle != Lifecycle::Initializing {
+        if self.phase != Lifecycle::Initializing {
             return;
         }
-        self.lifecycle = Lifecycle::Starting;
-        self.term += 1;
-        let event = Event::LeaderElected {
-            replica: self.config.id,
-            term: self.term,
-        };
-        self.append(now, event, Origin::Internal);
+        self.phase = Lifecycle::Running;
+        if self.config.voters.len() == 1 {
+            self.raft.set_stamp(self.next_stamp(now));
+            self.raft.campaign_now();
+        }
+        self.process(now);
     }
 
     /// Stops accepting commands; entries already proposed still commit.
     pub fn stop(&mut self) {
-        self.lifecycle = Lifecycle::Stopping;
+        self.phase = Lifecycle::Stopping;
     }
 
     /// Marks the replica failed (the driver hit an unrecoverable IO error).
     pub fn fail(&mut self) {
-        self.lifecycle = Lifecycle::Failed;
+        self.phase = Lifecycle::Failed;
     }
 
     /// Validates a command and proposes its entry; the reply comes later
@@ -394,6 +642,7 @@ impl Replica {
                 self.append(now, event, Origin::Command(request));
             }
         }
+        self.process(now);
     }
 
     /// SIM-BUGS (c): answers a submission at once with the job the reducer
@@ -408,11 +657,7 @@ impl Replica {
             self.append(now, event, Origin::Command(request));
             return;
         };
-        let pending = self
-            .unapplied
-            .iter()
-            .filter(|(e, _)| matches!(e.event, Event::JobSubmitted { .. }))
-            .count() as u64;
+        let pending = self.submits_unapplied.len() as u64;
         let job = Job {
             id: JobId(self.state.jobs.next_id().0 + pending),
             spec: spec.clone(),
@@ -421,7 +666,7 @@ impl Replica {
             submitted_at: now,
             retries_used: 0,
             attempts: Vec::new(),
-            seq: self.last_index + 1,
+            seq: self.raft.last_index() + 1,
         };
         self.reply(request, Ok(Reply::Job(job)));
         let event = Event::JobSubmitted {
@@ -434,12 +679,17 @@ impl Replica {
     /// Validates a command against the limits and the current state.
     /// `Ok(Some(reply))` means it is a no-op answered at once.
     fn check(&self, command: &Command) -> Result<Option<Reply>, CommandError> {
-        match self.lifecycle {
-            Lifecycle::Starting | Lifecycle::Running => {}
+        match self.phase {
+            Lifecycle::Running if self.leading => {}
+            Lifecycle::Running => {
+                return Err(CommandError::NotLeader {
+                    leader: self.raft.leader().filter(|&l| l != self.config.id),
+                })
+            }
             Lifecycle::Stopping | Lifecycle::Stopped => return Err(CommandError::Stopping),
             _ => return Err(CommandError::NotLeader { leader: None }),
         }
-        if self.unapplied.len() >= self.config.proposals_inflight_max {
+        if self.origins.len() >= self.config.proposals_inflight_max {
             return Err(CommandError::Overloaded);
         }
         match command {
@@ -501,7 +751,7 @@ impl Replica {
 
     /// A message from a node's agent. `mono` is the monotonic clock.
     pub fn handle_agent(&mut self, now: TimestampMs, mono: u64, msg: AgentMsg) {
-        if !matches!(self.lifecycle, Lifecycle::Starting | Lifecycle::Running) {
+        if !(self.leading && self.phase == Lifecycle::Running) {
             return;
         }
         self.observe(mono);
@@ -518,6 +768,7 @@ impl Replica {
                 done,
             } => self.leaving(now, node, incarnation, reason, done),
         }
+        self.process(now);
     }
 
     /// An agent stopping: its node is drained, then removed with `reason`.
@@ -711,14 +962,73 @@ impl Replica {
         active
     }
 
-    /// The driver made the log durable up to `index`.
-    pub fn handle_persisted(&mut self, now: TimestampMs, index: LogIndex) {
-        debug_assert!(index <= self.last_index, "persisted past the last proposal");
-        self.persisted_index = self.persisted_index.max(index.min(self.last_index));
-        // Single replica: durable on the local disk means committed.
-        self.commit_index = self.persisted_index;
-        self.apply_committed();
-        self.maybe_schedule(now);
+    /// The driver made every [`PersistUnit`] up to id `unit` durable.
+    pub fn handle_persisted(&mut self, now: TimestampMs, unit: u64) {
+        assert!(
+            unit <= self.units_issued,
+            "persisted a unit never handed out"
+        );
+        self.units_persisted = self.units_persisted.max(unit);
+        while let Some(&(id, last)) = self.units_pending.front() {
+            if id > self.units_persisted {
+                break;
+            }
+            self.units_pending.pop_front();
+            if let Some((index, term)) = last {
+                self.raft.persisted(index, term);
+            }
+        }
+        self.release_held();
+        self.process(now);
+    }
+
+    /// A message from another replica. `mono` is the monotonic clock.
+    pub fn handle_peer(&mut self, now: TimestampMs, mono: u64, msg: PeerMessage) {
+        if msg.to != self.config.id {
+            return; // Misrouted: not ours to answer.
+        }
+        self.raft_tick(now, mono);
+        self.raft.step(msg);
+        self.process(now);
+    }
+
+    /// Entries read from storage for `peer`, answering an
+    /// [`Output::LoadEntries`] (none if storage no longer has them).
+    pub fn handle_entries_loaded(
+        &mut self,
+        now: TimestampMs,
+        peer: ReplicaId,
+        entries: Vec<Entry>,
+    ) {
+        self.raft
+            .entries_loaded(peer, entries.into_iter().map(to_raft).collect());
+        self.process(now);
+    }
+
+    /// Leadership goes to `to` (graceful shutdown of the leader): Raft
+    /// brings it up to date and tells it to campaign. `false` if this
+    /// replica does not lead or `to` is not a peer.
+    pub fn transfer_leadership(&mut self, now: TimestampMs, to: ReplicaId) -> bool {
+        let ok = self.raft.transfer_leadership(to).is_ok();
+        self.process(now);
+        ok
+    }
+
+    /// The peer that is most up to date, for a leadership transfer.
+    pub fn best_transferee(&self) -> Option<ReplicaId> {
+        self.config
+            .voters
+            .iter()
+            .filter(|&&v| v != self.config.id)
+            .filter_map(|&v| self.raft.progress(v).map(|(matched, _, _)| (matched, v)))
+            .max_by_key(|&(matched, v)| (matched, std::cmp::Reverse(v)))
+            .map(|(_, v)| v)
+    }
+
+    fn raft_tick(&mut self, now: TimestampMs, mono: u64) {
+        self.raft_mono = self.raft_mono.max(mono);
+        self.raft.set_stamp(self.next_stamp(now));
+        self.raft.tick(self.raft_mono);
     }
 
     /// Periodic work; call every [`TICK_MS`] or so. `mono` is the
@@ -726,12 +1036,16 @@ impl Replica {
     /// and the attempts of a down or removed node are lost (and requeued)
     /// once its lease has provably lapsed.
     pub fn handle_tick(&mut self, now: TimestampMs, mono: u64) {
-        if self.lifecycle == Lifecycle::Running {
+        if self.phase != Lifecycle::Initializing {
+            self.raft_tick(now, mono);
+            self.process(now);
+        }
+        if self.leading && self.phase == Lifecycle::Running {
             self.observe(mono);
             self.detect_failures(now, mono);
             self.expire_keys(now);
         }
-        self.maybe_schedule(now);
+        self.process(now);
     }
 
     /// Proposes the expiry of the idempotency keys bound longer than the
@@ -854,49 +1168,213 @@ impl Replica {
     /// The next thing the driver must do. Pending entries to persist come out
     /// as one batch, ahead of later outputs (group commit falls out of this).
     pub fn poll_output(&mut self) -> Option<Output> {
-        if let Some(out) = self.outputs.pop_front() {
-            return Some(out);
-        }
-        if !self.to_persist.is_empty() {
-            return Some(Output::Persist(std::mem::take(&mut self.to_persist)));
-        }
-        None
+        self.outputs.pop_front()
     }
 
     // --- internals ---
 
-    fn append(&mut self, now: TimestampMs, event: Event, origin: Origin) {
-        self.last_at = if planted!(self.config.bugs, StampFollowsClock) {
+    /// The stamp of the next entry this replica proposes: never below any
+    /// stamp in its log.
+    fn next_stamp(&self, now: TimestampMs) -> TimestampMs {
+        if planted!(self.config.bugs, StampFollowsClock) {
             now
         } else {
-            self.last_at.max(now)
+            self.max_at.max(now)
+        }
+    }
+
+    fn append(&mut self, now: TimestampMs, event: Event, origin: Origin) {
+        let at = self.next_stamp(now);
+        let record = Record {
+            at,
+            event: event.clone(),
         };
-        self.last_index += 1;
+        match self.raft.propose(record) {
+            Ok(index) => {
+                self.max_at = at;
+                if matches!(event, Event::JobSubmitted { .. }) {
+                    self.submits_unapplied.insert(index);
+                }
+                self.origins.insert(index, (self.raft.term(), origin));
+            }
+            Err(e) => {
+                let error = match e {
+                    ProposeError::Overloaded => CommandError::Overloaded,
+                    _ => CommandError::NotLeader {
+                        leader: self.raft.leader().filter(|&l| l != self.config.id),
+                    },
+                };
+                self.abandon(&event, origin, error);
+            }
+        }
+    }
+
+    /// An entry proposed for `origin` will never be applied as such: its
+    /// bookkeeping is undone and a waiting command fails with `error`.
+    fn abandon(&mut self, event: &Event, origin: Origin, error: CommandError) {
         let entry = Entry {
-            index: self.last_index,
-            term: self.term,
-            at: self.last_at,
-            event,
+            index: 0,
+            term: 0,
+            at: 0,
+            event: event.clone(),
         };
-        self.to_persist.push(entry.clone());
-        self.unapplied.push_back((entry, origin));
+        self.settle_proposal(&entry);
+        match origin {
+            Origin::Command(request) => self.reply(request, Err(error)),
+            Origin::Placement => {
+                self.placements_inflight -= 1;
+                self.full_pass_needed = true;
+            }
+            _ => {}
+        }
     }
 
     fn reply(&mut self, request: RequestId, result: Result<Reply, CommandError>) {
         self.outputs.push_back(Output::Reply { request, result });
     }
 
-    fn apply_committed(&mut self) {
-        while self
-            .unapplied
-            .front()
-            .is_some_and(|(e, _)| e.index <= self.commit_index)
-        {
-            let (entry, origin) = self.unapplied.pop_front().expect("front exists");
-            let applied = self.state.apply(&entry);
-            self.settle_proposal(&entry);
-            self.after_apply(&entry, origin, applied);
+    /// Hands Raft's outputs to the driver and applies what is committed,
+    /// until neither Raft nor the scheduler has more to do.
+    fn process(&mut self, now: TimestampMs) {
+        loop {
+            if self.raft.has_ready() {
+                self.raft.set_stamp(self.next_stamp(now));
+                let ready = self.raft.ready();
+                self.take_ready(ready);
+                continue;
+            }
+            let before = self.raft.last_index();
+            self.maybe_schedule(now);
+            if self.raft.last_index() == before && !self.raft.has_ready() {
+                break;
+            }
         }
+    }
+
+    fn take_ready(&mut self, ready: raft::Ready<Record>) {
+        assert!(
+            ready.restore.is_none(),
+            "snapshots are not installed yet (nothing compacts the log)"
+        );
+        if let Some(persist) = ready.persist {
+            assert!(persist.snapshot.is_none(), "snapshots are not stored yet");
+            self.persist(persist);
+        }
+        let wait = self.units_issued;
+        for msg in ready.messages {
+            self.held.push_back((wait, msg));
+        }
+        self.release_held();
+        for entry in ready.committed {
+            self.apply_committed(from_raft(entry));
+        }
+        for need in ready.need_entries {
+            self.outputs.push_back(Output::LoadEntries(need));
+        }
+        if let Some(status) = ready.status {
+            if status.leader != self.leader_seen {
+                if status.leader.is_some() {
+                    self.leader_changes += 1;
+                }
+                self.leader_seen = status.leader;
+            }
+            if status.role != Role::Leader && (self.leading || !self.origins.is_empty()) {
+                self.step_down(status.leader);
+            }
+        }
+    }
+
+    /// Turns Raft's persist request into a unit for the driver. A change of
+    /// the commit index alone needs no fsync: it rides with the next unit.
+    fn persist(&mut self, persist: raft::Persist<Record>) {
+        let hard_state = persist.hard_state.or(self.deferred_hard_state);
+        let commit_only = persist.entries.is_empty()
+            && persist.truncate_from.is_none()
+            && hard_state.is_some_and(|h| {
+                h.term == self.hard_state_out.term && h.vote == self.hard_state_out.vote
+            });
+        if commit_only {
+            self.deferred_hard_state = hard_state;
+            return;
+        }
+        self.deferred_hard_state = None;
+        let last = persist.last();
+        let entries: Vec<Entry> = persist.entries.into_iter().map(from_raft).collect();
+        if let Some(max) = entries.iter().map(|e| e.at).max() {
+            self.max_at = self.max_at.max(max);
+        }
+        if let Some(h) = hard_state {
+            self.hard_state_out = h;
+        }
+        self.units_issued += 1;
+        self.units_pending.push_back((self.units_issued, last));
+        self.outputs.push_back(Output::Persist(PersistUnit {
+            id: self.units_issued,
+            truncate_from: persist.truncate_from,
+            entries,
+            hard_state,
+        }));
+    }
+
+    /// Sends the messages whose units are durable.
+    fn release_held(&mut self) {
+        while self
+            .held
+            .front()
+            .is_some_and(|(wait, _)| *wait <= self.units_persisted)
+        {
+            let (_, msg) = self.held.pop_front().expect("front exists");
+            self.outputs.push_back(Output::Send(msg));
+        }
+    }
+
+    /// This replica no longer leads: what it owed as leader is dropped.
+    fn step_down(&mut self, leader: Option<ReplicaId>) {
+        self.leading = false;
+        let leader = leader.filter(|&l| l != self.config.id);
+        for (_, (_, origin)) in std::mem::take(&mut self.origins) {
+            if let Origin::Command(request) = origin {
+                self.reply(request, Err(CommandError::NotLeader { leader }));
+            }
+        }
+        self.submits_unapplied.clear();
+        self.placements_inflight = 0;
+        self.new_jobs.clear();
+        self.full_pass_needed = true;
+        self.liveness.clear();
+        self.mono = None;
+        self.registering.clear();
+        self.downing.clear();
+        self.losing.clear();
+        self.reporting.clear();
+        self.expiring_keys = false;
+    }
+
+    fn apply_committed(&mut self, entry: Entry) {
+        self.submits_unapplied.remove(&entry.index);
+        let origin = match self.origins.remove(&entry.index) {
+            Some((term, origin)) if term == entry.term => Some(origin),
+            Some((_, origin)) => {
+                // Another leader's entry replaced ours at this index.
+                let leader = self.raft.leader().filter(|&l| l != self.config.id);
+                self.abandon(&entry.event, origin, CommandError::NotLeader { leader });
+                None
+            }
+            None => None,
+        };
+        let applied = self.state.apply(&entry);
+        if !self.leading {
+            let own_first = matches!(entry.event, Event::LeaderElected { replica, term }
+                if replica == self.config.id && term == self.raft.term());
+            if own_first && self.raft.role() == Role::Leader {
+                // Everything committed before this leader's term is applied.
+                self.leading = true;
+                self.full_pass_needed = true;
+            }
+            return;
+        }
+        self.settle_proposal(&entry);
+        self.after_apply(&entry, origin.unwrap_or(Origin::Internal), applied);
     }
 
     /// Forgets that an applied entry was in flight.
@@ -938,11 +1416,6 @@ impl Replica {
                         },
                     });
                 }
-            }
-        }
-        if let Event::LeaderElected { replica, .. } = entry.event {
-            if replica == self.config.id && self.lifecycle == Lifecycle::Starting {
-                self.lifecycle = Lifecycle::Running;
             }
         }
         if origin == Origin::Placement {
@@ -1079,7 +1552,7 @@ impl Replica {
     }
 
     fn maybe_schedule(&mut self, now: TimestampMs) {
-        if self.placements_inflight > 0 || self.lifecycle != Lifecycle::Running {
+        if self.placements_inflight > 0 || !self.leading || self.phase != Lifecycle::Running {
             return;
         }
         if !self.full_pass_needed && self.new_jobs.is_empty() {

@@ -50,7 +50,7 @@ impl Payload for D {
     fn size_bytes(&self) -> u64 {
         16
     }
-    fn leader_elected(term: Term, leader: NodeId) -> D {
+    fn leader_elected(term: Term, leader: NodeId, _stamp: u64) -> D {
         D::Elected { term, leader }
     }
 }

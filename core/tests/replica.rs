@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use rustci_core::event::{Entry, Event};
 use rustci_core::model::{AttemptState, JobId, JobSpec, JobState, NodeState, Outcome, Resources};
 use rustci_core::protocol::{AgentMsg, LeaseConfig, NodeAd, Report, ReportKind, ServerMsg};
-use rustci_core::replica::{Command, CommandError, Config, Output, Replica, Reply};
+use rustci_core::raft::HardState;
+use rustci_core::replica::{
+    Command, CommandError, Config, Output, PersistUnit, Recovery, Replica, Reply,
+};
 use rustci_core::state::State;
 use rustci_core::validate;
 
@@ -29,6 +32,7 @@ enum RunnerReport {
 struct Cluster {
     replica: Replica,
     disk: Vec<Entry>,
+    hard_state: HardState,
     replies: BTreeMap<u64, Result<Reply, CommandError>>,
     /// Messages to agents: (node, incarnation, message).
     runner: Vec<ServerMsg>,
@@ -46,8 +50,9 @@ impl Cluster {
 
     fn with_config(config: Config) -> Cluster {
         let mut c = Cluster {
-            replica: Replica::recover(config, State::new(), 0, 0),
+            replica: Replica::recover(config, Recovery::empty(), 0),
             disk: Vec::new(),
+            hard_state: HardState::default(),
             replies: BTreeMap::new(),
             runner: Vec::new(),
             to_agents: Vec::new(),
@@ -62,13 +67,8 @@ impl Cluster {
 
     /// Restarts from the durable log, as `rustci dev` does after a crash.
     fn restart(&mut self) {
-        let state = State::replay(&self.disk);
-        let last = self
-            .disk
-            .last()
-            .map(|e| (e.index, e.term))
-            .unwrap_or((0, 0));
-        self.replica = Replica::recover(Config::new(1), state, last.0, last.1);
+        let recovery = Recovery::from_log(State::new(), &self.disk, self.hard_state);
+        self.replica = Replica::recover(Config::new(1), recovery, self.mono);
         self.replica.start(self.now);
         self.runner.clear();
         self.drive();
@@ -81,11 +81,13 @@ impl Cluster {
                 return;
             };
             match out {
-                Output::Persist(entries) => {
-                    let last = entries.last().map(|e| e.index).unwrap_or(0);
-                    self.disk.extend(entries);
-                    self.replica.handle_persisted(self.now, last);
+                Output::Persist(unit) => {
+                    let id = unit.id;
+                    self.write(unit);
+                    self.replica.handle_persisted(self.now, id);
                 }
+                Output::Send(msg) => panic!("a single replica sent {msg:?}"),
+                Output::LoadEntries(need) => panic!("a single replica asked for {need:?}"),
                 Output::Reply { request, result } => {
                     self.replies.insert(request, result);
                 }
@@ -102,6 +104,17 @@ impl Cluster {
             }
         }
         panic!("drive did not settle");
+    }
+
+    /// Makes a unit durable, as a driver does.
+    fn write(&mut self, unit: PersistUnit) {
+        if let Some(from) = unit.truncate_from {
+            self.disk.retain(|e| e.index < from);
+        }
+        self.disk.extend(unit.entries);
+        if let Some(h) = unit.hard_state {
+            self.hard_state = h;
+        }
     }
 
     /// Lets `ms` pass on both clocks, ticking the replica as a driver does.
@@ -253,13 +266,13 @@ fn submission_is_acknowledged_only_after_it_is_durable() {
         outs.push(o);
     }
     assert!(outs.iter().all(|o| !matches!(o, Output::Reply { .. })));
-    assert!(matches!(outs.as_slice(), [Output::Persist(e)] if e.len() == 1));
-    let Output::Persist(entries) = outs.remove(0) else {
+    assert!(matches!(outs.as_slice(), [Output::Persist(u)] if u.entries.len() == 1));
+    let Output::Persist(unit) = outs.remove(0) else {
         unreachable!()
     };
-    let last = entries.last().unwrap().index;
-    c.disk.extend(entries);
-    c.replica.handle_persisted(c.now, last);
+    let id = unit.id;
+    c.write(unit);
+    c.replica.handle_persisted(c.now, id);
     c.drive();
     assert!(matches!(c.replies.get(&7), Some(Ok(Reply::Job(_)))));
     c.check();
@@ -643,31 +656,44 @@ fn seed_61_placement_ignored_by_a_racing_drain_is_placed_again() {
     );
     c.replica
         .propose(c.now, 51, Command::DrainNode { name: "x".into() });
-    let mut pending: Vec<Entry> = Vec::new();
+    let mut pending: Vec<PersistUnit> = Vec::new();
     while let Some(out) = c.replica.poll_output() {
-        if let Output::Persist(entries) = out {
-            pending.extend(entries);
+        if let Output::Persist(unit) = out {
+            pending.push(unit);
         }
     }
     // The submission is durable first: the pass places the job on the
     // tightest node, x, behind the drain that is not applied yet.
     let submit = pending.remove(0);
-    let submit_index = submit.index;
-    c.disk.push(submit);
-    c.replica.handle_persisted(c.now, submit_index);
+    assert!(matches!(
+        submit.entries[..],
+        [Entry {
+            event: Event::JobSubmitted { .. },
+            ..
+        }]
+    ));
+    let submit_unit = submit.id;
+    c.write(submit);
+    c.replica.handle_persisted(c.now, submit_unit);
     while let Some(out) = c.replica.poll_output() {
         match out {
-            Output::Persist(entries) => pending.extend(entries),
+            Output::Persist(unit) => pending.push(unit),
             Output::Reply { request, result } => {
                 c.replies.insert(request, result);
             }
             Output::ToAgent { msg, .. } => c.runner.push(msg),
+            other => panic!("a single replica did {other:?}"),
         }
     }
-    assert!(pending.iter().any(|e| matches!(&e.event,
+    assert!(pending
+        .iter()
+        .flat_map(|u| &u.entries)
+        .any(|e| matches!(&e.event,
         rustci_core::event::Event::AttemptAssigned { node, .. } if node == "x")));
-    let last = pending.last().unwrap().index;
-    c.disk.extend(pending);
+    let last = pending.last().unwrap().id;
+    for unit in pending {
+        c.write(unit);
+    }
     c.replica.handle_persisted(c.now, last);
     c.drive();
     let job = c.replica.state().job(JobId(1)).unwrap();

@@ -30,7 +30,8 @@ pub enum Input {
         attempt: AttemptNumber,
         observed: RunObservation,
     },
-    Persisted(LogIndex),
+    /// The log writer made every persist unit up to this id durable.
+    Persisted(u64),
     PersistFailed(String),
     /// The log's disk is full (`true`): the writer holds its batches until
     /// there is room again (`false`).

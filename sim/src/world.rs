@@ -15,8 +15,10 @@ use std::hash::{Hash, Hasher};
 use rustci_core::event::Entry;
 use rustci_core::model::{AttemptNumber, Job, JobId, JobSpec, Labels, Resources};
 use rustci_core::protocol::{AgentMsg, LeaseConfig, ReportKind, ServerMsg};
+use rustci_core::raft::HardState;
 use rustci_core::replica::{
-    Command, CommandError, Config, Output, Replica, Reply, RequestId, TICK_MS,
+    Command, CommandError, Config, Output, PersistUnit, Recovery, Replica, Reply, RequestId,
+    TICK_MS,
 };
 use rustci_core::state::{Fnv64, State};
 
@@ -223,18 +225,32 @@ impl Clock {
     }
 }
 
-/// The replica's disk. Entries handed over by `Output::Persist` sit in
+/// The replica's disk. Units handed over by `Output::Persist` sit in
 /// `pending` (written, not synced) until an fsync covering them completes.
 /// A crash keeps `durable` plus, with `unsynced_survives`, a prefix of the
-/// pending batches: redb commits a batch atomically, so a torn write loses or
-/// keeps whole batches (a corrupt frame would stop production recovery with
+/// pending units: redb commits a unit atomically, so a torn write loses or
+/// keeps whole units (a corrupt frame would stop production recovery with
 /// an error; the simulator does not model bit rot).
 #[derive(Default)]
 struct Disk {
     durable: Vec<Entry>,
-    pending: Vec<Vec<Entry>>,
-    /// Pending batches the in-flight fsync covers (0: none in flight).
+    hard_state: HardState,
+    pending: Vec<PersistUnit>,
+    /// Pending units the in-flight fsync covers (0: none in flight).
     syncing: usize,
+}
+
+impl Disk {
+    /// Makes `unit` durable: truncate, append, hard state, as one.
+    fn write(&mut self, unit: PersistUnit) {
+        if let Some(from) = unit.truncate_from {
+            self.durable.retain(|e| e.index < from);
+        }
+        self.durable.extend(unit.entries);
+        if let Some(h) = unit.hard_state {
+            self.hard_state = h;
+        }
+    }
 }
 
 struct ReplicaHost {
@@ -245,6 +261,9 @@ struct ReplicaHost {
     paused_until: u64,
     disk: Disk,
     restart_pending: bool,
+    /// Restarted and not yet leading: the entries after the stored commit
+    /// index are applied again, and the checks of a restart wait for that.
+    catching_up: bool,
     last_replay_check_ms: u64,
 }
 
@@ -350,6 +369,7 @@ impl World {
             paused_until: 0,
             disk: Disk::default(),
             restart_pending: false,
+            catching_up: false,
             last_replay_check_ms: 0,
         };
         let mut agents = Vec::new();
@@ -629,18 +649,18 @@ impl World {
     }
 
     fn restart_replica_now(&mut self) {
-        let durable = &self.host.disk.durable;
+        let disk = &self.host.disk;
         let mut state = State::new();
         state.bugs = self.config().bugs;
-        for e in durable {
-            state.apply_owned(e.clone());
-        }
-        let (last_index, last_term) = durable.last().map(|e| (e.index, e.term)).unwrap_or((0, 0));
-        let mut replica = Replica::recover(self.config(), state, last_index, last_term);
+        let recovery = Recovery::from_log(state, &disk.durable, disk.hard_state);
+        let last_at = disk.durable.iter().map(|e| e.at).max().unwrap_or(0);
+        let mono = self.host.clock.mono(self.now);
+        let mut replica = Replica::recover(self.config(), recovery, mono);
         replica.start(self.replica_now());
-        self.checker.log_truncated(replica.state().last_at);
+        self.checker.log_truncated(last_at);
         self.host.replica = Some(replica);
         self.host.restart_pending = false;
+        self.host.catching_up = true;
         let tick = self.host.clock.true_ms(TICK_MS);
         let inc = self.host.inc;
         self.push_in(tick, Ev::Tick { inc });
@@ -658,14 +678,21 @@ impl World {
             return Ok(());
         }
         self.restart_replica_now();
+        self.drain_outputs()
+    }
+
+    /// The restarted replica leads again and has applied its whole durable
+    /// log: nothing acknowledged or terminal is lost, and the checker's
+    /// ledger starts again from the log.
+    fn caught_up(&mut self) -> Check {
+        self.host.catching_up = false;
         let state = self.replica().state();
         self.checker.acked_present(state)?;
         self.checker.terminal_survives(state)?;
         self.checker.resync(
             &self.host.disk.durable,
             self.host.replica.as_ref().expect("up").state(),
-        )?;
-        self.drain_outputs()
+        )
     }
 
     fn replica(&self) -> &Replica {
@@ -682,11 +709,11 @@ impl World {
         let disk = &mut self.host.disk;
         let pending = std::mem::take(&mut disk.pending);
         disk.syncing = 0;
-        for batch in pending {
+        for unit in pending {
             if !self.rng.chance(self.plan.unsynced_survives) {
                 break;
             }
-            disk.durable.extend(batch);
+            disk.write(unit);
         }
         // Connections die with the process: in-flight requests get no reply.
         self.routes.clear();
@@ -744,18 +771,30 @@ impl World {
                 return Ok(());
             };
             match out {
-                Output::Persist(entries) => {
-                    self.checker.proposed(&entries)?;
-                    self.checker
-                        .placements(&entries, self.plan.placements_max)?;
-                    for e in &entries {
+                Output::Persist(unit) => {
+                    let entries = &unit.entries;
+                    self.checker.proposed(entries)?;
+                    self.checker.placements(entries, self.plan.placements_max)?;
+                    for e in entries {
                         (e.index, e.at, e.event.kind()).hash(&mut self.hash);
                     }
                     self.stats.entries += entries.len() as u64;
-                    self.host.disk.pending.push(entries);
+                    self.host.disk.pending.push(unit);
                     if self.host.disk.syncing == 0 {
                         self.start_fsync();
                     }
+                }
+                Output::Send(msg) => {
+                    return Err(Violation {
+                        invariant: inv::LIVE_JOBS,
+                        detail: format!("a single replica sent {msg:?}"),
+                    })
+                }
+                Output::LoadEntries(need) => {
+                    return Err(Violation {
+                        invariant: inv::LIVE_JOBS,
+                        detail: format!("a single replica asked for {need:?}"),
+                    })
                 }
                 Output::Reply { request, result } => match self.routes.remove(&request) {
                     Some(Route::Client(c)) => self.send(
@@ -796,20 +835,28 @@ impl World {
 
     fn fsync_done(&mut self) -> Check {
         let disk = &mut self.host.disk;
-        let synced: Vec<Vec<Entry>> = disk.pending.drain(..disk.syncing).collect();
+        let synced: Vec<PersistUnit> = disk.pending.drain(..disk.syncing).collect();
         disk.syncing = 0;
-        for batch in synced {
-            disk.durable.extend(batch);
+        let last_unit = synced.last().map(|u| u.id);
+        for unit in synced {
+            disk.write(unit);
         }
         let now = self.replica_now();
         let replica = self.host.replica.as_mut().expect("fsync of a live replica");
-        let from = replica.applied_index() as usize;
-        let to = self.host.disk.durable.last().map_or(0, |e| e.index);
-        let newly = &self.host.disk.durable[from.min(to as usize)..to as usize];
-        let pre = Checker::pre_apply(replica.state(), newly);
-        replica.handle_persisted(now, to);
-        let state = replica.state();
-        self.checker.applied(&pre, newly, state)?;
+        let durable = &self.host.disk.durable;
+        // The durable log runs contiguously from index 1.
+        let from = (replica.applied_index() as usize).min(durable.len());
+        let pre = Checker::pre_apply(replica.state(), &durable[from..]);
+        if let Some(unit) = last_unit {
+            replica.handle_persisted(now, unit);
+        }
+        let to = (replica.applied_index() as usize).min(durable.len());
+        if !self.host.catching_up {
+            let newly = &durable[from..to];
+            self.checker.applied(&pre, newly, replica.state())?;
+        } else if replica.is_leading() {
+            self.caught_up()?;
+        }
         self.drain_outputs()?;
         self.checker.kills_sent()?;
         if !self.host.disk.pending.is_empty() && self.host.disk.syncing == 0 {

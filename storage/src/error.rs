@@ -178,6 +178,20 @@ pub enum AppendError {
     Db(#[from] DbError),
 }
 
+/// Why [`crate::LogStore::persist`] refused or failed; the log is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PersistError {
+    #[error(transparent)]
+    Append(#[from] AppendError),
+    #[error(transparent)]
+    Truncate(#[from] TruncateError),
+    #[error(transparent)]
+    HardState(#[from] HardStateError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TruncateError {

@@ -53,7 +53,9 @@ mod store;
 
 pub use datadir::{Identity, CLEAN_SHUTDOWN_FILE_NAME, IDENTITY_FILE_NAME};
 pub use error::corrupt_file_message;
-pub use error::{AppendError, DbError, Error, HardStateError, OpenError, ReadError, TruncateError};
+pub use error::{
+    AppendError, DbError, Error, HardStateError, OpenError, PersistError, ReadError, TruncateError,
+};
 pub use frame::{decode_entry, encode_entry, FrameError, FrameFault, FRAME_VERSION};
 pub use store::{
     BackupSummary, HardState, LogReadHandle, LogStore, APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES,

@@ -13,7 +13,9 @@ use rustci_core::event::{Entry, LogIndex, ReplicaId, Term};
 use serde::{Deserialize, Serialize};
 
 use crate::datadir::{self, Identity, CLEAN_SHUTDOWN_FILE_NAME};
-use crate::error::{AppendError, DbError, HardStateError, OpenError, ReadError, TruncateError};
+use crate::error::{
+    AppendError, DbError, HardStateError, OpenError, PersistError, ReadError, TruncateError,
+};
 use crate::frame::{self, FRAME_HEADER_BYTES};
 
 /// Frames keyed by log index. Keys are contiguous from `first_index` to `last_index`.
@@ -516,8 +518,147 @@ impl LogStore {
         self.commit_frames(frames.iter().map(|(i, t, f)| (*i, *t, f.as_slice())))
     }
 
+    /// Makes one Raft persist unit durable in ONE write transaction (one
+    /// fsync): drops the stored entries from `truncate_from` on, appends
+    /// `entries`, stores `hard_state`, each when given. All of it or none of
+    /// it is on disk afterwards.
+    ///
+    /// Refused, with the log unchanged: truncating at or below the stored
+    /// commit index, entries that do not follow the (truncated) log or
+    /// whose terms decrease, more than [`APPEND_BATCH_ENTRIES_MAX`] entries,
+    /// a hard state whose term goes back or that changes a vote cast in
+    /// its term.
+    pub fn persist(
+        &mut self,
+        truncate_from: Option<LogIndex>,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), PersistError> {
+        if self.read_only {
+            return Err(AppendError::ReadOnly {
+                path: self.path.clone(),
+            }
+            .into());
+        }
+        let truncate = truncate_from.filter(|&from| from <= self.last_index);
+        let (base_index, base_term) = match truncate {
+            Some(from) => {
+                if from <= self.hard_state.commit {
+                    return Err(TruncateError::Committed {
+                        path: self.path.clone(),
+                        from_index: from,
+                        commit: self.hard_state.commit,
+                    }
+                    .into());
+                }
+                let term = self.term_at(from - 1).map_err(TruncateError::from)?;
+                (from - 1, term.unwrap_or(0))
+            }
+            None => (self.last_index, self.last_term),
+        };
+        self.check_batch_after(
+            base_index,
+            base_term,
+            entries.iter().map(|e| (e.index, e.term)),
+        )?;
+        if let Some(h) = hard_state {
+            self.check_hard_state(h)?;
+        }
+        let frames: Vec<Vec<u8>> = entries.iter().map(frame::encode_entry).collect();
+        let Db::Write(db) = &*self.db else {
+            unreachable!("read-only stores are refused above");
+        };
+        let path = &self.path;
+        let mut txn = db.begin_write().map_err(err(path, "begin persist"))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(err(path, "set durability"))?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
+            let mut parts = txn
+                .open_table(ENTRY_PARTS)
+                .map_err(err(path, "open entry parts"))?;
+            if let Some(from) = truncate {
+                table
+                    .retain_in(from.., |_, _| false)
+                    .map_err(err(path, "remove entries"))?;
+                parts
+                    .retain_in((from, 0).., |_, _| false)
+                    .map_err(err(path, "remove entry parts"))?;
+            }
+            for (entry, bytes) in entries.iter().zip(&frames) {
+                if bytes.len() > ENTRY_FRAME_BYTES_MAX {
+                    return Err(AppendError::EntryTooLarge {
+                        path: path.clone(),
+                        index: entry.index,
+                        bytes: bytes.len(),
+                        max: ENTRY_FRAME_BYTES_MAX,
+                    }
+                    .into());
+                }
+                insert_frame(&mut table, &mut parts, entry.index, bytes)
+                    .map_err(err(path, "insert entry"))?;
+                if crate::fault::take_append_panic(&self.data_dir) {
+                    panic!("injected fault: a panic inside the write transaction");
+                }
+            }
+        }
+        if let Some(h) = hard_state {
+            let bytes = frame::encode_value(META_FRAME_KEY, h);
+            let mut meta = txn.open_table(META).map_err(err(path, "open meta"))?;
+            meta.insert(META_HARD_STATE, bytes.as_slice())
+                .map_err(err(path, "write hard state"))?;
+        }
+        txn.commit().map_err(err(path, "commit persist"))?;
+        if let Some(from) = truncate {
+            tracing::info!(path = %self.path.display(), from_index = from, "log suffix truncated");
+        }
+        let (last_index, last_term) = entries
+            .last()
+            .map_or((base_index, base_term), |e| (e.index, e.term));
+        self.last_index = last_index;
+        self.last_term = last_term;
+        if last_index == 0 {
+            self.first_index = 1;
+        }
+        if let Some(h) = hard_state {
+            self.hard_state = *h;
+        }
+        Ok(())
+    }
+
+    fn check_hard_state(&self, hard_state: &HardState) -> Result<(), HardStateError> {
+        let old = self.hard_state;
+        if hard_state.term < old.term {
+            return Err(HardStateError::TermDecreased {
+                path: self.path.clone(),
+                term: hard_state.term,
+                stored: old.term,
+            });
+        }
+        if hard_state.term == old.term
+            && old.voted_for.is_some()
+            && hard_state.voted_for != old.voted_for
+        {
+            return Err(HardStateError::VoteChanged {
+                path: self.path.clone(),
+                term: old.term,
+                voted_for: old.voted_for,
+            });
+        }
+        Ok(())
+    }
+
     fn check_batch(
         &self,
+        batch: impl ExactSizeIterator<Item = (LogIndex, Term)>,
+    ) -> Result<(), AppendError> {
+        self.check_batch_after(self.last_index, self.last_term, batch)
+    }
+
+    fn check_batch_after(
+        &self,
+        last_index: LogIndex,
+        last_term: Term,
         batch: impl ExactSizeIterator<Item = (LogIndex, Term)>,
     ) -> Result<(), AppendError> {
         if self.read_only {
@@ -532,9 +673,9 @@ impl LogStore {
                 max: APPEND_BATCH_ENTRIES_MAX,
             });
         }
-        let mut previous_term = self.last_term;
+        let mut previous_term = last_term;
         for (position, (index, term)) in batch.enumerate() {
-            let expected = self.last_index + 1 + position as u64;
+            let expected = last_index + 1 + position as u64;
             if index != expected {
                 return Err(AppendError::NotContiguous {
                     path: self.path.clone(),
@@ -668,24 +809,7 @@ impl LogStore {
                 path: self.path.clone(),
             });
         }
-        let old = self.hard_state;
-        if hard_state.term < old.term {
-            return Err(HardStateError::TermDecreased {
-                path: self.path.clone(),
-                term: hard_state.term,
-                stored: old.term,
-            });
-        }
-        if hard_state.term == old.term
-            && old.voted_for.is_some()
-            && hard_state.voted_for != old.voted_for
-        {
-            return Err(HardStateError::VoteChanged {
-                path: self.path.clone(),
-                term: old.term,
-                voted_for: old.voted_for,
-            });
-        }
+        self.check_hard_state(hard_state)?;
         let bytes = frame::encode_value(META_FRAME_KEY, hard_state);
         let Db::Write(db) = &*self.db else {
             unreachable!("read-only stores are refused above");

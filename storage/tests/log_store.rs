@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use rustci_core::event::Entry;
 use rustci_storage::{
     encode_entry, AppendError, FrameFault, HardState, HardStateError, LogStore, OpenError,
-    ReadError, TruncateError, APPEND_BATCH_ENTRIES_MAX,
+    PersistError, ReadError, TruncateError, APPEND_BATCH_ENTRIES_MAX,
 };
 
 fn scan_all(store: &LogStore, from: u64) -> Result<Vec<Entry>, ReadError> {
@@ -266,6 +266,84 @@ fn truncate_suffix_never_removes_committed_entries() {
     assert_eq!(store.last_index(), 5);
     store.truncate_suffix(4).unwrap();
     assert_eq!(store.last_index(), 3);
+}
+
+#[test]
+fn persist_truncates_appends_and_stores_the_hard_state_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LogStore::open(dir.path()).unwrap();
+    let first = HardState {
+        term: 1,
+        voted_for: Some(1),
+        commit: 2,
+    };
+    store.persist(None, &run(1, 5, 1), Some(&first)).unwrap();
+    // A new leader's entries replace 4 and 5 (a follower's unit).
+    let second = HardState {
+        term: 2,
+        voted_for: None,
+        commit: 3,
+    };
+    store
+        .persist(Some(4), &run(4, 6, 2), Some(&second))
+        .unwrap();
+    let mut expected = run(1, 3, 1);
+    expected.extend(run(4, 6, 2));
+    assert_eq!(scan_all(&store, 1).unwrap(), expected);
+    assert_eq!((store.last_index(), store.last_term()), (6, 2));
+    // A truncation with nothing after it moves the end back.
+    store.persist(Some(5), &[], None).unwrap();
+    assert_eq!((store.last_index(), store.last_term()), (4, 2));
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(store.hard_state(), second);
+    assert_eq!(scan_all(&store, 1).unwrap(), expected[..4].to_vec());
+}
+
+#[test]
+fn persist_refuses_a_bad_unit_whole_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LogStore::open(dir.path()).unwrap();
+    let voted = HardState {
+        term: 3,
+        voted_for: Some(1),
+        commit: 3,
+    };
+    store.persist(None, &run(1, 5, 3), Some(&voted)).unwrap();
+    let before = scan_all(&store, 1).unwrap();
+    // Truncating committed entries.
+    let e = store.persist(Some(3), &run(3, 3, 3), None).unwrap_err();
+    assert!(
+        matches!(e, PersistError::Truncate(TruncateError::Committed { .. })),
+        "{e}"
+    );
+    // Entries that do not follow the truncated log.
+    let e = store.persist(Some(5), &run(6, 6, 3), None).unwrap_err();
+    assert!(
+        matches!(e, PersistError::Append(AppendError::NotContiguous { .. })),
+        "{e}"
+    );
+    // Good entries with a hard state that changes the vote: none of it lands.
+    let other_vote = HardState {
+        voted_for: Some(2),
+        ..voted
+    };
+    let e = store
+        .persist(Some(5), &run(5, 6, 3), Some(&other_vote))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PersistError::HardState(HardStateError::VoteChanged { .. })
+        ),
+        "{e}"
+    );
+    assert_eq!(scan_all(&store, 1).unwrap(), before);
+    assert_eq!(store.hard_state(), voted);
+    drop(store);
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(scan_all(&store, 1).unwrap(), before);
+    assert_eq!(store.hard_state(), voted);
 }
 
 #[test]

@@ -229,7 +229,7 @@ impl<T: Payload> Raft<T> {
             .collect();
         // Committing an entry of its own term is how a leader learns which
         // earlier entries are committed (§5.4.2); this one is it.
-        let first = T::leader_elected(self.term, self.config.id);
+        let first = T::leader_elected(self.term, self.config.id, self.stamp);
         self.log.push(self.term, first);
         self.broadcast_append(false);
     }

@@ -290,6 +290,8 @@ pub struct Raft<T> {
     need_entries: Vec<NeedEntries>,
     /// The status last reported in a [`Ready`].
     status_reported: Option<Status>,
+    /// Handed to [`Payload::leader_elected`]; see [`Raft::set_stamp`].
+    stamp: u64,
 }
 
 impl<T: Payload> Raft<T> {
@@ -342,6 +344,7 @@ impl<T: Payload> Raft<T> {
             messages: Vec::new(),
             need_entries: Vec::new(),
             status_reported: None,
+            stamp: 0,
         };
         raft.reset_election_timer();
         raft
@@ -423,6 +426,21 @@ impl<T: Payload> Raft<T> {
             self.campaign(false);
         }
         self.check();
+    }
+
+    /// Campaigns now instead of when the election timer fires: a
+    /// single-voter group elects itself at start-up without waiting out a
+    /// timeout. A no-op for a leader.
+    pub fn campaign_now(&mut self) {
+        self.campaign(false);
+        self.check();
+    }
+
+    /// An opaque value for [`Payload::leader_elected`] when this node next
+    /// becomes leader (the replica passes the stamp its next entry would
+    /// get). Raft itself never interprets it.
+    pub fn set_stamp(&mut self, stamp: u64) {
+        self.stamp = stamp;
     }
 
     /// A message from a peer. One from a node that is not another voter

@@ -15,8 +15,10 @@ pub trait Payload: Clone + Debug + PartialEq {
     fn size_bytes(&self) -> u64;
     /// The entry a node appends first when it becomes leader of `term`
     /// (the replica makes it a `LeaderElected` event). Committing it commits
-    /// every earlier entry (paper §5.4.2, §8).
-    fn leader_elected(term: Term, leader: NodeId) -> Self;
+    /// every earlier entry (paper §5.4.2, §8). `stamp` is whatever the
+    /// driver last gave [`super::Raft::set_stamp`] (the replica's wall-clock
+    /// stamp for new entries); Raft never reads it.
+    fn leader_elected(term: Term, leader: NodeId, stamp: u64) -> Self;
 }
 
 /// One entry of the replicated log.
