@@ -20,6 +20,9 @@ pub struct SimArgs {
     /// Run each seed twice and compare trace hashes.
     #[arg(long)]
     pub check_determinism: bool,
+    /// Control-plane replicas: 1, 3 or 5.
+    #[arg(long, default_value_t = 1, value_parser = parse_replicas)]
+    pub replicas: usize,
     /// Simulated length of the fault phase (ms).
     #[arg(long = "fault-ms")]
     pub fault_ms: Option<u64>,
@@ -47,9 +50,17 @@ pub struct SimArgs {
     pub bug: Option<String>,
 }
 
+fn parse_replicas(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ (1 | 3 | 5)) => Ok(n),
+        _ => Err(format!("a cluster has 1, 3 or 5 replicas, not {s:?}")),
+    }
+}
+
 impl SimArgs {
     fn options(&self, seed: u64) -> anyhow::Result<SimOptions> {
         let mut o = SimOptions::new(seed);
+        o.replicas = self.replicas;
         if let Some(v) = self.fault_ms {
             o.fault_phase_ms = v;
         }

@@ -440,6 +440,8 @@ pub struct Replica {
     /// Latest monotonic time seen while leading; failure detection starts
     /// with the first.
     mono: Option<u64>,
+    /// The first monotonic time seen while leading.
+    leading_since: Option<u64>,
     /// Latest monotonic time given to Raft.
     raft_mono: u64,
     /// Registrations, downs and losses proposed and not yet applied, so that
@@ -509,6 +511,7 @@ impl Replica {
             full_pass_needed: true,
             liveness: BTreeMap::new(),
             mono: None,
+            leading_since: None,
             raft_mono: mono,
             registering: BTreeMap::new(),
             downing: BTreeSet::new(),
@@ -562,6 +565,10 @@ impl Replica {
     /// The leader as far as this replica knows.
     pub fn leader(&self) -> Option<ReplicaId> {
         self.raft.leader()
+    }
+    /// Raft's role (a leader may not be leading yet: see `is_leading`).
+    pub fn role(&self) -> Role {
+        self.raft.role()
     }
     /// This replica leads and its state is complete: it takes commands.
     pub fn is_leading(&self) -> bool {
@@ -751,6 +758,12 @@ impl Replica {
 
     /// A message from a node's agent. `mono` is the monotonic clock.
     pub fn handle_agent(&mut self, now: TimestampMs, mono: u64, msg: AgentMsg) {
+        if self.leading {
+            // A leader that was paused may have lost its quorum meanwhile:
+            // CheckQuorum runs before it grants anyone a lease.
+            self.raft_tick(now, mono);
+            self.process(now);
+        }
         if !(self.leading && self.phase == Lifecycle::Running) {
             return;
         }
@@ -1099,6 +1112,7 @@ impl Replica {
             }
         }
         self.mono = Some(self.mono.map_or(mono, |m| m.max(mono)));
+        self.leading_since.get_or_insert(mono);
     }
 
     /// The node's active attempts that `which` selects and that are not
@@ -1120,6 +1134,13 @@ impl Replica {
     fn detect_failures(&mut self, now: TimestampMs, mono: u64) {
         let lease = self.config.lease;
         let requeue_after = lease.requeue_after_ms();
+        // In a cluster, agents first have to find a new leader: they learn
+        // of it from a follower or when their replica goes quiet, within
+        // two heartbeats. Only then does the silence count.
+        let grace_from = match self.leading_since {
+            Some(since) if self.config.voters.len() > 1 => since + 2 * lease.heartbeat_interval_ms,
+            _ => 0,
+        };
         let mut down = Vec::new();
         let mut lost = Vec::new();
         for node in self.state.nodes.values() {
@@ -1136,7 +1157,8 @@ impl Replica {
             }
             match node.state {
                 NodeState::Ready | NodeState::Draining => {
-                    let silent = mono.saturating_sub(live.heard_mono) >= lease.down_after_ms;
+                    let heard = live.heard_mono.max(grace_from);
+                    let silent = mono.saturating_sub(heard) >= lease.down_after_ms;
                     if silent && !self.downing.contains(&node.name) {
                         down.push((node.name.clone(), node.incarnation));
                     }
@@ -1343,6 +1365,7 @@ impl Replica {
         self.full_pass_needed = true;
         self.liveness.clear();
         self.mono = None;
+        self.leading_since = None;
         self.registering.clear();
         self.downing.clear();
         self.losing.clear();

@@ -51,6 +51,11 @@ pub mod inv {
     pub const LIVE_JOBS: &str = "liveness_jobs_terminal";
     pub const LIVE_RESULTS: &str = "liveness_results_recorded";
     pub const RESULT_ONCE: &str = "result_recorded_once";
+    /// At most one leader per term (Raft's election safety).
+    pub const ELECTION_SAFETY: &str = "election_safety";
+    /// Every replica applies the same entry at each index, and only
+    /// entries durable on its own disk (Raft's state machine safety).
+    pub const STATE_MACHINE_SAFETY: &str = "state_machine_safety";
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1085,7 +1090,7 @@ impl Checker {
     /// After healing and the liveness bound: a leader exists.
     pub fn live_leader(lifecycle: Option<Lifecycle>) -> Check {
         match lifecycle {
-            Some(Lifecycle::Running) => Ok(()),
+            Some(Lifecycle::Running | Lifecycle::Leader | Lifecycle::Degraded) => Ok(()),
             other => fail(inv::LIVE_LEADER, format!("replica is {other:?}")),
         }
     }

@@ -104,6 +104,8 @@ pub const PLANTED_BUGS_AVAILABLE: bool = cfg!(feature = "sim-bugs");
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimOptions {
     pub seed: u64,
+    /// Control-plane replicas: 1, 3 or 5.
+    pub replicas: usize,
     /// Simulated length of the fault phase.
     pub fault_phase_ms: u64,
     /// Bound on the liveness phase: after healing, everything must converge
@@ -138,6 +140,7 @@ impl SimOptions {
     pub fn new(seed: u64) -> SimOptions {
         SimOptions {
             seed,
+            replicas: 1,
             fault_phase_ms: FAULT_PHASE_MS_DEFAULT,
             liveness_ms_max: LIVENESS_MS_MAX_DEFAULT,
             drift_ppm_max: DRIFT_PPM_MAX_DEFAULT,
@@ -153,6 +156,9 @@ impl SimOptions {
     pub fn repro(&self) -> String {
         let d = SimOptions::new(self.seed);
         let mut s = format!("rustci sim --seed {}", self.seed);
+        if self.replicas != d.replicas {
+            s += &format!(" --replicas {}", self.replicas);
+        }
         if self.fault_phase_ms != d.fault_phase_ms {
             s += &format!(" --fault-ms {}", self.fault_phase_ms);
         }

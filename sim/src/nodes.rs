@@ -16,6 +16,10 @@ use rustci_core::protocol::{AgentMsg, ReportKind, ServerMsg};
 use crate::checker::{Check, LiveResult};
 use crate::world::{Body, Clock, Ep, Ev, World, DOWNTIME_MS_MAX};
 
+/// An agent that heard nothing from its replica for this long (two
+/// heartbeats) dials the next one.
+pub(crate) const SERVER_SILENT_MS: u64 = 2 * rustci_core::protocol::HEARTBEAT_INTERVAL_MS;
+
 /// A process of an attempt, as the machine runs it.
 #[derive(Clone, Debug)]
 pub(crate) struct Proc {
@@ -36,6 +40,13 @@ pub(crate) struct NodeHost {
     /// The incarnation the next agent process starts with.
     pub next_incarnation: u64,
     pub paused_until: u64,
+    /// The replica the agent talks to; a replica that does not lead sends
+    /// it on to the one it believes leads.
+    pub server: usize,
+    /// When (true ms) the agent last heard from a replica: one silent for
+    /// [`SERVER_SILENT_MS`] is given up for the next (as the production
+    /// agent redials when its connection goes quiet).
+    pub server_heard: u64,
     pub clock: Clock,
     pub procs: BTreeMap<(JobId, AttemptNumber), Proc>,
     pub running_total: Resources,
@@ -58,6 +69,8 @@ impl NodeHost {
             gen: 0,
             next_incarnation: 1,
             paused_until: 0,
+            server: 0,
+            server_heard: 0,
             clock,
             procs: BTreeMap::new(),
             running_total: Resources::default(),
@@ -159,12 +172,19 @@ impl World {
         if let Some(agent) = self.nodes[i].agent.as_mut() {
             agent.handle_tick(now);
         }
+        let replicas = self.replica_count();
+        let node = &mut self.nodes[i];
+        if replicas > 1 && self.now.saturating_sub(node.server_heard) >= SERVER_SILENT_MS {
+            node.server = (node.server + 1) % replicas;
+            node.server_heard = self.now;
+        }
         let next = self.nodes[i].clock.true_ms(AGENT_TICK_MS);
         self.push_in(next, Ev::AgentTick { node: i, gen });
         self.agent_outputs(i)
     }
 
     pub(crate) fn agent_receive(&mut self, i: usize, msg: ServerMsg) -> Check {
+        self.nodes[i].server_heard = self.now;
         let now = self.agent_now(i);
         if let Some(agent) = self.nodes[i].agent.as_mut() {
             agent.handle_message(now, msg);
@@ -344,7 +364,8 @@ impl World {
             }
             AgentMsg::Leaving { .. } => {}
         }
-        self.send(Ep::Node(i), Ep::Replica, 0, Body::FromAgent(msg));
+        let server = self.nodes[i].server;
+        self.send(Ep::Node(i), Ep::Replica(server), 0, Body::FromAgent(msg));
     }
 
     fn spawn(

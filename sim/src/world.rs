@@ -1,13 +1,16 @@
 //! The simulated world: one thread, virtual time, one RNG.
 //!
-//! It owns the replica (the very `rustci_core::replica::Replica` the
-//! production driver runs), its disk, the runner nodes, the clients, the
-//! network between them and every process's clock. Each step pops the
-//! earliest event, carries it out, and runs the checkers on what it touched.
+//! It owns the replicas (the very `rustci_core::replica::Replica` the
+//! production driver runs, 1, 3 or 5 of them, talking Raft to each other),
+//! their disks, the runner nodes, the clients, the network between them and
+//! every process's clock. Each step pops the earliest event, carries it out,
+//! and runs the checkers on what it touched.
 //!
-//! Shaped for growth: endpoints are `Ep::Replica` / `Ep::Node(i)` /
-//! `Ep::Client(i)`; adding replicas means `Ep::Replica(i)` and a `Vec` of
-//! hosts, with Raft messages as one more `Body` variant.
+//! The checker's ledger follows the replica that leads (it proposes,
+//! places and talks to agents); when another one starts leading, the ledger
+//! starts again from that one's log. Every applied entry of every replica
+//! is compared with the one committed log (state machine safety), and no
+//! term has two leaders (election safety).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -15,14 +18,14 @@ use std::hash::{Hash, Hasher};
 use rustci_core::event::Entry;
 use rustci_core::model::{AttemptNumber, Job, JobId, JobSpec, Labels, Resources};
 use rustci_core::protocol::{AgentMsg, LeaseConfig, ReportKind, ServerMsg};
-use rustci_core::raft::HardState;
+use rustci_core::raft::{HardState, Role, Term};
 use rustci_core::replica::{
-    Command, CommandError, Config, Output, PersistUnit, Recovery, Replica, Reply, RequestId,
-    TICK_MS,
+    Command, CommandError, Config, Output, PeerMessage, PersistUnit, Recovery, Replica, Reply,
+    RequestId, TICK_MS,
 };
 use rustci_core::state::{Fnv64, State};
 
-use crate::checker::{inv, Check, Checker, Violation};
+use crate::checker::{inv, Check, Checker, PreApply, Violation};
 use crate::nodes::NodeHost;
 use crate::plan::{Bp, FaultPlan, SimRng};
 use crate::SimOptions;
@@ -47,7 +50,7 @@ const CLOCK_JUMP_MS_MAX: u64 = 60_000;
 /// A network endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Ep {
-    Replica,
+    Replica(usize),
     Node(usize),
     Client(usize),
 }
@@ -65,6 +68,8 @@ pub enum Body {
     ToAgent(ServerMsg),
     /// Agent -> replica.
     FromAgent(AgentMsg),
+    /// Replica -> replica (Raft).
+    Peer(PeerMessage),
 }
 
 #[derive(Clone, Debug)]
@@ -81,12 +86,16 @@ pub struct Msg {
 pub enum Ev {
     Deliver(Box<Msg>),
     FsyncDone {
+        replica: usize,
         inc: u64,
     },
     Tick {
+        replica: usize,
         inc: u64,
     },
-    ReplicaRestart,
+    ReplicaRestart {
+        replica: usize,
+    },
     /// The agent process `gen` of a node ticks.
     AgentTick {
         node: usize,
@@ -134,7 +143,7 @@ impl Ev {
     fn target(&self) -> Option<Ep> {
         match self {
             Ev::Deliver(m) => Some(m.to),
-            Ev::FsyncDone { .. } | Ev::Tick { .. } => Some(Ep::Replica),
+            Ev::FsyncDone { replica, .. } | Ev::Tick { replica, .. } => Some(Ep::Replica(*replica)),
             Ev::AgentTick { node, .. } | Ev::ProcEnd { node, .. } | Ev::ProcGone { node, .. } => {
                 Some(Ep::Node(*node))
             }
@@ -145,7 +154,7 @@ impl Ev {
     /// A compact, stable summary for the trace hash.
     fn trace_key(&self) -> (u8, u64, u64) {
         let ep = |e: &Ep| match e {
-            Ep::Replica => 0,
+            Ep::Replica(r) => 900 + *r as u64,
             Ep::Node(i) => 1 + *i as u64,
             Ep::Client(i) => 1000 + *i as u64,
         };
@@ -170,12 +179,13 @@ impl Ev {
                     Body::FromAgent(AgentMsg::Report(r)) => {
                         8 << 40 | u64::from(matches!(r.kind, ReportKind::Started)) << 39 | r.job.0
                     }
+                    Body::Peer(m) => 10 << 40 | m.term << 8 | peer_kind(&m.body),
                 };
                 (0, ep(&m.from) << 16 | ep(&m.to), kind)
             }
-            Ev::FsyncDone { inc } => (1, *inc, 0),
-            Ev::Tick { inc } => (2, *inc, 0),
-            Ev::ReplicaRestart => (3, 0, 0),
+            Ev::FsyncDone { replica, inc } => (1, *inc, *replica as u64),
+            Ev::Tick { replica, inc } => (2, *inc, *replica as u64),
+            Ev::ReplicaRestart { replica } => (3, *replica as u64, 0),
             Ev::AgentTick { node, gen } => (4, *node as u64, *gen),
             Ev::ProcEnd { node, job, .. } => (5, *node as u64, job.0),
             Ev::AgentRestart { node } => (6, *node as u64, 0),
@@ -187,6 +197,23 @@ impl Ev {
             Ev::ProcGone { node, job, .. } => (12, *node as u64, job.0),
             Ev::Supervise { node, gen } => (13, *node as u64, *gen),
         }
+    }
+}
+
+/// A small number per kind of Raft message, for the trace hash.
+fn peer_kind(body: &rustci_core::raft::Body<rustci_core::replica::Record>) -> u64 {
+    use rustci_core::raft::Body as B;
+    match body {
+        B::PreVote { .. } => 1,
+        B::PreVoteResp { granted } => 2 | u64::from(*granted) << 4,
+        B::Vote { .. } => 3,
+        B::VoteResp { granted } => 4 | u64::from(*granted) << 4,
+        B::Append { entries, .. } => 5 | (entries.len() as u64) << 4,
+        B::AppendResp { index, .. } => 6 | index << 4,
+        B::Heartbeat { commit } => 7 | commit << 4,
+        B::HeartbeatResp => 8,
+        B::InstallSnapshot { .. } => 9,
+        B::TimeoutNow => 10,
     }
 }
 
@@ -261,9 +288,6 @@ struct ReplicaHost {
     paused_until: u64,
     disk: Disk,
     restart_pending: bool,
-    /// Restarted and not yet leading: the entries after the stored commit
-    /// index are applied again, and the checks of a restart wait for that.
-    catching_up: bool,
     last_replay_check_ms: u64,
 }
 
@@ -296,8 +320,11 @@ struct Client {
     /// Request ids sent for the current op, by item (a late reply to any
     /// counts).
     reqs: BTreeMap<RequestId, usize>,
+    /// The replica it sends to; a refusal naming the leader moves it.
+    target: usize,
 }
 
+/// Whom a request came from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
     Client(usize),
@@ -336,7 +363,14 @@ pub struct World {
     pub now: u64,
     seq: u64,
     events: BTreeMap<(u64, u64), Ev>,
-    host: ReplicaHost,
+    hosts: Vec<ReplicaHost>,
+    /// The replica the checker's ledger follows: the one leading, once it
+    /// applied its own first entry.
+    ledger: Option<usize>,
+    /// The committed log as the first replica to apply each entry saw it.
+    committed: Vec<Entry>,
+    /// The leader of each term seen so far.
+    leaders: BTreeMap<Term, usize>,
     pub(crate) nodes: Vec<NodeHost>,
     node_index: BTreeMap<String, usize>,
     clients: Vec<Client>,
@@ -349,7 +383,8 @@ pub struct World {
     /// Last events, formatted; only kept when `opts.trace_tail > 0`.
     pub tail: std::collections::VecDeque<String>,
     next_request: RequestId,
-    routes: BTreeMap<RequestId, Route>,
+    /// Requests in flight: the replica that has them, and whose they are.
+    routes: BTreeMap<RequestId, (usize, Route)>,
     submitted: u64,
     acked_jobs: Vec<JobId>,
     submit_mean_gap_ms: u64,
@@ -362,16 +397,21 @@ impl World {
     pub fn new(opts: &SimOptions) -> World {
         let mut rng = SimRng::new(opts.seed);
         let plan = FaultPlan::draw(&mut rng, opts.drift_ppm_max);
-        let host = ReplicaHost {
-            replica: None,
-            inc: 0,
-            clock: Clock::draw(&mut rng, opts.drift_ppm_max),
-            paused_until: 0,
-            disk: Disk::default(),
-            restart_pending: false,
-            catching_up: false,
-            last_replay_check_ms: 0,
-        };
+        assert!(
+            matches!(opts.replicas, 1 | 3 | 5),
+            "a cluster has 1, 3 or 5 replicas"
+        );
+        let hosts = (0..opts.replicas)
+            .map(|_| ReplicaHost {
+                replica: None,
+                inc: 0,
+                clock: Clock::draw(&mut rng, opts.drift_ppm_max),
+                paused_until: 0,
+                disk: Disk::default(),
+                restart_pending: false,
+                last_replay_check_ms: 0,
+            })
+            .collect();
         let mut agents = Vec::new();
         for i in 0..plan.nodes {
             let labels = draw_labels(&mut rng);
@@ -413,6 +453,7 @@ impl World {
                 op: Vec::new(),
                 gen: 0,
                 reqs: BTreeMap::new(),
+                target: 0,
             })
             .collect();
         let net_faults = true;
@@ -424,7 +465,10 @@ impl World {
             now: 0,
             seq: 0,
             events: BTreeMap::new(),
-            host,
+            hosts,
+            ledger: None,
+            committed: Vec::new(),
+            leaders: BTreeMap::new(),
             nodes: agents,
             node_index,
             clients,
@@ -453,7 +497,9 @@ impl World {
     }
 
     fn boot(&mut self) {
-        self.restart_replica_now();
+        for r in 0..self.hosts.len() {
+            self.restart_replica_now(r);
+        }
         for i in 0..self.nodes.len() {
             self.agent_boot(i);
         }
@@ -510,9 +556,12 @@ impl World {
                 break;
             }
             if self.steps.is_multiple_of(CONSISTENCY_EVERY_STEPS) {
-                if let Some(r) = &self.host.replica {
-                    if let Err(v) = Checker::consistency(r.state()) {
-                        self.failure = Some(v);
+                for h in &self.hosts {
+                    if let Some(r) = &h.replica {
+                        if let Err(v) = Checker::consistency(r.state()) {
+                            self.failure = Some(v);
+                            break;
+                        }
                     }
                 }
             }
@@ -531,7 +580,7 @@ impl World {
 
     fn paused_until(&self, ep: Ep) -> u64 {
         match ep {
-            Ep::Replica => self.host.paused_until,
+            Ep::Replica(r) => self.hosts[r].paused_until,
             Ep::Node(i) => self.nodes[i].paused_until,
             Ep::Client(_) => 0,
         }
@@ -540,10 +589,12 @@ impl World {
     fn step(&mut self, ev: Ev) -> Check {
         match ev {
             Ev::Deliver(msg) => self.deliver(*msg),
-            Ev::FsyncDone { inc } if inc == self.host.inc => self.fsync_done(),
-            Ev::Tick { inc } if inc == self.host.inc => self.tick(),
+            Ev::FsyncDone { replica, inc } if inc == self.hosts[replica].inc => {
+                self.fsync_done(replica)
+            }
+            Ev::Tick { replica, inc } if inc == self.hosts[replica].inc => self.tick(replica),
             Ev::FsyncDone { .. } | Ev::Tick { .. } => Ok(()),
-            Ev::ReplicaRestart => self.replica_restart(),
+            Ev::ReplicaRestart { replica } => self.replica_restart(replica),
             Ev::AgentTick { node, gen } => self.agent_tick(node, gen),
             Ev::ProcEnd {
                 node,
@@ -607,7 +658,7 @@ impl World {
             return Ok(());
         }
         match msg.to {
-            Ep::Replica => self.replica_receive(msg.from, msg.body),
+            Ep::Replica(r) => self.replica_receive(r, msg.from, msg.body),
             Ep::Node(i) => {
                 // A message is for one incarnation of the agent: the
                 // connection of another is gone.
@@ -624,10 +675,14 @@ impl World {
         }
     }
 
-    // --- the replica host ---
+    // --- the replica hosts ---
 
-    fn replica_now(&self) -> u64 {
-        self.host.clock.wall(self.now)
+    fn replica_now(&self, r: usize) -> u64 {
+        self.hosts[r].clock.wall(self.now)
+    }
+
+    fn replica_mono(&self, r: usize) -> u64 {
+        self.hosts[r].clock.mono(self.now)
     }
 
     /// The cluster's lease timings, with the drift bound the clocks keep.
@@ -638,8 +693,17 @@ impl World {
         }
     }
 
-    fn config(&self) -> Config {
-        let mut config = Config::new(1);
+    fn config(&self, r: usize) -> Config {
+        let id = r as u64 + 1;
+        let mut config = Config::new(id);
+        config.voters = (1..=self.hosts.len() as u64).collect();
+        // Each replica draws its election timeouts from its own stream.
+        config.seed = self.opts.seed.wrapping_mul(31).wrapping_add(id);
+        // Raft wants a round trip well inside an election timeout.
+        config.election_timeout_ms = config
+            .election_timeout_ms
+            .max(4 * self.plan.net_delay_max_ms);
+        config.heartbeat_interval_ms = (config.election_timeout_ms / 6).max(50);
         config.pass_bounds = self.plan.pass_bounds();
         config.lease = self.lease_config();
         if let Some(bug) = self.opts.planted_bug {
@@ -648,65 +712,59 @@ impl World {
         config
     }
 
-    fn restart_replica_now(&mut self) {
-        let disk = &self.host.disk;
+    fn restart_replica_now(&mut self, r: usize) {
+        let disk = &self.hosts[r].disk;
         let mut state = State::new();
-        state.bugs = self.config().bugs;
+        state.bugs = self.config(r).bugs;
         let recovery = Recovery::from_log(state, &disk.durable, disk.hard_state);
-        let last_at = disk.durable.iter().map(|e| e.at).max().unwrap_or(0);
-        let mono = self.host.clock.mono(self.now);
-        let mut replica = Replica::recover(self.config(), recovery, mono);
-        replica.start(self.replica_now());
-        self.checker.log_truncated(last_at);
-        self.host.replica = Some(replica);
-        self.host.restart_pending = false;
-        self.host.catching_up = true;
-        let tick = self.host.clock.true_ms(TICK_MS);
-        let inc = self.host.inc;
-        self.push_in(tick, Ev::Tick { inc });
+        let mono = self.replica_mono(r);
+        let mut replica = Replica::recover(self.config(r), recovery, mono);
+        replica.start(self.replica_now(r));
+        let host = &mut self.hosts[r];
+        host.replica = Some(replica);
+        host.restart_pending = false;
+        let tick = host.clock.true_ms(TICK_MS);
+        let inc = host.inc;
+        self.push_in(tick, Ev::Tick { replica: r, inc });
     }
 
-    fn replica_restart(&mut self) -> Check {
-        if self.host.replica.is_some() {
+    fn replica_restart(&mut self, r: usize) -> Check {
+        if self.hosts[r].replica.is_some() {
             return Ok(());
         }
         if self.phase == Phase::Faults && self.rng.chance(self.plan.read_error) {
             // Reading the log failed: the process exits and is restarted.
             self.stats.read_errors += 1;
             let delay = self.rng.range(100, 2_000);
-            self.push_in(delay, Ev::ReplicaRestart);
+            self.push_in(delay, Ev::ReplicaRestart { replica: r });
             return Ok(());
         }
-        self.restart_replica_now();
-        self.drain_outputs()
+        self.restart_replica_now(r);
+        self.after_input(r, 0, None)?;
+        self.drain_outputs(r)
     }
 
-    /// The restarted replica leads again and has applied its whole durable
-    /// log: nothing acknowledged or terminal is lost, and the checker's
-    /// ledger starts again from the log.
-    fn caught_up(&mut self) -> Check {
-        self.host.catching_up = false;
-        let state = self.replica().state();
-        self.checker.acked_present(state)?;
-        self.checker.terminal_survives(state)?;
-        self.checker.resync(
-            &self.host.disk.durable,
-            self.host.replica.as_ref().expect("up").state(),
-        )
+    pub(crate) fn replica_count(&self) -> usize {
+        self.hosts.len()
     }
 
-    fn replica(&self) -> &Replica {
-        self.host.replica.as_ref().expect("replica is up")
+    /// The replica the ledger follows.
+    fn leader(&self) -> Option<&Replica> {
+        self.hosts[self.ledger?].replica.as_ref()
     }
 
-    fn crash_replica(&mut self) {
-        if self.host.replica.is_none() {
+    fn crash_replica(&mut self, r: usize) {
+        if self.hosts[r].replica.is_none() {
             return;
         }
         self.stats.replica_crashes += 1;
-        self.host.replica = None;
-        self.host.inc += 1;
-        let disk = &mut self.host.disk;
+        if self.ledger == Some(r) {
+            self.ledger = None;
+        }
+        let host = &mut self.hosts[r];
+        host.replica = None;
+        host.inc += 1;
+        let disk = &mut host.disk;
         let pending = std::mem::take(&mut disk.pending);
         disk.syncing = 0;
         for unit in pending {
@@ -716,89 +774,241 @@ impl World {
             disk.write(unit);
         }
         // Connections die with the process: in-flight requests get no reply.
-        self.routes.clear();
-        self.host.restart_pending = true;
+        self.routes.retain(|_, (at, _)| *at != r);
+        self.hosts[r].restart_pending = true;
         let delay = self.rng.range(100, DOWNTIME_MS_MAX);
-        self.push_in(delay, Ev::ReplicaRestart);
+        self.push_in(delay, Ev::ReplicaRestart { replica: r });
     }
 
-    fn replica_receive(&mut self, from: Ep, body: Body) -> Check {
-        let now = self.replica_now();
-        let mono = self.host.clock.mono(self.now);
-        let Some(replica) = self.host.replica.as_mut() else {
+    fn replica_receive(&mut self, r: usize, from: Ep, body: Body) -> Check {
+        let now = self.replica_now(r);
+        let mono = self.replica_mono(r);
+        let Some(replica) = self.hosts[r].replica.as_mut() else {
             self.stats.messages_dropped += 1;
+            // Its connection is refused: an agent or a client dials the
+            // next replica on its list.
+            // (Unless it moved on already: a late message says nothing.)
+            let next = (r + 1) % self.hosts.len();
+            match from {
+                Ep::Node(i) if self.nodes[i].server == r => self.nodes[i].server = next,
+                Ep::Client(c) if self.clients[c].target == r => self.clients[c].target = next,
+                _ => {}
+            }
             return Ok(());
         };
+        let applied = replica.applied_index();
+        let pre = self.pre_apply(r);
+        let n = self.hosts.len();
+        let replica = self.hosts[r].replica.as_mut().expect("up");
         match body {
             Body::Request { req, cmd } => {
                 let Ep::Client(c) = from else { return Ok(()) };
-                self.routes.insert(req, Route::Client(c));
+                self.routes.insert(req, (r, Route::Client(c)));
                 replica.propose(now, req, cmd);
             }
-            Body::FromAgent(msg) => replica.handle_agent(now, mono, msg),
+            Body::FromAgent(msg) => {
+                if !replica.is_leading() {
+                    // As the production link does: the agent is sent on to
+                    // the replica this one believes leads, and sends again
+                    // there at once.
+                    let current = matches!(from, Ep::Node(i) if self.nodes[i].server == r);
+                    if let (Ep::Node(i), true) = (from, current) {
+                        match replica.leader() {
+                            Some(l) if l as usize != r + 1 => {
+                                let next = l as usize - 1;
+                                self.nodes[i].server = next;
+                                self.send(from, Ep::Replica(next), 0, Body::FromAgent(msg));
+                            }
+                            // No leader known here: the agent tries the
+                            // next replica with its next message.
+                            _ => self.nodes[i].server = (r + 1) % n,
+                        }
+                    }
+                    return Ok(());
+                }
+                replica.handle_agent(now, mono, msg)
+            }
+            Body::Peer(msg) => replica.handle_peer(now, mono, msg),
             Body::Response { .. } | Body::ToAgent(_) => return Ok(()),
         }
-        self.drain_outputs()
+        self.after_input(r, applied, pre)?;
+        self.drain_outputs(r)
     }
 
-    fn tick(&mut self) -> Check {
-        let now = self.replica_now();
-        let mono = self.host.clock.mono(self.now);
-        if let Some(r) = self.host.replica.as_mut() {
-            r.handle_tick(now, mono);
+    /// What the ledger needs from before an input to the replica it
+    /// follows: the jobs the durable, unapplied entries may touch.
+    fn pre_apply(&self, r: usize) -> Option<PreApply> {
+        if self.ledger != Some(r) {
+            return None;
         }
-        let tick = self.host.clock.true_ms(TICK_MS);
-        let inc = self.host.inc;
-        self.push_in(tick, Ev::Tick { inc });
-        self.drain_outputs()?;
-        let Some(r) = self.host.replica.as_ref() else {
+        let replica = self.hosts[r].replica.as_ref()?;
+        let durable = &self.hosts[r].disk.durable;
+        let from = (replica.applied_index() as usize).min(durable.len());
+        Some(Checker::pre_apply(replica.state(), &durable[from..]))
+    }
+
+    /// After an input to replica `r` that had applied up to `applied`:
+    /// what it applied matches the one committed log, no term has two
+    /// leaders, and the ledger takes what the leader applied (or starts
+    /// again from the replica that now leads).
+    fn after_input(&mut self, r: usize, applied: u64, pre: Option<PreApply>) -> Check {
+        let Some(replica) = self.hosts[r].replica.as_ref() else {
+            return Ok(());
+        };
+        let durable = &self.hosts[r].disk.durable;
+        let to = replica.applied_index() as usize;
+        let from = (applied as usize).min(to);
+        if to > durable.len() {
+            return Err(Violation {
+                invariant: inv::STATE_MACHINE_SAFETY,
+                detail: format!(
+                    "replica {} applied up to {to} with {} entries durable",
+                    r + 1,
+                    durable.len()
+                ),
+            });
+        }
+        for e in &durable[from..to] {
+            let i = e.index as usize;
+            match self.committed.get(i - 1) {
+                Some(c) if c == e => {}
+                Some(c) => {
+                    return Err(Violation {
+                        invariant: inv::STATE_MACHINE_SAFETY,
+                        detail: format!(
+                            "replica {} applied {} {:?} at {i}, another applied {} {:?}",
+                            r + 1,
+                            e.term,
+                            e.event.kind(),
+                            c.term,
+                            c.event.kind()
+                        ),
+                    })
+                }
+                None => {
+                    // Stamps never decrease along the committed log.
+                    self.checker.proposed(std::slice::from_ref(e))?;
+                    self.committed.push(e.clone());
+                }
+            }
+        }
+        if replica.role() == Role::Leader {
+            let term = replica.term();
+            if let Some(&other) = self.leaders.get(&term) {
+                if other != r {
+                    return Err(Violation {
+                        invariant: inv::ELECTION_SAFETY,
+                        detail: format!(
+                            "replicas {} and {} both lead term {term}",
+                            other + 1,
+                            r + 1
+                        ),
+                    });
+                }
+            }
+            self.leaders.insert(term, r);
+        }
+        let leading = replica.is_leading();
+        // A leader of an older term that has not heard of the newer one
+        // yet (it was paused, or cut off) may still think it leads.
+        let newest = self
+            .ledger
+            .and_then(|l| self.hosts[l].replica.as_ref())
+            .is_none_or(|l| l.term() < replica.term());
+        if self.ledger == Some(r) {
+            match pre {
+                Some(pre) if leading => {
+                    let newly = &durable[from..to];
+                    self.checker.applied(&pre, newly, replica.state())?;
+                }
+                _ => self.ledger = None,
+            }
+        } else if leading && newest {
+            // The first input that finds this replica leading: its state
+            // holds every committed entry, so nothing acknowledged or
+            // terminal may be missing, and the ledger starts from its log.
+            self.ledger = Some(r);
+            let state = replica.state();
+            self.checker.acked_present(state)?;
+            self.checker.terminal_survives(state)?;
+            self.checker.resync(&durable[..to], state)?;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, r: usize) -> Check {
+        let now = self.replica_now(r);
+        let mono = self.replica_mono(r);
+        let applied = self.hosts[r].replica.as_ref().map(|x| x.applied_index());
+        let pre = self.pre_apply(r);
+        if let Some(x) = self.hosts[r].replica.as_mut() {
+            x.handle_tick(now, mono);
+        }
+        let tick = self.hosts[r].clock.true_ms(TICK_MS);
+        let inc = self.hosts[r].inc;
+        self.push_in(tick, Ev::Tick { replica: r, inc });
+        if let Some(applied) = applied {
+            self.after_input(r, applied, pre)?;
+        }
+        self.drain_outputs(r)?;
+        if self.ledger != Some(r) {
+            return Ok(());
+        }
+        let Some(x) = self.hosts[r].replica.as_ref() else {
             return Ok(());
         };
         // Idle: serving, and everything it proposed is applied (no pass in
         // flight), so any pass it needed has had its chance to run.
-        let idle = r.is_ready() && r.last_index() == r.applied_index();
+        let idle = x.is_ready() && x.last_index() == x.applied_index();
         self.checker.tick(idle, self.plan.scan_jobs_max)
     }
 
-    /// Carries out the replica's outputs in order, as the production driver
+    /// Carries out replica `r`'s outputs in order, as the production driver
     /// does, checking placements and starts as they go out.
-    fn drain_outputs(&mut self) -> Check {
+    fn drain_outputs(&mut self, r: usize) -> Check {
         loop {
-            let Some(replica) = self.host.replica.as_mut() else {
+            let Some(replica) = self.hosts[r].replica.as_mut() else {
                 return Ok(());
             };
             let Some(out) = replica.poll_output() else {
                 return Ok(());
             };
+            let leading = replica.is_leading();
             match out {
                 Output::Persist(unit) => {
                     let entries = &unit.entries;
-                    self.checker.proposed(entries)?;
-                    self.checker.placements(entries, self.plan.placements_max)?;
+                    if leading && self.ledger == Some(r) {
+                        self.checker.placements(entries, self.plan.placements_max)?;
+                    }
                     for e in entries {
-                        (e.index, e.at, e.event.kind()).hash(&mut self.hash);
+                        (r, e.index, e.at, e.event.kind()).hash(&mut self.hash);
                     }
                     self.stats.entries += entries.len() as u64;
-                    self.host.disk.pending.push(unit);
-                    if self.host.disk.syncing == 0 {
-                        self.start_fsync();
+                    let disk = &mut self.hosts[r].disk;
+                    disk.pending.push(unit);
+                    if disk.syncing == 0 {
+                        self.start_fsync(r);
                     }
                 }
                 Output::Send(msg) => {
-                    return Err(Violation {
-                        invariant: inv::LIVE_JOBS,
-                        detail: format!("a single replica sent {msg:?}"),
-                    })
+                    let to = msg.to as usize - 1;
+                    self.send(Ep::Replica(r), Ep::Replica(to), 0, Body::Peer(msg));
                 }
                 Output::LoadEntries(need) => {
-                    return Err(Violation {
-                        invariant: inv::LIVE_JOBS,
-                        detail: format!("a single replica asked for {need:?}"),
-                    })
+                    // Raft asks only for durable entries.
+                    let durable = &self.hosts[r].disk.durable;
+                    let (from, to) = (need.from as usize, need.to as usize);
+                    let entries = durable
+                        .get(from.saturating_sub(1)..to.min(durable.len()))
+                        .unwrap_or_default()
+                        .to_vec();
+                    let now = self.replica_now(r);
+                    let replica = self.hosts[r].replica.as_mut().expect("up");
+                    replica.handle_entries_loaded(now, need.peer, entries);
                 }
                 Output::Reply { request, result } => match self.routes.remove(&request) {
-                    Some(Route::Client(c)) => self.send(
-                        Ep::Replica,
+                    Some((_, Route::Client(c))) => self.send(
+                        Ep::Replica(r),
                         Ep::Client(c),
                         0,
                         Body::Response {
@@ -806,7 +1016,7 @@ impl World {
                             result,
                         },
                     ),
-                    Some(Route::Internal) | None => {}
+                    Some((_, Route::Internal)) | None => {}
                 },
                 Output::ToAgent {
                     node,
@@ -814,85 +1024,92 @@ impl World {
                     msg,
                 } => {
                     if let ServerMsg::Kill { job, attempt, .. } = &msg {
-                        self.checker.runner_kill(*job, *attempt);
+                        if self.ledger == Some(r) {
+                            self.checker.runner_kill(*job, *attempt);
+                        }
                     }
                     // Only the incarnation named receives it: a restarted
                     // agent never gets what was meant for its predecessor.
                     if let Some(&i) = self.node_index.get(&node) {
-                        self.send(Ep::Replica, Ep::Node(i), incarnation, Body::ToAgent(msg));
+                        self.send(Ep::Replica(r), Ep::Node(i), incarnation, Body::ToAgent(msg));
                     }
                 }
             }
         }
     }
 
-    fn start_fsync(&mut self) {
-        self.host.disk.syncing = self.host.disk.pending.len();
+    fn start_fsync(&mut self, r: usize) {
+        let host = &mut self.hosts[r];
+        host.disk.syncing = host.disk.pending.len();
+        let inc = host.inc;
         let delay = self.rng.range(1, self.plan.fsync_delay_max_ms);
-        let inc = self.host.inc;
-        self.push_in(delay, Ev::FsyncDone { inc });
+        self.push_in(delay, Ev::FsyncDone { replica: r, inc });
     }
 
-    fn fsync_done(&mut self) -> Check {
-        let disk = &mut self.host.disk;
+    fn fsync_done(&mut self, r: usize) -> Check {
+        let disk = &mut self.hosts[r].disk;
         let synced: Vec<PersistUnit> = disk.pending.drain(..disk.syncing).collect();
         disk.syncing = 0;
         let last_unit = synced.last().map(|u| u.id);
         for unit in synced {
             disk.write(unit);
         }
-        let now = self.replica_now();
-        let replica = self.host.replica.as_mut().expect("fsync of a live replica");
-        let durable = &self.host.disk.durable;
-        // The durable log runs contiguously from index 1.
-        let from = (replica.applied_index() as usize).min(durable.len());
-        let pre = Checker::pre_apply(replica.state(), &durable[from..]);
+        let now = self.replica_now(r);
+        let pre = self.pre_apply(r);
+        let replica = self.hosts[r]
+            .replica
+            .as_mut()
+            .expect("fsync of a live replica");
+        let applied = replica.applied_index();
         if let Some(unit) = last_unit {
             replica.handle_persisted(now, unit);
         }
-        let to = (replica.applied_index() as usize).min(durable.len());
-        if !self.host.catching_up {
-            let newly = &durable[from..to];
-            self.checker.applied(&pre, newly, replica.state())?;
-        } else if replica.is_leading() {
-            self.caught_up()?;
+        self.after_input(r, applied, pre)?;
+        self.drain_outputs(r)?;
+        if self.ledger == Some(r) {
+            self.checker.kills_sent()?;
         }
-        self.drain_outputs()?;
-        self.checker.kills_sent()?;
-        if !self.host.disk.pending.is_empty() && self.host.disk.syncing == 0 {
-            self.start_fsync();
+        let disk = &self.hosts[r].disk;
+        if !disk.pending.is_empty() && disk.syncing == 0 {
+            self.start_fsync(r);
         }
-        self.maybe_check_replay()
+        self.maybe_check_replay(r)
     }
 
     /// Replay equality at quiescent points (everything proposed is durable
     /// and applied), at most every `replay_check_interval_ms`.
-    fn maybe_check_replay(&mut self) -> Check {
-        if self.now < self.host.last_replay_check_ms + self.opts.replay_check_interval_ms {
+    fn maybe_check_replay(&mut self, r: usize) -> Check {
+        if self.now < self.hosts[r].last_replay_check_ms + self.opts.replay_check_interval_ms {
             return Ok(());
         }
-        self.check_replay_if_quiescent(false)
+        self.check_replay_if_quiescent(r, false)
     }
 
-    fn check_replay_if_quiescent(&mut self, required: bool) -> Check {
-        let Some(replica) = self.host.replica.as_ref() else {
+    fn check_replay_if_quiescent(&mut self, r: usize, required: bool) -> Check {
+        let host = &self.hosts[r];
+        let Some(replica) = host.replica.as_ref() else {
             return Ok(());
         };
-        let durable_last = self.host.disk.durable.last().map_or(0, |e| e.index);
-        let quiescent = self.host.disk.pending.is_empty()
+        let durable_last = host.disk.durable.last().map_or(0, |e| e.index);
+        let quiescent = host.disk.pending.is_empty()
             && replica.last_index() == durable_last
             && replica.applied_index() == durable_last;
         if !quiescent {
             if required {
                 return Err(Violation {
                     invariant: inv::LIVE_JOBS,
-                    detail: "the log did not settle (entries not durable or not applied)".into(),
+                    detail: format!(
+                        "replica {}'s log did not settle (entries not durable or not applied)",
+                        r + 1
+                    ),
                 });
             }
             return Ok(());
         }
-        self.host.last_replay_check_ms = self.now;
-        Checker::replay(&self.host.disk.durable, replica.state())?;
+        self.hosts[r].last_replay_check_ms = self.now;
+        let host = &self.hosts[r];
+        let replica = host.replica.as_ref().expect("up");
+        Checker::replay(&host.disk.durable, replica.state())?;
         Checker::consistency(replica.state())
     }
 
@@ -1021,7 +1238,13 @@ impl World {
             let req = self.next_request;
             self.next_request += 1;
             self.clients[c].reqs.insert(req, i);
-            self.send(Ep::Client(c), Ep::Replica, 0, Body::Request { req, cmd });
+            let target = self.clients[c].target;
+            self.send(
+                Ep::Client(c),
+                Ep::Replica(target),
+                0,
+                Body::Request { req, cmd },
+            );
         }
         let client = &mut self.clients[c];
         client.gen += 1;
@@ -1059,7 +1282,16 @@ impl World {
             Ok(_) | Err(CommandError::NotFound { .. } | CommandError::Invalid(_)) => {
                 self.clients[c].op[i].done = true;
             }
-            Err(_) => {
+            Err(e) => {
+                // Not the leader: go where it says, or try another replica.
+                if let CommandError::NotLeader { leader } = e {
+                    let n = self.hosts.len();
+                    let client = &mut self.clients[c];
+                    client.target = match leader {
+                        Some(l) => l as usize - 1,
+                        None => (client.target + 1) % n,
+                    };
+                }
                 // Not ready / overloaded: back off, then retry (or give up).
                 let client = &mut self.clients[c];
                 client.gen += 1;
@@ -1113,6 +1345,7 @@ impl World {
         let roll = self.rng.below(weights.iter().sum());
         let nodes = self.nodes.len() as u64;
         let node = self.rng.below(nodes) as usize;
+        let replica = self.rng.below(self.hosts.len() as u64) as usize;
         let mut kind = weights.len() - 1;
         let mut acc = 0;
         for (k, w) in weights.iter().enumerate() {
@@ -1123,11 +1356,11 @@ impl World {
             }
         }
         match kind {
-            0 => self.partition(node, &p),
-            1 => self.crash_replica(),
+            0 => self.partition(node, replica, &p),
+            1 => self.crash_replica(replica),
             2 => self.crash_agent(node),
-            3 => self.pause(node),
-            4 => self.clock_jump(node),
+            3 => self.pause(node, replica),
+            4 => self.clock_jump(node, replica),
             _ => {
                 let drain = self.rng.chance(Bp(5_000));
                 self.stop_agent(node, drain)?
@@ -1137,18 +1370,18 @@ impl World {
         Ok(())
     }
 
-    fn pause(&mut self, node: usize) {
+    fn pause(&mut self, node: usize, replica: usize) {
         self.stats.pauses += 1;
         let until = self.now + self.rng.range(100, PAUSE_MS_MAX);
         if self.rng.chance(Bp(5_000)) {
-            self.host.paused_until = until;
+            self.hosts[replica].paused_until = until;
         } else {
             self.nodes[node].paused_until = until;
             self.checker.disturbed.insert(self.nodes[node].name.clone());
         }
     }
 
-    fn clock_jump(&mut self, node: usize) {
+    fn clock_jump(&mut self, node: usize, replica: usize) {
         self.stats.clock_jumps += 1;
         let jump = self.rng.range(1, CLOCK_JUMP_MS_MAX) as i64;
         let jump = if self.rng.chance(Bp(5_000)) {
@@ -1157,30 +1390,48 @@ impl World {
             -jump
         };
         if self.rng.chance(Bp(5_000)) {
-            self.host.clock.offset_ms += jump;
+            self.hosts[replica].clock.offset_ms += jump;
         } else {
             self.nodes[node].clock.offset_ms += jump;
         }
     }
 
-    fn partition(&mut self, node: usize, p: &FaultPlan) {
+    /// Cuts a node's or a client's links to every replica, or (in a
+    /// cluster) one replica's links to every other replica: that replica is
+    /// isolated, the leader sometimes. One way only, sometimes.
+    fn partition(&mut self, node: usize, replica: usize, p: &FaultPlan) {
         self.stats.partitions += 1;
-        // Mostly a node's link; sometimes a client's.
-        let other = if self.rng.chance(Bp(8_000)) || self.clients.is_empty() {
-            self.checker.disturbed.insert(self.nodes[node].name.clone());
-            Ep::Node(node)
+        let n = self.hosts.len();
+        let pairs: Vec<(Ep, Ep)> = if n > 1 && self.rng.chance(Bp(4_000)) {
+            // Half of these cut off the replica the ledger follows.
+            let cut = match self.ledger {
+                Some(l) if self.rng.chance(Bp(5_000)) => l,
+                _ => replica,
+            };
+            (0..n)
+                .filter(|&o| o != cut)
+                .map(|o| (Ep::Replica(cut), Ep::Replica(o)))
+                .collect()
         } else {
-            Ep::Client(self.rng.below(self.clients.len() as u64) as usize)
-        };
-        let links = if self.rng.chance(p.partition_one_way) {
-            if self.rng.chance(Bp(5_000)) {
-                vec![(Ep::Replica, other)]
+            // Mostly a node's link; sometimes a client's.
+            let other = if self.rng.chance(Bp(8_000)) || self.clients.is_empty() {
+                self.checker.disturbed.insert(self.nodes[node].name.clone());
+                Ep::Node(node)
             } else {
-                vec![(other, Ep::Replica)]
-            }
-        } else {
-            vec![(Ep::Replica, other), (other, Ep::Replica)]
+                Ep::Client(self.rng.below(self.clients.len() as u64) as usize)
+            };
+            (0..n).map(|r| (Ep::Replica(r), other)).collect()
         };
+        let one_way = self.rng.chance(p.partition_one_way);
+        let outward = self.rng.chance(Bp(5_000));
+        let mut links = Vec::new();
+        for (a, b) in pairs {
+            match (one_way, outward) {
+                (true, true) => links.push((a, b)),
+                (true, false) => links.push((b, a)),
+                (false, _) => links.extend([(a, b), (b, a)]),
+            }
+        }
         let heal = self.rng.range(100, PARTITION_MS_MAX);
         for (from, to) in links {
             self.blocked.insert((from, to));
@@ -1193,25 +1444,44 @@ impl World {
     fn heal(&mut self) -> Check {
         self.phase = Phase::Liveness;
         self.blocked.clear();
-        self.host.paused_until = self.host.paused_until.min(self.now);
+        for h in &mut self.hosts {
+            h.paused_until = h.paused_until.min(self.now);
+        }
         for a in &mut self.nodes {
             a.paused_until = a.paused_until.min(self.now);
         }
-        if self.host.replica.is_none() && !self.host.restart_pending {
-            self.push_in(0, Ev::ReplicaRestart);
+        for r in 0..self.hosts.len() {
+            if self.hosts[r].replica.is_none() && !self.hosts[r].restart_pending {
+                self.push_in(0, Ev::ReplicaRestart { replica: r });
+            }
         }
         self.push_in(CONVERGE_CHECK_MS, Ev::Converge);
         Ok(())
     }
 
+    /// Every replica is up with the leader's whole log durable and
+    /// applied.
+    fn replicas_settled(&self) -> bool {
+        let Some(leader) = self.leader() else {
+            return false;
+        };
+        self.hosts.iter().all(|h| {
+            h.replica.as_ref().is_some_and(|r| {
+                r.applied_index() == leader.last_index()
+                    && r.last_index() == leader.last_index()
+                    && h.disk.pending.is_empty()
+            })
+        })
+    }
+
     fn converged(&self) -> bool {
-        let Some(replica) = self.host.replica.as_ref() else {
+        let Some(replica) = self.leader() else {
             return false;
         };
         replica.is_ready()
             && self.clients.iter().all(|c| c.op.is_empty())
             && self.nodes_settled(replica.state())
-            && self.host.disk.pending.is_empty()
+            && self.replicas_settled()
             && replica.state().jobs.values().all(|j| {
                 // Terminal with its last attempt settled (a cancelled job's
                 // attempt stays active until its runner reports the kill).
@@ -1233,13 +1503,12 @@ impl World {
             return Err(Violation {
                 invariant: inv::LIVE_JOBS,
                 detail: format!(
-                    "not converged {} ms after healing (clients idle: {}, nodes registered and idle: {})",
+                    "not converged {} ms after healing (leader: {:?}, clients idle: {}, nodes registered and idle: {}, replicas caught up: {})",
                     self.opts.liveness_ms_max,
+                    self.ledger.map(|r| r + 1),
                     self.clients.iter().all(|c| c.op.is_empty()),
-                    self.host
-                        .replica
-                        .as_ref()
-                        .is_some_and(|r| self.nodes_settled(r.state())),
+                    self.leader().is_some_and(|r| self.nodes_settled(r.state())),
+                    self.replicas_settled(),
                 ),
             });
         }
@@ -1250,8 +1519,11 @@ impl World {
     /// After healing, an operator ends every drain, so that every job that
     /// some node could ever run must finish.
     fn undrain_all(&mut self) -> Check {
-        let now = self.replica_now();
-        let Some(replica) = self.host.replica.as_mut() else {
+        let Some(r) = self.ledger else {
+            return Ok(());
+        };
+        let now = self.replica_now(r);
+        let Some(replica) = self.hosts[r].replica.as_mut() else {
             return Ok(());
         };
         if !replica.is_ready() {
@@ -1267,19 +1539,35 @@ impl World {
         for name in draining {
             let req = self.next_request;
             self.next_request += 1;
-            self.routes.insert(req, Route::Internal);
+            self.routes.insert(req, (r, Route::Internal));
             replica.propose(now, req, Command::UndrainNode { name });
         }
-        self.drain_outputs()
+        self.drain_outputs(r)
     }
 
     fn final_checks(&mut self) -> Check {
-        Checker::live_leader(self.host.replica.as_ref().map(|r| r.lifecycle()))?;
-        let state = self.replica().state();
+        Checker::live_leader(self.leader().map(|r| r.lifecycle()))?;
+        let leader = self.ledger.expect("a live leader");
+        let state = self.leader().expect("a live leader").state();
         self.checker.acked_present(state)?;
         self.checker.live_jobs(state)?;
         let results = self.live_agent_results();
-        Checker::live_results(self.replica().state(), &results)?;
+        Checker::live_results(state, &results)?;
+        // Every replica holds the same state.
+        for (r, h) in self.hosts.iter().enumerate() {
+            let other = h.replica.as_ref().expect("all up").state();
+            if other.digest() != state.digest() {
+                return Err(Violation {
+                    invariant: inv::STATE_MACHINE_SAFETY,
+                    detail: format!(
+                        "replica {} digests {:x}, the leader {:x}",
+                        r + 1,
+                        other.digest(),
+                        state.digest()
+                    ),
+                });
+            }
+        }
         let jobs = state.jobs.len() as u64;
         let terminal = state
             .jobs
@@ -1288,7 +1576,11 @@ impl World {
             .count() as u64;
         self.stats.jobs = jobs;
         self.stats.jobs_terminal = terminal;
-        self.check_replay_if_quiescent(true)
+        self.check_replay_if_quiescent(leader, true)?;
+        for r in 0..self.hosts.len() {
+            self.check_replay_if_quiescent(r, true)?;
+        }
+        Ok(())
     }
 }
 

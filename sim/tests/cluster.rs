@@ -1,0 +1,53 @@
+//! The simulator with 3 and 5 replicas talking Raft: crashes, pauses,
+//! partitions between replicas and clock drift, checked for election
+//! safety, state machine safety, durability of acknowledged writes and
+//! liveness after healing.
+
+use rustci_sim::{run_seed, run_seeds, SimOptions};
+
+fn cluster(seed: u64, replicas: usize) -> SimOptions {
+    SimOptions {
+        replicas,
+        ..SimOptions::new(seed)
+    }
+}
+
+#[test]
+fn three_replicas_pass_a_sweep() {
+    let summary = run_seeds(0..30, &cluster(0, 3), &mut || 0.0, &mut |_| {});
+    assert!(summary.failures.is_empty(), "{summary}");
+}
+
+#[test]
+fn five_replicas_pass_a_sweep() {
+    let summary = run_seeds(0..15, &cluster(0, 5), &mut || 0.0, &mut |_| {});
+    assert!(summary.failures.is_empty(), "{summary}");
+}
+
+/// Seeds that once failed with 3 replicas, each for a reason now fixed.
+/// The traces moved as the fixes landed, so a seed may no longer reach
+/// the case it found; 417 and 460 do (checked by breaking the rule they
+/// guard):
+/// - 417, 460 (and 836 first): the checker followed a deposed leader of
+///   an older term that had not heard of the newer one
+///   (terminal_stays_terminal);
+/// - 56: agents kept sending to a crashed replica (node_down_only_if_disturbed);
+/// - 2, 98: a paused leader granted leases before CheckQuorum deposed it,
+///   and agents of a silent replica never moved (node_down_only_if_disturbed);
+/// - 383: agents bounced between replicas that knew no leader, without
+///   end (a runaway run).
+#[test]
+fn cluster_regression_seeds_pass() {
+    for seed in [2, 56, 98, 383, 417, 460, 836] {
+        let report = run_seed(&cluster(seed, 3));
+        assert!(report.passed, "seed {seed}: {report}");
+    }
+}
+
+#[test]
+fn a_cluster_run_replays_exactly() {
+    let a = run_seed(&cluster(7, 3));
+    let b = run_seed(&cluster(7, 3));
+    assert_eq!(a.trace_hash, b.trace_hash);
+    assert_ne!(a.trace_hash, run_seed(&cluster(7, 5)).trace_hash);
+}
