@@ -45,7 +45,10 @@ pub struct SubmitRequest {
 /// `checkout` of a submission (and of a job object): `ref` defaults to
 /// `HEAD`, the repository's default branch.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a checkout object {\"repo\": REPO, \"ref\": REF}"
+)]
 pub struct CheckoutRequest {
     pub repo: String,
     #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
