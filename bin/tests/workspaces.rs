@@ -645,3 +645,150 @@ fn failed_work_dirs_stay_for_keep_failed_workspaces_secs_then_go_and_succeeded_o
     std::thread::sleep(Duration::from_secs(3));
     assert!(file.exists(), "kept to be looked at");
 }
+
+/// A `rustci server` or `rustci agent` child process, killed when dropped.
+struct Daemon(std::process::Child);
+
+impl Daemon {
+    fn spawn(args: &[&str], log: &Path) -> Daemon {
+        let child = Command::new(BIN)
+            .args(args)
+            .env_remove("RUSTCI_JOIN_TOKEN")
+            .env_remove("RUSTCI_SERVER")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon(child)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + JOB_WAIT_MAX;
+    while !done() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_remote_agent_checks_out_runs_in_workdirs_and_keeps_failed_work_dirs_for_its_keep_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::new(dir.path());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data = dir.path().join("data");
+    let _server = Daemon::spawn(
+        &[
+            "server",
+            "--listen",
+            &addr,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--join-token",
+            "t",
+        ],
+        &dir.path().join("server.log"),
+    );
+    wait_until("the server is ready", || {
+        http(&addr, "GET", "/readyz", None).0 == 200
+    });
+    let work = dir.path().join("agent");
+    let _agent = Daemon::spawn(
+        &[
+            "agent",
+            "--server",
+            &addr,
+            "--name",
+            "w1",
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--join-token",
+            "t",
+            "--keep-failed-workspaces-secs",
+            "2",
+        ],
+        &dir.path().join("agent.log"),
+    );
+    wait_until("the agent joined", || {
+        let (_, body) = http(&addr, "GET", "/v1/nodes", None);
+        body.contains("\"ready\"")
+    });
+    let submit = |body: serde_json::Value| -> u64 {
+        let (status, text) = http(&addr, "POST", "/v1/jobs", Some(&body.to_string()));
+        assert_eq!(status, 201, "{text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    let ended = |id: u64| -> serde_json::Value {
+        let mut job = serde_json::Value::Null;
+        wait_until("the job ended", || {
+            let (_, text) = http(&addr, "GET", &format!("/v1/jobs/{id}"), None);
+            job = serde_json::from_str(&text).unwrap();
+            terminal(&job)
+        });
+        job
+    };
+    let logs = |id: u64| http(&addr, "GET", &format!("/v1/jobs/{id}/logs"), None).1;
+
+    let id = submit(serde_json::json!({
+        "command": ["cat", "version"],
+        "checkout": {"repo": repo.url(), "ref": "feature/x"},
+    }));
+    assert_eq!(ended(id)["state"], "succeeded", "{}", logs(id));
+    let text = logs(id);
+    assert!(
+        text.starts_with(&format!(
+            "rustci: checkout of {} at feature/x\n",
+            repo.url()
+        )),
+        "{text}"
+    );
+    assert!(text.ends_with("three"), "{text}");
+
+    let project = dir.path().join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let id = submit(serde_json::json!({
+        "command": ["sh", "-c", "echo here > made"],
+        "workdir": project.to_str().unwrap(),
+    }));
+    assert_eq!(ended(id)["state"], "succeeded");
+    assert!(project.join("made").exists());
+
+    let missing = dir.path().join("missing");
+    let id = submit(serde_json::json!({
+        "command": ["true"],
+        "workdir": missing.to_str().unwrap(),
+    }));
+    let job = ended(id);
+    assert_eq!(job["attempts"][0]["outcome"], "start_failed", "{job}");
+    assert!(
+        logs(id).contains("does not exist on this node"),
+        "{}",
+        logs(id)
+    );
+
+    // A failed attempt's work dir on the agent goes after its keep time.
+    let id = submit(serde_json::json!({"command": ["sh", "-c", "pwd; exit 1"]}));
+    assert_eq!(ended(id)["state"], "failed");
+    let kept = std::fs::canonicalize(&work)
+        .unwrap()
+        .join(format!("work/{id}-1"));
+    assert_eq!(logs(id), format!("{}\n", kept.display()), "where it ran");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kept.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never swept {}",
+            kept.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
