@@ -76,7 +76,8 @@ fn shell_blocks(readme: &str, section: &str) -> Vec<String> {
 fn trailing_comment(line: &str) -> Option<(String, String)> {
     let at = line.rfind(" # ")?;
     let before = &line[..at];
-    let balanced = before.matches('\'').count() % 2 == 0 && before.matches('"').count() % 2 == 0;
+    let balanced = before.matches('\'').count().is_multiple_of(2)
+        && before.matches('"').count().is_multiple_of(2);
     balanced.then(|| {
         (
             before.trim_end().to_string(),
