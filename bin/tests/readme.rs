@@ -10,8 +10,9 @@
 //! port of its own (`RUSTCI_SERVER` for the CLI, and `localhost:7878` in
 //! the `curl` lines rewritten to it), and `/tmp/incident` is a path in the
 //! test's own directory. `./target/release/rustci` is the binary under
-//! test. The other sections (building, `cargo test`, the agents) are not
-//! run here.
+//! test. The agents section runs the same way, against the server and
+//! agents it starts (on a port of its own). Building and `cargo test`
+//! (the "Set up" section) are not run here.
 
 mod common;
 
@@ -27,8 +28,10 @@ const SCRIPT_WAIT_MAX: Duration = Duration::from_secs(300);
 const EXIT_WAIT_MAX: Duration = Duration::from_secs(60);
 /// Printed after each command, with its exit status.
 const END_MARK: &str = "@@readme-command-ended";
-/// The sections of the README this test runs.
+/// The sections of the README run against `rustci dev`.
 const SECTIONS: [&str; 2] = ["## Quickstart", "## Look at the log"];
+/// The section run against `rustci server` and two agents.
+const AGENTS_SECTION: &str = "## A control plane and worker agents";
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap()
@@ -200,36 +203,45 @@ struct Ran {
     stdout: String,
 }
 
+/// How a section's commands are run: the server they talk to, the text
+/// replaced in them, and what the script does first.
+struct Setting<'a> {
+    server: &'a str,
+    replace: Vec<(String, String)>,
+    prelude: &'a str,
+}
+
 /// Runs the commands in one bash (aliases on, as in a terminal), each
-/// followed by a line with its status that leaves `$?` as it was.
-fn run_script(clone: &Path, commands: &[ReadmeCommand], dev: &Dev, scratch: &Path) -> Vec<Ran> {
-    let port = dev.addr.rsplit_once(':').unwrap().1;
-    let mut script = String::from("shopt -s expand_aliases\n");
+/// followed by a line with its status that leaves `$?` as it was. The bash
+/// leads a process group of its own, killed whole if it overstays.
+fn run_script(clone: &Path, commands: &[ReadmeCommand], setting: &Setting, name: &str) -> Vec<Ran> {
+    use std::os::unix::process::CommandExt;
+    let mut script = format!("shopt -s expand_aliases\n{}\n", setting.prelude);
     for c in commands {
-        let text = c
-            .text
-            .replace("localhost:7878", &format!("127.0.0.1:{port}"))
-            .replace(
-                "/tmp/incident",
-                &scratch.join("incident").display().to_string(),
-            );
+        let mut text = c.text.clone();
+        for (from, to) in &setting.replace {
+            text = text.replace(from.as_str(), to);
+        }
         script.push_str(&text);
         script.push_str(&format!(
             "\n__rc=$?; printf '\\n{END_MARK} %d\\n' \"$__rc\"; (exit $__rc)\n"
         ));
     }
-    let script_path = scratch.join("readme.sh");
+    let scratch = clone.parent().unwrap();
+    let script_path = scratch.join(format!("{name}.sh"));
     std::fs::write(&script_path, &script).unwrap();
-    let out_path = scratch.join("readme.out");
-    let err_path = scratch.join("readme.err");
+    let out_path = scratch.join(format!("{name}.out"));
+    let err_path = scratch.join(format!("{name}.err"));
     let mut child = Command::new("bash")
         .arg(&script_path)
         .current_dir(clone)
-        .env("RUSTCI_SERVER", &dev.addr)
+        .env("RUSTCI_SERVER", setting.server)
         .env_remove("RUSTCI_TOKEN")
+        .env_remove("RUSTCI_JOIN_TOKEN")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
+        .process_group(0)
         .spawn()
         .expect("bash runs");
     let deadline = Instant::now() + SCRIPT_WAIT_MAX;
@@ -238,7 +250,10 @@ fn run_script(clone: &Path, commands: &[ReadmeCommand], dev: &Dev, scratch: &Pat
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
             panic!(
                 "the README's commands did not finish: {}\n{}",
                 std::fs::read_to_string(&out_path).unwrap_or_default(),
@@ -249,7 +264,8 @@ fn run_script(clone: &Path, commands: &[ReadmeCommand], dev: &Dev, scratch: &Pat
     };
     let stdout = std::fs::read_to_string(&out_path).unwrap();
     let stderr = std::fs::read_to_string(&err_path).unwrap();
-    assert!(status.success(), "bash: {status:?}\n{stdout}\n{stderr}");
+    // bash exits as its last command did: judged below, with the others.
+    let _ = status;
     let mut ran = Vec::new();
     let mut rest = stdout.as_str();
     for c in commands {
@@ -267,27 +283,20 @@ fn run_script(clone: &Path, commands: &[ReadmeCommand], dev: &Dev, scratch: &Pat
         });
         rest = tail;
     }
-    ran
-}
-
-#[test]
-fn every_command_of_the_readme_quickstart_works_as_written() {
-    let commands = readme_commands();
-    let dir = tempfile::tempdir().unwrap();
-    let clone = fresh_clone(dir.path());
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut dev = start_dev(&clone, &addr);
-    let ran = run_script(&clone, &commands, &dev, dir.path());
-
-    // `README_SHOW=1 cargo test --test readme -- --nocapture` shows what
-    // each command printed.
     if std::env::var_os("README_SHOW").is_some() {
         for r in &ran {
             eprintln!("$ {}\n[exit {}]\n{}", r.command, r.status, r.stdout);
         }
+        eprintln!("stderr:\n{stderr}");
     }
+    ran
+}
+
+/// Every command exits 0 unless `echo $?` follows it, and prints last what
+/// its comment says; what is not so, in words.
+fn problems(commands: &[ReadmeCommand], ran: &[Ran]) -> Vec<String> {
     let mut problems = Vec::new();
-    for (i, (c, r)) in commands.iter().zip(&ran).enumerate() {
+    for (i, (c, r)) in commands.iter().zip(ran).enumerate() {
         let checked_by_next = commands
             .get(i + 1)
             .is_some_and(|n| n.text.trim() == "echo $?");
@@ -304,6 +313,28 @@ fn every_command_of_the_readme_quickstart_works_as_written() {
             }
         }
     }
+    problems
+}
+
+#[test]
+fn every_command_of_the_readme_quickstart_works_as_written() {
+    let commands = readme_commands();
+    let dir = tempfile::tempdir().unwrap();
+    let clone = fresh_clone(dir.path());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut dev = start_dev(&clone, &addr);
+    let port = addr.rsplit_once(':').unwrap().1;
+    let incident = dir.path().join("incident").display().to_string();
+    let setting = Setting {
+        server: &addr,
+        replace: vec![
+            ("localhost:7878".into(), format!("127.0.0.1:{port}")),
+            ("/tmp/incident".into(), incident),
+        ],
+        prelude: "",
+    };
+    let ran = run_script(&clone, &commands, &setting, "quickstart");
+    let problems = problems(&commands, &ran);
     assert!(
         problems.is_empty(),
         "the README drifted from what works:\n{}\n\n(daemon: {})",
@@ -351,6 +382,45 @@ fn every_command_of_the_readme_quickstart_works_as_written() {
     drop(dev);
     let dev = start_dev(&clone, &addr);
     assert_eq!(dev.get_json("/v1/jobs")["jobs"], jobs["jobs"]);
+}
+
+/// The section on agents, as written but for `cargo build --release` (the
+/// binary is built) and the server's port: `rustci server` listens on a
+/// port of its own, which `RUSTCI_SERVER` gives the agents and the CLI.
+#[test]
+fn every_command_of_the_readme_agents_section_works_as_written() {
+    let readme = readme();
+    let commands: Vec<ReadmeCommand> = shell_blocks(&readme, AGENTS_SECTION)
+        .iter()
+        .flat_map(|b| commands(b))
+        .filter(|c| c.text != "cargo build --release")
+        .collect();
+    assert!(commands.len() >= 5, "{commands:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let clone = fresh_clone(dir.path());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let setting = Setting {
+        server: &addr,
+        replace: vec![(
+            "rustci server ".into(),
+            format!("rustci server --listen {addr} "),
+        )],
+        // What the README starts in the background stops with the shell.
+        prelude: "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT",
+    };
+    let ran = run_script(&clone, &commands, &setting, "agents");
+    let problems = problems(&commands, &ran);
+    assert!(
+        problems.is_empty(),
+        "the README drifted from what works:\n{}",
+        problems.join("\n")
+    );
+    let submitted = ran.last().unwrap();
+    assert!(
+        submitted.command.contains("--constraint pool=b"),
+        "{submitted:?}"
+    );
+    assert!(submitted.stdout.contains("\non "), "{submitted:?}");
 }
 
 fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
