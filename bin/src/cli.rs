@@ -897,7 +897,9 @@ fn attempt_ending(a: &AttemptView) -> String {
         (_, Some(Outcome::Oom), _) => {
             "failed: killed for using more memory than its memory_mb".into()
         }
-        (_, Some(Outcome::StartFailed), _) => "failed: its command could not be started".into(),
+        (_, Some(Outcome::StartFailed), _) => {
+            "failed: it could not be started (its output says why)".into()
+        }
         (_, _, Some(code)) if code < 0 => format!("failed: killed by signal {}", -code),
         (_, _, Some(code)) => format!("failed with exit code {code}"),
         (_, _, None) => "failed: killed by a signal".into(),
