@@ -211,7 +211,8 @@ pub struct RunSpec {
     pub command: Vec<String>,
     /// Added to (and overriding) the daemon's environment.
     pub env: BTreeMap<String, String>,
-    /// Measured from the moment the process spawned.
+    /// Measured from the moment the attempt's first process spawned (the
+    /// first step of its checkout, if it has one).
     pub timeout: Duration,
     /// The process's current directory. The attempt's own (created if
     /// missing, removed after it) unless `workspace` is `Dir`.
