@@ -541,6 +541,47 @@ fn dev_runs_a_checkout_at_a_ref_and_a_failed_one_fails_the_job_saying_why_withou
 }
 
 #[test]
+fn dev_times_out_and_cancels_a_job_stuck_in_its_checkout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = hanging_git(dir.path());
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let mark = unique_mark();
+    let stuck = |timeout_secs: u64| {
+        dev.submit_json(&serde_json::json!({
+            "command": ["true"],
+            "checkout": {"repo": "/anywhere", "ref": "main"},
+            "env": {"PATH": path, "TEST_MARK": mark},
+            "timeout_secs": timeout_secs,
+        }))["id"]
+            .as_u64()
+            .unwrap()
+    };
+    // The job's time-out (the agent's, from the first step's start) covers
+    // its checkout.
+    let id = stuck(1);
+    let job = dev.wait_job(id, JOB_WAIT_MAX, terminal);
+    assert_eq!(job["attempts"][0]["state"], "timed_out", "{job}");
+    assert!(logs(&dev, id).starts_with("rustci: checkout of /anywhere at main\n"));
+    // A cancel stops it.
+    let id = stuck(600);
+    dev.wait_job(id, JOB_WAIT_MAX, |j| j["state"] == "running");
+    let (status, text) = http(&dev.addr, "POST", &format!("/v1/jobs/{id}/cancel"), None);
+    assert_eq!(status, 200, "{text}");
+    let job = dev.wait_job(id, JOB_WAIT_MAX, |j| {
+        j["attempts"][0]["state"] == "cancelled"
+    });
+    assert_eq!(job["state"], "cancelled");
+    let deadline = Instant::now() + JOB_WAIT_MAX;
+    while !processes_marked(&mark).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck git processes are gone"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn dev_runs_a_job_in_its_workdir_and_a_missing_one_fails_to_start_saying_so() {
     let dir = tempfile::tempdir().unwrap();
     let project = dir.path().join("project");
