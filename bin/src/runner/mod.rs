@@ -657,7 +657,8 @@ impl AttemptTask {
         cancel: &mut oneshot::Receiver<()>,
         deadline: &mut Option<tokio::time::Instant>,
     ) -> Result<Option<Ended>, NotStarted> {
-        let Checkout { repo, git_ref } = checkout;
+        let git_ref = &checkout.git_ref;
+        let repo = redact_password(&checkout.repo);
         self.log_line(&format!("rustci: checkout of {repo} at {git_ref}\n"))
             .await;
         for (step, command) in checkout_steps(checkout) {
@@ -944,6 +945,23 @@ fn usable_workdir(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// `repo` with the password of a `scheme://user:password@host/...` URL
+/// masked, for the job's log (the spec, like its `env`, keeps it).
+fn redact_password(repo: &str) -> String {
+    let Some((scheme, rest)) = repo.split_once("://") else {
+        return repo.to_string();
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return repo.to_string();
+    };
+    let Some((user, _password)) = userinfo.split_once(':') else {
+        return repo.to_string();
+    };
+    let path = &rest[authority.len()..];
+    format!("{scheme}://{user}:***@{host}{path}")
+}
+
 /// The git commands of a checkout into the current directory, each with a
 /// short name for messages. The repository and the ref come after `--`,
 /// and validation refused any that starts with `-`, so neither can be
@@ -1150,6 +1168,26 @@ mod tests {
         let meminfo = "MemTotal:       16318856 kB\nMemFree:         1234 kB\n";
         assert_eq!(parse_mem_total_kb(meminfo), Some(16_318_856));
         assert_eq!(parse_mem_total_kb("nothing"), None);
+    }
+
+    #[test]
+    fn a_checkout_url_shows_no_password_in_the_log() {
+        for (repo, shown) in [
+            (
+                "https://user:s3cret@example.com/org/p.git",
+                "https://user:***@example.com/org/p.git",
+            ),
+            (
+                "https://token@example.com/p.git",
+                "https://token@example.com/p.git",
+            ),
+            ("https://example.com/p.git", "https://example.com/p.git"),
+            ("git@example.com:org/p.git", "git@example.com:org/p.git"),
+            ("/srv/git/p@v2", "/srv/git/p@v2"),
+            ("ssh://git:pw@h:22/p", "ssh://git:***@h:22/p"),
+        ] {
+            assert_eq!(redact_password(repo), shown);
+        }
     }
 
     #[test]
