@@ -1,9 +1,9 @@
 //! The README, as a new user runs it: every command of its "Quickstart"
 //! and "Look at the log" sections, taken from README.md itself, in one
 //! shell, in order, in a git repository (the stand-in for a fresh clone)
-//! where `rustci dev` runs with its default data dir. A comment after a
-//! command is the last line it prints; every command not followed by
-//! `echo $?` exits 0. Then the jobs they submitted end as the README
+//! where `rustci dev` runs with its default data dir. A `# prints X`
+//! comment after a command is the last line it prints; every command not
+//! followed by `echo $?` exits 0. Then the jobs they submitted end as the README
 //! means them to, and what the README says of Ctrl-C holds.
 //!
 //! Two things are not as written, and only these: the daemon listens on a
@@ -75,7 +75,7 @@ fn shell_blocks(readme: &str, section: &str) -> Vec<String> {
     blocks
 }
 
-/// A trailing `  # comment` outside quotes: what the command prints last.
+/// A trailing `  # comment` outside quotes: (the command, the comment).
 fn trailing_comment(line: &str) -> Option<(String, String)> {
     let at = line.rfind(" # ")?;
     let before = &line[..at];
@@ -87,6 +87,14 @@ fn trailing_comment(line: &str) -> Option<(String, String)> {
             line[at + 3..].trim().to_string(),
         )
     })
+}
+
+/// What a `# prints X` comment (`X last`, `X, words`) says the command
+/// prints last; other comments only explain.
+fn prints_last(comment: &str) -> Option<String> {
+    let said = comment.strip_prefix("prints ")?;
+    let said = said.split(", ").next().unwrap_or(said);
+    Some(said.strip_suffix(" last").unwrap_or(said).to_string())
 }
 
 /// Splits a block into commands; comment lines and blank lines go.
@@ -123,10 +131,11 @@ fn commands(block: &str) -> Vec<ReadmeCommand> {
             });
             continue;
         }
-        let prints_last = trailing_comment(&last).map(|(command, comment)| {
+        let prints_last = trailing_comment(&last).and_then(|(command, comment)| {
+            let said = prints_last(&comment)?;
             text.truncate(text.len() - last.len());
             text.push_str(&command);
-            comment
+            Some(said)
         });
         out.push(ReadmeCommand { text, prints_last });
     }
@@ -154,6 +163,8 @@ fn readme_commands() -> Vec<ReadmeCommand> {
         .flat_map(|b| commands(&b))
         .collect();
     assert!(all.len() > 15, "the README's commands were found: {all:?}");
+    let promised = all.iter().filter(|c| c.prints_last.is_some()).count();
+    assert!(promised >= 5, "the `# prints` comments were found: {all:?}");
     all
 }
 
@@ -436,7 +447,7 @@ fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
 
 #[test]
 fn the_readme_parser_finds_commands_their_continuations_here_documents_and_outputs() {
-    let block = "alias x=y\n\n# a comment\nrun a \\\n  b   # last\necho $?   # 3\ncat > f <<EOF\nk = \"# not a comment\"\nEOF\nsh -c 'echo # kept'\n";
+    let block = "alias x=y\n\n# a comment\nrun a \\\n  b   # prints last words last\necho $?   # prints 3\nrun   # prints 4, its id\nrun   # explains\ncat > f <<EOF\nk = \"# not a comment\"\nEOF\nsh -c 'echo # kept'\n";
     let got: Vec<(String, Option<String>)> = commands(block)
         .into_iter()
         .map(|c| (c.text, c.prints_last))
@@ -445,8 +456,10 @@ fn the_readme_parser_finds_commands_their_continuations_here_documents_and_outpu
         got,
         vec![
             ("alias x=y".to_string(), None),
-            ("run a \\\n  b".to_string(), Some("last".to_string())),
+            ("run a \\\n  b".to_string(), Some("last words".to_string())),
             ("echo $?".to_string(), Some("3".to_string())),
+            ("run".to_string(), Some("4".to_string())),
+            ("run   # explains".to_string(), None),
             (
                 "cat > f <<EOF\nk = \"# not a comment\"\nEOF".to_string(),
                 None
