@@ -1,8 +1,9 @@
 //! Where a job runs and what code it finds there, specified by example: the
 //! runner's `workdir` and `checkout` (both with and without the shim), and
 //! the same through a real `rustci dev`: the API's validation, a checkout
-//! at a branch, a tag and a commit, a failed checkout, a missing workdir,
-//! and how long failed work dirs are kept.
+//! at a branch, a tag and a commit, a failed checkout, one stuck until its
+//! time-out or a cancel, a missing workdir, and how long failed work dirs
+//! are kept; then through a real `rustci server` and `rustci agent`.
 
 mod common;
 
