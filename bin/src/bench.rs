@@ -131,6 +131,7 @@ fn bench_spec(i: u64) -> JobSpec {
         priority: (i % 3) as u8 * 25 + 25,
         timeout_secs: 600,
         max_retries: 1,
+        workspace: Default::default(),
     }
 }
 

@@ -16,7 +16,8 @@ use hyper::Method;
 use rustci_core::model::Outcome;
 use rustci_net::client::{api_error, Client};
 use rustci_net::dto::{
-    AttemptView, ClusterView, JobList, JobView, NodeList, NodeView, ResourcesRequest, SubmitRequest,
+    AttemptView, CheckoutRequest, ClusterView, JobList, JobView, NodeList, NodeView,
+    ResourcesRequest, SubmitRequest,
 };
 
 #[derive(Parser, Debug)]
@@ -290,6 +291,19 @@ pub struct SubmitArgs {
     /// Submit a job file (TOML, same fields as the JSON API) instead of `-- CMD`.
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
+    /// Run in this directory of the node (an absolute path; it must exist
+    /// there), instead of an empty work dir of the attempt's own.
+    #[arg(long, value_name = "DIR", conflicts_with = "checkout")]
+    pub workdir: Option<String>,
+    /// Check out this git repository into the attempt's work dir before
+    /// the command runs: a URL (https://, ssh://, file://...),
+    /// user@host:path or an absolute path on the node.
+    #[arg(long, value_name = "REPO")]
+    pub checkout: Option<String>,
+    /// The branch, tag or full commit id to check out (default: HEAD, the
+    /// repository's default branch).
+    #[arg(long = "ref", value_name = "REF", requires = "checkout")]
+    pub git_ref: Option<String>,
     #[command(flatten)]
     pub client: ClientOpts,
     /// The command and its arguments, after `--`.
@@ -558,6 +572,13 @@ fn describe_job(job: &JobView, now_ms: u64) -> String {
     let _ = writeln!(out, "job {}  {}{ended}", job.id, job.state);
     let _ = writeln!(out, "name:         {name}");
     let _ = writeln!(out, "command:      {}", job.command.join(" "));
+    if let Some(dir) = &job.workdir {
+        let _ = writeln!(out, "workdir:      {dir}");
+    }
+    if let Some(c) = &job.checkout {
+        let at = c.git_ref.as_deref().unwrap_or("HEAD");
+        let _ = writeln!(out, "checkout:     {} at {at}", c.repo);
+    }
     let _ = writeln!(
         out,
         "submitted:    {} ({} ago)",
@@ -701,6 +722,18 @@ fn build_request(args: &SubmitArgs) -> anyhow::Result<SubmitRequest> {
     req.priority = args.priority.or(req.priority);
     req.timeout_secs = args.timeout_secs.or(req.timeout_secs);
     req.max_retries = args.retries.or(req.max_retries);
+    // Where the job runs: a flag replaces what the file says.
+    if let Some(dir) = &args.workdir {
+        req.workdir = Some(dir.clone());
+        req.checkout = None;
+    }
+    if let Some(repo) = &args.checkout {
+        req.checkout = Some(CheckoutRequest {
+            repo: repo.clone(),
+            git_ref: args.git_ref.clone(),
+        });
+        req.workdir = None;
+    }
     Ok(req)
 }
 
@@ -864,7 +897,9 @@ fn attempt_ending(a: &AttemptView) -> String {
         (_, Some(Outcome::Oom), _) => {
             "failed: killed for using more memory than its memory_mb".into()
         }
-        (_, Some(Outcome::StartFailed), _) => "failed: its command could not be started".into(),
+        (_, Some(Outcome::StartFailed), _) => {
+            "failed: it could not be started (its output says why)".into()
+        }
         (_, _, Some(code)) if code < 0 => format!("failed: killed by signal {}", -code),
         (_, _, Some(code)) => format!("failed with exit code {code}"),
         (_, _, None) => "failed: killed by a signal".into(),

@@ -120,6 +120,7 @@ impl Harness {
             log_path: self.dir.path().join(format!("logs/{job}/1.log")),
             limits: None,
             lease_file: None,
+            workspace: Default::default(),
         }
     }
 
@@ -623,6 +624,7 @@ fn crash_helper_daemon() {
             log_path: dir.join("job.log"),
             limits: None,
             lease_file: None,
+            workspace: Default::default(),
         });
         assert!(matches!(rx.recv().await, Some(RunEvent::Started { .. })));
         std::fs::write(dir.join("ready"), "").unwrap();
@@ -881,6 +883,7 @@ async fn a_shim_kills_its_job_when_the_agents_lease_lapses() {
         log_path: dir.path().join("out.log"),
         limits: None,
         lease_file: None,
+        workspace: Default::default(),
     };
     runner.start(spec.clone());
     assert!(matches!(

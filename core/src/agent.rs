@@ -773,6 +773,7 @@ mod tests {
             priority: 50,
             timeout_secs,
             max_retries: 0,
+            workspace: Default::default(),
         }
     }
 

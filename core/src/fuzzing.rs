@@ -94,6 +94,7 @@ pub fn entries_from_bytes(data: &[u8]) -> Vec<Entry> {
                         priority: [0, 50, 100][usize::from(sched % 3)],
                         timeout_secs: 10,
                         max_retries: u32::from((sched >> 2) % 3),
+                        workspace: Default::default(),
                     },
                     idempotency_key: match key % 5 {
                         0 => None,

@@ -82,6 +82,47 @@ pub struct JobSpec {
     pub timeout_secs: u64,
     /// Failed or timed-out attempts that may be retried. Lost attempts do not count.
     pub max_retries: u32,
+    /// Where the command runs and what code it finds there. Added after the
+    /// first release: trailing, defaulted, and left out of the encoding while
+    /// it is `Fresh`, so logs written before it still decode and agents that
+    /// predate it still read every spec that does not use it (rmp-serde
+    /// encodes a struct as an array and refuses extra elements).
+    #[serde(default, skip_serializing_if = "Workspace::is_fresh")]
+    pub workspace: Workspace,
+}
+
+/// Where an attempt's command runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workspace {
+    /// An empty directory of the attempt's own, created for it and removed
+    /// after it (the default).
+    #[default]
+    Fresh,
+    /// An existing directory of the node (`workdir`, an absolute path),
+    /// used as it is: never created, never removed. An attempt placed on a
+    /// node that lacks it fails to start.
+    Dir(String),
+    /// A directory of the attempt's own, as `Fresh`, holding a checkout of
+    /// a git repository at a ref before the command runs.
+    Checkout(Checkout),
+}
+
+impl Workspace {
+    pub fn is_fresh(&self) -> bool {
+        matches!(self, Workspace::Fresh)
+    }
+}
+
+/// A git repository at a ref, checked out into an attempt's work dir.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Checkout {
+    /// A URL (`https://`, `ssh://`, `git://`, `file://`...), `user@host:path`,
+    /// or an absolute path on the node.
+    pub repo: String,
+    /// A branch, a tag or a commit; `HEAD` is the repository's default branch.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

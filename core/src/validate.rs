@@ -4,7 +4,7 @@
 //! Validation runs before proposing, so bad input changes nothing; the
 //! reducer stays total on its own and never relies on it.
 
-use crate::model::{JobSpec, Labels, Resources};
+use crate::model::{Checkout, JobSpec, Labels, Resources, Workspace};
 
 pub const PRIORITY_DEFAULT: u8 = 50;
 pub const PRIORITY_MAX: u8 = 100;
@@ -28,6 +28,15 @@ pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 pub const NODE_NAME_BYTES_MAX: usize = 128;
 /// Longest reason given for removing a node.
 pub const REASON_BYTES_MAX: usize = 1024;
+/// Longest `workdir` (Linux's `PATH_MAX`, terminating NUL included).
+pub const WORKDIR_BYTES_MAX: usize = 4095;
+/// Longest `checkout.repo`: a path or a URL.
+pub const CHECKOUT_REPO_BYTES_MAX: usize = 4095;
+/// Longest `checkout.ref`: a branch, a tag or a commit id.
+pub const CHECKOUT_REF_BYTES_MAX: usize = 1024;
+/// The ref a checkout takes when none is given: the repository's default
+/// branch.
+pub const CHECKOUT_REF_DEFAULT: &str = "HEAD";
 
 const _: () = assert!(PRIORITY_DEFAULT <= PRIORITY_MAX);
 const _: () = assert!(TIMEOUT_SECS_DEFAULT <= TIMEOUT_SECS_MAX);
@@ -78,6 +87,16 @@ pub enum ValidationError {
     IdempotencyKey,
     #[error("node name must be 1..={NODE_NAME_BYTES_MAX} bytes of [A-Za-z0-9._-]")]
     NodeName,
+    #[error("workdir {0:?} must be an absolute path (starting with '/') of at most {WORKDIR_BYTES_MAX} bytes")]
+    Workdir(String),
+    #[error(
+        "workdir and checkout cannot both be set: a checkout goes into the attempt's own work dir"
+    )]
+    WorkdirAndCheckout,
+    #[error("checkout.repo {0:?} must be a URL (https://, ssh://, git://, file://...), user@host:path or an absolute path, of at most {CHECKOUT_REPO_BYTES_MAX} bytes, not starting with '-'")]
+    CheckoutRepo(String),
+    #[error("checkout.ref {0:?} is not a branch, tag or commit name: it must be 1..={CHECKOUT_REF_BYTES_MAX} bytes, not start with '-' or end with '/' or '.', and hold no whitespace, control character, '..', '@{{', '//' or any of ~^:?*[\\")]
+    CheckoutRef(String),
 }
 
 fn no_nul(s: &str, field: &'static str) -> Result<(), ValidationError> {
@@ -111,7 +130,80 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), ValidationError> {
     no_nul(&spec.name, "name")?;
     validate_numbers(spec)?;
     validate_env(spec)?;
-    validate_labels(&spec.constraints, "constraints")
+    validate_labels(&spec.constraints, "constraints")?;
+    validate_workspace(&spec.workspace)
+}
+
+/// Checks what only the text can tell; whether the directory exists, or
+/// the repository has the ref, only the node knows when the attempt starts.
+pub fn validate_workspace(workspace: &Workspace) -> Result<(), ValidationError> {
+    match workspace {
+        Workspace::Fresh => Ok(()),
+        Workspace::Dir(dir) => {
+            no_nul(dir, "workdir")?;
+            if !dir.starts_with('/') || dir.len() > WORKDIR_BYTES_MAX {
+                return Err(ValidationError::Workdir(dir.clone()));
+            }
+            Ok(())
+        }
+        Workspace::Checkout(Checkout { repo, git_ref }) => {
+            no_nul(repo, "checkout.repo")?;
+            no_nul(git_ref, "checkout.ref")?;
+            if !valid_repo(repo) {
+                return Err(ValidationError::CheckoutRepo(repo.clone()));
+            }
+            if !valid_git_ref(git_ref) {
+                return Err(ValidationError::CheckoutRef(git_ref.clone()));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// An absolute path, a URL (`scheme://...`) or git's scp-like
+/// `[user@]host:path`. Not a relative path (relative to what, on the
+/// node?), nor git's `transport::address` helper syntax, nor anything that
+/// could be read as an option.
+fn valid_repo(repo: &str) -> bool {
+    if repo.is_empty()
+        || repo.len() > CHECKOUT_REPO_BYTES_MAX
+        || repo.starts_with('-')
+        || repo.chars().any(char::is_control)
+    {
+        return false;
+    }
+    if repo.starts_with('/') {
+        return true;
+    }
+    if let Some((scheme, rest)) = repo.split_once("://") {
+        return !scheme.is_empty()
+            && !rest.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    }
+    // scp-like: a colon before the first slash, and a host before it.
+    match repo.split_once(':') {
+        Some((host, path)) => !host.is_empty() && !host.contains('/') && !path.starts_with(':'),
+        None => false,
+    }
+}
+
+/// What git accepts as a branch, tag or commit name, conservatively (after
+/// `git check-ref-format`): enough that a ref can never be read as an
+/// option or a revision range.
+fn valid_git_ref(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= CHECKOUT_REF_BYTES_MAX
+        && !r.starts_with(['-', '/'])
+        && !r.ends_with(['/', '.'])
+        && !r.ends_with(".lock")
+        && !r.contains("..")
+        && !r.contains("@{")
+        && !r.contains("//")
+        && !r
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
 }
 
 fn validate_numbers(spec: &JobSpec) -> Result<(), ValidationError> {
@@ -210,6 +302,7 @@ mod tests {
             priority: PRIORITY_DEFAULT,
             timeout_secs: TIMEOUT_SECS_DEFAULT,
             max_retries: 0,
+            workspace: Workspace::Fresh,
         }
     }
 
@@ -249,6 +342,111 @@ mod tests {
             mutate(&mut s);
             assert_eq!(validate_spec(&s), Err(want));
         }
+    }
+
+    fn checkout(repo: &str, git_ref: &str) -> Workspace {
+        Workspace::Checkout(Checkout {
+            repo: repo.into(),
+            git_ref: git_ref.into(),
+        })
+    }
+
+    #[test]
+    fn validation_workdir_must_be_an_absolute_path() {
+        for good in ["/", "/srv/project", "/with space/and-dash"] {
+            let w = Workspace::Dir(good.into());
+            assert_eq!(validate_workspace(&w), Ok(()), "{good}");
+        }
+        for bad in ["", "relative/dir", "./here", "~/project"] {
+            let w = Workspace::Dir(bad.into());
+            assert_eq!(
+                validate_workspace(&w),
+                Err(ValidationError::Workdir(bad.into()))
+            );
+        }
+        let long = format!("/{}", "x".repeat(WORKDIR_BYTES_MAX));
+        assert!(validate_workspace(&Workspace::Dir(long)).is_err());
+        assert_eq!(
+            validate_workspace(&Workspace::Dir("/a\0b".into())),
+            Err(ValidationError::NulByte { field: "workdir" })
+        );
+    }
+
+    #[test]
+    fn validation_checkout_repos_and_refs() {
+        for repo in [
+            "/srv/git/project.git",
+            "file:///srv/git/project.git",
+            "https://example.com/org/project.git",
+            "ssh://git@example.com:2222/org/project.git",
+            "git@example.com:org/project.git",
+        ] {
+            assert_eq!(
+                validate_workspace(&checkout(repo, "HEAD")),
+                Ok(()),
+                "{repo}"
+            );
+        }
+        for repo in [
+            "",
+            "relative/path",
+            "../up",
+            "-uhack",
+            "-oProxyCommand=x:y",
+            "--upload-pack=touch /tmp/x",
+            "ext::sh -c touch% /tmp/x",
+            "://nothing",
+            "/line\nbreak",
+        ] {
+            assert_eq!(
+                validate_workspace(&checkout(repo, "HEAD")),
+                Err(ValidationError::CheckoutRepo(repo.into())),
+                "{repo}"
+            );
+        }
+        for git_ref in [
+            "HEAD",
+            "main",
+            "feature/checkout",
+            "v1.2.3",
+            "refs/tags/v1",
+            "0123456789abcdef0123456789abcdef01234567",
+        ] {
+            assert_eq!(
+                validate_workspace(&checkout("/r", git_ref)),
+                Ok(()),
+                "{git_ref}"
+            );
+        }
+        for git_ref in [
+            "",
+            "-b",
+            "--upload-pack=x",
+            "main..evil",
+            "a b",
+            "HEAD~1",
+            "HEAD^",
+            "x:y",
+            "topic.lock",
+            "ends/",
+            "/starts",
+            "a//b",
+            "@{-1}",
+            "what?",
+        ] {
+            assert_eq!(
+                validate_workspace(&checkout("/r", git_ref)),
+                Err(ValidationError::CheckoutRef(git_ref.into())),
+                "{git_ref:?}"
+            );
+        }
+        // Through the whole spec.
+        let mut s = spec();
+        s.workspace = checkout("/r", "-x");
+        assert_eq!(
+            validate_spec(&s),
+            Err(ValidationError::CheckoutRef("-x".into()))
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn spec() -> impl Strategy<Value = JobSpec> {
             priority,
             timeout_secs: 10,
             max_retries,
+            workspace: Default::default(),
         })
 }
 

@@ -246,6 +246,7 @@ fn spec(cpu: u64, mem: u64) -> JobSpec {
         priority: validate::PRIORITY_DEFAULT,
         timeout_secs: 60,
         max_retries: 0,
+        workspace: Default::default(),
     }
 }
 

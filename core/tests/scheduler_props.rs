@@ -71,6 +71,7 @@ fn spec() -> impl Strategy<Value = JobSpec> {
                 priority,
                 timeout_secs: 10,
                 max_retries: 1,
+                workspace: Default::default(),
             }
         })
 }
@@ -375,6 +376,7 @@ fn tightest_fit_on_a_large_uniform_cluster_agrees_with_the_reference() {
                 priority: (i % 3) as u8 * 10,
                 timeout_secs: 10,
                 max_retries: 0,
+                workspace: Default::default(),
             },
             idempotency_key: None,
         });
@@ -440,6 +442,7 @@ fn indexes_are_not_part_of_the_digest() {
             priority: 50,
             timeout_secs: 10,
             max_retries: 0,
+            workspace: Default::default(),
         },
         idempotency_key: None,
     });
@@ -460,6 +463,7 @@ fn job_spec(cpu: u64, mem: u64, constraints: Labels) -> JobSpec {
         priority: 50,
         timeout_secs: 10,
         max_retries: 0,
+        workspace: Default::default(),
     }
 }
 

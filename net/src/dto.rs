@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use rustci_core::event::{Entry, ReplicaId};
-use rustci_core::model::{Attempt, Job, JobSpec, Labels, Node, Outcome, Resources};
+use rustci_core::model::{
+    Attempt, Checkout, Job, JobSpec, Labels, Node, Outcome, Resources, Workspace,
+};
 use rustci_core::validate::{
     self, ValidationError, MAX_RETRIES_DEFAULT, PRIORITY_DEFAULT, RESOURCES_DEFAULT,
     TIMEOUT_SECS_DEFAULT,
@@ -31,6 +33,26 @@ pub struct SubmitRequest {
     pub timeout_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u64>,
+    /// An existing directory of the node to run in (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// A git repository at a ref, checked out into the attempt's own work
+    /// dir before the command runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout: Option<CheckoutRequest>,
+}
+
+/// `checkout` of a submission (and of a job object): `ref` defaults to
+/// `HEAD`, the repository's default branch.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a checkout object {\"repo\": REPO, \"ref\": REF}"
+)]
+pub struct CheckoutRequest {
+    pub repo: String,
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -55,6 +77,17 @@ impl SubmitRequest {
             return Err(ValidationError::Retries(max_retries));
         }
         let r = self.resources.unwrap_or_default();
+        let workspace = match (self.workdir, self.checkout) {
+            (None, None) => Workspace::Fresh,
+            (Some(dir), None) => Workspace::Dir(dir),
+            (None, Some(c)) => Workspace::Checkout(Checkout {
+                repo: c.repo,
+                git_ref: c
+                    .git_ref
+                    .unwrap_or_else(|| validate::CHECKOUT_REF_DEFAULT.to_string()),
+            }),
+            (Some(_), Some(_)) => return Err(ValidationError::WorkdirAndCheckout),
+        };
         let spec = JobSpec {
             name: self.name.unwrap_or_default(),
             command: self.command,
@@ -67,6 +100,7 @@ impl SubmitRequest {
             priority: priority as u8,
             timeout_secs: self.timeout_secs.unwrap_or(TIMEOUT_SECS_DEFAULT),
             max_retries: max_retries as u32,
+            workspace,
         };
         validate::validate_spec(&spec)?;
         Ok(spec)
@@ -135,10 +169,33 @@ pub struct JobView {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// The directory of the node the job runs in, when it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// What the job checks out before it runs, when it does (`ref` always
+    /// set: the default filled in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout: Option<CheckoutRequest>,
+}
+
+/// `workdir` and `checkout` of a job object.
+fn workspace_view(w: &Workspace) -> (Option<String>, Option<CheckoutRequest>) {
+    match w {
+        Workspace::Fresh => (None, None),
+        Workspace::Dir(dir) => (Some(dir.clone()), None),
+        Workspace::Checkout(c) => (
+            None,
+            Some(CheckoutRequest {
+                repo: c.repo.clone(),
+                git_ref: Some(c.git_ref.clone()),
+            }),
+        ),
+    }
 }
 
 impl JobView {
     pub fn new(job: &Job, reason: Option<String>) -> JobView {
+        let (workdir, checkout) = workspace_view(&job.spec.workspace);
         JobView {
             id: job.id.0,
             name: job.spec.name.clone(),
@@ -157,6 +214,8 @@ impl JobView {
             retries_used: job.retries_used,
             idempotency_key: job.idempotency_key.clone(),
             reason,
+            workdir,
+            checkout,
         }
     }
 
@@ -166,6 +225,7 @@ impl JobView {
     pub fn from_owned(job: Job) -> JobView {
         let node = job.node().map(str::to_string);
         let exit_code = job.exit_code();
+        let (workdir, checkout) = workspace_view(&job.spec.workspace);
         JobView {
             id: job.id.0,
             name: job.spec.name,
@@ -184,6 +244,8 @@ impl JobView {
             retries_used: job.retries_used,
             idempotency_key: job.idempotency_key,
             reason: None,
+            workdir,
+            checkout,
         }
     }
 

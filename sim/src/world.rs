@@ -1222,6 +1222,7 @@ impl World {
             priority,
             timeout_secs: self.rng.range(1, max_secs + 3),
             max_retries: self.rng.range(0, self.plan.retries_max) as u32,
+            workspace: Default::default(),
         }
     }
 

@@ -26,6 +26,7 @@ fn spec(name: &str, cpu: u64, priority: u8) -> JobSpec {
         priority,
         timeout_secs: 60,
         max_retries: 0,
+        workspace: Default::default(),
     }
 }
 

@@ -41,6 +41,7 @@ fn main() {
             priority: 50,
             timeout_secs: 600,
             max_retries: 0,
+            workspace: Default::default(),
         };
         payload += spec.command.iter().map(|c| c.len() as u64).sum::<u64>()
             + spec.env.values().map(|v| v.len() as u64).sum::<u64>();

@@ -13,7 +13,9 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use rustci_core::event::Event;
-use rustci_core::model::{AttemptState, JobId, JobState, NodeState};
+use rustci_core::model::{
+    AttemptState, Checkout, JobId, JobSpec, JobState, NodeState, Resources, Workspace,
+};
 use rustci_core::state::State;
 use rustci_storage::LogStore;
 
@@ -125,5 +127,72 @@ fn an_event_written_before_it_gained_a_field_decodes_with_the_default() {
         rmp_serde::encode::write(&mut bytes, &old).unwrap();
         let decoded: Event = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(decoded, want);
+    }
+}
+
+/// The shape `JobSpec` had before it gained `workspace` (`workdir` and
+/// `checkout`).
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+struct SpecBeforeWorkspace {
+    name: String,
+    command: Vec<String>,
+    env: std::collections::BTreeMap<String, String>,
+    resources: Resources,
+    constraints: std::collections::BTreeMap<String, String>,
+    priority: u8,
+    timeout_secs: u64,
+    max_retries: u32,
+}
+
+fn spec(workspace: Workspace) -> JobSpec {
+    JobSpec {
+        name: "build".into(),
+        command: vec!["make".into(), "test".into()],
+        env: [("K".to_string(), "v".to_string())].into(),
+        resources: Resources::new(500, 128),
+        constraints: [("os".to_string(), "linux".to_string())].into(),
+        priority: 70,
+        timeout_secs: 60,
+        max_retries: 2,
+        workspace,
+    }
+}
+
+#[test]
+fn a_spec_without_workspace_encodes_as_before_so_old_logs_and_old_agents_read_it() {
+    let old = SpecBeforeWorkspace {
+        name: "build".into(),
+        command: vec!["make".into(), "test".into()],
+        env: [("K".to_string(), "v".to_string())].into(),
+        resources: Resources::new(500, 128),
+        constraints: [("os".to_string(), "linux".to_string())].into(),
+        priority: 70,
+        timeout_secs: 60,
+        max_retries: 2,
+    };
+    let old_bytes = rmp_serde::to_vec(&old).unwrap();
+    // Old bytes (a log, a server) decode with the default.
+    let decoded: JobSpec = rmp_serde::from_slice(&old_bytes).unwrap();
+    assert_eq!(decoded, spec(Workspace::Fresh));
+    // A spec that does not use it is encoded byte for byte as before: an
+    // agent of the previous release decodes it.
+    assert_eq!(
+        rmp_serde::to_vec(&spec(Workspace::Fresh)).unwrap(),
+        old_bytes
+    );
+    let back: SpecBeforeWorkspace =
+        rmp_serde::from_slice(&rmp_serde::to_vec(&spec(Workspace::Fresh)).unwrap()).unwrap();
+    assert_eq!(back, old);
+    // One that uses it round-trips.
+    for workspace in [
+        Workspace::Dir("/srv/project".into()),
+        Workspace::Checkout(Checkout {
+            repo: "file:///srv/git/project.git".into(),
+            git_ref: "v1.2".into(),
+        }),
+    ] {
+        let bytes = rmp_serde::to_vec(&spec(workspace.clone())).unwrap();
+        let decoded: JobSpec = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(decoded.workspace, workspace);
     }
 }

@@ -26,6 +26,7 @@ fn big_entry(index: u64, bytes: usize) -> Entry {
                 priority: 50,
                 timeout_secs: 600,
                 max_retries: 0,
+                workspace: Default::default(),
             },
             idempotency_key: None,
         },

@@ -10,7 +10,17 @@
 //!   daemon has them ([`INHERITED_ENV`]), then the job's `env`, then
 //!   `RUSTCI_JOB_ID` and `RUSTCI_ATTEMPT`; nothing else of the daemon's own
 //!   (tokens above all). stdin is `/dev/null`; its working directory is
-//!   `work_dir`, created per attempt.
+//!   `work_dir`: by default an empty directory created per attempt; with
+//!   `Workspace::Dir` a directory of the node the job named, which must
+//!   exist and is never created or removed.
+//! - **Checkout.** With `Workspace::Checkout` the attempt first runs the
+//!   node's `git` in its work dir (`init`, `fetch -- REPO REF`, `checkout
+//!   --detach FETCH_HEAD`), each step a process of the attempt like the
+//!   command itself: same group, shim, cgroup, env (plus
+//!   `GIT_TERMINAL_PROMPT=0`), log, cancel and deadline, and `Started`
+//!   goes out when the first step spawns, so the checkout counts toward
+//!   the time-out. A failed step ends the attempt `StartFailed` with a
+//!   `rustci: the checkout of ... failed: ...` line in its log.
 //! - **No orphans.** Before `exec` the child sets `PR_SET_PDEATHSIG = SIGKILL`,
 //!   so it dies when the runner dies. The kernel ties that signal to the
 //!   *thread* that forked, so every fork happens on one process-wide spawner
@@ -122,7 +132,7 @@ use std::process::Stdio;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use rustci_core::model::{Outcome, Usage};
+use rustci_core::model::{Checkout, Outcome, Usage, Workspace};
 use rustci_net::disk::{room_for_output, OUTPUT_INCOMPLETE_MARKER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -201,10 +211,17 @@ pub struct RunSpec {
     pub command: Vec<String>,
     /// Added to (and overriding) the daemon's environment.
     pub env: BTreeMap<String, String>,
-    /// Measured from the moment the process spawned.
+    /// Measured from the moment the attempt's first process spawned (the
+    /// first step of its checkout, if it has one).
     pub timeout: Duration,
-    /// Created if missing; the process's current directory.
+    /// The process's current directory. The attempt's own (created if
+    /// missing, removed after it) unless `workspace` is `Dir`.
     pub work_dir: PathBuf,
+    /// What `work_dir` is: the attempt's own, empty (`Fresh`) or holding a
+    /// git checkout made before the command runs (`Checkout`), or a
+    /// directory of the node the job named (`Dir`, equal to `work_dir`),
+    /// which must exist and is never created or removed.
+    pub workspace: Workspace,
     /// Output is appended here; parent directories are created.
     pub log_path: PathBuf,
     /// `(memory_mb, cpu_millis)`: the attempt's limits where it runs in its
@@ -227,6 +244,10 @@ impl RunSpec {
         work_dir: PathBuf,
         log_path: PathBuf,
     ) -> RunSpec {
+        let work_dir = match &spec.workspace {
+            Workspace::Dir(dir) => PathBuf::from(dir),
+            Workspace::Fresh | Workspace::Checkout(_) => work_dir,
+        };
         RunSpec {
             job: job.0,
             attempt,
@@ -235,9 +256,16 @@ impl RunSpec {
             env: spec.env,
             timeout: TIMEOUT_MAX,
             work_dir,
+            workspace: spec.workspace,
             log_path,
             lease_file: None,
         }
+    }
+
+    /// True when `work_dir` belongs to the attempt (created for it, removed
+    /// after it), false when it is a directory of the node the job named.
+    pub fn owns_work_dir(&self) -> bool {
+        !matches!(self.workspace, Workspace::Dir(_))
     }
 }
 
@@ -562,7 +590,8 @@ impl AttemptTask {
             .work_dir
             .parent()
             .is_some_and(|root| !room_for_output(root, self.config.disk_reserve_bytes));
-        if low || matches!(ended, Ok((Outcome::Exited, Some(0), _))) {
+        let succeeded = matches!(ended, Ok((Outcome::Exited, Some(0), _)));
+        if self.spec.owns_work_dir() && (low || succeeded) {
             remove_workspace(&self.spec.work_dir).await;
         }
         let event = match ended {
@@ -591,11 +620,106 @@ impl AttemptTask {
         }
     }
 
+    /// Prepares the work dir (a checkout, or a look at the node's
+    /// directory), then runs the command. Every process of the attempt
+    /// shares its deadline, its cancel and its log; `Started` goes out when
+    /// the first of them spawns, so a checkout counts toward the time-out.
     async fn execute(&self, mut cancel: oneshot::Receiver<()>) -> Result<Ended, NotStarted> {
+        let mut deadline = None;
+        match &self.spec.workspace {
+            Workspace::Fresh => {}
+            Workspace::Dir(dir) => {
+                if let Err(why) = usable_workdir(Path::new(dir)) {
+                    warn!(workdir = %dir, %why, "the job's workdir is not usable");
+                    self.log_line(&format!("rustci: cannot start: {why}\n"))
+                        .await;
+                    return Ok((Outcome::StartFailed, None, None));
+                }
+            }
+            Workspace::Checkout(checkout) => {
+                if let Some(ended) = self.checkout(checkout, &mut cancel, &mut deadline).await? {
+                    return Ok(ended);
+                }
+            }
+        }
+        self.run_process(&self.spec, &mut cancel, &mut deadline)
+            .await
+    }
+
+    /// Checks out `checkout` into the work dir with the `git` binary of the
+    /// node, one process per step, each run as the command is (its own
+    /// group, the shim, the log). `Some` when the attempt ends here: a step
+    /// failed (said in the log; `StartFailed`, so the job's own exit codes
+    /// keep their meaning), or it was cancelled or timed out.
+    async fn checkout(
+        &self,
+        checkout: &Checkout,
+        cancel: &mut oneshot::Receiver<()>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> Result<Option<Ended>, NotStarted> {
+        let git_ref = &checkout.git_ref;
+        let repo = redact_password(&checkout.repo);
+        self.log_line(&format!("rustci: checkout of {repo} at {git_ref}\n"))
+            .await;
+        for (step, command) in checkout_steps(checkout) {
+            let mut env = self.spec.env.clone();
+            // No credential prompt can ever be answered: fail instead.
+            env.insert("GIT_TERMINAL_PROMPT".into(), "0".into());
+            let spec = RunSpec {
+                command,
+                env,
+                ..self.spec.clone()
+            };
+            let ended = self.run_process(&spec, cancel, deadline).await?;
+            let why = match ended {
+                (Outcome::Exited, Some(0), _) => continue,
+                (Outcome::Exited, Some(code), _) if code < 0 => {
+                    format!("`git {step}` was killed by signal {}", -code)
+                }
+                (Outcome::Exited, Some(code), _) => format!("`git {step}` exited with {code}"),
+                (Outcome::StartFailed, ..) => {
+                    "git could not be started: is it installed and on the node's PATH?".into()
+                }
+                (Outcome::Oom, ..) => format!(
+                    "`git {step}` was killed for using more memory than the job's memory_mb"
+                ),
+                // Cancelled, timed out: the attempt ends as it would have.
+                (outcome, code, usage) => return Ok(Some((outcome, code, usage))),
+            };
+            warn!(%repo, %git_ref, %why, "checkout failed");
+            self.log_line(&format!(
+                "rustci: the checkout of {repo} at {git_ref} failed: {why}; the command was not run\n"
+            ))
+            .await;
+            return Ok(Some((Outcome::StartFailed, None, None)));
+        }
+        Ok(None)
+    }
+
+    /// Appends one line of the runner's own to the attempt's log.
+    async fn log_line(&self, line: &str) {
+        let written = match open_log(&self.spec.log_path).await {
+            Ok(mut log) => write_and_flush(&mut log, line.as_bytes()).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!(path = %self.spec.log_path.display(), error = %e, "cannot write log");
+        }
+    }
+
+    /// Starts one process of the attempt (waiting out a shortage of the
+    /// node's own resources) and supervises it to its end. The first to
+    /// spawn sends `Started` and sets the attempt's `deadline`.
+    async fn run_process(
+        &self,
+        spec: &RunSpec,
+        cancel: &mut oneshot::Receiver<()>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> Result<Ended, NotStarted> {
         let first_try = std::time::Instant::now();
         let mut backoff = NODE_SHORTAGE_BACKOFF_MIN;
         let (log, spawned, cgroup) = loop {
-            match self.start().await {
+            match self.start(spec).await {
                 Ok(started) => break started,
                 Err(Unstarted::Job) => return Ok((Outcome::StartFailed, None, None)),
                 Err(Unstarted::Node(e)) => {
@@ -608,19 +732,24 @@ impl AttemptTask {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot start the attempt for lack of the node's own resources");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = &mut cancel => return Ok((Outcome::Cancelled, None, None)),
+                        _ = &mut *cancel => return Ok((Outcome::Cancelled, None, None)),
                     }
                     backoff = (backoff * 2).min(NODE_SHORTAGE_BACKOFF_MAX);
                 }
             }
         };
         let record = self.record_pgid(spawned.pgid);
-        info!(pgid = spawned.pgid, "attempt started");
-        self.send(RunEvent::Started {
-            job: self.spec.job,
-            attempt: self.spec.attempt,
+        info!(pgid = spawned.pgid, program = %spec.command[0], "process started");
+        let deadline = *deadline.get_or_insert_with(|| {
+            self.send(RunEvent::Started {
+                job: self.spec.job,
+                attempt: self.spec.attempt,
+            });
+            tokio::time::Instant::now() + self.spec.timeout.min(TIMEOUT_MAX)
         });
-        let result = self.supervise(spawned, log, cancel, cgroup.as_ref()).await;
+        let result = self
+            .supervise(spawned, log, cancel, deadline, cgroup.as_ref())
+            .await;
         if let Some(c) = &cgroup {
             c.remove();
         }
@@ -637,24 +766,24 @@ impl AttemptTask {
     /// node's (no descriptors, processes, memory or disk left).
     async fn start(
         &self,
+        spec: &RunSpec,
     ) -> Result<(tokio::fs::File, Spawned, Option<cgroup::AttemptCgroup>), Unstarted> {
-        let mut log = match open_log(&self.spec.log_path).await {
+        let mut log = match open_log(&spec.log_path).await {
             Ok(log) => log,
             Err(e) if node_shortage(&e) => return Err(Unstarted::Node(e)),
             Err(e) => {
-                warn!(path = %self.spec.log_path.display(), error = %e, "cannot open log");
+                warn!(path = %spec.log_path.display(), error = %e, "cannot open log");
                 return Err(Unstarted::Job);
             }
         };
         let shim = self.config.shim.as_deref();
-        let lease = self
-            .spec
+        let lease = spec
             .lease_file
             .as_deref()
             .or(self.config.lease_file.as_deref());
         let cgroup = self.cgroup();
         let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-        match spawn_attempt(&self.spec, shim, lease, &cgroup_procs).await {
+        match spawn_attempt(spec, shim, lease, &cgroup_procs).await {
             Ok(spawned) => Ok((log, spawned, cgroup)),
             Err(e) => {
                 if let Some(c) = &cgroup {
@@ -664,7 +793,7 @@ impl AttemptTask {
                 if node_shortage(&e) {
                     return Err(Unstarted::Node(e));
                 }
-                let program = self.spec.command.first().map_or("", String::as_str);
+                let program = spec.command.first().map_or("", String::as_str);
                 let line = format!("rustci: cannot start {program:?}: {e}\n");
                 warn!(error = %e, "cannot start");
                 if let Err(e) = write_and_flush(&mut log, line.as_bytes()).await {
@@ -680,7 +809,8 @@ impl AttemptTask {
         &self,
         spawned: Spawned,
         log: tokio::fs::File,
-        cancel: oneshot::Receiver<()>,
+        cancel: &mut oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
         cgroup: Option<&cgroup::AttemptCgroup>,
     ) -> Ended {
         let Spawned {
@@ -701,12 +831,11 @@ impl AttemptTask {
             )
             .in_current_span(),
         );
-        let deadline = tokio::time::sleep(self.spec.timeout.min(TIMEOUT_MAX));
         let outcome = tokio::select! {
             biased;
             _ = child.wait() => Outcome::Exited,
             _ = cancel => Outcome::Cancelled,
-            _ = deadline => Outcome::TimedOut,
+            _ = tokio::time::sleep_until(deadline) => Outcome::TimedOut,
         };
         // Cancel or time-out with a shim: the shim kills the job's
         // descendants, those that left the group too, then itself; the group
@@ -802,8 +931,88 @@ fn measured_usage(cgroup: Option<&cgroup::AttemptCgroup>, shim: Option<Usage>) -
     }
 }
 
-/// How often drivers sweep old work dirs.
+/// Whether the node's directory a job named (`workdir`) can be run in;
+/// the reason, in words, when not.
+fn usable_workdir(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("workdir {} is not a directory", dir.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
+            "workdir {} does not exist on this node",
+            dir.display()
+        )),
+        Err(e) => Err(format!("workdir {} cannot be used: {e}", dir.display())),
+    }
+}
+
+/// `repo` with the password of a `scheme://user:password@host/...` URL
+/// masked, for the job's log (the spec, like its `env`, keeps it).
+fn redact_password(repo: &str) -> String {
+    let Some((scheme, rest)) = repo.split_once("://") else {
+        return repo.to_string();
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return repo.to_string();
+    };
+    let Some((user, _password)) = userinfo.split_once(':') else {
+        return repo.to_string();
+    };
+    let path = &rest[authority.len()..];
+    format!("{scheme}://{user}:***@{host}{path}")
+}
+
+/// The git commands of a checkout into the current directory, each with a
+/// short name for messages. The repository and the ref come after `--`,
+/// and validation refused any that starts with `-`, so neither can be
+/// taken for an option. Fetching the one ref (not cloning) lets it be a
+/// branch, a tag or a full commit id alike.
+fn checkout_steps(checkout: &Checkout) -> Vec<(&'static str, Vec<String>)> {
+    let args = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+    vec![
+        ("init", args(&["git", "init", "--quiet"])),
+        (
+            "fetch",
+            args(&[
+                "git",
+                "fetch",
+                "--no-tags",
+                "--",
+                &checkout.repo,
+                &checkout.git_ref,
+            ]),
+        ),
+        (
+            "checkout",
+            args(&[
+                "git",
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "--quiet",
+                "--detach",
+                "FETCH_HEAD",
+            ]),
+        ),
+        (
+            "log",
+            args(&[
+                "git",
+                "--no-pager",
+                "log",
+                "-1",
+                "--format=rustci: checked out %H (%s)",
+            ]),
+        ),
+    ]
+}
+
+/// How often drivers sweep old work dirs, at most...
 pub const WORKSPACE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// ...and at least: a short keep time is swept more often, never busily.
+pub const WORKSPACE_SWEEP_INTERVAL_MIN: Duration = Duration::from_secs(1);
+const _: () =
+    assert!(WORKSPACE_SWEEP_INTERVAL_MIN.as_millis() <= WORKSPACE_SWEEP_INTERVAL.as_millis());
 
 /// Removes the work dirs of attempts that ended a while ago; cheap to clone.
 #[derive(Clone)]
@@ -819,7 +1028,7 @@ impl WorkspaceSweeper {
     /// attempts not running here whose last change is older than
     /// [`RunnerConfig::keep_failed_workspaces`]: what failed attempts (and
     /// a runner that died) left. Returns how many it removed. Drivers call
-    /// it at start and then every [`WORKSPACE_SWEEP_INTERVAL`].
+    /// it at start and then every [`WorkspaceSweeper::interval`].
     pub async fn sweep(&self, root: &Path) -> usize {
         let keep = if room_for_output(root, self.reserve) {
             self.keep
@@ -874,12 +1083,22 @@ impl WorkspaceSweeper {
         removed
     }
 
-    /// Sweeps `root` now and then every [`WORKSPACE_SWEEP_INTERVAL`],
+    /// How often [`WorkspaceSweeper::run`] sweeps: half the keep time,
+    /// within [`WORKSPACE_SWEEP_INTERVAL_MIN`] and
+    /// [`WORKSPACE_SWEEP_INTERVAL`], so a failed attempt's work dir goes
+    /// at most half its keep time (or a second) late, and within a minute
+    /// of it for long ones.
+    pub fn interval(&self) -> Duration {
+        (self.keep / 2).clamp(WORKSPACE_SWEEP_INTERVAL_MIN, WORKSPACE_SWEEP_INTERVAL)
+    }
+
+    /// Sweeps `root` now and then every [`WorkspaceSweeper::interval`],
     /// forever (spawn it).
     pub async fn run(self, root: PathBuf) {
+        let every = self.interval();
         loop {
             self.sweep(&root).await;
-            tokio::time::sleep(WORKSPACE_SWEEP_INTERVAL).await;
+            tokio::time::sleep(every).await;
         }
     }
 }
@@ -949,6 +1168,26 @@ mod tests {
         let meminfo = "MemTotal:       16318856 kB\nMemFree:         1234 kB\n";
         assert_eq!(parse_mem_total_kb(meminfo), Some(16_318_856));
         assert_eq!(parse_mem_total_kb("nothing"), None);
+    }
+
+    #[test]
+    fn a_checkout_url_shows_no_password_in_the_log() {
+        for (repo, shown) in [
+            (
+                "https://user:s3cret@example.com/org/p.git",
+                "https://user:***@example.com/org/p.git",
+            ),
+            (
+                "https://token@example.com/p.git",
+                "https://token@example.com/p.git",
+            ),
+            ("https://example.com/p.git", "https://example.com/p.git"),
+            ("git@example.com:org/p.git", "git@example.com:org/p.git"),
+            ("/srv/git/p@v2", "/srv/git/p@v2"),
+            ("ssh://git:pw@h:22/p", "ssh://git:***@h:22/p"),
+        ] {
+            assert_eq!(redact_password(repo), shown);
+        }
     }
 
     #[test]

@@ -14,7 +14,11 @@ pub(super) async fn spawn_attempt(
     if spec.command.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command"));
     }
-    tokio::fs::create_dir_all(&spec.work_dir).await?;
+    // The attempt's own work dir is made here; a node's directory the job
+    // named was checked before and is never created.
+    if spec.owns_work_dir() {
+        tokio::fs::create_dir_all(&spec.work_dir).await?;
+    }
     let (reader, writer) = io::pipe()?;
     let (command, shim_status) = match shim {
         None => (build_command(spec, writer)?, None),

@@ -41,6 +41,7 @@ fn spec() -> impl Strategy<Value = JobSpec> {
                     priority,
                     timeout_secs,
                     max_retries,
+                    workspace: Default::default(),
                 }
             },
         )
