@@ -143,9 +143,16 @@ pub struct DevArgs {
     /// Require `Authorization: Bearer <token>` on the API (needed to listen beyond loopback).
     #[arg(long, env = "RUSTCI_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Read the API token from this file (its first line), so it is in
+    /// neither argv nor the config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<PathBuf>,
     /// Token agents must present (reserved for agents joining a dev server).
     #[arg(long, hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Read the join token from this file (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
     /// Name of the built-in runner's node (default: the hostname).
     #[arg(long)]
     pub node_name: Option<String>,
@@ -169,6 +176,32 @@ pub struct DevArgs {
     /// removed at once.
     #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub keep_failed_workspaces_secs: u64,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// What every long-running subcommand (`dev`, `server`, `agent`) takes
+/// about its own process: where its settings are and how it logs.
+#[derive(Args, Debug)]
+pub struct ProcessArgs {
+    /// Read settings from this TOML file: its keys are this command's long
+    /// flags (see docs/operations.md); flags and the environment override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// How the process logs on stderr: `human` lines, or `json`, one object
+    /// per line (`RUSTCI_LOG` sets the level filter).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+/// The daemons' log format on stderr.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line per event, for people.
+    Human,
+    /// One JSON object per line, with the spans' fields (replica, term,
+    /// job, node), for log collectors.
+    Json,
 }
 
 /// What `rustci dev` and `rustci server` share: how the control plane keeps
@@ -212,14 +245,23 @@ pub struct ServerArgs {
     /// Require `Authorization: Bearer <token>` on the API (needed to listen beyond loopback).
     #[arg(long, env = "RUSTCI_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Read the API token from this file (its first line), so it is in
+    /// neither argv nor the config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<PathBuf>,
     /// Token agents must present to join.
     #[arg(long, env = "RUSTCI_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Read the join token from this file (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
     /// Threads serving the API.
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
     #[command(flatten)]
     pub control: ControlPlaneArgs,
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +288,10 @@ pub struct AgentArgs {
     /// Token the control plane requires of agents.
     #[arg(long, env = "RUSTCI_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Read the join token from this file (its first line), so it is in
+    /// neither argv nor the config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
     /// On SIGTERM or Ctrl-C, how long running jobs may take to finish
     /// before they are killed and run elsewhere (0..=86400).
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
@@ -259,6 +305,8 @@ pub struct AgentArgs {
     /// removed at once.
     #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub keep_failed_workspaces_secs: u64,
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -360,6 +408,26 @@ pub enum NodeCmd {
     },
 }
 
+/// A token given as itself, or read from `file`: its first line, without
+/// the surrounding whitespace. `flag` names the file's flag (or config key)
+/// in errors.
+pub fn secret(
+    value: Option<String>,
+    file: Option<&std::path::Path>,
+    flag: &str,
+) -> anyhow::Result<Option<String>> {
+    let Some(file) = file else {
+        return Ok(value);
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--{flag} {}: cannot read the token", file.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() {
+        bail!("--{flag} {}: the file holds no token", file.display());
+    }
+    Ok(Some(token.to_string()))
+}
+
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -396,7 +464,7 @@ fn read_job_file(path: &PathBuf) -> anyhow::Result<SubmitRequest> {
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;

@@ -1,0 +1,340 @@
+//! Operating the daemons: the config file (`--config`), the token files,
+//! the JSON logs, the shell completions and the systemd units in docs/,
+//! each tried on real processes as an operator would.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A daemon process killed (SIGKILL) when dropped, its stderr in a file.
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(args: &[&str], log: &Path) -> Daemon {
+        let child = clean(Command::new(BIN))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `addr` answers `/readyz` (failing at once if the
+    /// process exits instead).
+    fn wait_ready(&mut self, addr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http(addr, "GET", "/readyz", None).0 != 200 {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("exited ({status}) instead of serving: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready on {addr}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, and waits for the graceful stop.
+    fn terminate(&mut self) {
+        let mut c = self.child.take().expect("running");
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The command without the settings a test's environment could leak in.
+fn clean(mut cmd: Command) -> Command {
+    for var in [
+        "RUSTCI_SERVER",
+        "RUSTCI_TOKEN",
+        "RUSTCI_API_TOKEN",
+        "RUSTCI_JOIN_TOKEN",
+        "RUSTCI_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Runs a command that must end by itself (a refusal, a one-shot): a
+/// daemon that starts serving instead is killed after a minute, and the
+/// test fails rather than hangs.
+fn rustci(args: &[&str]) -> Output {
+    let mut child = clean(Command::new(BIN))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "rustci {args:?} kept running: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `rustci <sub> --config FILE` with `text` as the file, expecting a
+/// refusal; returns its one line of stderr and the file's path.
+fn refused(sub: &str, text: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "rustci.toml", text);
+    let path = path.to_str().unwrap().to_string();
+    let out = rustci(&[sub, "--config", &path]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "rustci {sub} started with a bad config {text:?}: {stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one line on stderr for {text:?}: {stderr}"
+    );
+    (stderr.trim().to_string(), path)
+}
+
+#[test]
+fn config_an_unknown_key_is_refused_naming_the_key_the_file_and_a_close_one() {
+    let (line, path) = refused("dev", "listen = \"127.0.0.1:0\"\nlistn = \"127.0.0.1:1\"\n");
+    assert!(line.contains(&format!("{path}:2:1")), "{line}");
+    assert!(line.contains("`listn`"), "{line}");
+    assert!(line.contains("did you mean `listen`"), "{line}");
+}
+
+#[test]
+fn config_a_key_of_another_subcommand_says_where_it_belongs() {
+    let (line, path) = refused("server", "work-dir = \"/tmp/w\"\n");
+    assert!(line.contains(&path), "{line}");
+    assert!(line.contains("`work-dir`"), "{line}");
+    assert!(line.contains("rustci agent"), "{line}");
+}
+
+#[test]
+fn config_a_value_of_the_wrong_type_names_the_key_file_line_column_and_the_form() {
+    let (line, path) = refused("agent", "name = \"w1\"\n\ncpus = \"two\"\n");
+    assert!(line.contains(&format!("{path}:3:8")), "{line}");
+    assert!(line.contains("`cpus`"), "{line}");
+    assert!(line.contains("expected a number, found a string"), "{line}");
+    // A typo in another subcommand's table is found too.
+    let (line, path) = refused("dev", "[server]\nid = \"one\"\n");
+    assert!(line.contains(&format!("{path}:2:6")), "{line}");
+    assert!(line.contains("`id`"), "{line}");
+    assert!(line.contains("expected an integer"), "{line}");
+}
+
+#[test]
+fn config_a_value_the_flag_refuses_is_refused_naming_the_key() {
+    let (line, path) = refused("dev", "listen = \"127.0.0.1:99999\"\n");
+    assert!(line.contains(&format!("{path}:1:10")), "{line}");
+    assert!(line.contains("`listen`"), "{line}");
+    assert!(line.contains("127.0.0.1:99999"), "{line}");
+    let (line, _) = refused("agent", "drain-timeout-secs = 100000\n");
+    assert!(line.contains("`drain-timeout-secs`"), "{line}");
+    assert!(line.contains("86400"), "the range: {line}");
+    let (line, _) = refused("server", "log-format = \"xml\"\n");
+    assert!(line.contains("`log-format`"), "{line}");
+    assert!(line.contains("json"), "the choices: {line}");
+}
+
+#[test]
+fn config_a_missing_file_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nowhere.toml");
+    let out = rustci(&["server", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(path.to_str().unwrap()), "{stderr}");
+    assert!(stderr.contains("--config"), "{stderr}");
+}
+
+#[test]
+fn config_a_toml_syntax_error_is_refused_with_its_line_and_column() {
+    let (line, path) = refused("dev", "listen = \"127.0.0.1:0\"\ndata-dir = [\n");
+    assert!(line.contains(&format!("{path}:2:")), "{line}");
+    assert!(line.contains("invalid TOML"), "{line}");
+}
+
+#[test]
+fn config_two_keys_that_exclude_each_other_are_refused() {
+    let (line, path) = refused("dev", "api-token = \"a\"\napi-token-file = \"/tmp/t\"\n");
+    assert!(line.contains(&path), "{line}");
+    assert!(
+        line.contains("`api-token`") && line.contains("`api-token-file`"),
+        "{line}"
+    );
+}
+
+#[test]
+fn config_a_good_file_takes_effect_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data = dir.path().join("data");
+    let config = write(
+        dir.path(),
+        "rustci.toml",
+        &format!(
+            r#"# settings for every subcommand
+data_dir = "{}"
+
+[dev]
+listen = "{addr}"
+node-name = "from-file"
+memory-mb = 512
+label = {{ pool = "a", disk = "ssd" }}
+
+[agent]
+name = "ignored-here"
+"#,
+            data.display()
+        ),
+    );
+    let mut dev = Daemon::spawn(
+        &[
+            "dev",
+            "--config",
+            config.to_str().unwrap(),
+            "--memory-mb",
+            "640",
+        ],
+        &dir.path().join("dev.log"),
+    );
+    dev.wait_ready(&addr);
+    let (status, body) = http(&addr, "GET", "/v1/nodes", None);
+    assert_eq!(status, 200, "{body}");
+    let nodes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let node = &nodes["nodes"][0];
+    assert_eq!(node["name"], "from-file", "{body}");
+    assert_eq!(
+        node["memory_mb"], 640,
+        "the flag wins over the file: {body}"
+    );
+    assert_eq!(node["labels"]["pool"], "a", "{body}");
+    assert_eq!(node["labels"]["disk"], "ssd", "{body}");
+    dev.terminate();
+    assert!(data.join("log.redb").exists(), "data-dir from the file");
+}
+
+#[test]
+fn config_token_files_keep_secrets_out_of_argv_for_server_and_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let token = write(dir.path(), "join.token", "s3cret-from-a-file\n");
+    let server_config = write(
+        dir.path(),
+        "server.toml",
+        &format!(
+            "listen = \"{addr}\"\ndata-dir = \"{}\"\njoin-token-file = \"{}\"\n",
+            dir.path().join("data").display(),
+            token.display()
+        ),
+    );
+    let agent_config = write(
+        dir.path(),
+        "agent.toml",
+        &format!(
+            "server = \"{addr}\"\nname = \"w1\"\nwork-dir = \"{}\"\njoin-token-file = \"{}\"\nlabel = [\"pool=b\"]\n",
+            dir.path().join("w1").display(),
+            token.display()
+        ),
+    );
+    let mut server = Daemon::spawn(
+        &["server", "--config", server_config.to_str().unwrap()],
+        &dir.path().join("server.log"),
+    );
+    server.wait_ready(&addr);
+    // An agent with another token is refused at once...
+    let wrong = rustci(&[
+        "agent",
+        "--config",
+        agent_config.to_str().unwrap(),
+        "--join-token",
+        "not-it",
+    ]);
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("token"),
+        "{wrong:?}"
+    );
+    // ...and the one with the file joins.
+    let agent = Daemon::spawn(
+        &["agent", "--config", agent_config.to_str().unwrap()],
+        &dir.path().join("agent.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http(&addr, "GET", "/v1/nodes", None);
+        if body.contains("\"w1\"") && body.contains("\"ready\"") {
+            assert!(body.contains("\"pool\":\"b\""), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not join: {body}\n{}\n{}",
+            server.log(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_empty_token_file_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write(dir.path(), "empty.token", "\n");
+    let out = rustci(&[
+        "dev",
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--api-token-file",
+        empty.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--api-token-file"), "{stderr}");
+}
