@@ -30,6 +30,7 @@ use rustci_net::agent_link::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::runner::{self, NativeRunner, RunEvent, RunSpec, RunnerConfig};
 
@@ -88,7 +89,18 @@ struct Link {
 /// `drain_timeout`), the second kills the jobs (they run elsewhere) and
 /// leaves at once. Returns an error at once for a refusal that retrying
 /// cannot fix (a wrong join token, another protocol version).
+///
+/// Everything it logs is inside a `node` span with the node's name (see
+/// `crate::logging`).
 pub async fn run(
+    config: AgentProcessConfig,
+    stop: mpsc::UnboundedReceiver<()>,
+) -> anyhow::Result<()> {
+    let span = tracing::info_span!("node", node = %config.name);
+    run_node(config, stop).instrument(span).await
+}
+
+async fn run_node(
     config: AgentProcessConfig,
     mut stop: mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<()> {
@@ -119,7 +131,12 @@ pub async fn run(
         rustci_net::disk::effective_reserve(&config.work_dir, config.disk_reserve_bytes);
     runner_config.keep_failed_workspaces = config.keep_failed_workspaces;
     let runner = NativeRunner::new(runner_config, run_tx);
-    tokio::spawn(runner.workspace_sweeper().run(config.work_dir.join("work")));
+    tokio::spawn(
+        runner
+            .workspace_sweeper()
+            .run(config.work_dir.join("work"))
+            .in_current_span(),
+    );
     let (incarnation, predecessor) = next_incarnation(&config.work_dir.join("incarnation"));
     let agent = Agent::new(
         AgentConfig {
@@ -156,7 +173,7 @@ pub async fn run(
             next_connect = Instant::now();
         }
         if driver.link.is_none() && connecting.is_none() && Instant::now() >= next_connect {
-            connecting = Some(tokio::spawn(connect_any(driver.dial())));
+            connecting = Some(tokio::spawn(connect_any(driver.dial()).in_current_span()));
         }
         if let Some(at) = gone_at {
             // Left: give the last frames a moment to go out, then stop.
@@ -385,22 +402,25 @@ async fn connect_to(server: &str, hello: &Hello) -> Result<Link, Refused> {
             }
         }
     });
-    tokio::spawn(async move {
-        loop {
-            match read_frame::<_, Down>(&mut rd).await {
-                Ok(Some(down)) => {
-                    if down_tx.send(down).await.is_err() {
+    tokio::spawn(
+        async move {
+            loop {
+                match read_frame::<_, Down>(&mut rd).await {
+                    Ok(Some(down)) => {
+                        if down_tx.send(down).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad frame from the control plane");
                         return;
                     }
                 }
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "bad frame from the control plane");
-                    return;
-                }
             }
         }
-    });
+        .in_current_span(),
+    );
     Ok(Link {
         up: up_tx,
         down: down_rx,

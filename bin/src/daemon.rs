@@ -37,6 +37,7 @@ use rustci_net::server::{serve, ServerConfig};
 use rustci_storage::{LogReadHandle, LogStore};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument as _;
 
 use crate::runner::{self, NativeRunner, RunEvent, RunSpec, RunnerConfig};
 
@@ -240,7 +241,15 @@ impl DevHandle {
 
 /// Opens the data dir, replays the log, and starts the replica, the API and
 /// the built-in runner. Returns once the API is listening.
+///
+/// Everything the daemon logs is inside a `replica` span with its id and
+/// term (see `crate::logging`).
 pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
+    let span = tracing::info_span!("replica", id = 1u64, term = tracing::field::Empty);
+    start_replica(config).instrument(span).await
+}
+
+async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     if config.api_token.is_none() && !config.listen.ip().is_loopback() {
         bail!(
             "refusing to serve {} without --api-token: `rustci dev` without a token serves loopback only",
@@ -255,7 +264,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     }
     let started = Instant::now();
     crate::memory::tune_allocator();
-    tokio::spawn(crate::memory::trim_after_bursts());
+    tokio::spawn(crate::memory::trim_after_bursts().in_current_span());
     let (store, state) = guard_corruption(&config.data_dir, || {
         let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         let state = replay_store(&store)?;
@@ -305,13 +314,21 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     runner_config.keep_failed_workspaces = config.keep_failed_workspaces;
     let runner = NativeRunner::new(runner_config, run_tx);
     if config.local_runner {
-        tokio::spawn(runner.workspace_sweeper().run(config.data_dir.join("work")));
+        tokio::spawn(
+            runner
+                .workspace_sweeper()
+                .run(config.data_dir.join("work"))
+                .in_current_span(),
+        );
     }
-    tokio::spawn(rustci_net::disk::run_output_janitor(
-        config.data_dir.join("output"),
-        config.output_quota_bytes,
-    ));
-    tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()));
+    tokio::spawn(
+        rustci_net::disk::run_output_janitor(
+            config.data_dir.join("output"),
+            config.output_quota_bytes,
+        )
+        .in_current_span(),
+    );
+    tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()).in_current_span());
 
     let info = ServerInfo {
         id: 1,
@@ -350,6 +367,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         agent: config.local_runner.then(|| local_agent(&config)),
         links: links.clone(),
         mono_origin: Instant::now(),
+        term_logged: None,
         pending: HashMap::new(),
         next_request: 1,
         applied: applied_tx,
@@ -360,24 +378,30 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     driver.tick();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        listener,
-        cp,
-        ServerConfig {
-            api_token: config.api_token.clone(),
-            agents: Some(agents),
-            connections_max: config.connections_max,
-        },
-        async {
-            let _ = server_stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(
+        serve(
+            listener,
+            cp,
+            ServerConfig {
+                api_token: config.api_token.clone(),
+                agents: Some(agents),
+                connections_max: config.connections_max,
+            },
+            async {
+                let _ = server_stop_rx.await;
+            },
+        )
+        .in_current_span(),
+    );
     tracing::info!(%addr, node = %config.node_name, "rustci dev is serving");
-    let done = tokio::spawn(async move {
-        let result = driver.run(inputs_rx, stop_rx, server, server_stop_tx).await;
-        drop(inputs_tx);
-        result
-    });
+    let done = tokio::spawn(
+        async move {
+            let result = driver.run(inputs_rx, stop_rx, server, server_stop_tx).await;
+            drop(inputs_tx);
+            result
+        }
+        .in_current_span(),
+    );
     Ok(DevHandle {
         addr,
         stop: Some(stop_tx),
@@ -400,9 +424,11 @@ fn spawn_log_writer(
     let (tx, rx) = std::sync::mpsc::channel::<Vec<Entry>>();
     let stopping = Arc::new(AtomicBool::new(false));
     let stopping_flag = stopping.clone();
+    let span = tracing::Span::current();
     let thread = std::thread::Builder::new()
         .name("rustci-log-writer".into())
         .spawn(move || {
+            let _span = span.entered();
             while let Ok(mut batch) = rx.recv() {
                 while batch.len() < WRITER_BATCH_ENTRIES_MAX {
                     match rx.try_recv() {
@@ -596,6 +622,9 @@ struct Driver {
     links: Arc<AgentLinks>,
     /// Origin of the monotonic clock fed to the replica and the agent.
     mono_origin: Instant,
+    /// The term last recorded on the `replica` span (recorded again only
+    /// when it changes: a span's fields are not for every step).
+    term_logged: Option<u64>,
     data_dir: PathBuf,
     /// Set when the log cannot be written: the daemon must stop, since
     /// nothing more can be acknowledged safely.
@@ -657,6 +686,7 @@ impl Driver {
         let mut server_stop = Some(server_stop);
         let mut stopping = false;
         self.carry_out();
+        self.record_term();
         loop {
             tokio::select! {
                 biased;
@@ -678,6 +708,7 @@ impl Driver {
                 _ = tick.tick() => self.tick(),
             }
             self.carry_out();
+            self.record_term();
             if let Some(e) = &self.fatal {
                 let e = e.clone();
                 // Whoever waits for an entry that will never be durable
@@ -692,6 +723,15 @@ impl Driver {
         }
         self.shutdown().await;
         Ok(())
+    }
+
+    /// Puts the replica's term on the span every log line of it carries.
+    fn record_term(&mut self) {
+        let term = self.replica.term();
+        if self.term_logged != Some(term) {
+            tracing::Span::current().record("term", term);
+            self.term_logged = Some(term);
+        }
     }
 
     fn fail_pending(&mut self) {
@@ -801,9 +841,15 @@ impl Driver {
             }
             AgentOutput::Spawn {
                 job, attempt, spec, ..
-            } => self
-                .runner
-                .start(run_spec(&self.data_dir, job, attempt, spec)),
+            } => {
+                // The attempt's own span (job, attempt) opens inside this one.
+                let node = self.agent.as_ref().map_or("", |a| a.name());
+                let span = tracing::info_span!("node", node = %node);
+                span.in_scope(|| {
+                    self.runner
+                        .start(run_spec(&self.data_dir, job, attempt, spec))
+                })
+            }
             AgentOutput::Kill { job, attempt } => self.runner.kill(job.0, attempt),
             // The attempts' supervisors die with this process already: the
             // agent and its jobs cannot outlive each other here.

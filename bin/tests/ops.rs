@@ -276,7 +276,7 @@ fn config_token_files_keep_secrets_out_of_argv_for_server_and_agent() {
         dir.path(),
         "agent.toml",
         &format!(
-            "server = \"{addr}\"\nname = \"w1\"\nwork-dir = \"{}\"\njoin-token-file = \"{}\"\nlabel = [\"pool=b\"]\n",
+            "server = \"{addr}\"\nname = \"w1\"\nwork-dir = \"{}\"\njoin-token-file = \"{}\"\nlabel = [\"pool=b\"]\nlog_format = \"json\"\n",
             dir.path().join("w1").display(),
             token.display()
         ),
@@ -319,6 +319,15 @@ fn config_token_files_keep_secrets_out_of_argv_for_server_and_agent() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The agent logs as its file says (JSON), inside its node's span.
+    let connected = agent
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["message"] == "connected to the control plane")
+        .unwrap_or_else(|| panic!("{}", agent.log()));
+    assert_eq!(connected["spans"][0]["name"], "node", "{connected}");
+    assert_eq!(connected["spans"][0]["node"], "w1", "{connected}");
 }
 
 #[test]
@@ -337,4 +346,79 @@ fn an_empty_token_file_is_refused_naming_the_flag() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("--api-token-file"), "{stderr}");
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line_with_replica_term_node_and_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data = dir.path().join("data");
+    let mut dev = Daemon::spawn(
+        &[
+            "dev",
+            "--listen",
+            &addr,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--node-name",
+            "n1",
+            "--log-format",
+            "json",
+        ],
+        &dir.path().join("dev.log"),
+    );
+    dev.wait_ready(&addr);
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        Some(r#"{"command": ["sh", "-c", "echo hi"]}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, job) = http(&addr, "GET", "/v1/jobs/1", None);
+        if job.contains("\"succeeded\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{job}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dev.terminate();
+    let log = dev.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line:?}\n{log}"))
+        })
+        .collect();
+    for line in &lines {
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(line.get(field).is_some(), "no {field}: {line}");
+        }
+    }
+    // The announcements for people are JSON too.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"].as_str().unwrap().contains("serving the API")),
+        "{log}"
+    );
+    // An attempt's lines say which replica (and its term), node and job.
+    let finished = lines
+        .iter()
+        .find(|l| l["message"] == "attempt finished")
+        .unwrap_or_else(|| panic!("no 'attempt finished': {log}"));
+    let spans = finished["spans"].as_array().expect("a span list");
+    let span = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} span: {finished}"))
+    };
+    assert_eq!(span("replica")["id"], 1, "{finished}");
+    assert!(span("replica")["term"].as_u64() >= Some(1), "{finished}");
+    assert_eq!(span("node")["node"], "n1", "{finished}");
+    assert_eq!(span("attempt")["job"], 1, "{finished}");
 }
