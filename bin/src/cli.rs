@@ -132,6 +132,20 @@ pub enum Cmd {
     Sim(crate::simcmd::SimArgs),
     /// Benchmarks; one JSON object per result on stdout.
     Bench(crate::bench::BenchArgs),
+    /// Print a shell completion script: `rustci completions bash >
+    /// /etc/bash_completion.d/rustci` (zsh: a `_rustci` file on `$fpath`;
+    /// fish: `~/.config/fish/completions/rustci.fish`).
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `rustci completions SHELL`: the script for `shell` on stdout.
+pub fn completions(shell: clap_complete::Shell) -> Exit {
+    use clap::CommandFactory as _;
+    clap_complete::generate(shell, &mut Cli::command(), "rustci", &mut std::io::stdout());
+    0
 }
 
 #[derive(Args, Debug)]

@@ -303,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Backup(args) => rustci::backup::run(args).await,
         Cmd::Sim(args) => tokio::task::spawn_blocking(move || rustci::simcmd::run(args)).await?,
         Cmd::Bench(args) => rustci::bench::run(args).await,
+        Cmd::Completions { shell } => Ok(cli::completions(shell)),
     }
 }
 

@@ -89,25 +89,28 @@ fn clean(mut cmd: Command) -> Command {
 /// daemon that starts serving instead is killed after a minute, and the
 /// test fails rather than hangs.
 fn rustci(args: &[&str]) -> Output {
-    let mut child = clean(Command::new(BIN))
+    let child = clean(Command::new(BIN))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(out) => out,
+        Err(_) => {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            let out = rx.recv().unwrap();
             panic!(
                 "rustci {args:?} kept running: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -421,4 +424,174 @@ fn log_format_json_writes_one_object_per_line_with_replica_term_node_and_job() {
     assert!(span("replica")["term"].as_u64() >= Some(1), "{finished}");
     assert_eq!(span("node")["node"], "n1", "{finished}");
     assert_eq!(span("attempt")["job"], 1, "{finished}");
+}
+
+#[test]
+fn completions_for_bash_are_valid_bash_and_know_the_subcommands_and_flags() {
+    let out = rustci(&["completions", "bash"]);
+    assert!(out.status.success(), "{out:?}");
+    let script = String::from_utf8(out.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "rustci.bash", &script);
+    let check = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+    assert!(
+        check.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for word in [
+        "dev",
+        "server",
+        "agent",
+        "submit",
+        "logs",
+        "completions",
+        "--config",
+        "--log-format",
+        "--join-token-file",
+    ] {
+        assert!(script.contains(word), "the bash script lacks {word}");
+    }
+    // Sourced, it registers a completion for `rustci`.
+    let sourced = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p rustci", path.display()))
+        .output()
+        .unwrap();
+    assert!(
+        sourced.status.success() && String::from_utf8_lossy(&sourced.stdout).contains("rustci"),
+        "{sourced:?}"
+    );
+}
+
+#[test]
+fn completions_for_zsh_and_fish_name_the_subcommands() {
+    for (shell, header) in [("zsh", "#compdef rustci"), ("fish", "complete -c rustci")] {
+        let out = rustci(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains(header), "{shell}: {script}");
+        for word in ["dev", "server", "agent", "submit"] {
+            assert!(script.contains(word), "{shell} lacks {word}");
+        }
+    }
+}
+
+fn docs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
+}
+
+/// The unit's `ExecStart=` words.
+fn exec_start(unit: &str) -> Vec<String> {
+    unit.lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart= line")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn systemd_units_in_docs_pass_systemd_analyze_verify() {
+    let which = Command::new("sh")
+        .args(["-c", "command -v systemd-analyze"])
+        .output()
+        .unwrap();
+    if !which.status.success() {
+        eprintln!("SKIPPED: systemd-analyze is not installed (apt-get install systemd)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["rustci-server.service", "rustci-agent.service"] {
+        let text = std::fs::read_to_string(docs().join("systemd").join(name)).unwrap();
+        let exec = exec_start(&text);
+        assert_eq!(exec[0], "/usr/local/bin/rustci", "{name}");
+        // verify insists that the binary exists: point it at this build.
+        let unit = write(dir.path(), name, &text.replace(&exec[0], BIN));
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&unit)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "systemd-analyze verify {name}: {stderr}"
+        );
+    }
+}
+
+/// The units' command lines, with the example config of docs/, start a
+/// server and an agent that joins it (flags override what only fits a real
+/// install: addresses, directories, token files).
+#[test]
+fn systemd_units_command_lines_with_the_example_config_run_a_server_and_an_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = docs().join("rustci.toml");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let token = write(dir.path(), "join.token", "t0ken\n");
+    let api_token = write(dir.path(), "api.token", "api-t0ken\n");
+    let command = |unit: &str, overrides: &[String]| -> Vec<String> {
+        let text = std::fs::read_to_string(docs().join("systemd").join(unit)).unwrap();
+        let mut words = exec_start(&text)[1..].to_vec();
+        let config = words.iter().position(|w| w == "--config").unwrap() + 1;
+        assert_eq!(words[config], "/etc/rustci/rustci.toml", "{unit}");
+        words[config] = example.to_str().unwrap().to_string();
+        words.extend_from_slice(overrides);
+        words
+    };
+    let s = |x: &str| x.to_string();
+    let server_args = command(
+        "rustci-server.service",
+        &[
+            s("--listen"),
+            addr.clone(),
+            s("--data-dir"),
+            dir.path().join("data").to_str().unwrap().to_string(),
+            s("--join-token-file"),
+            token.to_str().unwrap().to_string(),
+            s("--api-token-file"),
+            api_token.to_str().unwrap().to_string(),
+        ],
+    );
+    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let mut server = Daemon::spawn(&server_args, &dir.path().join("server.log"));
+    server.wait_ready(&addr);
+    let agent_args = command(
+        "rustci-agent.service",
+        &[
+            s("--server"),
+            addr.clone(),
+            s("--name"),
+            s("example"),
+            s("--work-dir"),
+            dir.path().join("agent").to_str().unwrap().to_string(),
+            s("--join-token-file"),
+            token.to_str().unwrap().to_string(),
+        ],
+    );
+    let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let agent = Daemon::spawn(&agent_args, &dir.path().join("agent.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http_raw(
+            &addr,
+            "GET",
+            "/v1/nodes",
+            None,
+            &[("Authorization", "Bearer api-t0ken")],
+        );
+        if body.contains("\"example\"") && body.contains("\"ready\"") {
+            // The example's [agent] label came through.
+            assert!(body.contains("\"pool\":\"linux\""), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not join: {body}\n{}\n{}",
+            server.log(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
