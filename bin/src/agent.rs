@@ -67,6 +67,9 @@ pub struct AgentProcessConfig {
     pub disk_reserve_bytes: u64,
     /// How long a failed attempt's work dir is kept.
     pub keep_failed_workspaces: Duration,
+    /// How often it heartbeats; see `cli::HEARTBEAT_INTERVAL_MS_MAX` for
+    /// why it stays below half the lease.
+    pub heartbeat_interval_ms: u64,
 }
 
 /// An attempt whose output is being shipped.
@@ -143,7 +146,10 @@ async fn run_node(
             name: config.name.clone(),
             capacity: config.capacity,
             labels: config.labels.clone(),
-            lease: LeaseConfig::default(),
+            lease: LeaseConfig {
+                heartbeat_interval_ms: config.heartbeat_interval_ms,
+                ..LeaseConfig::default()
+            },
         },
         incarnation,
         predecessor,

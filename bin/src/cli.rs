@@ -249,7 +249,38 @@ pub struct ControlPlaneArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_048_576)
     )]
     pub connections_max: usize,
+    /// Failure detection: a node silent this long is declared down (ms,
+    /// 3,000 to 600,000; default 3,000). Longer rides out slow networks,
+    /// at the cost of noticing a dead node later. Its jobs run elsewhere
+    /// only once its lease has provably lapsed, whatever this is.
+    #[arg(
+        long,
+        default_value_t = rustci_core::protocol::DOWN_AFTER_MS,
+        value_parser = clap::value_parser!(u64).range(NODE_DOWN_AFTER_MS_MIN..=NODE_DOWN_AFTER_MS_MAX)
+    )]
+    pub node_down_after_ms: u64,
 }
+
+/// `--heartbeat-interval-ms` of an agent. Its lease must outlive two
+/// heartbeats (one may be lost) at the fixed lease length every agent and
+/// control plane agree on.
+pub const HEARTBEAT_INTERVAL_MS_MIN: u64 = 100;
+pub const HEARTBEAT_INTERVAL_MS_MAX: u64 = 1_499;
+/// `--node-down-after-ms` of a control plane: never below two of the
+/// slowest heartbeats an agent may be set to, so one late heartbeat never
+/// marks a node down.
+pub const NODE_DOWN_AFTER_MS_MIN: u64 = 3_000;
+pub const NODE_DOWN_AFTER_MS_MAX: u64 = 600_000;
+const _: () = assert!(2 * HEARTBEAT_INTERVAL_MS_MAX < rustci_core::protocol::LEASE_MS);
+const _: () = assert!(2 * HEARTBEAT_INTERVAL_MS_MAX < NODE_DOWN_AFTER_MS_MIN);
+const _: () = assert!(
+    HEARTBEAT_INTERVAL_MS_MIN <= rustci_core::protocol::HEARTBEAT_INTERVAL_MS
+        && rustci_core::protocol::HEARTBEAT_INTERVAL_MS <= HEARTBEAT_INTERVAL_MS_MAX
+);
+const _: () = assert!(
+    NODE_DOWN_AFTER_MS_MIN <= rustci_core::protocol::DOWN_AFTER_MS
+        && rustci_core::protocol::DOWN_AFTER_MS <= NODE_DOWN_AFTER_MS_MAX
+);
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
@@ -316,6 +347,14 @@ pub struct AgentArgs {
     /// neither argv nor the config file.
     #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
     pub join_token_file: Option<PathBuf>,
+    /// How often the agent heartbeats, renewing its lease (ms, 100 to
+    /// 1,499; default 1,000). Shorter notices a lost control plane sooner.
+    #[arg(
+        long,
+        default_value_t = rustci_core::protocol::HEARTBEAT_INTERVAL_MS,
+        value_parser = clap::value_parser!(u64).range(HEARTBEAT_INTERVAL_MS_MIN..=HEARTBEAT_INTERVAL_MS_MAX)
+    )]
+    pub heartbeat_interval_ms: u64,
     /// On SIGTERM or Ctrl-C, how long running jobs may take to finish
     /// before they are killed and run elsewhere (seconds, 0 to 86,400;
     /// default 600).

@@ -71,6 +71,9 @@ pub struct DevConfig {
     pub keep_failed_workspaces: Duration,
     /// HTTP connections held at once (`--connections-max`).
     pub connections_max: usize,
+    /// Silence after which the leader declares a node down
+    /// (`--node-down-after-ms`).
+    pub node_down_after_ms: u64,
 }
 
 impl DevConfig {
@@ -93,6 +96,7 @@ impl DevConfig {
             output_quota_bytes: rustci_net::disk::OUTPUT_QUOTA_BYTES_DEFAULT,
             keep_failed_workspaces: runner::KEEP_FAILED_WORKSPACES_DEFAULT,
             connections_max: rustci_net::server::CONNECTIONS_MAX,
+            node_down_after_ms: rustci_core::protocol::DOWN_AFTER_MS,
         }
     }
 }
@@ -359,6 +363,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     let mut replica_config = Config::new(1);
     replica_config.idempotency_window_ms =
         u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
+    replica_config.lease.down_after_ms = config.node_down_after_ms;
     let replica = Replica::recover(replica_config, state, last_index, last_term);
     let mut driver = Driver {
         replica,

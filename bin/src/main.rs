@@ -167,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     args.keep_failed_workspaces_secs,
                 ),
                 connections_max: args.control.connections_max,
+                node_down_after_ms: args.control.node_down_after_ms,
             };
             let handle = daemon::start_dev(config).await?;
             rustci::logging::announce(&format!(
@@ -209,6 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 output_quota_bytes: args.control.output_quota_mb * 1024 * 1024,
                 keep_failed_workspaces: rustci::runner::KEEP_FAILED_WORKSPACES_DEFAULT,
                 connections_max: args.control.connections_max,
+                node_down_after_ms: args.control.node_down_after_ms,
             };
             let handle = daemon::start_dev(config).await?;
             rustci::logging::announce(&format!(
@@ -248,6 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 keep_failed_workspaces: std::time::Duration::from_secs(
                     args.keep_failed_workspaces_secs,
                 ),
+                heartbeat_interval_ms: args.heartbeat_interval_ms,
             };
             let (stop_tx, stop_rx) = tokio::sync::mpsc::unbounded_channel();
             tokio::spawn(async move {

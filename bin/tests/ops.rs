@@ -177,6 +177,9 @@ fn config_a_value_the_flag_refuses_is_refused_naming_the_key() {
     let (line, _) = refused("agent", "drain-timeout-secs = 100000\n");
     assert!(line.contains("`drain-timeout-secs`"), "{line}");
     assert!(line.contains("86400"), "the range: {line}");
+    let (line, _) = refused("agent", "heartbeat-interval-ms = 1500\n");
+    assert!(line.contains("`heartbeat-interval-ms`"), "{line}");
+    assert!(line.contains("1499"), "the range: {line}");
     let (line, _) = refused("server", "log-format = \"xml\"\n");
     assert!(line.contains("`log-format`"), "{line}");
     assert!(line.contains("json"), "the choices: {line}");
@@ -594,4 +597,68 @@ fn systemd_units_command_lines_with_the_example_config_run_a_server_and_an_agent
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The state of node `name` as the server on `addr` sees it.
+fn node_state(addr: &str, name: &str) -> String {
+    let (_, body) = http(addr, "GET", "/v1/nodes", None);
+    let nodes: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    nodes["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == name)
+        .map_or(String::new(), |n| n["state"].as_str().unwrap().to_string())
+}
+
+/// Two servers, each with an agent; the one whose config sets a long
+/// `node-down-after-ms` loses its agent first, yet still counts it ready
+/// when the other, with the default, has declared its own down.
+#[test]
+fn config_node_down_after_ms_sets_how_long_a_silent_node_stays_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = Vec::new();
+    let mut agents = Vec::new();
+    for (name, extra) in [
+        ("patient", "node-down-after-ms = 600000\n"),
+        ("default", ""),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = write(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "[server]\nlisten = \"{addr}\"\ndata-dir = \"{}\"\n{extra}\n[agent]\nserver = \"{addr}\"\nname = \"{name}\"\nwork-dir = \"{}\"\n",
+                dir.path().join(format!("{name}-data")).display(),
+                dir.path().join(format!("{name}-work")).display(),
+            ),
+        );
+        let config = config.to_str().unwrap().to_string();
+        let mut server = Daemon::spawn(
+            &["server", "--config", &config],
+            &dir.path().join(format!("{name}-server.log")),
+        );
+        server.wait_ready(&addr);
+        let agent = Daemon::spawn(
+            &["agent", "--config", &config],
+            &dir.path().join(format!("{name}-agent.log")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while node_state(&addr, name) != "ready" {
+            assert!(Instant::now() < deadline, "{}", agent.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        servers.push((addr, server));
+        agents.push(agent);
+    }
+    // The patient server's agent dies first, by more than a heartbeat.
+    drop(agents.remove(0));
+    std::thread::sleep(Duration::from_secs(2));
+    drop(agents.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_state(&servers[1].0, "default") != "down" {
+        assert!(Instant::now() < deadline, "the default server never saw it");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(node_state(&servers[0].0, "patient"), "ready");
 }
