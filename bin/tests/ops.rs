@@ -18,8 +18,13 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(args: &[&str], log: &Path) -> Daemon {
+        Self::spawn_with_env(args, log, &[])
+    }
+
+    fn spawn_with_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Daemon {
         let child = clean(Command::new(BIN))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -661,4 +666,51 @@ fn config_node_down_after_ms_sets_how_long_a_silent_node_stays_ready() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(node_state(&servers[0].0, "patient"), "ready");
+}
+
+/// The environment sits between the command line and the file: a token in
+/// `RUSTCI_API_TOKEN` wins over the file's `api-token-file` (which it
+/// excludes), and the command line wins over both.
+#[test]
+fn config_the_environment_overrides_the_file_and_the_command_line_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write(dir.path(), "api.token", "from-file\n");
+    let mut tried = Vec::new();
+    for (flags, winner) in [
+        (&[][..], "from-env"),
+        (&["--api-token", "from-flag"][..], "from-flag"),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = write(
+            dir.path(),
+            "rustci.toml",
+            &format!(
+                "listen = \"{addr}\"\ndata-dir = \"{}\"\napi-token-file = \"{}\"\n",
+                dir.path().join(format!("data-{winner}")).display(),
+                token_file.display()
+            ),
+        );
+        let mut args = vec!["dev", "--config", config.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let mut dev = Daemon::spawn_with_env(
+            &args,
+            &dir.path().join(format!("{winner}.log")),
+            &[("RUSTCI_API_TOKEN", "from-env")],
+        );
+        dev.wait_ready(&addr);
+        for token in ["from-file", "from-env", "from-flag"] {
+            let bearer = format!("Bearer {token}");
+            let (status, _) = http_raw(
+                &addr,
+                "GET",
+                "/v1/jobs",
+                None,
+                &[("Authorization", bearer.as_str())],
+            );
+            tried.push((winner, token, status));
+            let expected = if token == winner { 200 } else { 401 };
+            assert_eq!(status, expected, "{winner} should win: {tried:?}");
+        }
+        dev.terminate();
+    }
 }
