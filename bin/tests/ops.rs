@@ -230,6 +230,7 @@ fn config_a_good_file_takes_effect_and_flags_override_it() {
         &format!(
             r#"# settings for every subcommand
 data_dir = "{}"
+node-name = "from-the-top"
 
 [dev]
 listen = "{addr}"
