@@ -55,7 +55,7 @@ pub enum ParseError {
 /// the settings of `--config FILE` filled in where neither the command line
 /// nor the environment gave them.
 pub fn parse(args: Vec<OsString>) -> Result<Cli, ParseError> {
-    let command = Cli::command();
+    let command = env_overridden(Cli::command(), &args);
     let matches = command
         .clone()
         .try_get_matches_from(&args)
@@ -88,6 +88,59 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli, ParseError> {
         ))
     })?;
     from_matches(&matches)
+}
+
+/// `command`, without the environment variable of each flag that a flag
+/// on the command line excludes: the command line wins over the
+/// environment across such a pair too (`--join-token-file` given,
+/// `RUSTCI_JOIN_TOKEN` set), instead of the two clashing.
+fn env_overridden(command: Command, args: &[OsString]) -> Command {
+    let Some(name) = args.get(1).and_then(|a| a.to_str()) else {
+        return command;
+    };
+    let Some(sub) = command.find_subcommand(name) else {
+        return command;
+    };
+    let given = |arg: &Arg| {
+        arg.get_long().is_some_and(|long| {
+            let flag = format!("--{long}");
+            args.iter().filter_map(|a| a.to_str()).any(|a| {
+                a == flag
+                    || a.strip_prefix(flag.as_str())
+                        .is_some_and(|v| v.starts_with('='))
+            })
+        })
+    };
+    let overridden: Vec<clap::Id> = sub
+        .get_arguments()
+        .filter(|a| {
+            a.get_env()
+                .is_some_and(|var| std::env::var_os(var).is_some())
+        })
+        .filter(|a| {
+            sub.get_arguments().any(|b| {
+                let excludes = sub
+                    .get_arg_conflicts_with(a)
+                    .iter()
+                    .any(|c| c.get_id() == b.get_id())
+                    || sub
+                        .get_arg_conflicts_with(b)
+                        .iter()
+                        .any(|c| c.get_id() == a.get_id());
+                excludes && given(b)
+            })
+        })
+        .map(|a| a.get_id().clone())
+        .collect();
+    if overridden.is_empty() {
+        return command;
+    }
+    command.mut_subcommand(name, |mut sub| {
+        for id in &overridden {
+            sub = sub.mut_arg(id, |a| a.env(None::<&'static str>));
+        }
+        sub
+    })
 }
 
 fn from_matches(matches: &ArgMatches) -> Result<Cli, ParseError> {

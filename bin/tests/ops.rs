@@ -671,15 +671,23 @@ fn config_node_down_after_ms_sets_how_long_a_silent_node_stays_ready() {
 
 /// The environment sits between the command line and the file: a token in
 /// `RUSTCI_API_TOKEN` wins over the file's `api-token-file` (which it
-/// excludes), and the command line wins over both.
+/// excludes), and the command line wins over both, also with a flag that
+/// excludes the environment's (`--api-token-file`).
 #[test]
 fn config_the_environment_overrides_the_file_and_the_command_line_both() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = write(dir.path(), "api.token", "from-file\n");
+    let file_flag = write(dir.path(), "flag.token", "from-file-flag\n");
+    let file_flag = file_flag.to_str().unwrap().to_string();
     let mut tried = Vec::new();
     for (flags, winner) in [
         (&[][..], "from-env"),
         (&["--api-token", "from-flag"][..], "from-flag"),
+        // A flag that excludes the environment's wins over it too.
+        (
+            &["--api-token-file", file_flag.as_str()][..],
+            "from-file-flag",
+        ),
     ] {
         let addr = format!("127.0.0.1:{}", free_port());
         let config = write(
@@ -699,7 +707,7 @@ fn config_the_environment_overrides_the_file_and_the_command_line_both() {
             &[("RUSTCI_API_TOKEN", "from-env")],
         );
         dev.wait_ready(&addr);
-        for token in ["from-file", "from-env", "from-flag"] {
+        for token in ["from-file", "from-env", "from-flag", "from-file-flag"] {
             let bearer = format!("Bearer {token}");
             let (status, _) = http_raw(
                 &addr,
