@@ -30,6 +30,7 @@ use rustci_net::agent_link::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::runner::{self, NativeRunner, RunEvent, RunSpec, RunnerConfig};
 
@@ -66,6 +67,9 @@ pub struct AgentProcessConfig {
     pub disk_reserve_bytes: u64,
     /// How long a failed attempt's work dir is kept.
     pub keep_failed_workspaces: Duration,
+    /// How often it heartbeats; see `cli::HEARTBEAT_INTERVAL_MS_MAX` for
+    /// why it stays below half the lease.
+    pub heartbeat_interval_ms: u64,
 }
 
 /// An attempt whose output is being shipped.
@@ -88,7 +92,18 @@ struct Link {
 /// `drain_timeout`), the second kills the jobs (they run elsewhere) and
 /// leaves at once. Returns an error at once for a refusal that retrying
 /// cannot fix (a wrong join token, another protocol version).
+///
+/// Everything it logs is inside a `node` span with the node's name (see
+/// `crate::logging`).
 pub async fn run(
+    config: AgentProcessConfig,
+    stop: mpsc::UnboundedReceiver<()>,
+) -> anyhow::Result<()> {
+    let span = tracing::info_span!("node", node = %config.name);
+    run_node(config, stop).instrument(span).await
+}
+
+async fn run_node(
     config: AgentProcessConfig,
     mut stop: mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<()> {
@@ -119,14 +134,22 @@ pub async fn run(
         rustci_net::disk::effective_reserve(&config.work_dir, config.disk_reserve_bytes);
     runner_config.keep_failed_workspaces = config.keep_failed_workspaces;
     let runner = NativeRunner::new(runner_config, run_tx);
-    tokio::spawn(runner.workspace_sweeper().run(config.work_dir.join("work")));
+    tokio::spawn(
+        runner
+            .workspace_sweeper()
+            .run(config.work_dir.join("work"))
+            .in_current_span(),
+    );
     let (incarnation, predecessor) = next_incarnation(&config.work_dir.join("incarnation"));
     let agent = Agent::new(
         AgentConfig {
             name: config.name.clone(),
             capacity: config.capacity,
             labels: config.labels.clone(),
-            lease: LeaseConfig::default(),
+            lease: LeaseConfig {
+                heartbeat_interval_ms: config.heartbeat_interval_ms,
+                ..LeaseConfig::default()
+            },
         },
         incarnation,
         predecessor,
@@ -156,7 +179,7 @@ pub async fn run(
             next_connect = Instant::now();
         }
         if driver.link.is_none() && connecting.is_none() && Instant::now() >= next_connect {
-            connecting = Some(tokio::spawn(connect_any(driver.dial())));
+            connecting = Some(tokio::spawn(connect_any(driver.dial()).in_current_span()));
         }
         if let Some(at) = gone_at {
             // Left: give the last frames a moment to go out, then stop.
@@ -385,22 +408,25 @@ async fn connect_to(server: &str, hello: &Hello) -> Result<Link, Refused> {
             }
         }
     });
-    tokio::spawn(async move {
-        loop {
-            match read_frame::<_, Down>(&mut rd).await {
-                Ok(Some(down)) => {
-                    if down_tx.send(down).await.is_err() {
+    tokio::spawn(
+        async move {
+            loop {
+                match read_frame::<_, Down>(&mut rd).await {
+                    Ok(Some(down)) => {
+                        if down_tx.send(down).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad frame from the control plane");
                         return;
                     }
                 }
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "bad frame from the control plane");
-                    return;
-                }
             }
         }
-    });
+        .in_current_span(),
+    );
     Ok(Link {
         up: up_tx,
         down: down_rx,

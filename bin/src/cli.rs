@@ -66,8 +66,8 @@ pub enum Cmd {
         /// Only jobs with this name.
         #[arg(long)]
         name: Option<String>,
-        /// Show at most this many jobs (default: all).
-        #[arg(long)]
+        /// Show at most this many jobs (1 and up; default: all).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         limit: Option<usize>,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -84,10 +84,10 @@ pub enum Cmd {
     Logs {
         id: String,
         /// Stream until the attempt ends.
-        #[arg(long, short = 'f')]
-        follow: bool,
-        /// Attempt number (default: the latest).
         #[arg(long)]
+        follow: bool,
+        /// Attempt number (1 and up; default: the latest).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         attempt: Option<u32>,
         #[command(flatten)]
         client: ClientOpts,
@@ -107,9 +107,9 @@ pub enum Cmd {
     /// The committed event log: one line per event, or `--json` lines.
     Events {
         /// Keep waiting for new events.
-        #[arg(long, short = 'f')]
+        #[arg(long)]
         follow: bool,
-        /// Start after this log index (default: the beginning).
+        /// Start after this log index (0 and up; default 0: the beginning).
         #[arg(long, default_value_t = 0)]
         after: u64,
         /// One JSON object per line (the API's form).
@@ -133,6 +133,20 @@ pub enum Cmd {
     Sim(crate::simcmd::SimArgs),
     /// Benchmarks; one JSON object per result on stdout.
     Bench(crate::bench::BenchArgs),
+    /// Print a shell completion script: `rustci completions bash >
+    /// /etc/bash_completion.d/rustci` (zsh: a `_rustci` file on `$fpath`;
+    /// fish: `~/.config/fish/completions/rustci.fish`).
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `rustci completions SHELL`: the script for `shell` on stdout.
+pub fn completions(shell: clap_complete::Shell) -> Exit {
+    use clap::CommandFactory as _;
+    clap_complete::generate(shell, &mut Cli::command(), "rustci", &mut std::io::stdout());
+    0
 }
 
 #[derive(Args, Debug)]
@@ -144,24 +158,34 @@ pub struct DevArgs {
     /// Require `Authorization: Bearer <token>` on the API (needed to listen beyond loopback).
     #[arg(long, env = "RUSTCI_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Read the API token from this file (its first line), so it is in
+    /// neither argv nor the config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<PathBuf>,
     /// Token agents must present (reserved for agents joining a dev server).
     #[arg(long, hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Read the join token from this file (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
     /// Name of the built-in runner's node (default: the hostname).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// CPUs the built-in runner offers (default: the machine's).
+    /// CPUs the built-in runner offers (0.001 to 1,024, fractions allowed;
+    /// default: the machine's).
     #[arg(long)]
     pub cpus: Option<f64>,
-    /// Memory the built-in runner offers (default: the machine's).
+    /// Memory the built-in runner offers (MiB, 1 to 16,777,216; default:
+    /// the machine's).
     #[arg(long)]
     pub memory_mb: Option<u64>,
     /// Extra labels of the built-in node, KEY=VALUE.
     #[arg(long = "label", value_parser = parse_kv)]
     pub labels: Vec<(String, String)>,
-    /// Threads serving the API (1: a single-threaded runtime, the fastest
-    /// choice on small machines since the state machine is serial anyway).
-    #[arg(long, default_value_t = 1)]
+    /// Threads serving the API (1 to 256; default 1: a single-threaded
+    /// runtime, the fastest choice on small machines since the state
+    /// machine is serial anyway).
+    #[arg(long, default_value_t = 1, value_parser = worker_threads_range())]
     pub worker_threads: usize,
     #[command(flatten)]
     pub control: ControlPlaneArgs,
@@ -170,6 +194,32 @@ pub struct DevArgs {
     /// removed at once.
     #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub keep_failed_workspaces_secs: u64,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// What every long-running subcommand (`dev`, `server`, `agent`) takes
+/// about its own process: where its settings are and how it logs.
+#[derive(Args, Debug)]
+pub struct ProcessArgs {
+    /// Read settings from this TOML file: its keys are this command's long
+    /// flags (see docs/operations.md); flags and the environment override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// How the process logs on stderr: `human` lines, or `json`, one object
+    /// per line (`RUSTCI_LOG` sets the level filter).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+/// The daemons' log format on stderr.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line per event, for people.
+    Human,
+    /// One JSON object per line, with the spans' fields (replica, term,
+    /// job, node), for log collectors.
+    Json,
 }
 
 /// What `rustci dev` and `rustci server` share: how the control plane keeps
@@ -191,16 +241,52 @@ pub struct ControlPlaneArgs {
     /// that says so).
     #[arg(long, default_value_t = 10_240, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
     pub output_quota_mb: u64,
-    /// HTTP connections held at once; at the limit the one that waited
-    /// longest for its client is closed to serve a newcomer.
-    #[arg(long, default_value_t = rustci_net::server::CONNECTIONS_MAX)]
+    /// HTTP connections held at once (1 to 1,048,576; default 1,024); at
+    /// the limit the one that waited longest for its client is closed to
+    /// serve a newcomer.
+    #[arg(
+        long,
+        default_value_t = rustci_net::server::CONNECTIONS_MAX,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_048_576)
+    )]
     pub connections_max: usize,
+    /// Failure detection: a node silent this long is declared down (ms,
+    /// 3,000 to 600,000; default 3,000). Longer rides out slow networks,
+    /// at the cost of noticing a dead node later. Its jobs run elsewhere
+    /// only once its lease has provably lapsed, whatever this is.
+    #[arg(
+        long,
+        default_value_t = rustci_core::protocol::DOWN_AFTER_MS,
+        value_parser = clap::value_parser!(u64).range(NODE_DOWN_AFTER_MS_MIN..=NODE_DOWN_AFTER_MS_MAX)
+    )]
+    pub node_down_after_ms: u64,
 }
+
+/// `--heartbeat-interval-ms` of an agent. Its lease must outlive two
+/// heartbeats (one may be lost) at the fixed lease length every agent and
+/// control plane agree on.
+pub const HEARTBEAT_INTERVAL_MS_MIN: u64 = 100;
+pub const HEARTBEAT_INTERVAL_MS_MAX: u64 = 1_499;
+/// `--node-down-after-ms` of a control plane: never below two of the
+/// slowest heartbeats an agent may be set to, so one late heartbeat never
+/// marks a node down.
+pub const NODE_DOWN_AFTER_MS_MIN: u64 = 3_000;
+pub const NODE_DOWN_AFTER_MS_MAX: u64 = 600_000;
+const _: () = assert!(2 * HEARTBEAT_INTERVAL_MS_MAX < rustci_core::protocol::LEASE_MS);
+const _: () = assert!(2 * HEARTBEAT_INTERVAL_MS_MAX < NODE_DOWN_AFTER_MS_MIN);
+const _: () = assert!(
+    HEARTBEAT_INTERVAL_MS_MIN <= rustci_core::protocol::HEARTBEAT_INTERVAL_MS
+        && rustci_core::protocol::HEARTBEAT_INTERVAL_MS <= HEARTBEAT_INTERVAL_MS_MAX
+);
+const _: () = assert!(
+    NODE_DOWN_AFTER_MS_MIN <= rustci_core::protocol::DOWN_AFTER_MS
+        && rustci_core::protocol::DOWN_AFTER_MS <= NODE_DOWN_AFTER_MS_MAX
+);
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
-    /// This replica's id (1-based).
-    #[arg(long, default_value_t = 1)]
+    /// This replica's id (1 and up).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub id: u64,
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub listen: SocketAddr,
@@ -213,14 +299,23 @@ pub struct ServerArgs {
     /// Require `Authorization: Bearer <token>` on the API (needed to listen beyond loopback).
     #[arg(long, env = "RUSTCI_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Read the API token from this file (its first line), so it is in
+    /// neither argv nor the config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<PathBuf>,
     /// Token agents must present to join.
     #[arg(long, env = "RUSTCI_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
-    /// Threads serving the API.
-    #[arg(long, default_value_t = 1)]
+    /// Read the join token from this file (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
+    /// Threads serving the API (1 to 256; default 1).
+    #[arg(long, default_value_t = 1, value_parser = worker_threads_range())]
     pub worker_threads: usize,
     #[command(flatten)]
     pub control: ControlPlaneArgs,
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -231,10 +326,12 @@ pub struct AgentArgs {
     /// This node's name (default: the hostname).
     #[arg(long)]
     pub name: Option<String>,
-    /// CPUs offered to jobs (default: the machine's).
+    /// CPUs offered to jobs (0.001 to 1,024, fractions allowed; default:
+    /// the machine's).
     #[arg(long)]
     pub cpus: Option<f64>,
-    /// Memory offered to jobs (default: the machine's).
+    /// Memory offered to jobs (MiB, 1 to 16,777,216; default: the
+    /// machine's).
     #[arg(long)]
     pub memory_mb: Option<u64>,
     /// A label of this node, KEY=VALUE (repeatable); `os`, `arch` and
@@ -247,8 +344,21 @@ pub struct AgentArgs {
     /// Token the control plane requires of agents.
     #[arg(long, env = "RUSTCI_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Read the join token from this file (its first line), so it is in
+    /// neither argv nor the config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
+    /// How often the agent heartbeats, renewing its lease (ms, 100 to
+    /// 1,499; default 1,000). Shorter notices a lost control plane sooner.
+    #[arg(
+        long,
+        default_value_t = rustci_core::protocol::HEARTBEAT_INTERVAL_MS,
+        value_parser = clap::value_parser!(u64).range(HEARTBEAT_INTERVAL_MS_MIN..=HEARTBEAT_INTERVAL_MS_MAX)
+    )]
+    pub heartbeat_interval_ms: u64,
     /// On SIGTERM or Ctrl-C, how long running jobs may take to finish
-    /// before they are killed and run elsewhere (0..=86400).
+    /// before they are killed and run elsewhere (seconds, 0 to 86,400;
+    /// default 600).
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub drain_timeout_secs: u64,
     /// Free space (MiB, 0 to 1,048,576; default 256) kept on the work
@@ -260,15 +370,18 @@ pub struct AgentArgs {
     /// removed at once.
     #[arg(long, default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub keep_failed_workspaces_secs: u64,
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
     #[arg(long)]
     pub name: Option<String>,
-    /// CPUs the job needs (fractions allowed: 0.5).
+    /// CPUs the job needs (0.001 to 1,024, fractions allowed: 0.5; default 1).
     #[arg(long, allow_negative_numbers = true)]
     pub cpus: Option<f64>,
+    /// Memory the job needs (MiB, 1 to 16,777,216; default 256).
     #[arg(long)]
     pub memory_mb: Option<u64>,
     /// Node label the job requires, KEY=VALUE (repeatable).
@@ -277,10 +390,13 @@ pub struct SubmitArgs {
     /// Environment variable for the job, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_kv)]
     pub env: Vec<(String, String)>,
+    /// Placement priority (0 to 100, higher first; default 50).
     #[arg(long)]
     pub priority: Option<u64>,
+    /// Longest run of an attempt (seconds, 1 to 604,800; default 3,600).
     #[arg(long)]
     pub timeout_secs: Option<u64>,
+    /// Times a failed job runs again (0 to 100; default 0).
     #[arg(long)]
     pub retries: Option<u64>,
     #[arg(long)]
@@ -374,6 +490,31 @@ pub enum NodeCmd {
     },
 }
 
+/// A token given as itself, or read from `file`: its first line, without
+/// the surrounding whitespace. `flag` names the file's flag (or config key)
+/// in errors.
+pub fn secret(
+    value: Option<String>,
+    file: Option<&std::path::Path>,
+    flag: &str,
+) -> anyhow::Result<Option<String>> {
+    let Some(file) = file else {
+        return Ok(value);
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--{flag} {}: cannot read the token", file.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() {
+        bail!("--{flag} {}: the file holds no token", file.display());
+    }
+    Ok(Some(token.to_string()))
+}
+
+/// `--worker-threads`: 1 to 256.
+fn worker_threads_range() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256)
+}
+
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -410,7 +551,7 @@ fn read_job_file(path: &PathBuf) -> anyhow::Result<SubmitRequest> {
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..text.floor_char_boundary(offset.min(text.len()))];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
@@ -437,6 +578,16 @@ pub fn one_line_usage_error(e: &clap::Error, subcommand: Option<&str>) -> String
     if dashdash {
         return format!(
             "{first}: the job's command goes after `--`, as in `rustci submit [OPTIONS] -- CMD ARGS...`"
+        );
+    }
+    // `-f` means one thing: a file (`submit -f job.toml`), never `--follow`.
+    let short_f = matches!(
+        e.get(clap::error::ContextKind::InvalidArg),
+        Some(clap::error::ContextValue::String(arg)) if arg == "-f"
+    );
+    if e.kind() == clap::error::ErrorKind::UnknownArgument && short_f {
+        return format!(
+            "{first}: `-f` names a file (`rustci submit -f job.toml`); to follow, use `--follow`"
         );
     }
     format!("{first}{tip}")
@@ -1281,6 +1432,87 @@ pub async fn status(client: &ClientOpts, as_json: bool) -> anyhow::Result<Exit> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory as _;
+
+    /// Every arg of `cmd` and its subcommands, with the command path.
+    fn every_arg(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for arg in cmd.get_arguments() {
+            out.push((path.to_string(), arg.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            every_arg(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// The subcommands whose numeric flags other work in flight is changing
+    /// (replay's filters, the benchmarks, the simulator's knobs); the rest
+    /// are held to the rule.
+    const RANGES_PENDING: [&str; 3] = ["rustci replay", "rustci bench", "rustci sim"];
+
+    #[test]
+    fn every_numeric_flag_documents_its_range() {
+        use std::any::TypeId;
+        let numeric = [
+            TypeId::of::<u8>(),
+            TypeId::of::<u16>(),
+            TypeId::of::<u32>(),
+            TypeId::of::<u64>(),
+            TypeId::of::<usize>(),
+            TypeId::of::<i64>(),
+            TypeId::of::<f64>(),
+        ];
+        let mut args = Vec::new();
+        every_arg(&Cli::command(), "rustci", &mut args);
+        let mut undocumented = Vec::new();
+        let mut checked = 0;
+        for (path, arg) in &args {
+            if RANGES_PENDING.iter().any(|p| path.starts_with(p)) {
+                continue;
+            }
+            let t = arg.get_value_parser().type_id();
+            if !arg.get_action().takes_values() || !numeric.iter().any(|n| t == *n) {
+                continue;
+            }
+            checked += 1;
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let long = arg
+                .get_long_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            let text = format!("{help} {long}");
+            let range = text.chars().any(|c| c.is_ascii_digit())
+                && (text.contains(" to ") || text.contains(" and up"));
+            if !range {
+                undocumented.push(format!("{path} --{}", arg.get_long().unwrap_or("?")));
+            }
+        }
+        assert!(checked > 20, "numeric flags were found: {checked}");
+        assert!(
+            undocumented.is_empty(),
+            "numeric flags without their range in --help: {undocumented:?}"
+        );
+    }
+
+    #[test]
+    fn short_f_means_a_file_everywhere() {
+        let mut args = Vec::new();
+        every_arg(&Cli::command(), "rustci", &mut args);
+        let f: Vec<String> = args
+            .iter()
+            .filter(|(_, a)| a.get_short() == Some('f'))
+            .map(|(path, a)| format!("{path} --{}", a.get_long().unwrap_or("?")))
+            .collect();
+        assert_eq!(f, ["rustci submit --file"]);
+        // `logs -f`, as other tools spell following, is pointed to --follow.
+        for cmd in [
+            &["rustci", "logs", "-f", "1"][..],
+            &["rustci", "events", "-f"],
+        ] {
+            let e = Cli::try_parse_from(cmd).unwrap_err();
+            let line = one_line_usage_error(&e, Some(cmd[1]));
+            assert!(line.contains("--follow"), "{cmd:?}: {line}");
+        }
+    }
 
     #[test]
     fn server_addresses_in_the_forms_people_write() {

@@ -40,6 +40,7 @@ use rustci_net::server::{serve, ServerConfig};
 use rustci_storage::{LogReadHandle, LogStore};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument as _;
 
 use crate::runner::{self, NativeRunner, RunEvent, RunSpec, RunnerConfig};
 
@@ -73,6 +74,9 @@ pub struct DevConfig {
     pub keep_failed_workspaces: Duration,
     /// HTTP connections held at once (`--connections-max`).
     pub connections_max: usize,
+    /// Silence after which the leader declares a node down
+    /// (`--node-down-after-ms`).
+    pub node_down_after_ms: u64,
 }
 
 impl DevConfig {
@@ -95,6 +99,7 @@ impl DevConfig {
             output_quota_bytes: rustci_net::disk::OUTPUT_QUOTA_BYTES_DEFAULT,
             keep_failed_workspaces: runner::KEEP_FAILED_WORKSPACES_DEFAULT,
             connections_max: rustci_net::server::CONNECTIONS_MAX,
+            node_down_after_ms: rustci_core::protocol::DOWN_AFTER_MS,
         }
     }
 }
@@ -286,7 +291,15 @@ impl DevHandle {
 
 /// Opens the data dir, replays the log, and starts the replica, the API and
 /// the built-in runner. Returns once the API is listening.
+///
+/// Everything the daemon logs is inside a `replica` span with its id and
+/// term (see `crate::logging`).
 pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
+    let span = tracing::info_span!("replica", id = 1u64, term = tracing::field::Empty);
+    start_replica(config).instrument(span).await
+}
+
+async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     if config.api_token.is_none() && !config.listen.ip().is_loopback() {
         bail!(
             "refusing to serve {} without --api-token: `rustci dev` without a token serves loopback only",
@@ -301,7 +314,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     }
     let started = Instant::now();
     crate::memory::tune_allocator();
-    tokio::spawn(crate::memory::trim_after_bursts());
+    tokio::spawn(crate::memory::trim_after_bursts().in_current_span());
     let (store, recovery) = guard_corruption(&config.data_dir, || {
         let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         let recovery = recover_store(&store)?;
@@ -352,13 +365,21 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     runner_config.keep_failed_workspaces = config.keep_failed_workspaces;
     let runner = NativeRunner::new(runner_config, run_tx);
     if config.local_runner {
-        tokio::spawn(runner.workspace_sweeper().run(config.data_dir.join("work")));
+        tokio::spawn(
+            runner
+                .workspace_sweeper()
+                .run(config.data_dir.join("work"))
+                .in_current_span(),
+        );
     }
-    tokio::spawn(rustci_net::disk::run_output_janitor(
-        config.data_dir.join("output"),
-        config.output_quota_bytes,
-    ));
-    tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()));
+    tokio::spawn(
+        rustci_net::disk::run_output_janitor(
+            config.data_dir.join("output"),
+            config.output_quota_bytes,
+        )
+        .in_current_span(),
+    );
+    tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()).in_current_span());
 
     let info = ServerInfo {
         id: 1,
@@ -389,6 +410,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     let mut replica_config = Config::new(1);
     replica_config.idempotency_window_ms =
         u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
+    replica_config.lease.down_after_ms = config.node_down_after_ms;
     let mono_origin = Instant::now();
     let replica = Replica::recover(replica_config, recovery, 0);
     let mut driver = Driver {
@@ -398,6 +420,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         agent: config.local_runner.then(|| local_agent(&config)),
         links: links.clone(),
         mono_origin,
+        term_logged: None,
         pending: HashMap::new(),
         next_request: 1,
         applied: applied_tx,
@@ -423,24 +446,30 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
     driver.tick();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        listener,
-        cp,
-        ServerConfig {
-            api_token: config.api_token.clone(),
-            agents: Some(agents),
-            connections_max: config.connections_max,
-        },
-        async {
-            let _ = server_stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(
+        serve(
+            listener,
+            cp,
+            ServerConfig {
+                api_token: config.api_token.clone(),
+                agents: Some(agents),
+                connections_max: config.connections_max,
+            },
+            async {
+                let _ = server_stop_rx.await;
+            },
+        )
+        .in_current_span(),
+    );
     tracing::info!(%addr, node = %config.node_name, "rustci dev is serving");
-    let done = tokio::spawn(async move {
-        let result = driver.run(inputs_rx, stop_rx, server, server_stop_tx).await;
-        drop(inputs_tx);
-        result
-    });
+    let done = tokio::spawn(
+        async move {
+            let result = driver.run(inputs_rx, stop_rx, server, server_stop_tx).await;
+            drop(inputs_tx);
+            result
+        }
+        .in_current_span(),
+    );
     Ok(DevHandle {
         addr,
         stop: Some(stop_tx),
@@ -463,9 +492,11 @@ fn spawn_log_writer(
     let (tx, rx) = std::sync::mpsc::channel::<PersistUnit>();
     let stopping = Arc::new(AtomicBool::new(false));
     let stopping_flag = stopping.clone();
+    let span = tracing::Span::current();
     let thread = std::thread::Builder::new()
         .name("rustci-log-writer".into())
         .spawn(move || {
+            let _span = span.entered();
             let mut next: Option<PersistUnit> = None;
             while let Some(mut batch) = next.take().or_else(|| rx.recv().ok()) {
                 // Group commit: later units ride in the same transaction
@@ -698,6 +729,9 @@ struct Driver {
     links: Arc<AgentLinks>,
     /// Origin of the monotonic clock fed to the replica and the agent.
     mono_origin: Instant,
+    /// The term last recorded on the `replica` span (recorded again only
+    /// when it changes: a span's fields are not for every step).
+    term_logged: Option<u64>,
     data_dir: PathBuf,
     /// Set when the log cannot be written: the daemon must stop, since
     /// nothing more can be acknowledged safely.
@@ -759,6 +793,7 @@ impl Driver {
         let mut server_stop = Some(server_stop);
         let mut stopping = false;
         self.carry_out();
+        self.record_term();
         loop {
             tokio::select! {
                 biased;
@@ -780,6 +815,7 @@ impl Driver {
                 _ = tick.tick() => self.tick(),
             }
             self.carry_out();
+            self.record_term();
             if let Some(e) = &self.fatal {
                 let e = e.clone();
                 // Whoever waits for an entry that will never be durable
@@ -794,6 +830,15 @@ impl Driver {
         }
         self.shutdown().await;
         Ok(())
+    }
+
+    /// Puts the replica's term on the span every log line of it carries.
+    fn record_term(&mut self) {
+        let term = self.replica.term();
+        if self.term_logged != Some(term) {
+            tracing::Span::current().record("term", term);
+            self.term_logged = Some(term);
+        }
     }
 
     fn fail_pending(&mut self) {
@@ -903,9 +948,15 @@ impl Driver {
             }
             AgentOutput::Spawn {
                 job, attempt, spec, ..
-            } => self
-                .runner
-                .start(run_spec(&self.data_dir, job, attempt, spec)),
+            } => {
+                // The attempt's own span (job, attempt) opens inside this one.
+                let node = self.agent.as_ref().map_or("", |a| a.name());
+                let span = tracing::info_span!("node", node = %node);
+                span.in_scope(|| {
+                    self.runner
+                        .start(run_spec(&self.data_dir, job, attempt, spec))
+                })
+            }
             AgentOutput::Kill { job, attempt } => self.runner.kill(job.0, attempt),
             // The attempts' supervisors die with this process already: the
             // agent and its jobs cannot outlive each other here.

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use rustci::cli::{self, Cli, Cmd};
+use rustci::config::ParseError;
 use rustci::daemon::{self, DevConfig};
 use rustci_core::model::Resources;
 
@@ -15,15 +15,23 @@ fn main() -> ExitCode {
         let command = args.skip_while(|a| a != "--").skip(1).collect();
         std::process::exit(rustci::runner::shim_main(command));
     }
-    let cli = match Cli::try_parse() {
+    let cli = match rustci::config::parse(std::env::args_os().collect()) {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        Err(ParseError::Config(line)) => {
+            // The contract: one line on stderr (naming the file and the
+            // key), non-zero exit.
+            eprintln!("rustci: {line}");
+            return ExitCode::from(2);
+        }
+        Err(ParseError::Usage(e)) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(ParseError::Usage(e))
+            if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
             // `rustci` (or `rustci node`) alone: the usage, as help shows it.
             eprint!("{}", e.render());
             return ExitCode::from(2);
         }
-        Err(e) => {
+        Err(ParseError::Usage(e)) => {
             // The contract: one line on stderr, non-zero exit.
             eprintln!(
                 "rustci: {}",
@@ -43,7 +51,13 @@ fn main() -> ExitCode {
     }
     // Before any thread or descriptor of our own exists.
     let inherited = daemonish.then(rustci::procenv::cloexec_inherited_fds);
-    init_tracing(daemonish);
+    let log_format = match &cli.command {
+        Cmd::Dev(a) => a.process.log_format,
+        Cmd::Server(a) => a.process.log_format,
+        Cmd::Agent(a) => a.process.log_format,
+        _ => cli::LogFormat::Human,
+    };
+    rustci::logging::init(daemonish, log_format);
     if daemonish {
         if let Some(n @ 1..) = inherited {
             tracing::debug!(
@@ -94,25 +108,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("rustci: {msg}");
+            rustci::logging::fatal(&format!("rustci: {msg}"));
             ExitCode::from(1)
         }
     }
-}
-
-fn init_tracing(daemon: bool) {
-    let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUSTCI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colours only on a terminal, and never with NO_COLOR set (no-color.org).
-    use std::io::IsTerminal as _;
-    let colour = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
-        .try_init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -145,8 +144,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let config = DevConfig {
                 data_dir: args.data_dir,
                 listen: args.listen,
-                api_token: args.api_token,
-                join_token: args.join_token,
+                api_token: cli::secret(
+                    args.api_token,
+                    args.api_token_file.as_deref(),
+                    "api-token-file",
+                )?,
+                join_token: cli::secret(
+                    args.join_token,
+                    args.join_token_file.as_deref(),
+                    "join-token-file",
+                )?,
                 local_runner: true,
                 node_name,
                 capacity,
@@ -160,9 +167,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     args.keep_failed_workspaces_secs,
                 ),
                 connections_max: args.control.connections_max,
+                node_down_after_ms: args.control.node_down_after_ms,
             };
             let handle = daemon::start_dev(config).await?;
-            eprintln!("rustci dev: serving the API on http://{}", handle.addr);
+            rustci::logging::announce(&format!(
+                "rustci dev: serving the API on http://{}",
+                handle.addr
+            ));
             handle.run_until(shutdown_signal()).await?;
             Ok(0)
         }
@@ -178,8 +189,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let config = DevConfig {
                 data_dir: args.data_dir,
                 listen: args.listen,
-                api_token: args.api_token,
-                join_token: args.join_token,
+                api_token: cli::secret(
+                    args.api_token,
+                    args.api_token_file.as_deref(),
+                    "api-token-file",
+                )?,
+                join_token: cli::secret(
+                    args.join_token,
+                    args.join_token_file.as_deref(),
+                    "join-token-file",
+                )?,
                 local_runner: false,
                 node_name: String::new(),
                 capacity: None,
@@ -191,12 +210,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 output_quota_bytes: args.control.output_quota_mb * 1024 * 1024,
                 keep_failed_workspaces: rustci::runner::KEEP_FAILED_WORKSPACES_DEFAULT,
                 connections_max: args.control.connections_max,
+                node_down_after_ms: args.control.node_down_after_ms,
             };
             let handle = daemon::start_dev(config).await?;
-            eprintln!(
+            rustci::logging::announce(&format!(
                 "rustci server: serving the API and agents on http://{}",
                 handle.addr
-            );
+            ));
             handle.run_until(shutdown_signal()).await?;
             Ok(0)
         }
@@ -216,7 +236,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .filter(|s| !s.is_empty())
                     .map(str::to_string)
                     .collect(),
-                join_token: args.join_token,
+                join_token: cli::secret(
+                    args.join_token,
+                    args.join_token_file.as_deref(),
+                    "join-token-file",
+                )?,
                 name: args.name.unwrap_or_else(daemon::hostname),
                 capacity: Resources::new(cpu, args.memory_mb.unwrap_or(mm)),
                 labels,
@@ -226,6 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 keep_failed_workspaces: std::time::Duration::from_secs(
                     args.keep_failed_workspaces_secs,
                 ),
+                heartbeat_interval_ms: args.heartbeat_interval_ms,
             };
             let (stop_tx, stop_rx) = tokio::sync::mpsc::unbounded_channel();
             tokio::spawn(async move {
@@ -281,6 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Backup(args) => rustci::backup::run(args).await,
         Cmd::Sim(args) => tokio::task::spawn_blocking(move || rustci::simcmd::run(args)).await?,
         Cmd::Bench(args) => rustci::bench::run(args).await,
+        Cmd::Completions { shell } => Ok(cli::completions(shell)),
     }
 }
 
@@ -296,13 +322,13 @@ async fn shutdown_signal() {
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
-    eprintln!("rustci: stopping gracefully (again to stop at once)");
+    rustci::logging::announce("rustci: stopping gracefully (again to stop at once)");
     tokio::spawn(async move {
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        eprintln!("rustci: stopping at once");
+        rustci::logging::announce("rustci: stopping at once");
         std::process::exit(130);
     });
 }

@@ -27,6 +27,7 @@ use rustci_core::replica::{Command, CommandError, Replica, Reply};
 use rustci_core::scheduler::unplaced_reason;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::conns::{Admission, Conn, ConnTable, Phase, Tracked};
 use crate::control::{BackupError, ControlPlane, Unavailable};
@@ -188,7 +189,10 @@ pub async fn serve(
             .with_upgrades();
         let mut closing = closing_rx.clone();
         let table = table.clone();
-        tokio::spawn(async move {
+        // In the server's span (its replica's id and term), as the
+        // accepting task is.
+        tokio::spawn(
+            async move {
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -205,7 +209,9 @@ pub async fn serve(
                 tracing::debug!(error = %e, %peer, "connection ended");
             }
             table.remove(id);
-        });
+        }
+            .in_current_span(),
+        );
     }
     let _ = closing_tx.send(true);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -357,14 +363,18 @@ fn agent_upgrade(
         ));
     }
     let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => {
-                crate::agent_link::serve_agent(TokioIo::new(upgraded), ctx, peer.to_string()).await
+    tokio::spawn(
+        async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    crate::agent_link::serve_agent(TokioIo::new(upgraded), ctx, peer.to_string())
+                        .await
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "agent upgrade failed"),
             }
-            Err(e) => tracing::debug!(%peer, error = %e, "agent upgrade failed"),
         }
-    });
+        .in_current_span(),
+    );
     let mut resp = Response::new(Full::new(Bytes::new()).boxed());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     resp.headers_mut().insert(
