@@ -339,6 +339,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         started,
         log_stats,
     );
+    let measured = crate::driver_metrics::DriverMetrics::new(cp.metrics.clone());
     let mut replica_config = Config::new(1);
     replica_config.idempotency_window_ms =
         u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
@@ -354,6 +355,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
         next_request: 1,
         applied: applied_tx,
         data_dir: config.data_dir.clone(),
+        measured,
         fatal: None,
     };
     driver.replica.start(wall_clock_ms());
@@ -597,6 +599,8 @@ struct Driver {
     /// Origin of the monotonic clock fed to the replica and the agent.
     mono_origin: Instant,
     data_dir: PathBuf,
+    /// Commit, scheduling and queue-wait latencies for `/metrics`.
+    measured: crate::driver_metrics::DriverMetrics,
     /// Set when the log cannot be written: the daemon must stop, since
     /// nothing more can be acknowledged safely.
     fatal: Option<String>,
@@ -639,7 +643,8 @@ impl Driver {
         if self.replica.storage_full() && log_has_room(&self.data_dir, 1) {
             self.replica.handle_storage_full(false);
         }
-        self.replica.handle_tick(wall_clock_ms(), mono);
+        self.measured
+            .step(&mut self.replica, |r| r.handle_tick(wall_clock_ms(), mono));
         if let Some(agent) = self.agent.as_mut() {
             agent.handle_tick(mono);
         }
@@ -755,7 +760,11 @@ impl Driver {
                     RunObservation::NotStarted => agent.handle_not_started(mono, job, attempt),
                 }
             }
-            Input::Persisted(index) => self.replica.handle_persisted(now, index),
+            Input::Persisted(index) => {
+                self.measured
+                    .step(&mut self.replica, |r| r.handle_persisted(now, index));
+                self.measured.committed(self.replica.commit_index());
+            }
             Input::StorageFull(full) => self.replica.handle_storage_full(full),
             Input::PersistFailed(e) => {
                 tracing::error!(error = %e, "appending to the event log failed");
@@ -821,6 +830,7 @@ impl Driver {
         {
             match output {
                 Output::Persist(entries) => {
+                    self.measured.proposed(self.replica.state(), &entries);
                     if !self.writer.send(entries) && self.fatal.is_none() {
                         self.fatal = Some("the log writer has stopped".into());
                     }

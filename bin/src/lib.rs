@@ -6,6 +6,7 @@ pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod daemon;
+pub mod driver_metrics;
 pub mod memory;
 pub mod procenv;
 pub mod replay;

@@ -528,7 +528,7 @@ fn logs_follow_streams_until_the_attempt_ends() {
         let (k, v) = line.rsplit_once(' ').unwrap();
         seen.insert(k.to_string(), v.to_string());
     }
-    assert!(seen.contains_key("rustci_log_commit_index"));
+    assert!(seen.contains_key("rustci_raft_commit_index"));
     assert!(seen.contains_key("rustci_queue_length"));
     for name in [
         "rustci_oldest_queued_job_wait_seconds",
@@ -540,7 +540,7 @@ fn logs_follow_streams_until_the_attempt_ends() {
     }
     assert!(
         seen.keys()
-            .any(|k| k.starts_with("rustci_node_allocated_cpu_millis{node=")),
+            .any(|k| k.starts_with("rustci_node_allocated_cpus{node=")),
         "{metrics}"
     );
     let heartbeats: u64 = seen["rustci_heartbeats_received_total"].parse().unwrap();

@@ -252,6 +252,9 @@ pub struct Replica {
     storage_full: bool,
     /// Heartbeats this replica received (soft state, for metrics).
     heartbeats_received: u64,
+    /// Scheduler passes run (soft state, for metrics: a driver that sees it
+    /// change across a call knows that call ran a pass and can time it).
+    scheduler_passes: u64,
 }
 
 impl Replica {
@@ -290,6 +293,7 @@ impl Replica {
             expiring_keys: false,
             storage_full: false,
             heartbeats_received: 0,
+            scheduler_passes: 0,
         }
     }
 
@@ -328,6 +332,11 @@ impl Replica {
     pub fn heard_ago_ms(&self, node: &str) -> Option<u64> {
         let live = self.liveness.get(node)?;
         Some(self.mono?.saturating_sub(live.heard_mono))
+    }
+
+    /// Scheduler passes this replica has run since it started.
+    pub fn scheduler_passes(&self) -> u64 {
+        self.scheduler_passes
     }
 
     /// Agent heartbeats received since this replica started.
@@ -1086,6 +1095,7 @@ impl Replica {
             return;
         }
         let bounds = self.config.pass_bounds;
+        self.scheduler_passes += 1;
         let pass = if self.full_pass_needed {
             scheduler::schedule_pass(&mut self.state, None, bounds)
         } else {

@@ -114,6 +114,9 @@ pub struct ControlPlane {
     pub info: Arc<ServerInfo>,
     pub started: Instant,
     pub log_stats: Arc<LogStats>,
+    /// Latencies and the driver's counters; the driver records into the
+    /// same `Arc` (see `crate::metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The driver is gone (shut down or crashed).
@@ -137,6 +140,7 @@ impl ControlPlane {
             info: Arc::new(info),
             started,
             log_stats,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 

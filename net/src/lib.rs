@@ -14,4 +14,5 @@ pub mod dto;
 /// The request decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod server;
