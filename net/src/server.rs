@@ -35,6 +35,7 @@ use crate::dto::{
     event_json, ClusterView, ErrorBody, ErrorDetail, EventList, JobList, JobView, NodeList,
     NodeView, ReplicaView, SubmitRequest,
 };
+use crate::events::EventFilter;
 use crate::metrics::{self, family};
 
 /// First wait after a failed `accept`; it doubles up to the max.
@@ -50,6 +51,10 @@ pub const BODY_BYTES_MAX: usize = 1 << 20;
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Events returned by one `GET /v1/events`.
 pub const EVENTS_PAGE_MAX: usize = 1000;
+/// Entries one filtered `GET /v1/events` (`job`, `node`) examines at most,
+/// matching or not: a page cut short by it may hold no event and still
+/// move `next` on.
+pub const EVENTS_SCAN_MAX: usize = 10_000;
 /// Longest long-poll of `GET /v1/events`.
 pub const EVENTS_WAIT_SECS_MAX: u64 = 60;
 /// How often `logs?follow=true` looks for new output.
@@ -1205,29 +1210,87 @@ fn replica_metrics(out: &mut String, r: &Replica, now_ms: u64, leader_changes: u
 }
 
 async fn events(cp: &ControlPlane, query: &BTreeMap<String, String>) -> ApiResult {
-    let after = query_u64(query, "after")?.unwrap_or(0);
+    let mut after = query_u64(query, "after")?.unwrap_or(0);
     let wait_secs = query_u64(query, "wait_secs")?
         .unwrap_or(0)
         .min(EVENTS_WAIT_SECS_MAX);
-    let mut applied = cp.applied.clone();
-    if *applied.borrow() <= after && wait_secs > 0 {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
-        let _ = tokio::time::timeout_at(deadline, applied.wait_for(|i| *i > after)).await;
-    }
-    let upto = *applied.borrow();
-    let log = cp.log.clone();
-    let max = EVENTS_PAGE_MAX.min(upto.saturating_sub(after) as usize);
-    let entries = if max == 0 {
-        Vec::new()
-    } else {
-        tokio::task::spawn_blocking(move || log.read_after(after, max))
+    let filter = events_filter(cp, query).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+    loop {
+        let mut applied = cp.applied.clone();
+        if *applied.borrow() <= after && wait_secs > 0 {
+            let _ = tokio::time::timeout_at(deadline, applied.wait_for(|i| *i > after)).await;
+        }
+        let upto = *applied.borrow();
+        // A filtered page reads further to find its matches, within a bound.
+        let read_max = if filter.is_empty() {
+            EVENTS_PAGE_MAX
+        } else {
+            EVENTS_SCAN_MAX
+        };
+        let max = read_max.min(upto.saturating_sub(after) as usize);
+        if max == 0 {
+            return Ok(events_page(Vec::new(), after));
+        }
+        let log = cp.log.clone();
+        let entries = tokio::task::spawn_blocking(move || log.read_after(after, max))
             .await
             .map_err(|_| ApiError::from(Unavailable))?
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unreadable", e))?
-    };
-    let next = entries.last().map_or(after, |e| e.index);
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unreadable", e))?;
+        let scanned_to = entries.last().map_or(after, |e| e.index);
+        if filter.is_empty() {
+            return Ok(events_page(entries, scanned_to));
+        }
+        let filter = filter.clone();
+        let mut kept = cp
+            .query(move |r| {
+                let mut entries = entries;
+                entries.retain(|e| filter.matches(r.state(), e));
+                entries
+            })
+            .await?;
+        if kept.len() > EVENTS_PAGE_MAX {
+            kept.truncate(EVENTS_PAGE_MAX);
+            let next = kept.last().map_or(after, |e| e.index);
+            return Ok(events_page(kept, next));
+        }
+        // Nothing matched: answer at once while there is more to read (the
+        // client follows `next`); wait on only once caught up.
+        let caught_up = scanned_to >= upto;
+        if !kept.is_empty() || !caught_up || tokio::time::Instant::now() >= deadline {
+            return Ok(events_page(kept, scanned_to));
+        }
+        after = scanned_to;
+    }
+}
+
+/// The `job` and `node` filters of `GET /v1/events`: 400 for a malformed
+/// one, 404 for a job that does not exist.
+async fn events_filter(
+    cp: &ControlPlane,
+    query: &BTreeMap<String, String>,
+) -> Result<EventFilter, ApiError> {
+    let job = query_u64(query, "job")?.map(JobId);
+    let node = query.get("node").cloned();
+    if let Some(name) = &node {
+        rustci_core::validate::validate_node_name(name).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("query parameter node={name:?}: {e}"),
+            )
+        })?;
+    }
+    if let Some(id) = job {
+        if !cp.query(move |r| r.state().job(id).is_some()).await? {
+            return Err(ApiError::not_found(format!("job {id} not found")));
+        }
+    }
+    Ok(EventFilter { job, node })
+}
+
+fn events_page(entries: Vec<rustci_core::event::Entry>, next: u64) -> Response<Body> {
     let events = entries.iter().map(event_json).collect();
-    Ok(json(StatusCode::OK, &EventList { events, next }))
+    json(StatusCode::OK, &EventList { events, next })
 }
 
 async fn logs(cp: &ControlPlane, id: JobId, query: &BTreeMap<String, String>) -> ApiResult {
