@@ -193,7 +193,7 @@ impl LogReader for SharedLog {
             .map_err(|e| e.to_string())
     }
 
-    fn backup(&self, to: &Path, cluster_id: &str) -> Result<BackupDone, BackupError> {
+    fn backup(&self, to: &Path, cluster_id: &str, output: bool) -> Result<BackupDone, BackupError> {
         let ours = rustci_storage::Identity::read(&self.data_dir)
             .ok()
             .flatten()
@@ -205,7 +205,9 @@ impl LogReader for SharedLog {
                 ours.as_deref().unwrap_or("unknown")
             )));
         }
-        crate::backup::make_copy(&self.data_dir, to, |staging| self.reader.backup_to(staging))
+        crate::backup::make_copy(&self.data_dir, to, output, |staging| {
+            self.reader.backup_to(staging)
+        })
     }
 }
 

@@ -61,9 +61,16 @@ pub trait LogReader: Send + Sync + 'static {
     /// on this machine), as of one read transaction of the log, while the
     /// daemon keeps writing (`POST /v1/backup`, used by `rustci backup`).
     /// `cluster_id` must be the data dir's own, so a backup never copies
-    /// another daemon's data by mistake. Blocking: call it off the runtime.
-    fn backup(&self, to: &std::path::Path, cluster_id: &str) -> Result<BackupDone, BackupError> {
-        let _ = (to, cluster_id);
+    /// another daemon's data by mistake. `output`: job output too (a copy
+    /// taken only to be replayed needs the log alone). Blocking: call it
+    /// off the runtime.
+    fn backup(
+        &self,
+        to: &std::path::Path,
+        cluster_id: &str,
+        output: bool,
+    ) -> Result<BackupDone, BackupError> {
+        let _ = (to, cluster_id, output);
         Err(BackupError::Failed("this server takes no backups".into()))
     }
 }

@@ -594,6 +594,12 @@ async fn backup(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
     struct BackupRequest {
         to: String,
         cluster_id: String,
+        /// Copy job output too (default); `false` for the log alone.
+        #[serde(default = "yes")]
+        output: bool,
+    }
+    fn yes() -> bool {
+        true
     }
     let body = read_body(req).await?;
     let request: BackupRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -607,15 +613,16 @@ async fn backup(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
         ));
     }
     let log = cp.log.clone();
-    let done = tokio::task::spawn_blocking(move || log.backup(&to, &request.cluster_id))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "backup_failed",
-                "the backup stopped unexpectedly",
-            )
-        })?;
+    let done =
+        tokio::task::spawn_blocking(move || log.backup(&to, &request.cluster_id, request.output))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backup_failed",
+                    "the backup stopped unexpectedly",
+                )
+            })?;
     match done {
         Ok(done) => Ok(json(StatusCode::OK, &done)),
         Err(BackupError::Invalid(m)) => Err(ApiError::bad_request("invalid_request", m)),
