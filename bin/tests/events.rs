@@ -68,12 +68,49 @@ fn about_node(all: &[Value], node: &str) -> Vec<u64> {
     out
 }
 
+/// A child process killed when dropped.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn events_filtered_by_job_and_node_are_exactly_those_about_them() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = Dev::start(&dir.path().join("data"), &["--node-name", "alpha"]);
-    for cmd in ["true", "false", "true"] {
-        let out = dev.cli(&["submit", "--wait", "--", cmd]);
+    let dev = Dev::start(
+        &dir.path().join("data"),
+        &["--node-name", "alpha", "--label", "pool=a"],
+    );
+    // A second node, so that `--node` has something to leave out.
+    let work = dir.path().join("beta");
+    let _beta = Reaped(
+        Command::new(BIN)
+            .args(["agent", "--server", &dev.addr, "--name", "beta"])
+            .args(["--cpus", "1", "--memory-mb", "512", "--label", "pool=b"])
+            .arg("--work-dir")
+            .arg(&work)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !dev.get_json("/v1/nodes")["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["name"] == "beta" && n["state"] == "ready")
+    {
+        assert!(std::time::Instant::now() < deadline, "beta did not join");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (cmd, pool) in [("true", "a"), ("false", "b"), ("true", "a"), ("true", "b")] {
+        let constraint = format!("pool={pool}");
+        let out = dev.cli(&["submit", "--wait", "--constraint", &constraint, "--", cmd]);
         assert!(out.status.code().is_some(), "{out:?}");
     }
     assert!(dev.cli(&["node", "drain", "alpha"]).status.success());
@@ -81,7 +118,7 @@ fn events_filtered_by_job_and_node_are_exactly_those_about_them() {
     let all = json_lines(&dev.cli(&["events", "--json"]));
     assert!(all.len() > 12, "{all:?}");
 
-    for job in [1u64, 2, 3] {
+    for job in [1u64, 2, 3, 4] {
         let got = json_lines(&dev.cli(&["events", "--json", "--job", &job.to_string()]));
         let want = about_job(&all, job);
         assert_eq!(indexes(&got), want, "job {job}");
@@ -110,6 +147,14 @@ fn events_filtered_by_job_and_node_are_exactly_those_about_them() {
         assert!(kinds.contains(kind), "{kind} missing: {got:?}");
     }
     assert!(!kinds.contains("job_submitted") && !kinds.contains("leader_elected"));
+    // beta's: its registration and jobs 2 and 4, nothing of alpha's.
+    let beta = json_lines(&dev.cli(&["events", "--json", "--node", "beta"]));
+    assert_eq!(indexes(&beta), about_node(&all, "beta"));
+    let jobs: BTreeSet<u64> = beta.iter().filter_map(|e| e["job"].as_u64()).collect();
+    assert_eq!(jobs, BTreeSet::from([2, 4]));
+    assert!(beta.iter().any(|e| e["type"] == "node_registered"));
+    let alpha_jobs: BTreeSet<u64> = got.iter().filter_map(|e| e["job"].as_u64()).collect();
+    assert_eq!(alpha_jobs, BTreeSet::from([1, 3]));
 
     // Both: what both keep.
     let got = json_lines(&dev.cli(&["events", "--json", "--job", "2", "--node", "alpha"]));
