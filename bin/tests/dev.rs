@@ -284,6 +284,16 @@ fn a_second_daemon_on_the_same_data_dir_refuses_to_start() {
 fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let dir = scratch();
     let dev = Dev::start(&dir.path().join("data"), &[]);
+    // Ready comes with the leader's first entry; the built-in node's
+    // registration follows on its first tick: count from after it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dev.get_json("/v1/nodes")["nodes"][0]["state"] != "ready" {
+        assert!(
+            Instant::now() < deadline,
+            "the built-in node did not register"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before = dev.get_json("/v1/cluster");
     let big = vec![b'a'; 10 * 1024 * 1024];
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
