@@ -114,7 +114,7 @@ fn parse_rfc3339_ms(s: &str) -> Result<TimestampMs, String> {
 
 impl Point {
     /// Whether `entry` lies before this point.
-    fn after(self, entry: &Entry) -> bool {
+    fn comes_after(self, entry: &Entry) -> bool {
         match self {
             Point::Index(i) => entry.index < i,
             Point::Time(t) => entry.at < t,
@@ -122,7 +122,7 @@ impl Point {
     }
 
     /// Whether `entry` lies past this point.
-    fn before(self, entry: &Entry) -> bool {
+    fn comes_before(self, entry: &Entry) -> bool {
         match self {
             Point::Index(i) => entry.index > i,
             Point::Time(t) => entry.at > t,
@@ -215,7 +215,7 @@ fn replay(store: &LogStore, args: &ReplayArgs) -> anyhow::Result<i32> {
     let mut failure = None;
     let result = store.scan(store.first_index(), |entry| {
         let past_at = args.at.is_some_and(|at| entry.index > at);
-        if past_at || args.until.is_some_and(|u| u.before(&entry)) {
+        if past_at || args.until.is_some_and(|u| u.comes_before(&entry)) {
             return ControlFlow::Break(());
         }
         let applied = state.apply(&entry);
@@ -223,7 +223,7 @@ fn replay(store: &LogStore, args: &ReplayArgs) -> anyhow::Result<i32> {
             (args.job, &applied),
             (Some(j), Applied::Duplicate(id)) if id.0 == j
         );
-        let in_window = args.since.is_none_or(|s| !s.after(&entry));
+        let in_window = args.since.is_none_or(|s| !s.comes_after(&entry));
         let about = filter.matches(&state, &entry) || duplicate_of_job;
         if timeline && in_window && about {
             shown += 1;

@@ -131,11 +131,18 @@ impl Histogram {
 
 /// Microseconds as seconds, exactly (no float rounding): `2500` -> `0.0025`.
 pub fn seconds(us: u64) -> String {
-    let (whole, frac) = (us / 1_000_000, us % 1_000_000);
+    fixed(us, 6)
+}
+
+/// `n / 10^digits`, written exactly: `fixed(1500, 3)` is `1.5`.
+pub fn fixed(n: u64, digits: u32) -> String {
+    assert!(digits <= 18);
+    let one = 10u64.pow(digits);
+    let (whole, frac) = (n / one, n % one);
     if frac == 0 {
         return whole.to_string();
     }
-    let frac = format!("{frac:06}");
+    let frac = format!("{frac:0width$}", width = digits as usize);
     format!("{whole}.{}", frac.trim_end_matches('0'))
 }
 
@@ -226,6 +233,9 @@ mod tests {
         assert_eq!(seconds(1_000_000), "1");
         assert_eq!(seconds(3_600_000_000), "3600");
         assert_eq!(seconds(1_250_000), "1.25");
+        assert_eq!(fixed(1500, 3), "1.5");
+        assert_eq!(fixed(250, 3), "0.25");
+        assert_eq!(fixed(7, 0), "7");
     }
 
     #[test]

@@ -1134,7 +1134,7 @@ fn replica_metrics(out: &mut String, r: &Replica, now_ms: u64, leader_changes: u
                 (res.memory_mb * 1024 * 1024).to_string()
             } else {
                 // Millicpus as cpus, exactly: 1500 -> 1.5.
-                metrics::seconds(res.cpu_millis * 1000)
+                metrics::fixed(res.cpu_millis, 3)
             };
             let _ = writeln!(
                 out,
