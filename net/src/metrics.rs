@@ -26,8 +26,12 @@ pub const SCHEDULING_BUCKETS_US: &[u64] = &[
     10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
     1_000_000,
 ];
-/// Bucket bounds (µs) of a job's wait in the queue: 10 ms to 1 h.
+/// Bucket bounds (µs) of a job's wait in the queue: 1 ms (a free node: the
+/// commit of the submission, a pass, the commit of the placement) to 1 h
+/// (a full cluster).
 pub const QUEUE_WAIT_BUCKETS_US: &[u64] = &[
+    1_000,
+    5_000,
     10_000,
     50_000,
     100_000,
@@ -39,10 +43,8 @@ pub const QUEUE_WAIT_BUCKETS_US: &[u64] = &[
     10_000_000,
     30_000_000,
     60_000_000,
-    120_000_000,
     300_000_000,
-    600_000_000,
-    1_800_000_000,
+    900_000_000,
     3_600_000_000,
 ];
 /// Buckets of one histogram at most (the `+Inf` bucket not counted).
