@@ -256,3 +256,60 @@ fn follow_with_a_job_streams_its_events_as_they_commit() {
     assert_eq!(seen[0]["type"], "job_submitted");
     dev.wait_job(id, Duration::from_secs(30), terminal);
 }
+
+/// A filtered page scans at most 10,000 entries: past a long stretch of
+/// entries about something else, the page comes back empty with `next`
+/// moved on, and `rustci events` follows it to the events after.
+#[test]
+fn a_filter_finds_events_past_ten_thousand_entries_about_something_else() {
+    use rustci_core::event::{Entry, Event};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data, &["--node-name", "alpha"]);
+    dev.submit_json(&json!({"command": ["true"]}));
+    dev.wait_job(1, Duration::from_secs(30), terminal);
+    dev.terminate();
+    // 10,500 drains of a node that never existed: recorded no-ops.
+    let stretch = 10_500u64;
+    {
+        let mut store = rustci_storage::LogStore::open(&data).unwrap();
+        let (last, term) = (store.last_index(), store.last_term());
+        let at = store.read_range(last, 1).unwrap()[0].at;
+        let entries: Vec<Entry> = (1..=stretch)
+            .map(|i| Entry {
+                index: last + i,
+                term,
+                at,
+                event: Event::NodeDrained {
+                    name: "ghost".into(),
+                },
+            })
+            .collect();
+        store.append(&entries).unwrap();
+        store.close_clean();
+    }
+    let dev = Dev::start(&data, &["--node-name", "alpha"]);
+    let job = dev.submit_json(&json!({"command": ["true"]}));
+    dev.wait_job(
+        job["id"].as_u64().unwrap(),
+        Duration::from_secs(30),
+        terminal,
+    );
+    let all = json_lines(&dev.cli(&["events", "--json"]));
+    let want = about_node(&all, "alpha");
+    let first_after = *want.iter().find(|i| **i > stretch).unwrap();
+    let last_before = *want.iter().rev().find(|i| **i < stretch).unwrap();
+    // Right after the first run's last event: 10,000 entries of nothing.
+    let page = dev.get_json(&format!("/v1/events?node=alpha&after={last_before}"));
+    assert_eq!(page["events"], json!([]), "{page}");
+    assert_eq!(page["next"], last_before + 10_000);
+    // The CLI goes on past such a page to the restart's registration and
+    // the job.
+    let after = last_before.to_string();
+    let got = json_lines(&dev.cli(&["events", "--json", "--node", "alpha", "--after", &after]));
+    let rest: Vec<u64> = want.iter().copied().filter(|i| *i > last_before).collect();
+    assert_eq!(indexes(&got), rest);
+    assert_eq!(rest[0], first_after);
+    let got = json_lines(&dev.cli(&["events", "--json", "--node", "alpha"]));
+    assert_eq!(indexes(&got), want);
+}
