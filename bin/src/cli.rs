@@ -132,7 +132,7 @@ pub enum Cmd {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Read a (copied) data dir offline; never writes to it.
+    /// Replay a data dir's log (a running daemon's too, through a copy); never writes to it.
     Replay(crate::replay::ReplayArgs),
     /// A consistent copy of a data dir, safe while the daemon runs.
     Backup(crate::backup::BackupArgs),
