@@ -45,10 +45,15 @@ impl DriverMetrics {
     /// The replica asked for `entries` to be persisted; `state` is its
     /// applied state, in which every job placed by `entries` waits queued.
     pub fn proposed(&mut self, state: &State, entries: &[Entry]) {
-        let Some(last) = entries.last().map(|e| e.index) else {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return;
         };
-        assert!(self.proposed.back().is_none_or(|p| p.last < last));
+        let (first, last) = (first.index, last.index);
+        // A log cut back under earlier batches (a new Raft leader's
+        // entries replacing ours) never commits them as proposed.
+        while self.proposed.back().is_some_and(|p| p.last >= first) {
+            self.proposed.pop_back();
+        }
         let mut batch = Proposed {
             last,
             proposed: Instant::now(),
@@ -116,4 +121,39 @@ fn queued_since(
         .iter()
         .find(|a| a.number + 1 == attempt)
         .and_then(|a| a.finished_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elected(index: LogIndex, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            at: 1_000,
+            event: Event::LeaderElected { replica: 1, term },
+        }
+    }
+
+    #[test]
+    fn a_batch_is_measured_once_when_committed_and_never_if_cut_back() {
+        let metrics = Arc::new(Metrics::new());
+        let mut measured = DriverMetrics::new(metrics.clone());
+        let state = State::new();
+        measured.proposed(&state, &[elected(1, 1)]);
+        measured.proposed(&state, &[elected(2, 1), elected(3, 1)]);
+        measured.committed(2);
+        assert_eq!(metrics.commit.count(), 1, "the second batch ends at 3");
+        measured.committed(3);
+        assert_eq!(metrics.commit.count(), 2);
+        assert_eq!(metrics.leader_changes.load(Ordering::Relaxed), 3);
+        // Proposed at 4 and 5, then 5 is replaced by another batch at 5.
+        measured.proposed(&state, &[elected(4, 1)]);
+        measured.proposed(&state, &[elected(5, 1)]);
+        measured.proposed(&state, &[elected(5, 2)]);
+        measured.committed(5);
+        assert_eq!(metrics.commit.count(), 4);
+        assert_eq!(metrics.leader_changes.load(Ordering::Relaxed), 5);
+    }
 }
