@@ -56,7 +56,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
             crate::daemon::guard_corruption(&data_dir, || {
                 match LogStore::open_read_only(&data_dir) {
                     Ok(store) => Ok(Some(
-                        make_copy(&data_dir, &to, |staging| store.backup_to(staging))
+                        make_copy(&data_dir, &to, true, |staging| store.backup_to(staging))
                             .map_err(|e| anyhow!("{}", message(e)))?,
                     )),
                     Err(OpenError::Locked { .. }) => Ok(None),
@@ -99,28 +99,53 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
 
 /// Asks the daemon that holds the data dir to take the copy.
 async fn online(args: &BackupArgs, to: &Path) -> anyhow::Result<BackupDone> {
-    let identity = Identity::read(&args.data_dir)
+    let daemon = Daemon {
+        data_dir: &args.data_dir,
+        server: args.server.as_deref(),
+        token: args.token.clone(),
+    };
+    copy_through_daemon(&daemon, to, true).await
+}
+
+/// A daemon holding a data dir, and how to reach it.
+pub struct Daemon<'a> {
+    pub data_dir: &'a Path,
+    /// Its API address; default: the one it left in the data dir.
+    pub server: Option<&'a str>,
+    pub token: Option<String>,
+}
+
+/// Asks the daemon holding `daemon.data_dir` for a consistent copy at `to`
+/// (`POST /v1/backup`), with job output or the log alone.
+pub async fn copy_through_daemon(
+    daemon: &Daemon<'_>,
+    to: &Path,
+    output: bool,
+) -> anyhow::Result<BackupDone> {
+    let data_dir = daemon.data_dir;
+    let identity = Identity::read(data_dir)
         .map_err(|(path, reason)| anyhow!("data dir identity {} is unreadable: {reason}", path.display()))?
         .ok_or_else(|| {
             anyhow!(
                 "data dir {} is in use by a rustci daemon but has no identity file yet; try again in a moment",
-                args.data_dir.display()
+                data_dir.display()
             )
         })?;
-    let server = match &args.server {
-        Some(s) => s.clone(),
+    let server = match daemon.server {
+        Some(s) => s.to_string(),
         None => {
-            let file = args.data_dir.join(API_ADDRESS_FILE_NAME);
+            let file = data_dir.join(API_ADDRESS_FILE_NAME);
             std::fs::read_to_string(&file)
-                .map_err(|e| anyhow!("data dir {} is in use by a running daemon, but its address is unknown ({}: {e}); pass --server", args.data_dir.display(), file.display()))?
+                .map_err(|e| anyhow!("data dir {} is in use by a running daemon, but its address is unknown ({}: {e}); pass --server", data_dir.display(), file.display()))?
                 .trim()
                 .to_string()
         }
     };
-    let mut client = Client::connect(&server, args.token.clone()).await?;
+    let mut client = Client::connect(&server, daemon.token.clone()).await?;
     let body = serde_json::json!({
         "to": to.to_string_lossy(),
         "cluster_id": identity.cluster_id,
+        "output": output,
     });
     let done: BackupDone = client
         .json(
@@ -159,11 +184,13 @@ fn check_target(to: &Path) -> Result<(), BackupError> {
 }
 
 /// Builds the copy of `data_dir` at `to`: the log through `copy_log` (one
-/// read transaction), the identity, the job output; in a hidden sibling
-/// directory renamed to `to` once durable. On error nothing is left at `to`.
+/// read transaction), the identity, the job output (with `output`); in a
+/// hidden sibling directory renamed to `to` once durable. On error nothing
+/// is left at `to`.
 pub fn make_copy(
     data_dir: &Path,
     to: &Path,
+    output: bool,
     copy_log: impl FnOnce(&Path) -> Result<BackupSummary, rustci_storage::Error>,
 ) -> Result<BackupDone, BackupError> {
     check_target(to)?;
@@ -199,7 +226,11 @@ pub fn make_copy(
                 ))
             })?;
         }
-        let output_files = copy_tree(&data_dir.join("output"), &staging.join("output"))?;
+        let output_files = if output {
+            copy_tree(&data_dir.join("output"), &staging.join("output"))?
+        } else {
+            0
+        };
         sync_dir(&staging).map_err(|e| failed(format!("{}: {e}", staging.display())))?;
         if to.exists() {
             std::fs::remove_dir(to)

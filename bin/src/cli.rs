@@ -112,6 +112,14 @@ pub enum Cmd {
         /// Start after this log index (0 and up; default 0: the beginning).
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Only the events about this job (an id, 1 and up): its
+        /// submission, placements, starts, ends, losses and cancel.
+        #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        job: Option<u64>,
+        /// Only the events about this node: its own (registered, drained,
+        /// down, up, removed) and those of the attempts placed on it.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
         /// One JSON object per line (the API's form).
         #[arg(long)]
         json: bool,
@@ -125,7 +133,7 @@ pub enum Cmd {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Read a (copied) data dir offline; never writes to it.
+    /// Replay a data dir's log (a running daemon's too, through a copy); never writes to it.
     Replay(crate::replay::ReplayArgs),
     /// A consistent copy of a data dir, safe while the daemon runs.
     Backup(crate::backup::BackupArgs),
@@ -595,16 +603,36 @@ pub fn one_line_usage_error(e: &clap::Error, subcommand: Option<&str>) -> String
 
 /// `rustci events`: pages through `GET /v1/events`, long-polling with
 /// `--follow`.
+/// `--job` and `--node` of `rustci events`, applied by the server.
+#[derive(Clone, Debug, Default)]
+pub struct EventsFilter {
+    pub job: Option<u64>,
+    pub node: Option<String>,
+}
+
 pub async fn events(
     opts: &ClientOpts,
     mut after: u64,
     follow: bool,
     as_json: bool,
+    filter: EventsFilter,
 ) -> anyhow::Result<Exit> {
+    if let Some(node) = &filter.node {
+        rustci_core::validate::validate_node_name(node)
+            .map_err(|e| anyhow::anyhow!("--node {node:?}: {e}"))?;
+    }
+    let mut query = String::new();
+    if let Some(job) = filter.job {
+        query.push_str(&format!("&job={job}"));
+    }
+    if let Some(node) = &filter.node {
+        // A valid node name needs no percent-encoding.
+        query.push_str(&format!("&node={node}"));
+    }
     let mut client = connect(opts).await?;
     loop {
         let wait = if follow { 30 } else { 0 };
-        let path = format!("/v1/events?after={after}&wait_secs={wait}");
+        let path = format!("/v1/events?after={after}&wait_secs={wait}{query}");
         let page: rustci_net::dto::EventList = client.json(Method::GET, &path, None, &[]).await?;
         let mut out = std::io::stdout().lock();
         for event in &page.events {
@@ -615,10 +643,12 @@ pub async fn events(
             }
         }
         out.flush()?;
-        if page.events.is_empty() && !follow {
+        // A filtered page may hold no event yet move `next` on: the end is
+        // a page that moves nothing.
+        if page.next <= after && !follow {
             return Ok(0);
         }
-        after = page.next;
+        after = page.next.max(after);
     }
 }
 

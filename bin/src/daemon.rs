@@ -244,7 +244,7 @@ impl LogReader for SharedLog {
             .map_err(|e| e.to_string())
     }
 
-    fn backup(&self, to: &Path, cluster_id: &str) -> Result<BackupDone, BackupError> {
+    fn backup(&self, to: &Path, cluster_id: &str, output: bool) -> Result<BackupDone, BackupError> {
         let ours = rustci_storage::Identity::read(&self.data_dir)
             .ok()
             .flatten()
@@ -256,7 +256,9 @@ impl LogReader for SharedLog {
                 ours.as_deref().unwrap_or("unknown")
             )));
         }
-        crate::backup::make_copy(&self.data_dir, to, |staging| self.reader.backup_to(staging))
+        crate::backup::make_copy(&self.data_dir, to, output, |staging| {
+            self.reader.backup_to(staging)
+        })
     }
 }
 
@@ -407,6 +409,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         started,
         log_stats,
     );
+    let measured = crate::driver_metrics::DriverMetrics::new(cp.metrics.clone());
     let mut replica_config = Config::new(1);
     replica_config.idempotency_window_ms =
         u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
@@ -425,6 +428,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         next_request: 1,
         applied: applied_tx,
         data_dir: config.data_dir.clone(),
+        measured,
         fatal: None,
     };
     driver.replica.start(wall_clock_ms());
@@ -733,6 +737,8 @@ struct Driver {
     /// when it changes: a span's fields are not for every step).
     term_logged: Option<u64>,
     data_dir: PathBuf,
+    /// Commit, scheduling and queue-wait latencies for `/metrics`.
+    measured: crate::driver_metrics::DriverMetrics,
     /// Set when the log cannot be written: the daemon must stop, since
     /// nothing more can be acknowledged safely.
     fatal: Option<String>,
@@ -775,7 +781,8 @@ impl Driver {
         if self.replica.storage_full() && log_has_room(&self.data_dir, 1) {
             self.replica.handle_storage_full(false);
         }
-        self.replica.handle_tick(wall_clock_ms(), mono);
+        self.measured
+            .step(&mut self.replica, |r| r.handle_tick(wall_clock_ms(), mono));
         if let Some(agent) = self.agent.as_mut() {
             agent.handle_tick(mono);
         }
@@ -902,7 +909,11 @@ impl Driver {
                     RunObservation::NotStarted => agent.handle_not_started(mono, job, attempt),
                 }
             }
-            Input::Persisted(index) => self.replica.handle_persisted(now, index),
+            Input::Persisted(unit) => {
+                self.measured
+                    .step(&mut self.replica, |r| r.handle_persisted(now, unit));
+                self.measured.committed(self.replica.commit_index());
+            }
             Input::StorageFull(full) => self.replica.handle_storage_full(full),
             Input::PersistFailed(e) => {
                 tracing::error!(error = %e, "appending to the event log failed");
@@ -974,6 +985,7 @@ impl Driver {
         {
             match output {
                 Output::Persist(unit) => {
+                    self.measured.proposed(self.replica.state(), &unit.entries);
                     if !self.writer.send(unit) && self.fatal.is_none() {
                         self.fatal = Some("the log writer has stopped".into());
                     }

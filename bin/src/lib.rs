@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod logging;
+pub mod driver_metrics;
 pub mod memory;
 pub mod procenv;
 pub mod replay;

@@ -299,9 +299,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Events {
             follow,
             after,
+            job,
+            node,
             json,
             client,
-        } => cli::events(&client, after, follow, json).await,
+        } => {
+            cli::events(
+                &client,
+                after,
+                follow,
+                json,
+                cli::EventsFilter { job, node },
+            )
+            .await
+        }
         Cmd::Replay(args) => tokio::task::spawn_blocking(move || rustci::replay::run(args)).await?,
         Cmd::Backup(args) => rustci::backup::run(args).await,
         Cmd::Sim(args) => tokio::task::spawn_blocking(move || rustci::simcmd::run(args)).await?,

@@ -1,83 +1,288 @@
 //! `rustci replay`: reads a data dir offline (read-only) and shows the event
-//! timeline, the state at an index, or one job's history. Debugging an
-//! incident is replaying its log through the very reducer the daemon runs.
+//! timeline, the state at an index, one job's or one node's history, or
+//! verifies the log. Debugging an incident is replaying its log through the
+//! very reducer the daemon runs.
+//!
+//! It never writes to the data dir. A data dir a running daemon holds (the
+//! log's file lock) is read through a consistent copy of its log that the
+//! daemon takes itself (`POST /v1/backup` without job output, as `rustci
+//! backup` does), into a private temp dir removed afterwards.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, bail};
 use clap::Args;
-use rustci_core::event::Entry;
-use rustci_core::model::JobId;
+use rustci_core::event::{Entry, Event, LogIndex};
+use rustci_core::model::{JobId, TimestampMs};
 use rustci_core::scheduler::unplaced_reason;
 use rustci_core::state::{Applied, State};
 use rustci_net::dto::{event_json, JobView, NodeView};
-use rustci_storage::LogStore;
+use rustci_net::events::EventFilter;
+use rustci_storage::{LogStore, OpenError};
 
 #[derive(Args, Debug)]
 pub struct ReplayArgs {
-    /// The data dir to read (a copy is best; it is never written to).
+    /// The data dir to read (never written to). A running daemon's works
+    /// too: a consistent copy of its log is taken through it first.
     #[arg(long)]
     pub data_dir: PathBuf,
     /// Stop after this log index and show the state there.
-    #[arg(long)]
+    #[arg(long, value_name = "INDEX")]
     pub at: Option<u64>,
-    /// Show only this job's history.
-    #[arg(long)]
+    /// Show only this job's history, then the job.
+    #[arg(long, value_name = "ID")]
     pub job: Option<u64>,
+    /// Show only this node's history (its own events and those of the
+    /// attempts placed on it), then the node.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Show the entries from this point on: a log index, or an RFC 3339
+    /// time such as 2026-11-26T07:00:00Z.
+    #[arg(long, value_name = "INDEX|TIME", value_parser = parse_point)]
+    pub since: Option<Point>,
+    /// Stop after this point (a log index or an RFC 3339 time); the summary
+    /// is the state there.
+    #[arg(long, value_name = "INDEX|TIME", value_parser = parse_point)]
+    pub until: Option<Point>,
+    /// Check the whole log: every frame's checksum, index continuity, terms
+    /// and stamps that never decrease, and the replayed state's own
+    /// consistency. Exits non-zero when a check fails.
+    #[arg(long, conflicts_with_all = ["at", "job", "node", "since", "until", "export"])]
+    pub verify: bool,
+    /// The entries shown, as newline-delimited JSON (the objects of
+    /// `GET /v1/events`) and nothing else: no summary.
+    #[arg(long, conflicts_with = "json")]
+    pub export: bool,
     /// JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The running daemon's API address, when the data dir is in use;
+    /// default: the one it left in the data dir.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// API token for that daemon (sent as `Authorization: Bearer`).
+    #[arg(long, env = "RUSTCI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// A point in the log: an index, or a time (Unix ms, compared with the
+/// entries' `at` stamps, which never decrease).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    Index(LogIndex),
+    Time(TimestampMs),
+}
+
+/// `1234` or an RFC 3339 time (`Z` or a `±HH:MM` offset).
+pub fn parse_point(s: &str) -> Result<Point, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Point::Index)
+            .map_err(|_| format!("{s:?} is too large for a log index"));
+    }
+    parse_rfc3339_ms(s).map(Point::Time).map_err(|e| {
+        format!(
+            "{s:?} is neither a log index nor an RFC 3339 time (like 2026-11-26T07:00:00Z): {e}"
+        )
+    })
+}
+
+/// RFC 3339 to Unix ms. humantime takes `Z` only; an offset is applied here.
+fn parse_rfc3339_ms(s: &str) -> Result<TimestampMs, String> {
+    let (base, offset_secs) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
+        Some((base, off))
+            if (off.starts_with('+') || off.starts_with('-'))
+                && off.as_bytes()[3] == b':'
+                && base.contains('T') =>
+        {
+            let hours: i64 = off[1..3].parse().map_err(|_| "bad offset".to_string())?;
+            let minutes: i64 = off[4..6].parse().map_err(|_| "bad offset".to_string())?;
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            (format!("{base}Z"), sign * (hours * 3600 + minutes * 60))
+        }
+        _ => (s.to_string(), 0),
+    };
+    let at = humantime::parse_rfc3339(&base).map_err(|e| e.to_string())?;
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| "before 1970".to_string())?
+        .as_millis() as i64;
+    u64::try_from(ms - offset_secs * 1000).map_err(|_| "before 1970".to_string())
+}
+
+impl Point {
+    /// Whether `entry` lies before this point.
+    fn comes_after(self, entry: &Entry) -> bool {
+        match self {
+            Point::Index(i) => entry.index < i,
+            Point::Time(t) => entry.at < t,
+        }
+    }
+
+    /// Whether `entry` lies past this point.
+    fn comes_before(self, entry: &Entry) -> bool {
+        match self {
+            Point::Index(i) => entry.index > i,
+            Point::Time(t) => entry.at > t,
+        }
+    }
 }
 
 pub fn run(args: ReplayArgs) -> anyhow::Result<i32> {
+    check_args(&args)?;
     let dir = args.data_dir.clone();
-    crate::daemon::guard_corruption(&dir, || run_inner(args))
+    crate::daemon::guard_corruption(&dir, || {
+        let (store, _copy) = open(&args)?;
+        if args.verify {
+            return verify(&store, args.json);
+        }
+        replay(&store, &args)
+    })
 }
 
-fn run_inner(args: ReplayArgs) -> anyhow::Result<i32> {
-    let store = LogStore::open_read_only(&args.data_dir).map_err(|e| anyhow!("{e}"))?;
-    let upto = args.at.unwrap_or(u64::MAX);
-    let job = args.job.map(JobId);
+fn check_args(args: &ReplayArgs) -> anyhow::Result<()> {
+    if let Some(node) = &args.node {
+        rustci_core::validate::validate_node_name(node)
+            .map_err(|e| anyhow!("--node {node:?}: {e}"))?;
+    }
+    if let (Some(since), Some(until)) = (args.since, args.until) {
+        let empty = match (since, until) {
+            (Point::Index(a), Point::Index(b)) | (Point::Time(a), Point::Time(b)) => a > b,
+            _ => false,
+        };
+        if empty {
+            bail!("--since is past --until: no entry lies between them");
+        }
+    }
+    Ok(())
+}
+
+/// Opens the log read-only; a log a running daemon holds is read through a
+/// consistent copy the daemon takes (returned: removed when dropped).
+fn open(args: &ReplayArgs) -> anyhow::Result<(LogStore, Option<tempfile::TempDir>)> {
+    match LogStore::open_read_only(&args.data_dir) {
+        Ok(store) => Ok((store, None)),
+        Err(OpenError::Locked { .. }) => {
+            let copy = tempfile::Builder::new()
+                .prefix("rustci-replay-")
+                .tempdir()
+                .map_err(|e| anyhow!("cannot make a temp dir for the copy: {e}"))?;
+            let to = copy.path().join("log-copy");
+            let daemon = crate::backup::Daemon {
+                data_dir: &args.data_dir,
+                server: args.server.as_deref(),
+                token: args.token.clone(),
+            };
+            let done = tokio::runtime::Handle::current()
+                .block_on(crate::backup::copy_through_daemon(&daemon, &to, false))
+                .map_err(|e| {
+                    anyhow!(
+                        "{} is in use by a running daemon, and a copy through it failed: {e:#}",
+                        args.data_dir.display()
+                    )
+                })?;
+            eprintln!(
+                "rustci replay: {} is in use by a running daemon: replaying a consistent copy of its log, up to index {}",
+                args.data_dir.display(),
+                done.last_index
+            );
+            let store = LogStore::open_read_only(&to).map_err(|e| anyhow!("{e}"))?;
+            Ok((store, Some(copy)))
+        }
+        Err(e) => Err(anyhow!("{e}")),
+    }
+}
+
+fn replay(store: &LogStore, args: &ReplayArgs) -> anyhow::Result<i32> {
+    if let Some(at) = args.at {
+        if at > store.last_index() {
+            bail!(
+                "--at {at} is past the log's last index {}",
+                store.last_index()
+            );
+        }
+    }
+    let filter = EventFilter {
+        job: args.job.map(JobId),
+        node: args.node.clone(),
+    };
+    let windowed = args.since.is_some() || args.until.is_some();
+    let timeline = args.at.is_none() || !filter.is_empty() || windowed || args.export;
     let mut state = State::new();
     let mut shown = 0u64;
     let mut failure = None;
     let result = store.scan(store.first_index(), |entry| {
-        if entry.index > upto {
-            return std::ops::ControlFlow::Break(());
+        let past_at = args.at.is_some_and(|at| entry.index > at);
+        if past_at || args.until.is_some_and(|u| u.comes_before(&entry)) {
+            return ControlFlow::Break(());
         }
         let applied = state.apply(&entry);
-        let about_job = match (job, &applied) {
-            (None, _) => true,
-            (Some(j), Applied::Submitted(id) | Applied::Duplicate(id)) => *id == j,
-            (Some(j), _) => entry.event.job() == Some(j),
-        };
-        if about_job && (args.at.is_none() || job.is_some()) {
+        let duplicate_of_job = matches!(
+            (args.job, &applied),
+            (Some(j), Applied::Duplicate(id)) if id.0 == j
+        );
+        let in_window = args.since.is_none_or(|s| !s.comes_after(&entry));
+        let about = filter.matches(&state, &entry) || duplicate_of_job;
+        if timeline && in_window && about {
             shown += 1;
-            if let Err(e) = print_entry(&entry, &applied, args.json) {
+            if let Err(e) = print_entry(&entry, &applied, args.json || args.export) {
                 failure = Some(e);
-                return std::ops::ControlFlow::Break(());
+                return ControlFlow::Break(());
             }
         }
-        std::ops::ControlFlow::Continue(())
+        ControlFlow::Continue(())
     });
     if let Some(e) = failure {
         return Err(e);
     }
     result.map_err(|e| anyhow!("{e}"))?;
-    if let Some(id) = job {
+    if args.export {
+        return Ok(0);
+    }
+    if let Some(id) = filter.job {
         let found = state
             .job(id)
             .ok_or_else(|| anyhow!("job {id} not found in the log"))?;
-        let view = JobView::new(found, unplaced_reason(&state, found));
-        if args.json {
-            println!("{}", serde_json::json!({ "job": view }));
-        } else {
-            println!("{}", serde_json::to_string_pretty(&view)?);
-        }
-        return Ok(0);
+        print_view("job", &job_view(&state, found), args.json)?;
     }
-    print_summary(&state, shown, args.at.is_some(), args.json)?;
+    if let Some(name) = &filter.node {
+        let found = state
+            .nodes
+            .get(name)
+            .ok_or_else(|| anyhow!("node {name} not found in the log"))?;
+        print_view(
+            "node",
+            &NodeView::new(found, running_on(&state, name), None),
+            args.json,
+        )?;
+    }
+    if filter.is_empty() {
+        print_summary(&state, shown, args.at.is_some(), args.json)?;
+    }
     Ok(0)
+}
+
+/// A job as `GET /v1/jobs` shows it, from the replayed state.
+fn job_view(state: &State, job: &rustci_core::model::Job) -> JobView {
+    JobView::new(
+        job,
+        unplaced_reason(state, job).or_else(|| State::failure_reason(job)),
+    )
+}
+
+fn running_on(state: &State, node: &str) -> usize {
+    state.active_by_node.get(node).map_or(0, |s| s.len())
+}
+
+fn print_view(kind: &str, view: &impl serde::Serialize, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::json!({ kind: view }));
+    } else {
+        println!("{}", serde_json::to_string_pretty(view)?);
+    }
+    Ok(())
 }
 
 fn print_entry(entry: &Entry, applied: &Applied, json: bool) -> anyhow::Result<()> {
@@ -128,13 +333,13 @@ fn print_summary(state: &State, shown: u64, with_state: bool, json: bool) -> any
             v["summary"]["job_list"] = state
                 .jobs
                 .values()
-                .map(|j| serde_json::to_value(JobView::new(j, unplaced_reason(state, j))))
+                .map(|j| serde_json::to_value(job_view(state, j)))
                 .collect::<Result<Vec<_>, _>>()?
                 .into();
             v["summary"]["node_list"] = state
                 .nodes
                 .values()
-                .map(|n| serde_json::to_value(NodeView::new(n, 0, None)))
+                .map(|n| serde_json::to_value(NodeView::new(n, running_on(state, &n.name), None)))
                 .collect::<Result<Vec<_>, _>>()?
                 .into();
         }
@@ -171,4 +376,160 @@ fn print_summary(state: &State, shown: u64, with_state: bool, json: bool) -> any
         digest
     );
     Ok(())
+}
+
+/// One check of `--verify` and what it found.
+struct Check {
+    name: &'static str,
+    /// `None`: passed; `Some(why)`: failed.
+    problem: Option<String>,
+    detail: String,
+}
+
+/// `--verify`: reads every entry, checks what the log promises, replays it
+/// and checks the state. Snapshots do not exist yet, so the check that
+/// replay reproduces the latest snapshot's digest is reported as skipped.
+fn verify(store: &LogStore, json: bool) -> anyhow::Result<i32> {
+    let first = store.first_index();
+    let last = store.last_index();
+    let mut state = State::for_replay();
+    let mut previous: Option<(LogIndex, u64, TimestampMs)> = None;
+    let mut order_problem = None;
+    let mut leader_problem = None;
+    let mut entries = 0u64;
+    let scanned = store.scan(first, |entry| {
+        entries += 1;
+        if let Some((index, term, at)) = previous {
+            let broken = if entry.index != index + 1 {
+                Some(format!("index {} follows index {index}", entry.index))
+            } else if entry.term < term {
+                Some(format!(
+                    "term {} at index {} after term {term}",
+                    entry.term, entry.index
+                ))
+            } else if entry.at < at {
+                Some(format!(
+                    "stamp {} at index {} after stamp {at}",
+                    entry.at, entry.index
+                ))
+            } else {
+                None
+            };
+            if order_problem.is_none() {
+                order_problem = broken;
+            }
+        }
+        if let Event::LeaderElected { term, .. } = entry.event {
+            if term != entry.term && leader_problem.is_none() {
+                leader_problem = Some(format!(
+                    "index {} elects a leader for term {term} in an entry of term {}",
+                    entry.index, entry.term
+                ));
+            }
+        }
+        previous = Some((entry.index, entry.term, entry.at));
+        state.apply_owned(entry);
+        ControlFlow::Continue(())
+    });
+    state.rebuild_indexes();
+    let read_all = scanned.is_ok() && previous.map_or(0, |p| p.0) == last;
+    let mut checks = vec![Check {
+        name: "checksums",
+        problem: scanned.as_ref().err().map(|e| e.to_string()),
+        detail: format!("{entries} entries read, each frame's version and checksum"),
+    }];
+    let starts_at_one = first == 1 || last == 0;
+    checks.push(Check {
+        name: "index continuity",
+        problem: if !starts_at_one {
+            Some(format!(
+                "the log starts at index {first}, and there is no snapshot to start from"
+            ))
+        } else if let Err(rustci_storage::ReadError::Gap {
+            expected, found, ..
+        }) = &scanned
+        {
+            Some(format!("expected index {expected}, found {found}"))
+        } else if !read_all {
+            Some(format!(
+                "checked up to index {} only: the log could not be read further",
+                previous.map_or(0, |p| p.0)
+            ))
+        } else {
+            order_problem.clone().filter(|p| p.starts_with("index"))
+        },
+        detail: format!("indexes {first}..={last} with no gap"),
+    });
+    checks.push(Check {
+        name: "terms and stamps",
+        problem: order_problem
+            .filter(|p| !p.starts_with("index"))
+            .or(leader_problem),
+        detail: "terms and `at` stamps never decrease; each leader_elected names its entry's term"
+            .into(),
+    });
+    let hard = store.hard_state();
+    checks.push(Check {
+        name: "replayed state",
+        problem: if !read_all {
+            Some("not replayed: the log could not be read to its end".into())
+        } else if hard.commit > last {
+            Some(format!(
+                "the stored commit index {} is past the last index {last}",
+                hard.commit
+            ))
+        } else {
+            state.check_consistency().err()
+        },
+        detail: format!(
+            "applied to index {}, state_digest={:016x}",
+            state.applied_index,
+            state.digest()
+        ),
+    });
+    let failed = checks.iter().filter(|c| c.problem.is_some()).count();
+    let snapshot = "no snapshot in this data dir (this version writes none): the check that replay reproduces the latest snapshot's digest was skipped";
+    if json {
+        let list: Vec<serde_json::Value> = checks
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "check": c.name,
+                    "ok": c.problem.is_none(),
+                    "detail": c.detail,
+                    "problem": c.problem,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "verify": {
+                    "ok": failed == 0,
+                    "checks": list,
+                    "skipped": [{"check": "snapshot digest", "why": snapshot}],
+                    "last_index": last,
+                    "state_digest": format!("{:016x}", state.digest()),
+                }
+            })
+        );
+    } else {
+        for c in &checks {
+            match &c.problem {
+                None => println!("ok    {}: {}", c.name, c.detail),
+                Some(p) => println!("FAIL  {}: {p}", c.name),
+            }
+        }
+        println!("skip  snapshot digest: {snapshot}");
+        if failed == 0 {
+            println!("verified: {entries} entries, indexes {first}..={last}");
+        } else {
+            println!("NOT verified: {failed} check(s) failed");
+        }
+    }
+    if failed > 0 {
+        eprintln!("rustci replay: the log failed {failed} check(s) of --verify");
+        return Ok(1);
+    }
+    Ok(0)
 }

@@ -284,6 +284,16 @@ fn a_second_daemon_on_the_same_data_dir_refuses_to_start() {
 fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let dir = scratch();
     let dev = Dev::start(&dir.path().join("data"), &[]);
+    // Ready comes with the leader's first entry; the built-in node's
+    // registration follows on its first tick: count from after it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dev.get_json("/v1/nodes")["nodes"][0]["state"] != "ready" {
+        assert!(
+            Instant::now() < deadline,
+            "the built-in node did not register"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before = dev.get_json("/v1/cluster");
     let big = vec![b'a'; 10 * 1024 * 1024];
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
@@ -528,7 +538,7 @@ fn logs_follow_streams_until_the_attempt_ends() {
         let (k, v) = line.rsplit_once(' ').unwrap();
         seen.insert(k.to_string(), v.to_string());
     }
-    assert!(seen.contains_key("rustci_log_commit_index"));
+    assert!(seen.contains_key("rustci_raft_commit_index"));
     assert!(seen.contains_key("rustci_queue_length"));
     for name in [
         "rustci_oldest_queued_job_wait_seconds",
@@ -540,7 +550,7 @@ fn logs_follow_streams_until_the_attempt_ends() {
     }
     assert!(
         seen.keys()
-            .any(|k| k.starts_with("rustci_node_allocated_cpu_millis{node=")),
+            .any(|k| k.starts_with("rustci_node_allocated_cpus{node=")),
         "{metrics}"
     );
     let heartbeats: u64 = seen["rustci_heartbeats_received_total"].parse().unwrap();

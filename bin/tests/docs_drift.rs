@@ -1,6 +1,7 @@
 //! docs/api.md against the binary: every documented command and flag
 //! exists, every command the binary has is documented, and the metric
-//! names documented are the ones `/metrics` exports.
+//! names documented are the ones `/metrics` exports; docs/operations.md's
+//! metrics table explains each of them.
 
 mod common;
 
@@ -145,4 +146,56 @@ fn the_documented_metrics_are_the_exported_ones() {
         missing.is_empty(),
         "in docs/api.md but not exported: {missing:?}"
     );
+}
+
+/// docs/operations.md says what each metric means and which to alert on:
+/// its table names every exported metric, and its alert expressions name
+/// only exported ones (a histogram's `_bucket` series included).
+#[test]
+fn operations_md_explains_every_exported_metric() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .unwrap();
+    let start = doc
+        .find("\n## Metrics\n")
+        .expect("operations.md has a Metrics section");
+    let section = &doc[start + 1..];
+    let doc = section[..section.find("\n## ").unwrap_or(section.len())].to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(&dir.path().join("data"), &[]);
+    let (status, text) = http(&dev.addr, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let exported: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let in_table: BTreeSet<&str> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `rustci_"))
+        .flat_map(|l| l.split('|').nth(1).unwrap().split('`'))
+        .filter(|w| w.starts_with("rustci_"))
+        .map(|w| w.split('{').next().unwrap())
+        .collect();
+    let missing: Vec<_> = exported.difference(&in_table).collect();
+    assert!(
+        missing.is_empty(),
+        "not in operations.md's table: {missing:?}"
+    );
+    for word in doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !word.starts_with("rustci_") || word.len() <= 7 {
+            continue;
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| word.strip_suffix(s))
+            .filter(|f| exported.contains(f))
+            .unwrap_or(word);
+        assert!(
+            exported.contains(family),
+            "operations.md names {word}, which /metrics does not export"
+        );
+    }
 }

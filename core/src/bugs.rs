@@ -65,10 +65,18 @@ pub enum Bug {
     /// A report resent while its first copy is still on its way to the log
     /// is appended again.
     ReportAppendedTwice,
+    /// Raft: votes and append acknowledgements are sent before the unit
+    /// that records them is durable (a crash takes them back).
+    VoteWithoutPersist,
+    /// Raft: the leader commits the highest index a quorum holds even when
+    /// it is an earlier term's entry (the paper's Figure 8).
+    CommitOlderTermByCount,
+    /// Raft: the leader commits what its own disk holds, quorum or not.
+    AckWithoutQuorum,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 22] = [
+    pub const ALL: [Bug; 25] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -91,6 +99,9 @@ impl Bug {
         Bug::OwnedReplayDropsKey,
         Bug::RequeueBeforeLeaseLapses,
         Bug::ReportAppendedTwice,
+        Bug::VoteWithoutPersist,
+        Bug::CommitOlderTermByCount,
+        Bug::AckWithoutQuorum,
     ];
 }
 

@@ -155,6 +155,32 @@ impl Event {
         }
     }
 
+    /// The attempt this event is about, if any.
+    pub fn attempt(&self) -> Option<(JobId, AttemptNumber)> {
+        match self {
+            Event::AttemptAssigned { job, attempt, .. }
+            | Event::AttemptStarted { job, attempt }
+            | Event::AttemptFinished { job, attempt, .. }
+            | Event::AttemptLost { job, attempt } => Some((*job, *attempt)),
+            _ => None,
+        }
+    }
+
+    /// The node this event names, if any (an attempt's events other than
+    /// its placement name none: look the attempt up).
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Event::AttemptAssigned { node, .. } => Some(node),
+            Event::NodeRegistered { name, .. }
+            | Event::NodeDrained { name }
+            | Event::NodeDown { name, .. }
+            | Event::NodeUp { name, .. }
+            | Event::NodeRemoved { name, .. }
+            | Event::NodeUndrained { name } => Some(name),
+            _ => None,
+        }
+    }
+
     /// The job this event is about, if any (used by `replay --job`).
     pub fn job(&self) -> Option<JobId> {
         match self {

@@ -96,6 +96,7 @@ impl Config {
         c.election_timeout_ms = self.election_timeout_ms;
         c.heartbeat_interval_ms = self.heartbeat_interval_ms;
         c.uncommitted_entries_max = self.proposals_inflight_max as u64;
+        c.bugs = self.bugs;
         c
     }
 }
@@ -460,6 +461,9 @@ pub struct Replica {
     /// Times this replica saw the leader change (soft state, for metrics).
     leader_changes: u64,
     leader_seen: Option<ReplicaId>,
+    /// Scheduler passes run (soft state, for metrics: a driver that sees it
+    /// change across a call knows that call ran a pass and can time it).
+    scheduler_passes: u64,
 }
 
 impl Replica {
@@ -522,6 +526,7 @@ impl Replica {
             heartbeats_received: 0,
             leader_changes: 0,
             leader_seen: None,
+            scheduler_passes: 0,
         }
     }
 
@@ -583,6 +588,11 @@ impl Replica {
     pub fn heard_ago_ms(&self, node: &str) -> Option<u64> {
         let live = self.liveness.get(node)?;
         Some(self.mono?.saturating_sub(live.heard_mono))
+    }
+
+    /// Scheduler passes this replica has run since it started.
+    pub fn scheduler_passes(&self) -> u64 {
+        self.scheduler_passes
     }
 
     /// Agent heartbeats received since this replica started.
@@ -1282,7 +1292,11 @@ impl Replica {
             assert!(persist.snapshot.is_none(), "snapshots are not stored yet");
             self.persist(persist);
         }
-        let wait = self.units_issued;
+        let wait = if planted!(self.config.bugs, VoteWithoutPersist) {
+            0
+        } else {
+            self.units_issued
+        };
         for msg in ready.messages {
             self.held.push_back((wait, msg));
         }
@@ -1582,6 +1596,7 @@ impl Replica {
             return;
         }
         let bounds = self.config.pass_bounds;
+        self.scheduler_passes += 1;
         let pass = if self.full_pass_needed {
             scheduler::schedule_pass(&mut self.state, None, bounds)
         } else {

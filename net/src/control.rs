@@ -62,9 +62,16 @@ pub trait LogReader: Send + Sync + 'static {
     /// on this machine), as of one read transaction of the log, while the
     /// daemon keeps writing (`POST /v1/backup`, used by `rustci backup`).
     /// `cluster_id` must be the data dir's own, so a backup never copies
-    /// another daemon's data by mistake. Blocking: call it off the runtime.
-    fn backup(&self, to: &std::path::Path, cluster_id: &str) -> Result<BackupDone, BackupError> {
-        let _ = (to, cluster_id);
+    /// another daemon's data by mistake. `output`: job output too (a copy
+    /// taken only to be replayed needs the log alone). Blocking: call it
+    /// off the runtime.
+    fn backup(
+        &self,
+        to: &std::path::Path,
+        cluster_id: &str,
+        output: bool,
+    ) -> Result<BackupDone, BackupError> {
+        let _ = (to, cluster_id, output);
         Err(BackupError::Failed("this server takes no backups".into()))
     }
 }
@@ -115,6 +122,9 @@ pub struct ControlPlane {
     pub info: Arc<ServerInfo>,
     pub started: Instant,
     pub log_stats: Arc<LogStats>,
+    /// Latencies and the driver's counters; the driver records into the
+    /// same `Arc` (see `crate::metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The driver is gone (shut down or crashed).
@@ -138,6 +148,7 @@ impl ControlPlane {
             info: Arc::new(info),
             started,
             log_stats,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 

@@ -11,7 +11,9 @@ pub mod conns;
 pub mod control;
 pub mod disk;
 pub mod dto;
+pub mod events;
 /// The request decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod server;

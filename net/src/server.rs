@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,6 +36,8 @@ use crate::dto::{
     event_json, ClusterView, ErrorBody, ErrorDetail, EventList, JobList, JobView, NodeList,
     NodeView, ReplicaView, SubmitRequest,
 };
+use crate::events::EventFilter;
+use crate::metrics::{self, family};
 
 /// First wait after a failed `accept`; it doubles up to the max.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -49,6 +52,10 @@ pub const BODY_BYTES_MAX: usize = 1 << 20;
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Events returned by one `GET /v1/events`.
 pub const EVENTS_PAGE_MAX: usize = 1000;
+/// Entries one filtered `GET /v1/events` (`job`, `node`) examines at most,
+/// matching or not: a page cut short by it may hold no event and still
+/// move `next` on.
+pub const EVENTS_SCAN_MAX: usize = 10_000;
 /// Longest long-poll of `GET /v1/events`.
 pub const EVENTS_WAIT_SECS_MAX: u64 = 60;
 /// How often `logs?follow=true` looks for new output.
@@ -597,6 +604,12 @@ async fn backup(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
     struct BackupRequest {
         to: String,
         cluster_id: String,
+        /// Copy job output too (default); `false` for the log alone.
+        #[serde(default = "yes")]
+        output: bool,
+    }
+    fn yes() -> bool {
+        true
     }
     let body = read_body(req).await?;
     let request: BackupRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -610,15 +623,16 @@ async fn backup(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
         ));
     }
     let log = cp.log.clone();
-    let done = tokio::task::spawn_blocking(move || log.backup(&to, &request.cluster_id))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "backup_failed",
-                "the backup stopped unexpectedly",
-            )
-        })?;
+    let done =
+        tokio::task::spawn_blocking(move || log.backup(&to, &request.cluster_id, request.output))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backup_failed",
+                    "the backup stopped unexpectedly",
+                )
+            })?;
     match done {
         Ok(done) => Ok(json(StatusCode::OK, &done)),
         Err(BackupError::Invalid(m)) => Err(ApiError::bad_request("invalid_request", m)),
@@ -651,6 +665,15 @@ async fn remove_reason(req: Request<Incoming>) -> Result<String, ApiError> {
 }
 
 async fn submit(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
+    let arrived = std::time::Instant::now();
+    let answer = submit_job(cp, req).await;
+    if answer.is_ok() {
+        cp.metrics.submit.observe(arrived.elapsed());
+    }
+    answer
+}
+
+async fn submit_job(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
     let key = match req.headers().get("idempotency-key") {
         None => None,
         Some(v) => Some(
@@ -956,89 +979,54 @@ async fn readyz(cp: &ControlPlane) -> ApiResult {
 }
 
 async fn metrics(cp: &ControlPlane) -> ApiResult {
-    let uptime = cp.started.elapsed().as_secs_f64();
-    let appends = cp
-        .log_stats
-        .appends
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let appended = cp
-        .log_stats
-        .entries
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let uptime_us = u64::try_from(cp.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let appends = cp.log_stats.appends.load(Ordering::Relaxed);
+    let appended = cp.log_stats.entries.load(Ordering::Relaxed);
+    let leader_changes = cp.metrics.leader_changes.load(Ordering::Relaxed);
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let body = cp
+    let mut body = cp
         .query(move |r| {
-            let st = r.state();
             let mut out = String::new();
-            let _ = writeln!(out, "# HELP rustci_jobs Jobs by state.\n# TYPE rustci_jobs gauge");
-            for s in JobState::ALL {
-                let _ = writeln!(out, "rustci_jobs{{state=\"{}\"}} {}", s.as_str(), st.job_count(s));
-            }
-            let _ = writeln!(out, "# HELP rustci_queue_length Jobs waiting for placement.\n# TYPE rustci_queue_length gauge\nrustci_queue_length {}", st.queue.len());
-            let _ = writeln!(out, "# HELP rustci_nodes Worker nodes by state.\n# TYPE rustci_nodes gauge");
-            for s in [NodeState::Ready, NodeState::Draining, NodeState::Down, NodeState::Left] {
-                let n = st.nodes.values().filter(|n| n.state == s).count();
-                let _ = writeln!(out, "rustci_nodes{{state=\"{}\"}} {n}", s.as_str());
-            }
-            let _ = writeln!(out, "# HELP rustci_node_capacity_cpu_millis CPU a node offers.\n# TYPE rustci_node_capacity_cpu_millis gauge");
-            for n in st.nodes.values() {
-                let _ = writeln!(out, "rustci_node_capacity_cpu_millis{{node=\"{}\"}} {}", n.name, n.capacity.cpu_millis);
-            }
-            let _ = writeln!(out, "# HELP rustci_node_allocated_cpu_millis CPU held by a node's active attempts.\n# TYPE rustci_node_allocated_cpu_millis gauge");
-            for n in st.nodes.values() {
-                let _ = writeln!(out, "rustci_node_allocated_cpu_millis{{node=\"{}\"}} {}", n.name, n.allocated.cpu_millis);
-            }
-            let _ = writeln!(out, "# HELP rustci_node_capacity_memory_mb Memory a node offers.\n# TYPE rustci_node_capacity_memory_mb gauge");
-            for n in st.nodes.values() {
-                let _ = writeln!(out, "rustci_node_capacity_memory_mb{{node=\"{}\"}} {}", n.name, n.capacity.memory_mb);
-            }
-            let _ = writeln!(out, "# HELP rustci_node_allocated_memory_mb Memory held by a node's active attempts.\n# TYPE rustci_node_allocated_memory_mb gauge");
-            for n in st.nodes.values() {
-                let _ = writeln!(out, "rustci_node_allocated_memory_mb{{node=\"{}\"}} {}", n.name, n.allocated.memory_mb);
-            }
-            let oldest = st
-                .queue
-                .iter()
-                .take(METRICS_QUEUE_SCAN_MAX)
-                .filter_map(|k| st.job(k.job).map(|j| j.submitted_at))
-                .min();
-            let wait = oldest.map_or(0.0, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
-            let _ = writeln!(out, "# HELP rustci_oldest_queued_job_wait_seconds How long the oldest queued job has waited (among the first {METRICS_QUEUE_SCAN_MAX} in placement order).\n# TYPE rustci_oldest_queued_job_wait_seconds gauge\nrustci_oldest_queued_job_wait_seconds {wait:.3}");
-            let mut unplaceable: BTreeMap<&str, u64> = BTreeMap::new();
-            for key in st.queue.iter().take(METRICS_QUEUE_SCAN_MAX) {
-                let Some(reason) = st.job(key.job).and_then(|j| unplaced_reason(st, j)) else {
-                    continue;
-                };
-                let class = if reason.starts_with("no ready nodes") {
-                    "no_ready_node"
-                } else if reason.starts_with("no ready node matches") {
-                    "constraints"
-                } else if reason.starts_with("no matching node is large enough") {
-                    "too_large"
-                } else {
-                    continue;
-                };
-                *unplaceable.entry(class).or_default() += 1;
-            }
-            let _ = writeln!(out, "# HELP rustci_unplaceable_jobs Queued jobs no ready node can take now, by reason.\n# TYPE rustci_unplaceable_jobs gauge");
-            for class in ["constraints", "no_ready_node", "too_large"] {
-                let _ = writeln!(out, "rustci_unplaceable_jobs{{reason=\"{class}\"}} {}", unplaceable.get(class).copied().unwrap_or(0));
-            }
-            let _ = writeln!(out, "# HELP rustci_heartbeats_received_total Agent heartbeats this replica received.\n# TYPE rustci_heartbeats_received_total counter\nrustci_heartbeats_received_total {}", r.heartbeats_received());
-            let _ = writeln!(out, "# HELP rustci_attempts_lost_total Attempts lost because their node died, restarted or was removed.\n# TYPE rustci_attempts_lost_total counter\nrustci_attempts_lost_total {}", st.attempts_lost);
-            let _ = writeln!(out, "# HELP rustci_log_commit_index Highest committed log index.\n# TYPE rustci_log_commit_index gauge\nrustci_log_commit_index {}", r.commit_index());
-            let _ = writeln!(out, "# HELP rustci_log_applied_index Highest applied log index.\n# TYPE rustci_log_applied_index gauge\nrustci_log_applied_index {}", r.applied_index());
-            let _ = writeln!(out, "# HELP rustci_term Current term.\n# TYPE rustci_term gauge\nrustci_term {}", r.term());
-            let _ = writeln!(out, "# HELP rustci_log_ignored_entries_total Entries applied as no-ops.\n# TYPE rustci_log_ignored_entries_total counter\nrustci_log_ignored_entries_total {}", st.ignored_entries);
-            let _ = writeln!(out, "# HELP rustci_ready 1 when this replica can serve writes.\n# TYPE rustci_ready gauge\nrustci_ready {}", u8::from(r.is_ready()));
-            let _ = writeln!(out, "# HELP rustci_log_appends_total Log write transactions, one fsync each (group commit).\n# TYPE rustci_log_appends_total counter\nrustci_log_appends_total {appends}");
-            let _ = writeln!(out, "# HELP rustci_log_appended_entries_total Entries made durable.\n# TYPE rustci_log_appended_entries_total counter\nrustci_log_appended_entries_total {appended}");
-            let _ = writeln!(out, "# HELP rustci_uptime_seconds Seconds since this process started.\n# TYPE rustci_uptime_seconds gauge\nrustci_uptime_seconds {uptime:.3}");
+            replica_metrics(&mut out, r, now_ms, leader_changes);
             out
         })
         .await?;
+    let out = &mut body;
+    family(
+        out,
+        "rustci_log_appends_total",
+        "counter",
+        "Log write transactions, one fsync each (group commit).",
+    );
+    let _ = writeln!(out, "rustci_log_appends_total {appends}");
+    family(
+        out,
+        "rustci_log_appended_entries_total",
+        "counter",
+        "Entries made durable in the log.",
+    );
+    let _ = writeln!(out, "rustci_log_appended_entries_total {appended}");
+    cp.metrics.render_histograms(out);
+    family(
+        out,
+        "rustci_uptime_seconds",
+        "gauge",
+        "Seconds since this process started.",
+    );
+    let _ = writeln!(out, "rustci_uptime_seconds {}", metrics::seconds(uptime_us));
+    family(
+        out,
+        "rustci_build_info",
+        "gauge",
+        "Always 1; the version of this binary as a label.",
+    );
+    let _ = writeln!(
+        out,
+        "rustci_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
     Ok(text(
         StatusCode::OK,
         body,
@@ -1046,30 +1034,280 @@ async fn metrics(cp: &ControlPlane) -> ApiResult {
     ))
 }
 
+/// The families `/metrics` reads off the live replica (run on the driver:
+/// bounded by `METRICS_QUEUE_SCAN_MAX` queued jobs and one line per node).
+fn replica_metrics(out: &mut String, r: &Replica, now_ms: u64, leader_changes: u64) {
+    let st = r.state();
+    family(
+        out,
+        "rustci_raft_term",
+        "gauge",
+        "This replica's current term.",
+    );
+    let _ = writeln!(out, "rustci_raft_term {}", r.term());
+    family(
+        out,
+        "rustci_raft_commit_index",
+        "gauge",
+        "Highest log index this replica knows committed.",
+    );
+    let _ = writeln!(out, "rustci_raft_commit_index {}", r.commit_index());
+    family(
+        out,
+        "rustci_raft_applied_index",
+        "gauge",
+        "Highest log index this replica applied to its state.",
+    );
+    let _ = writeln!(out, "rustci_raft_applied_index {}", r.applied_index());
+    family(
+        out,
+        "rustci_raft_leader_changes_total",
+        "counter",
+        "Leader elections (LeaderElected entries) this replica committed since it started.",
+    );
+    let _ = writeln!(out, "rustci_raft_leader_changes_total {leader_changes}");
+    family(
+        out,
+        "rustci_raft_is_leader",
+        "gauge",
+        "1 when this replica is the leader.",
+    );
+    let _ = writeln!(
+        out,
+        "rustci_raft_is_leader {}",
+        u8::from(r.leader() == Some(r.id()))
+    );
+    family(
+        out,
+        "rustci_ready",
+        "gauge",
+        "1 when this replica can serve writes.",
+    );
+    let _ = writeln!(out, "rustci_ready {}", u8::from(r.is_ready()));
+    family(out, "rustci_jobs", "gauge", "Jobs by state.");
+    for s in JobState::ALL {
+        let _ = writeln!(
+            out,
+            "rustci_jobs{{state=\"{}\"}} {}",
+            s.as_str(),
+            st.job_count(s)
+        );
+    }
+    family(
+        out,
+        "rustci_queue_length",
+        "gauge",
+        "Jobs waiting for placement.",
+    );
+    let _ = writeln!(out, "rustci_queue_length {}", st.queue.len());
+    family(out, "rustci_nodes", "gauge", "Worker nodes by state.");
+    for s in [
+        NodeState::Ready,
+        NodeState::Draining,
+        NodeState::Down,
+        NodeState::Left,
+    ] {
+        let n = st.nodes.values().filter(|n| n.state == s).count();
+        let _ = writeln!(out, "rustci_nodes{{state=\"{}\"}} {n}", s.as_str());
+    }
+    let per_node = [
+        (
+            "rustci_node_capacity_cpus",
+            "CPUs a node offers.",
+            false,
+            false,
+        ),
+        (
+            "rustci_node_allocated_cpus",
+            "CPUs held by a node's active attempts.",
+            true,
+            false,
+        ),
+        (
+            "rustci_node_capacity_memory_bytes",
+            "Memory a node offers, in bytes.",
+            false,
+            true,
+        ),
+        (
+            "rustci_node_allocated_memory_bytes",
+            "Memory held by a node's active attempts, in bytes.",
+            true,
+            true,
+        ),
+    ];
+    for (name, help, allocated, memory) in per_node {
+        family(out, name, "gauge", help);
+        for n in st.nodes.values() {
+            let res = if allocated { n.allocated } else { n.capacity };
+            let value = if memory {
+                (res.memory_mb * 1024 * 1024).to_string()
+            } else {
+                // Millicpus as cpus, exactly: 1500 -> 1.5.
+                metrics::fixed(res.cpu_millis, 3)
+            };
+            let _ = writeln!(
+                out,
+                "{name}{{node=\"{}\"}} {value}",
+                metrics::label_value(&n.name)
+            );
+        }
+    }
+    let oldest = st
+        .queue
+        .iter()
+        .take(METRICS_QUEUE_SCAN_MAX)
+        .filter_map(|k| st.job(k.job).map(|j| j.submitted_at))
+        .min();
+    let wait_us = oldest.map_or(0, |t| now_ms.saturating_sub(t) * 1000);
+    family(out, "rustci_oldest_queued_job_wait_seconds", "gauge", &format!("How long the oldest queued job has waited since its submission (among the first {METRICS_QUEUE_SCAN_MAX} in placement order)."));
+    let _ = writeln!(
+        out,
+        "rustci_oldest_queued_job_wait_seconds {}",
+        metrics::seconds(wait_us)
+    );
+    let mut unplaceable: BTreeMap<&str, u64> = BTreeMap::new();
+    for key in st.queue.iter().take(METRICS_QUEUE_SCAN_MAX) {
+        let Some(reason) = st.job(key.job).and_then(|j| unplaced_reason(st, j)) else {
+            continue;
+        };
+        let class = if reason.starts_with("no ready nodes") {
+            "no_ready_node"
+        } else if reason.starts_with("no ready node matches") {
+            "constraints"
+        } else if reason.starts_with("no matching node is large enough") {
+            "too_large"
+        } else {
+            continue;
+        };
+        *unplaceable.entry(class).or_default() += 1;
+    }
+    family(
+        out,
+        "rustci_unplaceable_jobs",
+        "gauge",
+        "Queued jobs no ready node can take now, by reason.",
+    );
+    for class in ["constraints", "no_ready_node", "too_large"] {
+        let _ = writeln!(
+            out,
+            "rustci_unplaceable_jobs{{reason=\"{class}\"}} {}",
+            unplaceable.get(class).copied().unwrap_or(0)
+        );
+    }
+    family(
+        out,
+        "rustci_heartbeats_received_total",
+        "counter",
+        "Agent heartbeats this replica received since it started.",
+    );
+    let _ = writeln!(
+        out,
+        "rustci_heartbeats_received_total {}",
+        r.heartbeats_received()
+    );
+    family(
+        out,
+        "rustci_attempts_lost_total",
+        "counter",
+        "Attempts lost because their node died, restarted or was removed (over the whole log).",
+    );
+    let _ = writeln!(out, "rustci_attempts_lost_total {}", st.attempts_lost);
+    family(
+        out,
+        "rustci_log_ignored_entries_total",
+        "counter",
+        "Entries applied as no-ops (over the whole log).",
+    );
+    let _ = writeln!(
+        out,
+        "rustci_log_ignored_entries_total {}",
+        st.ignored_entries
+    );
+}
+
 async fn events(cp: &ControlPlane, query: &BTreeMap<String, String>) -> ApiResult {
-    let after = query_u64(query, "after")?.unwrap_or(0);
+    let mut after = query_u64(query, "after")?.unwrap_or(0);
     let wait_secs = query_u64(query, "wait_secs")?
         .unwrap_or(0)
         .min(EVENTS_WAIT_SECS_MAX);
-    let mut applied = cp.applied.clone();
-    if *applied.borrow() <= after && wait_secs > 0 {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
-        let _ = tokio::time::timeout_at(deadline, applied.wait_for(|i| *i > after)).await;
-    }
-    let upto = *applied.borrow();
-    let log = cp.log.clone();
-    let max = EVENTS_PAGE_MAX.min(upto.saturating_sub(after) as usize);
-    let entries = if max == 0 {
-        Vec::new()
-    } else {
-        tokio::task::spawn_blocking(move || log.read_after(after, max))
+    let filter = events_filter(cp, query).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+    loop {
+        let mut applied = cp.applied.clone();
+        if *applied.borrow() <= after && wait_secs > 0 {
+            let _ = tokio::time::timeout_at(deadline, applied.wait_for(|i| *i > after)).await;
+        }
+        let upto = *applied.borrow();
+        // A filtered page reads further to find its matches, within a bound.
+        let read_max = if filter.is_empty() {
+            EVENTS_PAGE_MAX
+        } else {
+            EVENTS_SCAN_MAX
+        };
+        let max = read_max.min(upto.saturating_sub(after) as usize);
+        if max == 0 {
+            return Ok(events_page(Vec::new(), after));
+        }
+        let log = cp.log.clone();
+        let entries = tokio::task::spawn_blocking(move || log.read_after(after, max))
             .await
             .map_err(|_| ApiError::from(Unavailable))?
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unreadable", e))?
-    };
-    let next = entries.last().map_or(after, |e| e.index);
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unreadable", e))?;
+        let scanned_to = entries.last().map_or(after, |e| e.index);
+        if filter.is_empty() {
+            return Ok(events_page(entries, scanned_to));
+        }
+        let filter = filter.clone();
+        let mut kept = cp
+            .query(move |r| {
+                let mut entries = entries;
+                entries.retain(|e| filter.matches(r.state(), e));
+                entries
+            })
+            .await?;
+        if kept.len() > EVENTS_PAGE_MAX {
+            kept.truncate(EVENTS_PAGE_MAX);
+            let next = kept.last().map_or(after, |e| e.index);
+            return Ok(events_page(kept, next));
+        }
+        // Nothing matched: answer at once while there is more to read (the
+        // client follows `next`); wait on only once caught up.
+        let caught_up = scanned_to >= upto;
+        if !kept.is_empty() || !caught_up || tokio::time::Instant::now() >= deadline {
+            return Ok(events_page(kept, scanned_to));
+        }
+        after = scanned_to;
+    }
+}
+
+/// The `job` and `node` filters of `GET /v1/events`: 400 for a malformed
+/// one, 404 for a job that does not exist.
+async fn events_filter(
+    cp: &ControlPlane,
+    query: &BTreeMap<String, String>,
+) -> Result<EventFilter, ApiError> {
+    let job = query_u64(query, "job")?.map(JobId);
+    let node = query.get("node").cloned();
+    if let Some(name) = &node {
+        rustci_core::validate::validate_node_name(name).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("query parameter node={name:?}: {e}"),
+            )
+        })?;
+    }
+    if let Some(id) = job {
+        if !cp.query(move |r| r.state().job(id).is_some()).await? {
+            return Err(ApiError::not_found(format!("job {id} not found")));
+        }
+    }
+    Ok(EventFilter { job, node })
+}
+
+fn events_page(entries: Vec<rustci_core::event::Entry>, next: u64) -> Response<Body> {
     let events = entries.iter().map(event_json).collect();
-    Ok(json(StatusCode::OK, &EventList { events, next }))
+    json(StatusCode::OK, &EventList { events, next })
 }
 
 async fn logs(cp: &ControlPlane, id: JobId, query: &BTreeMap<String, String>) -> ApiResult {

@@ -51,6 +51,15 @@ impl PlantedBug {
         self.info().0
     }
 
+    /// The replicas a run needs for the bug to matter: Raft's bugs need a
+    /// cluster.
+    pub fn replicas(self) -> usize {
+        match self.0 {
+            Bug::VoteWithoutPersist | Bug::CommitOlderTermByCount | Bug::AckWithoutQuorum => 3,
+            _ => 1,
+        }
+    }
+
     /// The invariants expected to catch it first (the first is the one it
     /// was planted for; others are close cousins that may notice first).
     pub fn caught_by(self) -> &'static [&'static str] {
@@ -88,6 +97,18 @@ impl PlantedBug {
             ),
             Bug::RequeueBeforeLeaseLapses => ("requeue-before-lease-lapses", &[EXCLUSIVE]),
             Bug::ReportAppendedTwice => ("report-appended-twice", &[RESULT_ONCE]),
+            Bug::VoteWithoutPersist => (
+                "vote-without-persist",
+                &[ELECTION_SAFETY, STATE_MACHINE_SAFETY, ACKED_DURABLE, TERMINAL],
+            ),
+            Bug::CommitOlderTermByCount => (
+                "commit-older-term-by-count",
+                &[STATE_MACHINE_SAFETY, ACKED_DURABLE, TERMINAL],
+            ),
+            Bug::AckWithoutQuorum => (
+                "ack-without-quorum",
+                &[STATE_MACHINE_SAFETY, ACKED_DURABLE, TERMINAL],
+            ),
         }
     }
 

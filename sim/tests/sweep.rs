@@ -65,6 +65,7 @@ fn every_planted_bug_is_caught_by_its_invariant_within_1000_seeds() {
         let failing = (0..1000).find_map(|seed| {
             let opts = SimOptions {
                 planted_bug: Some(bug),
+                replicas: bug.replicas(),
                 ..SimOptions::new(seed)
             };
             let report = run_seed(&opts);

@@ -140,6 +140,8 @@ pub struct Config {
     pub apply_entries_max: usize,
     /// Seeds the election timeout draws.
     pub seed: u64,
+    /// SIM-BUGS: the planted bug selected by the simulator (none by default).
+    pub bugs: crate::bugs::BugSet,
 }
 
 impl Config {
@@ -158,6 +160,7 @@ impl Config {
             cache_entries_max: CACHE_ENTRIES_MAX_DEFAULT,
             apply_entries_max: APPLY_ENTRIES_MAX_DEFAULT,
             seed,
+            bugs: crate::bugs::BugSet::default(),
         }
     }
 

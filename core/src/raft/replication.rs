@@ -307,8 +307,14 @@ impl<T: Payload> Raft<T> {
             .chain(std::iter::once(self.log.stable_index))
             .collect();
         matched.sort_unstable_by(|a, b| b.cmp(a));
-        let quorum_index = matched[self.config.quorum() - 1];
-        if quorum_index > self.log.committed && self.log.term(quorum_index) == Some(self.term) {
+        let quorum_index = if planted!(self.config.bugs, AckWithoutQuorum) {
+            self.log.stable_index
+        } else {
+            matched[self.config.quorum() - 1]
+        };
+        let current_term = self.log.term(quorum_index) == Some(self.term)
+            || planted!(self.config.bugs, CommitOlderTermByCount);
+        if quorum_index > self.log.committed && current_term {
             self.log.committed = quorum_index;
             return true;
         }
