@@ -1358,6 +1358,13 @@ impl World {
         }
         match kind {
             0 => self.partition(node, replica, &p),
+            // In a cluster, now and then the power fails under all of
+            // them at once: only what a quorum made durable may count.
+            1 if self.hosts.len() > 1 && self.rng.chance(Bp(2_000)) => {
+                for r in 0..self.hosts.len() {
+                    self.crash_replica(r);
+                }
+            }
             1 => self.crash_replica(replica),
             2 => self.crash_agent(node),
             3 => self.pause(node, replica),
