@@ -65,10 +65,13 @@ pub enum Bug {
     /// A report resent while its first copy is still on its way to the log
     /// is appended again.
     ReportAppendedTwice,
+    /// The scheduler computes the reservation for a job that fits no node
+    /// now but lets backfill use the reserved node as if it were not held.
+    BackfillIgnoresReservation,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 22] = [
+    pub const ALL: [Bug; 23] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -91,6 +94,7 @@ impl Bug {
         Bug::OwnedReplayDropsKey,
         Bug::RequeueBeforeLeaseLapses,
         Bug::ReportAppendedTwice,
+        Bug::BackfillIgnoresReservation,
     ];
 }
 

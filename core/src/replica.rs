@@ -234,6 +234,10 @@ pub struct Replica {
     /// Something other than a submission (freed capacity, a node change, a
     /// requeue, a pass cut short by its bounds) calls for a full pass.
     full_pass_needed: bool,
+    /// The reservation of the last pass: a pass over new submissions alone
+    /// that finds another one asks for a full pass (older jobs may fit the
+    /// node the old reservation held).
+    last_reservation: Option<scheduler::Reservation>,
     /// Per node: when its agent was last heard from and last leased. Every
     /// node's grace period starts afresh when this replica starts leading.
     liveness: BTreeMap<String, Liveness>,
@@ -281,6 +285,7 @@ impl Replica {
             placements_inflight: 0,
             new_jobs: Vec::new(),
             full_pass_needed: true,
+            last_reservation: None,
             liveness: BTreeMap::new(),
             mono: None,
             registering: BTreeMap::new(),
@@ -1097,9 +1102,14 @@ impl Replica {
             keys.sort_unstable();
             scheduler::schedule_pass(&mut self.state, Some(&keys), bounds)
         };
+        let full = self.full_pass_needed;
         self.new_jobs.clear();
         self.full_pass_needed =
             pass.truncated && !planted!(self.config.bugs, TruncatedPassForgotten);
+        if !full && pass.reservation != self.last_reservation {
+            self.full_pass_needed = true;
+        }
+        self.last_reservation = pass.reservation;
         for p in pass.placements {
             let event = Event::AttemptAssigned {
                 job: p.job,

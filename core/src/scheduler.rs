@@ -11,8 +11,36 @@
 //! 3. Among fitting nodes, bin packing: the node left with the least free
 //!    capacity (summed over both dimensions, each as a fraction of that node's
 //!    capacity) wins; ties go to the lowest node name.
+//! 4. No starvation: the first job of a pass that some ready node could ever
+//!    take (constraints and total capacity) but that fits no node's free
+//!    capacity *reserves* one node, the one where it needs the least freed:
+//!    among the ready nodes that satisfy its constraints and are large
+//!    enough, the least shortfall (per dimension what the job needs beyond
+//!    the node's free capacity, each as a fraction of the node's capacity,
+//!    summed), ties to the lowest name. For the rest of the pass the
+//!    reserved node offers backfill only what it has free beyond the
+//!    reserved job's need, per dimension (`free - need`, at least 0), and
+//!    is scored as if that were all it had free. A backfill job placed
+//!    there therefore never takes capacity the reserved job waits for: it
+//!    cannot delay it, however the node's running attempts end. Since the
+//!    reserved job is short on the node in at least one dimension and every
+//!    job needs at least 1 of each, in practice the reserved node takes no
+//!    new work until the reserved job is placed: it only drains.
 //!
-//! A job that fits nowhere stays queued; [`unplaced_reason`] says why.
+//! The reservation is derived, never stored: every pass computes it afresh
+//! from the state, so it goes with the job when the job is placed,
+//! cancelled or overtaken by a higher-priority job that fits nowhere, and
+//! the log format knows nothing of it. Across passes it is stable: the
+//! reserved node takes nothing new, so its shortfall only shrinks, while
+//! other nodes' grows as backfill lands on them; it moves only to a node
+//! that has come strictly closer (or as close, with a lower name). Once
+//! the reserved node's running attempts end (each within its time-out) the
+//! reserved job fits. `sim`'s `no_starvation` checker bounds that wait.
+//! There is one reservation per pass: the job behind the reserved one is
+//! skipped as before and reserves in its turn.
+//!
+//! A job that fits nowhere stays queued; [`unplaced_reason`] says why and
+//! [`explain`] shows the reservation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound::{Excluded, Unbounded};
@@ -64,6 +92,22 @@ pub struct Placement {
 pub struct Pass {
     pub placements: Vec<Placement>,
     pub truncated: bool,
+    /// The node the pass held for the first job it met that fits no node
+    /// now (rule 4 of the module documentation).
+    pub reservation: Option<Reservation>,
+}
+
+/// A node held for a job that fits its total capacity but nothing's free
+/// capacity now: backfill may use only what the node has beyond the job's
+/// need (rule 4 of the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Reservation {
+    pub job: JobId,
+    pub node: String,
+    /// What the node must still free for the job, per dimension: the job's
+    /// need beyond the node's free capacity (0 where it has room).
+    pub short_cpu_millis: u64,
+    pub short_memory_mb: u64,
 }
 
 /// One scheduling pass over every queued job (up to the default bounds).
@@ -72,9 +116,13 @@ pub fn schedule(state: &mut State) -> Vec<Placement> {
 }
 
 /// One scheduling pass. With `only`, just those jobs (which must be sorted in
-/// queue order) are considered: enough when nothing but new submissions
-/// changed since a pass that placed all it could, because every older queued
-/// job met at least as much free capacity then as it would now.
+/// queue order) are considered, and the first runnable queued job (the one
+/// that holds the reservation, if any): enough when nothing but new
+/// submissions changed since a pass that placed all it could, because every
+/// older queued job met at least as much free capacity then as it would
+/// now, and the reservation is the same unless a new job took it over (the
+/// caller compares [`Pass::reservation`] with the last pass's and runs a
+/// full pass when it changed, since older jobs may fit the node it freed).
 ///
 /// The pass reads the state's scheduling indexes ([`crate::sched_index`])
 /// and walks only the queued jobs some ready node could ever take (the
@@ -105,8 +153,20 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
     let mut scanned = 0usize;
     let mut position = 0usize;
     let mut cursor: Option<QueueKey> = None;
+    let mut reservation: Option<Reservation> = None;
+    // With `only`, the head of the runnable queue joins the candidates: it
+    // is the job a full pass would reserve for.
+    let only: Option<Vec<QueueKey>> = only.map(|keys| {
+        let mut keys = keys.to_vec();
+        if let Some(head) = sched.runnable.keys().next() {
+            if let Err(at) = keys.binary_search(head) {
+                keys.insert(at, *head);
+            }
+        }
+        keys
+    });
     loop {
-        let next = match only {
+        let next = match &only {
             Some(keys) => {
                 let key = keys.get(position).copied();
                 position += 1;
@@ -140,6 +200,24 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
         };
         let need = job.spec.resources;
         let Some(name) = best_node(class, need, &bugs) else {
+            if reservation.is_none() {
+                if let Some((node, short)) = reserve(class, need) {
+                    // Backfill sees only what is free beyond the reserved
+                    // job's need (the planted bug forgets to hold it).
+                    if !planted!(bugs, BackfillIgnoresReservation) {
+                        let slot = sched.slot(&node).expect("an indexed node");
+                        let left = sched.nodes[slot as usize].free.saturating_sub(&need);
+                        sched.set_free(slot, left);
+                        touched.push(slot);
+                    }
+                    reservation = Some(Reservation {
+                        job: job.id,
+                        node: node.to_string(),
+                        short_cpu_millis: short.cpu_millis,
+                        short_memory_mb: short.memory_mb,
+                    });
+                }
+            }
             continue;
         };
         let slot = sched.slot(&name).expect("an indexed node");
@@ -160,6 +238,7 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
     Pass {
         placements,
         truncated,
+        reservation,
     }
 }
 
@@ -175,6 +254,36 @@ fn next_runnable(map: &BTreeMap<QueueKey, ClassId>, after: Option<QueueKey>) -> 
         None => map.keys().next().copied(),
         Some(k) => map.range((Excluded(k), Unbounded)).next().map(|(k, _)| *k),
     }
+}
+
+/// The node of the class to reserve for a job that needs `need` and fits no
+/// node now: among the nodes large enough, the least shortfall score, then
+/// the lowest name. Returns it with what it must still free. Visits every
+/// free-capacity point of the large enough groups (once per pass at most).
+fn reserve(class: &Class, need: Resources) -> Option<(Arc<str>, Resources)> {
+    let mut best: Option<(u64, &Arc<str>, Resources)> = None;
+    for (capacity, group) in &class.groups {
+        if !need.fits_in(capacity) {
+            continue;
+        }
+        for (&(cpu, mem), names) in &group.by_cpu {
+            let Some(name) = names.first() else {
+                continue;
+            };
+            let short = need.saturating_sub(&Resources::new(cpu, mem));
+            let s = shortfall_score(&short, capacity);
+            if best.is_none_or(|(b, n, _)| (s, &**name) < (b, &**n)) {
+                best = Some((s, name, short));
+            }
+        }
+    }
+    best.map(|(_, name, short)| (Arc::clone(name), short))
+}
+
+/// What a node must free for a job, as parts per million of its capacity,
+/// summed over cpu and memory. Lower means the job fits sooner.
+fn shortfall_score(short: &Resources, capacity: &Resources) -> u64 {
+    ppm(short.cpu_millis, capacity.cpu_millis) + ppm(short.memory_mb, capacity.memory_mb)
 }
 
 /// The tightest fitting node of the class for `need`: least leftover score,
