@@ -232,12 +232,9 @@ pub struct Replica {
     /// Jobs submitted since the last scheduling pass, in log order.
     new_jobs: Vec<JobId>,
     /// Something other than a submission (freed capacity, a node change, a
-    /// requeue, a pass cut short by its bounds) calls for a full pass.
+    /// requeue, a pass cut short by its bounds or, over new submissions
+    /// alone, by a reservation that moved) calls for a full pass.
     full_pass_needed: bool,
-    /// The reservation of the last pass: a pass over new submissions alone
-    /// that finds another one asks for a full pass (older jobs may fit the
-    /// node the old reservation held).
-    last_reservation: Option<scheduler::Reservation>,
     /// Per node: when its agent was last heard from and last leased. Every
     /// node's grace period starts afresh when this replica starts leading.
     liveness: BTreeMap<String, Liveness>,
@@ -285,7 +282,6 @@ impl Replica {
             placements_inflight: 0,
             new_jobs: Vec::new(),
             full_pass_needed: true,
-            last_reservation: None,
             liveness: BTreeMap::new(),
             mono: None,
             registering: BTreeMap::new(),
@@ -1102,14 +1098,9 @@ impl Replica {
             keys.sort_unstable();
             scheduler::schedule_pass(&mut self.state, Some(&keys), bounds)
         };
-        let full = self.full_pass_needed;
         self.new_jobs.clear();
         self.full_pass_needed =
             pass.truncated && !planted!(self.config.bugs, TruncatedPassForgotten);
-        if !full && pass.reservation != self.last_reservation {
-            self.full_pass_needed = true;
-        }
-        self.last_reservation = pass.reservation;
         for p in pass.placements {
             let event = Event::AttemptAssigned {
                 job: p.job,

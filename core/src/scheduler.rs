@@ -83,7 +83,8 @@ pub struct Placement {
 }
 
 /// The result of one pass: placements, and whether the pass stopped at one of
-/// its bounds with runnable jobs left unexamined. (Before the indexes, a
+/// its bounds with runnable jobs left unexamined (or, over new submissions
+/// alone, found its premise broken: see [`schedule_pass`]). (Before the indexes, a
 /// parked job left behind the bound also counted, which asked for a full
 /// pass that could place nothing more: with that rule restored, `rustci sim
 /// --seeds 0..2000` gives the old trace for every seed; without it 3 seeds
@@ -116,13 +117,16 @@ pub fn schedule(state: &mut State) -> Vec<Placement> {
 }
 
 /// One scheduling pass. With `only`, just those jobs (which must be sorted in
-/// queue order) are considered, and the first runnable queued job (the one
-/// that holds the reservation, if any): enough when nothing but new
-/// submissions changed since a pass that placed all it could, because every
-/// older queued job met at least as much free capacity then as it would
-/// now, and the reservation is the same unless a new job took it over (the
-/// caller compares [`Pass::reservation`] with the last pass's and runs a
-/// full pass when it changed, since older jobs may fit the node it freed).
+/// queue order) are considered: enough when nothing but new submissions
+/// changed since a pass that placed all it could, because every older queued
+/// job met at least as much free capacity then as it would now. The pass
+/// also examines the *anchor*, the first runnable queued job not in `only`:
+/// after a complete pass it is the job that fits nowhere and holds the
+/// reservation, and it must hold it again here. Should the premise fail
+/// (the anchor fits now, or a job of `only` ahead of it fits nowhere and so
+/// would take the reservation over, which may let older jobs fit the node
+/// the anchor held), the pass stops there and reports itself truncated, so
+/// that a full pass follows.
 ///
 /// The pass reads the state's scheduling indexes ([`crate::sched_index`])
 /// and walks only the queued jobs some ready node could ever take (the
@@ -154,14 +158,19 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
     let mut position = 0usize;
     let mut cursor: Option<QueueKey> = None;
     let mut reservation: Option<Reservation> = None;
-    // With `only`, the head of the runnable queue joins the candidates: it
-    // is the job a full pass would reserve for.
+    // With `only`, the anchor joins the candidates (see above).
+    let anchor: Option<QueueKey> = only.and_then(|keys| {
+        sched
+            .runnable
+            .keys()
+            .find(|k| keys.binary_search(k).is_err())
+            .copied()
+    });
     let only: Option<Vec<QueueKey>> = only.map(|keys| {
         let mut keys = keys.to_vec();
-        if let Some(head) = sched.runnable.keys().next() {
-            if let Err(at) = keys.binary_search(head) {
-                keys.insert(at, *head);
-            }
+        if let Some(anchor) = anchor {
+            let at = keys.binary_search(&anchor).unwrap_err();
+            keys.insert(at, anchor);
         }
         keys
     });
@@ -199,7 +208,15 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
             continue;
         };
         let need = job.spec.resources;
-        let Some(name) = best_node(class, need, &bugs) else {
+        let found = best_node(class, need, &bugs);
+        if anchor.is_some_and(|a| a != key) && reservation.is_none() && found.is_none()
+            || anchor == Some(key) && found.is_some()
+        {
+            // The premise of a pass over new submissions failed.
+            truncated = true;
+            break;
+        }
+        let Some(name) = found else {
             if reservation.is_none() {
                 if let Some((node, short)) = reserve(class, need) {
                     // Backfill sees only what is free beyond the reserved

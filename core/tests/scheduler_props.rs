@@ -232,11 +232,19 @@ fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Pa
                     && fits(job.spec.resources, node.capacity)
             })
     };
+    // With `only`, the first job some ready node could ever take that is
+    // not among them (the anchor) joins them.
+    let anchor: Option<QueueKey> = only.and_then(|keys| {
+        state
+            .queue
+            .iter()
+            .find(|k| !keys.contains(k) && ever(k))
+            .copied()
+    });
     let candidates: Vec<QueueKey> = match only {
         Some(keys) => {
-            // The first job some ready node could ever take joins them.
             let mut keys: BTreeSet<QueueKey> = keys.iter().copied().collect();
-            keys.extend(state.queue.iter().find(|k| ever(k)).copied());
+            keys.extend(anchor);
             keys.into_iter().collect()
         }
         None => state.queue.iter().copied().collect(),
@@ -276,6 +284,14 @@ fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Pa
             if best.is_none_or(|b| (s, *name) < b) {
                 best = Some((s, name));
             }
+        }
+        // A pass over new jobs stops, asking for a full pass, when the
+        // anchor fits now or a new job ahead of it fits nowhere.
+        let new_blocked = best.is_none() && reservation.is_none();
+        if anchor.is_some_and(|a| a != key) && new_blocked || anchor == Some(key) && best.is_some()
+        {
+            truncated = true;
+            break;
         }
         if let Some((_, name)) = best {
             let f = free.get_mut(name).expect("a ready node");
