@@ -458,13 +458,78 @@ pub fn unplaced_reason(state: &State, job: &Job) -> Option<String> {
             need.cpu_millis, need.memory_mb
         ));
     }
-    if matching.iter().any(|n| need.fits_in(&n.free())) {
+    let held = reservation(state);
+    if let Some(r) = held.as_ref().filter(|r| r.job == job.id) {
+        return Some(format!(
+            "waiting for capacity; node {} is reserved for it (needs cpu_millis={}, memory_mb={} more freed there)",
+            r.node, r.short_cpu_millis, r.short_memory_mb
+        ));
+    }
+    let fits_now = |n: &Node| need.fits_in(&n.free());
+    if let Some(r) = &held {
+        let elsewhere = matching.iter().any(|n| n.name != r.node && fits_now(n));
+        if !elsewhere && matching.iter().any(|n| n.name == r.node && fits_now(n)) {
+            return Some(format!(
+                "waiting for capacity; it fits only node {}, which is reserved for job {} ahead of it",
+                r.node, r.job
+            ));
+        }
+    }
+    if matching.iter().any(|n| fits_now(n)) {
         return Some("waiting for the scheduler (or for higher-priority jobs)".to_string());
     }
     Some(format!(
         "waiting for capacity (needs cpu_millis={}, memory_mb={})",
         need.cpu_millis, need.memory_mb
     ))
+}
+
+/// The reservation a pass would make now, computed by visiting every node
+/// (for [`explain`] and [`unplaced_reason`], never on a pass): the first
+/// runnable queued job holds one if it fits no ready node's free capacity.
+/// After a complete pass that is the job the pass reserved for; while a
+/// pass is due (the first runnable job fits somewhere) there is none.
+pub fn reservation(state: &State) -> Option<Reservation> {
+    let head = if state.sched.is_suspended() {
+        state.queue.iter().find(|k| {
+            state.jobs.get(&k.job).is_some_and(|j| {
+                state.nodes.values().any(|n| {
+                    n.accepts_work()
+                        && n.satisfies(&j.spec.constraints)
+                        && j.spec.resources.fits_in(&n.capacity)
+                })
+            })
+        })
+    } else {
+        state.sched.runnable.keys().next()
+    };
+    let job = state.jobs.get(&head?.job)?;
+    let need = job.spec.resources;
+    let mut best: Option<(u64, &Node)> = None;
+    for node in state.nodes.values() {
+        if !node.accepts_work()
+            || !node.satisfies(&job.spec.constraints)
+            || !need.fits_in(&node.capacity)
+        {
+            continue;
+        }
+        let free = node.free();
+        if need.fits_in(&free) {
+            return None;
+        }
+        let s = shortfall_score(&need.saturating_sub(&free), &node.capacity);
+        if best.is_none_or(|(b, n)| (s, node.name.as_str()) < (b, n.name.as_str())) {
+            best = Some((s, node));
+        }
+    }
+    let (_, node) = best?;
+    let short = need.saturating_sub(&node.free());
+    Some(Reservation {
+        job: job.id,
+        node: node.name.clone(),
+        short_cpu_millis: short.cpu_millis,
+        short_memory_mb: short.memory_mb,
+    })
 }
 
 /// Why a job is where it is, in the manner of Nomad's allocation metrics:
@@ -495,6 +560,9 @@ pub struct Explanation {
     pub reason: Option<String>,
     /// The active (or last) attempt's placement.
     pub placed: Option<Placed>,
+    /// The node held for the first job in line that fits no node now
+    /// (this job or another), as a pass would hold it now.
+    pub reservation: Option<Reservation>,
 }
 
 /// Where an attempt was placed, and its score: what the node had left after
@@ -547,6 +615,7 @@ pub fn explain(state: &State, job: &Job) -> Explanation {
         e.exhausted_memory += usize::from(memory_short);
         e.fitting_now += usize::from(!cpu_short && !memory_short);
     }
+    e.reservation = reservation(state);
     e.placed = job.attempts.last().map(|a| {
         let free = state.nodes.get(&a.node).map(Node::free).unwrap_or_default();
         Placed {

@@ -385,6 +385,17 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         node: p.node,
                     });
                 }
+                // What `explain` shows is what the pass held, once its
+                // placements are in (a complete pass placed every job ahead
+                // of the one it reserved for).
+                if only.is_none() && !got.truncated && got.reservation.is_some() {
+                    prop_assert_eq!(
+                        scheduler::reservation(&log.state),
+                        got.reservation,
+                        "op {}: explain's reservation",
+                        i
+                    );
+                }
             }
         }
         if let Err(e) = log.state.check_consistency() {
