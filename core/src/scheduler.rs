@@ -122,11 +122,12 @@ pub fn schedule(state: &mut State) -> Vec<Placement> {
 /// job met at least as much free capacity then as it would now. The pass
 /// also examines the *anchor*, the first runnable queued job not in `only`:
 /// after a complete pass it is the job that fits nowhere and holds the
-/// reservation, and it must hold it again here. Should the premise fail
-/// (the anchor fits now, or a job of `only` ahead of it fits nowhere and so
-/// would take the reservation over, which may let older jobs fit the node
-/// the anchor held), the pass stops there and reports itself truncated, so
-/// that a full pass follows.
+/// reservation, and it must hold the same node again here. Should the
+/// premise fail (the anchor fits now; or a job of `only` ahead of it fits
+/// nowhere and so would take the reservation over; or jobs of `only` ahead
+/// of it were placed, which may move its reservation to another node), the
+/// pass stops there and reports itself truncated, so that a full pass
+/// follows: older jobs may fit the node the anchor held before.
 ///
 /// The pass reads the state's scheduling indexes ([`crate::sched_index`])
 /// and walks only the queued jobs some ready node could ever take (the
@@ -209,8 +210,9 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
         };
         let need = job.spec.resources;
         let found = best_node(class, need, &bugs);
-        if anchor.is_some_and(|a| a != key) && reservation.is_none() && found.is_none()
-            || anchor == Some(key) && found.is_some()
+        let at_anchor = anchor == Some(key);
+        if anchor.is_some() && !at_anchor && reservation.is_none() && found.is_none()
+            || at_anchor && (found.is_some() || !placements.is_empty())
         {
             // The premise of a pass over new submissions failed.
             truncated = true;

@@ -285,10 +285,12 @@ fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Pa
                 best = Some((s, name));
             }
         }
-        // A pass over new jobs stops, asking for a full pass, when the
-        // anchor fits now or a new job ahead of it fits nowhere.
+        // A pass over new jobs stops, asking for a full pass, when a new job
+        // ahead of the anchor fits nowhere, or at the anchor when it fits or
+        // jobs ahead of it were placed.
         let new_blocked = best.is_none() && reservation.is_none();
-        if anchor.is_some_and(|a| a != key) && new_blocked || anchor == Some(key) && best.is_some()
+        if anchor.is_some_and(|a| a != key) && new_blocked
+            || anchor == Some(key) && (best.is_some() || !placements.is_empty())
         {
             truncated = true;
             break;
