@@ -88,6 +88,9 @@ impl PlantedBug {
             ),
             Bug::RequeueBeforeLeaseLapses => ("requeue-before-lease-lapses", &[EXCLUSIVE]),
             Bug::ReportAppendedTwice => ("report-appended-twice", &[RESULT_ONCE]),
+            Bug::BackfillIgnoresReservation => {
+                ("backfill-ignores-reservation", &[RESERVATION, STARVATION])
+            }
         }
     }
 
