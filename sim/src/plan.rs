@@ -166,7 +166,7 @@ pub struct FaultPlan {
     pub priority_levels: u64,
     pub job_secs_max: u64,
     /// Share of submissions that are *big*: 60-100% of one node's whole
-    /// capacity, at the top priority. A seed with big jobs (a starvation
+    /// capacity, at the top priority (never with a single node). A seed with big jobs (a starvation
     /// seed) also sends its submissions as a steady stream packed into the
     /// second half of the fault phase, so that a queue of smaller jobs
     /// behind the big ones is still there when the load stops.
@@ -185,6 +185,16 @@ impl FaultPlan {
     /// Draws the plan of a seed. `drift_ppm_max` is the configured bound the
     /// clocks stay within (the control plane's arithmetic assumes it).
     pub fn draw(rng: &mut SimRng, drift_ppm_max: u64) -> FaultPlan {
+        let mut plan = FaultPlan::draw_raw(rng, drift_ppm_max);
+        // One node holding for every big job drains for each in turn: 200
+        // long jobs then outlast the liveness bound (6 seeds in 10,000).
+        if plan.nodes == 1 {
+            plan.big_job_share = Bp::ZERO;
+        }
+        plan
+    }
+
+    fn draw_raw(rng: &mut SimRng, drift_ppm_max: u64) -> FaultPlan {
         let delay_min = rng.range(0, 20);
         let small_bounds = rng.chance(Bp(7_000));
         let (scan_jobs_max, placements_max) = if small_bounds {
