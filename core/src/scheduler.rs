@@ -37,7 +37,11 @@
 //! the reserved node's running attempts end (each within its time-out) the
 //! reserved job fits. `sim`'s `no_starvation` checker bounds that wait.
 //! There is one reservation per pass: the job behind the reserved one is
-//! skipped as before and reserves in its turn.
+//! skipped as before and reserves in its turn. The price is utilisation:
+//! the held node idles its free part while it drains (no run-time
+//! estimates exist to backfill it safely; a job's time-out bounds its run
+//! but says nothing of when it really ends), which on a one-node cluster
+//! means no backfill behind any job that does not fit.
 //!
 //! A job that fits nowhere stays queued; [`unplaced_reason`] says why and
 //! [`explain`] shows the reservation.

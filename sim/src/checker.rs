@@ -493,6 +493,7 @@ impl Checker {
         // looked at for it.
         let mut held: Option<Held> = None;
         let mut walked: Option<OrderKey> = None;
+        let mut ready: Option<Vec<(&str, Resources, Labels)>> = None;
         for entry in entries {
             let Event::AttemptAssigned { job, node, .. } = &entry.event else {
                 continue;
@@ -502,7 +503,8 @@ impl Checker {
             };
             let key = (std::cmp::Reverse(rec.priority), rec.seq, *job);
             if held.is_none() {
-                held = self.held_ahead_of(key, walked, &free, &placed);
+                let ready = ready.get_or_insert_with(|| self.ready_list());
+                held = self.held_ahead_of(ready, key, walked, &free, &placed);
             }
             walked = Some(walked.map_or(key, |w| w.max(key)));
             let Some((capacity, labels)) = self.ready_node(node) else {
@@ -588,26 +590,34 @@ impl Checker {
         Ok(())
     }
 
-    /// The ready nodes (by the ledger) that satisfy `rec`'s constraints and
-    /// are large enough for it: (name, capacity, free by the checker's sums,
-    /// or `free` where a pass in progress placed).
+    /// The ready nodes by the ledger, with what their current incarnation
+    /// advertised: (name, capacity, labels). Built once per check, not per
+    /// job (it copies the labels).
+    fn ready_list(&self) -> Vec<(&str, Resources, Labels)> {
+        self.nodes
+            .keys()
+            .filter_map(|n| self.ready_node(n).map(|(c, l)| (n.as_str(), c, l)))
+            .collect()
+    }
+
+    /// The nodes of `ready` that satisfy `rec`'s constraints and are large
+    /// enough for it: (name, capacity, free by the checker's sums, or
+    /// `free` where a pass in progress placed).
     fn could_take<'a>(
-        &'a self,
+        &self,
+        ready: &[(&'a str, Resources, Labels)],
         rec: &JobRec,
         free: &BTreeMap<&str, Resources>,
     ) -> Vec<(&'a str, Resources, Resources)> {
-        self.nodes
-            .keys()
-            .filter_map(|n| {
-                let (cap, labels) = self.ready_node(n)?;
-                if !matches(&labels, &rec.constraints) || !fits(rec.need, cap) {
-                    return None;
-                }
+        ready
+            .iter()
+            .filter(|(_, cap, labels)| matches(labels, &rec.constraints) && fits(rec.need, *cap))
+            .map(|(n, cap, _)| {
                 let f = free
-                    .get(n.as_str())
+                    .get(n)
                     .copied()
-                    .unwrap_or_else(|| self.free_on(n, cap));
-                Some((n.as_str(), cap, f))
+                    .unwrap_or_else(|| self.free_on(n, *cap));
+                (*n, *cap, f)
             })
             .collect()
     }
@@ -618,6 +628,7 @@ impl Checker {
     /// far) holds the node that needs the least freed.
     fn held_ahead_of(
         &self,
+        ready: &[(&str, Resources, Labels)],
         key: OrderKey,
         after: Option<OrderKey>,
         free: &BTreeMap<&str, Resources>,
@@ -632,7 +643,7 @@ impl Checker {
             let Some(rec) = self.jobs.get(&ahead.2) else {
                 continue;
             };
-            let nodes = self.could_take(rec, free);
+            let nodes = self.could_take(ready, rec, free);
             if nodes.is_empty() || nodes.iter().any(|(_, _, f)| fits(rec.need, *f)) {
                 continue;
             }
@@ -1119,6 +1130,7 @@ impl Checker {
     /// are owed only what that node has beyond its need.
     pub fn owed_placement(&self, scan_jobs_max: usize) -> Option<JobId> {
         let none = BTreeMap::new();
+        let ready = self.ready_list();
         let mut held: Option<(&str, Resources)> = None;
         let mut scanned = 0usize;
         for (_, _, id) in &self.queued {
@@ -1128,7 +1140,7 @@ impl Checker {
             let Some(rec) = self.jobs.get(id) else {
                 continue;
             };
-            let nodes = self.could_take(rec, &none);
+            let nodes = self.could_take(&ready, rec, &none);
             if nodes.is_empty() {
                 continue;
             }
@@ -1160,17 +1172,17 @@ impl Checker {
     /// smaller jobs behind it takes every core that frees up, for as long
     /// as the queue behind it lasts.
     pub fn starvation(&mut self, now_ms: u64, liveness: bool) -> Check {
+        if !liveness {
+            self.first_in_line = None;
+            return Ok(());
+        }
         let none = BTreeMap::new();
-        let first = self
-            .queued
-            .iter()
-            .map(|k| k.2)
-            .find(|id| {
-                self.jobs
-                    .get(id)
-                    .is_some_and(|rec| !self.could_take(rec, &none).is_empty())
-            })
-            .filter(|_| liveness);
+        let ready = self.ready_list();
+        let first = self.queued.iter().map(|k| k.2).find(|id| {
+            self.jobs
+                .get(id)
+                .is_some_and(|rec| !self.could_take(&ready, rec, &none).is_empty())
+        });
         let Some(job) = first else {
             self.first_in_line = None;
             return Ok(());
