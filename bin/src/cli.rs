@@ -705,6 +705,16 @@ fn describe_placement(e: &serde_json::Value) -> String {
     let _ = writeln!(out, "exhausted cpu:      {}", n("exhausted_cpu"));
     let _ = writeln!(out, "exhausted memory:   {}", n("exhausted_memory"));
     let _ = writeln!(out, "fitting now:        {}", n("fitting_now"));
+    if let Some(r) = e["reservation"].as_object() {
+        let _ = writeln!(
+            out,
+            "reservation:        node {} held for job {} (fits no node now; needs cpu {}m and memory {} MiB more freed there); other jobs may use it only beyond that job's need",
+            r["node"].as_str().unwrap_or("?"),
+            r["job"],
+            r["short_cpu_millis"],
+            r["short_memory_mb"]
+        );
+    }
     if let Some(p) = e["placed"].as_object() {
         let _ = writeln!(
             out,

@@ -1171,6 +1171,15 @@ fn job_explain_says_why_a_job_waits_and_where_it_went() {
     assert!(out.status.success(), "{out:?}");
     assert!(text.contains("exhausted cpu:      1"), "{text}");
     assert!(text.contains("nodes evaluated:    1 of 1"), "{text}");
+    // It is the first job in line that fits nowhere now: the node is held
+    // for it, 500 millicores short.
+    assert!(
+        text.contains(&format!("held for job {}", waits["id"])),
+        "{text}"
+    );
+    let e = dev.get_json(&format!("/v1/jobs/{}/placement", waits["id"]));
+    assert_eq!(e["reservation"]["job"], waits["id"], "{e}");
+    assert_eq!(e["reservation"]["short_cpu_millis"], 500, "{e}");
     // The jobs table says why each queued job waits.
     let table = dev.cli(&["jobs", "--state", "queued"]);
     let table = String::from_utf8_lossy(&table.stdout);
@@ -1178,6 +1187,7 @@ fn job_explain_says_why_a_job_waits_and_where_it_went() {
         table.contains("[no ready node matches constraints pool=gpu]"),
         "{table}"
     );
+    assert!(table.contains("is reserved for it"), "{table}");
     let (status, _) = http(&dev.addr, "GET", "/v1/jobs/999/placement", None);
     assert_eq!(status, 404);
     dev.cli(&["job", "cancel", &id.to_string()]);

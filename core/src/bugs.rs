@@ -65,6 +65,9 @@ pub enum Bug {
     /// A report resent while its first copy is still on its way to the log
     /// is appended again.
     ReportAppendedTwice,
+    /// The scheduler computes the reservation for a job that fits no node
+    /// now but lets backfill use the reserved node as if it were not held.
+    BackfillIgnoresReservation,
     /// Raft: votes and append acknowledgements are sent before the unit
     /// that records them is durable (a crash takes them back).
     VoteWithoutPersist,
@@ -76,7 +79,7 @@ pub enum Bug {
 }
 
 impl Bug {
-    pub const ALL: [Bug; 25] = [
+    pub const ALL: [Bug; 26] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -99,6 +102,7 @@ impl Bug {
         Bug::OwnedReplayDropsKey,
         Bug::RequeueBeforeLeaseLapses,
         Bug::ReportAppendedTwice,
+        Bug::BackfillIgnoresReservation,
         Bug::VoteWithoutPersist,
         Bug::CommitOlderTermByCount,
         Bug::AckWithoutQuorum,

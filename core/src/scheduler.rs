@@ -11,8 +11,40 @@
 //! 3. Among fitting nodes, bin packing: the node left with the least free
 //!    capacity (summed over both dimensions, each as a fraction of that node's
 //!    capacity) wins; ties go to the lowest node name.
+//! 4. No starvation: the first job of a pass that some ready node could ever
+//!    take (constraints and total capacity) but that fits no node's free
+//!    capacity *reserves* one node, the one where it needs the least freed:
+//!    among the ready nodes that satisfy its constraints and are large
+//!    enough, the least shortfall (per dimension what the job needs beyond
+//!    the node's free capacity, each as a fraction of the node's capacity,
+//!    summed), ties to the lowest name. For the rest of the pass the
+//!    reserved node offers backfill only what it has free beyond the
+//!    reserved job's need, per dimension (`free - need`, at least 0), and
+//!    is scored as if that were all it had free. A backfill job placed
+//!    there therefore never takes capacity the reserved job waits for: it
+//!    cannot delay it, however the node's running attempts end. Since the
+//!    reserved job is short on the node in at least one dimension and every
+//!    job needs at least 1 of each, in practice the reserved node takes no
+//!    new work until the reserved job is placed: it only drains.
 //!
-//! A job that fits nowhere stays queued; [`unplaced_reason`] says why.
+//! The reservation is derived, never stored: every pass computes it afresh
+//! from the state, so it goes with the job when the job is placed,
+//! cancelled or overtaken by a higher-priority job that fits nowhere, and
+//! the log format knows nothing of it. Across passes it is stable: the
+//! reserved node takes nothing new, so its shortfall only shrinks, while
+//! other nodes' grows as backfill lands on them; it moves only to a node
+//! that has come strictly closer (or as close, with a lower name). Once
+//! the reserved node's running attempts end (each within its time-out) the
+//! reserved job fits. `sim`'s `no_starvation` checker bounds that wait.
+//! There is one reservation per pass: the job behind the reserved one is
+//! skipped as before and reserves in its turn. The price is utilisation:
+//! the held node idles its free part while it drains (no run-time
+//! estimates exist to backfill it safely; a job's time-out bounds its run
+//! but says nothing of when it really ends), which on a one-node cluster
+//! means no backfill behind any job that does not fit.
+//!
+//! A job that fits nowhere stays queued; [`unplaced_reason`] says why and
+//! [`explain`] shows the reservation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound::{Excluded, Unbounded};
@@ -55,7 +87,8 @@ pub struct Placement {
 }
 
 /// The result of one pass: placements, and whether the pass stopped at one of
-/// its bounds with runnable jobs left unexamined. (Before the indexes, a
+/// its bounds with runnable jobs left unexamined (or, over new submissions
+/// alone, found its premise broken: see [`schedule_pass`]). (Before the indexes, a
 /// parked job left behind the bound also counted, which asked for a full
 /// pass that could place nothing more: with that rule restored, `rustci sim
 /// --seeds 0..2000` gives the old trace for every seed; without it 3 seeds
@@ -64,6 +97,22 @@ pub struct Placement {
 pub struct Pass {
     pub placements: Vec<Placement>,
     pub truncated: bool,
+    /// The node the pass held for the first job it met that fits no node
+    /// now (rule 4 of the module documentation).
+    pub reservation: Option<Reservation>,
+}
+
+/// A node held for a job that fits its total capacity but nothing's free
+/// capacity now: backfill may use only what the node has beyond the job's
+/// need (rule 4 of the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Reservation {
+    pub job: JobId,
+    pub node: String,
+    /// What the node must still free for the job, per dimension: the job's
+    /// need beyond the node's free capacity (0 where it has room).
+    pub short_cpu_millis: u64,
+    pub short_memory_mb: u64,
 }
 
 /// One scheduling pass over every queued job (up to the default bounds).
@@ -74,7 +123,15 @@ pub fn schedule(state: &mut State) -> Vec<Placement> {
 /// One scheduling pass. With `only`, just those jobs (which must be sorted in
 /// queue order) are considered: enough when nothing but new submissions
 /// changed since a pass that placed all it could, because every older queued
-/// job met at least as much free capacity then as it would now.
+/// job met at least as much free capacity then as it would now. The pass
+/// also examines the *anchor*, the first runnable queued job not in `only`:
+/// after a complete pass it is the job that fits nowhere and holds the
+/// reservation, and it must hold the same node again here. Should the
+/// premise fail (the anchor fits now; or a job of `only` ahead of it fits
+/// nowhere and so would take the reservation over; or jobs of `only` ahead
+/// of it were placed, which may move its reservation to another node), the
+/// pass stops there and reports itself truncated, so that a full pass
+/// follows: older jobs may fit the node the anchor held before.
 ///
 /// The pass reads the state's scheduling indexes ([`crate::sched_index`])
 /// and walks only the queued jobs some ready node could ever take (the
@@ -105,8 +162,25 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
     let mut scanned = 0usize;
     let mut position = 0usize;
     let mut cursor: Option<QueueKey> = None;
+    let mut reservation: Option<Reservation> = None;
+    // With `only`, the anchor joins the candidates (see above).
+    let anchor: Option<QueueKey> = only.and_then(|keys| {
+        sched
+            .runnable
+            .keys()
+            .find(|k| keys.binary_search(k).is_err())
+            .copied()
+    });
+    let only: Option<Vec<QueueKey>> = only.map(|keys| {
+        let mut keys = keys.to_vec();
+        if let Some(anchor) = anchor {
+            let at = keys.binary_search(&anchor).unwrap_err();
+            keys.insert(at, anchor);
+        }
+        keys
+    });
     loop {
-        let next = match only {
+        let next = match &only {
             Some(keys) => {
                 let key = keys.get(position).copied();
                 position += 1;
@@ -139,7 +213,34 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
             continue;
         };
         let need = job.spec.resources;
-        let Some(name) = best_node(class, need, &bugs) else {
+        let found = best_node(class, need, &bugs);
+        let at_anchor = anchor == Some(key);
+        if anchor.is_some() && !at_anchor && reservation.is_none() && found.is_none()
+            || at_anchor && (found.is_some() || !placements.is_empty())
+        {
+            // The premise of a pass over new submissions failed.
+            truncated = true;
+            break;
+        }
+        let Some(name) = found else {
+            if reservation.is_none() {
+                if let Some((node, short)) = reserve(class, need) {
+                    // Backfill sees only what is free beyond the reserved
+                    // job's need (the planted bug forgets to hold it).
+                    if !planted!(bugs, BackfillIgnoresReservation) {
+                        let slot = sched.slot(&node).expect("an indexed node");
+                        let left = sched.nodes[slot as usize].free.saturating_sub(&need);
+                        sched.set_free(slot, left);
+                        touched.push(slot);
+                    }
+                    reservation = Some(Reservation {
+                        job: job.id,
+                        node: node.to_string(),
+                        short_cpu_millis: short.cpu_millis,
+                        short_memory_mb: short.memory_mb,
+                    });
+                }
+            }
             continue;
         };
         let slot = sched.slot(&name).expect("an indexed node");
@@ -160,6 +261,7 @@ pub fn schedule_pass(state: &mut State, only: Option<&[QueueKey]>, bounds: PassB
     Pass {
         placements,
         truncated,
+        reservation,
     }
 }
 
@@ -175,6 +277,36 @@ fn next_runnable(map: &BTreeMap<QueueKey, ClassId>, after: Option<QueueKey>) -> 
         None => map.keys().next().copied(),
         Some(k) => map.range((Excluded(k), Unbounded)).next().map(|(k, _)| *k),
     }
+}
+
+/// The node of the class to reserve for a job that needs `need` and fits no
+/// node now: among the nodes large enough, the least shortfall score, then
+/// the lowest name. Returns it with what it must still free. Visits every
+/// free-capacity point of the large enough groups (once per pass at most).
+fn reserve(class: &Class, need: Resources) -> Option<(Arc<str>, Resources)> {
+    let mut best: Option<(u64, &Arc<str>, Resources)> = None;
+    for (capacity, group) in &class.groups {
+        if !need.fits_in(capacity) {
+            continue;
+        }
+        for (&(cpu, mem), names) in &group.by_cpu {
+            let Some(name) = names.first() else {
+                continue;
+            };
+            let short = need.saturating_sub(&Resources::new(cpu, mem));
+            let s = shortfall_score(&short, capacity);
+            if best.is_none_or(|(b, n, _)| (s, &**name) < (b, &**n)) {
+                best = Some((s, name, short));
+            }
+        }
+    }
+    best.map(|(_, name, short)| (Arc::clone(name), short))
+}
+
+/// What a node must free for a job, as parts per million of its capacity,
+/// summed over cpu and memory. Lower means the job fits sooner.
+fn shortfall_score(short: &Resources, capacity: &Resources) -> u64 {
+    ppm(short.cpu_millis, capacity.cpu_millis) + ppm(short.memory_mb, capacity.memory_mb)
 }
 
 /// The tightest fitting node of the class for `need`: least leftover score,
@@ -332,13 +464,78 @@ pub fn unplaced_reason(state: &State, job: &Job) -> Option<String> {
             need.cpu_millis, need.memory_mb
         ));
     }
-    if matching.iter().any(|n| need.fits_in(&n.free())) {
+    let held = reservation(state);
+    if let Some(r) = held.as_ref().filter(|r| r.job == job.id) {
+        return Some(format!(
+            "waiting for capacity; node {} is reserved for it (needs cpu_millis={}, memory_mb={} more freed there)",
+            r.node, r.short_cpu_millis, r.short_memory_mb
+        ));
+    }
+    let fits_now = |n: &Node| need.fits_in(&n.free());
+    if let Some(r) = &held {
+        let elsewhere = matching.iter().any(|n| n.name != r.node && fits_now(n));
+        if !elsewhere && matching.iter().any(|n| n.name == r.node && fits_now(n)) {
+            return Some(format!(
+                "waiting for capacity; it fits only node {}, which is reserved for job {} ahead of it",
+                r.node, r.job
+            ));
+        }
+    }
+    if matching.iter().any(|n| fits_now(n)) {
         return Some("waiting for the scheduler (or for higher-priority jobs)".to_string());
     }
     Some(format!(
         "waiting for capacity (needs cpu_millis={}, memory_mb={})",
         need.cpu_millis, need.memory_mb
     ))
+}
+
+/// The reservation a pass would make now, computed by visiting every node
+/// (for [`explain`] and [`unplaced_reason`], never on a pass): the first
+/// runnable queued job holds one if it fits no ready node's free capacity.
+/// After a complete pass that is the job the pass reserved for; while a
+/// pass is due (the first runnable job fits somewhere) there is none.
+pub fn reservation(state: &State) -> Option<Reservation> {
+    let head = if state.sched.is_suspended() {
+        state.queue.iter().find(|k| {
+            state.jobs.get(&k.job).is_some_and(|j| {
+                state.nodes.values().any(|n| {
+                    n.accepts_work()
+                        && n.satisfies(&j.spec.constraints)
+                        && j.spec.resources.fits_in(&n.capacity)
+                })
+            })
+        })
+    } else {
+        state.sched.runnable.keys().next()
+    };
+    let job = state.jobs.get(&head?.job)?;
+    let need = job.spec.resources;
+    let mut best: Option<(u64, &Node)> = None;
+    for node in state.nodes.values() {
+        if !node.accepts_work()
+            || !node.satisfies(&job.spec.constraints)
+            || !need.fits_in(&node.capacity)
+        {
+            continue;
+        }
+        let free = node.free();
+        if need.fits_in(&free) {
+            return None;
+        }
+        let s = shortfall_score(&need.saturating_sub(&free), &node.capacity);
+        if best.is_none_or(|(b, n)| (s, node.name.as_str()) < (b, n.name.as_str())) {
+            best = Some((s, node));
+        }
+    }
+    let (_, node) = best?;
+    let short = need.saturating_sub(&node.free());
+    Some(Reservation {
+        job: job.id,
+        node: node.name.clone(),
+        short_cpu_millis: short.cpu_millis,
+        short_memory_mb: short.memory_mb,
+    })
 }
 
 /// Why a job is where it is, in the manner of Nomad's allocation metrics:
@@ -369,6 +566,9 @@ pub struct Explanation {
     pub reason: Option<String>,
     /// The active (or last) attempt's placement.
     pub placed: Option<Placed>,
+    /// The node held for the first job in line that fits no node now
+    /// (this job or another), as a pass would hold it now.
+    pub reservation: Option<Reservation>,
 }
 
 /// Where an attempt was placed, and its score: what the node had left after
@@ -421,6 +621,7 @@ pub fn explain(state: &State, job: &Job) -> Explanation {
         e.exhausted_memory += usize::from(memory_short);
         e.fitting_now += usize::from(!cpu_short && !memory_short);
     }
+    e.reservation = reservation(state);
     e.placed = job.attempts.last().map(|a| {
         let free = state.nodes.get(&a.node).map(Node::free).unwrap_or_default();
         Placed {

@@ -891,3 +891,65 @@ fn a_new_incarnation_that_does_not_vouch_for_the_old_one_waits_out_its_lease() {
     assert_eq!(job.attempts[1].incarnation, 2);
     c.check();
 }
+
+fn prio(cpu: u64, mem: u64, priority: u8) -> JobSpec {
+    JobSpec {
+        priority,
+        ..spec(cpu, mem)
+    }
+}
+
+/// A cancel frees nothing, so it once asked for no pass; but a queued job's
+/// cancel releases the node reserved for it, and the jobs it held back must
+/// be placed then (found by `rustci sim`, seed 904 of the workload before
+/// starvation seeds: `placement_progress`).
+#[test]
+fn cancelling_the_job_a_node_is_reserved_for_lets_the_jobs_behind_it_in() {
+    let mut c = Cluster::new();
+    c.add_node("n1", 2000, 1000, &[]);
+    let running = c.submit(spec(1000, 100));
+    let big = c.submit(prio(2000, 100, 90));
+    let small = c.submit(prio(500, 100, 10));
+    assert_eq!(c.starts().len(), 1, "n1 is held for the big job");
+    assert_eq!(c.starts()[0].0, running);
+    let reason = c.replica.state().job(small).unwrap().clone();
+    let reason = rustci_core::scheduler::unplaced_reason(c.replica.state(), &reason).unwrap();
+    assert!(reason.contains("reserved for job 2"), "{reason}");
+    c.command(Command::Cancel { job: big }).unwrap();
+    assert_eq!(c.starts().last().unwrap().0, small);
+    c.check();
+}
+
+/// A pass over new submissions alone must not move the reservation under
+/// older jobs: here a new urgent job takes room on the node held for the
+/// big one, the big one is better off holding the other node, and the small
+/// job it held back now fits the first: a full pass must follow and place
+/// it.
+#[test]
+fn a_reservation_moved_by_a_new_job_is_followed_by_a_full_pass() {
+    let mut c = Cluster::new();
+    c.add_node("n1", 4000, 1000, &[]);
+    c.add_node("n2", 4000, 4000, &[]);
+    c.submit(spec(3000, 100));
+    c.submit(spec(2000, 100));
+    assert_eq!(
+        c.starts().iter().map(|s| s.2.as_str()).collect::<Vec<_>>(),
+        ["n1", "n2"]
+    );
+    c.submit(prio(4000, 100, 90));
+    let held = rustci_core::scheduler::reservation(c.replica.state()).unwrap();
+    assert_eq!(held.node, "n2", "2 cores short there, 3 on n1");
+    let small = c.submit(prio(500, 2000, 10));
+    assert_eq!(c.job_state(small), JobState::Queued, "fits only n2, held");
+    let urgent = c.submit(prio(1200, 100, 95));
+    assert_eq!(c.job_state(urgent), JobState::Assigned);
+    let held = rustci_core::scheduler::reservation(c.replica.state()).unwrap();
+    assert_eq!(held.node, "n1", "now 3.2 cores short on n2");
+    assert_eq!(
+        c.job_state(small),
+        JobState::Assigned,
+        "n2 is free to take it"
+    );
+    assert_eq!(c.starts().last().unwrap(), &(small, 1, "n2".to_string()));
+    c.check();
+}

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use rustci_core::event::{Entry, Event};
 use rustci_core::model::{JobId, JobSpec, JobState, Labels, Outcome, Resources};
-use rustci_core::scheduler::{self, PassBounds, Placement};
+use rustci_core::scheduler::{self, Pass, PassBounds, Placement, Reservation};
 use rustci_core::state::{QueueKey, State};
 
 const NODES: [&str; 10] = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"];
@@ -200,7 +200,17 @@ fn score(left_cpu: u64, left_mem: u64, capacity: Resources) -> u64 {
     ppm(left_cpu, capacity.cpu_millis) + ppm(left_mem, capacity.memory_mb)
 }
 
-fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Vec<Placement> {
+/// What a node must still free for `need`, as ppm of its capacity summed
+/// over both dimensions (the reservation's rule).
+fn shortfall(need: Resources, free: Resources, capacity: Resources) -> u64 {
+    score(
+        need.cpu_millis.saturating_sub(free.cpu_millis),
+        need.memory_mb.saturating_sub(free.memory_mb),
+        capacity,
+    )
+}
+
+fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Pass {
     let mut free: BTreeMap<&str, Resources> = state
         .nodes
         .values()
@@ -213,12 +223,37 @@ fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Ve
             (n.name.as_str(), f)
         })
         .collect();
+    let ready: Vec<&str> = free.keys().copied().collect();
+    let ever = |key: &QueueKey| {
+        let job = &state.jobs[&key.job];
+        job.state == JobState::Queued
+            && ready.iter().any(|n| {
+                let node = &state.nodes[*n];
+                satisfies(&node.labels, &job.spec.constraints)
+                    && fits(job.spec.resources, node.capacity)
+            })
+    };
+    // With `only`, the first job some ready node could ever take that is
+    // not among them (the anchor) joins them.
+    let anchor: Option<QueueKey> = only.and_then(|keys| {
+        state
+            .queue
+            .iter()
+            .find(|k| !keys.contains(k) && ever(k))
+            .copied()
+    });
     let candidates: Vec<QueueKey> = match only {
-        Some(keys) => keys.to_vec(),
+        Some(keys) => {
+            let mut keys: BTreeSet<QueueKey> = keys.iter().copied().collect();
+            keys.extend(anchor);
+            keys.into_iter().collect()
+        }
         None => state.queue.iter().copied().collect(),
     };
     let mut placements = Vec::new();
+    let mut reservation: Option<Reservation> = None;
     let mut scanned = 0;
+    let mut truncated = false;
     for key in candidates {
         if !free.values().any(|f| f.cpu_millis > 0 && f.memory_mb > 0) {
             break;
@@ -228,14 +263,11 @@ fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Ve
             continue;
         }
         let need = job.spec.resources;
-        let ever = free.keys().any(|n| {
-            let node = &state.nodes[*n];
-            satisfies(&node.labels, &job.spec.constraints) && fits(need, node.capacity)
-        });
-        if !ever {
+        if !ever(&key) {
             continue;
         }
         if scanned >= bounds.scan_jobs_max || placements.len() >= bounds.placements_max {
+            truncated = true;
             break;
         }
         scanned += 1;
@@ -254,6 +286,16 @@ fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Ve
                 best = Some((s, name));
             }
         }
+        // A pass over new jobs stops, asking for a full pass, when a new job
+        // ahead of the anchor fits nowhere, or at the anchor when it fits or
+        // jobs ahead of it were placed.
+        let new_blocked = best.is_none() && reservation.is_none();
+        if anchor.is_some_and(|a| a != key) && new_blocked
+            || anchor == Some(key) && (best.is_some() || !placements.is_empty())
+        {
+            truncated = true;
+            break;
+        }
         if let Some((_, name)) = best {
             let f = free.get_mut(name).expect("a ready node");
             *f = Resources::new(f.cpu_millis - need.cpu_millis, f.memory_mb - need.memory_mb);
@@ -262,9 +304,39 @@ fn reference(state: &State, only: Option<&[QueueKey]>, bounds: PassBounds) -> Ve
                 attempt: job.attempts.len() as u32 + 1,
                 node: name.to_string(),
             });
+        } else if reservation.is_none() {
+            // Fits nowhere now: hold the large enough node that needs the
+            // least freed; backfill sees only what it has beyond the need.
+            let mut held: Option<(u64, &str)> = None;
+            for (name, f) in &free {
+                let node = &state.nodes[*name];
+                if !satisfies(&node.labels, &job.spec.constraints) || !fits(need, node.capacity) {
+                    continue;
+                }
+                let s = shortfall(need, *f, node.capacity);
+                if held.is_none_or(|h| (s, *name) < h) {
+                    held = Some((s, name));
+                }
+            }
+            let (_, name) = held.expect("a job some ready node could ever take");
+            let f = free.get_mut(name).expect("a ready node");
+            reservation = Some(Reservation {
+                job: job.id,
+                node: name.to_string(),
+                short_cpu_millis: need.cpu_millis.saturating_sub(f.cpu_millis),
+                short_memory_mb: need.memory_mb.saturating_sub(f.memory_mb),
+            });
+            *f = Resources::new(
+                f.cpu_millis.saturating_sub(need.cpu_millis),
+                f.memory_mb.saturating_sub(need.memory_mb),
+            );
         }
     }
-    placements
+    Pass {
+        placements,
+        truncated,
+        reservation,
+    }
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -293,8 +365,14 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let got = scheduler::schedule_pass(&mut log.state, only.as_deref(), bounds);
                 prop_assert_eq!(
                     &got.placements,
-                    &want,
+                    &want.placements,
                     "op {}: pass differs from the reference",
+                    i
+                );
+                prop_assert_eq!(
+                    &got.reservation,
+                    &want.reservation,
+                    "op {}: reservation differs from the reference",
                     i
                 );
                 prop_assert_eq!(before, log.state.digest(), "a pass changed the state");
@@ -309,6 +387,17 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         attempt: p.attempt,
                         node: p.node,
                     });
+                }
+                // What `explain` shows is what the pass held, once its
+                // placements are in (a complete pass placed every job ahead
+                // of the one it reserved for).
+                if only.is_none() && !got.truncated && got.reservation.is_some() {
+                    prop_assert_eq!(
+                        scheduler::reservation(&log.state),
+                        got.reservation,
+                        "op {}: explain's reservation",
+                        i
+                    );
                 }
             }
         }
@@ -387,7 +476,7 @@ fn tightest_fit_on_a_large_uniform_cluster_agrees_with_the_reference() {
         let bounds = PassBounds::default();
         let want = reference(&log.state, None, bounds);
         let got = scheduler::schedule_pass(&mut log.state, None, bounds);
-        assert_eq!(got.placements, want, "round {round}");
+        assert_eq!(got, want, "round {round}");
         placed += got.placements.len();
         for p in got.placements {
             log.apply(Event::AttemptAssigned {
@@ -506,9 +595,155 @@ fn a_tie_between_different_free_capacities_goes_to_the_lowest_name() {
         spec: job_spec(150, 150, Labels::new()),
         idempotency_key: None,
     });
-    let want = reference(&log.state, None, PassBounds::default());
+    let want = reference(&log.state, None, PassBounds::default()).placements;
     assert_eq!(want.len(), 1);
     assert_eq!(want[0].node, "a");
     let got = scheduler::schedule(&mut log.state);
     assert_eq!(got, want);
+}
+
+/// Two nodes of 4 cores kept full by a stream of 1-core jobs; a 4-core job
+/// of higher priority arrives. Strict priority with backfill alone would
+/// hand every freed core to the next small job and the large one would
+/// wait for as long as the stream lasts. With the reservation the node
+/// that needs the least freed takes nothing new, so the large job runs
+/// once the four attempts there have ended, while the other node keeps
+/// taking the stream.
+#[test]
+fn a_large_job_behind_a_stream_of_small_ones_is_placed_once_its_node_drains() {
+    let mut log = Log::new();
+    for name in ["n0", "n1"] {
+        log.apply(Event::NodeRegistered {
+            name: name.into(),
+            capacity: Resources::new(4000, 4096),
+            labels: Labels::new(),
+            incarnation: 1,
+            predecessor: None,
+        });
+    }
+    let small = |log: &mut Log| {
+        let mut spec = job_spec(1000, 512, Labels::new());
+        spec.priority = 0;
+        log.apply(Event::JobSubmitted {
+            spec,
+            idempotency_key: None,
+        });
+    };
+    let pass = |log: &mut Log| {
+        let want = reference(&log.state, None, PassBounds::default());
+        let got = scheduler::schedule_pass(&mut log.state, None, PassBounds::default());
+        assert_eq!(got, want);
+        for p in &got.placements {
+            log.apply(Event::AttemptAssigned {
+                job: p.job,
+                attempt: p.attempt,
+                node: p.node.clone(),
+            });
+        }
+        got
+    };
+    for _ in 0..8 {
+        small(&mut log);
+    }
+    assert_eq!(pass(&mut log).placements.len(), 8, "both nodes full");
+    log.apply(Event::JobSubmitted {
+        spec: job_spec(4000, 1024, Labels::new()),
+        idempotency_key: None,
+    });
+    let big = JobId(9);
+    // Each round the oldest running small job ends and two more arrive.
+    let mut placed_in = None;
+    let mut held: BTreeSet<String> = BTreeSet::new();
+    for round in 0..20 {
+        let oldest = log
+            .state
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Assigned && j.id != big)
+            .map(|j| j.id)
+            .min()
+            .expect("a running small job");
+        log.apply(Event::AttemptFinished {
+            job: oldest,
+            attempt: 1,
+            outcome: Outcome::Exited,
+            exit_code: Some(0),
+            usage: None,
+        });
+        small(&mut log);
+        small(&mut log);
+        let got = pass(&mut log);
+        if got.placements.iter().any(|p| p.job == big) {
+            assert_eq!(got.reservation, None);
+            placed_in = Some(round);
+            break;
+        }
+        let r = got.reservation.expect("the large job holds a node");
+        assert_eq!(r.job, big);
+        assert!(
+            got.placements.iter().all(|p| p.node != r.node),
+            "round {round}: backfill on the held node {}",
+            r.node
+        );
+        held.insert(r.node);
+    }
+    // n0 holds the four oldest jobs and is held from the start: the large
+    // job runs when they have ended, in round 3.
+    assert_eq!(held, BTreeSet::from(["n0".to_string()]));
+    assert_eq!(placed_in, Some(3));
+}
+
+/// A cancelled job's reservation goes with it: the node it held takes
+/// backfill again at the next pass.
+#[test]
+fn a_reservation_is_released_when_its_job_is_cancelled() {
+    let mut log = Log::new();
+    log.apply(Event::NodeRegistered {
+        name: "n0".into(),
+        capacity: Resources::new(2000, 2048),
+        labels: Labels::new(),
+        incarnation: 1,
+        predecessor: None,
+    });
+    log.apply(Event::JobSubmitted {
+        spec: job_spec(1000, 512, Labels::new()),
+        idempotency_key: None,
+    });
+    log.apply(Event::AttemptAssigned {
+        job: JobId(1),
+        attempt: 1,
+        node: "n0".into(),
+    });
+    log.apply(Event::JobSubmitted {
+        spec: job_spec(2000, 512, Labels::new()),
+        idempotency_key: None,
+    });
+    let mut small = job_spec(500, 512, Labels::new());
+    small.priority = 0;
+    log.apply(Event::JobSubmitted {
+        spec: small,
+        idempotency_key: None,
+    });
+    let held = scheduler::schedule_pass(&mut log.state, None, PassBounds::default());
+    assert_eq!(held.placements, vec![]);
+    assert_eq!(
+        held.reservation,
+        Some(Reservation {
+            job: JobId(2),
+            node: "n0".into(),
+            short_cpu_millis: 1000,
+            short_memory_mb: 0,
+        })
+    );
+    log.apply(Event::JobCancelled { job: JobId(2) });
+    let freed = scheduler::schedule_pass(&mut log.state, None, PassBounds::default());
+    assert_eq!(freed.reservation, None);
+    assert_eq!(
+        freed.placements,
+        vec![Placement {
+            job: JobId(3),
+            attempt: 1,
+            node: "n0".into()
+        }]
+    );
 }

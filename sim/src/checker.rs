@@ -11,9 +11,11 @@
 //! incarnation each placement went to, each node's drain status, each job's
 //! submission order and spec, cancels), does its own arithmetic per resource
 //! dimension against the capacity the agent itself advertised, its own label
-//! matching against the labels the agent advertised, and its own ordering
-//! of queued jobs by priority and submission index. From core's state it
-//! reads only plain data (a job's state and its attempts' states and nodes).
+//! matching against the labels the agent advertised, its own ordering of
+//! queued jobs by priority and submission index, and its own computation of
+//! the node a pass holds for the first job that fits no node now (the
+//! scheduler's reservation). From core's state it reads only plain data (a
+//! job's state and its attempts' states and nodes).
 //!
 //! Everything per step is incremental: work is proportional to what the step
 //! touched. Whole-state checks (replay, consistency) run at quiescent points.
@@ -56,6 +58,8 @@ pub mod inv {
     /// Every replica applies the same entry at each index, and only
     /// entries durable on its own disk (Raft's state machine safety).
     pub const STATE_MACHINE_SAFETY: &str = "state_machine_safety";
+    pub const RESERVATION: &str = "reservation_respected";
+    pub const STARVATION: &str = "no_starvation";
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +121,40 @@ fn leftover_ppm(left: Resources, capacity: Resources) -> u128 {
         }
     };
     ppm(left.cpu_millis, capacity.cpu_millis) + ppm(left.memory_mb, capacity.memory_mb)
+}
+
+/// What a node must still free for `need`, as parts per million of its
+/// capacity, summed over the dimensions: lower means the job fits sooner.
+fn shortfall_ppm(need: Resources, free: Resources, capacity: Resources) -> u128 {
+    leftover_ppm(minus(need, free), capacity)
+}
+
+/// The node the scheduler must hold for a job that needs `need` and fits
+/// none of `nodes` (name, capacity, free now; every one matching and large
+/// enough) now: the least shortfall, then the lowest name.
+fn node_to_hold<'a>(need: Resources, nodes: &[(&'a str, Resources, Resources)]) -> Option<&'a str> {
+    nodes
+        .iter()
+        .min_by_key(|(name, cap, free)| (shortfall_ppm(need, *free, *cap), *name))
+        .map(|(name, _, _)| *name)
+}
+
+/// A node held for a job during one pass: backfill may use only what the
+/// node has free beyond the job's need.
+struct Held<'a> {
+    key: OrderKey,
+    node: &'a str,
+    need: Resources,
+}
+
+impl Held<'_> {
+    /// What `node` offers a job behind the held one, out of `free`.
+    fn offers(held: &Option<Held>, node: &str, free: Resources) -> Resources {
+        match held {
+            Some(h) if h.node == node => minus(free, h.need),
+            _ => free,
+        }
+    }
 }
 
 fn failed_attempts(job: &Job) -> u32 {
@@ -218,11 +256,28 @@ pub struct Checker {
     first_cancels: Vec<JobId>,
     /// Attempts whose result the log holds: each may be recorded once.
     results: BTreeSet<(JobId, AttemptNumber)>,
+    /// The longest time-out of any job submitted (s).
+    timeout_secs_max: u64,
+    /// Node events the ledger took (registrations, drains, undrains, downs,
+    /// ups, removals): each restarts the starvation clock.
+    node_changes: u64,
+    /// In the liveness phase, the job first in line (the first queued job
+    /// some ready node could ever take): (job, its placements so far,
+    /// `node_changes` then, since when in simulated ms).
+    first_in_line: Option<(JobId, usize, u64, u64)>,
 }
 
 /// Idle replica ticks a job may be owed a placement before it is a
 /// violation (a pass runs on the next tick at the latest).
 pub const OWED_TICKS_MAX: u32 = 3;
+
+/// Once the load stops and the network has healed, the job first in line
+/// must be placed within the longest time-out of any job plus this: the
+/// node held for it takes nothing new, so it is free once the attempts
+/// there have ended (each within its time-out), reported (heartbeats every
+/// second, resent until acknowledged) and a pass has run. A node event
+/// (a join, a drain, a down...) restarts the clock.
+pub const STARVATION_SLACK_MS: u64 = 10_000;
 
 impl Checker {
     pub fn new() -> Checker {
@@ -438,6 +493,12 @@ impl Checker {
         }
         let mut free: BTreeMap<&str, Resources> = BTreeMap::new();
         let mut placed: BTreeSet<JobId> = BTreeSet::new();
+        // The pass's reservation, once a job ahead of a placement fits no
+        // node (rule 4 of the scheduler): queued jobs up to `walked` were
+        // looked at for it.
+        let mut held: Option<Held> = None;
+        let mut walked: Option<OrderKey> = None;
+        let mut ready: Option<Vec<(&str, Resources, Labels)>> = None;
         for entry in entries {
             let Event::AttemptAssigned { job, node, .. } = &entry.event else {
                 continue;
@@ -445,6 +506,12 @@ impl Checker {
             let Some(rec) = self.jobs.get(job) else {
                 return fail(inv::CAPACITY, format!("placement of unknown job {job}"));
             };
+            let key = (std::cmp::Reverse(rec.priority), rec.seq, *job);
+            if held.is_none() {
+                let ready = ready.get_or_insert_with(|| self.ready_list());
+                held = self.held_ahead_of(ready, key, walked, &free, &placed);
+            }
+            walked = Some(walked.map_or(key, |w| w.max(key)));
             let Some((capacity, labels)) = self.ready_node(node) else {
                 return fail(
                     inv::DRAIN,
@@ -466,7 +533,18 @@ impl Checker {
                     ),
                 );
             }
-            let key = (std::cmp::Reverse(rec.priority), rec.seq, *job);
+            // What the node offers this job: all it has free, unless it is
+            // held for a job ahead.
+            let offered = Held::offers(&held, node, f);
+            if let Some(h) = held.as_ref().filter(|_| !fits(rec.need, offered)) {
+                return fail(
+                    inv::RESERVATION,
+                    format!(
+                        "job {job} (needs {:?}) placed on {node}, which is held for job {} (needs {:?}) and has {f:?} free",
+                        rec.need, h.key.2, h.need
+                    ),
+                );
+            }
             for ahead in self.queued.range(..key) {
                 let q = ahead.2;
                 if placed.contains(&q) {
@@ -475,6 +553,10 @@ impl Checker {
                 let Some(qrec) = self.jobs.get(&q) else {
                     continue;
                 };
+                // (On a held node the job ahead may have seen only what the
+                // node offers; but nothing is placed there past the
+                // reservation check above, since the held job is short in
+                // some dimension and every job needs some of each.)
                 if fits(qrec.need, f) && matches(&labels, &qrec.constraints) {
                     return fail(
                         inv::PRIORITY,
@@ -485,7 +567,7 @@ impl Checker {
                     );
                 }
             }
-            let score = leftover_ppm(minus(f, rec.need), capacity);
+            let score = leftover_ppm(minus(offered, rec.need), capacity);
             for (other, rec_other) in &self.nodes {
                 if other == node || rec_other.status != NodeStatus::Ready {
                     continue;
@@ -495,6 +577,7 @@ impl Checker {
                     .get(other.as_str())
                     .copied()
                     .unwrap_or_else(|| self.free_on(other, cap));
+                let f_other = Held::offers(&held, other, f_other);
                 if !matches(&lab, &rec.constraints) || !fits(rec.need, f_other) {
                     continue;
                 }
@@ -510,6 +593,74 @@ impl Checker {
             placed.insert(*job);
         }
         Ok(())
+    }
+
+    /// The ready nodes by the ledger, with what their current incarnation
+    /// advertised: (name, capacity, labels). Built once per check, not per
+    /// job (it copies the labels).
+    fn ready_list(&self) -> Vec<(&str, Resources, Labels)> {
+        self.nodes
+            .keys()
+            .filter_map(|n| self.ready_node(n).map(|(c, l)| (n.as_str(), c, l)))
+            .collect()
+    }
+
+    /// The nodes of `ready` that satisfy `rec`'s constraints and are large
+    /// enough for it: (name, capacity, free by the checker's sums, or
+    /// `free` where a pass in progress placed).
+    fn could_take<'a>(
+        &self,
+        ready: &[(&'a str, Resources, Labels)],
+        rec: &JobRec,
+        free: &BTreeMap<&str, Resources>,
+    ) -> Vec<(&'a str, Resources, Resources)> {
+        ready
+            .iter()
+            .filter(|(_, cap, labels)| matches(labels, &rec.constraints) && fits(rec.need, *cap))
+            .map(|(n, cap, _)| {
+                let f = free
+                    .get(n)
+                    .copied()
+                    .unwrap_or_else(|| self.free_on(n, *cap));
+                (*n, *cap, f)
+            })
+            .collect()
+    }
+
+    /// The reservation a pass makes among the queued jobs after `after` and
+    /// ahead of `key` that it did not place: the first one some ready node
+    /// could ever take that fits none now (`free`: the pass's placements so
+    /// far) holds the node that needs the least freed.
+    fn held_ahead_of(
+        &self,
+        ready: &[(&str, Resources, Labels)],
+        key: OrderKey,
+        after: Option<OrderKey>,
+        free: &BTreeMap<&str, Resources>,
+        placed: &BTreeSet<JobId>,
+    ) -> Option<Held<'_>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, Excluded);
+        for ahead in self.queued.range((from, Excluded(key))) {
+            if placed.contains(&ahead.2) {
+                continue;
+            }
+            let Some(rec) = self.jobs.get(&ahead.2) else {
+                continue;
+            };
+            let nodes = self.could_take(ready, rec, free);
+            if nodes.is_empty() || nodes.iter().any(|(_, _, f)| fits(rec.need, *f)) {
+                continue;
+            }
+            let node = node_to_hold(rec.need, &nodes)?;
+            let node = self.nodes.get_key_value(node)?.0.as_str();
+            return Some(Held {
+                key: *ahead,
+                node,
+                need: rec.need,
+            });
+        }
+        None
     }
 
     /// Records the jobs `entries` are about, before they are applied.
@@ -601,6 +752,7 @@ impl Checker {
         self.next_unseen_job = 1;
         self.first_cancels.clear();
         self.results.clear();
+        self.first_in_line = None;
         let by_seq = self.new_jobs(state)?;
         let mut touched: BTreeSet<JobId> = by_seq.values().copied().collect();
         let last = last_assignments(durable);
@@ -626,6 +778,7 @@ impl Checker {
         match &entry.event {
             Event::JobSubmitted { spec, .. } => {
                 if let Some(id) = by_seq.get(&entry.index) {
+                    self.timeout_secs_max = self.timeout_secs_max.max(spec.timeout_secs);
                     self.jobs.insert(
                         *id,
                         JobRec {
@@ -693,6 +846,7 @@ impl Checker {
                 name, incarnation, ..
             } => {
                 self.touch_node(name, touched);
+                self.node_changes += 1;
                 let rec = self.nodes.entry(name.clone()).or_insert(NodeRec {
                     incarnation: *incarnation,
                     status: NodeStatus::Ready,
@@ -752,6 +906,7 @@ impl Checker {
         if let Some(rec) = self.nodes.get_mut(name) {
             if from.contains(&rec.status) {
                 rec.status = to;
+                self.node_changes += 1;
             }
         }
     }
@@ -818,6 +973,19 @@ impl Checker {
         }
         rec.placed
             .insert(attempt, (node.to_string(), node_rec.incarnation));
+        // A job ahead of the one first in line took a node (a retry of a
+        // higher-priority job, say): strict priority, not starvation, so
+        // the starvation clock starts again.
+        let key = (std::cmp::Reverse(rec.priority), rec.seq, job);
+        if let Some((first, ..)) = self.first_in_line {
+            let first_key = self
+                .jobs
+                .get(&first)
+                .map(|r| (std::cmp::Reverse(r.priority), r.seq, first));
+            if first_key.is_some_and(|f| key < f) {
+                self.first_in_line = None;
+            }
+        }
         Ok(())
     }
 
@@ -962,13 +1130,13 @@ impl Checker {
     /// The first queued job (in the checker's order) that the scheduler
     /// must place now: one that fits a ready node's free capacity with fewer
     /// than `scan_jobs_max` jobs ahead of it that some ready node could ever
-    /// take (the pass's scan bound counts only those).
+    /// take (the pass's scan bound counts only those). The first of those
+    /// that fits no node holds one (rule 4 of the scheduler): jobs behind it
+    /// are owed only what that node has beyond its need.
     pub fn owed_placement(&self, scan_jobs_max: usize) -> Option<JobId> {
-        let ready: Vec<(&str, Resources, Labels)> = self
-            .nodes
-            .keys()
-            .filter_map(|n| self.ready_node(n).map(|(c, l)| (n.as_str(), c, l)))
-            .collect();
+        let none = BTreeMap::new();
+        let ready = self.ready_list();
+        let mut held: Option<(&str, Resources)> = None;
         let mut scanned = 0usize;
         for (_, _, id) in &self.queued {
             if scanned >= scan_jobs_max {
@@ -977,21 +1145,75 @@ impl Checker {
             let Some(rec) = self.jobs.get(id) else {
                 continue;
             };
-            let candidates = ready.iter().filter(|(_, cap, labels)| {
-                matches(labels, &rec.constraints) && fits(rec.need, *cap)
-            });
-            let mut any = false;
-            for (name, cap, _) in candidates {
-                any = true;
-                if fits(rec.need, self.free_on(name, *cap)) {
-                    return Some(*id);
-                }
+            let nodes = self.could_take(&ready, rec, &none);
+            if nodes.is_empty() {
+                continue;
             }
-            if any {
-                scanned += 1;
+            let offered = |name: &str, f: Resources| match held {
+                Some((n, need)) if n == name => minus(f, need),
+                _ => f,
+            };
+            if nodes
+                .iter()
+                .any(|(name, _, f)| fits(rec.need, offered(name, *f)))
+            {
+                return Some(*id);
             }
+            if held.is_none() {
+                held = node_to_hold(rec.need, &nodes).map(|n| (n, rec.need));
+            }
+            scanned += 1;
         }
         None
+    }
+
+    /// Once the load has stopped and the network healed (`liveness`), the
+    /// job first in line (the first queued job some ready node could ever
+    /// take) must not wait longer than the longest time-out plus
+    /// [`STARVATION_SLACK_MS`]: the node held for it drains. Its clock
+    /// starts when it comes first in line, and again when it is placed and
+    /// requeued, a job ahead of it is placed (a retry of a higher-priority
+    /// job: strict priority) or any node changes. Without the reservation a stream of
+    /// smaller jobs behind it takes every core that frees up, for as long
+    /// as the queue behind it lasts.
+    pub fn starvation(&mut self, now_ms: u64, liveness: bool) -> Check {
+        if !liveness {
+            self.first_in_line = None;
+            return Ok(());
+        }
+        let none = BTreeMap::new();
+        let ready = self.ready_list();
+        let first = self.queued.iter().map(|k| k.2).find(|id| {
+            self.jobs
+                .get(id)
+                .is_some_and(|rec| !self.could_take(&ready, rec, &none).is_empty())
+        });
+        let Some(job) = first else {
+            self.first_in_line = None;
+            return Ok(());
+        };
+        let placements = self.jobs.get(&job).map_or(0, |r| r.placed.len());
+        let mark = (job, placements, self.node_changes);
+        let since = match self.first_in_line {
+            Some((j, p, c, since)) if (j, p, c) == mark => since,
+            _ => {
+                self.first_in_line = Some((job, placements, self.node_changes, now_ms));
+                now_ms
+            }
+        };
+        let bound = self.timeout_secs_max * 1000 + STARVATION_SLACK_MS;
+        let waited = now_ms.saturating_sub(since);
+        if waited > bound {
+            let rec = &self.jobs[&job];
+            return fail(
+                inv::STARVATION,
+                format!(
+                    "job {job} (needs {:?}, priority {}) has been first in line for {waited} ms since the load stopped, more than {bound} ms",
+                    rec.need, rec.priority
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// A replica tick: `idle` when the replica is serving and has nothing

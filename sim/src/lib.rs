@@ -109,6 +109,9 @@ impl PlantedBug {
                 "ack-without-quorum",
                 &[STATE_MACHINE_SAFETY, ACKED_DURABLE, TERMINAL],
             ),
+            Bug::BackfillIgnoresReservation => {
+                ("backfill-ignores-reservation", &[RESERVATION, STARVATION])
+            }
         }
     }
 

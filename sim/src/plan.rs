@@ -165,6 +165,12 @@ pub struct FaultPlan {
     /// 1..=5 evenly spread levels from 0 to 100; 6 means any of 0..=100.
     pub priority_levels: u64,
     pub job_secs_max: u64,
+    /// Share of submissions that are *big*: 60-100% of one node's whole
+    /// capacity, at the top priority (never with a single node). A seed with big jobs (a starvation
+    /// seed) also sends its submissions as a steady stream packed into the
+    /// second half of the fault phase, so that a queue of smaller jobs
+    /// behind the big ones is still there when the load stops.
+    pub big_job_share: Bp,
     pub fail_share: Bp,
     pub start_fail_share: Bp,
     pub retries_max: u64,
@@ -179,6 +185,16 @@ impl FaultPlan {
     /// Draws the plan of a seed. `drift_ppm_max` is the configured bound the
     /// clocks stay within (the control plane's arithmetic assumes it).
     pub fn draw(rng: &mut SimRng, drift_ppm_max: u64) -> FaultPlan {
+        let mut plan = FaultPlan::draw_raw(rng, drift_ppm_max);
+        // One node holding for every big job drains for each in turn: 200
+        // long jobs then outlast the liveness bound (6 seeds in 10,000).
+        if plan.nodes == 1 {
+            plan.big_job_share = Bp::ZERO;
+        }
+        plan
+    }
+
+    fn draw_raw(rng: &mut SimRng, drift_ppm_max: u64) -> FaultPlan {
         let delay_min = rng.range(0, 20);
         let small_bounds = rng.chance(Bp(7_000));
         let (scan_jobs_max, placements_max) = if small_bounds {
@@ -225,6 +241,7 @@ impl FaultPlan {
             burst_max: rng.range(2, 40),
             priority_levels: rng.range(1, 6),
             job_secs_max: rng.range(1, 10),
+            big_job_share: swarm(rng, 3_000, 1_500),
             fail_share: upto(rng, 4_000),
             start_fail_share: swarm(rng, 3_000, 1_000),
             retries_max: rng.range(0, 4),
@@ -277,7 +294,7 @@ impl fmt::Display for FaultPlan {
              scan_jobs_max={} \
              placements_max={} load={} cancel_share={} drain_share={} undrain_share={} \
              remove_share={} no_key_share={} constraint_share={} burst_share={} burst_max={} \
-             priority_levels={} job_secs_max={} fail_share={} start_fail_share={} \
+             priority_levels={} job_secs_max={} big_job_share={} fail_share={} start_fail_share={} \
              retries_max={} client_timeout_ms={}",
             self.nodes,
             self.clients,
@@ -311,6 +328,7 @@ impl fmt::Display for FaultPlan {
             self.burst_max,
             self.priority_levels,
             self.job_secs_max,
+            self.big_job_share,
             self.fail_share,
             self.start_fail_share,
             self.retries_max,

@@ -445,9 +445,15 @@ impl World {
             .min(memory_total * 1000 / 1056)
             .max(1000);
         let mean_job_ms = plan.job_secs_max * 500;
-        let submit_mean_gap_ms = (plan.clients as u64 * mean_job_ms * 10_000 * 1000
-            / (u64::from(plan.load.0.max(1)) * slots_milli))
-            .max(1);
+        let submit_mean_gap_ms = if plan.big_job_share.is_zero() {
+            (plan.clients as u64 * mean_job_ms * 10_000 * 1000
+                / (u64::from(plan.load.0.max(1)) * slots_milli))
+                .max(1)
+        } else {
+            // A starvation seed: every submission within a third of the
+            // fault phase, starting half way through it.
+            (plan.clients as u64 * opts.fault_phase_ms / 3 / opts.jobs_max.max(1)).max(1)
+        };
         let clients = (0..plan.clients)
             .map(|_| Client {
                 op: Vec::new(),
@@ -503,9 +509,14 @@ impl World {
         for i in 0..self.nodes.len() {
             self.agent_boot(i);
         }
+        let start = if self.plan.big_job_share.is_zero() {
+            0
+        } else {
+            self.heal_at / 2
+        };
         for c in 0..self.clients.len() {
             let gap = self.rng.exp_ms(self.submit_mean_gap_ms);
-            self.push_in(gap, Ev::ClientWake { client: c, gen: 0 });
+            self.push_in(start + gap, Ev::ClientWake { client: c, gen: 0 });
         }
         self.schedule_fault();
         self.push_at(self.heal_at, Ev::Heal);
@@ -960,7 +971,9 @@ impl World {
         // Idle: serving, and everything it proposed is applied (no pass in
         // flight), so any pass it needed has had its chance to run.
         let idle = x.is_ready() && x.last_index() == x.applied_index();
-        self.checker.tick(idle, self.plan.scan_jobs_max)
+        self.checker.tick(idle, self.plan.scan_jobs_max)?;
+        self.checker
+            .starvation(self.now, self.phase == Phase::Liveness)
     }
 
     /// Carries out replica `r`'s outputs in order, as the production driver
@@ -1200,6 +1213,9 @@ impl World {
     }
 
     fn new_spec(&mut self, c: usize) -> JobSpec {
+        if self.rng.chance(self.plan.big_job_share) {
+            return self.big_spec(c);
+        }
         let mut constraints = Labels::new();
         if self.rng.chance(self.plan.constraint_share) {
             // One to three constraints, each on any label key with any of
@@ -1220,6 +1236,32 @@ impl World {
             resources: Resources::new(self.rng.range(1, 20) * 100, self.rng.range(1, 32) * 64),
             constraints,
             priority,
+            timeout_secs: self.rng.range(1, max_secs + 3),
+            max_retries: self.rng.range(0, self.plan.retries_max) as u32,
+            workspace: Default::default(),
+        }
+    }
+
+    /// A big job: 60-100% of one node's whole capacity in each dimension, at
+    /// the top priority, with no constraints. It fits that node's total
+    /// capacity but, in a busy cluster, rarely any node's free capacity:
+    /// the jobs behind it would take every core that frees up, were it not
+    /// for the reservation.
+    fn big_spec(&mut self, c: usize) -> JobSpec {
+        let node = self.rng.below(self.nodes.len() as u64) as usize;
+        let capacity = self.nodes[node].capacity;
+        let share = self.rng.range(60, 100);
+        let max_secs = self.plan.job_secs_max;
+        JobSpec {
+            name: format!("c{c}-j{}-big", self.submitted),
+            command: vec!["sim-job".into()],
+            env: Default::default(),
+            resources: Resources::new(
+                (capacity.cpu_millis * share / 100).max(1),
+                (capacity.memory_mb * share / 100).max(1),
+            ),
+            constraints: Labels::new(),
+            priority: 100,
             timeout_secs: self.rng.range(1, max_secs + 3),
             max_retries: self.rng.range(0, self.plan.retries_max) as u32,
             workspace: Default::default(),
