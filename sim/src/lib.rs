@@ -99,7 +99,12 @@ impl PlantedBug {
             Bug::ReportAppendedTwice => ("report-appended-twice", &[RESULT_ONCE]),
             Bug::VoteWithoutPersist => (
                 "vote-without-persist",
-                &[ELECTION_SAFETY, STATE_MACHINE_SAFETY, ACKED_DURABLE, TERMINAL],
+                &[
+                    ELECTION_SAFETY,
+                    STATE_MACHINE_SAFETY,
+                    ACKED_DURABLE,
+                    TERMINAL,
+                ],
             ),
             Bug::CommitOlderTermByCount => (
                 "commit-older-term-by-count",

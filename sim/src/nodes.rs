@@ -47,6 +47,8 @@ pub(crate) struct NodeHost {
     /// [`SERVER_SILENT_MS`] is given up for the next (as the production
     /// agent redials when its connection goes quiet).
     pub server_heard: u64,
+    /// Replicas tried since one last answered (bounds the redials).
+    pub hops: usize,
     pub clock: Clock,
     pub procs: BTreeMap<(JobId, AttemptNumber), Proc>,
     pub running_total: Resources,
@@ -71,6 +73,7 @@ impl NodeHost {
             paused_until: 0,
             server: 0,
             server_heard: 0,
+            hops: 0,
             clock,
             procs: BTreeMap::new(),
             running_total: Resources::default(),
@@ -185,6 +188,7 @@ impl World {
 
     pub(crate) fn agent_receive(&mut self, i: usize, msg: ServerMsg) -> Check {
         self.nodes[i].server_heard = self.now;
+        self.nodes[i].hops = 0;
         let now = self.agent_now(i);
         if let Some(agent) = self.nodes[i].agent.as_mut() {
             agent.handle_message(now, msg);

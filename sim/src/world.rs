@@ -830,9 +830,20 @@ impl World {
                                 self.nodes[i].server = next;
                                 self.send(from, Ep::Replica(next), 0, Body::FromAgent(msg));
                             }
-                            // No leader known here: the agent tries the
-                            // next replica with its next message.
-                            _ => self.nodes[i].server = (r + 1) % n,
+                            // It was elected and is catching up: the agent
+                            // stays and tries again with its next message.
+                            Some(_) => {}
+                            // No leader known here: the agent tries the next
+                            // replica at once, around the list once at most
+                            // until some replica answers.
+                            None => {
+                                let next = (r + 1) % n;
+                                self.nodes[i].server = next;
+                                if self.nodes[i].hops < n {
+                                    self.nodes[i].hops += 1;
+                                    self.send(from, Ep::Replica(next), 0, Body::FromAgent(msg));
+                                }
+                            }
                         }
                     }
                     return Ok(());
