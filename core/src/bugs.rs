@@ -71,15 +71,12 @@ pub enum Bug {
     /// Raft: votes and append acknowledgements are sent before the unit
     /// that records them is durable (a crash takes them back).
     VoteWithoutPersist,
-    /// Raft: the leader commits the highest index a quorum holds even when
-    /// it is an earlier term's entry (the paper's Figure 8).
-    CommitOlderTermByCount,
     /// Raft: the leader commits what its own disk holds, quorum or not.
     AckWithoutQuorum,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 26] = [
+    pub const ALL: [Bug; 25] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -104,7 +101,6 @@ impl Bug {
         Bug::ReportAppendedTwice,
         Bug::BackfillIgnoresReservation,
         Bug::VoteWithoutPersist,
-        Bug::CommitOlderTermByCount,
         Bug::AckWithoutQuorum,
     ];
 }

@@ -55,7 +55,7 @@ impl PlantedBug {
     /// cluster.
     pub fn replicas(self) -> usize {
         match self.0 {
-            Bug::VoteWithoutPersist | Bug::CommitOlderTermByCount | Bug::AckWithoutQuorum => 3,
+            Bug::VoteWithoutPersist | Bug::AckWithoutQuorum => 3,
             _ => 1,
         }
     }
@@ -105,10 +105,6 @@ impl PlantedBug {
                     ACKED_DURABLE,
                     TERMINAL,
                 ],
-            ),
-            Bug::CommitOlderTermByCount => (
-                "commit-older-term-by-count",
-                &[STATE_MACHINE_SAFETY, ACKED_DURABLE, TERMINAL],
             ),
             Bug::AckWithoutQuorum => (
                 "ack-without-quorum",

@@ -200,6 +200,28 @@ impl Ev {
     }
 }
 
+/// A string that takes at most [`TRACE_LINE_CHARS`] bytes and then refuses
+/// more, which ends the formatting early.
+struct Bounded(String);
+
+const TRACE_LINE_CHARS: usize = 300;
+
+impl std::fmt::Write for Bounded {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let room = TRACE_LINE_CHARS.saturating_sub(self.0.len());
+        if s.len() <= room {
+            self.0.push_str(s);
+            return Ok(());
+        }
+        let mut cut = room;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.0.push_str(&s[..cut]);
+        Err(std::fmt::Error)
+    }
+}
+
 /// A small number per kind of Raft message, for the trace hash.
 fn peer_kind(body: &rustci_core::raft::Body<rustci_core::replica::Record>) -> u64 {
     use rustci_core::raft::Body as B;
@@ -557,9 +579,14 @@ impl World {
                 if self.tail.len() == self.opts.trace_tail {
                     self.tail.pop_front();
                 }
-                let mut line = format!("t={t}ms step={} {ev:?}", self.steps);
-                line.truncate(300);
-                self.tail.push_back(line);
+                // Formatting stops at the line's length: a Raft append can
+                // carry thousands of entries.
+                let mut line = Bounded(String::new());
+                let _ = std::fmt::Write::write_fmt(
+                    &mut line,
+                    format_args!("t={t}ms step={} {ev:?}", self.steps),
+                );
+                self.tail.push_back(line.0);
             }
             let result = self.step(ev);
             if let Err(v) = result {

@@ -585,22 +585,11 @@ impl LogStore {
                     .retain_in((from, 0).., |_, _| false)
                     .map_err(err(path, "remove entry parts"))?;
             }
-            for (entry, bytes) in entries.iter().zip(&frames) {
-                if bytes.len() > ENTRY_FRAME_BYTES_MAX {
-                    return Err(AppendError::EntryTooLarge {
-                        path: path.clone(),
-                        index: entry.index,
-                        bytes: bytes.len(),
-                        max: ENTRY_FRAME_BYTES_MAX,
-                    }
-                    .into());
-                }
-                insert_frame(&mut table, &mut parts, entry.index, bytes)
-                    .map_err(err(path, "insert entry"))?;
-                if crate::fault::take_append_panic(&self.data_dir) {
-                    panic!("injected fault: a panic inside the write transaction");
-                }
-            }
+            let frames = entries
+                .iter()
+                .zip(&frames)
+                .map(|(e, f)| (e.index, e.term, f.as_slice()));
+            insert_frames(&mut table, &mut parts, frames, path, &self.data_dir)?;
         }
         if let Some(h) = hard_state {
             let bytes = frame::encode_value(META_FRAME_KEY, h);
@@ -709,29 +698,13 @@ impl LogStore {
         let mut txn = db.begin_write().map_err(err(path, "begin append"))?;
         txn.set_durability(Durability::Immediate)
             .map_err(err(path, "set durability"))?;
-        let mut last = None;
-        {
+        let last = {
             let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
             let mut parts = txn
                 .open_table(ENTRY_PARTS)
                 .map_err(err(path, "open entry parts"))?;
-            for (index, term, bytes) in frames {
-                if bytes.len() > ENTRY_FRAME_BYTES_MAX {
-                    return Err(AppendError::EntryTooLarge {
-                        path: path.clone(),
-                        index,
-                        bytes: bytes.len(),
-                        max: ENTRY_FRAME_BYTES_MAX,
-                    });
-                }
-                insert_frame(&mut table, &mut parts, index, bytes)
-                    .map_err(err(path, "insert entry"))?;
-                last = Some((index, term));
-                if crate::fault::take_append_panic(&self.data_dir) {
-                    panic!("injected fault: a panic inside the write transaction");
-                }
-            }
-        }
+            insert_frames(&mut table, &mut parts, frames, path, &self.data_dir)?
+        };
         let Some((last_index, last_term)) = last else {
             return Ok(()); // An empty batch: nothing to commit.
         };
@@ -1269,6 +1242,34 @@ fn check_integrity(db: &mut Database, path: &Path) -> Result<(), OpenError> {
 
 /// Stores `frame` under `index`: inline when it fits [`FRAME_PART_BYTES`],
 /// else as parts plus a split record.
+/// Inserts pre-checked frames inside an open write transaction; returns the
+/// last `(index, term)` inserted.
+fn insert_frames<'f>(
+    table: &mut redb::Table<u64, &[u8]>,
+    parts: &mut redb::Table<(u64, u32), &[u8]>,
+    frames: impl Iterator<Item = (LogIndex, Term, &'f [u8])>,
+    path: &Path,
+    data_dir: &Path,
+) -> Result<Option<(LogIndex, Term)>, AppendError> {
+    let mut last = None;
+    for (index, term, bytes) in frames {
+        if bytes.len() > ENTRY_FRAME_BYTES_MAX {
+            return Err(AppendError::EntryTooLarge {
+                path: path.to_path_buf(),
+                index,
+                bytes: bytes.len(),
+                max: ENTRY_FRAME_BYTES_MAX,
+            });
+        }
+        insert_frame(table, parts, index, bytes).map_err(err(path, "insert entry"))?;
+        last = Some((index, term));
+        if crate::fault::take_append_panic(data_dir) {
+            panic!("injected fault: a panic inside the write transaction");
+        }
+    }
+    Ok(last)
+}
+
 fn insert_frame(
     entries: &mut redb::Table<u64, &[u8]>,
     parts: &mut redb::Table<(u64, u32), &[u8]>,

@@ -312,9 +312,7 @@ impl<T: Payload> Raft<T> {
         } else {
             matched[self.config.quorum() - 1]
         };
-        let current_term = self.log.term(quorum_index) == Some(self.term)
-            || planted!(self.config.bugs, CommitOlderTermByCount);
-        if quorum_index > self.log.committed && current_term {
+        if quorum_index > self.log.committed && self.log.term(quorum_index) == Some(self.term) {
             self.log.committed = quorum_index;
             return true;
         }
