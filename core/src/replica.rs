@@ -96,6 +96,11 @@ impl Config {
         c.election_timeout_ms = self.election_timeout_ms;
         c.heartbeat_interval_ms = self.heartbeat_interval_ms;
         c.uncommitted_entries_max = self.proposals_inflight_max as u64;
+        if self.voters.len() == 1 {
+            // Raft keeps applied entries in memory for followers that lag;
+            // a single replica has none to serve.
+            c.cache_entries_max = 0;
+        }
         c.bugs = self.bugs;
         c
     }
