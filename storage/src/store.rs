@@ -724,54 +724,13 @@ impl LogStore {
                 path: self.path.clone(),
             });
         }
-        if from_index <= self.hard_state.commit {
-            return Err(TruncateError::Committed {
-                path: self.path.clone(),
-                from_index,
-                commit: self.hard_state.commit,
-            });
-        }
-        if from_index > self.last_index {
-            return Ok(());
-        }
-        let Db::Write(db) = &*self.db else {
-            unreachable!("read-only stores are refused above");
-        };
-        let path = &self.path;
-        let mut txn = db.begin_write().map_err(err(path, "begin truncate"))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(err(path, "set durability"))?;
-        let (last_index, last_term) = {
-            let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
-            let mut parts = txn
-                .open_table(ENTRY_PARTS)
-                .map_err(err(path, "open entry parts"))?;
-            table
-                .retain_in(from_index.., |_, _| false)
-                .map_err(err(path, "remove entries"))?;
-            parts
-                .retain_in((from_index, 0).., |_, _| false)
-                .map_err(err(path, "remove entry parts"))?;
-            let last = table.last().map_err(err(path, "read last entry"))?;
-            match last {
-                None => (0, 0),
-                Some((key, stored)) => {
-                    let bytes = assemble(key.value(), stored.value(), Some(&parts), path)?;
-                    let entry = frame::decode_entry(key.value(), &bytes)
-                        .map_err(|e| ReadError::corrupt(path, e))?;
-                    (entry.index, entry.term)
-                }
-            }
-        };
-        txn.commit().map_err(err(path, "commit truncate"))?;
-        assert!(last_index < from_index && last_term <= self.last_term);
-        tracing::info!(path = %self.path.display(), from_index, last_index, "log suffix truncated");
-        self.last_index = last_index;
-        self.last_term = last_term;
-        if last_index == 0 {
-            self.first_index = 1;
-        }
-        Ok(())
+        // A persist unit with nothing but a truncation.
+        self.persist(Some(from_index), &[], None)
+            .map_err(|e| match e {
+                PersistError::Truncate(e) => e,
+                PersistError::Db(e) => TruncateError::Db(e),
+                other => unreachable!("a bare truncation fails only as one: {other}"),
+            })
     }
 
     /// Stores `hard_state` durably. Refuses a term that goes backwards and a
