@@ -104,9 +104,14 @@ pub async fn run(
 }
 
 async fn run_node(
-    config: AgentProcessConfig,
+    mut config: AgentProcessConfig,
     mut stop: mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<()> {
+    // Absolute: the jobs' shims read the lease file from inside the job's
+    // workspace, where a relative path (the default `./rustci-agent`)
+    // names nothing, and a lease that cannot be read counts as lapsed.
+    config.work_dir = std::path::absolute(&config.work_dir)
+        .with_context(|| format!("the work dir {}", config.work_dir.display()))?;
     rustci_core::validate::validate_node_name(&config.name)
         .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     rustci_core::validate::validate_resources(&config.capacity)

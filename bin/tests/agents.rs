@@ -19,7 +19,12 @@ struct Proc {
 
 impl Proc {
     fn spawn(args: &[&str], log: &Path) -> Proc {
+        Proc::spawn_in(args, log, Path::new("."))
+    }
+
+    fn spawn_in(args: &[&str], log: &Path, cwd: &Path) -> Proc {
         let child = Command::new(BIN)
+            .current_dir(cwd)
             .args(args)
             .env_remove("RUSTCI_JOIN_TOKEN")
             .env_remove("RUSTCI_SERVER")
@@ -675,4 +680,27 @@ fn a_silent_server_in_the_list_does_not_delay_joining() {
     // Dialling one server after the other waits out 5 s per silent one.
     let took = started.elapsed();
     assert!(took < Duration::from_secs(4), "joined after {took:?}");
+}
+
+/// The default `--work-dir` is relative (`./rustci-agent`). The jobs' shims
+/// read the lease from inside the job's own workspace, so a relative path
+/// once named nothing there, and every job longer than the shim's first
+/// lease check was killed as "lease lapsed".
+#[test]
+fn an_agent_with_a_relative_work_dir_runs_jobs_longer_than_a_lease_check() {
+    let mut c = Cluster::start(&[]);
+    let mut args = c.agent_args("rel", "zone=a", JOIN_TOKEN);
+    let at = args.iter().position(|a| a == "--work-dir").unwrap();
+    args[at + 1] = "relative-work".into();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = c.dir.path().join("agent-rel.log");
+    let agent = Proc::spawn_in(&args, &log, c.dir.path());
+    c.agents.insert("rel".into(), agent);
+    c.wait_nodes_ready(1);
+    let id = c.submit(&json!({"command": ["sh", "-c", "echo start; sleep 2; echo end"]}));
+    let job = wait_terminal(&c, id);
+    let (_, out) = http(&c.addr, "GET", &format!("/v1/jobs/{id}/logs"), None);
+    assert_eq!(job["state"], "succeeded", "{job}\n{out}");
+    assert_eq!(out, "start\nend\n");
+    assert!(c.dir.path().join("relative-work").is_dir());
 }
