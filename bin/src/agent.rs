@@ -491,6 +491,8 @@ impl Driver {
         for s in self.shipping.values_mut() {
             s.offset = 0;
         }
+        let now = self.now();
+        self.agent.handle_connected(now);
     }
 
     fn send(&mut self, up: Up) {

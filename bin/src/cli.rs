@@ -300,10 +300,26 @@ pub struct ServerArgs {
     pub listen: SocketAddr,
     #[arg(long, default_value = "./rustci-data")]
     pub data_dir: PathBuf,
-    /// Another replica, ID=ADDR (repeatable). Multi-replica clusters are not
-    /// supported yet: with peers the server refuses to start.
-    #[arg(long = "peer")]
+    /// Another replica of the cluster, ID=ADDR (repeatable): give every
+    /// other replica, with the address its API listens on. 1, 3 or 5
+    /// replicas form a cluster.
+    #[arg(long = "peer", value_name = "ID=ADDR")]
     pub peers: Vec<String>,
+    /// The address other replicas and agents reach this one at, when it is
+    /// not the listen address (listening on 0.0.0.0, for instance).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// A name shared by every replica of one cluster (default "rustci"):
+    /// replicas with another token refuse each other's messages.
+    #[arg(long, default_value = crate::daemon::CLUSTER_TOKEN_DEFAULT)]
+    pub cluster_token: String,
+    /// Silence from the leader after which a follower starts an election
+    /// (ms, 20 to 60,000; each wait is drawn between it and twice it).
+    #[arg(long, default_value_t = rustci_core::raft::ELECTION_TIMEOUT_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(20..=60_000))]
+    pub election_timeout_ms: u64,
+    /// How often the leader tells followers it is alive (ms, 5 to 30,000).
+    #[arg(long, default_value_t = rustci_core::raft::HEARTBEAT_INTERVAL_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(5..=30_000))]
+    pub raft_heartbeat_interval_ms: u64,
     /// Require `Authorization: Bearer <token>` on the API (needed to listen beyond loopback).
     #[arg(long, env = "RUSTCI_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -1467,6 +1483,50 @@ pub async fn status(client: &ClientOpts, as_json: bool) -> anyhow::Result<Exit> 
     println!("jobs:          {}", jobs.join(" "));
     println!("uptime:        {}s", c.uptime_secs);
     Ok(0)
+}
+
+/// Replicas a cluster may have at most.
+pub const REPLICAS_MAX: usize = 7;
+
+/// `--peer ID=ADDR` values, checked: ids other than `me` and each other,
+/// addresses given, and a cluster of at most [`REPLICAS_MAX`].
+pub fn parse_peers(
+    me: u64,
+    peers: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in peers {
+        let Some((id, addr)) = p.split_once('=') else {
+            anyhow::bail!("--peer {p:?}: expected ID=ADDR, like 2=10.0.0.2:7878");
+        };
+        let id: u64 = id.trim().parse().ok().filter(|&i| i >= 1).ok_or_else(|| {
+            anyhow::anyhow!("--peer {p:?}: the id must be a whole number from 1 up")
+        })?;
+        let addr = addr.trim();
+        if addr.is_empty() {
+            anyhow::bail!("--peer {p:?}: the address is missing");
+        }
+        let addr = server_addr(addr);
+        if id == me {
+            anyhow::bail!("--peer {p:?}: {id} is this replica's own --id; list only the others");
+        }
+        if out.insert(id, addr).is_some() {
+            anyhow::bail!("--peer: replica {id} is listed twice");
+        }
+    }
+    if out.len() + 1 > REPLICAS_MAX {
+        anyhow::bail!(
+            "--peer: {} replicas; a cluster has 1, 3 or 5 (at most {REPLICAS_MAX})",
+            out.len() + 1
+        );
+    }
+    if out.len() % 2 == 1 {
+        tracing::warn!(
+            replicas = out.len() + 1,
+            "an even number of replicas survives no more failures than one fewer: use 3 or 5"
+        );
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

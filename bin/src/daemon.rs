@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use rustci_core::agent::{Agent, AgentConfig, AgentOutput};
-use rustci_core::event::{Entry, LogIndex};
+use rustci_core::event::{Entry, LogIndex, ReplicaId};
 use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Resources};
 use rustci_core::protocol::LeaseConfig;
 use rustci_core::raft::HardState;
@@ -33,9 +33,10 @@ use rustci_core::replica::{
 use rustci_core::state::State;
 use rustci_net::agent_link::{AgentLinks, LinkContext};
 use rustci_net::control::{
-    output_path, BackupDone, BackupError, ControlPlane, Input, LogReader, LogStats, RunObservation,
-    ServerInfo,
+    output_path, BackupDone, BackupError, ControlPlane, Input, LeaderView, LogReader, LogStats,
+    RunObservation, ServerInfo,
 };
+use rustci_net::peer::{PeerContext, PeerTransport};
 use rustci_net::server::{serve, ServerConfig};
 use rustci_storage::{LogReadHandle, LogStore};
 use tokio::net::TcpListener;
@@ -77,6 +78,20 @@ pub struct DevConfig {
     /// Silence after which the leader declares a node down
     /// (`--node-down-after-ms`).
     pub node_down_after_ms: u64,
+    /// This replica's id (`rustci server --id`; 1 for `rustci dev`).
+    pub id: ReplicaId,
+    /// The other replicas' API addresses (`--peer ID=ADDR`); empty for a
+    /// single replica.
+    pub peers: BTreeMap<ReplicaId, String>,
+    /// The address other replicas and agents reach this one at; default:
+    /// the listen address.
+    pub advertise: Option<String>,
+    /// Shared by every replica of a cluster; part of the cluster id, so
+    /// that replicas of two clusters never take each other's messages.
+    pub cluster_token: String,
+    /// Raft's base election timeout (each wait is drawn from `[t, 2t)`).
+    pub election_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
 }
 
 impl DevConfig {
@@ -100,9 +115,40 @@ impl DevConfig {
             keep_failed_workspaces: runner::KEEP_FAILED_WORKSPACES_DEFAULT,
             connections_max: rustci_net::server::CONNECTIONS_MAX,
             node_down_after_ms: rustci_core::protocol::DOWN_AFTER_MS,
+            id: 1,
+            peers: BTreeMap::new(),
+            advertise: None,
+            cluster_token: CLUSTER_TOKEN_DEFAULT.to_string(),
+            election_timeout_ms: rustci_core::raft::ELECTION_TIMEOUT_MS_DEFAULT,
+            heartbeat_interval_ms: rustci_core::raft::HEARTBEAT_INTERVAL_MS_DEFAULT,
         }
     }
+
+    /// The cluster id every replica of a cluster derives alike: a digest
+    /// of the cluster token and the replica ids. `None` for a single
+    /// replica, whose data dir gets a random one.
+    pub fn cluster_id(&self) -> Option<String> {
+        if self.peers.is_empty() {
+            return None;
+        }
+        use sha2::Digest as _;
+        let mut ids: Vec<ReplicaId> = self.peers.keys().copied().collect();
+        ids.push(self.id);
+        ids.sort_unstable();
+        let mut h = sha2::Sha256::new();
+        h.update(b"rustci cluster\0");
+        h.update(self.cluster_token.as_bytes());
+        for id in ids {
+            h.update(b"\0");
+            h.update(id.to_string().as_bytes());
+        }
+        let digest = h.finalize();
+        Some(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
+
+/// Default of `--cluster-token`.
+pub const CLUSTER_TOKEN_DEFAULT: &str = "rustci";
 
 /// Milliseconds since the Unix epoch on this machine's clock: the `now` this
 /// driver feeds the replica.
@@ -297,7 +343,7 @@ impl DevHandle {
 /// Everything the daemon logs is inside a `replica` span with its id and
 /// term (see `crate::logging`).
 pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
-    let span = tracing::info_span!("replica", id = 1u64, term = tracing::field::Empty);
+    let span = tracing::info_span!("replica", id = config.id, term = tracing::field::Empty);
     start_replica(config).instrument(span).await
 }
 
@@ -317,8 +363,20 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     let started = Instant::now();
     crate::memory::tune_allocator();
     tokio::spawn(crate::memory::trim_after_bursts().in_current_span());
+    let cluster_id = config.cluster_id();
     let (store, recovery) = guard_corruption(&config.data_dir, || {
-        let store = LogStore::open(&config.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = match &cluster_id {
+            None => LogStore::open(&config.data_dir),
+            Some(cluster_id) => LogStore::open_with(&config.data_dir, || {
+                let mut identity = rustci_storage::Identity::generate(config.id)?;
+                identity.cluster_id = cluster_id.clone();
+                Ok(identity)
+            }),
+        }
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(cluster_id) = &cluster_id {
+            check_identity(&config, cluster_id)?;
+        }
         let recovery = recover_store(&store)?;
         Ok((store, recovery))
     })?;
@@ -383,34 +441,57 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     );
     tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()).in_current_span());
 
+    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
     let info = ServerInfo {
-        id: 1,
-        advertise_addr: addr.to_string(),
+        id: config.id,
+        advertise_addr: advertise.clone(),
         data_dir: config.data_dir.clone(),
+        peers: config.peers.clone(),
     };
+    let (leader_tx, leader_rx) = watch::channel(LeaderView::default());
     let links = AgentLinks::new();
+    let mut replica_addrs = config.peers.clone();
+    replica_addrs.insert(config.id, advertise);
     let agents = Arc::new(LinkContext {
         links: links.clone(),
         join_token: config.join_token.clone(),
-        server_id: 1,
+        server_id: config.id,
         data_dir: config.data_dir.clone(),
         reserved_node: config.local_runner.then(|| config.node_name.clone()),
         to_driver: inputs_tx.clone(),
         disk_reserve_bytes: reserve,
+        leader: leader_rx.clone(),
+        replica_addrs,
+    });
+    let peer_context = cluster_id.as_ref().map(|cluster_id| {
+        Arc::new(PeerContext {
+            cluster_id: cluster_id.clone(),
+            id: config.id,
+            peers: config.peers.clone(),
+            api_token: config.api_token.clone(),
+        })
+    });
+    let transport = peer_context.as_deref().map(PeerTransport::start);
+    let shared_log = Arc::new(SharedLog {
+        reader,
+        data_dir: config.data_dir.clone(),
     });
     let cp = ControlPlane::new(
         inputs_tx.clone(),
         applied_rx,
-        Arc::new(SharedLog {
-            reader,
-            data_dir: config.data_dir.clone(),
-        }),
+        shared_log.clone(),
         info,
         started,
         log_stats,
+        leader_rx,
     );
     let measured = crate::driver_metrics::DriverMetrics::new(cp.metrics.clone());
-    let mut replica_config = Config::new(1);
+    let mut replica_config = Config::new(config.id);
+    replica_config.voters.extend(config.peers.keys().copied());
+    replica_config.election_timeout_ms = config.election_timeout_ms;
+    replica_config.heartbeat_interval_ms = config.heartbeat_interval_ms;
+    // Production draws election timeouts from the OS; the simulator seeds.
+    replica_config.seed = random_seed();
     replica_config.idempotency_window_ms =
         u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
     replica_config.lease.down_after_ms = config.node_down_after_ms;
@@ -430,6 +511,16 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         data_dir: config.data_dir.clone(),
         measured,
         fatal: None,
+        transport,
+        shared_log: Some(shared_log),
+        inputs: inputs_tx.clone(),
+        leader_view: leader_tx,
+        tick_ms: if config.peers.is_empty() {
+            TICK_MS
+        } else {
+            TICK_MS.min((config.heartbeat_interval_ms / 2).max(5))
+        },
+        transfer_timeout: Duration::from_millis(3 * config.election_timeout_ms),
     };
     driver.replica.start(wall_clock_ms());
     driver.carry_out();
@@ -458,6 +549,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
                 api_token: config.api_token.clone(),
                 agents: Some(agents),
                 connections_max: config.connections_max,
+                peers: peer_context,
             },
             async {
                 let _ = server_stop_rx.await;
@@ -465,7 +557,11 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         )
         .in_current_span(),
     );
-    tracing::info!(%addr, node = %config.node_name, "rustci dev is serving");
+    if config.local_runner {
+        tracing::info!(%addr, node = %config.node_name, "rustci dev is serving");
+    } else {
+        tracing::info!(%addr, peers = config.peers.len(), "rustci server is serving");
+    }
     let done = tokio::spawn(
         async move {
             let result = driver.run(inputs_rx, stop_rx, server, server_stop_tx).await;
@@ -479,6 +575,49 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         stop: Some(stop_tx),
         done,
     })
+}
+
+/// A replica of a cluster refuses a data dir of another cluster or of
+/// another replica: its log would mix with theirs.
+fn check_identity(config: &DevConfig, cluster_id: &str) -> anyhow::Result<()> {
+    let identity = rustci_storage::Identity::read(&config.data_dir)
+        .map_err(|(path, reason)| anyhow::anyhow!("{}: {reason}", path.display()))?
+        .ok_or_else(|| anyhow::anyhow!("data dir {} has no identity", config.data_dir.display()))?;
+    if identity.cluster_id != cluster_id {
+        bail!(
+            "data dir {} belongs to cluster {}, but replicas {} with this --cluster-token form cluster {cluster_id}: refusing to start (use the data dir made for this cluster, or a new one)",
+            config.data_dir.display(),
+            identity.cluster_id,
+            replica_list(config),
+        );
+    }
+    if identity.replica_id != config.id {
+        bail!(
+            "data dir {} is replica {}'s, not replica {}'s: refusing to start (each replica keeps its own data dir)",
+            config.data_dir.display(),
+            identity.replica_id,
+            config.id
+        );
+    }
+    Ok(())
+}
+
+fn replica_list(config: &DevConfig) -> String {
+    let mut ids: Vec<ReplicaId> = config.peers.keys().copied().collect();
+    ids.push(config.id);
+    ids.sort_unstable();
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// A seed for Raft's election timeouts from the OS.
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    match std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+    {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => wall_clock_ms() ^ u64::from(std::process::id()),
+    }
 }
 
 /// The log writer: one redb transaction and one fsync per batch of batches.
@@ -742,6 +881,19 @@ struct Driver {
     /// Set when the log cannot be written: the daemon must stop, since
     /// nothing more can be acknowledged safely.
     fatal: Option<String>,
+    /// Sends to the other replicas; `None` for a single replica.
+    transport: Option<PeerTransport>,
+    /// Where entries for a lagging follower are read from (let go at
+    /// shutdown, so the log closes with no reader open).
+    shared_log: Option<Arc<SharedLog>>,
+    /// The driver's own input channel (storage reads answer through it).
+    inputs: mpsc::Sender<Input>,
+    /// Who leads, for the API and the agent endpoint.
+    leader_view: watch::Sender<LeaderView>,
+    /// How often the replica ticks: Raft's heartbeats ride on ticks.
+    tick_ms: u64,
+    /// How long a stopping leader waits for a successor to take over.
+    transfer_timeout: Duration,
 }
 
 /// The agent of the runner built into `rustci dev`.
@@ -795,18 +947,42 @@ impl Driver {
         mut server: tokio::task::JoinHandle<()>,
         server_stop: oneshot::Sender<()>,
     ) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        let mut tick = tokio::time::interval(Duration::from_millis(self.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut server_stop = Some(server_stop);
         let mut stopping = false;
+        // A stopping leader of a cluster first hands over (the API and the
+        // peer endpoint keep serving meanwhile), until this deadline.
+        let mut handing_over: Option<Instant> = None;
         self.carry_out();
         self.record_term();
         loop {
+            if let Some(deadline) = handing_over {
+                if !self.replica.is_leading() || Instant::now() >= deadline {
+                    handing_over = None;
+                    if self.replica.is_leading() {
+                        tracing::warn!("no replica took over in time: stopping as the leader");
+                    } else {
+                        tracing::info!(leader = ?self.replica.leader(), "handed leadership over");
+                    }
+                    if let Some(s) = server_stop.take() {
+                        let _ = s.send(());
+                    }
+                }
+            }
             tokio::select! {
                 biased;
                 _ = &mut stop, if !stopping => {
                     stopping = true;
-                    if let Some(s) = server_stop.take() { let _ = s.send(()); }
+                    match self.hand_over() {
+                        Some(to) => {
+                            tracing::info!(to, "stopping: handing leadership over first");
+                            handing_over = Some(Instant::now() + self.transfer_timeout);
+                        }
+                        None => {
+                            if let Some(s) = server_stop.take() { let _ = s.send(()); }
+                        }
+                    }
                 }
                 _ = &mut server, if stopping => break,
                 input = inputs.recv() => {
@@ -839,6 +1015,62 @@ impl Driver {
         Ok(())
     }
 
+    /// A leader of a cluster starts handing leadership to its most
+    /// up-to-date peer; returns that peer.
+    fn hand_over(&mut self) -> Option<ReplicaId> {
+        if self.replica.voters().len() < 2 || !self.replica.is_leading() {
+            return None;
+        }
+        let to = self.replica.best_transferee()?;
+        self.replica
+            .transfer_leadership(wall_clock_ms(), to)
+            .then_some(to)
+    }
+
+    /// Reads entries `from..=to` for `peer` off the driver's task and hands
+    /// them back as an input.
+    fn load_entries(&self, peer: ReplicaId, from: LogIndex, to: LogIndex) {
+        let Some(log) = self.shared_log.clone() else {
+            return;
+        };
+        let inputs = self.inputs.clone();
+        tokio::task::spawn_blocking(move || {
+            let want = usize::try_from(to + 1 - from).unwrap_or(usize::MAX);
+            let mut entries: Vec<Entry> = Vec::with_capacity(want.min(4096));
+            while entries.len() < want {
+                let next = from + entries.len() as u64;
+                match log.reader.read_range(next, want - entries.len()) {
+                    Ok(more) if !more.is_empty() => entries.extend(more),
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(peer, from, to, error = %e, "cannot read entries for a lagging replica");
+                        break;
+                    }
+                }
+            }
+            if entries.len() != want {
+                entries.clear();
+            }
+            let _ = inputs.blocking_send(Input::EntriesLoaded { peer, entries });
+        });
+    }
+
+    /// Publishes who leads, for the API and the agent endpoint.
+    fn publish_leader(&mut self) {
+        let view = LeaderView {
+            leading: self.replica.is_leading(),
+            leader: self.replica.leader(),
+        };
+        self.leader_view.send_if_modified(|v| {
+            let changed = *v != view;
+            if changed {
+                tracing::info!(leading = view.leading, leader = ?view.leader, "leadership changed");
+            }
+            *v = view;
+            changed
+        });
+    }
+
     /// Puts the replica's term on the span every log line of it carries.
     fn record_term(&mut self) {
         let term = self.replica.term();
@@ -857,6 +1089,7 @@ impl Driver {
     }
 
     async fn shutdown(&mut self) {
+        self.shared_log = None;
         self.replica.stop();
         self.runner.shutdown().await;
         self.carry_out();
@@ -921,6 +1154,17 @@ impl Driver {
                 self.fatal = Some(e);
             }
             Input::Tick => self.tick(),
+            Input::Peer(messages) => {
+                let mono = self.mono_ms();
+                for msg in messages {
+                    self.measured
+                        .step(&mut self.replica, |r| r.handle_peer(now, mono, msg));
+                }
+                self.measured.committed(self.replica.commit_index());
+            }
+            Input::EntriesLoaded { peer, entries } => {
+                self.replica.handle_entries_loaded(now, peer, entries);
+            }
         }
     }
 
@@ -947,6 +1191,7 @@ impl Driver {
             *i = now;
             changed
         });
+        self.publish_leader();
     }
 
     /// Carries out what the local agent asks for (see the driver contract in
@@ -990,13 +1235,17 @@ impl Driver {
                         self.fatal = Some("the log writer has stopped".into());
                     }
                 }
-                // One replica has no peers to talk to.
-                Output::Send(msg) => {
-                    tracing::error!(to = msg.to, kind = msg.body.kind(), "no peer to send to");
-                }
-                Output::LoadEntries(need) => {
-                    tracing::error!(peer = need.peer, "no peer to load entries for");
-                }
+                Output::Send(msg) => match &self.transport {
+                    Some(t) => {
+                        if !t.send(msg) {
+                            tracing::debug!("a peer's queue is full: message dropped");
+                        }
+                    }
+                    None => {
+                        tracing::error!(to = msg.to, kind = msg.body.kind(), "no peer to send to")
+                    }
+                },
+                Output::LoadEntries(need) => self.load_entries(need.peer, need.from, need.to),
                 Output::Reply { request, result } => {
                     if let Some(Some(waiter)) = self.pending.remove(&request) {
                         let _ = waiter.send(result);

@@ -168,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 ),
                 connections_max: args.control.connections_max,
                 node_down_after_ms: args.control.node_down_after_ms,
+                ..DevConfig::server(std::path::PathBuf::new(), args.listen)
             };
             let handle = daemon::start_dev(config).await?;
             rustci::logging::announce(&format!(
@@ -178,13 +179,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Server(args) => {
-            if !args.peers.is_empty() {
+            let peers = cli::parse_peers(args.id, &args.peers)?;
+            if args.election_timeout_ms < 2 * args.raft_heartbeat_interval_ms {
                 anyhow::bail!(
-                    "--peer: replicated control planes are not supported yet; run one replica without --peer"
+                    "--election-timeout-ms ({}) must be at least twice --raft-heartbeat-interval-ms ({})",
+                    args.election_timeout_ms,
+                    args.raft_heartbeat_interval_ms
                 );
-            }
-            if args.id != 1 {
-                anyhow::bail!("--id: a single replica has id 1");
             }
             let config = DevConfig {
                 data_dir: args.data_dir,
@@ -211,6 +212,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 keep_failed_workspaces: rustci::runner::KEEP_FAILED_WORKSPACES_DEFAULT,
                 connections_max: args.control.connections_max,
                 node_down_after_ms: args.control.node_down_after_ms,
+                id: args.id,
+                peers,
+                advertise: args.advertise,
+                cluster_token: args.cluster_token,
+                election_timeout_ms: args.election_timeout_ms,
+                heartbeat_interval_ms: args.raft_heartbeat_interval_ms,
             };
             let handle = daemon::start_dev(config).await?;
             rustci::logging::announce(&format!(

@@ -286,6 +286,15 @@ impl Agent {
         }
     }
 
+    /// The driver (re)connected to a control-plane replica, the new leader
+    /// after a failover for instance: heartbeat at once rather than at the
+    /// next interval. Heartbeats sent while no replica listened are lost,
+    /// and waiting for the next one can let the lease run out meanwhile.
+    pub fn handle_connected(&mut self, now: u64) {
+        self.next_heartbeat_at = self.next_heartbeat_at.min(now);
+        self.handle_tick(now);
+    }
+
     /// Periodic work: the lease, time-outs, heartbeats and report resends.
     pub fn handle_tick(&mut self, now: u64) {
         self.check_lease(now);
@@ -857,6 +866,37 @@ mod tests {
             },
         );
         assert_eq!(a.lease_until(), Some(4_000));
+    }
+
+    /// After a failover the agent finds the new leader between two
+    /// heartbeats; the one sent while it had no leader was lost. It must
+    /// not wait for the next interval: its lease runs from the last
+    /// acknowledged heartbeat, and could run out meanwhile.
+    #[test]
+    fn agent_heartbeats_at_once_when_it_reconnects() {
+        let mut a = joined(1_000);
+        // The heartbeat of 2,000 went to a dead leader.
+        a.handle_tick(2_000);
+        assert!(matches!(
+            drain(&mut a)[..],
+            [AgentOutput::Send(AgentMsg::Heartbeat { seq: 2, .. })]
+        ));
+        a.handle_tick(2_300);
+        assert!(drain(&mut a).is_empty(), "not due yet");
+        a.handle_connected(2_400);
+        assert!(matches!(
+            drain(&mut a)[..],
+            [AgentOutput::Send(AgentMsg::Heartbeat { seq: 3, .. })]
+        ));
+        a.handle_message(
+            2_450,
+            ServerMsg::Lease {
+                seq: 3,
+                index: 2,
+                active: vec![],
+            },
+        );
+        assert_eq!(a.lease_until(), Some(5_400));
     }
 
     #[test]

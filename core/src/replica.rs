@@ -108,7 +108,7 @@ impl Config {
 
 /// What the replicated log carries: an event and the wall-clock stamp its
 /// leader gave it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub at: TimestampMs,
     pub event: Event,

@@ -204,6 +204,35 @@ pub struct LinkContext {
     pub to_driver: mpsc::Sender<crate::control::Input>,
     /// Free space kept for the log: shipped output stops below it.
     pub disk_reserve_bytes: u64,
+    /// Who leads: only the leader takes agents, and its connections close
+    /// when it stops leading, so that agents go and find the new one.
+    pub leader: tokio::sync::watch::Receiver<crate::control::LeaderView>,
+    /// Every replica's API address by id, for telling agents where the
+    /// leader is.
+    pub replica_addrs: BTreeMap<u64, String>,
+}
+
+impl LinkContext {
+    /// Why this replica takes no agents now, if it does not lead.
+    fn not_leading(&self) -> Option<String> {
+        let view = *self.leader.borrow();
+        if view.leading {
+            return None;
+        }
+        Some(match view.leader.filter(|&l| l != self.server_id) {
+            Some(l) => format!(
+                "replica {} is not the leader: replica {l} is, at {}",
+                self.server_id,
+                self.replica_addrs
+                    .get(&l)
+                    .map_or("an unknown address", String::as_str)
+            ),
+            None => format!(
+                "replica {} is not the leader, and no leader is known yet",
+                self.server_id
+            ),
+        })
+    }
 }
 
 /// Serves one agent connection (after the protocol switch) until it ends.
@@ -237,10 +266,12 @@ where
             hello.node
         ));
     }
+    let mut leader = ctx.leader.clone();
     let (tx, mut rx) = mpsc::channel::<Down>(DOWN_QUEUE_MAX);
-    let id = match refused {
-        Some(reason) => Err((reason, true)),
-        None => ctx.links.register(&hello.node, tx).ok_or_else(|| {
+    let id = match (refused, ctx.not_leading()) {
+        (Some(reason), _) => Err((reason, true)),
+        (None, Some(reason)) => Err((reason, false)),
+        (None, None) => ctx.links.register(&hello.node, tx).ok_or_else(|| {
             let reason = format!("an agent named {} is connected already", hello.node);
             (reason, false)
         }),
@@ -274,11 +305,17 @@ where
     loop {
         // An agent heartbeats every second: a connection silent for much
         // longer is dead (a half-open one would otherwise hold its name).
-        let frame = match tokio::time::timeout(LINK_SILENCE_MAX, read_frame::<_, Up>(&mut rd)).await
-        {
-            Ok(frame) => frame,
-            Err(_) => {
-                tracing::warn!(%peer, node = %hello.node, "agent connection silent; closing it");
+        let read = tokio::time::timeout(LINK_SILENCE_MAX, read_frame::<_, Up>(&mut rd));
+        let frame = tokio::select! {
+            frame = read => match frame {
+                Ok(frame) => frame,
+                Err(_) => {
+                    tracing::warn!(%peer, node = %hello.node, "agent connection silent; closing it");
+                    break;
+                }
+            },
+            _ = leader.wait_for(|v| !v.leading) => {
+                tracing::info!(%peer, node = %hello.node, "no longer the leader: closing the agent's connection so that it finds the new one");
                 break;
             }
         };

@@ -12,7 +12,7 @@ use std::time::Instant;
 use rustci_core::event::{Entry, LogIndex, ReplicaId};
 use rustci_core::model::{AttemptNumber, JobId, Outcome, Usage};
 use rustci_core::protocol::AgentMsg;
-use rustci_core::replica::{Command, CommandError, Replica, Reply};
+use rustci_core::replica::{Command, CommandError, PeerMessage, Replica, Reply};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Inputs of the driver loop. Only the driver interprets them.
@@ -37,6 +37,25 @@ pub enum Input {
     /// there is room again (`false`).
     StorageFull(bool),
     Tick,
+    /// Messages from another replica (see `crate::peer`).
+    Peer(Vec<PeerMessage>),
+    /// Entries read from storage for a lagging replica, answering the
+    /// replica's `Output::LoadEntries`.
+    EntriesLoaded {
+        peer: ReplicaId,
+        entries: Vec<Entry>,
+    },
+}
+
+/// Who leads, as this replica sees it: published by the driver after each
+/// step, read by the API (to forward requests) and the agent endpoint (to
+/// refuse agents while not leading).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaderView {
+    /// This replica leads and has applied its own `LeaderElected` entry.
+    pub leading: bool,
+    /// The leader this replica knows of, itself included.
+    pub leader: Option<ReplicaId>,
 }
 
 /// What a local runner saw of an attempt's process.
@@ -102,6 +121,19 @@ pub struct ServerInfo {
     pub id: ReplicaId,
     pub advertise_addr: String,
     pub data_dir: PathBuf,
+    /// The other replicas' API addresses, by id (empty for one replica).
+    pub peers: std::collections::BTreeMap<ReplicaId, String>,
+}
+
+impl ServerInfo {
+    /// The API address of replica `id`, this one included.
+    pub fn addr_of(&self, id: ReplicaId) -> Option<&str> {
+        if id == self.id {
+            Some(&self.advertise_addr)
+        } else {
+            self.peers.get(&id).map(String::as_str)
+        }
+    }
 }
 
 /// Counters of the log writer, shown by `/metrics`.
@@ -125,6 +157,8 @@ pub struct ControlPlane {
     /// Latencies and the driver's counters; the driver records into the
     /// same `Arc` (see `crate::metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Who leads, published by the driver.
+    pub leader: watch::Receiver<LeaderView>,
 }
 
 /// The driver is gone (shut down or crashed).
@@ -140,6 +174,7 @@ impl ControlPlane {
         info: ServerInfo,
         started: Instant,
         log_stats: Arc<LogStats>,
+        leader: watch::Receiver<LeaderView>,
     ) -> ControlPlane {
         ControlPlane {
             inputs,
@@ -149,7 +184,16 @@ impl ControlPlane {
             started,
             log_stats,
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            leader,
         }
+    }
+
+    /// Hands messages from another replica to the driver.
+    pub async fn peer(&self, messages: Vec<PeerMessage>) -> Result<(), Unavailable> {
+        self.inputs
+            .send(Input::Peer(messages))
+            .await
+            .map_err(|_| Unavailable)
     }
 
     pub async fn command(

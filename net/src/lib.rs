@@ -12,8 +12,10 @@ pub mod control;
 pub mod disk;
 pub mod dto;
 pub mod events;
+pub mod forward;
 /// The request decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod peer;
 pub mod server;

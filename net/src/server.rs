@@ -104,6 +104,9 @@ pub struct ServerConfig {
     pub agents: Option<Arc<crate::agent_link::LinkContext>>,
     /// Connections held at once (default [`CONNECTIONS_MAX`]).
     pub connections_max: usize,
+    /// The peer endpoint (`POST /v1/raft`) of a replica in a cluster;
+    /// `None`: a single replica, which refuses peer traffic.
+    pub peers: Option<Arc<crate::peer::PeerContext>>,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             api_token: None,
             agents: None,
             connections_max: CONNECTIONS_MAX,
+            peers: None,
         }
     }
 }
@@ -313,7 +317,7 @@ impl From<CommandError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response<Body>, ApiError>;
+pub(crate) type ApiResult = Result<Response<Body>, ApiError>;
 
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(value).expect("API views always serialize");
@@ -432,7 +436,13 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
         authorize(config, &req)?;
     }
     let query = parse_query(req.uri().query());
+    if matches!(segments.as_slice(), ["v1", "jobs" | "nodes", ..]) && !cp.leader.borrow().leading {
+        // Writes and reads of jobs and nodes are the leader's: its state
+        // is the newest committed one, and job output is shipped to it.
+        return crate::forward::to_leader(cp, req).await;
+    }
     match (&method, segments.as_slice()) {
+        (&Method::POST, ["v1", "raft"]) => peer_batch(cp, config, req).await,
         (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n", "text/plain")),
         (&Method::GET, ["readyz"]) => readyz(cp).await,
         (&Method::GET, ["metrics"]) => metrics(cp).await,
@@ -472,7 +482,7 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
         (_, ["healthz" | "readyz" | "metrics"])
         | (_, ["v1", "jobs", ..])
         | (_, ["v1", "nodes", ..])
-        | (_, ["v1", "cluster" | "events"]) => Err(ApiError::new(
+        | (_, ["v1", "cluster" | "events" | "raft"]) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{method} is not allowed on {path}"),
@@ -534,8 +544,13 @@ fn parse_job_id(s: &str) -> Result<JobId, ApiError> {
 /// past `BODY_RATE_GRACE` at no less than `BODY_BYTES_PER_SEC_MIN` on
 /// average (408, and the connection is closed).
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    if req.body().size_hint().lower() > BODY_BYTES_MAX as u64 {
-        return Err(too_large());
+    read_body_max(req, BODY_BYTES_MAX).await
+}
+
+/// [`read_body`] with another size limit.
+pub(crate) async fn read_body_max(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    if req.body().size_hint().lower() > max as u64 {
+        return Err(too_large(max));
     }
     let rec = req.extensions().get::<Arc<Conn>>().cloned();
     if let Some(r) = &rec {
@@ -575,8 +590,8 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
             }
         };
         if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > BODY_BYTES_MAX {
-                return Err(too_large());
+            if buf.len() + data.len() > max {
+                return Err(too_large(max));
             }
             buf.extend_from_slice(&data);
         }
@@ -587,11 +602,11 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     Ok(buf.freeze())
 }
 
-fn too_large() -> ApiError {
+fn too_large(max: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload_too_large",
-        format!("request body exceeds {BODY_BYTES_MAX} bytes"),
+        format!("request body exceeds {max} bytes"),
     )
 }
 
@@ -648,6 +663,28 @@ async fn backup(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
 }
 
 /// The optional body of a removal: `{"reason": "..."}`.
+/// `POST /v1/raft`: a batch of Raft messages from another replica (see
+/// `crate::peer`). Checked whole before any of it reaches the driver.
+async fn peer_batch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incoming>) -> ApiResult {
+    let Some(ctx) = config.peers.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_clustered",
+            "this is a single-replica control plane: it takes no peer traffic",
+        ));
+    };
+    let body = read_body_max(req, crate::peer::PEER_BODY_BYTES_MAX).await?;
+    let batch = crate::peer::check_batch(&ctx, &body).map_err(|refusal| {
+        tracing::warn!(reason = %refusal, "peer batch refused");
+        ApiError::new(refusal.status(), refusal.code(), refusal.to_string())
+    })?;
+    cp.peer(batch.messages).await?;
+    Ok(Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Full::new(Bytes::new()).boxed())
+        .expect("a valid response"))
+}
+
 async fn remove_reason(req: Request<Incoming>) -> Result<String, ApiError> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -932,20 +969,24 @@ async fn cluster(cp: &ControlPlane) -> ApiResult {
                 id: r.id(),
                 state: r.lifecycle().as_str().to_string(),
                 leader: r.leader(),
-                leader_addr: r.leader().map(|_| info.advertise_addr.clone()),
+                leader_addr: r.leader().and_then(|l| info.addr_of(l)).map(str::to_string),
                 term: r.term(),
                 commit_index: r.commit_index(),
                 applied_index: r.applied_index(),
-                replicas: vec![ReplicaView {
-                    id: r.id(),
-                    addr: info.advertise_addr.clone(),
-                    role: if r.leader() == Some(r.id()) {
-                        "leader"
-                    } else {
-                        "follower"
-                    }
-                    .to_string(),
-                }],
+                replicas: r
+                    .voters()
+                    .iter()
+                    .map(|&v| ReplicaView {
+                        id: v,
+                        addr: info.addr_of(v).unwrap_or_default().to_string(),
+                        role: if r.leader() == Some(v) {
+                            "leader"
+                        } else {
+                            "follower"
+                        }
+                        .to_string(),
+                    })
+                    .collect(),
                 uptime_secs,
                 nodes: st.nodes.len(),
                 jobs: JobState::ALL

@@ -145,6 +145,16 @@ impl LogStore {
     /// left its marker), redb's integrity check runs over the whole file
     /// first, so damage is found here, not later by the log writer.
     pub fn open(data_dir: &Path) -> Result<LogStore, OpenError> {
+        LogStore::open_with(data_dir, || Identity::generate(1))
+    }
+
+    /// [`LogStore::open`], where a new data dir gets the identity `new`
+    /// makes (a replica of a cluster: the cluster's id and its own replica
+    /// id) instead of a random cluster id and replica 1.
+    pub fn open_with(
+        data_dir: &Path,
+        new: impl FnOnce() -> std::io::Result<Identity>,
+    ) -> Result<LogStore, OpenError> {
         std::fs::create_dir_all(data_dir).map_err(|source| OpenError::CreateDir {
             path: data_dir.to_path_buf(),
             source,
@@ -155,7 +165,7 @@ impl LogStore {
         // Leftovers of a creation or identity write that did not finish.
         let _ = std::fs::remove_file(datadir::temp_path(&path));
         let _ = std::fs::remove_file(datadir::temp_path(&identity_path));
-        let identity = Identity::read(data_dir)
+        let mut identity = Identity::read(data_dir)
             .map_err(|(path, reason)| OpenError::Identity { path, reason })?;
         let log_len = match std::fs::metadata(&path) {
             Ok(m) => Some(m.len()),
@@ -182,10 +192,11 @@ impl LogStore {
             }
             (None, None | Some(0)) => {
                 // A new data dir (a 0-byte log without an identity holds nothing).
-                let id = Identity::generate(1).map_err(io(&identity_path))?;
+                let id = new().map_err(io(&identity_path))?;
                 create_log_file(&path, &id.cluster_id)?;
                 id.write(data_dir).map_err(io(&identity_path))?;
                 tracing::info!(data_dir = %data_dir.display(), cluster_id = %id.cluster_id, "created a new data dir");
+                identity = Some(id);
                 created = true;
             }
             (_, Some(_)) => {}

@@ -3,6 +3,8 @@
 
 use std::fmt::Debug;
 
+use serde::{Deserialize, Serialize};
+
 pub use crate::event::{LogIndex, Term};
 
 /// A member of the Raft group (the replica id, 1-based).
@@ -22,7 +24,7 @@ pub trait Payload: Clone + Debug + PartialEq {
 }
 
 /// One entry of the replicated log.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry<T> {
     pub index: LogIndex,
     pub term: Term,
@@ -31,7 +33,7 @@ pub struct Entry<T> {
 
 /// What a node must keep across crashes besides its log: the term it is in,
 /// whom it voted for in that term, and how far it knows the log committed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HardState {
     pub term: Term,
     pub vote: Option<NodeId>,
@@ -39,7 +41,7 @@ pub struct HardState {
 }
 
 /// The last entry a snapshot of the application's state covers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SnapshotMeta {
     pub index: LogIndex,
     pub term: Term,
@@ -48,7 +50,7 @@ pub struct SnapshotMeta {
 /// A message between two nodes. `term` is the sender's term, except for a
 /// pre-vote request (the term the sender would campaign in) and a granted
 /// pre-vote response (that same future term).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message<T> {
     pub from: NodeId,
     pub to: NodeId,
@@ -56,7 +58,7 @@ pub struct Message<T> {
     pub body: Body<T>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body<T> {
     /// "Would you vote for me?", asked before disturbing anyone's term
     /// (Ongaro's thesis §9.6). Granting it records nothing.
@@ -113,7 +115,7 @@ pub enum Body<T> {
 /// Where a follower's log may start agreeing with the leader's, so the
 /// leader skips a whole term's worth of entries per round trip instead of
 /// one entry (paper §5.3, the optimization at the end).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RejectHint {
     /// The largest index at or below the rejected one whose term is at most
     /// the leader's `prev_term`.

@@ -1,0 +1,523 @@
+//! End to end with a replicated control plane: three `rustci server`
+//! processes on loopback talking Raft, agents and clients that may talk to
+//! any of them, and the leader killed with SIGKILL or stopped gracefully.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[String], log: &Path) -> Proc {
+        let child = Command::new(BIN)
+            .args(args)
+            .env_remove("RUSTCI_JOIN_TOKEN")
+            .env_remove("RUSTCI_SERVER")
+            .env_remove("RUSTCI_API_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        c.wait().unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    addrs: BTreeMap<u64, String>,
+    servers: BTreeMap<u64, Proc>,
+    agents: Vec<Proc>,
+}
+
+impl Cluster {
+    fn start(replicas: u64, agents: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs: BTreeMap<u64, String> = (1..=replicas)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let mut c = Cluster {
+            dir,
+            addrs,
+            servers: BTreeMap::new(),
+            agents: Vec::new(),
+        };
+        for id in 1..=replicas {
+            c.start_server(id);
+        }
+        c.wait_leader(None);
+        for i in 0..agents {
+            let name = format!("agent{i}");
+            let work = c.dir.path().join(&name);
+            let servers: Vec<&str> = c.addrs.values().map(String::as_str).collect();
+            let args: Vec<String> = [
+                "agent",
+                "--server",
+                &servers.join(","),
+                "--name",
+                &name,
+                "--cpus",
+                "8",
+                "--memory-mb",
+                "8192",
+                "--work-dir",
+                work.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let log = c.dir.path().join(format!("{name}.log"));
+            c.agents.push(Proc::spawn(&args, &log));
+        }
+        c.wait_nodes_ready(agents);
+        c
+    }
+
+    fn server_args(&self, id: u64) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            self.addrs[&id].clone(),
+            "--data-dir".into(),
+            self.data_dir(id).to_str().unwrap().into(),
+        ];
+        for (peer, addr) in &self.addrs {
+            if *peer != id {
+                args.push("--peer".into());
+                args.push(format!("{peer}={addr}"));
+            }
+        }
+        args
+    }
+
+    fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("replica{id}"))
+    }
+
+    fn start_server(&mut self, id: u64) {
+        let args = self.server_args(id);
+        let log = self.dir.path().join(format!("replica{id}.log"));
+        // Appends: a restarted replica's log follows its first life's.
+        let mut old = std::fs::read_to_string(&log).unwrap_or_default();
+        if !old.is_empty() {
+            old.push_str("\n--- restarted ---\n");
+            std::fs::write(self.dir.path().join(format!("replica{id}.before.log")), old).unwrap();
+        }
+        self.servers.insert(id, Proc::spawn(&args, &log));
+    }
+
+    fn cluster_view(&self, id: u64) -> Option<serde_json::Value> {
+        let (status, body) = http(&self.addrs[&id], "GET", "/v1/cluster", None);
+        (status == 200).then(|| serde_json::from_str(&body).unwrap())
+    }
+
+    /// Waits until the live replicas agree on a leader other than `not`.
+    fn wait_leader(&self, not: Option<u64>) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leaders: BTreeSet<Option<u64>> = self
+                .servers
+                .keys()
+                .filter_map(|&id| self.cluster_view(id))
+                .map(|v| v["leader"].as_u64())
+                .collect();
+            if let [Some(l)] = leaders.iter().copied().collect::<Vec<_>>()[..] {
+                // `degraded`: a leader out of touch with a replica (the
+                // killed one).
+                let leads = self
+                    .cluster_view(l)
+                    .is_some_and(|v| v["state"] == "leader" || v["state"] == "degraded");
+                if Some(l) != not && leads {
+                    return l;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader agreed on: {leaders:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.servers
+            .iter()
+            .map(|(id, p)| format!("--- replica {id} ---\n{}", p.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn any(&self) -> &str {
+        let id = self.servers.keys().next().unwrap();
+        &self.addrs[id]
+    }
+
+    fn get(&self, addr: &str, path: &str) -> serde_json::Value {
+        let (status, body) = http(addr, "GET", path, None);
+        assert_eq!(status, 200, "GET {path} on {addr}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn wait_nodes_ready(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let nodes = self.get(self.any(), "/v1/nodes");
+            let ready = nodes["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["state"] == "ready")
+                .count();
+            if ready >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nodes not ready: {nodes}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every live replica has applied the same index with the
+    /// same state digest.
+    fn wait_agreement(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let views: Vec<serde_json::Value> = self
+                .servers
+                .keys()
+                .filter_map(|&id| self.cluster_view(id))
+                .collect();
+            let seen: BTreeSet<(u64, String)> = views
+                .iter()
+                .map(|v| {
+                    (
+                        v["applied_index"].as_u64().unwrap(),
+                        v["state_digest"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect();
+            if views.len() == self.servers.len() && seen.len() == 1 {
+                return views[0].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas disagree: {views:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Submits with an idempotency key until some replica acknowledges it,
+/// trying the replicas in turn; returns the job id.
+fn submit_until_acked(addrs: &[String], key: &str, body: &str, start: usize) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = start;
+    loop {
+        let addr = &addrs[i % addrs.len()];
+        let (status, text) = http_raw(
+            addr,
+            "POST",
+            "/v1/jobs",
+            Some(body.as_bytes()),
+            &[("Idempotency-Key", key)],
+        );
+        if status == 201 {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            return v["id"].as_u64().unwrap();
+        }
+        assert!(
+            status == 0 || status == 503,
+            "submit {key} to {addr}: {status} {text}"
+        );
+        assert!(Instant::now() < deadline, "{key} never acknowledged");
+        i += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn all_jobs(addr: &str) -> Vec<serde_json::Value> {
+    let mut jobs = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, body) = http(
+            addr,
+            "GET",
+            &format!("/v1/jobs?limit=1000&cursor={cursor}"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+        jobs.extend(page["jobs"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => return jobs,
+        }
+    }
+}
+
+#[test]
+fn three_replicas_survive_kill_9_of_the_leader_without_losing_or_duplicating_jobs() {
+    let mut c = Cluster::start(3, 2);
+    let leader = c.wait_leader(None);
+    let follower = *c.addrs.keys().find(|&&id| id != leader).unwrap();
+    let follower_addr = c.addrs[&follower].clone();
+    // Long jobs running across the failover: they must keep running.
+    let long = json!({"command": ["sh", "-c", "echo start; sleep 4; echo end"]}).to_string();
+    let long_ids: Vec<u64> = (0..2)
+        .map(|i| {
+            submit_until_acked(
+                std::slice::from_ref(&follower_addr),
+                &format!("long-{i}"),
+                &long,
+                0,
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !long_ids
+        .iter()
+        .all(|id| c.get(&follower_addr, &format!("/v1/jobs/{id}"))["state"] == "running")
+    {
+        assert!(Instant::now() < deadline, "long jobs not running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A client submitting continuously with idempotency keys, to any replica.
+    let addrs: Vec<String> = c.addrs.values().cloned().collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (addrs, stop) = (addrs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut acked: Vec<(String, u64, Instant)> = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("k{n}");
+                let body = json!({"command": ["true"], "name": key}).to_string();
+                let id = submit_until_acked(&addrs, &key, &body, n);
+                acked.push((key, id, Instant::now()));
+                n += 1;
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    c.servers.get_mut(&leader).unwrap().kill9();
+    let killed_at = Instant::now();
+    c.servers.remove(&leader);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = client.join().unwrap();
+    let new_leader = c.wait_leader(Some(leader));
+    assert_ne!(new_leader, leader);
+
+    // Writes resumed: the longest wait between acknowledgements around the
+    // kill (reported, bounded loosely: timing targets are benchmarks).
+    let gap = acked
+        .windows(2)
+        .filter(|w| w[1].2 > killed_at)
+        .map(|w| w[1].2.duration_since(w[0].2))
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "acknowledged {} submissions; longest gap across the kill {gap:?}",
+        acked.len()
+    );
+    assert!(
+        acked.iter().any(|(_, _, at)| *at > killed_at),
+        "no write acknowledged after the kill"
+    );
+    assert!(gap < Duration::from_secs(10), "writes stalled for {gap:?}");
+
+    // Nothing acknowledged is lost, nothing is duplicated.
+    let jobs = all_jobs(&c.addrs[&new_leader]);
+    let by_id: BTreeMap<u64, &serde_json::Value> = jobs
+        .iter()
+        .map(|j| (j["id"].as_u64().unwrap(), j))
+        .collect();
+    let mut per_key: BTreeMap<String, usize> = BTreeMap::new();
+    for j in &jobs {
+        if let Some(k) = j["idempotency_key"].as_str() {
+            *per_key.entry(k.to_string()).or_default() += 1;
+        }
+    }
+    for (key, id, _) in &acked {
+        let job = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged job {id} ({key}) lost"));
+        assert_eq!(job["idempotency_key"], key.as_str(), "job {id}");
+        assert_eq!(per_key[key], 1, "key {key} has {} jobs", per_key[key]);
+    }
+
+    // The long jobs kept running through the failover: one attempt each,
+    // and it succeeded.
+    for id in &long_ids {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let job = loop {
+            let job = c.get(&c.addrs[&new_leader], &format!("/v1/jobs/{id}"));
+            if terminal(&job) {
+                break job;
+            }
+            assert!(Instant::now() < deadline, "job {id} never ended: {job}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(
+            job["attempts"].as_array().unwrap().len(),
+            1,
+            "{job}\n{}\n{}",
+            http(&c.addrs[&new_leader], "GET", "/v1/events?node=agent0", None).1,
+            c.agents
+                .iter()
+                .map(Proc::log)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        let (_, out) = http(&follower_addr, "GET", &format!("/v1/jobs/{id}/logs"), None);
+        assert_eq!(out, "start\nend\n", "job {id}");
+    }
+
+    // The killed replica comes back, catches up, and all three agree.
+    c.start_server(leader);
+    let agreed = c.wait_agreement();
+    assert!(agreed["applied_index"].as_u64().unwrap() > 0);
+    let restarted = c.cluster_view(leader).unwrap();
+    assert_eq!(restarted["state"], "follower", "{restarted}");
+}
+
+#[test]
+fn a_leader_stopped_gracefully_hands_over_and_a_follower_forwards_to_the_new_one() {
+    let mut c = Cluster::start(3, 0);
+    let leader = c.wait_leader(None);
+    let other = *c.addrs.keys().find(|&&id| id != leader).unwrap();
+    let other_addr = c.addrs[&other].clone();
+    // A write through a follower is forwarded to the leader.
+    let body = json!({"command": ["true"]}).to_string();
+    let (status, text) = http(&other_addr, "POST", "/v1/jobs", Some(&body));
+    assert_eq!(status, 201, "{text}");
+    let status = c.servers.get_mut(&leader).unwrap().terminate();
+    assert!(status.success(), "{status:?}");
+    let log = c.servers[&leader].log();
+    assert!(log.contains("handed leadership over"), "{log}");
+    c.servers.remove(&leader);
+    let new_leader = c.wait_leader(Some(leader));
+    let (status, text) = http(&other_addr, "POST", "/v1/jobs", Some(&body));
+    assert_eq!(status, 201, "{text}");
+    let view = c.cluster_view(new_leader).unwrap();
+    assert_eq!(view["jobs"]["queued"], 2, "{view}");
+}
+
+#[test]
+fn garbage_or_another_clusters_messages_on_the_peer_endpoint_change_nothing() {
+    use rustci_core::raft::{Body, Message};
+    use rustci_net::peer::{encode_batch, PeerBatch, PEER_PATH, PEER_PROTOCOL_VERSION};
+    let c = Cluster::start(3, 0);
+    let leader = c.wait_leader(None);
+    let agreed = c.wait_agreement();
+    let target = &c.addrs[&leader];
+    let refused = |body: &[u8], want_status: u16, want_code: &str| {
+        let (status, text) = http_raw(target, "POST", PEER_PATH, Some(body), &[]);
+        assert_eq!(status, want_status, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], want_code, "{text}");
+    };
+    refused(b"\x93garbage", 400, "bad_peer_message");
+    refused(b"{\"json\": true}", 400, "bad_peer_message");
+    // A well-formed batch that would depose the leader (a much newer
+    // term), from a replica of another cluster.
+    let mut batch = PeerBatch {
+        protocol: PEER_PROTOCOL_VERSION,
+        cluster_id: "0123456789abcdef0123456789abcdef".into(),
+        from: if leader == 1 { 2 } else { 1 },
+        to: leader,
+        messages: vec![Message {
+            from: if leader == 1 { 2 } else { 1 },
+            to: leader,
+            term: 1000,
+            body: Body::Vote {
+                last_index: 1_000_000,
+                last_term: 1000,
+                transfer: true,
+            },
+        }],
+    };
+    refused(&encode_batch(&batch), 409, "wrong_cluster");
+    batch.protocol = PEER_PROTOCOL_VERSION + 1;
+    refused(&encode_batch(&batch), 400, "unsupported_peer_protocol");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = c.wait_agreement();
+    assert_eq!(after["term"], agreed["term"], "{after}");
+    assert_eq!(after["leader"], agreed["leader"], "{after}");
+    assert_eq!(after["applied_index"], agreed["applied_index"], "{after}");
+    assert_eq!(after["state_digest"], agreed["state_digest"], "{after}");
+}
+
+#[test]
+fn a_replica_refuses_another_replicas_or_another_clusters_data_dir() {
+    let mut c = Cluster::start(3, 0);
+    c.wait_leader(None);
+    for p in c.servers.values_mut() {
+        p.kill9();
+    }
+    let run = |args: &[String]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    // Replica 2's flags on replica 1's data dir.
+    let mut args = c.server_args(2);
+    let at = args.iter().position(|a| a == "--data-dir").unwrap();
+    args[at + 1] = c.data_dir(1).to_str().unwrap().into();
+    let err = run(&args);
+    assert!(err.contains("is replica 1's, not replica 2's"), "{err}");
+    // Replica 1 with another cluster token (another cluster id).
+    let mut args = c.server_args(1);
+    args.extend(["--cluster-token".to_string(), "other".to_string()]);
+    let err = run(&args);
+    assert!(err.contains("belongs to cluster"), "{err}");
+    // Nothing was changed: replica 1 starts as itself again.
+    let identity = std::fs::read_to_string(c.data_dir(1).join("identity")).unwrap();
+    assert!(identity.contains("replica_id = 1"), "{identity}");
+}
