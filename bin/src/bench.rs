@@ -12,8 +12,9 @@
 //!   `--unplaceable N`, N jobs no node matches wait ahead of the others.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -39,17 +40,32 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
     },
-    /// Durable submissions per second and latency against `rustci dev`.
+    /// Durable submissions per second and latency against `rustci dev`,
+    /// or against a local cluster of `rustci server`s (`--replicas 3`),
+    /// the clients submitting to its leader.
     Submit {
         #[arg(long, default_value_t = 64)]
         clients: usize,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// 1: one `rustci dev`; 3 or 5: that many `rustci server`s.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+        replicas: u64,
         /// Use a running server instead of starting one.
         #[arg(long)]
         server: Option<String>,
         #[arg(long, env = "RUSTCI_TOKEN", hide_env_values = true)]
         token: Option<String>,
+    },
+    /// Leader killed (`kill -9`) to the first acknowledged write: starts
+    /// three `rustci server`s on loopback, clients submitting to every
+    /// replica, and kills the leader `--kills` times (restarting it each
+    /// time, so that it catches up and the next kill finds a full cluster).
+    Failover {
+        #[arg(long, default_value_t = 20)]
+        kills: u32,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=5))]
+        replicas: u64,
     },
     /// Simulated seconds per wall second over a sweep of seeds.
     Sim {
@@ -97,9 +113,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         BenchCmd::Submit {
             clients,
             seconds,
+            replicas,
             server,
             token,
-        } => bench_submit(clients, seconds, server, token).await?,
+        } => bench_submit(clients, seconds, replicas, server, token).await?,
+        BenchCmd::Failover { kills, replicas } => bench_failover(kills, replicas).await?,
         BenchCmd::Schedule {
             nodes,
             jobs,
@@ -412,6 +430,244 @@ async fn spawn_server(scratch: &Path) -> anyhow::Result<(Child, String)> {
     Ok((server, addr))
 }
 
+/// `rustci server`s forming one cluster on loopback, data under a
+/// scratch dir; killed when dropped.
+struct BenchCluster {
+    scratch: PathBuf,
+    addrs: BTreeMap<u64, String>,
+    procs: BTreeMap<u64, Child>,
+}
+
+impl BenchCluster {
+    async fn start(scratch: &Path, replicas: u64) -> anyhow::Result<BenchCluster> {
+        let mut addrs = BTreeMap::new();
+        for id in 1..=replicas {
+            addrs.insert(id, format!("127.0.0.1:{}", free_port()?));
+        }
+        let mut c = BenchCluster {
+            scratch: scratch.to_path_buf(),
+            addrs,
+            procs: BTreeMap::new(),
+        };
+        for id in 1..=replicas {
+            c.spawn(id)?;
+        }
+        c.leader(None).await?;
+        Ok(c)
+    }
+
+    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args([
+            "server",
+            "--id",
+            &id.to_string(),
+            "--listen",
+            &self.addrs[&id],
+        ])
+        .arg("--data-dir")
+        .arg(self.scratch.join(format!("replica{id}")));
+        for (peer, addr) in &self.addrs {
+            if *peer != id {
+                cmd.arg("--peer").arg(format!("{peer}={addr}"));
+            }
+        }
+        let child = cmd
+            .env_remove("RUSTCI_API_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting rustci server")?;
+        self.procs.insert(id, Child(child));
+        Ok(())
+    }
+
+    fn kill9(&mut self, id: u64) {
+        if let Some(mut c) = self.procs.remove(&id) {
+            let _ = c.0.kill();
+            let _ = c.0.wait();
+        }
+    }
+
+    async fn view(&self, id: u64) -> Option<serde_json::Value> {
+        let mut c = Client::connect(&self.addrs[&id], None).await.ok()?;
+        get_json(&mut c, "/v1/cluster").await.ok()
+    }
+
+    /// The leader every live replica agrees on (other than `not`), once it
+    /// serves writes.
+    async fn leader(&self, not: Option<u64>) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let mut leaders = std::collections::BTreeSet::new();
+            for &id in self.procs.keys() {
+                leaders.insert(self.view(id).await.and_then(|v| v["leader"].as_u64()));
+            }
+            if let [Some(l)] = leaders.into_iter().collect::<Vec<_>>()[..] {
+                let ready = async {
+                    let mut c = Client::connect(&self.addrs[&l], None).await.ok()?;
+                    c.call(Method::GET, "/readyz", None, &[]).await.ok()
+                };
+                if Some(l) != not && ready.await.is_some() {
+                    return Ok(l);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bail!("the cluster agreed on no leader within 30 s")
+    }
+
+    /// Waits until every replica is up and has applied what the cluster
+    /// had committed when the wait began (writes go on meanwhile).
+    async fn caught_up(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut target = None;
+        while Instant::now() < deadline {
+            let mut applied = Vec::new();
+            for &id in self.procs.keys() {
+                applied.push(self.view(id).await.map(|v| {
+                    (
+                        v["commit_index"].as_u64().unwrap_or(0),
+                        v["applied_index"].as_u64().unwrap_or(0),
+                    )
+                }));
+            }
+            if applied.iter().all(Option::is_some) {
+                let applied: Vec<(u64, u64)> = applied.into_iter().flatten().collect();
+                let want = *target
+                    .get_or_insert_with(|| applied.iter().map(|&(c, _)| c).max().unwrap_or(0));
+                if applied.iter().all(|&(_, a)| a >= want) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the replicas did not catch up within 60 s")
+    }
+}
+
+/// Submissions from `clients` tasks, each to every replica in turn until
+/// one acknowledges; when each acknowledged request was sent, and when it
+/// was acknowledged.
+type Acked = Arc<std::sync::Mutex<Vec<(Instant, Instant)>>>;
+
+fn spawn_writers(
+    addrs: Vec<String>,
+    clients: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Acked,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let body = serde_json::to_vec(&serde_json::json!({
+        "command": ["true"],
+        "constraints": {"bench": "queue-only"},
+    }))
+    .expect("a JSON body");
+    (0..clients)
+        .map(|c| {
+            let (addrs, stop, acked, body) =
+                (addrs.clone(), stop.clone(), acked.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut at = c;
+                let mut conn: Option<Client> = None;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if conn.is_none() {
+                        let addr = &addrs[at % addrs.len()];
+                        conn = tokio::time::timeout(
+                            Duration::from_millis(200),
+                            Client::connect(addr, None),
+                        )
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                    }
+                    let sent = Instant::now();
+                    let ok = match conn.as_mut() {
+                        Some(client) => tokio::time::timeout(
+                            Duration::from_millis(500),
+                            client.call(Method::POST, "/v1/jobs", Some(body.clone()), &[]),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok()),
+                        None => false,
+                    };
+                    if ok {
+                        acked
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((sent, Instant::now()));
+                    } else {
+                        conn = None;
+                        at += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn bench_failover(kills: u32, replicas: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(kills > 0, "--kills must be at least 1");
+    let scratch = tempfile::tempdir()?;
+    let mut cluster = BenchCluster::start(scratch.path(), replicas).await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writers = spawn_writers(
+        cluster.addrs.values().cloned().collect(),
+        8,
+        stop.clone(),
+        acked.clone(),
+    );
+    let mut resumed_ms = Vec::new();
+    for _ in 0..kills {
+        cluster.caught_up().await?;
+        let leader = cluster.leader(None).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed_at = Instant::now();
+        cluster.kill9(leader);
+        // The first write sent after the kill and acknowledged (one the
+        // old leader answered before it died does not count).
+        let first = loop {
+            let first = acked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(sent, _)| *sent > killed_at)
+                .map(|&(_, at)| at)
+                .min();
+            if let Some(t) = first {
+                break t;
+            }
+            anyhow::ensure!(
+                killed_at.elapsed() < Duration::from_secs(30),
+                "no write acknowledged within 30 s of killing the leader"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        resumed_ms.push(first.duration_since(killed_at).as_secs_f64() * 1000.0);
+        cluster.spawn(leader)?;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    let n = resumed_ms.len();
+    let (p50, p99, max) = percentiles(resumed_ms);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "failover",
+            "replicas": replicas,
+            "kills": n,
+            "writes_resumed_p50_ms": p50,
+            "writes_resumed_p99_ms": p99,
+            "writes_resumed_max_ms": max,
+            "election_timeout_ms": rustci_core::raft::ELECTION_TIMEOUT_MS_DEFAULT,
+        })
+    );
+    Ok(())
+}
+
 fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     let pct = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
@@ -546,13 +802,22 @@ async fn bench_reschedule(kills: u32) -> anyhow::Result<()> {
 async fn bench_submit(
     clients: usize,
     seconds: u64,
+    replicas: u64,
     server: Option<String>,
     token: Option<String>,
 ) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     let mut _child = None;
+    let mut _cluster = None;
     let addr = match server {
         Some(a) => a,
+        None if replicas > 1 => {
+            let cluster = BenchCluster::start(scratch.path(), replicas).await?;
+            let leader = cluster.leader(None).await?;
+            let addr = cluster.addrs[&leader].clone();
+            _cluster = Some(cluster);
+            addr
+        }
         None => {
             let addr = format!("127.0.0.1:{}", free_port()?);
             let exe = std::env::current_exe()?;
@@ -617,7 +882,7 @@ async fn bench_submit(
         "{}",
         serde_json::json!({
             "bench": "submit",
-            "replicas": 1,
+            "replicas": replicas,
             "clients": clients,
             "seconds": round3(secs),
             "submissions": all.len(),
