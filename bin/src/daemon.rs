@@ -521,6 +521,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
             TICK_MS.min((config.heartbeat_interval_ms / 2).max(5))
         },
         transfer_timeout: Duration::from_millis(3 * config.election_timeout_ms),
+        lifecycle_logged: None,
     };
     driver.replica.start(wall_clock_ms());
     driver.carry_out();
@@ -894,6 +895,8 @@ struct Driver {
     tick_ms: u64,
     /// How long a stopping leader waits for a successor to take over.
     transfer_timeout: Duration,
+    /// The lifecycle state last logged.
+    lifecycle_logged: Option<rustci_core::replica::Lifecycle>,
 }
 
 /// The agent of the runner built into `rustci dev`.
@@ -1055,17 +1058,26 @@ impl Driver {
         });
     }
 
-    /// Publishes who leads, for the API and the agent endpoint.
+    /// Publishes who leads, for the API and the agent endpoint, and logs
+    /// every change of the lifecycle state.
     fn publish_leader(&mut self) {
+        let state = self.replica.lifecycle();
+        if self.lifecycle_logged != Some(state) {
+            tracing::info!(
+                from = self.lifecycle_logged.map_or("none", |s| s.as_str()),
+                to = state.as_str(),
+                term = self.replica.term(),
+                leader = ?self.replica.leader(),
+                "lifecycle state changed"
+            );
+            self.lifecycle_logged = Some(state);
+        }
         let view = LeaderView {
             leading: self.replica.is_leading(),
             leader: self.replica.leader(),
         };
         self.leader_view.send_if_modified(|v| {
             let changed = *v != view;
-            if changed {
-                tracing::info!(leading = view.leading, leader = ?view.leader, "leadership changed");
-            }
             *v = view;
             changed
         });

@@ -270,3 +270,88 @@ fn promtool_refuses_what_breaks_the_conventions() {
         assert!(problems.contains("rustci_y"), "{problems}");
     }
 }
+
+/// Issue 11's acceptance: `promtool check metrics` passes on a cluster's
+/// leader and on a follower, and each says which it is.
+#[test]
+fn cluster_leader_and_follower_metrics_pass_promtool() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let _servers: Vec<Server> = (0..3)
+        .map(|i| {
+            let mut cmd = Command::new(BIN);
+            cmd.args([
+                "server",
+                "--id",
+                &(i + 1).to_string(),
+                "--listen",
+                &addrs[i],
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("r{i}")));
+            for (j, a) in addrs.iter().enumerate() {
+                if j != i {
+                    cmd.arg("--peer").arg(format!("{}={a}", j + 1));
+                }
+            }
+            Server(
+                cmd.stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        let leaders: Vec<u64> = addrs
+            .iter()
+            .filter_map(|a| {
+                let (status, body) = http(a, "GET", "/v1/cluster", None);
+                (status == 200).then(|| serde_json::from_str::<serde_json::Value>(&body).unwrap())
+            })
+            .filter(|v| v["state"] == "leader")
+            .map(|v| v["id"].as_u64().unwrap())
+            .collect();
+        if let [l] = leaders[..] {
+            break l as usize - 1;
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let follower = (leader + 1) % 3;
+    // Through the follower: relayed to the leader.
+    let (status, body) = http(
+        &addrs[follower],
+        "POST",
+        "/v1/jobs",
+        Some(r#"{"command": ["true"]}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, want) in [(leader, "leader"), (follower, "follower")] {
+        let text = loop {
+            let text = metrics(&addrs[i]);
+            if sample(&text, "rustci_jobs{state=\"queued\"}") == 1.0 {
+                break text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {i} never applied the job"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        check_with_promtool(&text);
+        assert_eq!(
+            sample(&text, &format!("rustci_replica_state{{state=\"{want}\"}}")),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "rustci_raft_is_leader"),
+            f64::from(u8::from(want == "leader"))
+        );
+    }
+}

@@ -271,6 +271,19 @@ pub enum Lifecycle {
 }
 
 impl Lifecycle {
+    pub const ALL: [Lifecycle; 10] = [
+        Lifecycle::Initializing,
+        Lifecycle::Starting,
+        Lifecycle::Running,
+        Lifecycle::ElectingLeader,
+        Lifecycle::Leader,
+        Lifecycle::Follower,
+        Lifecycle::Degraded,
+        Lifecycle::Stopping,
+        Lifecycle::Stopped,
+        Lifecycle::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Lifecycle::Initializing => "initializing",

@@ -1120,6 +1120,21 @@ fn replica_metrics(out: &mut String, r: &Replica, now_ms: u64, leader_changes: u
     );
     family(
         out,
+        "rustci_replica_state",
+        "gauge",
+        "1 for the lifecycle state this replica is in, 0 for the others.",
+    );
+    let now_state = r.lifecycle();
+    for s in rustci_core::replica::Lifecycle::ALL {
+        let _ = writeln!(
+            out,
+            "rustci_replica_state{{state=\"{}\"}} {}",
+            s.as_str(),
+            u8::from(s == now_state)
+        );
+    }
+    family(
+        out,
         "rustci_ready",
         "gauge",
         "1 when this replica can serve writes.",
