@@ -19,13 +19,22 @@
 # One JSON line per run on stdout:
 #   resumed_ms      cut -> first 201 for a request sent after the cut
 #                   (from a majority replica; null if none)
-#   stepdown_ms     cut -> the isolated old leader stops saying `leader`
+#   elected_ms      cut -> a majority replica reports itself leader of a
+#                   newer term (polled every 20 ms)
+#   not_leader_ms   cut -> the isolated old leader stops saying `leader`
+#                   (it says `degraded` first)
+#   stepped_down_ms cut -> it says neither `leader` nor `degraded`
 #   old_leader_acked_after_cut  201s the old leader gave for requests sent
 #                   after the cut (to the root-namespace clients or the probe)
 #   lost            acknowledged keys missing (or bound to another job id)
 #   duplicated      keys or job ids present more than once
 #   agreed          all three replicas: same commit_index, applied_index,
 #                   state_digest, term and leader once writes stopped
+#   patient_at_cut  per follower, the answers (status@ms after the cut) a
+#                   client with a 40 s timeout got for the write in flight at
+#                   the cut and the next ones, up to the first 201
+#   error_but_committed  keys answered with an error status (503...) whose
+#                   job exists all the same (informational)
 # Exit status 0 when every run held all of these, 1 otherwise. Logs and
 # client records stay in $RCI_WORKDIR (default: a mktemp dir, removed on
 # success unless KEEP=1). Namespaces, bridge and processes are removed on
@@ -51,6 +60,7 @@ CUT_SECS=${CUT_SECS:-5}
 WORK=${RCI_WORKDIR:-$(mktemp -d /tmp/rci-netns.XXXXXX)}
 mkdir -p "$WORK"
 SERVER_PIDS=()
+ORCH_PID=
 FAILED=0
 
 stop_servers() {
@@ -81,6 +91,12 @@ teardown_net() {
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  if [[ -n $ORCH_PID ]]; then
+    kill -TERM "$ORCH_PID" 2>/dev/null || true
+    wait "$ORCH_PID" 2>/dev/null || true
+  fi
+  # The link may be down mid-run; the servers stop faster with it up.
+  for i in 1 2 3; do ip link set "rciv$i" up 2>/dev/null || true; done
   stop_servers
   teardown_net
   if [[ $rc -eq 0 && $FAILED -eq 0 && -z ${KEEP:-} && -z ${RCI_WORKDIR:-} ]]; then
@@ -279,25 +295,32 @@ def watcher(i):
 watchers = [threading.Thread(target=watcher, args=(i,), daemon=True) for i in majority]
 for th in watchers: th.start()
 old_term = cluster(old)["term"]
-# One write per follower sent right at the cut with a long timeout: what a
-# client that waits gets from a follower whose leader vanished.
-relay = {}
-def relay_probe(i):
-    key = "relay-r%d-%d" % (run, i)
-    t0 = time.time()
-    try:
-        st, data = call(i, "POST", "/v1/jobs", b'{"command":["true"]}', {"Idempotency-Key": key}, timeout=15)
-        relay[i] = {"key": key, "status": st, "ms": round((time.time() - t_cut) * 1000, 1),
-                    "id": json.loads(data)["id"] if st == 201 else None, "body": data[:200].decode(errors="replace") if st != 201 else None}
-    except Exception as e:
-        relay[i] = {"key": key, "status": None, "ms": round((time.time() - t_cut) * 1000, 1), "err": type(e).__name__}
+# A patient client per follower (40 s timeout, one write after another, from
+# before the cut to the end): how long a write relayed to a leader that
+# vanishes is held, and what it is answered.
+patient = {i: [] for i in majority}
+def patient_client(i):
+    n = 0
+    while not stop.is_set():
+        key = "patient-r%d-%d-%d" % (run, i, n); n += 1
+        t0 = time.time()
+        try:
+            st, data = call(i, "POST", "/v1/jobs", b'{"command":["true"]}', {"Idempotency-Key": key}, timeout=40)
+            rec = {"key": key, "sent": t0, "done": time.time(), "status": st,
+                   "id": json.loads(data)["id"] if st == 201 else None,
+                   "body": data[:200].decode(errors="replace") if st != 201 else None}
+        except Exception as e:
+            rec = {"key": key, "sent": t0, "done": time.time(), "status": None, "err": type(e).__name__}
+        patient[i].append(rec)
+        if rec["status"] != 201: time.sleep(0.02)
+patients = [threading.Thread(target=patient_client, args=(i,), daemon=True) for i in majority]
+for th in patients: th.start()
+time.sleep(0.2)
 
 # 3. The cut.
 t_cut0 = time.time()
 subprocess.run(["ip", "link", "set", "rciv%d" % old, "down"], check=True)
 t_cut = time.time()
-relays = [threading.Thread(target=relay_probe, args=(i,), daemon=True) for i in majority]
-for th in relays: th.start()
 note("leader %d cut off at %.3f (ip link took %.1f ms)" % (old, t_cut, (t_cut - t_cut0) * 1000))
 time.sleep(cut_secs)
 t_heal = time.time()
@@ -305,7 +328,7 @@ subprocess.run(["ip", "link", "set", "rciv%d" % old, "up"], check=True)
 note("healed at %.3f" % t_heal)
 time.sleep(2.0)
 stop.set()
-for th in threads + watchers + relays: th.join(timeout=40)
+for th in threads + watchers + patients: th.join(timeout=45)
 time.sleep(0.5)
 probe.stdin.close(); probe.wait(timeout=20); pr.join(timeout=5)
 
@@ -322,12 +345,24 @@ iso_posts = [p for p in probe_lines if p["kind"] == "post" and t_cut <= p["sent"
 old_acked += sum(1 for p in iso_posts if p["status"] == 201 and p["done"] < t_heal)
 iso_late = [p for p in iso_posts if p["done"] >= t_heal]
 states = [p for p in probe_lines if p["kind"] == "state"]
-stepdown = next((p for p in states if p["t"] >= t_cut and p["state"] != "leader"), None)
-stepdown_ms = round((stepdown["t"] - t_cut) * 1000, 1) if stepdown else None
+degraded = next((p for p in states if p["t"] >= t_cut and p["state"] != "leader"), None)
+degraded_ms = round((degraded["t"] - t_cut) * 1000, 1) if degraded else None
 elected = next((w for w in sorted(watch, key=lambda w: w["t"]) if w["t"] >= t_cut and w["state"] == "leader"
                 and (w["term"] or 0) > old_term), None)
 elected_ms = round((elected["t"] - t_cut) * 1000, 1) if elected else None
-leader_during_cut = [p for p in states if t_cut + 1.0 <= p["t"] < t_heal and p["state"] == "leader"]
+gone = next((p for p in states if p["t"] >= t_cut and p["state"] not in ("leader", "degraded")), None)
+gone_ms = round((gone["t"] - t_cut) * 1000, 1) if gone else None
+# Per follower: the writes in flight at the cut or sent after it, up to the
+# first 201: "status@answered_ms_after_cut" each.
+patient_summary = {}
+for i, rs in patient.items():
+    seen = []
+    for r in rs:
+        if r["done"] < t_cut: continue
+        seen.append("%s@%d" % (r["status"] or r.get("err"), round((r["done"] - t_cut) * 1000)))
+        if r["status"] == 201: break
+    patient_summary[str(i)] = seen[:6] + (["..."] if len(seen) > 6 else [])
+leader_during_cut = [p for p in states if t_cut + 1.0 <= p["t"] < t_heal and p["state"] in ("leader", "degraded")]
 
 # 5. Agreement once writes stopped: every replica the same, twice in a row.
 agreed, views, prev = False, None, None
@@ -346,7 +381,7 @@ while time.time() < deadline:
 # 6. Every acknowledged job exactly once, on every replica.
 acked = {a["key"]: a["id"] for a in acks}
 acked.update({p["key"]: p["id"] for p in probe_lines if p["kind"] == "post" and p["status"] == 201})
-acked.update({r["key"]: r["id"] for r in relay.values() if r["status"] == 201})
+acked.update({r["key"]: r["id"] for rs in patient.values() for r in rs if r["status"] == 201})
 def jobs_of(i):
     out, cursor = [], None
     while True:
@@ -357,7 +392,7 @@ def jobs_of(i):
         out += page["jobs"]; cursor = page.get("next_cursor")
         if not cursor: return out
 lost = duplicated = 0
-per_replica = {}
+per_replica, final_keys = {}, {}
 for i in (1, 2, 3):
     try:
         jobs = jobs_of(i)
@@ -370,29 +405,34 @@ for i in (1, 2, 3):
     l = sum(1 for k, jid in acked.items() if by_key.get(k) != [jid])
     d = sum(1 for k, ids in by_key.items() if k is not None and len(ids) > 1) + sum(1 for n in by_id.values() if n > 1)
     per_replica[i] = {"jobs": len(jobs), "lost": l, "duplicated": d}
+    final_keys = by_key
     lost, duplicated = max(lost, l), max(duplicated, d)
 
+# Writes answered with an error (not a timeout) that were committed all the
+# same: a client that does not retry under the same key is misled.
+answered = [r for rs in patient.values() for r in rs] + [p for p in probe_lines if p["kind"] == "post"]
+error_but_committed = sorted(r["key"] for r in answered if r["status"] not in (None, 201) and r["key"] in final_keys)
 new_leader = views[0]["leader"] if views and views[0] else None
 rec = {"run": run, "old_leader": old, "new_leader": new_leader,
        "resumed_ms": resumed_ms, "resumed_via": first["replica"] if first else None,
-       "elected_ms": elected_ms, "stepdown_ms": stepdown_ms, "old_leader_acked_after_cut": old_acked,
+       "elected_ms": elected_ms, "not_leader_ms": degraded_ms, "stepped_down_ms": gone_ms, "old_leader_acked_after_cut": old_acked,
        "lost": lost, "duplicated": duplicated, "agreed": agreed,
        "acked": len(acked), "probe_answers_during_cut": sorted({str(p["status"] or p["err"]) for p in iso_posts if p["done"] < t_heal}),
        "probe_answered_after_heal": ["%s:%s" % (p["status"] or p["err"], p["key"]) for p in iso_late], "acked_during_cut": sum(1 for a in acks if t_cut <= a["t"] < t_heal),
-       "relay_at_cut": {str(i): ("%s@%sms" % (r["status"] or r.get("err"), r["ms"])) for i, r in sorted(relay.items())},
+       "patient_at_cut": patient_summary, "error_but_committed": error_but_committed,
        "commit_index": views[0]["commit_index"] if agreed else None,
        "state_digest": views[0]["state_digest"] if agreed else None}
 with open(os.path.join(workdir, "client.json"), "w") as f:
     json.dump({"t_cut": t_cut, "t_heal": t_heal, "old": old, "acks": acks, "probe": probe_lines,
-               "watch": watch, "relay": relay,
+               "watch": watch, "patient": patient,
                "fails": {"%d:%s" % k: v for k, v in fails.items()}, "views": views,
                "per_replica": per_replica, "result": rec}, f)
 note("failures by replica:reason %s" % json.dumps({"%d:%s" % k: v for k, v in sorted(fails.items())}))
 if leader_during_cut:
-    note("old leader said `leader` more than 1 s into the cut: %s" % leader_during_cut[:3])
+    note("old leader still led more than 1 s into the cut: %s" % leader_during_cut[:3])
 print(json.dumps(rec), flush=True)
 ok = (resumed_ms is not None and first["replica"] != old and old_acked == 0 and lost == 0
-      and duplicated == 0 and agreed and not leader_during_cut)
+      and duplicated == 0 and agreed and gone_ms is not None and gone_ms < 1000 and not leader_during_cut)
 sys.exit(0 if ok else 1)
 EOF
 )
@@ -412,7 +452,11 @@ for run in $(seq "$RUNS"); do
   setup_net
   start_servers "$dir"
   rc=0
-  python3 -c "$ORCH" "$run" "$dir" "$TOKEN" "$CUT_SECS" "$PROBE" || rc=$?
+  # In the background, so that a signal to this script is handled at once.
+  python3 -c "$ORCH" "$run" "$dir" "$TOKEN" "$CUT_SECS" "$PROBE" &
+  ORCH_PID=$!
+  wait "$ORCH_PID" || rc=$?
+  ORCH_PID=
   [[ $rc -eq 0 ]] || FAILED=1
   stop_servers
   teardown_net
