@@ -350,7 +350,7 @@ pub async fn start_dev(config: DevConfig) -> anyhow::Result<DevHandle> {
 async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     if config.api_token.is_none() && !config.listen.ip().is_loopback() {
         bail!(
-            "refusing to serve {} without --api-token: `rustci dev` without a token serves loopback only",
+            "refusing to serve {} without --api-token: without a token the API serves loopback only",
             config.listen
         );
     }

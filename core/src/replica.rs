@@ -349,6 +349,12 @@ pub enum CommandError {
     NotFound { kind: &'static str, name: String },
     #[error("not the leader (leader: {leader:?})")]
     NotLeader { leader: Option<ReplicaId> },
+    /// This replica stopped leading while the command's entry was in its
+    /// log but not known to be committed: the next leader may still commit
+    /// it. The outcome is unknown; a retry with the same idempotency key is
+    /// safe.
+    #[error("leadership changed before the request was known to be committed: it may or may not have been applied (leader now: {leader:?}); retry it with the same Idempotency-Key")]
+    LeadershipLost { leader: Option<ReplicaId> },
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
     #[error("the control plane is stopping")]
@@ -1317,7 +1323,16 @@ impl Replica {
             self.units_issued
         };
         for msg in ready.messages {
-            self.held.push_back((wait, msg));
+            if msg.body.is_from_leader() && self.held.is_empty() {
+                // A leader's appends promise nothing about its own disk:
+                // they go out while it writes the same entries (Raft
+                // thesis §10.2.1), so its fsync and the followers' overlap.
+                // It counts itself towards a commit only once they are
+                // durable (`raft.persisted`).
+                self.outputs.push_back(Output::Send(msg));
+            } else {
+                self.held.push_back((wait, msg));
+            }
         }
         self.release_held();
         for entry in ready.committed {
@@ -1389,7 +1404,7 @@ impl Replica {
         let leader = leader.filter(|&l| l != self.config.id);
         for (_, (_, origin)) in std::mem::take(&mut self.origins) {
             if let Origin::Command(request) = origin {
-                self.reply(request, Err(CommandError::NotLeader { leader }));
+                self.reply(request, Err(CommandError::LeadershipLost { leader }));
             }
         }
         self.submits_unapplied.clear();

@@ -28,7 +28,7 @@ use crate::server::{read_body_max, ApiError, ApiResult, BODY_BYTES_MAX};
 pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the leader may take to start answering a relayed request
 /// (a long-polled or followed answer then streams as long as it lasts).
-pub const FORWARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const FORWARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn no_leader(message: String) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", message)
@@ -80,10 +80,29 @@ pub async fn to_leader(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
         .insert(FORWARDED_HEADER, HeaderValue::from(me));
     parts.extensions = Default::default();
     let relayed = Request::from_parts(parts, Full::new(body));
-    let answer = tokio::time::timeout(FORWARD_ANSWER_TIMEOUT, sender.send_request(relayed))
-        .await
-        .map_err(|_| unreachable(format!("no answer within {FORWARD_ANSWER_TIMEOUT:?}")))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    // A leader cut off mid-request may never answer: once this replica
+    // learns of another leader (it may be the new one itself), the
+    // request is given up instead of waiting out the timeout.
+    let mut view = cp.leader.clone();
+    let leader_changed = async move {
+        if view.wait_for(|v| v.leader != Some(leader)).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let answer = tokio::select! {
+        answer = tokio::time::timeout(FORWARD_ANSWER_TIMEOUT, sender.send_request(relayed)) => answer
+            .map_err(|_| unreachable(format!("no answer within {FORWARD_ANSWER_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?,
+        _ = leader_changed => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "leadership_lost",
+                format!(
+                    "the leader changed while this request was relayed to replica {leader} at {addr}: it may or may not have been applied; retry it (a submission with the same Idempotency-Key)"
+                ),
+            ));
+        }
+    };
     let (parts, body) = answer.into_parts();
     Ok(Response::from_parts(parts, Relay(body).boxed()))
 }

@@ -46,13 +46,13 @@ pub const PEER_BATCH_BYTES_TARGET: u64 = 8 << 20;
 pub const PEER_QUEUE_MAX: usize = 16384;
 /// How long connecting to a peer may take: an unreachable one costs only
 /// this, then its messages are dropped until the next try.
-pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long a peer may take to answer a batch before the connection is
 /// given up (a partition can leave it hanging).
 pub const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Waits between tries to reach a peer that cannot be reached.
 const PEER_BACKOFF_MIN: Duration = Duration::from_millis(20);
-const PEER_BACKOFF_MAX: Duration = Duration::from_millis(500);
+const PEER_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// The header a replica adds to a request it forwards to its leader; the
 /// leader never forwards such a request again.

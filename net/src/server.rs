@@ -308,6 +308,9 @@ impl From<CommandError> for ApiError {
             CommandError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             CommandError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             CommandError::NotLeader { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
+            CommandError::LeadershipLost { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "leadership_lost")
+            }
             CommandError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             CommandError::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
             CommandError::StorageFull => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),

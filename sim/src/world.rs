@@ -1365,7 +1365,9 @@ impl World {
             }
             Err(e) => {
                 // Not the leader: go where it says, or try another replica.
-                if let CommandError::NotLeader { leader } = e {
+                if let CommandError::NotLeader { leader }
+                | CommandError::LeadershipLost { leader } = e
+                {
                     let n = self.hosts.len();
                     let client = &mut self.clients[c];
                     client.target = match leader {
