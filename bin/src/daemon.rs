@@ -34,7 +34,7 @@ use rustci_core::state::State;
 use rustci_net::agent_link::{AgentLinks, LinkContext};
 use rustci_net::control::{
     output_path, BackupDone, BackupError, ControlPlane, Input, LeaderView, LogReader, LogStats,
-    RunObservation, ServerInfo,
+    ReadFn, RunObservation, ServerInfo,
 };
 use rustci_net::peer::{PeerContext, PeerTransport};
 use rustci_net::server::{serve, ServerConfig};
@@ -522,6 +522,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         },
         transfer_timeout: Duration::from_millis(3 * config.election_timeout_ms),
         lifecycle_logged: None,
+        reads: HashMap::new(),
     };
     driver.replica.start(wall_clock_ms());
     driver.carry_out();
@@ -897,6 +898,8 @@ struct Driver {
     transfer_timeout: Duration,
     /// The lifecycle state last logged.
     lifecycle_logged: Option<rustci_core::replica::Lifecycle>,
+    /// Linearizable reads waiting for the replica, by request id.
+    reads: HashMap<u64, ReadFn>,
 }
 
 /// The agent of the runner built into `rustci dev`.
@@ -1093,6 +1096,9 @@ impl Driver {
     }
 
     fn fail_pending(&mut self) {
+        for (_, read) in std::mem::take(&mut self.reads) {
+            read(Err(CommandError::Stopping));
+        }
         for (_, waiter) in self.pending.drain() {
             if let Some(w) = waiter {
                 let _ = w.send(Err(CommandError::Stopping));
@@ -1129,6 +1135,12 @@ impl Driver {
                 self.replica.propose(now, request, command);
             }
             Input::Query(f) => f(&self.replica),
+            Input::Read(f) => {
+                let request = self.next_request;
+                self.next_request += 1;
+                self.reads.insert(request, f);
+                self.replica.read(now, request);
+            }
             Input::Agent(msg) => {
                 let mono = self.mono_ms();
                 self.replica.handle_agent(now, mono, msg);
@@ -1258,6 +1270,11 @@ impl Driver {
                     }
                 },
                 Output::LoadEntries(need) => self.load_entries(need.peer, need.from, need.to),
+                Output::ReadReady { request, result } => {
+                    if let Some(f) = self.reads.remove(&request) {
+                        f(result.map(|()| &self.replica));
+                    }
+                }
                 Output::Reply { request, result } => {
                     if let Some(Some(waiter)) = self.pending.remove(&request) {
                         let _ = waiter.send(result);

@@ -377,6 +377,13 @@ pub enum Output {
         request: RequestId,
         result: Result<Reply, CommandError>,
     },
+    /// A read asked with [`Replica::read`] may be served now from
+    /// [`Replica::state`] (linearizable: it reflects every write
+    /// acknowledged before the read was asked), or cannot be (`Err`).
+    ReadReady {
+        request: RequestId,
+        result: Result<(), CommandError>,
+    },
     /// A message for the agent of `node`, incarnation `incarnation` only.
     ToAgent {
         node: String,
@@ -445,6 +452,10 @@ pub struct Replica {
     units_pending: VecDeque<(u64, Option<(LogIndex, Term)>)>,
     /// Messages waiting for the unit (id) before them to be durable.
     held: VecDeque<(u64, PeerMessage)>,
+    /// Reads Raft is confirming (ReadIndex), by request.
+    reads_asked: BTreeSet<RequestId>,
+    /// Reads confirmed at an index, waiting for it to be applied.
+    reads_confirmed: VecDeque<(LogIndex, RequestId)>,
     /// A hard state whose only change is the commit index: it needs no
     /// fsync of its own and rides with the next unit.
     deferred_hard_state: Option<HardState>,
@@ -532,6 +543,8 @@ impl Replica {
             units_persisted: 0,
             units_pending: VecDeque::new(),
             held: VecDeque::new(),
+            reads_asked: BTreeSet::new(),
+            reads_confirmed: VecDeque::new(),
             deferred_hard_state: None,
             hard_state_out: hard_state,
             outputs: VecDeque::new(),
@@ -1030,6 +1043,32 @@ impl Replica {
         self.process(now);
     }
 
+    /// A linearizable read (ReadIndex): answered with
+    /// [`Output::ReadReady`] once this replica has confirmed that it still
+    /// leads and has applied every write committed before now; then
+    /// [`Replica::state`] may be read for it. Not leading: refused at once
+    /// with [`CommandError::NotLeader`].
+    pub fn read(&mut self, now: TimestampMs, request: RequestId) {
+        let leader = self.raft.leader().filter(|&l| l != self.config.id);
+        if !(self.leading && self.phase == Lifecycle::Running) {
+            self.outputs.push_back(Output::ReadReady {
+                request,
+                result: Err(CommandError::NotLeader { leader }),
+            });
+            return;
+        }
+        match self.raft.read_index(request) {
+            Ok(()) => {
+                self.reads_asked.insert(request);
+            }
+            Err(_) => self.outputs.push_back(Output::ReadReady {
+                request,
+                result: Err(CommandError::NotLeader { leader }),
+            }),
+        }
+        self.process(now);
+    }
+
     /// A message from another replica. `mono` is the monotonic clock.
     pub fn handle_peer(&mut self, now: TimestampMs, mono: u64, msg: PeerMessage) {
         if msg.to != self.config.id {
@@ -1341,6 +1380,12 @@ impl Replica {
         for need in ready.need_entries {
             self.outputs.push_back(Output::LoadEntries(need));
         }
+        for read in ready.reads {
+            if self.reads_asked.remove(&read.ctx) {
+                self.reads_confirmed.push_back((read.index, read.ctx));
+            }
+        }
+        self.release_reads();
         if let Some(status) = ready.status {
             if status.leader != self.leader_seen {
                 if status.leader.is_some() {
@@ -1398,10 +1443,35 @@ impl Replica {
         }
     }
 
+    /// Answers the confirmed reads whose index is applied.
+    fn release_reads(&mut self) {
+        while let Some(&(index, request)) = self.reads_confirmed.front() {
+            if index > self.state.applied_index {
+                break;
+            }
+            self.reads_confirmed.pop_front();
+            self.outputs.push_back(Output::ReadReady {
+                request,
+                result: Ok(()),
+            });
+        }
+    }
+
     /// This replica no longer leads: what it owed as leader is dropped.
     fn step_down(&mut self, leader: Option<ReplicaId>) {
         self.leading = false;
         let leader = leader.filter(|&l| l != self.config.id);
+        let reads = std::mem::take(&mut self.reads_asked).into_iter().chain(
+            std::mem::take(&mut self.reads_confirmed)
+                .into_iter()
+                .map(|(_, r)| r),
+        );
+        for request in reads.collect::<Vec<_>>() {
+            self.outputs.push_back(Output::ReadReady {
+                request,
+                result: Err(CommandError::NotLeader { leader }),
+            });
+        }
         for (_, (_, origin)) in std::mem::take(&mut self.origins) {
             if let Origin::Command(request) = origin {
                 self.reply(request, Err(CommandError::LeadershipLost { leader }));

@@ -324,7 +324,13 @@ fn a_leader_sends_heartbeats_every_interval() {
     for (m, to) in msgs.iter().zip([2, 3]) {
         assert_eq!(m.to, to);
         assert_eq!(m.term, 1);
-        assert_eq!(m.body, Body::Heartbeat { commit: 0 });
+        assert_eq!(
+            m.body,
+            Body::Heartbeat {
+                commit: 0,
+                round: 1
+            }
+        );
     }
     n.advance(HEARTBEAT_MS / 2);
     assert!(n.messages().is_empty(), "not before the interval");
@@ -1140,7 +1146,14 @@ fn a_late_persist_notice_for_truncated_entries_is_ignored() {
     );
     // The late notice about (3, term 1) must not count entry (3, term 2).
     n.r.persisted(3, 1);
-    n.step(3, 2, Body::Heartbeat { commit: 3 });
+    n.step(
+        3,
+        2,
+        Body::Heartbeat {
+            commit: 3,
+            round: 0,
+        },
+    );
     assert!(
         n.r.ready().committed.is_empty(),
         "nothing applied before it is durable"
@@ -1203,7 +1216,14 @@ fn check_quorum_leases_and_steps_down_a_cut_off_leader() {
     let mut c = config(2, 3);
     c.check_quorum = true;
     let mut f = Node::with(c, HardState::default(), &[]);
-    f.step(1, 1, Body::Heartbeat { commit: 0 });
+    f.step(
+        1,
+        1,
+        Body::Heartbeat {
+            commit: 0,
+            round: 0,
+        },
+    );
     f.messages();
     f.step(
         3,
@@ -1235,10 +1255,10 @@ fn check_quorum_leases_and_steps_down_a_cut_off_leader() {
     // Node 2 keeps answering, node 3 is silent.
     for _ in 0..4 {
         n.advance(HEARTBEAT_MS);
-        n.step(2, 1, Body::HeartbeatResp);
+        n.step(2, 1, Body::HeartbeatResp { round: 0 });
     }
     n.advance(HEARTBEAT_MS);
-    n.step(2, 1, Body::HeartbeatResp);
+    n.step(2, 1, Body::HeartbeatResp { round: 0 });
     assert_eq!(n.r.role(), Role::Leader);
     assert!(n.r.degraded(), "node 3 silent for half an election timeout");
     let status = n.ready().status.expect("degraded is reported");
@@ -1287,7 +1307,7 @@ fn appends_are_batched_and_pipelined_within_bounds() {
         vec![1, 1],
         "each proposal went out at once, then the pipe was full"
     );
-    n.step(2, 1, Body::HeartbeatResp);
+    n.step(2, 1, Body::HeartbeatResp { round: 0 });
     let msgs = n.messages();
     assert_eq!(msgs.len(), 1);
     assert!(matches!(&msgs[0].body, Body::Append { entries, .. } if entries.len() == 3));
@@ -1429,7 +1449,7 @@ fn a_lost_append_is_recovered_after_a_heartbeat_answer() {
     let lost = n.messages();
     assert_eq!(lost.len(), 1, "the append that the network drops");
     let (matched, next, _) = n.r.progress(2).unwrap();
-    n.step(2, 1, Body::HeartbeatResp);
+    n.step(2, 1, Body::HeartbeatResp { round: 0 });
     let msgs = n.messages();
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     let Body::Append { prev_index, .. } = msgs[0].body else {
@@ -1484,7 +1504,14 @@ fn a_follower_commits_no_further_than_the_append_proved() {
     );
     assert_eq!(n.r.last_index(), 3, "nothing conflicted, nothing truncated");
     assert_eq!(n.r.commit_index(), 2);
-    n.step(2, 4, Body::Heartbeat { commit: 2 });
+    n.step(
+        2,
+        4,
+        Body::Heartbeat {
+            commit: 2,
+            round: 0,
+        },
+    );
     assert_eq!(n.r.commit_index(), 2);
 }
 
@@ -1530,7 +1557,7 @@ fn a_follower_behind_the_snapshot_gets_installsnapshot() {
         }]
     );
     assert_eq!(n.r.progress(2).unwrap().2, ReplicationState::Snapshot);
-    n.step(2, term, Body::HeartbeatResp);
+    n.step(2, term, Body::HeartbeatResp { round: 0 });
     assert!(
         n.messages().is_empty(),
         "nothing else while the snapshot is out"
@@ -1765,4 +1792,98 @@ fn figure_8_an_old_term_entry_on_a_majority_is_not_committed_by_counting() {
             "node {id} applied X: {applied:?}"
         );
     }
+}
+
+// ---- linearizable reads (ReadIndex, thesis §6.4) ----
+
+/// A leader with a committed entry of its term: its `LeaderElected` entry
+/// acknowledged by every follower.
+fn leader_with_commit(size: u64) -> Node {
+    let mut n = Node::new(1, size);
+    n.elect();
+    n.ack_all();
+    assert_eq!(n.r.commit_index(), 1);
+    n.ready();
+    n
+}
+
+/// A read is confirmed only once a quorum answers a heartbeat round sent
+/// after the read was asked; answers to an earlier round do not count,
+/// and every read of one step shares one round.
+#[test]
+fn a_read_waits_for_a_quorum_to_answer_a_heartbeat_sent_after_it() {
+    let mut n = leader_with_commit(5);
+    // A round before the read.
+    n.advance(HEARTBEAT_MS);
+    let before: Vec<u64> = n
+        .messages()
+        .iter()
+        .filter_map(|m| match m.body {
+            Body::Heartbeat { round, .. } => Some(round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(before.len(), 4);
+    n.r.read_index(7).unwrap();
+    n.r.read_index(8).unwrap();
+    let ready = n.ready();
+    assert!(ready.reads.is_empty(), "not before a quorum answered");
+    let rounds: Vec<u64> = ready
+        .messages
+        .iter()
+        .filter_map(|m| match m.body {
+            Body::Heartbeat { round, .. } => Some(round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rounds.len(), 4, "one round for both reads: {rounds:?}");
+    let (old, new) = (before[0], rounds[0]);
+    assert!(new > old);
+    // Every follower answers the old round: nothing is confirmed.
+    for peer in 2..=5 {
+        n.step(peer, 1, Body::HeartbeatResp { round: old });
+    }
+    assert!(n.ready().reads.is_empty(), "old answers must not count");
+    // One answer to the new round (two with the leader): not a quorum of 5.
+    n.step(2, 1, Body::HeartbeatResp { round: new });
+    assert!(n.ready().reads.is_empty());
+    n.step(3, 1, Body::HeartbeatResp { round: new });
+    let reads = n.ready().reads;
+    assert_eq!(
+        reads.iter().map(|r| (r.ctx, r.index)).collect::<Vec<_>>(),
+        vec![(7, 1), (8, 1)]
+    );
+}
+
+/// Only a leader that committed an entry of its term serves reads; one
+/// that steps down drops the reads it was confirming; a single node
+/// confirms at once.
+#[test]
+fn reads_need_a_leader_with_a_commit_in_its_term_and_die_with_its_leadership() {
+    use rustci_core::raft::ReadError;
+    let mut f = Node::new(2, 3);
+    assert!(matches!(
+        f.r.read_index(1),
+        Err(ReadError::NotLeader { .. })
+    ));
+    let mut fresh = Node::new(1, 3);
+    fresh.elect();
+    assert_eq!(fresh.r.read_index(1), Err(ReadError::NoCommitInTerm));
+
+    let mut n = leader_with_commit(3);
+    n.r.read_index(9).unwrap();
+    n.ready();
+    // A newer term deposes it before any answer.
+    n.step(2, 5, Body::HeartbeatResp { round: 99 });
+    assert_eq!(n.r.role(), Role::Follower);
+    assert!(n.ready().reads.is_empty());
+
+    let mut single = Node::new(1, 1);
+    single.time_out();
+    assert_eq!(single.r.role(), Role::Leader);
+    single.ready();
+    single.ready();
+    assert_eq!(single.r.commit_index(), 1);
+    single.r.read_index(3).unwrap();
+    assert_eq!(single.ready().reads.len(), 1);
 }

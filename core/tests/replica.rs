@@ -34,6 +34,8 @@ struct Cluster {
     disk: Vec<Entry>,
     hard_state: HardState,
     replies: BTreeMap<u64, Result<Reply, CommandError>>,
+    /// Answers to linearizable reads, in order.
+    reads: Vec<(u64, Result<(), CommandError>)>,
     /// Messages to agents: (node, incarnation, message).
     runner: Vec<ServerMsg>,
     to_agents: Vec<(String, u64, ServerMsg)>,
@@ -54,6 +56,7 @@ impl Cluster {
             disk: Vec::new(),
             hard_state: HardState::default(),
             replies: BTreeMap::new(),
+            reads: Vec::new(),
             runner: Vec::new(),
             to_agents: Vec::new(),
             now: 1_000,
@@ -88,6 +91,9 @@ impl Cluster {
                 }
                 Output::Send(msg) => panic!("a single replica sent {msg:?}"),
                 Output::LoadEntries(need) => panic!("a single replica asked for {need:?}"),
+                Output::ReadReady { request, result } => {
+                    self.reads.push((request, result));
+                }
                 Output::Reply { request, result } => {
                     self.replies.insert(request, result);
                 }
@@ -952,4 +958,34 @@ fn a_reservation_moved_by_a_new_job_is_followed_by_a_full_pass() {
     );
     assert_eq!(c.starts().last().unwrap(), &(small, 1, "n2".to_string()));
     c.check();
+}
+
+/// A single replica confirms a read at once, and the state it is served
+/// from already holds every acknowledged write; a stopped one refuses.
+#[test]
+fn a_linearizable_read_sees_every_acknowledged_write() {
+    let mut c = Cluster::new();
+    let req = c.next_request;
+    c.next_request += 1;
+    c.replica.propose(
+        c.now,
+        req,
+        Command::Submit {
+            spec: spec(100, 64),
+            idempotency_key: None,
+        },
+    );
+    c.drive();
+    assert!(matches!(c.replies.get(&req), Some(Ok(Reply::Job(_)))));
+    c.replica.read(c.now, 100);
+    c.drive();
+    assert_eq!(c.reads, vec![(100, Ok(()))]);
+    assert_eq!(c.replica.state().jobs.len(), 1);
+    c.replica.stop();
+    c.replica.read(c.now, 101);
+    c.drive();
+    assert!(matches!(
+        c.reads[1],
+        (101, Err(CommandError::NotLeader { .. }))
+    ));
 }

@@ -15,6 +15,9 @@ use rustci_core::protocol::AgentMsg;
 use rustci_core::replica::{Command, CommandError, PeerMessage, Replica, Reply};
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// A linearizable read's work, run by the driver (see [`Input::Read`]).
+pub type ReadFn = Box<dyn FnOnce(Result<&Replica, CommandError>) + Send>;
+
 /// Inputs of the driver loop. Only the driver interprets them.
 pub enum Input {
     Command {
@@ -22,6 +25,10 @@ pub enum Input {
         reply: oneshot::Sender<Result<Reply, CommandError>>,
     },
     Query(Box<dyn FnOnce(&Replica) + Send>),
+    /// A linearizable read: run once the replica has confirmed that it
+    /// leads and has applied every write committed before it was asked
+    /// (`Replica::read`), or with the reason it cannot.
+    Read(ReadFn),
     /// A message from a node's agent.
     Agent(AgentMsg),
     /// What the runner built into this process observed (`rustci dev`).
@@ -186,6 +193,25 @@ impl ControlPlane {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             leader,
         }
+    }
+
+    /// A linearizable read of the replica (see [`Input::Read`]): `f` sees
+    /// every write acknowledged before this call. `Err` when this replica
+    /// cannot serve it (it does not lead, or stopped leading meanwhile).
+    pub async fn read<R, F>(&self, f: F) -> Result<Result<R, CommandError>, Unavailable>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Replica) -> R + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let run = move |r: Result<&Replica, CommandError>| {
+            let _ = tx.send(r.map(f));
+        };
+        self.inputs
+            .send(Input::Read(Box::new(run)))
+            .await
+            .map_err(|_| Unavailable)?;
+        rx.await.map_err(|_| Unavailable)
     }
 
     /// Hands messages from another replica to the driver.

@@ -369,7 +369,10 @@ mod tests {
                 from,
                 to,
                 term: 3,
-                body: Body::Heartbeat { commit: 7 },
+                body: Body::Heartbeat {
+                    commit: 7,
+                    round: 3,
+                },
             }],
         }
     }

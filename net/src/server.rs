@@ -802,6 +802,9 @@ async fn list_jobs(cp: &ControlPlane, query: &BTreeMap<String, String>) -> ApiRe
     };
     // The page is gathered in slices, each a separate read on the driver,
     // so that a submission waits behind at most one slice, never a page.
+    // A linearizable read first: every slice then sees at least every
+    // write acknowledged before the request.
+    read(cp, |_| ()).await?;
     let mut jobs = Vec::with_capacity(limit);
     let mut last_examined = after;
     let mut examined_total = 0;
@@ -892,24 +895,31 @@ static LARGE_ENCODES: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(LARGE_ENCODES_CONCURRENT);
 
 async fn placement(cp: &ControlPlane, id: JobId) -> ApiResult {
-    let explained = cp
-        .query(move |r| {
-            let state = r.state();
-            state
-                .job(id)
-                .map(|j| rustci_core::scheduler::explain(state, j))
-        })
-        .await?;
+    let explained = read(cp, move |r| {
+        let state = r.state();
+        state
+            .job(id)
+            .map(|j| rustci_core::scheduler::explain(state, j))
+    })
+    .await?;
     match explained {
         Some(e) => Ok(json(StatusCode::OK, &e)),
         None => Err(ApiError::not_found(format!("job {id} not found"))),
     }
 }
 
+/// A linearizable read (see `ControlPlane::read`), its refusal as an API
+/// error.
+async fn read<R, F>(cp: &ControlPlane, f: F) -> Result<R, ApiError>
+where
+    R: Send + 'static,
+    F: FnOnce(&Replica) -> R + Send + 'static,
+{
+    Ok(cp.read(f).await??)
+}
+
 async fn get_job(cp: &ControlPlane, id: JobId) -> ApiResult {
-    let view = cp
-        .query(move |r| r.state().job(id).map(|j| job_view(r, j)))
-        .await?;
+    let view = read(cp, move |r| r.state().job(id).map(|j| job_view(r, j))).await?;
     match view {
         Some(v) => Ok(json(StatusCode::OK, &v)),
         None => Err(ApiError::not_found(format!("job {id} not found"))),
@@ -924,31 +934,30 @@ fn node_view(r: &Replica, n: &rustci_core::model::Node) -> NodeView {
 
 /// One node with the attempts it holds: `rustci node status`.
 async fn get_node(cp: &ControlPlane, name: String) -> ApiResult {
-    let found = cp
-        .query(move |r| {
-            let st = r.state();
-            let node = st.nodes.get(&name)?;
-            let attempts = r
-                .view(&name)
-                .into_iter()
-                .map(|a| crate::dto::NodeAttemptView {
-                    job: a.job.0,
-                    attempt: a.attempt,
-                    state: st
-                        .job(a.job)
-                        .and_then(|j| j.active_attempt())
-                        .map_or("assigned", |x| x.state.as_str())
-                        .to_string(),
-                    incarnation: a.incarnation,
-                })
-                .collect();
-            Some(crate::dto::NodeStatusView {
-                node: node_view(r, node),
-                incarnation: node.incarnation,
-                attempts,
+    let found = read(cp, move |r| {
+        let st = r.state();
+        let node = st.nodes.get(&name)?;
+        let attempts = r
+            .view(&name)
+            .into_iter()
+            .map(|a| crate::dto::NodeAttemptView {
+                job: a.job.0,
+                attempt: a.attempt,
+                state: st
+                    .job(a.job)
+                    .and_then(|j| j.active_attempt())
+                    .map_or("assigned", |x| x.state.as_str())
+                    .to_string(),
+                incarnation: a.incarnation,
             })
+            .collect();
+        Some(crate::dto::NodeStatusView {
+            node: node_view(r, node),
+            incarnation: node.incarnation,
+            attempts,
         })
-        .await?;
+    })
+    .await?;
     match found {
         Some(view) => Ok(json(StatusCode::OK, &view)),
         None => Err(ApiError::not_found("no such node")),
@@ -956,9 +965,10 @@ async fn get_node(cp: &ControlPlane, name: String) -> ApiResult {
 }
 
 async fn list_nodes(cp: &ControlPlane) -> ApiResult {
-    let nodes = cp
-        .query(move |r| r.state().nodes.values().map(|n| node_view(r, n)).collect())
-        .await?;
+    let nodes = read(cp, move |r| {
+        r.state().nodes.values().map(|n| node_view(r, n)).collect()
+    })
+    .await?;
     Ok(json(StatusCode::OK, &NodeList { nodes }))
 }
 

@@ -232,8 +232,8 @@ fn peer_kind(body: &rustci_core::raft::Body<rustci_core::replica::Record>) -> u6
         B::VoteResp { granted } => 4 | u64::from(*granted) << 4,
         B::Append { entries, .. } => 5 | (entries.len() as u64) << 4,
         B::AppendResp { index, .. } => 6 | index << 4,
-        B::Heartbeat { commit } => 7 | commit << 4,
-        B::HeartbeatResp => 8,
+        B::Heartbeat { commit, .. } => 7 | commit << 4,
+        B::HeartbeatResp { .. } => 8,
         B::InstallSnapshot { .. } => 9,
         B::TimeoutNow => 10,
     }
@@ -1044,6 +1044,9 @@ impl World {
                 Output::Send(msg) => {
                     let to = msg.to as usize - 1;
                     self.send(Ep::Replica(r), Ep::Replica(to), 0, Body::Peer(msg));
+                }
+                Output::ReadReady { request, .. } => {
+                    panic!("the simulator asks no linearizable reads, yet read {request} answered")
                 }
                 Output::LoadEntries(need) => {
                     // Raft asks only for durable entries.

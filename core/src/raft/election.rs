@@ -106,11 +106,11 @@ impl<T: Payload> Raft<T> {
                     self.handle_append_resp(from, index, reject);
                 }
             }
-            Body::Heartbeat { commit } => self.handle_heartbeat(from, commit),
+            Body::Heartbeat { commit, round } => self.handle_heartbeat(from, commit, round),
             Body::InstallSnapshot { meta } => self.handle_install_snapshot(from, meta),
-            Body::HeartbeatResp => {
+            Body::HeartbeatResp { round } => {
                 if self.role == Role::Leader {
-                    self.handle_heartbeat_resp(from);
+                    self.handle_heartbeat_resp(from, round);
                 }
             }
             Body::TimeoutNow => self.campaign(true),

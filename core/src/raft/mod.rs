@@ -88,7 +88,7 @@ pub use msg::{
     Body, Entry, HardState, LogIndex, Message, NodeId, Payload, RejectHint, SnapshotMeta, Term,
 };
 pub use progress::ReplicationState;
-pub use ready::{NeedEntries, Persist, Ready, Role, Status};
+pub use ready::{NeedEntries, Persist, ReadState, Ready, Role, Status};
 
 use log::Log;
 use progress::Progress;
@@ -255,6 +255,14 @@ pub enum TransferError {
     NotAPeer(NodeId),
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("not the leader (leader: {leader_hint:?})")]
+    NotLeader { leader_hint: Option<NodeId> },
+    #[error("the leader has not committed an entry of its term yet")]
+    NoCommitInTerm,
+}
+
 /// One Raft node. See the module doc for its driver contract.
 #[derive(Clone, Debug)]
 pub struct Raft<T> {
@@ -295,6 +303,20 @@ pub struct Raft<T> {
     status_reported: Option<Status>,
     /// Handed to [`Payload::leader_elected`]; see [`Raft::set_stamp`].
     stamp: u64,
+    /// A leader's heartbeat broadcasts so far (see `Body::Heartbeat`).
+    heartbeat_round: u64,
+    /// Reads waiting for a quorum to answer heartbeat round `round`, in
+    /// the order they came (their rounds ascend).
+    reads_pending: std::collections::VecDeque<ReadPending>,
+    /// Reads whose leadership check passed, for the next [`Ready`].
+    reads_ready: Vec<ReadState>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ReadPending {
+    ctx: u64,
+    index: LogIndex,
+    round: u64,
 }
 
 impl<T: Payload> Raft<T> {
@@ -348,6 +370,9 @@ impl<T: Payload> Raft<T> {
             need_entries: Vec::new(),
             status_reported: None,
             stamp: 0,
+            heartbeat_round: 0,
+            reads_pending: std::collections::VecDeque::new(),
+            reads_ready: Vec::new(),
         };
         raft.reset_election_timer();
         raft
@@ -503,6 +528,57 @@ impl<T: Payload> Raft<T> {
         self.check();
     }
 
+    /// A linearizable read (ReadIndex, thesis §6.4): as the leader, notes
+    /// the commit index and confirms that it still leads by a heartbeat
+    /// round sent after now, answered by a quorum; a later [`Ready`]
+    /// carries `ReadState { ctx, index }` once it does, and the read may be
+    /// served from any state that has applied `index`. Reads of one step
+    /// share one round. A leader that has not committed an entry of its
+    /// own term yet does not know the commit index and refuses, as does a
+    /// follower; a leader that steps down drops its pending reads (the
+    /// application fails them).
+    pub fn read_index(&mut self, ctx: u64) -> Result<(), ReadError> {
+        if self.role != Role::Leader {
+            return Err(ReadError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        let index = self.log.committed;
+        if self.log.term(index) != Some(self.term) {
+            return Err(ReadError::NoCommitInTerm);
+        }
+        if self.config.voters.len() == 1 {
+            self.reads_ready.push(ReadState { ctx, index });
+        } else {
+            self.reads_pending.push_back(ReadPending {
+                ctx,
+                index,
+                round: self.heartbeat_round + 1,
+            });
+        }
+        self.check();
+        Ok(())
+    }
+
+    /// Moves the reads whose round a quorum answered to `reads_ready`.
+    pub(crate) fn confirm_reads(&mut self) {
+        while let Some(read) = self.reads_pending.front().copied() {
+            let answered = 1 + self
+                .progress
+                .values()
+                .filter(|p| p.acked_round >= read.round)
+                .count();
+            if answered < self.config.quorum() {
+                break;
+            }
+            self.reads_pending.pop_front();
+            self.reads_ready.push(ReadState {
+                ctx: read.ctx,
+                index: read.index,
+            });
+        }
+    }
+
     /// As the leader, hands leadership to `to` (graceful shutdown): stops
     /// taking proposals, brings `to` up to date, then tells it to campaign.
     /// Abandoned after an election timeout.
@@ -526,6 +602,15 @@ impl<T: Payload> Raft<T> {
 
     /// Drains everything to do. See the driver contract.
     pub fn ready(&mut self) -> Ready<T> {
+        // Reads that came since the last broadcast ask for one more: one
+        // round confirms every read of the step.
+        if self
+            .reads_pending
+            .back()
+            .is_some_and(|r| r.round > self.heartbeat_round)
+        {
+            self.broadcast_heartbeat();
+        }
         let hard_state = self.hard_state();
         let hard_changed = hard_state != self.hard_state_handed;
         let mut restore = None;
@@ -552,6 +637,7 @@ impl<T: Payload> Raft<T> {
             committed: self.log.take_committed(self.config.apply_entries_max),
             need_entries: std::mem::take(&mut self.need_entries),
             status: status_changed.then_some(status),
+            reads: std::mem::take(&mut self.reads_ready),
         };
         self.check();
         ready
@@ -564,6 +650,11 @@ impl<T: Payload> Raft<T> {
             || !self.messages.is_empty()
             || self.log.has_committed()
             || !self.need_entries.is_empty()
+            || !self.reads_ready.is_empty()
+            || self
+                .reads_pending
+                .back()
+                .is_some_and(|r| r.round > self.heartbeat_round)
             || self.status_reported != Some(self.status())
     }
 
@@ -610,6 +701,9 @@ impl<T: Payload> Raft<T> {
         if leader.is_some() {
             self.leader_heard_ms = self.now_ms;
         }
+        // Reads were the leader's to confirm; the application fails them.
+        self.reads_pending.clear();
+        self.reads_ready.clear();
         self.votes.clear();
         self.progress.clear();
         self.transfer = None;

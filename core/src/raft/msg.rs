@@ -97,8 +97,14 @@ pub enum Body<T> {
     /// follower is known to hold, so it never commits entries it lacks.
     Heartbeat {
         commit: LogIndex,
+        /// Counts the leader's heartbeat broadcasts; echoed in the answer,
+        /// so the leader knows a quorum heard it after a read began
+        /// (ReadIndex, thesis §6.4).
+        round: u64,
     },
-    HeartbeatResp,
+    HeartbeatResp {
+        round: u64,
+    },
     /// InstallSnapshot (paper §7): the entries this follower needs are
     /// compacted away. Raft handles only the metadata; the sending driver
     /// attaches the snapshot's bytes from its storage, the receiving driver
@@ -146,7 +152,7 @@ impl<T> Body<T> {
             Body::Append { .. } => "append",
             Body::AppendResp { .. } => "append_resp",
             Body::Heartbeat { .. } => "heartbeat",
-            Body::HeartbeatResp => "heartbeat_resp",
+            Body::HeartbeatResp { .. } => "heartbeat_resp",
             Body::InstallSnapshot { .. } => "install_snapshot",
             Body::TimeoutNow => "timeout_now",
         }

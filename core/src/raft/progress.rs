@@ -40,6 +40,8 @@ pub(crate) struct Progress {
     pub loading: Option<(LogIndex, LogIndex)>,
     /// Snapshot: when it was sent and the index it covers.
     pub snapshot_sent: (u64, LogIndex),
+    /// The latest heartbeat round the follower answered in this term.
+    pub acked_round: u64,
 }
 
 impl Progress {
@@ -55,6 +57,7 @@ impl Progress {
             heard_ms: now_ms,
             loading: None,
             snapshot_sent: (0, 0),
+            acked_round: 0,
         }
     }
 

@@ -25,6 +25,17 @@ pub struct Ready<T> {
     pub need_entries: Vec<NeedEntries>,
     /// The node's role, term, leader or `degraded` flag changed.
     pub status: Option<Status>,
+    /// Reads asked with [`super::Raft::read_index`] whose leadership check
+    /// passed: each may be served once the application has applied
+    /// `index`.
+    pub reads: Vec<ReadState>,
+}
+
+/// A read confirmed linearizable at `index` (ReadIndex).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    pub ctx: u64,
+    pub index: super::msg::LogIndex,
 }
 
 impl<T> Ready<T> {
@@ -35,6 +46,7 @@ impl<T> Ready<T> {
             && self.committed.is_empty()
             && self.need_entries.is_empty()
             && self.status.is_none()
+            && self.reads.is_empty()
     }
 }
 

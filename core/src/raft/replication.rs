@@ -16,10 +16,12 @@ impl<T: Payload> Raft<T> {
     }
 
     pub(super) fn broadcast_heartbeat(&mut self) {
+        self.heartbeat_round += 1;
+        let round = self.heartbeat_round;
         for peer in self.peers() {
             let matched = self.progress[&peer].match_index;
             let commit = matched.min(self.log.committed);
-            self.send(peer, self.term, Body::Heartbeat { commit });
+            self.send(peer, self.term, Body::Heartbeat { commit, round });
         }
     }
 
@@ -225,12 +227,12 @@ impl<T: Payload> Raft<T> {
         );
     }
 
-    pub(super) fn handle_heartbeat(&mut self, from: NodeId, commit: LogIndex) {
+    pub(super) fn handle_heartbeat(&mut self, from: NodeId, commit: LogIndex, round: u64) {
         let commit = commit.min(self.log.last_index());
         if commit > self.log.committed {
             self.log.committed = commit;
         }
-        self.send(from, self.term, Body::HeartbeatResp);
+        self.send(from, self.term, Body::HeartbeatResp { round });
     }
 
     pub(super) fn handle_append_resp(
@@ -270,12 +272,15 @@ impl<T: Payload> Raft<T> {
         }
     }
 
-    pub(super) fn handle_heartbeat_resp(&mut self, from: NodeId) {
+    pub(super) fn handle_heartbeat_resp(&mut self, from: NodeId, round: u64) {
         let last = self.log.last_index();
         let now = self.now_ms;
         let snapshot_timeout_ms = self.config.election_timeout_ms;
         let pr = self.progress.get_mut(&from).expect("peer");
         pr.heard_ms = now;
+        pr.acked_round = pr.acked_round.max(round);
+        self.confirm_reads();
+        let pr = self.progress.get_mut(&from).expect("peer");
         if pr.state == ReplicationState::Snapshot {
             if now - pr.snapshot_sent.0 < snapshot_timeout_ms {
                 return;
