@@ -49,6 +49,7 @@ pub mod frame;
 /// The frame decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod snapshot;
 mod store;
 
 pub use datadir::{Identity, CLEAN_SHUTDOWN_FILE_NAME, IDENTITY_FILE_NAME};
@@ -57,6 +58,7 @@ pub use error::{
     AppendError, DbError, Error, HardStateError, OpenError, PersistError, ReadError, TruncateError,
 };
 pub use frame::{decode_entry, encode_entry, FrameError, FrameFault, FRAME_VERSION};
+pub use snapshot::{decode_snapshot, encode_snapshot, SnapshotError};
 pub use store::{
     BackupSummary, HardState, LogReadHandle, LogStore, APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES,
     ENTRY_FRAME_BYTES_MAX, FRAME_PART_BYTES, LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX,
