@@ -55,11 +55,13 @@ mod store;
 pub use datadir::{Identity, CLEAN_SHUTDOWN_FILE_NAME, IDENTITY_FILE_NAME};
 pub use error::corrupt_file_message;
 pub use error::{
-    AppendError, DbError, Error, HardStateError, OpenError, PersistError, ReadError, TruncateError,
+    AppendError, DbError, Error, HardStateError, OpenError, PersistError, ReadError,
+    SnapshotStoreError, TruncateError,
 };
 pub use frame::{decode_entry, encode_entry, FrameError, FrameFault, FRAME_VERSION};
 pub use snapshot::{decode_snapshot, encode_snapshot, SnapshotError};
 pub use store::{
-    BackupSummary, HardState, LogReadHandle, LogStore, APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES,
-    ENTRY_FRAME_BYTES_MAX, FRAME_PART_BYTES, LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX,
+    BackupSummary, HardState, LogReadHandle, LogStore, SnapshotInstall, SnapshotMeta,
+    APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES, ENTRY_FRAME_BYTES_MAX, FRAME_PART_BYTES,
+    LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX, SNAPSHOT_STORED_BYTES_MAX,
 };
