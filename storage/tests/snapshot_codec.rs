@@ -470,3 +470,120 @@ fn snapshot_codec_a_job_out_of_order_is_refused() {
     let e = State::from_image(image).unwrap_err();
     assert!(e.to_string().contains("ids are dense"), "{e}");
 }
+
+/// Measurement, not a check: `cargo test --release -p rustci-storage --test
+/// snapshot_codec -- --ignored --nocapture`. The snapshot of 100,000 jobs
+/// (90% finished, 10% queued, 50 nodes), its size against the log's, and
+/// encode, decode and replay times.
+#[test]
+#[ignore]
+fn snapshot_codec_measure_100k_jobs() {
+    let nodes = 50u64;
+    let mut log = Vec::new();
+    let mut push = |event: Event| {
+        let index = log.len() as u64 + 1;
+        log.push(Entry {
+            index,
+            term: 1,
+            at: 1_700_000_000_000 + index * 10,
+            event,
+        });
+    };
+    for n in 0..nodes {
+        push(Event::NodeRegistered {
+            name: format!("worker-{n:02}"),
+            capacity: Resources::new(1_000_000_000, 1_000_000_000),
+            labels: BTreeMap::from([("os".to_string(), "linux".to_string())]),
+            incarnation: n + 1,
+            predecessor: None,
+        });
+    }
+    for id in 1..=100_000u64 {
+        push(Event::JobSubmitted {
+            spec: JobSpec {
+                name: format!("build-{id}"),
+                command: vec![
+                    "cargo".into(),
+                    "test".into(),
+                    "--workspace".into(),
+                    format!("--features=f{}", id % 10),
+                ],
+                env: BTreeMap::from([
+                    ("RUST_LOG".to_string(), "info".to_string()),
+                    ("CI".to_string(), "1".to_string()),
+                    ("COMMIT".to_string(), format!("{:040x}", id * 7919)),
+                ]),
+                resources: Resources::new(1000, 512),
+                constraints: BTreeMap::from([("os".to_string(), "linux".to_string())]),
+                priority: 50,
+                timeout_secs: 600,
+                max_retries: 1,
+                workspace: Default::default(),
+            },
+            idempotency_key: (id % 2 == 0).then(|| format!("push-{id}")),
+        });
+        if id % 10 == 0 {
+            continue;
+        }
+        let job = JobId(id);
+        push(Event::AttemptAssigned {
+            job,
+            attempt: 1,
+            node: format!("worker-{:02}", id % nodes),
+        });
+        push(Event::AttemptStarted { job, attempt: 1 });
+        push(Event::AttemptFinished {
+            job,
+            attempt: 1,
+            outcome: Outcome::Exited,
+            exit_code: Some((id % 13 == 0) as i32),
+            usage: Some(Usage {
+                peak_memory_mb: 300,
+                cpu_ms: 12_000,
+            }),
+        });
+    }
+    let log_bytes: usize = log
+        .iter()
+        .map(|e| rustci_storage::encode_entry(e).len())
+        .sum();
+    let started = std::time::Instant::now();
+    let state = State::replay(&log);
+    let replay_ms = started.elapsed().as_millis();
+    let started = std::time::Instant::now();
+    let bytes = encode_snapshot(&state);
+    let encode_ms = started.elapsed().as_millis();
+    let started = std::time::Instant::now();
+    let decoded = decode_snapshot(&bytes).unwrap();
+    let decode_ms = started.elapsed().as_millis();
+    assert!(decoded == state);
+    let started = std::time::Instant::now();
+    let payload = open_snapshot(&bytes).unwrap();
+    let image: rustci_core::snapshot::StateImage<'static> = rmp_serde::from_slice(payload).unwrap();
+    let image_ms = started.elapsed().as_millis();
+    let started = std::time::Instant::now();
+    let rebuilt = State::from_image(image).unwrap();
+    let rebuild_ms = started.elapsed().as_millis();
+    let started = std::time::Instant::now();
+    rebuilt.check_consistency().unwrap();
+    let check_ms = started.elapsed().as_millis();
+    let started = std::time::Instant::now();
+    let frames: Vec<Vec<u8>> = log.iter().map(rustci_storage::encode_entry).collect();
+    let mut from_frames = State::for_replay();
+    for (i, frame) in frames.iter().enumerate() {
+        from_frames.apply_owned(rustci_storage::decode_entry(i as u64 + 1, frame).unwrap());
+    }
+    from_frames.rebuild_indexes();
+    let frames_ms = started.elapsed().as_millis();
+    assert!(from_frames == state);
+    eprintln!(
+        "decode split: image {image_ms} ms, from_image (rebuild and check) {rebuild_ms} ms, of which a check_consistency alone takes {check_ms} ms; replay from frames (decode and apply) {frames_ms} ms"
+    );
+    eprintln!(
+        "100k jobs: {} entries, log frames {} bytes; snapshot {} bytes ({} per job); encode {encode_ms} ms, decode (with rebuild and check) {decode_ms} ms; replay of the log {replay_ms} ms",
+        log.len(),
+        log_bytes,
+        bytes.len(),
+        bytes.len() / 100_000
+    );
+}
