@@ -396,7 +396,8 @@ struct Check {
 }
 
 /// `--verify`: reads every entry, checks what the log promises, replays it
-/// and checks the state. Snapshots do not exist yet, so the check that
+/// and checks the state. Nothing takes snapshots yet (a compacted log is
+/// refused before this), so the check that
 /// replay reproduces the latest snapshot's digest is reported as skipped.
 fn verify(store: &LogStore, json: bool) -> anyhow::Result<i32> {
     let first = store.first_index();
