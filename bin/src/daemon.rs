@@ -192,7 +192,13 @@ pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
 }
 
 /// What start-up reads from the log: the state up to the stored commit
-/// index, and the entries after it for Raft to commit again.
+/// index (from the stored snapshot, if any, plus the entries after it), and
+/// the entries after the commit index for Raft to commit again.
+///
+/// A snapshot is committed state, so the commit index recovered is at
+/// least the snapshot's (it may be stored before the hard state that
+/// commits it). Not yet wired: `Replica::recover` still tells Raft there is
+/// no snapshot, and nothing compacts the log yet.
 pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
     let stored = store.hard_state();
     let stored = HardState {
@@ -201,13 +207,14 @@ pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
         commit: stored.commit,
     };
     let last = (store.last_index() > 0).then(|| (store.last_index(), store.last_term()));
-    let hard_state = Recovery::legacy(stored, last);
+    let base = store.snapshot_meta().unwrap_or_default();
+    let mut hard_state = Recovery::legacy(stored, last);
+    hard_state.commit = hard_state.commit.max(base.index);
     let mut terms = Vec::new();
     let (state, tail) =
         replay_store_until(store, hard_state.commit, |e| terms.push((e.index, e.term)))?;
     // Only the first index of each term is kept: a handful per restart.
-    let (runs, last_index) =
-        rustci_core::raft::term_runs(rustci_core::raft::SnapshotMeta::default(), terms);
+    let (runs, last_index) = rustci_core::raft::term_runs(base, terms);
     Ok(Recovery {
         state,
         hard_state,
@@ -218,7 +225,8 @@ pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
 }
 
 /// Folds the log up to `until` into a state and returns the entries after
-/// it; `seen` sees every entry's index and term, in order.
+/// it; `seen` sees every entry's index and term, in order. The fold starts
+/// from the stored snapshot, if any, and reads only the entries after it.
 ///
 /// A pipeline of two threads: one scans and decodes the log (checksums,
 /// MessagePack), the other applies entries in order. The reducer stays
@@ -233,6 +241,7 @@ fn replay_store_until(
     // Drained batches go back to the reader: reusing their buffers avoids an
     // mmap, page faults and a munmap per batch.
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<Entry>>();
+    let base = replay_base(store)?;
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || {
             let fresh = || Vec::with_capacity(REPLAY_BATCH_ENTRIES);
@@ -252,7 +261,7 @@ fn replay_store_until(
             }
             result
         });
-        let mut state = State::for_replay();
+        let mut state = base;
         let mut tail = Vec::new();
         for mut batch in full_rx {
             for entry in batch.drain(..) {
@@ -274,6 +283,40 @@ fn replay_store_until(
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
+}
+
+/// The state a replay of `store` starts from: its snapshot, decoded and
+/// checked against the entry it claims to cover, or an empty state.
+fn replay_base(store: &LogStore) -> anyhow::Result<State> {
+    let Some((meta, bytes)) = store.snapshot()? else {
+        return Ok(State::for_replay());
+    };
+    let what = || {
+        format!(
+            "the snapshot at index {} in {}",
+            meta.index,
+            store.path().display()
+        )
+    };
+    let state = rustci_storage::decode_snapshot(&bytes).with_context(what)?;
+    if (state.applied_index, state.applied_term) != (meta.index, meta.term) {
+        bail!(
+            "{}: it holds the state at index {} (term {}), not at index {} (term {})",
+            what(),
+            state.applied_index,
+            state.applied_term,
+            meta.index,
+            meta.term
+        );
+    }
+    tracing::info!(
+        index = meta.index,
+        term = meta.term,
+        bytes = bytes.len(),
+        jobs = state.jobs.len(),
+        "replay starts from the stored snapshot"
+    );
+    Ok(state)
 }
 
 /// The API's view of the log: redb read transactions on their own handle,

@@ -14,6 +14,8 @@
 //! - [`scheduler`]: placement decisions as a function of state.
 //! - [`sched_index`]: the scheduler's indexes, caches the reducer keeps in
 //!   step (free capacity, nodes per constraint class, parked jobs).
+//! - [`snapshot`]: the state's snapshot image (fundamental fields only) and
+//!   its rebuild into a whole state; the bytes are storage's.
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
 //! - [`raft`]: sans-IO Raft consensus (elections, replication, commit,
 //!   compaction and snapshots); not yet wired under the replica.
@@ -36,5 +38,6 @@ pub mod raft;
 pub mod replica;
 pub mod sched_index;
 pub mod scheduler;
+pub mod snapshot;
 pub mod state;
 pub mod validate;

@@ -120,7 +120,7 @@ impl JobTable {
     }
 
     /// Adds the next job; its id must be `next_id()`.
-    fn push(&mut self, job: Job) {
+    pub(crate) fn push(&mut self, job: Job) {
         debug_assert_eq!(job.id, self.next_id());
         if self.len.is_multiple_of(JOB_TABLE_CHUNK) {
             self.chunks.push(Vec::with_capacity(JOB_TABLE_CHUNK));
@@ -199,7 +199,7 @@ pub struct State {
     pub sched: SchedIndex,
 }
 
-fn state_slot(s: JobState) -> usize {
+pub(crate) fn state_slot(s: JobState) -> usize {
     match s {
         JobState::Queued => 0,
         JobState::Assigned => 1,

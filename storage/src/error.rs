@@ -122,6 +122,16 @@ pub enum ReadError {
         expected: u64,
         found: u64,
     },
+    /// Entries asked for are behind the snapshot: compaction removed them.
+    #[error("log in {path}: entries from index {from} are compacted; the log starts at {first} (after its snapshot)")]
+    Compacted {
+        path: PathBuf,
+        from: u64,
+        first: u64,
+    },
+    /// The stored snapshot (or its record) fails its checks.
+    #[error("snapshot in {path} is corrupt: {reason}")]
+    Snapshot { path: PathBuf, reason: String },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -189,6 +199,8 @@ pub enum PersistError {
     #[error(transparent)]
     HardState(#[from] HardStateError),
     #[error(transparent)]
+    Snapshot(#[from] SnapshotStoreError),
+    #[error(transparent)]
     Db(#[from] DbError),
 }
 
@@ -200,6 +212,54 @@ pub enum TruncateError {
         path: PathBuf,
         from_index: u64,
         commit: u64,
+    },
+    #[error("truncate {path} from index {from_index}: entries up to the snapshot at index {snapshot_index} are compacted into it and never removed")]
+    Compacted {
+        path: PathBuf,
+        from_index: u64,
+        snapshot_index: u64,
+    },
+    #[error("{path} is open read-only")]
+    ReadOnly { path: PathBuf },
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Why storing a snapshot ([`crate::LogStore::compact_to`], or an install
+/// in [`crate::LogStore::persist_with_snapshot`]) was refused or failed; the
+/// log and the stored snapshot are unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotStoreError {
+    #[error("snapshot at index {index} in {path}: the log ends at {last_index}; compaction needs the entry it covers (a leader's snapshot is installed instead)")]
+    BeyondLog {
+        path: PathBuf,
+        index: u64,
+        last_index: u64,
+    },
+    #[error(
+        "snapshot at index {index} in {path}: its term {term} is not the entry's term {stored:?}"
+    )]
+    TermMismatch {
+        path: PathBuf,
+        index: u64,
+        term: u64,
+        stored: Option<u64>,
+    },
+    #[error("snapshot at index {index} in {path}: it would go back behind {kept} (the stored snapshot or commit index)")]
+    Stale {
+        path: PathBuf,
+        index: u64,
+        kept: u64,
+    },
+    #[error("snapshot at index {index} in {path} is {bytes} bytes, over the limit of {max}")]
+    TooLarge {
+        path: PathBuf,
+        index: u64,
+        bytes: usize,
+        max: usize,
     },
     #[error("{path} is open read-only")]
     ReadOnly { path: PathBuf },
@@ -248,6 +308,8 @@ pub enum Error {
     Truncate(#[from] TruncateError),
     #[error(transparent)]
     HardState(#[from] HardStateError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotStoreError),
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error(transparent)]

@@ -12,8 +12,11 @@
 //!
 //! Files in a data dir: `LOCK` (held exclusively by the one writer, via
 //! `File::try_lock`) and `log.redb` with tables `entries: u64 -> &[u8]`
-//! (frames keyed by index) and `meta: &str -> &[u8]` (the hard state, as a
-//! frame with key 0). The frame layout is documented in [`frame`].
+//! (frames keyed by index), `entry_parts` (frames too large for a page),
+//! `meta: &str -> &[u8]` (the hard state, as a frame with key 0) and
+//! `snapshot: &str -> &[u8]` (the one stored snapshot, once the log was
+//! compacted). The frame layout is documented in [`frame`], the snapshot's
+//! bytes in [`snapshot`].
 //!
 //! API:
 //! - [`encode_entry`] / [`decode_entry`]: the frame codec (decode never panics).
@@ -22,11 +25,20 @@
 //!   [`LogStore::open_read_only`] (replay; never writes).
 //! - writes: [`LogStore::append`] (group commit), [`LogStore::append_frames`]
 //!   (same, for frames encoded off the writer's thread),
-//!   [`LogStore::truncate_suffix`], [`LogStore::set_hard_state`].
+//!   [`LogStore::persist`] (one Raft persist unit) and
+//!   [`LogStore::persist_with_snapshot`] (the same, first installing a
+//!   leader's snapshot), [`LogStore::truncate_suffix`],
+//!   [`LogStore::set_hard_state`], [`LogStore::compact_to`] (log compaction
+//!   behind a snapshot), [`LogStore::install_snapshot`].
 //! - reads: [`LogStore::scan`] (the replay path: one read transaction, one
 //!   range walk, no allocation per entry beyond the entry itself),
-//!   [`LogStore::read_range`], [`LogStore::term_at`], and the getters
-//!   `first_index`, `last_index`, `last_term`, `hard_state`, `path`.
+//!   [`LogStore::read_range`], [`LogStore::term_at`],
+//!   [`LogStore::snapshot`] (also on [`LogReadHandle`]), and the getters
+//!   `first_index`, `last_index`, `last_term`, `snapshot_meta`,
+//!   `hard_state`, `path`.
+//! - [`encode_snapshot`] / [`decode_snapshot`]: the reducer state's
+//!   snapshot codec (versioned, checksummed; decode never panics and
+//!   rebuilds every derived index).
 //!
 //! Durability: every write method commits one redb transaction with
 //! `Durability::Immediate` before it returns `Ok`; the cached bounds and hard
@@ -38,8 +50,14 @@
 //! copied to a private temp dir and the copy is repaired and read. A file
 //! held by a live writer is refused as [`OpenError::Locked`].
 //!
-//! Log compaction and snapshots are not implemented yet: a non-empty log
-//! starts at index 1.
+//! Compaction: the store holds at most one snapshot, `{index, term}` and
+//! bytes it never interprets, and then the log starts at `index + 1`
+//! (`first_index`); an empty log ends at the snapshot (`last_index = index`,
+//! `last_term = term`). A log that was never compacted starts at 1. Entries
+//! behind the snapshot are never returned: reading them is
+//! [`ReadError::Compacted`], and truncating at or below the snapshot is
+//! refused. Nothing in RustCI compacts a log yet (the replica does not ask
+//! for it); start-up already starts from a stored snapshot.
 
 pub mod datadir;
 pub mod error;
@@ -49,15 +67,19 @@ pub mod frame;
 /// The frame decoder's fuzz target (shared by `fuzz/` and `tests/fuzz_corpus.rs`).
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod snapshot;
 mod store;
 
 pub use datadir::{Identity, CLEAN_SHUTDOWN_FILE_NAME, IDENTITY_FILE_NAME};
 pub use error::corrupt_file_message;
 pub use error::{
-    AppendError, DbError, Error, HardStateError, OpenError, PersistError, ReadError, TruncateError,
+    AppendError, DbError, Error, HardStateError, OpenError, PersistError, ReadError,
+    SnapshotStoreError, TruncateError,
 };
 pub use frame::{decode_entry, encode_entry, FrameError, FrameFault, FRAME_VERSION};
+pub use snapshot::{decode_snapshot, encode_snapshot, SnapshotError};
 pub use store::{
-    BackupSummary, HardState, LogReadHandle, LogStore, APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES,
-    ENTRY_FRAME_BYTES_MAX, FRAME_PART_BYTES, LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX,
+    BackupSummary, HardState, LogReadHandle, LogStore, SnapshotInstall, SnapshotMeta,
+    APPEND_BATCH_ENTRIES_MAX, DB_CACHE_BYTES, ENTRY_FRAME_BYTES_MAX, FRAME_PART_BYTES,
+    LOCK_FILE_NAME, LOG_FILE_NAME, READ_RANGE_ENTRIES_MAX, SNAPSHOT_STORED_BYTES_MAX,
 };

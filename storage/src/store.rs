@@ -10,11 +10,13 @@ use redb::{
     ReadableDatabase, ReadableTable, TableDefinition, TableError,
 };
 use rustci_core::event::{Entry, LogIndex, ReplicaId, Term};
+pub use rustci_core::raft::SnapshotMeta;
 use serde::{Deserialize, Serialize};
 
 use crate::datadir::{self, Identity, CLEAN_SHUTDOWN_FILE_NAME};
 use crate::error::{
-    AppendError, DbError, HardStateError, OpenError, PersistError, ReadError, TruncateError,
+    AppendError, DbError, HardStateError, OpenError, PersistError, ReadError, SnapshotStoreError,
+    TruncateError,
 };
 use crate::frame::{self, FRAME_HEADER_BYTES};
 
@@ -30,6 +32,13 @@ const META_HARD_STATE: &str = "hard_state";
 const META_CLUSTER_ID: &str = "cluster_id";
 /// The checksum key of meta frames: no log entry has index 0.
 const META_FRAME_KEY: u64 = 0;
+/// The one stored snapshot: under [`SNAPSHOT_RECORD`] a frame (key 0) of
+/// [`SnapshotRecord`], under [`SNAPSHOT_DATA`] the snapshot's bytes. The log
+/// then starts right after the snapshot's index. Created by the first
+/// compaction or install; older files have no such table and no snapshot.
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+const SNAPSHOT_RECORD: &str = "record";
+const SNAPSHOT_DATA: &str = "data";
 
 /// The redb file inside the data dir.
 pub const LOG_FILE_NAME: &str = "log.redb";
@@ -60,8 +69,31 @@ pub const DB_CACHE_BYTES: usize = 256 << 20;
 /// So a live copy is taken by the daemon itself (`POST /v1/backup`).
 const CONCURRENCY: ConcurrencyMode = ConcurrencyMode::ExclusiveWriter;
 
+/// Largest snapshot stored: redb keeps a value's length in 32 bits.
+pub const SNAPSHOT_STORED_BYTES_MAX: usize = 3 << 30;
+
 const _: () = assert!(ENTRY_FRAME_BYTES_MAX > FRAME_HEADER_BYTES);
+const _: () = assert!(SNAPSHOT_STORED_BYTES_MAX < u32::MAX as usize);
 const _: () = assert!(APPEND_BATCH_ENTRIES_MAX <= READ_RANGE_ENTRIES_MAX);
+
+/// What [`SNAPSHOT_RECORD`] holds: which entry the snapshot covers, and the
+/// length and CRC-32 of its bytes, so a damaged snapshot is found by the
+/// store whatever the bytes mean (storage never interprets them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SnapshotRecord {
+    index: LogIndex,
+    term: Term,
+    bytes: u64,
+    crc32: u32,
+}
+
+/// A snapshot received from a leader, for [`LogStore::persist_with_snapshot`]
+/// to install: it replaces the whole stored log.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotInstall<'a> {
+    pub meta: SnapshotMeta,
+    pub bytes: &'a [u8],
+}
 
 /// What Raft must have on disk before it answers a message: the current term,
 /// the vote cast in it, and the highest index known committed.
@@ -105,6 +137,10 @@ pub struct LogStore {
     data_dir: PathBuf,
     /// `data_dir/log.redb`, named in every error (also when reading a copy).
     path: PathBuf,
+    /// The stored snapshot's `{index, term}`, if any. The log then starts
+    /// at `index + 1` (`first_index`), and an empty log ends at the
+    /// snapshot (`last_index`, `last_term`).
+    snapshot: Option<SnapshotMeta>,
     /// Index of the oldest stored entry; `last_index + 1` when the log is empty.
     first_index: LogIndex,
     /// Index of the newest stored entry; 0 when the log is empty.
@@ -120,6 +156,7 @@ impl std::fmt::Debug for LogStore {
         f.debug_struct("LogStore")
             .field("path", &self.path)
             .field("read_only", &self.read_only)
+            .field("snapshot", &self.snapshot)
             .field("first_index", &self.first_index)
             .field("last_index", &self.last_index)
             .field("last_term", &self.last_term)
@@ -392,6 +429,7 @@ impl LogStore {
             read_only,
             data_dir: data_dir.to_path_buf(),
             path,
+            snapshot: None,
             first_index: 1,
             last_index: 0,
             last_term: 0,
@@ -433,7 +471,35 @@ impl LogStore {
                     })?;
             }
         }
+        if let Some(record) = read_snapshot_record(&txn, &self.path)? {
+            self.load_snapshot(record)?;
+        }
         assert!(self.first_index >= 1 && self.first_index <= self.last_index + 1);
+        Ok(())
+    }
+
+    /// Sets the bounds from the stored snapshot: the log must start right
+    /// after it, or be empty (it ends at the snapshot then).
+    fn load_snapshot(&mut self, record: SnapshotRecord) -> Result<(), OpenError> {
+        let meta = SnapshotMeta {
+            index: record.index,
+            term: record.term,
+        };
+        if self.last_index == 0 {
+            self.first_index = meta.index + 1;
+            self.last_index = meta.index;
+            self.last_term = meta.term;
+        } else if self.first_index != meta.index + 1 || self.last_term < meta.term {
+            return Err(ReadError::Snapshot {
+                path: self.path.clone(),
+                reason: format!(
+                    "the snapshot covers up to index {} (term {}) but the log starts at index {} (last term {})",
+                    meta.index, meta.term, self.first_index, self.last_term
+                ),
+            }
+            .into());
+        }
+        self.snapshot = Some(meta);
         Ok(())
     }
 
@@ -472,11 +538,27 @@ impl LogStore {
         self.hard_state
     }
 
+    /// The stored snapshot's `{index, term}`, if any (no read: cached).
+    pub fn snapshot_meta(&self) -> Option<SnapshotMeta> {
+        self.snapshot
+    }
+
+    /// The stored snapshot and its bytes, checked against their stored
+    /// length and CRC-32; `None` if there is none.
+    pub fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, ReadError> {
+        let txn = self.begin_read()?;
+        read_snapshot(&txn, &self.path)
+    }
+
     /// The term of the entry at `index`: `Some(0)` for index 0 (the empty
-    /// prefix), `None` outside `first_index..=last_index`.
+    /// prefix), the snapshot's term at its index, `None` outside
+    /// `first_index..=last_index` otherwise.
     pub fn term_at(&self, index: LogIndex) -> Result<Option<Term>, ReadError> {
         if index == 0 {
             return Ok(Some(0));
+        }
+        if let Some(snapshot) = self.snapshot.filter(|s| s.index == index) {
+            return Ok(Some(snapshot.term));
         }
         if index < self.first_index || index > self.last_index {
             return Ok(None);
@@ -535,12 +617,31 @@ impl LogStore {
     /// it is on disk afterwards.
     ///
     /// Refused, with the log unchanged: truncating at or below the stored
-    /// commit index, entries that do not follow the (truncated) log or
-    /// whose terms decrease, more than [`APPEND_BATCH_ENTRIES_MAX`] entries,
-    /// a hard state whose term goes back or that changes a vote cast in
-    /// its term.
+    /// commit index or the snapshot, entries that do not follow the
+    /// (truncated) log or whose terms decrease, more than
+    /// [`APPEND_BATCH_ENTRIES_MAX`] entries, a hard state whose term goes
+    /// back or that changes a vote cast in its term.
     pub fn persist(
         &mut self,
+        truncate_from: Option<LogIndex>,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), PersistError> {
+        self.persist_with_snapshot(None, truncate_from, entries, hard_state)
+    }
+
+    /// [`LogStore::persist`] with, first, the install of a snapshot received
+    /// from a leader: it is stored and the WHOLE log is dropped, so the log
+    /// ends at the snapshot (`first_index = index + 1`, `last_index = index`,
+    /// `last_term = term`) and `entries` must follow it. One transaction, one
+    /// fsync, in Raft's order: install, truncate, append, hard state.
+    ///
+    /// An install is refused ([`SnapshotStoreError::Stale`]) below the
+    /// stored snapshot or the stored commit index: the log holds committed
+    /// entries it would lose.
+    pub fn persist_with_snapshot(
+        &mut self,
+        install: Option<SnapshotInstall<'_>>,
         truncate_from: Option<LogIndex>,
         entries: &[Entry],
         hard_state: Option<&HardState>,
@@ -551,7 +652,19 @@ impl LogStore {
             }
             .into());
         }
-        let truncate = truncate_from.filter(|&from| from <= self.last_index);
+        if let Some(install) = &install {
+            self.check_install(install)?;
+        }
+        // The log as the install leaves it: empty, ending at the snapshot.
+        let (last_index, last_term, snapshot_index) = match &install {
+            Some(i) => (i.meta.index, i.meta.term, i.meta.index),
+            None => (
+                self.last_index,
+                self.last_term,
+                self.snapshot.map_or(0, |s| s.index),
+            ),
+        };
+        let truncate = truncate_from.filter(|&from| from <= last_index);
         let (base_index, base_term) = match truncate {
             Some(from) => {
                 if from <= self.hard_state.commit {
@@ -562,10 +675,20 @@ impl LogStore {
                     }
                     .into());
                 }
+                if from <= snapshot_index {
+                    return Err(TruncateError::Compacted {
+                        path: self.path.clone(),
+                        from_index: from,
+                        snapshot_index,
+                    }
+                    .into());
+                }
+                // No install here: after one the log is empty, so `from`
+                // would be past its end.
                 let term = self.term_at(from - 1).map_err(TruncateError::from)?;
                 (from - 1, term.unwrap_or(0))
             }
-            None => (self.last_index, self.last_term),
+            None => (last_index, last_term),
         };
         self.check_batch_after(
             base_index,
@@ -583,11 +706,22 @@ impl LogStore {
         let mut txn = db.begin_write().map_err(err(path, "begin persist"))?;
         txn.set_durability(Durability::Immediate)
             .map_err(err(path, "set durability"))?;
+        if let Some(install) = &install {
+            write_snapshot(&txn, path, install.meta, install.bytes)?;
+        }
         {
             let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
             let mut parts = txn
                 .open_table(ENTRY_PARTS)
                 .map_err(err(path, "open entry parts"))?;
+            if install.is_some() {
+                table
+                    .retain(|_, _| false)
+                    .map_err(err(path, "remove entries"))?;
+                parts
+                    .retain(|_, _| false)
+                    .map_err(err(path, "remove entry parts"))?;
+            }
             if let Some(from) = truncate {
                 table
                     .retain_in(from.., |_, _| false)
@@ -608,7 +742,15 @@ impl LogStore {
             meta.insert(META_HARD_STATE, bytes.as_slice())
                 .map_err(err(path, "write hard state"))?;
         }
+        if install.is_some() && crate::fault::take_snapshot_panic(&self.data_dir) {
+            panic!("injected fault: a panic before a snapshot install commits");
+        }
         txn.commit().map_err(err(path, "commit persist"))?;
+        if let Some(install) = &install {
+            tracing::info!(path = %self.path.display(), index = install.meta.index, term = install.meta.term, bytes = install.bytes.len(), "snapshot installed; the log was replaced");
+            self.snapshot = Some(install.meta);
+            self.first_index = install.meta.index + 1;
+        }
         if let Some(from) = truncate {
             tracing::info!(path = %self.path.display(), from_index = from, "log suffix truncated");
         }
@@ -623,6 +765,137 @@ impl LogStore {
         if let Some(h) = hard_state {
             self.hard_state = *h;
         }
+        self.assert_bounds();
+        Ok(())
+    }
+
+    /// The relations between the cached bounds and the snapshot.
+    fn assert_bounds(&self) {
+        assert!(self.first_index >= 1 && self.first_index <= self.last_index + 1);
+        if let Some(s) = self.snapshot {
+            assert_eq!(
+                self.first_index,
+                s.index + 1,
+                "the log starts after its snapshot"
+            );
+            assert!(self.last_index >= s.index && self.last_term >= s.term);
+        }
+    }
+
+    fn check_install(&self, install: &SnapshotInstall<'_>) -> Result<(), SnapshotStoreError> {
+        let kept = self
+            .hard_state
+            .commit
+            .max(self.snapshot.map_or(0, |s| s.index));
+        if install.meta.index < kept {
+            return Err(SnapshotStoreError::Stale {
+                path: self.path.clone(),
+                index: install.meta.index,
+                kept,
+            });
+        }
+        self.check_snapshot_size(install.meta.index, install.bytes)
+    }
+
+    fn check_snapshot_size(&self, index: LogIndex, bytes: &[u8]) -> Result<(), SnapshotStoreError> {
+        if bytes.len() > SNAPSHOT_STORED_BYTES_MAX {
+            return Err(SnapshotStoreError::TooLarge {
+                path: self.path.clone(),
+                index,
+                bytes: bytes.len(),
+                max: SNAPSHOT_STORED_BYTES_MAX,
+            });
+        }
+        Ok(())
+    }
+
+    /// Installs a snapshot received from a leader and nothing else: as
+    /// [`LogStore::persist_with_snapshot`] with no truncation, entries or
+    /// hard state.
+    pub fn install_snapshot(
+        &mut self,
+        meta: SnapshotMeta,
+        bytes: &[u8],
+    ) -> Result<(), PersistError> {
+        self.persist_with_snapshot(Some(SnapshotInstall { meta, bytes }), None, &[], None)
+    }
+
+    /// Log compaction: stores `bytes` as the snapshot of the state at
+    /// `index` (whose entry has term `term`) and deletes every entry at or
+    /// below `index`, in ONE write transaction committed with immediate
+    /// durability. Afterwards `first_index() == index + 1`; the entries
+    /// after `index` stay. It replaces any older snapshot.
+    ///
+    /// Refused, with the log and snapshot unchanged: an index past the last
+    /// entry ([`SnapshotStoreError::BeyondLog`]), below the stored snapshot
+    /// (`Stale`), a term that is not the entry's (`TermMismatch`), more than
+    /// [`SNAPSHOT_STORED_BYTES_MAX`] bytes. The caller snapshots only
+    /// applied (so committed) state; the store does not check the commit
+    /// index, which may be stored later than the snapshot.
+    pub fn compact_to(
+        &mut self,
+        index: LogIndex,
+        term: Term,
+        bytes: &[u8],
+    ) -> Result<(), SnapshotStoreError> {
+        if self.read_only {
+            return Err(SnapshotStoreError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        if index > self.last_index {
+            return Err(SnapshotStoreError::BeyondLog {
+                path: self.path.clone(),
+                index,
+                last_index: self.last_index,
+            });
+        }
+        if let Some(s) = self.snapshot.filter(|s| index < s.index) {
+            return Err(SnapshotStoreError::Stale {
+                path: self.path.clone(),
+                index,
+                kept: s.index,
+            });
+        }
+        let stored = self.term_at(index)?;
+        if index == 0 || stored != Some(term) {
+            return Err(SnapshotStoreError::TermMismatch {
+                path: self.path.clone(),
+                index,
+                term,
+                stored,
+            });
+        }
+        self.check_snapshot_size(index, bytes)?;
+        let meta = SnapshotMeta { index, term };
+        let Db::Write(db) = &*self.db else {
+            unreachable!("read-only stores are refused above");
+        };
+        let path = &self.path;
+        let mut txn = db.begin_write().map_err(err(path, "begin compaction"))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(err(path, "set durability"))?;
+        write_snapshot(&txn, path, meta, bytes)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(err(path, "open entries"))?;
+            let mut parts = txn
+                .open_table(ENTRY_PARTS)
+                .map_err(err(path, "open entry parts"))?;
+            table
+                .retain_in(..=index, |_, _| false)
+                .map_err(err(path, "remove compacted entries"))?;
+            parts
+                .retain_in(..(index + 1, 0), |_, _| false)
+                .map_err(err(path, "remove compacted entry parts"))?;
+        }
+        if crate::fault::take_snapshot_panic(&self.data_dir) {
+            panic!("injected fault: a panic before a compaction commits");
+        }
+        txn.commit().map_err(err(path, "commit compaction"))?;
+        tracing::info!(path = %self.path.display(), index, term, bytes = bytes.len(), "log compacted behind a snapshot");
+        self.snapshot = Some(meta);
+        self.first_index = index + 1;
+        self.assert_bounds();
         Ok(())
     }
 
@@ -999,6 +1272,104 @@ impl LogReadHandle {
     pub fn backup_to(&self, dest_dir: &Path) -> Result<BackupSummary, crate::Error> {
         backup_db(&self.db, &self.path, dest_dir)
     }
+
+    /// As [`LogStore::snapshot`]: the snapshot as of one read transaction.
+    pub fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, ReadError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| DbError::new("begin read", &self.path, e))?;
+        read_snapshot(&txn, &self.path)
+    }
+}
+
+/// Stores `bytes` as the one snapshot, with its record, inside `txn`.
+fn write_snapshot(
+    txn: &redb::WriteTransaction,
+    path: &Path,
+    meta: SnapshotMeta,
+    bytes: &[u8],
+) -> Result<(), DbError> {
+    let record = SnapshotRecord {
+        index: meta.index,
+        term: meta.term,
+        bytes: bytes.len() as u64,
+        crc32: crc32fast::hash(bytes),
+    };
+    let record = frame::encode_value(META_FRAME_KEY, &record);
+    let mut table = txn
+        .open_table(SNAPSHOT)
+        .map_err(err(path, "open snapshot"))?;
+    table
+        .insert(SNAPSHOT_RECORD, record.as_slice())
+        .map_err(err(path, "write snapshot record"))?;
+    table
+        .insert(SNAPSHOT_DATA, bytes)
+        .map_err(err(path, "write snapshot"))?;
+    Ok(())
+}
+
+/// The stored snapshot's record, checked as a frame; `None` if there is none.
+fn read_snapshot_record(
+    txn: &ReadTransaction,
+    path: &Path,
+) -> Result<Option<SnapshotRecord>, ReadError> {
+    let Some(table) = open_read_table(txn, SNAPSHOT, path)? else {
+        return Ok(None);
+    };
+    let stored = table
+        .get(SNAPSHOT_RECORD)
+        .map_err(|e| DbError::new("read snapshot record", path, e))?;
+    let Some(stored) = stored else {
+        return Ok(None);
+    };
+    let record: SnapshotRecord =
+        frame::decode_value(META_FRAME_KEY, stored.value()).map_err(|e| ReadError::Snapshot {
+            path: path.to_path_buf(),
+            reason: format!("its record: {}", e.fault),
+        })?;
+    Ok(Some(record))
+}
+
+/// The stored snapshot and its bytes, checked against the record.
+fn read_snapshot(
+    txn: &ReadTransaction,
+    path: &Path,
+) -> Result<Option<(SnapshotMeta, Vec<u8>)>, ReadError> {
+    let Some(record) = read_snapshot_record(txn, path)? else {
+        return Ok(None);
+    };
+    let corrupt = |reason: String| ReadError::Snapshot {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let Some(table) = open_read_table(txn, SNAPSHOT, path)? else {
+        return Err(corrupt("its table is gone".into()));
+    };
+    let stored = table
+        .get(SNAPSHOT_DATA)
+        .map_err(|e| DbError::new("read snapshot", path, e))?
+        .ok_or_else(|| corrupt("its record is stored but its bytes are not".into()))?;
+    let bytes = stored.value();
+    if bytes.len() as u64 != record.bytes {
+        return Err(corrupt(format!(
+            "{} bytes stored, {} recorded",
+            bytes.len(),
+            record.bytes
+        )));
+    }
+    let computed = crc32fast::hash(bytes);
+    if computed != record.crc32 {
+        return Err(corrupt(format!(
+            "checksum mismatch (recorded {:#010x}, computed {computed:#010x})",
+            record.crc32
+        )));
+    }
+    let meta = SnapshotMeta {
+        index: record.index,
+        term: record.term,
+    };
+    Ok(Some((meta, bytes.to_vec())))
 }
 
 fn scan_db(
@@ -1014,10 +1385,22 @@ fn scan_db(
         return Ok(());
     };
     let parts = open_read_table(&txn, ENTRY_PARTS, path)?;
+    // No entry has index 0: asking from 0 is asking from the start.
+    let from = from.max(1);
+    let snapshot_index = read_snapshot_record(&txn, path)?.map_or(0, |r| r.index);
+    if from <= snapshot_index {
+        return Err(ReadError::Compacted {
+            path: path.to_path_buf(),
+            from,
+            first: snapshot_index + 1,
+        });
+    }
     let range = table
         .range(from..)
         .map_err(|e| DbError::new("scan entries", path, e))?;
-    let mut expected: Option<LogIndex> = None;
+    // The first entry found must be `from` itself: a later one means the
+    // entries asked for are missing, never a silent skip.
+    let mut expected: Option<LogIndex> = Some(from);
     for item in range {
         let (key, bytes) = item.map_err(|e| DbError::new("scan entries", path, e))?;
         let index = key.value();
@@ -1084,6 +1467,12 @@ fn backup_db(db: &Db, path: &Path, dest_dir: &Path) -> Result<BackupSummary, cra
                         .map_err(err(&tmp, "write meta"))?;
                 }
             }
+            w.commit().map_err(err(&tmp, "commit backup"))?;
+        }
+        // The snapshot goes with the log it was compacted from, checked.
+        if let Some((meta, bytes)) = read_snapshot(&txn, path)? {
+            let w = out.begin_write().map_err(err(&tmp, "begin backup"))?;
+            write_snapshot(&w, &tmp, meta, &bytes)?;
             w.commit().map_err(err(&tmp, "commit backup"))?;
         }
         let parts = open_read_table(&txn, ENTRY_PARTS, path)?;
