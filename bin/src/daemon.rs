@@ -1298,6 +1298,9 @@ impl Driver {
             match output {
                 Output::Persist(unit) => {
                     self.measured.proposed(self.replica.state(), &unit.entries);
+                    if self.replica.is_leading() {
+                        log_failures(self.replica.state(), &unit.entries);
+                    }
                     if !self.writer.send(unit) && self.fatal.is_none() {
                         self.fatal = Some("the log writer has stopped".into());
                     }
@@ -1349,6 +1352,43 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The leader's own decisions about failures, as it logs them: the event
+/// log has them too, but an operator reading the daemon's log should not
+/// have to look there to learn that a node went down.
+fn log_failures(state: &State, entries: &[Entry]) {
+    use rustci_core::event::Event;
+    for e in entries {
+        match &e.event {
+            Event::NodeDown { name, incarnation } => tracing::warn!(
+                node = %name,
+                incarnation,
+                index = e.index,
+                "node down: no heartbeat within the failure-detection time; its attempts are lost once its lease has lapsed"
+            ),
+            Event::AttemptLost { job, attempt } => {
+                let node = state
+                    .job(*job)
+                    .and_then(|j| j.attempts.iter().find(|a| a.number == *attempt))
+                    .map_or("?", |a| a.node.as_str());
+                tracing::warn!(
+                    job = job.0,
+                    attempt,
+                    node,
+                    index = e.index,
+                    "attempt lost with its node; the job runs again elsewhere"
+                )
+            }
+            Event::NodeRemoved { name, reason } => tracing::info!(
+                node = %name,
+                reason = %reason,
+                index = e.index,
+                "node removed"
+            ),
+            _ => {}
         }
     }
 }

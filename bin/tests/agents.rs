@@ -291,6 +291,13 @@ fn a_killed_agents_jobs_run_elsewhere_within_seconds_never_twice_at_once() {
     }
     let text = std::fs::read_to_string(marks.join("marks.txt")).unwrap();
     assert!(!text.contains("OVERLAP"), "{text}");
+    // The server's own log says what happened, not only the event log.
+    let log = c.server.log();
+    assert!(
+        log.contains("node down") && log.contains(&format!("node={victim}")),
+        "{log}"
+    );
+    assert!(log.contains("attempt lost with its node"), "{log}");
     // The output of a finished job stays readable with its agent gone.
     let (status, _) = http(
         &c.addr,
