@@ -5,56 +5,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
-
-/// A child process killed (SIGKILL) when dropped.
-struct Proc {
-    child: Option<Child>,
-    log: std::path::PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[&str], log: &Path) -> Proc {
-        Proc::spawn_in(args, log, Path::new("."))
-    }
-
-    fn spawn_in(args: &[&str], log: &Path, cwd: &Path) -> Proc {
-        let child = Command::new(BIN)
-            .current_dir(cwd)
-            .args(args)
-            .env_remove("RUSTCI_JOIN_TOKEN")
-            .env_remove("RUSTCI_SERVER")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        Proc {
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -373,13 +328,7 @@ fn a_job_sees_its_own_env_and_nothing_of_the_agents() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    c.agents.insert(
-        "envy".into(),
-        Proc {
-            child: Some(child),
-            log,
-        },
-    );
+    c.agents.insert("envy".into(), Proc::from_child(child, log));
     c.wait_nodes_ready(1);
     let id = c.submit(&json!({"command": ["env"], "env": {"MINE": "yes"}}));
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -5,62 +5,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
-
-/// A child process killed (SIGKILL) when dropped.
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[String], log: &Path) -> Proc {
-        let child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUSTCI_JOIN_TOKEN")
-            .env_remove("RUSTCI_SERVER")
-            .env_remove("RUSTCI_API_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        Proc {
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then waits for the exit.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
-        c.wait().unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 struct Cluster {
     dir: tempfile::TempDir,

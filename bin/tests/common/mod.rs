@@ -288,3 +288,69 @@ pub fn processes_marked(mark: &str) -> Vec<i32> {
     }
     found
 }
+
+/// A `rustci` child process (a server or an agent) with its stderr in a
+/// log file, killed (SIGKILL) when dropped. None of the test runner's own
+/// `RUSTCI_*` settings reach it.
+pub struct Proc {
+    /// `None` once killed or reaped.
+    pub child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &Path) -> Proc {
+        Proc::spawn_in(args, log, Path::new("."))
+    }
+
+    pub fn spawn_in<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &Path, cwd: &Path) -> Proc {
+        let child = Command::new(BIN)
+            .current_dir(cwd)
+            .args(args)
+            .env_remove("RUSTCI_JOIN_TOKEN")
+            .env_remove("RUSTCI_SERVER")
+            .env_remove("RUSTCI_API_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// A child started some other way, its stderr already going to `log`.
+    pub fn from_child(child: Child, log: PathBuf) -> Proc {
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        c.wait().unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
