@@ -14,14 +14,18 @@
 //! clock): [`Replica::start`], [`Replica::propose`],
 //! [`Replica::handle_agent`], [`Replica::handle_peer`],
 //! [`Replica::handle_persisted`], [`Replica::handle_entries_loaded`],
+//! [`Replica::handle_peer_snapshot`], [`Replica::handle_compacted`],
 //! [`Replica::handle_tick`].
 //!
 //! Outputs come from [`Replica::poll_output`], in order. A driver MUST:
 //! 1. make each [`Output::Persist`] unit durable as ONE atomic write
-//!    (truncate the stored log from `truncate_from`, append `entries`,
-//!    store `hard_state`; one transaction, one fsync), units in the order
-//!    they were returned, and then call [`Replica::handle_persisted`] with
-//!    the unit's id (an id covers every earlier unit);
+//!    (install `snapshot`, replacing the whole stored log; truncate the
+//!    stored log from `truncate_from`, append `entries`, store
+//!    `hard_state`; one transaction, one fsync), units in the order they
+//!    were returned, and then call [`Replica::handle_persisted`] with the
+//!    unit's id (an id covers every earlier unit). An [`Output::Compact`]
+//!    is a write in the same sequence: store its snapshot and drop the
+//!    entries up to it, then call [`Replica::handle_compacted`];
 //! 2. act on outputs in the order they are returned. A `Reply` is only
 //!    returned once its entry is committed (durable on a quorum) and
 //!    applied, and an [`Output::Send`] only once every unit before it is
@@ -30,7 +34,10 @@
 //! 3. deliver every [`Output::Send`] to the replica it names (it may be
 //!    lost, duplicated or reordered: Raft tolerates that), and answer every
 //!    [`Output::LoadEntries`] from storage with
-//!    [`Replica::handle_entries_loaded`];
+//!    [`Replica::handle_entries_loaded`]. An InstallSnapshot message
+//!    travels with the sender's stored snapshot of that metadata (dropped
+//!    if storage moved on), and the receiver hands both to
+//!    [`Replica::handle_peer_snapshot`];
 //! 4. deliver every [`Output::ToAgent`] message to the agent of its node,
 //!    and only to the incarnation it names; a message may be lost (the node
 //!    is gone, the network dropped it) and the replica tolerates that: every
@@ -80,6 +87,9 @@ pub struct Config {
     /// bound longer ago than this creates a new job. The leader records the
     /// expiry in the log (`IdempotencyKeysExpired`).
     pub idempotency_window_ms: u64,
+    /// Applied entries after which the replica snapshots its state and the
+    /// log before it is compacted ([`Output::Compact`]); 0 never compacts.
+    pub snapshot_entries: u64,
     /// SIM-BUGS: the planted bug selected by the simulator (none by
     /// default; dead code without the `sim-bugs` feature).
     /// [`Replica::recover`] copies it into the state for the reducer and
@@ -89,6 +99,30 @@ pub struct Config {
 
 /// Default of [`Config::idempotency_window_ms`]: 24 hours.
 pub const IDEMPOTENCY_WINDOW_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
+
+/// Default of [`Config::snapshot_entries`]: a replica that restarts replays
+/// at most this many entries after its snapshot, and a follower further
+/// behind than the leader's snapshot catches up by InstallSnapshot.
+pub const SNAPSHOT_ENTRIES_DEFAULT: u64 = 50_000;
+
+/// The application's state as of one applied entry, as a snapshot holds
+/// it. The state is shared, not copied again, on its way to storage or a
+/// follower; drivers encode it as they store or send it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub meta: raft::SnapshotMeta,
+    pub state: std::sync::Arc<State>,
+}
+
+impl Snapshot {
+    /// Whether `state` is the state at `meta`: a snapshot whose bytes
+    /// decoded to another state (a broken or a hostile sender) is refused.
+    pub fn is_consistent(&self) -> bool {
+        self.meta.index > 0
+            && self.state.applied_index == self.meta.index
+            && self.state.applied_term == self.meta.term
+    }
+}
 
 impl Config {
     fn raft(&self) -> raft::Config {
@@ -157,11 +191,15 @@ pub fn from_raft(entry: raft::Entry<Record>) -> Entry {
 /// What a replica's storage holds when it starts, as the driver read it.
 #[derive(Clone, Debug)]
 pub struct Recovery {
-    /// The state replayed from the stored log up to `hard_state.commit`.
+    /// The state replayed from the stored snapshot (if any) and the stored
+    /// log after it, up to `hard_state.commit`.
     pub state: State,
     pub hard_state: HardState,
+    /// The stored snapshot's metadata (`0, 0` if none): the log starts
+    /// after it.
+    pub snapshot: raft::SnapshotMeta,
     /// `(first index, term)` of each run of equal terms in the stored log
-    /// (see [`raft::term_runs`]).
+    /// after the snapshot (see [`raft::term_runs`]).
     pub runs: Vec<(LogIndex, Term)>,
     pub last_index: LogIndex,
     /// The stored entries after `state.applied_index`.
@@ -174,6 +212,7 @@ impl Recovery {
         Recovery {
             state: State::new(),
             hard_state: HardState::default(),
+            snapshot: raft::SnapshotMeta::default(),
             runs: Vec::new(),
             last_index: 0,
             tail: Vec::new(),
@@ -183,19 +222,38 @@ impl Recovery {
     /// From a whole stored log and hard state: replays the committed prefix
     /// into `state` (for tests and the simulator; the daemon streams its log
     /// instead).
-    pub fn from_log(mut state: State, log: &[Entry], hard_state: HardState) -> Recovery {
-        let hard_state = Recovery::legacy(hard_state, log.last().map(|e| (e.index, e.term)));
+    pub fn from_log(state: State, log: &[Entry], hard_state: HardState) -> Recovery {
+        Recovery::from_snapshot(state, raft::SnapshotMeta::default(), log, hard_state)
+    }
+
+    /// From a stored snapshot (`state` is the state it holds; `snapshot`
+    /// is `0, 0` and `state` empty if there is none), the stored log after
+    /// it and the hard state: replays the committed entries into `state`.
+    pub fn from_snapshot(
+        mut state: State,
+        snapshot: raft::SnapshotMeta,
+        log: &[Entry],
+        hard_state: HardState,
+    ) -> Recovery {
+        assert_eq!(state.applied_index, snapshot.index, "the snapshot's state");
+        assert!(log.first().is_none_or(|e| e.index == snapshot.index + 1));
+        let last = log
+            .last()
+            .map(|e| (e.index, e.term))
+            .or((snapshot.index > 0).then_some((snapshot.index, snapshot.term)));
+        let mut hard_state = Recovery::legacy(hard_state, last);
+        // A snapshot is committed state, stored maybe before the hard state
+        // that says so.
+        hard_state.commit = hard_state.commit.max(snapshot.index);
         let split = log.partition_point(|e| e.index <= hard_state.commit);
         for entry in &log[..split] {
             state.apply(entry);
         }
-        let (runs, last_index) = raft::term_runs(
-            raft::SnapshotMeta::default(),
-            log.iter().map(|e| (e.index, e.term)),
-        );
+        let (runs, last_index) = raft::term_runs(snapshot, log.iter().map(|e| (e.index, e.term)));
         Recovery {
             state,
             hard_state,
+            snapshot,
             runs,
             last_index,
             tail: log[split..].to_vec(),
@@ -224,6 +282,9 @@ impl Recovery {
 pub struct PersistUnit {
     /// Increases by one per unit; [`Replica::handle_persisted`] takes it.
     pub id: u64,
+    /// First, install this snapshot received from the leader: it replaces
+    /// the whole stored log (and any older snapshot).
+    pub snapshot: Option<Snapshot>,
     /// Drop every stored entry from this index on, first.
     pub truncate_from: Option<LogIndex>,
     /// Then append these (contiguous, in index order).
@@ -244,6 +305,7 @@ impl Config {
             pass_bounds: scheduler::PassBounds::default(),
             lease: LeaseConfig::default(),
             idempotency_window_ms: IDEMPOTENCY_WINDOW_MS_DEFAULT,
+            snapshot_entries: SNAPSHOT_ENTRIES_DEFAULT,
             bugs: crate::bugs::BugSet::default(),
         }
     }
@@ -372,6 +434,10 @@ pub enum Output {
     /// Read entries `from..=to` from storage for replica `peer` and hand
     /// them to [`Replica::handle_entries_loaded`].
     LoadEntries(NeedEntries),
+    /// Store this snapshot of the replica's own applied state and drop the
+    /// stored entries up to it (after every earlier unit, as one atomic
+    /// write), then call [`Replica::handle_compacted`].
+    Compact(Snapshot),
     /// The answer to a command, sent only once its entry is durable.
     Reply {
         request: RequestId,
@@ -456,6 +522,17 @@ pub struct Replica {
     reads_asked: BTreeSet<RequestId>,
     /// Reads confirmed at an index, waiting for it to be applied.
     reads_confirmed: VecDeque<(LogIndex, RequestId)>,
+    /// A snapshot received from the leader with its InstallSnapshot
+    /// message, kept until Raft installs it (or does not want it).
+    snapshot_received: Option<Snapshot>,
+    /// A compaction handed to the driver and not yet reported done.
+    compacting: Option<LogIndex>,
+    /// The index of a compaction that failed: the next waits for
+    /// `snapshot_entries` more entries after it.
+    compact_after: LogIndex,
+    /// Snapshots installed from a leader (soft state, for metrics and the
+    /// simulator).
+    snapshots_installed: u64,
     /// A hard state whose only change is the commit index: it needs no
     /// fsync of its own and rides with the next unit.
     deferred_hard_state: Option<HardState>,
@@ -509,6 +586,7 @@ impl Replica {
         let Recovery {
             state,
             hard_state,
+            snapshot,
             runs,
             last_index,
             tail,
@@ -524,7 +602,7 @@ impl Replica {
         let max_at = tail.iter().map(|e| e.at).fold(state.last_at, u64::max);
         let recovered = raft::Recovered {
             hard_state,
-            snapshot: raft::SnapshotMeta::default(),
+            snapshot,
             runs,
             last_index,
             tail: tail.into_iter().map(to_raft).collect(),
@@ -545,6 +623,10 @@ impl Replica {
             held: VecDeque::new(),
             reads_asked: BTreeSet::new(),
             reads_confirmed: VecDeque::new(),
+            snapshot_received: None,
+            compacting: None,
+            compact_after: 0,
+            snapshots_installed: 0,
             deferred_hard_state: None,
             hard_state_out: hard_state,
             outputs: VecDeque::new(),
@@ -634,6 +716,14 @@ impl Replica {
     }
 
     /// Agent heartbeats received since this replica started.
+    /// The latest snapshot the log was compacted behind (`0, 0` if none).
+    pub fn snapshot(&self) -> raft::SnapshotMeta {
+        self.raft.snapshot()
+    }
+    /// Snapshots installed from a leader since start.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed
+    }
     pub fn heartbeats_received(&self) -> u64 {
         self.heartbeats_received
     }
@@ -1079,6 +1169,55 @@ impl Replica {
         self.process(now);
     }
 
+    /// An InstallSnapshot message from the leader with the snapshot its
+    /// driver attached (decoded from the bytes the leader stored). One whose
+    /// state is not the state at the message's metadata is dropped, as is
+    /// the message without its snapshot: the leader sends it again.
+    pub fn handle_peer_snapshot(
+        &mut self,
+        now: TimestampMs,
+        mono: u64,
+        msg: PeerMessage,
+        snapshot: Snapshot,
+    ) {
+        let raft::Body::InstallSnapshot { meta } = msg.body else {
+            return self.handle_peer(now, mono, msg);
+        };
+        if msg.to != self.config.id || snapshot.meta != meta || !snapshot.is_consistent() {
+            return;
+        }
+        self.snapshot_received = Some(snapshot);
+        self.handle_peer(now, mono, msg);
+        // Installed by now, or not wanted.
+        self.snapshot_received = None;
+    }
+
+    /// The driver stored the snapshot of an [`Output::Compact`] and dropped
+    /// the stored entries up to it; Raft drops them from memory too, and
+    /// sends a follower that needs them the snapshot instead.
+    pub fn handle_compacted(&mut self, now: TimestampMs, meta: raft::SnapshotMeta) {
+        if self.compacting == Some(meta.index) {
+            self.compacting = None;
+        }
+        // A snapshot installed from the leader meanwhile is newer.
+        if meta.index > self.raft.snapshot().index
+            && self.raft.term_at(meta.index) == Some(meta.term)
+        {
+            self.raft.compact(meta.index);
+        }
+        self.process(now);
+    }
+
+    /// The driver could not store the snapshot of an [`Output::Compact`]:
+    /// the log keeps its entries, and the next try comes after another
+    /// [`Config::snapshot_entries`] entries.
+    pub fn handle_compact_failed(&mut self, meta: raft::SnapshotMeta) {
+        if self.compacting == Some(meta.index) {
+            self.compacting = None;
+            self.compact_after = meta.index;
+        }
+    }
+
     /// Entries read from storage for `peer`, answering an
     /// [`Output::LoadEntries`] (none if storage no longer has them).
     pub fn handle_entries_loaded(
@@ -1345,16 +1484,27 @@ impl Replica {
                 break;
             }
         }
+        self.maybe_compact();
     }
 
     fn take_ready(&mut self, ready: raft::Ready<Record>) {
-        assert!(
-            ready.restore.is_none(),
-            "snapshots are not installed yet (nothing compacts the log)"
-        );
+        let mut installing = None;
+        if let Some(meta) = ready.restore {
+            let snapshot = self
+                .snapshot_received
+                .take()
+                .filter(|s| s.meta == meta)
+                .expect("Raft installs only the snapshot that came with its message");
+            self.restore(&snapshot);
+            installing = Some(snapshot);
+        }
         if let Some(persist) = ready.persist {
-            assert!(persist.snapshot.is_none(), "snapshots are not stored yet");
-            self.persist(persist);
+            assert_eq!(
+                persist.snapshot,
+                installing.as_ref().map(|s| s.meta),
+                "a snapshot is stored as it is restored"
+            );
+            self.persist(persist, installing);
         }
         let wait = if planted!(self.config.bugs, VoteWithoutPersist) {
             0
@@ -1401,9 +1551,10 @@ impl Replica {
 
     /// Turns Raft's persist request into a unit for the driver. A change of
     /// the commit index alone needs no fsync: it rides with the next unit.
-    fn persist(&mut self, persist: raft::Persist<Record>) {
+    fn persist(&mut self, persist: raft::Persist<Record>, snapshot: Option<Snapshot>) {
         let hard_state = persist.hard_state.or(self.deferred_hard_state);
-        let commit_only = persist.entries.is_empty()
+        let commit_only = snapshot.is_none()
+            && persist.entries.is_empty()
             && persist.truncate_from.is_none()
             && hard_state.is_some_and(|h| {
                 h.term == self.hard_state_out.term && h.vote == self.hard_state_out.vote
@@ -1425,9 +1576,56 @@ impl Replica {
         self.units_pending.push_back((self.units_issued, last));
         self.outputs.push_back(Output::Persist(PersistUnit {
             id: self.units_issued,
+            snapshot,
             truncate_from: persist.truncate_from,
             entries,
             hard_state,
+        }));
+    }
+
+    /// Replaces the state with a snapshot's (a follower far behind the
+    /// leader). A follower owes nothing as leader, so only the state and
+    /// what follows it change.
+    fn restore(&mut self, snapshot: &Snapshot) {
+        assert!(
+            !self.leading && self.origins.is_empty(),
+            "a leader restores nothing"
+        );
+        let mut state = State::clone(&snapshot.state);
+        state.bugs = self.config.bugs;
+        if state.sched.is_suspended() {
+            state.rebuild_indexes();
+        }
+        self.max_at = self.max_at.max(state.last_at);
+        self.state = state;
+        self.snapshots_installed += 1;
+        // A compaction of the old log is moot: the install replaced it.
+        self.compacting = None;
+        // Reads wait for an applied index; it only grew.
+        self.release_reads();
+    }
+
+    /// Once enough entries were applied since the last snapshot, hands the
+    /// driver a snapshot of the state to store and compact the log behind.
+    fn maybe_compact(&mut self) {
+        let every = self.config.snapshot_entries;
+        let applied = self.state.applied_index;
+        if every == 0
+            || self.compacting.is_some()
+            || applied < self.raft.snapshot().index.max(self.compact_after) + every
+            || self.phase != Lifecycle::Running
+        {
+            return;
+        }
+        let meta = raft::SnapshotMeta {
+            index: applied,
+            term: self.state.applied_term,
+        };
+        debug_assert_eq!(self.raft.term_at(applied), Some(meta.term));
+        self.compacting = Some(applied);
+        self.outputs.push_back(Output::Compact(Snapshot {
+            meta,
+            state: std::sync::Arc::new(self.state.clone()),
         }));
     }
 

@@ -8,7 +8,7 @@ use rustci_core::model::{AttemptState, JobId, JobSpec, JobState, NodeState, Outc
 use rustci_core::protocol::{AgentMsg, LeaseConfig, NodeAd, Report, ReportKind, ServerMsg};
 use rustci_core::raft::HardState;
 use rustci_core::replica::{
-    Command, CommandError, Config, Output, PersistUnit, Recovery, Replica, Reply,
+    Command, CommandError, Config, Output, PersistUnit, Recovery, Replica, Reply, Snapshot,
 };
 use rustci_core::state::State;
 use rustci_core::validate;
@@ -31,7 +31,10 @@ enum RunnerReport {
 /// A replica with a perfect disk and agents that record what they are told.
 struct Cluster {
     replica: Replica,
+    /// The stored snapshot, and the log after it.
+    snapshot: Option<Snapshot>,
     disk: Vec<Entry>,
+    config: Config,
     hard_state: HardState,
     replies: BTreeMap<u64, Result<Reply, CommandError>>,
     /// Answers to linearizable reads, in order.
@@ -52,8 +55,10 @@ impl Cluster {
 
     fn with_config(config: Config) -> Cluster {
         let mut c = Cluster {
-            replica: Replica::recover(config, Recovery::empty(), 0),
+            replica: Replica::recover(config.clone(), Recovery::empty(), 0),
+            snapshot: None,
             disk: Vec::new(),
+            config,
             hard_state: HardState::default(),
             replies: BTreeMap::new(),
             reads: Vec::new(),
@@ -70,8 +75,12 @@ impl Cluster {
 
     /// Restarts from the durable log, as `rustci dev` does after a crash.
     fn restart(&mut self) {
-        let recovery = Recovery::from_log(State::new(), &self.disk, self.hard_state);
-        self.replica = Replica::recover(Config::new(1), recovery, self.mono);
+        let (state, base) = match &self.snapshot {
+            Some(s) => (State::clone(&s.state), s.meta),
+            None => (State::new(), Default::default()),
+        };
+        let recovery = Recovery::from_snapshot(state, base, &self.disk, self.hard_state);
+        self.replica = Replica::recover(self.config.clone(), recovery, self.mono);
         self.replica.start(self.now);
         self.runner.clear();
         self.drive();
@@ -88,6 +97,12 @@ impl Cluster {
                     let id = unit.id;
                     self.write(unit);
                     self.replica.handle_persisted(self.now, id);
+                }
+                Output::Compact(snapshot) => {
+                    let meta = snapshot.meta;
+                    self.disk.retain(|e| e.index > meta.index);
+                    self.snapshot = Some(snapshot);
+                    self.replica.handle_compacted(self.now, meta);
                 }
                 Output::Send(msg) => panic!("a single replica sent {msg:?}"),
                 Output::LoadEntries(need) => panic!("a single replica asked for {need:?}"),
@@ -561,6 +576,56 @@ fn bad_input_gets_an_error_and_changes_nothing() {
         Err(CommandError::NotFound { .. })
     ));
     assert_eq!((c.replica.state().digest(), c.disk.len()), before);
+}
+
+#[test]
+fn the_log_is_compacted_behind_snapshots_and_a_restart_recovers_from_the_latest() {
+    let mut config = Config::new(1);
+    config.snapshot_entries = 10;
+    let mut c = Cluster::with_config(config);
+    c.add_node("local", 2000, 1000, &[]);
+    let jobs: Vec<JobId> = (0..35).map(|_| c.submit(spec(100, 10))).collect();
+    let snapshot = c.snapshot.clone().expect("a snapshot after 35 submissions");
+    let applied = c.replica.state().applied_index;
+    // At most `snapshot_entries` entries stay behind the latest snapshot,
+    // and the log holds only what follows it.
+    assert!(
+        applied - snapshot.meta.index < 10,
+        "{applied} {:?}",
+        snapshot.meta
+    );
+    assert_eq!(c.replica.snapshot(), snapshot.meta);
+    assert_eq!(
+        c.disk.first().map(|e| e.index),
+        Some(snapshot.meta.index + 1)
+    );
+    assert_eq!(snapshot.state.applied_index, snapshot.meta.index);
+    // What a restart recovers (before it elects itself and appends) is the
+    // state it had: the snapshot plus the entries after it.
+    let recovered = Recovery::from_snapshot(
+        State::clone(&snapshot.state),
+        snapshot.meta,
+        &c.disk,
+        c.hard_state,
+    );
+    let mut state = recovered.state;
+    for e in &recovered.tail {
+        state.apply(e);
+    }
+    assert_eq!(
+        state.digest(),
+        c.replica.state().digest(),
+        "snapshot + log after it = the state ({} entries not yet known committed)",
+        recovered.tail.len()
+    );
+    c.restart();
+    for id in jobs {
+        assert!(c.replica.state().job(id).is_some(), "job {id:?} survives");
+    }
+    // It keeps working: more submissions, another snapshot, another restart.
+    let more = c.submit(spec(100, 10));
+    c.restart();
+    assert!(c.replica.state().job(more).is_some());
 }
 
 #[test]

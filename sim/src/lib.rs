@@ -146,6 +146,9 @@ pub struct SimOptions {
     /// Least simulated time between two replay-equality checks.
     pub replay_check_interval_ms: u64,
     pub planted_bug: Option<PlantedBug>,
+    /// Entries between two snapshots of a replica's state (0: the log is
+    /// never compacted); `None` draws it from the seed.
+    pub snapshot_entries: Option<u64>,
     /// Events kept for a failure's trace tail (0: none, fastest).
     pub trace_tail: usize,
 }
@@ -173,6 +176,7 @@ impl SimOptions {
             jobs_max: JOBS_MAX_DEFAULT,
             replay_check_interval_ms: REPLAY_CHECK_INTERVAL_MS_DEFAULT,
             planted_bug: None,
+            snapshot_entries: None,
             trace_tail: 0,
         }
     }
@@ -198,6 +202,9 @@ impl SimOptions {
         }
         if self.jobs_max != d.jobs_max {
             s += &format!(" --jobs-max {}", self.jobs_max);
+        }
+        if let Some(n) = self.snapshot_entries {
+            s += &format!(" --snapshot-entries {n}");
         }
         if self.replay_check_interval_ms != d.replay_check_interval_ms {
             s += &format!(" --replay-check-ms {}", self.replay_check_interval_ms);

@@ -16,12 +16,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use rustci_core::event::Entry;
+use rustci_core::event::LogIndex;
 use rustci_core::model::{AttemptNumber, Job, JobId, JobSpec, Labels, Resources};
 use rustci_core::protocol::{AgentMsg, LeaseConfig, ReportKind, ServerMsg};
-use rustci_core::raft::{HardState, Role, Term};
+use rustci_core::raft::{Body as PeerBody, HardState, Role, SnapshotMeta, Term};
 use rustci_core::replica::{
     Command, CommandError, Config, Output, PeerMessage, PersistUnit, Recovery, Replica, Reply,
-    RequestId, TICK_MS,
+    RequestId, Snapshot, TICK_MS,
 };
 use rustci_core::state::{Fnv64, State};
 
@@ -70,6 +71,8 @@ pub enum Body {
     FromAgent(AgentMsg),
     /// Replica -> replica (Raft).
     Peer(PeerMessage),
+    /// Replica -> replica: InstallSnapshot with the snapshot it offers.
+    PeerSnapshot(PeerMessage, Snapshot),
 }
 
 #[derive(Clone, Debug)]
@@ -179,7 +182,9 @@ impl Ev {
                     Body::FromAgent(AgentMsg::Report(r)) => {
                         8 << 40 | u64::from(matches!(r.kind, ReportKind::Started)) << 39 | r.job.0
                     }
-                    Body::Peer(m) => 10 << 40 | m.term << 8 | peer_kind(&m.body),
+                    Body::Peer(m) | Body::PeerSnapshot(m, _) => {
+                        10 << 40 | m.term << 8 | peer_kind(&m.body)
+                    }
                 };
                 (0, ep(&m.from) << 16 | ep(&m.to), kind)
             }
@@ -282,23 +287,81 @@ impl Clock {
 /// an error; the simulator does not model bit rot).
 #[derive(Default)]
 struct Disk {
+    /// The durable snapshot; `durable` holds the entries after it.
+    snapshot: Option<Snapshot>,
     durable: Vec<Entry>,
     hard_state: HardState,
-    pending: Vec<PersistUnit>,
-    /// Pending units the in-flight fsync covers (0: none in flight).
+    pending: Vec<Write>,
+    /// Pending writes the in-flight fsync covers (0: none in flight).
     syncing: usize,
 }
 
+/// One atomic write handed to the disk.
+enum Write {
+    Unit(PersistUnit),
+    /// A compaction behind the replica's own snapshot.
+    Compact(Snapshot),
+}
+
 impl Disk {
-    /// Makes `unit` durable: truncate, append, hard state, as one.
-    fn write(&mut self, unit: PersistUnit) {
-        if let Some(from) = unit.truncate_from {
-            self.durable.retain(|e| e.index < from);
+    /// Makes `write` durable, as one.
+    fn write(&mut self, write: Write) {
+        match write {
+            Write::Unit(unit) => {
+                if let Some(snapshot) = unit.snapshot {
+                    // An install replaces the whole log.
+                    self.durable.clear();
+                    self.snapshot = Some(snapshot);
+                }
+                if let Some(from) = unit.truncate_from {
+                    self.durable.retain(|e| e.index < from);
+                }
+                self.durable.extend(unit.entries);
+                if let Some(h) = unit.hard_state {
+                    self.hard_state = h;
+                }
+            }
+            Write::Compact(snapshot) => {
+                if snapshot.meta.index > self.base().index {
+                    self.durable.retain(|e| e.index > snapshot.meta.index);
+                    self.snapshot = Some(snapshot);
+                }
+            }
         }
-        self.durable.extend(unit.entries);
-        if let Some(h) = unit.hard_state {
-            self.hard_state = h;
+    }
+
+    fn base(&self) -> SnapshotMeta {
+        self.snapshot.as_ref().map(|s| s.meta).unwrap_or_default()
+    }
+
+    /// The index of the last durable entry (the snapshot's if none).
+    fn last_index(&self) -> LogIndex {
+        self.durable.last().map_or(self.base().index, |e| e.index)
+    }
+
+    /// The durable entries with indexes in `(after, to]` (clamped to the
+    /// log's end); `None` if some were compacted away.
+    fn entries(&self, after: LogIndex, to: LogIndex) -> Option<&[Entry]> {
+        let base = self.base().index;
+        if after < base {
+            return None;
         }
+        let from = (after - base) as usize;
+        let to = ((to.max(after) - base) as usize).min(self.durable.len());
+        Some(self.durable.get(from.min(to)..to).unwrap_or_default())
+    }
+
+    /// The state the durable snapshot holds (empty without one).
+    fn snapshot_state(&self, bugs: rustci_core::bugs::BugSet) -> State {
+        let mut state = match &self.snapshot {
+            Some(s) => State::clone(&s.state),
+            None => State::new(),
+        };
+        state.bugs = bugs;
+        if state.sched.is_suspended() {
+            state.rebuild_indexes();
+        }
+        state
     }
 }
 
@@ -311,6 +374,8 @@ struct ReplicaHost {
     disk: Disk,
     restart_pending: bool,
     last_replay_check_ms: u64,
+    /// The replica's `snapshots_installed` last seen.
+    installs_seen: u64,
 }
 
 /// One request of a client's operation (a burst has many).
@@ -376,6 +441,10 @@ pub struct Stats {
     pub jobs: u64,
     pub jobs_terminal: u64,
     pub entries: u64,
+    /// Snapshots replicas stored to compact their logs, and sent to
+    /// followers behind them.
+    pub compactions: u64,
+    pub snapshots_sent: u64,
 }
 
 pub struct World {
@@ -411,6 +480,8 @@ pub struct World {
     acked_jobs: Vec<JobId>,
     submit_mean_gap_ms: u64,
     heal_at: u64,
+    /// Entries between two snapshots ([`Config::snapshot_entries`]).
+    pub snapshot_entries: u64,
     pub failure: Option<Violation>,
     pub stats: Stats,
 }
@@ -432,6 +503,7 @@ impl World {
                 disk: Disk::default(),
                 restart_pending: false,
                 last_replay_check_ms: 0,
+                installs_seen: 0,
             })
             .collect();
         let mut agents = Vec::new();
@@ -512,6 +584,16 @@ impl World {
             submitted: 0,
             acked_jobs: Vec::new(),
             heal_at: opts.fault_phase_ms,
+            snapshot_entries: opts.snapshot_entries.unwrap_or_else(|| {
+                // From a stream of its own, so that seeds found before
+                // compaction existed draw the same plan as then.
+                let mut rng = SimRng::new(opts.seed ^ 0x5a9a_5407_c0de_0001);
+                if rng.chance(Bp(3_333)) {
+                    0
+                } else {
+                    rng.range(8, 400)
+                }
+            }),
             failure: None,
             stats: Stats::default(),
         };
@@ -744,6 +826,7 @@ impl World {
         config.heartbeat_interval_ms = (config.election_timeout_ms / 6).max(50);
         config.pass_bounds = self.plan.pass_bounds();
         config.lease = self.lease_config();
+        config.snapshot_entries = self.snapshot_entries;
         if let Some(bug) = self.opts.planted_bug {
             config.bugs = rustci_core::bugs::BugSet::only(bug.0);
         }
@@ -752,15 +835,15 @@ impl World {
 
     fn restart_replica_now(&mut self, r: usize) {
         let disk = &self.hosts[r].disk;
-        let mut state = State::new();
-        state.bugs = self.config(r).bugs;
-        let recovery = Recovery::from_log(state, &disk.durable, disk.hard_state);
+        let state = disk.snapshot_state(self.config(r).bugs);
+        let recovery = Recovery::from_snapshot(state, disk.base(), &disk.durable, disk.hard_state);
         let mono = self.replica_mono(r);
         let mut replica = Replica::recover(self.config(r), recovery, mono);
         replica.start(self.replica_now(r));
         let host = &mut self.hosts[r];
         host.replica = Some(replica);
         host.restart_pending = false;
+        host.installs_seen = 0;
         let tick = host.clock.true_ms(TICK_MS);
         let inc = host.inc;
         self.push_in(tick, Ev::Tick { replica: r, inc });
@@ -805,11 +888,11 @@ impl World {
         let disk = &mut host.disk;
         let pending = std::mem::take(&mut disk.pending);
         disk.syncing = 0;
-        for unit in pending {
+        for write in pending {
             if !self.rng.chance(self.plan.unsynced_survives) {
                 break;
             }
-            disk.write(unit);
+            disk.write(write);
         }
         // Connections die with the process: in-flight requests get no reply.
         self.routes.retain(|_, (at, _)| *at != r);
@@ -878,6 +961,9 @@ impl World {
                 replica.handle_agent(now, mono, msg)
             }
             Body::Peer(msg) => replica.handle_peer(now, mono, msg),
+            Body::PeerSnapshot(msg, snapshot) => {
+                replica.handle_peer_snapshot(now, mono, msg, snapshot)
+            }
             Body::Response { .. } | Body::ToAgent(_) => return Ok(()),
         }
         self.after_input(r, applied, pre)?;
@@ -891,9 +977,11 @@ impl World {
             return None;
         }
         let replica = self.hosts[r].replica.as_ref()?;
-        let durable = &self.hosts[r].disk.durable;
-        let from = (replica.applied_index() as usize).min(durable.len());
-        Some(Checker::pre_apply(replica.state(), &durable[from..]))
+        let disk = &self.hosts[r].disk;
+        let unapplied = disk
+            .entries(replica.applied_index(), LogIndex::MAX)
+            .expect("a replica's snapshot is at most what it applied");
+        Some(Checker::pre_apply(replica.state(), unapplied))
     }
 
     /// After an input to replica `r` that had applied up to `applied`:
@@ -904,20 +992,51 @@ impl World {
         let Some(replica) = self.hosts[r].replica.as_ref() else {
             return Ok(());
         };
-        let durable = &self.hosts[r].disk.durable;
-        let to = replica.applied_index() as usize;
-        let from = (applied as usize).min(to);
-        if to > durable.len() {
-            return Err(Violation {
+        let to = replica.applied_index();
+        let mut from = applied.min(to);
+        let installed = replica.snapshots_installed();
+        let meta = replica.snapshot();
+        if installed != self.hosts[r].installs_seen {
+            // It took the leader's snapshot in place of entries: that state
+            // must be the committed log's at the snapshot.
+            self.hosts[r].installs_seen = installed;
+            let index = meta.index as usize;
+            let known = self.committed.get(index - 1).map(|e| e.term);
+            if known != Some(meta.term) {
+                return Err(Violation {
+                    invariant: inv::STATE_MACHINE_SAFETY,
+                    detail: format!(
+                        "replica {} installed a snapshot at {} (term {}), the committed log has term {known:?} there",
+                        r + 1,
+                        meta.index,
+                        meta.term
+                    ),
+                });
+            }
+            if to == meta.index {
+                let replica = self.hosts[r].replica.as_ref().expect("up");
+                Checker::replay(&self.committed[..index], replica.state())?;
+            }
+            from = from.max(meta.index);
+        }
+        let replica = self.hosts[r].replica.as_ref().expect("up");
+        let disk = &self.hosts[r].disk;
+        // A restart replays from the stored snapshot (what it holds was
+        // judged as it was made or installed).
+        let from = from.max(disk.base().index.min(to));
+        let newly = match disk.entries(from, to) {
+            Some(newly) if newly.len() as u64 == to - from => newly,
+            _ => return Err(Violation {
                 invariant: inv::STATE_MACHINE_SAFETY,
                 detail: format!(
-                    "replica {} applied up to {to} with {} entries durable",
+                    "replica {} applied up to {to} with entries up to {} durable (snapshot at {})",
                     r + 1,
-                    durable.len()
+                    disk.last_index(),
+                    disk.base().index
                 ),
-            });
-        }
-        for e in &durable[from..to] {
+            }),
+        };
+        for e in newly {
             let i = e.index as usize;
             match self.committed.get(i - 1) {
                 Some(c) if c == e => {}
@@ -967,7 +1086,6 @@ impl World {
         if self.ledger == Some(r) {
             match pre {
                 Some(pre) if leading => {
-                    let newly = &durable[from..to];
                     self.checker.applied(&pre, newly, replica.state())?;
                 }
                 _ => self.ledger = None,
@@ -980,7 +1098,10 @@ impl World {
             let state = replica.state();
             self.checker.acked_present(state)?;
             self.checker.terminal_survives(state)?;
-            self.checker.resync(&durable[..to], state)?;
+            // Its disk may be compacted: the ledger takes the committed
+            // log every replica applied, whole.
+            let log = &self.committed[..(to as usize).min(self.committed.len())];
+            self.checker.resync(log, state)?;
         }
         Ok(())
     }
@@ -1036,24 +1157,46 @@ impl World {
                     }
                     self.stats.entries += entries.len() as u64;
                     let disk = &mut self.hosts[r].disk;
-                    disk.pending.push(unit);
+                    disk.pending.push(Write::Unit(unit));
+                    if disk.syncing == 0 {
+                        self.start_fsync(r);
+                    }
+                }
+                Output::Compact(snapshot) => {
+                    self.stats.compactions += 1;
+                    let disk = &mut self.hosts[r].disk;
+                    disk.pending.push(Write::Compact(snapshot));
                     if disk.syncing == 0 {
                         self.start_fsync(r);
                     }
                 }
                 Output::Send(msg) => {
                     let to = msg.to as usize - 1;
-                    self.send(Ep::Replica(r), Ep::Replica(to), 0, Body::Peer(msg));
+                    let body = match &msg.body {
+                        PeerBody::InstallSnapshot { meta } => {
+                            // The driver attaches the snapshot it stored, if
+                            // it still is the one Raft offers.
+                            match &self.hosts[r].disk.snapshot {
+                                Some(s) if s.meta == *meta => {
+                                    self.stats.snapshots_sent += 1;
+                                    Body::PeerSnapshot(msg, s.clone())
+                                }
+                                _ => continue,
+                            }
+                        }
+                        _ => Body::Peer(msg),
+                    };
+                    self.send(Ep::Replica(r), Ep::Replica(to), 0, body);
                 }
                 Output::ReadReady { request, .. } => {
                     panic!("the simulator asks no linearizable reads, yet read {request} answered")
                 }
                 Output::LoadEntries(need) => {
-                    // Raft asks only for durable entries.
-                    let durable = &self.hosts[r].disk.durable;
-                    let (from, to) = (need.from as usize, need.to as usize);
-                    let entries = durable
-                        .get(from.saturating_sub(1)..to.min(durable.len()))
+                    // Raft asks only for durable entries; compacted ones
+                    // are answered with none (the snapshot will do).
+                    let disk = &self.hosts[r].disk;
+                    let entries = disk
+                        .entries(need.from.saturating_sub(1), need.to)
                         .unwrap_or_default()
                         .to_vec();
                     let now = self.replica_now(r);
@@ -1102,11 +1245,16 @@ impl World {
 
     fn fsync_done(&mut self, r: usize) -> Check {
         let disk = &mut self.hosts[r].disk;
-        let synced: Vec<PersistUnit> = disk.pending.drain(..disk.syncing).collect();
+        let synced: Vec<Write> = disk.pending.drain(..disk.syncing).collect();
         disk.syncing = 0;
-        let last_unit = synced.last().map(|u| u.id);
-        for unit in synced {
-            disk.write(unit);
+        let mut last_unit = None;
+        let mut compacted = Vec::new();
+        for write in synced {
+            match &write {
+                Write::Unit(unit) => last_unit = Some(unit.id),
+                Write::Compact(snapshot) => compacted.push(snapshot.meta),
+            }
+            disk.write(write);
         }
         let now = self.replica_now(r);
         let pre = self.pre_apply(r);
@@ -1117,6 +1265,9 @@ impl World {
         let applied = replica.applied_index();
         if let Some(unit) = last_unit {
             replica.handle_persisted(now, unit);
+        }
+        for meta in compacted {
+            replica.handle_compacted(now, meta);
         }
         self.after_input(r, applied, pre)?;
         self.drain_outputs(r)?;
@@ -1144,7 +1295,7 @@ impl World {
         let Some(replica) = host.replica.as_ref() else {
             return Ok(());
         };
-        let durable_last = host.disk.durable.last().map_or(0, |e| e.index);
+        let durable_last = host.disk.last_index();
         let quiescent = host.disk.pending.is_empty()
             && replica.last_index() == durable_last
             && replica.applied_index() == durable_last;
@@ -1163,7 +1314,20 @@ impl World {
         self.hosts[r].last_replay_check_ms = self.now;
         let host = &self.hosts[r];
         let replica = host.replica.as_ref().expect("up");
-        Checker::replay(&host.disk.durable, replica.state())?;
+        // The committed log, whole: the disk may start at a snapshot.
+        let applied = replica.applied_index() as usize;
+        if self.committed.len() >= applied {
+            Checker::replay(&self.committed[..applied], replica.state())?;
+        } else {
+            return Err(Violation {
+                invariant: inv::REPLAY,
+                detail: format!(
+                    "replica {} applied {applied} entries, the committed log has {}",
+                    r + 1,
+                    self.committed.len()
+                ),
+            });
+        }
         Checker::consistency(replica.state())
     }
 
