@@ -268,6 +268,16 @@ pub struct ControlPlaneArgs {
         value_parser = clap::value_parser!(u64).range(NODE_DOWN_AFTER_MS_MIN..=NODE_DOWN_AFTER_MS_MAX)
     )]
     pub node_down_after_ms: u64,
+    /// Entries applied between two snapshots of the control plane's state
+    /// (0 to 100,000,000; 0 never compacts). The log before a snapshot is
+    /// dropped: a restart replays at most this many entries, and a replica
+    /// further behind catches up by receiving the leader's snapshot.
+    #[arg(
+        long,
+        default_value_t = rustci_core::replica::SNAPSHOT_ENTRIES_DEFAULT,
+        value_parser = clap::value_parser!(u64).range(0..=100_000_000)
+    )]
+    pub snapshot_entries: u64,
 }
 
 /// `--heartbeat-interval-ms` of an agent. Its lease must outlive two

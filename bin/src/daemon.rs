@@ -28,7 +28,7 @@ use rustci_core::model::{AttemptNumber, JobId, JobSpec, Labels, Resources};
 use rustci_core::protocol::LeaseConfig;
 use rustci_core::raft::HardState;
 use rustci_core::replica::{
-    CommandError, Config, Output, PersistUnit, Recovery, Replica, Reply, TICK_MS,
+    CommandError, Config, Output, PersistUnit, Recovery, Replica, Reply, Snapshot, TICK_MS,
 };
 use rustci_core::state::State;
 use rustci_net::agent_link::{AgentLinks, LinkContext};
@@ -78,6 +78,8 @@ pub struct DevConfig {
     /// Silence after which the leader declares a node down
     /// (`--node-down-after-ms`).
     pub node_down_after_ms: u64,
+    /// Entries applied between two snapshots (0: never compact).
+    pub snapshot_entries: u64,
     /// This replica's id (`rustci server --id`; 1 for `rustci dev`).
     pub id: ReplicaId,
     /// The other replicas' API addresses (`--peer ID=ADDR`); empty for a
@@ -115,6 +117,7 @@ impl DevConfig {
             keep_failed_workspaces: runner::KEEP_FAILED_WORKSPACES_DEFAULT,
             connections_max: rustci_net::server::CONNECTIONS_MAX,
             node_down_after_ms: rustci_core::protocol::DOWN_AFTER_MS,
+            snapshot_entries: rustci_core::replica::SNAPSHOT_ENTRIES_DEFAULT,
             id: 1,
             peers: BTreeMap::new(),
             advertise: None,
@@ -197,8 +200,7 @@ pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
 ///
 /// A snapshot is committed state, so the commit index recovered is at
 /// least the snapshot's (it may be stored before the hard state that
-/// commits it). Not yet wired: `Replica::recover` still tells Raft there is
-/// no snapshot, and nothing compacts the log yet.
+/// commits it).
 pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
     let stored = store.hard_state();
     let stored = HardState {
@@ -218,6 +220,7 @@ pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
     Ok(Recovery {
         state,
         hard_state,
+        snapshot: base,
         runs,
         last_index,
         tail,
@@ -538,6 +541,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     replica_config.idempotency_window_ms =
         u64::try_from(config.idempotency_window.as_millis()).unwrap_or(u64::MAX);
     replica_config.lease.down_after_ms = config.node_down_after_ms;
+    replica_config.snapshot_entries = config.snapshot_entries;
     let mono_origin = Instant::now();
     let replica = Replica::recover(replica_config, recovery, 0);
     let mut driver = Driver {
@@ -677,7 +681,7 @@ fn spawn_log_writer(
     inputs: mpsc::Sender<Input>,
     stats: Arc<LogStats>,
 ) -> LogWriter {
-    let (tx, rx) = std::sync::mpsc::channel::<PersistUnit>();
+    let (tx, rx) = std::sync::mpsc::channel::<WriterJob>();
     let stopping = Arc::new(AtomicBool::new(false));
     let stopping_flag = stopping.clone();
     let span = tracing::Span::current();
@@ -685,13 +689,30 @@ fn spawn_log_writer(
         .name("rustci-log-writer".into())
         .spawn(move || {
             let _span = span.entered();
-            let mut next: Option<PersistUnit> = None;
-            while let Some(mut batch) = next.take().or_else(|| rx.recv().ok()) {
+            let mut next: Option<WriterJob> = None;
+            while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
+                let mut batch = match job {
+                    WriterJob::Unit(unit) => unit,
+                    WriterJob::Compact(snapshot) => {
+                        let meta = snapshot.meta;
+                        let result = compact(&mut store, &snapshot);
+                        if inputs
+                            .blocking_send(Input::Compacted { meta, result })
+                            .is_err()
+                        {
+                            return Some(store);
+                        }
+                        continue;
+                    }
+                };
                 // Group commit: later units ride in the same transaction
-                // unless one truncates (it must follow what came before).
+                // unless one truncates or installs a snapshot (it must
+                // follow what came before), or is a compaction.
                 while batch.entries.len() < WRITER_BATCH_ENTRIES_MAX {
                     match rx.try_recv() {
-                        Ok(more) if more.truncate_from.is_none() => {
+                        Ok(WriterJob::Unit(more))
+                            if more.truncate_from.is_none() && more.snapshot.is_none() =>
+                        {
                             batch.id = more.id;
                             batch.entries.extend(more.entries);
                             batch.hard_state = more.hard_state.or(batch.hard_state);
@@ -758,8 +779,31 @@ fn persist_unit(
         commit: h.commit,
     });
     let max = rustci_storage::APPEND_BATCH_ENTRIES_MAX;
+    let encoded = unit
+        .snapshot
+        .as_ref()
+        .map(|s| (s.meta, rustci_storage::encode_snapshot(&s.state)));
+    let install = encoded
+        .as_ref()
+        .map(|(meta, bytes)| rustci_storage::SnapshotInstall { meta: *meta, bytes });
+    if let Some((meta, bytes)) = &encoded {
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            bytes = bytes.len(),
+            "installing the leader's snapshot: this replica was too far behind for entries"
+        );
+    }
     if unit.entries.len() <= max {
-        return store.persist(unit.truncate_from, &unit.entries, hard_state.as_ref());
+        return store.persist_with_snapshot(
+            install,
+            unit.truncate_from,
+            &unit.entries,
+            hard_state.as_ref(),
+        );
+    }
+    if let Some(install) = install {
+        store.persist_with_snapshot(Some(install), None, &[], None)?;
     }
     let parts: Vec<&[Entry]> = unit.entries.chunks(max).collect();
     for (i, part) in parts.iter().enumerate() {
@@ -772,6 +816,31 @@ fn persist_unit(
         store.persist(truncate, part, hard)?;
     }
     Ok(())
+}
+
+/// Stores the replica's own snapshot and drops the log behind it.
+fn compact(store: &mut LogStore, snapshot: &Snapshot) -> Result<(), String> {
+    let bytes = rustci_storage::encode_snapshot(&snapshot.state);
+    let meta = snapshot.meta;
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        store.compact_to(meta.index, meta.term, &bytes)
+    }));
+    match done {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!(
+            "compaction panicked inside the log file {}: {}",
+            store.path().display(),
+            panic_message(&*panic)
+        )),
+    }
+}
+
+/// What the log writer is handed, in order.
+enum WriterJob {
+    Unit(PersistUnit),
+    /// Store this snapshot and compact the log behind it.
+    Compact(Snapshot),
 }
 
 /// Entries one append takes at most (the rest waits for the next).
@@ -840,15 +909,15 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 struct LogWriter {
-    tx: Option<std::sync::mpsc::Sender<PersistUnit>>,
+    tx: Option<std::sync::mpsc::Sender<WriterJob>>,
     thread: Option<std::thread::JoinHandle<Option<LogStore>>>,
     /// Set when the daemon stops: a writer waiting for disk space gives up.
     stopping: Arc<AtomicBool>,
 }
 
 impl LogWriter {
-    fn send(&self, unit: PersistUnit) -> bool {
-        self.tx.as_ref().is_some_and(|tx| tx.send(unit).is_ok())
+    fn send(&self, job: WriterJob) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok())
     }
 
     /// Lets the writer finish what it has and waits for it; the store comes
@@ -1104,6 +1173,57 @@ impl Driver {
         });
     }
 
+    /// Reads the stored snapshot an InstallSnapshot message offers, off the
+    /// driver task; [`Input::SnapshotRead`] brings it back.
+    fn read_snapshot_for(&self, msg: rustci_core::replica::PeerMessage) {
+        let Some(log) = self.shared_log.clone() else {
+            return;
+        };
+        let rustci_core::raft::Body::InstallSnapshot { meta } = msg.body else {
+            return;
+        };
+        let inputs = self.inputs.clone();
+        tokio::task::spawn_blocking(move || {
+            let bytes = match log.reader.snapshot() {
+                Ok(Some((stored, bytes))) if stored == meta => Some(bytes),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the stored snapshot for a lagging replica");
+                    None
+                }
+            };
+            let _ = inputs.blocking_send(Input::SnapshotRead { msg, bytes });
+        });
+    }
+
+    /// Decodes a snapshot a leader sent, off the driver task;
+    /// [`Input::PeerSnapshot`] brings it back. A snapshot that does not
+    /// decode is logged and dropped: the leader sends it again.
+    fn decode_peer_snapshot(
+        &self,
+        msg: rustci_core::replica::PeerMessage,
+        snapshot: rustci_net::peer::PeerSnapshot,
+    ) {
+        let inputs = self.inputs.clone();
+        tokio::task::spawn_blocking(move || {
+            match rustci_storage::decode_snapshot(&snapshot.bytes) {
+                Ok(state) => {
+                    let snapshot = Snapshot {
+                        meta: snapshot.meta,
+                        state: Arc::new(state),
+                    };
+                    let _ = inputs.blocking_send(Input::PeerSnapshot { msg, snapshot });
+                }
+                Err(e) => tracing::warn!(
+                    from = msg.from,
+                    index = snapshot.meta.index,
+                    error = %e,
+                    "a snapshot from the leader does not decode: dropped"
+                ),
+            }
+        });
+    }
+
     /// Publishes who leads, for the API and the agent endpoint, and logs
     /// every change of the lifecycle state.
     fn publish_leader(&mut self) {
@@ -1221,7 +1341,52 @@ impl Driver {
                 self.fatal = Some(e);
             }
             Input::Tick => self.tick(),
-            Input::Peer(messages) => {
+            Input::Peer {
+                messages,
+                snapshot: Some(snapshot),
+            } => {
+                // The batch's only message offers it (checked on receipt).
+                if let Some(msg) = messages.into_iter().next() {
+                    self.decode_peer_snapshot(msg, snapshot);
+                }
+            }
+            Input::PeerSnapshot { msg, snapshot } => {
+                let mono = self.mono_ms();
+                let before = self.replica.snapshots_installed();
+                self.replica
+                    .handle_peer_snapshot(now, mono, msg, snapshot.clone());
+                if self.replica.snapshots_installed() != before {
+                    tracing::info!(
+                        index = snapshot.meta.index,
+                        term = snapshot.meta.term,
+                        "restored the state from the leader's snapshot"
+                    );
+                }
+            }
+            Input::SnapshotRead { msg, bytes } => match (bytes, &self.transport) {
+                (Some(bytes), Some(t)) => {
+                    tracing::info!(
+                        to = msg.to,
+                        bytes = bytes.len(),
+                        "sending a snapshot to a replica too far behind for entries"
+                    );
+                    if !t.send_snapshot(msg, bytes) {
+                        tracing::debug!("a peer's queue is full: snapshot dropped");
+                    }
+                }
+                _ => tracing::debug!(to = msg.to, "the snapshot offered is no longer stored"),
+            },
+            Input::Compacted { meta, result } => match result {
+                Ok(()) => self.replica.handle_compacted(now, meta),
+                Err(e) => {
+                    tracing::error!(index = meta.index, error = %e, "compacting the event log failed; it grows until the next try");
+                    self.replica.handle_compact_failed(meta);
+                }
+            },
+            Input::Peer {
+                messages,
+                snapshot: None,
+            } => {
                 let mono = self.mono_ms();
                 for msg in messages {
                     self.measured
@@ -1301,9 +1466,19 @@ impl Driver {
                     if self.replica.is_leading() {
                         log_failures(self.replica.state(), &unit.entries);
                     }
-                    if !self.writer.send(unit) && self.fatal.is_none() {
+                    if !self.writer.send(WriterJob::Unit(unit)) && self.fatal.is_none() {
                         self.fatal = Some("the log writer has stopped".into());
                     }
+                }
+                Output::Compact(snapshot) => {
+                    if !self.writer.send(WriterJob::Compact(snapshot)) && self.fatal.is_none() {
+                        self.fatal = Some("the log writer has stopped".into());
+                    }
+                }
+                Output::Send(msg)
+                    if matches!(msg.body, rustci_core::raft::Body::InstallSnapshot { .. }) =>
+                {
+                    self.read_snapshot_for(msg);
                 }
                 Output::Send(msg) => match &self.transport {
                     Some(t) => {

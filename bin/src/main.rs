@@ -168,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 ),
                 connections_max: args.control.connections_max,
                 node_down_after_ms: args.control.node_down_after_ms,
+                snapshot_entries: args.control.snapshot_entries,
                 ..DevConfig::server(std::path::PathBuf::new(), args.listen)
             };
             let handle = daemon::start_dev(config).await?;
@@ -212,6 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 keep_failed_workspaces: rustci::runner::KEEP_FAILED_WORKSPACES_DEFAULT,
                 connections_max: args.control.connections_max,
                 node_down_after_ms: args.control.node_down_after_ms,
+                snapshot_entries: args.control.snapshot_entries,
                 id: args.id,
                 peers,
                 advertise: args.advertise,

@@ -41,6 +41,11 @@ pub struct SimArgs {
     /// Submissions per run, at most.
     #[arg(long)]
     pub jobs_max: Option<u64>,
+    /// Entries between two snapshots of a replica's state (0: logs are
+    /// never compacted); by default each seed draws it (a third never
+    /// compact, the rest every 8 to 400 entries).
+    #[arg(long)]
+    pub snapshot_entries: Option<u64>,
     /// Least simulated time between replay-equality checks (ms).
     #[arg(long = "replay-check-ms")]
     pub replay_check_ms: Option<u64>,
@@ -73,6 +78,7 @@ impl SimArgs {
         if let Some(v) = self.jobs_max {
             o.jobs_max = v;
         }
+        o.snapshot_entries = self.snapshot_entries;
         if let Some(v) = self.drift_fault_ppm {
             anyhow::ensure!(v < 1_000_000, "--drift-fault-ppm must be below 1000000");
             o.drift_fault_ppm = v;

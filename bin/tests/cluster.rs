@@ -14,6 +14,8 @@ use serde_json::json;
 
 struct Cluster {
     dir: tempfile::TempDir,
+    /// Arguments every server gets besides its identity and peers.
+    extra: Vec<String>,
     addrs: BTreeMap<u64, String>,
     servers: BTreeMap<u64, Proc>,
     agents: Vec<Proc>,
@@ -21,12 +23,17 @@ struct Cluster {
 
 impl Cluster {
     fn start(replicas: u64, agents: usize) -> Cluster {
+        Cluster::start_with(replicas, agents, &[])
+    }
+
+    fn start_with(replicas: u64, agents: usize, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let addrs: BTreeMap<u64, String> = (1..=replicas)
             .map(|id| (id, format!("127.0.0.1:{}", free_port())))
             .collect();
         let mut c = Cluster {
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             addrs,
             servers: BTreeMap::new(),
             agents: Vec::new(),
@@ -78,6 +85,7 @@ impl Cluster {
                 args.push(format!("{peer}={addr}"));
             }
         }
+        args.extend(self.extra.iter().cloned());
         args
     }
 
@@ -378,6 +386,82 @@ fn three_replicas_survive_kill_9_of_the_leader_without_losing_or_duplicating_job
 }
 
 #[test]
+fn a_replica_killed_while_the_others_compact_their_logs_catches_up_by_snapshot() {
+    // Snapshots every 20 entries: the leader's log is compacted far past
+    // where the killed replica stopped, so only its snapshot can bring that
+    // replica up.
+    let mut c = Cluster::start_with(3, 0, &["--snapshot-entries", "20"]);
+    let leader = c.wait_leader(None);
+    let lagging = *c.addrs.keys().find(|&&id| id != leader).unwrap();
+    let leader_addr = c.addrs[&leader].clone();
+    let body = json!({"command": ["true"]}).to_string();
+    for i in 0..5 {
+        let key = format!("before-{i}");
+        let (status, text) = http_raw(
+            &leader_addr,
+            "POST",
+            "/v1/jobs",
+            Some(body.as_bytes()),
+            &[("Idempotency-Key", &key)],
+        );
+        assert_eq!(status, 201, "{text}");
+    }
+    c.wait_agreement();
+    c.servers.get_mut(&lagging).unwrap().kill9();
+    c.servers.remove(&lagging);
+    for i in 0..80 {
+        let key = format!("while-down-{i}");
+        let (status, text) = http_raw(
+            &leader_addr,
+            "POST",
+            "/v1/jobs",
+            Some(body.as_bytes()),
+            &[("Idempotency-Key", &key)],
+        );
+        assert_eq!(status, 201, "{text}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.servers[&leader]
+        .log()
+        .contains("log compacted behind a snapshot")
+    {
+        assert!(Instant::now() < deadline, "{}", c.servers[&leader].log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    c.start_server(lagging);
+    let agreed = c.wait_agreement();
+    assert!(agreed["applied_index"].as_u64().unwrap() > 85, "{agreed}");
+    let sent = c.servers[&leader].log();
+    assert!(
+        sent.contains("sending a snapshot to a replica too far behind"),
+        "{sent}"
+    );
+    let restored = c.servers[&lagging].log();
+    assert!(
+        restored.contains("restored the state from the leader's snapshot"),
+        "{restored}"
+    );
+    // Every acknowledged job is there, once, as the restored replica
+    // serves it (it relays reads to the leader, so ask it to lead).
+    let jobs = all_jobs(&c.addrs[&lagging]);
+    assert_eq!(jobs.len(), 85, "{jobs:?}");
+
+    // It stored what it installed: killed again, it recovers from its own
+    // snapshot and the entries after it, and still agrees.
+    c.servers.get_mut(&lagging).unwrap().kill9();
+    c.servers.remove(&lagging);
+    let (status, text) = http(&leader_addr, "POST", "/v1/jobs", Some(&body));
+    assert_eq!(status, 201, "{text}");
+    c.start_server(lagging);
+    let again = c.wait_agreement();
+    assert!(
+        again["applied_index"].as_u64().unwrap() > agreed["applied_index"].as_u64().unwrap(),
+        "{again}"
+    );
+}
+
+#[test]
 fn a_leader_stopped_gracefully_hands_over_and_a_follower_forwards_to_the_new_one() {
     let mut c = Cluster::start(3, 0);
     let leader = c.wait_leader(None);
@@ -432,6 +516,7 @@ fn garbage_or_another_clusters_messages_on_the_peer_endpoint_change_nothing() {
                 transfer: true,
             },
         }],
+        snapshot: None,
     };
     refused(&encode_batch(&batch), 409, "wrong_cluster");
     batch.protocol = PEER_PROTOCOL_VERSION + 1;

@@ -44,8 +44,30 @@ pub enum Input {
     /// there is room again (`false`).
     StorageFull(bool),
     Tick,
-    /// Messages from another replica (see `crate::peer`).
-    Peer(Vec<PeerMessage>),
+    /// Messages from another replica (see `crate::peer`), with the
+    /// snapshot an InstallSnapshot among them offers, still encoded.
+    Peer {
+        messages: Vec<PeerMessage>,
+        snapshot: Option<crate::peer::PeerSnapshot>,
+    },
+    /// An InstallSnapshot message with its snapshot, decoded off the
+    /// driver task.
+    PeerSnapshot {
+        msg: PeerMessage,
+        snapshot: rustci_core::replica::Snapshot,
+    },
+    /// The stored snapshot read for an InstallSnapshot message to `msg.to`
+    /// (`None`: storage holds another one by now; the message is dropped).
+    SnapshotRead {
+        msg: PeerMessage,
+        bytes: Option<Vec<u8>>,
+    },
+    /// The log writer stored a snapshot and compacted the log behind it
+    /// (`Ok`), or could not (`Err`, with the reason).
+    Compacted {
+        meta: rustci_core::raft::SnapshotMeta,
+        result: Result<(), String>,
+    },
     /// Entries read from storage for a lagging replica, answering the
     /// replica's `Output::LoadEntries`.
     EntriesLoaded {
@@ -215,9 +237,13 @@ impl ControlPlane {
     }
 
     /// Hands messages from another replica to the driver.
-    pub async fn peer(&self, messages: Vec<PeerMessage>) -> Result<(), Unavailable> {
+    pub async fn peer(
+        &self,
+        messages: Vec<PeerMessage>,
+        snapshot: Option<crate::peer::PeerSnapshot>,
+    ) -> Result<(), Unavailable> {
         self.inputs
-            .send(Input::Peer(messages))
+            .send(Input::Peer { messages, snapshot })
             .await
             .map_err(|_| Unavailable)
     }

@@ -24,7 +24,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustci_core::event::ReplicaId;
-use rustci_core::raft::{Body, Payload as _};
+use rustci_core::raft::{Body, Payload as _, SnapshotMeta};
 use rustci_core::replica::PeerMessage;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
@@ -66,6 +66,19 @@ pub struct PeerBatch {
     pub from: ReplicaId,
     pub to: ReplicaId,
     pub messages: Vec<PeerMessage>,
+    /// The stored snapshot an InstallSnapshot message of this batch
+    /// offers (then the batch's only message), as storage holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<PeerSnapshot>,
+}
+
+/// A snapshot on the wire: its metadata and its bytes, as the sender's
+/// storage holds them (checksummed; the receiver decodes and checks them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerSnapshot {
+    pub meta: SnapshotMeta,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
 }
 
 /// What the receiving side checks a batch against.
@@ -168,6 +181,17 @@ pub fn check_batch(ctx: &PeerContext, body: &[u8]) -> Result<PeerBatch, PeerRefu
             batch_to: batch.to,
         });
     }
+    if let Some(snapshot) = &batch.snapshot {
+        let offered = matches!(
+            batch.messages.as_slice(),
+            [m] if m.body == Body::InstallSnapshot { meta: snapshot.meta }
+        );
+        if !offered {
+            return Err(PeerRefusal::Garbage(
+                "a snapshot comes alone with the InstallSnapshot message that offers it".into(),
+            ));
+        }
+    }
     Ok(batch)
 }
 
@@ -190,9 +214,16 @@ fn message_bytes(m: &PeerMessage) -> u64 {
     }
 }
 
+/// A message for a peer's queue, with the snapshot bytes an
+/// InstallSnapshot message carries.
+struct Outgoing {
+    msg: PeerMessage,
+    snapshot: Option<PeerSnapshot>,
+}
+
 /// The sending side: one queue and one task per peer.
 pub struct PeerTransport {
-    queues: BTreeMap<ReplicaId, mpsc::Sender<PeerMessage>>,
+    queues: BTreeMap<ReplicaId, mpsc::Sender<Outgoing>>,
 }
 
 impl PeerTransport {
@@ -220,8 +251,27 @@ impl PeerTransport {
     /// Queues `msg` for its addressee; `false` if dropped (unknown peer,
     /// or its queue is full).
     pub fn send(&self, msg: PeerMessage) -> bool {
-        match self.queues.get(&msg.to) {
-            Some(q) => q.try_send(msg).is_ok(),
+        self.enqueue(Outgoing {
+            msg,
+            snapshot: None,
+        })
+    }
+
+    /// Queues an InstallSnapshot message with the stored snapshot it
+    /// offers; it travels in a batch of its own.
+    pub fn send_snapshot(&self, msg: PeerMessage, bytes: Vec<u8>) -> bool {
+        let Body::InstallSnapshot { meta } = msg.body else {
+            return false;
+        };
+        self.enqueue(Outgoing {
+            msg,
+            snapshot: Some(PeerSnapshot { meta, bytes }),
+        })
+    }
+
+    fn enqueue(&self, out: Outgoing) -> bool {
+        match self.queues.get(&out.msg.to) {
+            Some(q) => q.try_send(out).is_ok(),
             None => false,
         }
     }
@@ -239,16 +289,30 @@ struct PeerSender {
 }
 
 impl PeerSender {
-    async fn run(mut self, mut rx: mpsc::Receiver<PeerMessage>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Outgoing>) {
         let mut backoff = PEER_BACKOFF_MIN;
-        while let Some(first) = rx.recv().await {
-            let mut bytes = message_bytes(&first);
-            let mut messages = vec![first];
-            while bytes < PEER_BATCH_BYTES_TARGET {
+        let mut held: Option<Outgoing> = None;
+        loop {
+            let first = match held.take() {
+                Some(out) => out,
+                None => match rx.recv().await {
+                    Some(out) => out,
+                    None => break,
+                },
+            };
+            let snapshot = first.snapshot;
+            let mut bytes = message_bytes(&first.msg);
+            let mut messages = vec![first.msg];
+            while snapshot.is_none() && bytes < PEER_BATCH_BYTES_TARGET {
                 match rx.try_recv() {
-                    Ok(m) => {
-                        bytes += message_bytes(&m);
-                        messages.push(m);
+                    // A snapshot goes in a batch of its own.
+                    Ok(out) if out.snapshot.is_some() => {
+                        held = Some(out);
+                        break;
+                    }
+                    Ok(out) => {
+                        bytes += message_bytes(&out.msg);
+                        messages.push(out.msg);
                     }
                     Err(_) => break,
                 }
@@ -259,6 +323,7 @@ impl PeerSender {
                 from: self.from,
                 to: self.to,
                 messages,
+                snapshot,
             };
             match self.post(encode_batch(&batch)).await {
                 Ok(()) => {
@@ -278,6 +343,7 @@ impl PeerSender {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(PEER_BACKOFF_MAX);
                     // What queued meanwhile is stale: Raft sends afresh.
+                    held = None;
                     while rx.try_recv().is_ok() {}
                 }
             }
@@ -374,6 +440,7 @@ mod tests {
                     round: 3,
                 },
             }],
+            snapshot: None,
         }
     }
 
@@ -381,6 +448,46 @@ mod tests {
     fn a_good_batch_round_trips() {
         let b = batch(2, 1);
         assert_eq!(check_batch(&ctx(), &encode_batch(&b)), Ok(b));
+    }
+
+    #[test]
+    fn a_snapshot_travels_only_with_the_message_that_offers_it() {
+        let meta = SnapshotMeta { index: 40, term: 3 };
+        let mut b = batch(2, 1);
+        b.messages[0].body = Body::InstallSnapshot { meta };
+        b.snapshot = Some(PeerSnapshot {
+            meta,
+            bytes: vec![0, 1, 2, 255, 254],
+        });
+        let encoded = encode_batch(&b);
+        assert_eq!(check_batch(&ctx(), &encoded), Ok(b.clone()));
+        // Bytes, not an array of integers: about one byte on the wire each.
+        let big = PeerSnapshot {
+            meta,
+            bytes: vec![200; 10_000],
+        };
+        let mut with_big = b.clone();
+        with_big.snapshot = Some(big);
+        assert!(encode_batch(&with_big).len() < 10_200);
+        // With other metadata, another message or more messages: refused.
+        let mut other = b.clone();
+        other.snapshot.as_mut().unwrap().meta.index = 41;
+        assert!(matches!(
+            check_batch(&ctx(), &encode_batch(&other)),
+            Err(PeerRefusal::Garbage(_))
+        ));
+        let mut heartbeat = batch(2, 1);
+        heartbeat.snapshot = b.snapshot.clone();
+        assert!(matches!(
+            check_batch(&ctx(), &encode_batch(&heartbeat)),
+            Err(PeerRefusal::Garbage(_))
+        ));
+        let mut two = b.clone();
+        two.messages.push(batch(2, 1).messages[0].clone());
+        assert!(matches!(
+            check_batch(&ctx(), &encode_batch(&two)),
+            Err(PeerRefusal::Garbage(_))
+        ));
     }
 
     #[test]

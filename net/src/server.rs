@@ -681,7 +681,7 @@ async fn peer_batch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incom
         tracing::warn!(reason = %refusal, "peer batch refused");
         ApiError::new(refusal.status(), refusal.code(), refusal.to_string())
     })?;
-    cp.peer(batch.messages).await?;
+    cp.peer(batch.messages, batch.snapshot).await?;
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
         .body(Full::new(Bytes::new()).boxed())
