@@ -18,7 +18,7 @@
 //!   its rebuild into a whole state; the bytes are storage's.
 //! - [`replica`]: the sans-IO replica state machine and its driver contract.
 //! - [`raft`]: sans-IO Raft consensus (elections, replication, commit,
-//!   compaction and snapshots); not yet wired under the replica.
+//!   compaction and snapshots), which the replica runs on.
 //! - [`protocol`]: the agent protocol's messages and the lease arithmetic.
 //! - [`agent`]: the sans-IO agent state machine every worker node runs.
 //! - `bugs`: planted bugs for the simulator's self-test; dormant data unless
