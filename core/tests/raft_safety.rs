@@ -491,7 +491,7 @@ impl Sim {
         for f in due {
             let m = f.msg;
             let n = &mut self.nodes[m.to as usize - 1];
-            if let (Body::InstallSnapshot { meta }, Some(state)) = (&m.body, f.snapshot) {
+            if let (Body::InstallSnapshot { meta, .. }, Some(state)) = (&m.body, f.snapshot) {
                 n.received.insert(*meta, state);
             }
             if let Some(r) = &mut n.raft {
@@ -573,7 +573,7 @@ impl Sim {
             return;
         }
         let snapshot = match m.body {
-            Body::InstallSnapshot { meta } => {
+            Body::InstallSnapshot { meta, .. } => {
                 let (stored, state) = &self.nodes[m.from as usize - 1].disk_snapshot;
                 if *stored != meta {
                     // Storage moved on: the leader will send the newer one.
