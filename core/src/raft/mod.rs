@@ -21,17 +21,22 @@
 //! - log compaction behind a snapshot of the application's state
 //!   ([`Raft::compact`]) and InstallSnapshot for a follower that needs
 //!   compacted entries (§7). Raft handles only a snapshot's metadata; its
-//!   bytes travel between drivers beside the message.
+//!   bytes travel between drivers beside the message;
+//! - membership changes one voter at a time (thesis §4.1-4.4), so an
+//!   operator replaces a dead replica by removing it, then adding a new one
+//!   (see "Membership" below).
 //!
-//! Not yet: membership changes; sending a snapshot in chunks.
+//! Not yet: sending a snapshot in chunks; non-voting members (a new voter
+//! counts for the quorum while it catches up, thesis §4.2.1).
 //!
 //! # Inputs
 //!
 //! [`Raft::new`] (from what storage holds), [`Raft::tick`] (monotonic
 //! milliseconds; timers advance only here), [`Raft::step`] (a message from a
-//! peer), [`Raft::propose`], [`Raft::persisted`], [`Raft::entries_loaded`],
-//! [`Raft::compact`], [`Raft::transfer_leadership`]. Between ticks, inputs
-//! see the time of the last tick.
+//! peer), [`Raft::propose`], [`Raft::propose_change`], [`Raft::persisted`],
+//! [`Raft::entries_loaded`], [`Raft::compact`],
+//! [`Raft::transfer_leadership`]. Between ticks, inputs see the time of the
+//! last tick.
 //!
 //! # Driver contract
 //!
@@ -56,7 +61,9 @@
 //!    [`Raft::entries_loaded`] (synchronously or later; the leader sends
 //!    nothing more to that follower until then), with no entries if storage
 //!    compacted them meanwhile;
-//! 5. report `status` (role, term, leader, `degraded`) to whoever cares.
+//! 5. report `status` (role, term, leader, `degraded`) to whoever cares,
+//!    and follow `voters` (the configuration in effect): send to a new
+//!    voter, stop sending to a removed one.
 //!
 //! Snapshots: when the driver has stored a snapshot of the application's
 //! state at an applied index, it calls [`Raft::compact`] and may then drop
@@ -68,7 +75,48 @@
 //!
 //! On restart the driver has restored its snapshot and applied exactly the
 //! entries after it up to the stored commit index, and builds the node with
-//! [`Recovered`].
+//! [`Recovered`], which names the configurations it went through
+//! ([`Recovered::voters`]: the snapshot's, then each committed change).
+//!
+//! # Membership
+//!
+//! An entry whose [`Payload::voters_change`] is `Some(voters)` makes the
+//! group exactly those voters. Every node uses the configuration of the
+//! latest change entry in its log, committed or not, from the moment the
+//! entry is appended (thesis §4.1); a truncation that removes it reverts to
+//! the one before, and an installed snapshot brings the configuration at
+//! its index ([`Body::InstallSnapshot`] carries it). Because a change adds
+//! or removes one voter, any majority of the old voters overlaps any
+//! majority of the new, so the switch needs no joint phase.
+//!
+//! Rules:
+//! - a leader appends a change only through [`Raft::propose_change`], which
+//!   refuses ([`ChangeError`]) at a follower, during a transfer, while an
+//!   earlier change is uncommitted, before the leader committed an entry of
+//!   its own term (Ongaro, raft-dev 2015), and a change of other than one
+//!   voter or to an empty group or one above [`VOTERS_MAX`];
+//! - votes, commit, CheckQuorum, ReadIndex and transfer count the voters in
+//!   effect. The leader tracks exactly them: a new one from a probe after
+//!   its log (it then gets entries from storage or the snapshot), a removed
+//!   one is forgotten;
+//! - a leader that removes itself keeps leading without counting itself
+//!   until the change is committed, then steps down and sends `TimeoutNow`
+//!   to an up-to-date voter;
+//! - a node outside its configuration never campaigns. It still follows a
+//!   leader and grants votes (thesis §4.1): its log may lack the change
+//!   that made the sender a voter. Answers count only from voters in
+//!   effect, and keeping another cluster's nodes out is the transport's job.
+//!
+//! The driver:
+//! - starts a new member with an empty log and [`Config::voters`] set to
+//!   the configuration that adds it (never alone, so it never elects
+//!   itself), proposes the change at the leader, and knows every voter's
+//!   address (the change entry can carry it);
+//! - keeps the configuration in its application state (applying each
+//!   committed change entry), so a snapshot holds the one at its index and
+//!   a restart can fill [`Recovered::voters`];
+//! - takes messages from any node of its cluster, not only from the voters
+//!   it was started with.
 
 mod log;
 pub mod msg;
