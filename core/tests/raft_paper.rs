@@ -1581,6 +1581,49 @@ fn a_follower_behind_the_snapshot_gets_installsnapshot() {
     );
 }
 
+/// Found by the safety harness with membership changes: a follower whose
+/// entry at the leader's snapshot index is of another term refuses an
+/// append after the snapshot, and the conflict hint cannot look behind the
+/// snapshot; the leader sent the same append forever instead of the
+/// snapshot.
+#[test]
+fn a_follower_that_conflicts_at_the_snapshot_index_gets_the_snapshot() {
+    let mut n = Node::with(
+        config(1, 2),
+        HardState {
+            term: 2,
+            vote: None,
+            commit: 5,
+        },
+        &[1, 1, 1, 2, 2],
+    );
+    n.r.compact(5);
+    n.elect();
+    n.messages();
+    let term = n.r.term();
+    // The follower's log is [1, 1, 1, 1, 1]: it refuses the probe after
+    // the snapshot, and only the snapshot can bring it up.
+    n.step(
+        2,
+        term,
+        Body::AppendResp {
+            index: 5,
+            reject: Some(RejectHint { index: 5, term: 1 }),
+        },
+    );
+    let msgs = n.messages();
+    assert!(
+        matches!(
+            &msgs[..],
+            [Message {
+                body: Body::InstallSnapshot { .. },
+                ..
+            }]
+        ),
+        "{msgs:?}"
+    );
+}
+
 /// A follower whose log lacks the snapshot's last entry drops its log for
 /// the snapshot: the persist unit installs it, the application restores
 /// from it, and the answer goes out with that unit.
