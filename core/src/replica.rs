@@ -606,6 +606,8 @@ impl Replica {
             runs,
             last_index,
             tail: tail.into_iter().map(to_raft).collect(),
+            // No change entries yet: the configured voters hold.
+            voters: Vec::new(),
         };
         let raft = Raft::new(config.raft(), recovered, mono);
         Replica {

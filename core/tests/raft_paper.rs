@@ -5,7 +5,7 @@
 
 use rustci_core::raft::{
     Body, Config, Entry, HardState, LogIndex, Message, NodeId, Payload, ProposeError, Raft, Ready,
-    Recovered, RejectHint, ReplicationState, Role, SnapshotMeta, Term, TransferError,
+    Recovered, RejectHint, ReplicationState, Role, SnapshotMeta, Term, TransferError, Voters,
 };
 
 /// The test payload: a command number, or a leader's first entry.
@@ -271,11 +271,13 @@ fn a_stale_term_message_changes_nothing() {
     assert!(n.messages().is_empty(), "a stale vote request gets no vote");
 }
 
-/// A message from a node that is not another voter changes nothing.
+/// A message that claims to come from the node itself or from an id no
+/// voter can have changes nothing. (One from a node outside the
+/// configuration is processed: see `raft_membership.rs`.)
 #[test]
-fn a_message_from_a_stranger_is_ignored() {
+fn a_message_from_itself_or_an_impossible_id_is_ignored() {
     let mut n = Node::new(1, 3);
-    for from in [1, 4] {
+    for from in [1, 0, 64] {
         n.step(
             from,
             5,
@@ -1552,7 +1554,8 @@ fn a_follower_behind_the_snapshot_gets_installsnapshot() {
             to: 2,
             term,
             body: Body::InstallSnapshot {
-                meta: SnapshotMeta { index: 10, term: 1 }
+                meta: SnapshotMeta { index: 10, term: 1 },
+                voters: Voters::from_iter([1, 2]),
             }
         }]
     );
@@ -1578,6 +1581,49 @@ fn a_follower_behind_the_snapshot_gets_installsnapshot() {
     );
 }
 
+/// Found by the safety harness with membership changes: a follower whose
+/// entry at the leader's snapshot index is of another term refuses an
+/// append after the snapshot, and the conflict hint cannot look behind the
+/// snapshot; the leader sent the same append forever instead of the
+/// snapshot.
+#[test]
+fn a_follower_that_conflicts_at_the_snapshot_index_gets_the_snapshot() {
+    let mut n = Node::with(
+        config(1, 2),
+        HardState {
+            term: 2,
+            vote: None,
+            commit: 5,
+        },
+        &[1, 1, 1, 2, 2],
+    );
+    n.r.compact(5);
+    n.elect();
+    n.messages();
+    let term = n.r.term();
+    // The follower's log is [1, 1, 1, 1, 1]: it refuses the probe after
+    // the snapshot, and only the snapshot can bring it up.
+    n.step(
+        2,
+        term,
+        Body::AppendResp {
+            index: 5,
+            reject: Some(RejectHint { index: 5, term: 1 }),
+        },
+    );
+    let msgs = n.messages();
+    assert!(
+        matches!(
+            &msgs[..],
+            [Message {
+                body: Body::InstallSnapshot { .. },
+                ..
+            }]
+        ),
+        "{msgs:?}"
+    );
+}
+
 /// A follower whose log lacks the snapshot's last entry drops its log for
 /// the snapshot: the persist unit installs it, the application restores
 /// from it, and the answer goes out with that unit.
@@ -1591,7 +1637,14 @@ fn a_follower_replaces_its_log_with_a_snapshot_it_lacks() {
     let mut n = Node::with(config(1, 3), hs, &[1, 1, 3]);
     n.ready();
     let meta = SnapshotMeta { index: 5, term: 4 };
-    n.step(2, 4, Body::InstallSnapshot { meta });
+    n.step(
+        2,
+        4,
+        Body::InstallSnapshot {
+            meta,
+            voters: n.r.voters(),
+        },
+    );
     let ready = n.ready();
     let persist = ready.persist.expect("persist");
     assert_eq!(persist.snapshot, Some(meta));
@@ -1649,6 +1702,7 @@ fn a_follower_keeps_a_log_that_holds_the_snapshot() {
         2,
         Body::InstallSnapshot {
             meta: SnapshotMeta { index: 3, term: 2 },
+            voters: n.r.voters(),
         },
     );
     let ready = n.ready();
@@ -1668,6 +1722,7 @@ fn a_follower_keeps_a_log_that_holds_the_snapshot() {
         2,
         Body::InstallSnapshot {
             meta: SnapshotMeta { index: 2, term: 1 },
+            voters: n.r.voters(),
         },
     );
     let ready = n.ready();

@@ -101,15 +101,19 @@ impl<T: Payload> Raft<T> {
                 entries,
                 commit,
             } => self.handle_append(from, prev_index, prev_term, entries, commit),
+            // Answers count only from the voters a leader tracks (one of a
+            // removed voter is late news).
             Body::AppendResp { index, reject } => {
-                if self.role == Role::Leader {
+                if self.role == Role::Leader && self.progress.contains_key(&from) {
                     self.handle_append_resp(from, index, reject);
                 }
             }
             Body::Heartbeat { commit, round } => self.handle_heartbeat(from, commit, round),
-            Body::InstallSnapshot { meta } => self.handle_install_snapshot(from, meta),
+            Body::InstallSnapshot { meta, voters } => {
+                self.handle_install_snapshot(from, meta, voters)
+            }
             Body::HeartbeatResp { round } => {
-                if self.role == Role::Leader {
+                if self.role == Role::Leader && self.progress.contains_key(&from) {
                     self.handle_heartbeat_resp(from, round);
                 }
             }
@@ -158,7 +162,9 @@ impl<T: Payload> Raft<T> {
     }
 
     fn start_election(&mut self, pre_vote: bool, transfer: bool) {
-        if self.role == Role::Leader {
+        // A node outside its configuration never campaigns: it was removed,
+        // or its log does not hold the change that adds it yet.
+        if self.role == Role::Leader || !self.is_voter() {
             return;
         }
         if pre_vote {
@@ -193,7 +199,11 @@ impl<T: Payload> Raft<T> {
         self.tally();
     }
 
+    /// A vote counts only from a voter of the configuration in effect.
     fn poll(&mut self, from: NodeId, granted: bool) {
+        if !self.voters().contains(from) {
+            return;
+        }
         self.votes.entry(from).or_insert(granted);
         self.tally();
     }
@@ -201,20 +211,21 @@ impl<T: Payload> Raft<T> {
     fn tally(&mut self) {
         let granted = self.votes.values().filter(|&&g| g).count();
         let rejected = self.votes.len() - granted;
-        let quorum = self.config.quorum();
+        let quorum = self.voters().quorum();
         if granted >= quorum {
             match self.role {
                 Role::PreCandidate => self.start_election(false, false),
                 Role::Candidate => self.become_leader(),
                 _ => unreachable!("only a campaign tallies votes"),
             }
-        } else if self.config.voters.len() - rejected < quorum {
+        } else if self.voters().len() - rejected < quorum {
             self.become_follower(self.term, None);
         }
     }
 
     fn become_leader(&mut self) {
         assert_eq!(self.role, Role::Candidate);
+        assert!(self.is_voter());
         self.role = Role::Leader;
         self.leader = Some(self.config.id);
         self.votes.clear();
@@ -230,6 +241,10 @@ impl<T: Payload> Raft<T> {
         // Committing an entry of its own term is how a leader learns which
         // earlier entries are committed (§5.4.2); this one is it.
         let first = T::leader_elected(self.term, self.config.id, self.stamp);
+        assert!(
+            first.voters_change().is_none(),
+            "a leader's first entry changes no voters"
+        );
         self.log.push(self.term, first);
         self.broadcast_append(false);
     }
@@ -249,23 +264,24 @@ impl<T: Payload> Raft<T> {
         }
     }
 
-    /// CheckQuorum: step down once fewer than a quorum (this node included)
-    /// answered within an election timeout; `degraded` once any follower
-    /// was silent for half of one.
+    /// CheckQuorum: step down once fewer than a quorum of the voters in
+    /// effect (this node included if it is one) answered within an election
+    /// timeout; `degraded` once any follower was silent for half of one.
     fn check_quorum(&mut self) {
         let timeout = self.config.election_timeout_ms;
         let now = self.now_ms;
         let silent_for = |heard: u64| now.saturating_sub(heard);
-        let active = 1 + self
-            .progress
-            .values()
-            .filter(|p| silent_for(p.heard_ms) < timeout)
-            .count();
+        let active = usize::from(self.is_voter())
+            + self
+                .progress
+                .values()
+                .filter(|p| silent_for(p.heard_ms) < timeout)
+                .count();
         self.degraded = self
             .progress
             .values()
             .any(|p| silent_for(p.heard_ms) >= timeout / 2);
-        if active < self.config.quorum() {
+        if active < self.voters().quorum() {
             self.become_follower(self.term, None);
         } else {
             self.leader_heard_ms = now;

@@ -21,17 +21,22 @@
 //! - log compaction behind a snapshot of the application's state
 //!   ([`Raft::compact`]) and InstallSnapshot for a follower that needs
 //!   compacted entries (§7). Raft handles only a snapshot's metadata; its
-//!   bytes travel between drivers beside the message.
+//!   bytes travel between drivers beside the message;
+//! - membership changes one voter at a time (thesis §4.1-4.4), so an
+//!   operator replaces a dead replica by removing it, then adding a new one
+//!   (see "Membership" below).
 //!
-//! Not yet: membership changes; sending a snapshot in chunks.
+//! Not yet: sending a snapshot in chunks; non-voting members (a new voter
+//! counts for the quorum while it catches up, thesis §4.2.1).
 //!
 //! # Inputs
 //!
 //! [`Raft::new`] (from what storage holds), [`Raft::tick`] (monotonic
 //! milliseconds; timers advance only here), [`Raft::step`] (a message from a
-//! peer), [`Raft::propose`], [`Raft::persisted`], [`Raft::entries_loaded`],
-//! [`Raft::compact`], [`Raft::transfer_leadership`]. Between ticks, inputs
-//! see the time of the last tick.
+//! peer), [`Raft::propose`], [`Raft::propose_change`], [`Raft::persisted`],
+//! [`Raft::entries_loaded`], [`Raft::compact`],
+//! [`Raft::transfer_leadership`]. Between ticks, inputs see the time of the
+//! last tick.
 //!
 //! # Driver contract
 //!
@@ -56,7 +61,9 @@
 //!    [`Raft::entries_loaded`] (synchronously or later; the leader sends
 //!    nothing more to that follower until then), with no entries if storage
 //!    compacted them meanwhile;
-//! 5. report `status` (role, term, leader, `degraded`) to whoever cares.
+//! 5. report `status` (role, term, leader, `degraded`) to whoever cares,
+//!    and follow `voters` (the configuration in effect): send to a new
+//!    voter, stop sending to a removed one.
 //!
 //! Snapshots: when the driver has stored a snapshot of the application's
 //! state at an applied index, it calls [`Raft::compact`] and may then drop
@@ -68,7 +75,48 @@
 //!
 //! On restart the driver has restored its snapshot and applied exactly the
 //! entries after it up to the stored commit index, and builds the node with
-//! [`Recovered`].
+//! [`Recovered`], which names the configurations it went through
+//! ([`Recovered::voters`]: the snapshot's, then each committed change).
+//!
+//! # Membership
+//!
+//! An entry whose [`Payload::voters_change`] is `Some(voters)` makes the
+//! group exactly those voters. Every node uses the configuration of the
+//! latest change entry in its log, committed or not, from the moment the
+//! entry is appended (thesis §4.1); a truncation that removes it reverts to
+//! the one before, and an installed snapshot brings the configuration at
+//! its index ([`Body::InstallSnapshot`] carries it). Because a change adds
+//! or removes one voter, any majority of the old voters overlaps any
+//! majority of the new, so the switch needs no joint phase.
+//!
+//! Rules:
+//! - a leader appends a change only through [`Raft::propose_change`], which
+//!   refuses ([`ChangeError`]) at a follower, during a transfer, while an
+//!   earlier change is uncommitted, before the leader committed an entry of
+//!   its own term (Ongaro, raft-dev 2015), and a change of other than one
+//!   voter or to an empty group or one above [`VOTERS_MAX`];
+//! - votes, commit, CheckQuorum, ReadIndex and transfer count the voters in
+//!   effect. The leader tracks exactly them: a new one from a probe after
+//!   its log (it then gets entries from storage or the snapshot), a removed
+//!   one is forgotten;
+//! - a leader that removes itself keeps leading without counting itself
+//!   until the change is committed, then steps down and sends `TimeoutNow`
+//!   to an up-to-date voter;
+//! - a node outside its configuration never campaigns. It still follows a
+//!   leader and grants votes (thesis §4.1): its log may lack the change
+//!   that made the sender a voter. Answers count only from voters in
+//!   effect, and keeping another cluster's nodes out is the transport's job.
+//!
+//! The driver:
+//! - starts a new member with an empty log and [`Config::voters`] set to
+//!   the configuration that adds it (never alone, so it never elects
+//!   itself), proposes the change at the leader, and knows every voter's
+//!   address (the change entry can carry it);
+//! - keeps the configuration in its application state (applying each
+//!   committed change entry), so a snapshot holds the one at its index and
+//!   a restart can fill [`Recovered::voters`];
+//! - takes messages from any node of its cluster, not only from the voters
+//!   it was started with.
 
 mod log;
 pub mod msg;
@@ -78,7 +126,7 @@ pub mod ready;
 mod election;
 mod replication;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -86,6 +134,7 @@ use rand_core::{Rng, SeedableRng};
 pub use log::term_runs;
 pub use msg::{
     Body, Entry, HardState, LogIndex, Message, NodeId, Payload, RejectHint, SnapshotMeta, Term,
+    Voters, VotersIter, NODE_ID_MAX,
 };
 pub use progress::ReplicationState;
 pub use ready::{NeedEntries, Persist, ReadState, Ready, Role, Status};
@@ -117,8 +166,10 @@ const _: () = assert!(APPEND_ENTRIES_MAX_DEFAULT as u64 <= UNCOMMITTED_ENTRIES_M
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub id: NodeId,
-    /// Every member, this node included.
-    pub voters: BTreeSet<NodeId>,
+    /// The bootstrap configuration: the voters before the first change
+    /// entry, for a log that holds none and a [`Recovered`] that names
+    /// none. A new member starts with the configuration that adds it.
+    pub voters: Voters,
     /// Base election timeout; each wait is drawn from `[t, 2t)`.
     pub election_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
@@ -165,11 +216,10 @@ impl Config {
     }
 
     fn validate(&self) {
-        assert!(
-            self.voters.contains(&self.id),
-            "a node is one of its voters"
-        );
-        assert!(!self.voters.contains(&0), "node ids start at 1");
+        // A node may be outside its configuration (it was removed); its
+        // id must still be one a configuration can hold.
+        assert!(Voters::valid_id(self.id), "node ids are 1..={NODE_ID_MAX}");
+        assert!(!self.voters.is_empty(), "a group has a voter");
         assert!(self.voters.len() <= VOTERS_MAX);
         assert!(self.heartbeat_interval_ms > 0);
         assert!(self.heartbeat_interval_ms < self.election_timeout_ms);
@@ -177,10 +227,6 @@ impl Config {
         assert!(self.inflight_appends_max > 0);
         assert!(self.uncommitted_entries_max > 0);
         assert!(self.apply_entries_max > 0);
-    }
-
-    fn quorum(&self) -> usize {
-        self.voters.len() / 2 + 1
     }
 }
 
@@ -197,9 +243,18 @@ pub struct Recovered<T> {
     /// Every stored entry after the commit index (entries at or before it
     /// are ignored).
     pub tail: Vec<Entry<T>>,
+    /// The configurations the committed log went through, as the driver
+    /// knows them from its snapshot and its replay up to the commit index:
+    /// `(index, voters)` in ascending index order, at least the voters in
+    /// effect at the snapshot (with the snapshot's index) and then each
+    /// committed change entry after it (its index and
+    /// [`Payload::voters_change`]). Earlier ones are allowed and ignored;
+    /// empty means no change ever: [`Config::voters`] holds. Change
+    /// entries in `tail` are found by Raft itself.
+    pub voters: Vec<(LogIndex, Voters)>,
 }
 
-impl<T: Clone> Recovered<T> {
+impl<T: Payload> Recovered<T> {
     /// A node that never ran.
     pub fn empty() -> Recovered<T> {
         Recovered {
@@ -208,6 +263,7 @@ impl<T: Clone> Recovered<T> {
             runs: Vec::new(),
             last_index: 0,
             tail: Vec::new(),
+            voters: Vec::new(),
         }
     }
 
@@ -216,7 +272,9 @@ impl<T: Clone> Recovered<T> {
         Recovered::from_snapshot(hard_state, SnapshotMeta::default(), log)
     }
 
-    /// From a snapshot and every stored entry after it.
+    /// From a snapshot and every stored entry after it; the configurations
+    /// are the committed change entries in `log` (add the snapshot's with
+    /// [`Recovered::with_snapshot_voters`] if it had one).
     pub fn from_snapshot(
         hard_state: HardState,
         snapshot: SnapshotMeta,
@@ -225,13 +283,25 @@ impl<T: Clone> Recovered<T> {
         let (runs, last_index) = term_runs(snapshot, log.iter().map(|e| (e.index, e.term)));
         let commit = hard_state.commit.max(snapshot.index);
         let tail = log.iter().filter(|e| e.index > commit).cloned().collect();
+        let voters = log
+            .iter()
+            .filter(|e| e.index <= commit)
+            .filter_map(|e| e.data.voters_change().map(|v| (e.index, v)))
+            .collect();
         Recovered {
             hard_state,
             snapshot,
             runs,
             last_index,
             tail,
+            voters,
         }
+    }
+
+    /// The configuration in effect at the snapshot.
+    pub fn with_snapshot_voters(mut self, voters: Voters) -> Recovered<T> {
+        self.voters.insert(0, (self.snapshot.index, voters));
+        self
     }
 }
 
@@ -242,6 +312,30 @@ pub enum ProposeError {
     NotLeader { leader_hint: Option<NodeId> },
     #[error("leadership is being handed to {to}")]
     Transferring { to: NodeId },
+    #[error("too many entries wait for commit")]
+    Overloaded,
+}
+
+/// Why [`Raft::propose_change`] refused a membership change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChangeError {
+    #[error("not the leader (leader: {leader_hint:?})")]
+    NotLeader { leader_hint: Option<NodeId> },
+    #[error("leadership is being handed to {to}")]
+    Transferring { to: NodeId },
+    #[error("the entry changes no voters")]
+    NotAChange,
+    #[error("the change at index {index} is not committed yet")]
+    ChangePending { index: LogIndex },
+    #[error("the leader has not committed an entry of its term yet")]
+    NoCommitInTerm,
+    #[error("a change adds or removes exactly one voter, not {from:?} to {to:?}")]
+    NotOneVoter { from: Voters, to: Voters },
+    #[error("a group needs a voter")]
+    NoVoters,
+    #[error("a group has at most {VOTERS_MAX} voters")]
+    TooManyVoters,
     #[error("too many entries wait for commit")]
     Overloaded,
 }
@@ -310,6 +404,13 @@ pub struct Raft<T> {
     reads_pending: std::collections::VecDeque<ReadPending>,
     /// Reads whose leadership check passed, for the next [`Ready`].
     reads_ready: Vec<ReadState>,
+    /// The configurations of the log: the one in effect at the base
+    /// (snapshot) with the base's index, then `(index, voters)` of each
+    /// change entry after it, ascending. The last is in effect (thesis
+    /// §4.1: the latest in the log, committed or not).
+    configs: Vec<(LogIndex, Voters)>,
+    /// The voters last reported in a [`Ready`].
+    voters_reported: Option<Voters>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -326,15 +427,38 @@ impl<T: Payload> Raft<T> {
         config.validate();
         let hs = recovered.hard_state;
         if let Some(v) = hs.vote {
-            assert!(config.voters.contains(&v), "voted for a stranger");
+            assert!(Voters::valid_id(v), "voted for node {v}");
         }
         // A snapshot may be durable before the hard state that commits it.
         let commit = hs.commit.max(recovered.snapshot.index);
-        let tail = recovered
+        let tail: Vec<Entry<T>> = recovered
             .tail
             .into_iter()
             .filter(|e| e.index > commit)
             .collect();
+        let base = recovered.snapshot.index;
+        let mut configs = vec![(base, config.voters)];
+        let mut prev = None;
+        for (index, voters) in recovered.voters {
+            assert!(
+                index <= commit,
+                "a recovered configuration is of the committed log"
+            );
+            assert!(
+                prev.is_none_or(|p| index > p),
+                "recovered configurations ascend"
+            );
+            prev = Some(index);
+            if index <= base {
+                configs[0].1 = voters;
+            } else {
+                configs.push((index, voters));
+            }
+        }
+        configs.extend(
+            tail.iter()
+                .filter_map(|e| e.data.voters_change().map(|v| (e.index, v))),
+        );
         let log = Log::recover(
             recovered.snapshot,
             recovered.runs,
@@ -373,6 +497,8 @@ impl<T: Payload> Raft<T> {
             heartbeat_round: 0,
             reads_pending: std::collections::VecDeque::new(),
             reads_ready: Vec::new(),
+            configs,
+            voters_reported: None,
         };
         raft.reset_election_timer();
         raft
@@ -397,6 +523,21 @@ impl<T: Payload> Raft<T> {
     }
     pub fn degraded(&self) -> bool {
         self.degraded
+    }
+    /// The configuration in effect: the voters of the latest change entry
+    /// in the log, committed or not (the recovered or bootstrap one if the
+    /// log holds none).
+    pub fn voters(&self) -> Voters {
+        self.configs.last().expect("a configuration").1
+    }
+    /// The configuration of the latest committed change (as far as this
+    /// node knows the commit index).
+    pub fn voters_committed(&self) -> Voters {
+        self.voters_at(self.log.committed)
+    }
+    /// Whether this node is one of the voters in effect.
+    pub fn is_voter(&self) -> bool {
+        self.voters().contains(self.config.id)
     }
     pub fn commit_index(&self) -> LogIndex {
         self.log.committed
@@ -451,6 +592,7 @@ impl<T: Payload> Raft<T> {
         if self.role == Role::Leader {
             self.tick_leader();
         } else if now_ms - self.election_reset_ms >= self.election_timeout_ms {
+            // A node outside its configuration never campaigns.
             self.campaign(false);
         }
         self.check();
@@ -458,7 +600,7 @@ impl<T: Payload> Raft<T> {
 
     /// Campaigns now instead of when the election timer fires: a
     /// single-voter group elects itself at start-up without waiting out a
-    /// timeout. A no-op for a leader.
+    /// timeout. A no-op for a leader and for a node that is not a voter.
     pub fn campaign_now(&mut self) {
         self.campaign(false);
         self.check();
@@ -471,12 +613,16 @@ impl<T: Payload> Raft<T> {
         self.stamp = stamp;
     }
 
-    /// A message from a peer. One from a node that is not another voter
-    /// (a stale member, a misconfigured peer) is ignored; one addressed to
-    /// another node is the driver's mistake and panics.
+    /// A message from a peer; one addressed to another node is the
+    /// driver's mistake and panics. Requests are processed whatever this
+    /// node's configuration (thesis §4.1): a leader or a candidate this
+    /// node's log does not know as a voter yet may well be one (a node
+    /// whose log lacks the change that added it). Answers count only from
+    /// the voters in effect; one from itself or from an id no voter can
+    /// have is ignored. Keeping other clusters out is the transport's job.
     pub fn step(&mut self, msg: Message<T>) {
         assert_eq!(msg.to, self.config.id, "message for another node");
-        if msg.from == self.config.id || !self.config.voters.contains(&msg.from) {
+        if msg.from == self.config.id || !Voters::valid_id(msg.from) {
             return;
         }
         if self.step_term(&msg) {
@@ -488,6 +634,10 @@ impl<T: Payload> Raft<T> {
     /// Appends `data` to the log as the leader; it is committed once a
     /// quorum holds it (watch `Ready::committed` for its index).
     pub fn propose(&mut self, data: T) -> Result<LogIndex, ProposeError> {
+        assert!(
+            data.voters_change().is_none(),
+            "a membership change goes through propose_change"
+        );
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader {
                 leader_hint: self.leader,
@@ -505,10 +655,66 @@ impl<T: Payload> Raft<T> {
         Ok(index)
     }
 
+    /// As the leader, appends `data`, an entry whose
+    /// [`Payload::voters_change`] adds or removes one voter (thesis §4.1:
+    /// single-server changes). The new configuration takes effect at once,
+    /// on every node as its log receives the entry, and is safe because any
+    /// majority of the old voters overlaps any majority of the new. Refused
+    /// while an earlier change is not committed, before the leader
+    /// committed an entry of its own term (the bug in the thesis' first
+    /// version, raft-dev 2015: a change of a deposed leader could be lost
+    /// after another one was committed), during a leadership transfer, and
+    /// for a group left empty or above [`VOTERS_MAX`]. A leader that
+    /// removes itself keeps leading, not counting itself, until the change
+    /// commits, then steps down.
+    pub fn propose_change(&mut self, data: T) -> Result<LogIndex, ChangeError> {
+        let Some(to) = data.voters_change() else {
+            return Err(ChangeError::NotAChange);
+        };
+        if self.role != Role::Leader {
+            return Err(ChangeError::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if let Some((to, _)) = self.transfer {
+            return Err(ChangeError::Transferring { to });
+        }
+        let (latest, from) = *self.configs.last().expect("a configuration");
+        if latest > self.log.committed {
+            return Err(ChangeError::ChangePending { index: latest });
+        }
+        if self.log.term(self.log.committed) != Some(self.term) {
+            return Err(ChangeError::NoCommitInTerm);
+        }
+        if from.symmetric_difference(to).len() != 1 {
+            return Err(ChangeError::NotOneVoter { from, to });
+        }
+        if to.is_empty() {
+            return Err(ChangeError::NoVoters);
+        }
+        if to.len() > VOTERS_MAX {
+            return Err(ChangeError::TooManyVoters);
+        }
+        if self.log.last_index() - self.log.committed >= self.config.uncommitted_entries_max {
+            return Err(ChangeError::Overloaded);
+        }
+        let index = self.log.push(self.term, data);
+        self.configs.push((index, to));
+        self.voters_changed(from);
+        self.broadcast_append(false);
+        // A smaller quorum may commit what waited (and a leader left alone
+        // commits the change itself once it is durable).
+        if self.maybe_commit() {
+            self.committed_more();
+        }
+        self.check();
+        Ok(index)
+    }
+
     /// The driver made the log durable up to `(index, term)`.
     pub fn persisted(&mut self, index: LogIndex, term: Term) {
         if self.log.persisted(index, term) && self.role == Role::Leader && self.maybe_commit() {
-            self.broadcast_append(true);
+            self.committed_more();
         }
         self.check();
     }
@@ -525,6 +731,9 @@ impl<T: Payload> Raft<T> {
     /// be applied, durable and past the current snapshot.
     pub fn compact(&mut self, index: LogIndex) {
         self.log.compact(index);
+        let at = self.voters_at(index);
+        self.configs.retain(|c| c.0 > index);
+        self.configs.insert(0, (index, at));
         self.check();
     }
 
@@ -547,7 +756,7 @@ impl<T: Payload> Raft<T> {
         if self.log.term(index) != Some(self.term) {
             return Err(ReadError::NoCommitInTerm);
         }
-        if self.config.voters.len() == 1 {
+        if usize::from(self.is_voter()) >= self.voters().quorum() {
             self.reads_ready.push(ReadState { ctx, index });
         } else {
             self.reads_pending.push_back(ReadPending {
@@ -563,12 +772,13 @@ impl<T: Payload> Raft<T> {
     /// Moves the reads whose round a quorum answered to `reads_ready`.
     pub(crate) fn confirm_reads(&mut self) {
         while let Some(read) = self.reads_pending.front().copied() {
-            let answered = 1 + self
-                .progress
-                .values()
-                .filter(|p| p.acked_round >= read.round)
-                .count();
-            if answered < self.config.quorum() {
+            let answered = usize::from(self.is_voter())
+                + self
+                    .progress
+                    .values()
+                    .filter(|p| p.acked_round >= read.round)
+                    .count();
+            if answered < self.voters().quorum() {
                 break;
             }
             self.reads_pending.pop_front();
@@ -588,7 +798,7 @@ impl<T: Payload> Raft<T> {
                 leader_hint: self.leader,
             });
         }
-        if to == self.config.id || !self.config.voters.contains(&to) {
+        if to == self.config.id || !self.voters().contains(to) {
             return Err(TransferError::NotAPeer(to));
         }
         self.transfer = Some((to, self.now_ms + self.config.election_timeout_ms));
@@ -630,6 +840,9 @@ impl<T: Payload> Raft<T> {
         let status = self.status();
         let status_changed = self.status_reported != Some(status);
         self.status_reported = Some(status);
+        let voters = self.voters();
+        let voters_changed = self.voters_reported != Some(voters);
+        self.voters_reported = Some(voters);
         let ready = Ready {
             persist,
             messages: std::mem::take(&mut self.messages),
@@ -637,6 +850,7 @@ impl<T: Payload> Raft<T> {
             committed: self.log.take_committed(self.config.apply_entries_max),
             need_entries: std::mem::take(&mut self.need_entries),
             status: status_changed.then_some(status),
+            voters: voters_changed.then_some(voters),
             reads: std::mem::take(&mut self.reads_ready),
         };
         self.check();
@@ -656,6 +870,7 @@ impl<T: Payload> Raft<T> {
                 .back()
                 .is_some_and(|r| r.round > self.heartbeat_round)
             || self.status_reported != Some(self.status())
+            || self.voters_reported != Some(self.voters())
     }
 
     // ---- shared internals ----
@@ -673,13 +888,79 @@ impl<T: Payload> Raft<T> {
         });
     }
 
+    /// The voters in effect other than this node.
     fn peers(&self) -> Vec<NodeId> {
-        self.config
-            .voters
+        self.voters()
             .iter()
-            .copied()
             .filter(|&v| v != self.config.id)
             .collect()
+    }
+
+    /// The configuration in effect at `index` (at or after the base).
+    fn voters_at(&self, index: LogIndex) -> Voters {
+        assert!(index >= self.configs[0].0, "before the base");
+        let at = self.configs.partition_point(|c| c.0 <= index);
+        self.configs[at - 1].1
+    }
+
+    /// Drops the change entries from `from` on (a truncation); the
+    /// configuration reverts to the latest one before it.
+    fn configs_truncated(&mut self, from: LogIndex) {
+        assert!(from > self.configs[0].0, "truncating into the base");
+        self.configs.retain(|c| c.0 < from);
+    }
+
+    /// The configuration in effect may have changed from `before`: a
+    /// leader tracks exactly the new voters (a new one from a probe after
+    /// its log, a removed one forgotten), and a node outside the new
+    /// configuration stops campaigning.
+    fn voters_changed(&mut self, before: Voters) {
+        let after = self.voters();
+        if after == before {
+            return;
+        }
+        match self.role {
+            Role::Leader => {
+                let (last, now) = (self.log.last_index(), self.now_ms);
+                for peer in self.peers() {
+                    self.progress
+                        .entry(peer)
+                        .or_insert_with(|| Progress::new(last, now));
+                }
+                self.progress.retain(|p, _| after.contains(*p));
+                if self.transfer.is_some_and(|(to, _)| !after.contains(to)) {
+                    self.transfer = None;
+                }
+            }
+            Role::Candidate | Role::PreCandidate if !after.contains(self.config.id) => {
+                self.become_follower(self.term, None);
+            }
+            // A campaign's tally counts the voters in effect.
+            Role::Candidate | Role::PreCandidate => self.votes.retain(|v, _| after.contains(*v)),
+            Role::Follower => {}
+        }
+    }
+
+    /// The leader's commit index moved: followers learn it, and a leader
+    /// that removed itself steps down once that change is committed
+    /// (thesis §4.2.2), asking the most up-to-date voter to campaign at
+    /// once rather than after an election timeout.
+    fn committed_more(&mut self) {
+        self.broadcast_append(true);
+        let (index, _) = *self.configs.last().expect("a configuration");
+        if self.is_voter() || self.log.committed < index {
+            return;
+        }
+        let last = self.log.last_index();
+        let heir = self
+            .progress
+            .iter()
+            .find(|(_, p)| p.match_index == last)
+            .map(|(&id, _)| id);
+        if let Some(heir) = heir {
+            self.send(heir, self.term, Body::TimeoutNow);
+        }
+        self.become_follower(self.term, None);
     }
 
     fn reset_election_timer(&mut self) {
@@ -715,19 +996,45 @@ impl<T: Payload> Raft<T> {
     fn check(&self) {
         self.log.check();
         assert!(self.log.last_term() <= self.term);
+        // The configurations: the base's first, then change entries of
+        // the log, ascending; never an empty or oversized group.
+        assert_eq!(self.configs[0].0, self.log.base().index);
+        assert!(self.configs.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(self
+            .configs
+            .last()
+            .is_some_and(|c| c.0 <= self.log.last_index()));
+        assert!(self
+            .configs
+            .iter()
+            .all(|c| !c.1.is_empty() && c.1.len() <= VOTERS_MAX));
+        let voters = self.voters();
         match self.role {
             Role::Leader => {
                 assert_eq!(self.leader, Some(self.config.id));
                 assert_eq!(self.vote, Some(self.config.id));
-                assert_eq!(self.progress.len(), self.config.voters.len() - 1);
+                // It tracks exactly the other voters in effect.
+                assert!(self.progress.keys().copied().eq(self.peers()));
+                // Outside its configuration only until its removal commits.
+                assert!(
+                    self.is_voter()
+                        || self
+                            .configs
+                            .last()
+                            .is_some_and(|c| c.0 > self.log.committed)
+                );
             }
             Role::Candidate => {
                 assert_eq!(self.vote, Some(self.config.id));
                 assert!(self.leader.is_none());
+                assert!(self.is_voter(), "a candidate is a voter");
             }
-            Role::PreCandidate => assert!(self.leader.is_none()),
+            Role::PreCandidate => {
+                assert!(self.leader.is_none());
+                assert!(self.is_voter(), "a candidate is a voter");
+            }
             Role::Follower => assert!(self.progress.is_empty()),
         }
-        assert!(self.votes.len() <= self.config.voters.len());
+        assert!(self.votes.keys().all(|&v| voters.contains(v)));
     }
 }

@@ -11,7 +11,8 @@ pub use crate::event::{LogIndex, Term};
 pub type NodeId = crate::event::ReplicaId;
 
 /// What the application stores in the log. Raft never looks inside; it only
-/// needs a size for batching and a payload for a new leader's first entry.
+/// needs a size for batching, a payload for a new leader's first entry and
+/// to know which entries change the voters.
 pub trait Payload: Clone + Debug + PartialEq {
     /// Approximate encoded size, for `Config::append_bytes_max`.
     fn size_bytes(&self) -> u64;
@@ -21,6 +22,155 @@ pub trait Payload: Clone + Debug + PartialEq {
     /// driver last gave [`super::Raft::set_stamp`] (the replica's wall-clock
     /// stamp for new entries); Raft never reads it.
     fn leader_elected(term: Term, leader: NodeId, stamp: u64) -> Self;
+    /// The voters this entry makes the configuration, if it is a
+    /// membership change (Ongaro's thesis §4.1): from the moment a node's
+    /// log holds it, committed or not, the group is exactly these voters,
+    /// until a later change (or a truncation that removes this one). A
+    /// leader appends one only through [`super::Raft::propose_change`].
+    fn voters_change(&self) -> Option<Voters> {
+        None
+    }
+}
+
+/// The largest node id a [`Voters`] set can hold.
+pub const NODE_ID_MAX: NodeId = 63;
+
+/// A set of voters: node ids `1..=NODE_ID_MAX` as a bitset, so that a
+/// configuration is `Copy` and costs one word. Serialized as the list of
+/// its ids.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Voters(u64);
+
+impl Voters {
+    pub const fn new() -> Voters {
+        Voters(0)
+    }
+
+    /// Whether `id` can be a voter at all (`1..=NODE_ID_MAX`).
+    pub const fn valid_id(id: NodeId) -> bool {
+        id >= 1 && id <= NODE_ID_MAX
+    }
+
+    pub fn contains(self, id: NodeId) -> bool {
+        Voters::valid_id(id) && self.0 & (1 << id) != 0
+    }
+
+    /// Adds `id` (panics if it is not a valid id); false if it was there.
+    pub fn insert(&mut self, id: NodeId) -> bool {
+        assert!(
+            Voters::valid_id(id),
+            "node id {id} is outside 1..={NODE_ID_MAX}"
+        );
+        let was = self.contains(id);
+        self.0 |= 1 << id;
+        !was
+    }
+
+    /// Removes `id`; false if it was not there.
+    pub fn remove(&mut self, id: NodeId) -> bool {
+        let was = self.contains(id);
+        if was {
+            self.0 &= !(1 << id);
+        }
+        was
+    }
+
+    pub fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Votes (or acknowledgements) that make a majority of these voters.
+    pub fn quorum(self) -> usize {
+        self.len() / 2 + 1
+    }
+
+    /// The ids in ascending order.
+    pub fn iter(self) -> VotersIter {
+        VotersIter(self.0)
+    }
+
+    /// Ids in exactly one of the two sets (what a change adds or removes).
+    pub fn symmetric_difference(self, other: Voters) -> Voters {
+        Voters(self.0 ^ other.0)
+    }
+}
+
+impl std::fmt::Debug for Voters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+impl FromIterator<NodeId> for Voters {
+    fn from_iter<I: IntoIterator<Item = NodeId>>(ids: I) -> Voters {
+        let mut v = Voters::new();
+        for id in ids {
+            v.insert(id);
+        }
+        v
+    }
+}
+
+impl<'a> FromIterator<&'a NodeId> for Voters {
+    fn from_iter<I: IntoIterator<Item = &'a NodeId>>(ids: I) -> Voters {
+        ids.into_iter().copied().collect()
+    }
+}
+
+/// The ids of a [`Voters`] set, ascending.
+#[derive(Clone, Debug)]
+pub struct VotersIter(u64);
+
+impl Iterator for VotersIter {
+    type Item = NodeId;
+    fn next(&mut self) -> Option<NodeId> {
+        if self.0 == 0 {
+            return None;
+        }
+        let id = self.0.trailing_zeros() as NodeId;
+        self.0 &= self.0 - 1;
+        Some(id)
+    }
+}
+
+impl IntoIterator for Voters {
+    type Item = NodeId;
+    type IntoIter = VotersIter;
+    fn into_iter(self) -> VotersIter {
+        self.iter()
+    }
+}
+
+impl From<Voters> for std::collections::BTreeSet<NodeId> {
+    fn from(v: Voters) -> Self {
+        v.iter().collect()
+    }
+}
+
+impl Serialize for Voters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Voters {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Voters, D::Error> {
+        let ids = Vec::<NodeId>::deserialize(d)?;
+        let mut v = Voters::new();
+        for id in ids {
+            if !Voters::valid_id(id) {
+                return Err(serde::de::Error::custom(format!(
+                    "voter id {id} is outside 1..={NODE_ID_MAX}"
+                )));
+            }
+            v.insert(id);
+        }
+        Ok(v)
+    }
 }
 
 /// One entry of the replicated log.
@@ -112,6 +262,9 @@ pub enum Body<T> {
     /// Answered with an `AppendResp`.
     InstallSnapshot {
         meta: SnapshotMeta,
+        /// The configuration in effect at `meta.index` (the latest change
+        /// the snapshot covers): the follower's once it installs it.
+        voters: Voters,
     },
     /// The leader hands over: campaign now (leadership transfer, §3.10 of
     /// Ongaro's thesis).

@@ -131,7 +131,11 @@ impl Progress {
         if stale {
             return false;
         }
-        self.next_index = (rejected.min(probe) + 1).max(self.match_index + 1);
+        // The follower does not hold `rejected` as the leader does: the next
+        // probe looks before it, even where the hint cannot (it stops at the
+        // leader's snapshot, and a next index at or before the snapshot
+        // sends the snapshot).
+        self.next_index = rejected.min(probe + 1).max(self.match_index + 1);
         self.become_probe();
         true
     }

@@ -2,7 +2,7 @@
 //! batch of inputs. The order in which a driver acts on them is the driver
 //! contract in the module doc of [`crate::raft`].
 
-use super::msg::{Entry, HardState, LogIndex, Message, NodeId, SnapshotMeta, Term};
+use super::msg::{Entry, HardState, LogIndex, Message, NodeId, SnapshotMeta, Term, Voters};
 
 /// Everything a node wants done since the last [`super::Raft::ready`].
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +25,11 @@ pub struct Ready<T> {
     pub need_entries: Vec<NeedEntries>,
     /// The node's role, term, leader or `degraded` flag changed.
     pub status: Option<Status>,
+    /// The configuration in effect changed (or this is the node's first
+    /// `Ready`): the voters of the latest change entry in the log,
+    /// committed or not. Send to a new voter, stop sending to a removed
+    /// one.
+    pub voters: Option<Voters>,
     /// Reads asked with [`super::Raft::read_index`] whose leadership check
     /// passed: each may be served once the application has applied
     /// `index`.
@@ -46,6 +51,7 @@ impl<T> Ready<T> {
             && self.committed.is_empty()
             && self.need_entries.is_empty()
             && self.status.is_none()
+            && self.voters.is_none()
             && self.reads.is_empty()
     }
 }

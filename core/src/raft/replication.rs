@@ -1,7 +1,7 @@
 //! Log replication and commit (paper §5.3, §5.4.2): what a leader sends
 //! each follower, how a follower merges it, and when an entry is committed.
 
-use super::msg::{Body, Entry, LogIndex, NodeId, Payload, RejectHint, SnapshotMeta, Term};
+use super::msg::{Body, Entry, LogIndex, NodeId, Payload, RejectHint, SnapshotMeta, Term, Voters};
 use super::progress::ReplicationState;
 use super::ready::{NeedEntries, Role};
 use super::Raft;
@@ -46,7 +46,12 @@ impl<T: Payload> Raft<T> {
                 .get_mut(&peer)
                 .expect("peer")
                 .become_snapshot(base.index, now);
-            self.send(peer, self.term, Body::InstallSnapshot { meta: base });
+            let voters = self.configs[0].1;
+            self.send(
+                peer,
+                self.term,
+                Body::InstallSnapshot { meta: base, voters },
+            );
             return;
         }
         let entries = if next <= last {
@@ -172,7 +177,25 @@ impl<T: Payload> Raft<T> {
                 .iter()
                 .zip(prev_index + 1..)
                 .all(|(e, i)| e.index == i && e.term <= self.term));
+            // Entries from the first one the log does not hold (as `merge`
+            // finds it) replace whatever follows: their change entries
+            // replace the configurations from there on.
+            let first_new = entries
+                .iter()
+                .find(|e| self.log.term(e.index) != Some(e.term))
+                .map(|e| e.index);
+            let changes: Vec<(LogIndex, Voters)> = entries
+                .iter()
+                .filter(|e| first_new.is_some_and(|f| e.index >= f))
+                .filter_map(|e| e.data.voters_change().map(|v| (e.index, v)))
+                .collect();
+            let before = self.voters();
             let last_new = self.log.merge(prev_index, entries);
+            if let Some(first_new) = first_new {
+                self.configs_truncated(first_new);
+                self.configs.extend(changes);
+                self.voters_changed(before);
+            }
             let commit = commit.min(last_new);
             if commit > self.log.committed {
                 self.log.committed = commit;
@@ -204,8 +227,14 @@ impl<T: Payload> Raft<T> {
         }
     }
 
-    /// A follower offered the leader's snapshot (paper §7).
-    pub(super) fn handle_install_snapshot(&mut self, from: NodeId, meta: SnapshotMeta) {
+    /// A follower offered the leader's snapshot (paper §7), with the
+    /// configuration in effect at its index.
+    pub(super) fn handle_install_snapshot(
+        &mut self,
+        from: NodeId,
+        meta: SnapshotMeta,
+        voters: Voters,
+    ) {
         let index = if meta.index <= self.log.committed {
             // Old news: what it covers is committed here already.
             self.log.committed
@@ -214,7 +243,10 @@ impl<T: Payload> Raft<T> {
             self.log.committed = meta.index;
             meta.index
         } else {
+            let before = self.voters();
             self.log.install(meta);
+            self.configs = vec![(meta.index, voters)];
+            self.voters_changed(before);
             meta.index
         };
         self.send(
@@ -256,7 +288,11 @@ impl<T: Payload> Raft<T> {
                     _ => {}
                 }
                 if self.maybe_commit() {
-                    self.broadcast_append(true);
+                    self.committed_more();
+                    if self.role != Role::Leader {
+                        // It removed itself and stepped down.
+                        return;
+                    }
                 }
                 self.maybe_send_timeout_now(from);
                 self.send_append(from, false);
@@ -301,21 +337,22 @@ impl<T: Payload> Raft<T> {
         }
     }
 
-    /// Advances the commit index to the highest index a quorum holds, if
-    /// that entry is of the current term (§5.4.2: counting replicas never
+    /// Advances the commit index to the highest index a quorum of the
+    /// voters in effect holds (this node counts only if it is one), if that
+    /// entry is of the current term (§5.4.2: counting replicas never
     /// commits an older term's entry by itself).
     pub(super) fn maybe_commit(&mut self) -> bool {
         let mut matched: Vec<LogIndex> = self
             .progress
             .values()
             .map(|p| p.match_index)
-            .chain(std::iter::once(self.log.stable_index))
+            .chain(self.is_voter().then_some(self.log.stable_index))
             .collect();
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let quorum_index = if planted!(self.config.bugs, AckWithoutQuorum) {
             self.log.stable_index
         } else {
-            matched[self.config.quorum() - 1]
+            matched[self.voters().quorum() - 1]
         };
         if quorum_index > self.log.committed && self.log.term(quorum_index) == Some(self.term) {
             self.log.committed = quorum_index;
