@@ -1179,7 +1179,7 @@ impl Driver {
         let Some(log) = self.shared_log.clone() else {
             return;
         };
-        let rustci_core::raft::Body::InstallSnapshot { meta } = msg.body else {
+        let rustci_core::raft::Body::InstallSnapshot { meta, .. } = msg.body else {
             return;
         };
         let inputs = self.inputs.clone();

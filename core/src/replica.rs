@@ -1182,7 +1182,7 @@ impl Replica {
         msg: PeerMessage,
         snapshot: Snapshot,
     ) {
-        let raft::Body::InstallSnapshot { meta } = msg.body else {
+        let raft::Body::InstallSnapshot { meta, .. } = msg.body else {
             return self.handle_peer(now, mono, msg);
         };
         if msg.to != self.config.id || snapshot.meta != meta || !snapshot.is_consistent() {

@@ -184,7 +184,7 @@ pub fn check_batch(ctx: &PeerContext, body: &[u8]) -> Result<PeerBatch, PeerRefu
     if let Some(snapshot) = &batch.snapshot {
         let offered = matches!(
             batch.messages.as_slice(),
-            [m] if m.body == Body::InstallSnapshot { meta: snapshot.meta }
+            [m] if matches!(m.body, Body::InstallSnapshot { meta, .. } if meta == snapshot.meta)
         );
         if !offered {
             return Err(PeerRefusal::Garbage(
@@ -260,7 +260,7 @@ impl PeerTransport {
     /// Queues an InstallSnapshot message with the stored snapshot it
     /// offers; it travels in a batch of its own.
     pub fn send_snapshot(&self, msg: PeerMessage, bytes: Vec<u8>) -> bool {
-        let Body::InstallSnapshot { meta } = msg.body else {
+        let Body::InstallSnapshot { meta, .. } = msg.body else {
             return false;
         };
         self.enqueue(Outgoing {
@@ -454,7 +454,10 @@ mod tests {
     fn a_snapshot_travels_only_with_the_message_that_offers_it() {
         let meta = SnapshotMeta { index: 40, term: 3 };
         let mut b = batch(2, 1);
-        b.messages[0].body = Body::InstallSnapshot { meta };
+        b.messages[0].body = Body::InstallSnapshot {
+            meta,
+            voters: rustci_core::raft::Voters::from_iter([1, 2, 3]),
+        };
         b.snapshot = Some(PeerSnapshot {
             meta,
             bytes: vec![0, 1, 2, 255, 254],

@@ -1026,15 +1026,17 @@ impl World {
         let from = from.max(disk.base().index.min(to));
         let newly = match disk.entries(from, to) {
             Some(newly) if newly.len() as u64 == to - from => newly,
-            _ => return Err(Violation {
-                invariant: inv::STATE_MACHINE_SAFETY,
-                detail: format!(
+            _ => {
+                return Err(Violation {
+                    invariant: inv::STATE_MACHINE_SAFETY,
+                    detail: format!(
                     "replica {} applied up to {to} with entries up to {} durable (snapshot at {})",
                     r + 1,
                     disk.last_index(),
                     disk.base().index
                 ),
-            }),
+                })
+            }
         };
         for e in newly {
             let i = e.index as usize;
@@ -1173,7 +1175,7 @@ impl World {
                 Output::Send(msg) => {
                     let to = msg.to as usize - 1;
                     let body = match &msg.body {
-                        PeerBody::InstallSnapshot { meta } => {
+                        PeerBody::InstallSnapshot { meta, .. } => {
                             // The driver attaches the snapshot it stored, if
                             // it still is the one Raft offers.
                             match &self.hosts[r].disk.snapshot {
