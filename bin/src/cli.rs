@@ -126,6 +126,12 @@ pub enum Cmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Change the control plane's replicas (replace a dead one: remove it,
+    /// then add the new one).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
     /// Cluster summary.
     Status {
         #[arg(long)]
@@ -303,8 +309,8 @@ const _: () = assert!(
 
 #[derive(Args, Debug)]
 pub struct ServerArgs {
-    /// This replica's id (1 and up).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    /// This replica's id (1 to 63).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=63))]
     pub id: u64,
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub listen: SocketAddr,
@@ -484,6 +490,26 @@ pub enum JobCmd {
     /// Cancel a job (a no-op for a finished one).
     Cancel {
         id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Add a replica, ID=ADDR (the address its API listens on). Start it
+    /// first with an empty data dir, `--id ID` and a `--peer` for every
+    /// replica in the cluster.
+    AddReplica {
+        #[arg(value_name = "ID=ADDR")]
+        replica: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Remove a replica (a dead one, or one being retired).
+    RemoveReplica {
+        #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -1462,6 +1488,51 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<Exit> {
     Ok(0)
 }
 
+pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<Exit> {
+    #[derive(serde::Deserialize)]
+    struct Replica {
+        id: u64,
+        addr: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Members {
+        replicas: Vec<Replica>,
+    }
+    let (client, method, path, body) = match &cmd {
+        ClusterCmd::AddReplica { replica, client } => {
+            let (id, addr) = replica.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("{replica:?}: expected ID=ADDR, like 4=10.0.0.4:7878")
+            })?;
+            let id: u64 = id.trim().parse().ok().filter(|&i| i >= 1).ok_or_else(|| {
+                anyhow::anyhow!("{replica:?}: the id must be a whole number from 1 up")
+            })?;
+            let addr = server_addr(addr.trim());
+            let body = serde_json::to_vec(&serde_json::json!({"id": id, "addr": addr}))?;
+            (
+                client,
+                Method::POST,
+                "/v1/cluster/replicas".to_string(),
+                Some(body),
+            )
+        }
+        ClusterCmd::RemoveReplica { id, client } => (
+            client,
+            Method::DELETE,
+            format!("/v1/cluster/replicas/{id}"),
+            None,
+        ),
+    };
+    let members: Members = connect(client)
+        .await?
+        .json(method, &path, body, &[])
+        .await?;
+    println!("replicas now:");
+    for r in members.replicas {
+        println!("  {} {}", r.id, r.addr);
+    }
+    Ok(0)
+}
+
 pub async fn status(client: &ClientOpts, as_json: bool) -> anyhow::Result<Exit> {
     let c: ClusterView = connect(client)
         .await?
@@ -1509,9 +1580,17 @@ pub fn parse_peers(
         let Some((id, addr)) = p.split_once('=') else {
             anyhow::bail!("--peer {p:?}: expected ID=ADDR, like 2=10.0.0.2:7878");
         };
-        let id: u64 = id.trim().parse().ok().filter(|&i| i >= 1).ok_or_else(|| {
-            anyhow::anyhow!("--peer {p:?}: the id must be a whole number from 1 up")
-        })?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&i| rustci_core::raft::Voters::valid_id(i))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--peer {p:?}: the id must be a whole number from 1 to {}",
+                    rustci_core::raft::NODE_ID_MAX
+                )
+            })?;
         let addr = addr.trim();
         if addr.is_empty() {
             anyhow::bail!("--peer {p:?}: the address is missing");

@@ -128,23 +128,18 @@ impl DevConfig {
     }
 
     /// The cluster id every replica of a cluster derives alike: a digest
-    /// of the cluster token and the replica ids. `None` for a single
+    /// of the cluster token. Not of the replica ids: a replica added by a
+    /// membership change, and one restarted with the `--peer`s of the
+    /// replicas now in effect, derive the same. `None` for a single
     /// replica, whose data dir gets a random one.
     pub fn cluster_id(&self) -> Option<String> {
         if self.peers.is_empty() {
             return None;
         }
         use sha2::Digest as _;
-        let mut ids: Vec<ReplicaId> = self.peers.keys().copied().collect();
-        ids.push(self.id);
-        ids.sort_unstable();
         let mut h = sha2::Sha256::new();
         h.update(b"rustci cluster\0");
         h.update(self.cluster_token.as_bytes());
-        for id in ids {
-            h.update(b"\0");
-            h.update(id.to_string().as_bytes());
-        }
         let digest = h.finalize();
         Some(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
     }
@@ -191,7 +186,7 @@ const REPLAY_BATCHES_IN_FLIGHT: usize = 8;
 /// Reads the whole log and folds it into a state (`rustci replay`,
 /// backups, benchmarks).
 pub fn replay_store(store: &LogStore) -> anyhow::Result<State> {
-    replay_store_until(store, LogIndex::MAX, |_| {}).map(|(state, _)| state)
+    replay_store_until(store, LogIndex::MAX, |_| {}, |_| {}).map(|(state, _)| state)
 }
 
 /// What start-up reads from the log: the state up to the stored commit
@@ -213,8 +208,28 @@ pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
     let mut hard_state = Recovery::legacy(stored, last);
     hard_state.commit = hard_state.commit.max(base.index);
     let mut terms = Vec::new();
-    let (state, tail) =
-        replay_store_until(store, hard_state.commit, |e| terms.push((e.index, e.term)))?;
+    // Raft's configuration history: the snapshot's replicas, then every
+    // committed change after it.
+    let mut base_members = None;
+    let mut members = Vec::new();
+    let commit = hard_state.commit;
+    let (state, tail) = replay_store_until(
+        store,
+        commit,
+        |base| {
+            if !base.members.is_empty() {
+                base_members = Some((base.applied_index, base.members.clone()));
+            }
+        },
+        |e| {
+            terms.push((e.index, e.term));
+            if let rustci_core::event::Event::MembersChanged { members: m } = &e.event {
+                if e.index <= commit && rustci_core::event::members_valid(m) {
+                    members.push((e.index, m.clone()));
+                }
+            }
+        },
+    )?;
     // Only the first index of each term is kept: a handful per restart.
     let (runs, last_index) = rustci_core::raft::term_runs(base, terms);
     Ok(Recovery {
@@ -224,6 +239,7 @@ pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
         runs,
         last_index,
         tail,
+        members: base_members.into_iter().chain(members).collect(),
     })
 }
 
@@ -238,6 +254,7 @@ pub fn recover_store(store: &LogStore) -> anyhow::Result<Recovery> {
 fn replay_store_until(
     store: &LogStore,
     until: LogIndex,
+    base_seen: impl FnOnce(&State),
     mut seen: impl FnMut(&Entry),
 ) -> anyhow::Result<(State, Vec<Entry>)> {
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(REPLAY_BATCHES_IN_FLIGHT);
@@ -245,6 +262,7 @@ fn replay_store_until(
     // mmap, page faults and a munmap per batch.
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<Entry>>();
     let base = replay_base(store)?;
+    base_seen(&base);
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || {
             let fresh = || Vec::with_capacity(REPLAY_BATCH_ENTRIES);
@@ -488,16 +506,17 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     tokio::spawn(forward_run_events(run_rx, inputs_tx.clone()).in_current_span());
 
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let mut replica_addrs = config.peers.clone();
+    replica_addrs.insert(config.id, advertise.clone());
+    let address_book = rustci_net::control::AddressBook::new(replica_addrs.clone());
     let info = ServerInfo {
         id: config.id,
         advertise_addr: advertise.clone(),
         data_dir: config.data_dir.clone(),
-        peers: config.peers.clone(),
+        peers: address_book.clone(),
     };
     let (leader_tx, leader_rx) = watch::channel(LeaderView::default());
     let links = AgentLinks::new();
-    let mut replica_addrs = config.peers.clone();
-    replica_addrs.insert(config.id, advertise);
     let agents = Arc::new(LinkContext {
         links: links.clone(),
         join_token: config.join_token.clone(),
@@ -507,7 +526,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         to_driver: inputs_tx.clone(),
         disk_reserve_bytes: reserve,
         leader: leader_rx.clone(),
-        replica_addrs,
+        replica_addrs: address_book.clone(),
     });
     let peer_context = cluster_id.as_ref().map(|cluster_id| {
         Arc::new(PeerContext {
@@ -534,6 +553,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
     let measured = crate::driver_metrics::DriverMetrics::new(cp.metrics.clone());
     let mut replica_config = Config::new(config.id);
     replica_config.voters.extend(config.peers.keys().copied());
+    replica_config.addrs = replica_addrs;
     replica_config.election_timeout_ms = config.election_timeout_ms;
     replica_config.heartbeat_interval_ms = config.heartbeat_interval_ms;
     // Production draws election timeouts from the OS; the simulator seeds.
@@ -559,6 +579,7 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         measured,
         fatal: None,
         transport,
+        addresses: address_book,
         shared_log: Some(shared_log),
         inputs: inputs_tx.clone(),
         leader_view: leader_tx,
@@ -634,10 +655,9 @@ fn check_identity(config: &DevConfig, cluster_id: &str) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("data dir {} has no identity", config.data_dir.display()))?;
     if identity.cluster_id != cluster_id {
         bail!(
-            "data dir {} belongs to cluster {}, but replicas {} with this --cluster-token form cluster {cluster_id}: refusing to start (use the data dir made for this cluster, or a new one)",
+            "data dir {} belongs to cluster {}, but this --cluster-token makes cluster {cluster_id}: refusing to start (use the data dir made for this cluster, or a new one)",
             config.data_dir.display(),
             identity.cluster_id,
-            replica_list(config),
         );
     }
     if identity.replica_id != config.id {
@@ -649,13 +669,6 @@ fn check_identity(config: &DevConfig, cluster_id: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn replica_list(config: &DevConfig) -> String {
-    let mut ids: Vec<ReplicaId> = config.peers.keys().copied().collect();
-    ids.push(config.id);
-    ids.sort_unstable();
-    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// A seed for Raft's election timeouts from the OS.
@@ -997,6 +1010,8 @@ struct Driver {
     fatal: Option<String>,
     /// Sends to the other replicas; `None` for a single replica.
     transport: Option<PeerTransport>,
+    /// The replicas' addresses, as the API and agent endpoint show them.
+    addresses: rustci_net::control::AddressBook,
     /// Where entries for a lagging follower are read from (let go at
     /// shutdown, so the log closes with no reader open).
     shared_log: Option<Arc<SharedLog>>,
@@ -1171,6 +1186,36 @@ impl Driver {
             }
             let _ = inputs.blocking_send(Input::EntriesLoaded { peer, entries });
         });
+    }
+
+    /// The replicas in effect changed: Raft messages go to exactly these
+    /// from now on, and the API names their addresses.
+    fn follow_members(&mut self, members: BTreeMap<ReplicaId, Option<String>>) {
+        let me = self.replica.id();
+        tracing::info!(
+            replicas = ?members.keys().collect::<Vec<_>>(),
+            "the control plane's replicas in effect"
+        );
+        for (&id, addr) in &members {
+            let Some(addr) = addr else {
+                if id != me {
+                    tracing::warn!(
+                        replica = id,
+                        "no address known for a replica: start this one with --peer {id}=ADDR"
+                    );
+                }
+                continue;
+            };
+            self.addresses.set(id, addr.clone());
+            if let Some(t) = self.transport.as_mut() {
+                if id != me {
+                    t.connect(id, addr.clone());
+                }
+            }
+        }
+        if let Some(t) = self.transport.as_mut() {
+            t.retain(|id| members.contains_key(&id));
+        }
     }
 
     /// Reads the stored snapshot an InstallSnapshot message offers, off the
@@ -1470,6 +1515,7 @@ impl Driver {
                         self.fatal = Some("the log writer has stopped".into());
                     }
                 }
+                Output::Members(members) => self.follow_members(members),
                 Output::Compact(snapshot) => {
                     if !self.writer.send(WriterJob::Compact(snapshot)) && self.fatal.is_none() {
                         self.fatal = Some("the log writer has stopped".into());

@@ -304,6 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => cli::logs(&client, &id, follow, attempt).await,
         Cmd::Nodes { json, client } => cli::nodes(&client, json).await,
         Cmd::Node { command } => cli::node(command).await,
+        Cmd::Cluster { command } => cli::cluster(command).await,
         Cmd::Status { json, client } => cli::status(&client, json).await,
         Cmd::Events {
             follow,

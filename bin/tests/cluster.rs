@@ -462,6 +462,97 @@ fn a_replica_killed_while_the_others_compact_their_logs_catches_up_by_snapshot()
 }
 
 #[test]
+fn a_dead_replica_whose_disk_is_lost_is_replaced_by_a_new_one() {
+    let mut c = Cluster::start_with(3, 0, &["--snapshot-entries", "30"]);
+    let leader = c.wait_leader(None);
+    let dead = *c.addrs.keys().find(|&&id| id != leader).unwrap();
+    let body = json!({"command": ["true"]}).to_string();
+    let submit = |c: &Cluster, key: &str| {
+        let addrs: Vec<String> = c.servers.keys().map(|id| c.addrs[id].clone()).collect();
+        submit_until_acked(&addrs, key, &body, 0)
+    };
+    for i in 0..40 {
+        submit(&c, &format!("before-{i}"));
+    }
+    // The replica dies and its disk with it.
+    c.servers.get_mut(&dead).unwrap().kill9();
+    c.servers.remove(&dead);
+    std::fs::remove_dir_all(c.data_dir(dead)).unwrap();
+
+    // Remove it (through any replica: a follower relays to the leader)...
+    let any = c.addrs[c.servers.keys().next().unwrap()].clone();
+    let (status, text) = http(
+        &any,
+        "DELETE",
+        &format!("/v1/cluster/replicas/{dead}"),
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    let now: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(now["replicas"].as_array().unwrap().len(), 2, "{now}");
+    // Removing it again changes nothing; bad requests are refused.
+    let (status, again) = http(
+        &any,
+        "DELETE",
+        &format!("/v1/cluster/replicas/{dead}"),
+        None,
+    );
+    assert_eq!((status, &again), (200, &text));
+    let (status, bad) = http(
+        &any,
+        "POST",
+        "/v1/cluster/replicas",
+        Some("{\"id\": 99, \"addr\": \"x:1\"}"),
+    );
+    assert_eq!(status, 400, "{bad}");
+    assert!(bad.contains("invalid_membership_change"), "{bad}");
+    let (status, bad) = http(&any, "POST", "/v1/cluster/replicas", Some("{\"id\": 4}"));
+    assert_eq!(status, 400, "{bad}");
+    for i in 0..10 {
+        submit(&c, &format!("while-two-{i}"));
+    }
+
+    // ...then start its replacement, empty, under a new id, and add it.
+    c.addrs.remove(&dead);
+    let new = 4;
+    c.addrs.insert(new, format!("127.0.0.1:{}", free_port()));
+    c.start_server(new);
+    let add = json!({"id": new, "addr": c.addrs[&new]}).to_string();
+    let (status, text) = http(&any, "POST", "/v1/cluster/replicas", Some(&add));
+    assert_eq!(status, 200, "{text}");
+    let now: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: BTreeSet<u64> = now["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    let want: BTreeSet<u64> = c.addrs.keys().copied().collect();
+    assert_eq!(ids, want, "{now}");
+    // It catches up (by the leader's snapshot: the log was compacted).
+    let agreed = c.wait_agreement();
+    assert!(agreed["applied_index"].as_u64().unwrap() > 50, "{agreed}");
+    let view = c.cluster_view(new).unwrap();
+    let shown: BTreeSet<u64> = view["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(shown, want, "{view}");
+
+    // It counts: with the old leader killed, the two left (one of them the
+    // new replica) elect a leader and take writes, and nothing is lost.
+    let leader = c.wait_leader(None);
+    c.servers.get_mut(&leader).unwrap().kill9();
+    c.servers.remove(&leader);
+    let new_leader = c.wait_leader(Some(leader));
+    submit(&c, "after");
+    let jobs = all_jobs(&c.addrs[&new_leader]);
+    assert_eq!(jobs.len(), 51, "{}", c.logs());
+}
+
+#[test]
 fn a_leader_stopped_gracefully_hands_over_and_a_follower_forwards_to_the_new_one() {
     let mut c = Cluster::start(3, 0);
     let leader = c.wait_leader(None);

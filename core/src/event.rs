@@ -102,6 +102,25 @@ pub enum Event {
     /// before `before` (its clock minus the window): a later submission
     /// with such a key creates a new job.
     IdempotencyKeysExpired { before: TimestampMs },
+    /// The control plane's replicas are now exactly `members` (id and the
+    /// address its API and peers listen on): one added or removed at a
+    /// time by an operator. Raft counts votes and commits among them from
+    /// the moment the entry is in a log (see `raft::Payload::voters_change`).
+    MembersChanged {
+        members: std::collections::BTreeMap<ReplicaId, String>,
+    },
+}
+
+/// Whether `members` can be a control plane's replicas: at least one, at
+/// most [`crate::raft::VOTERS_MAX`], ids that Raft can count (1 to
+/// [`crate::raft::NODE_ID_MAX`]) and an address each. An entry that breaks
+/// this changes nothing, for the reducer and for Raft alike.
+pub fn members_valid(members: &std::collections::BTreeMap<ReplicaId, String>) -> bool {
+    !members.is_empty()
+        && members.len() <= crate::raft::VOTERS_MAX
+        && members.iter().all(|(&id, addr)| {
+            crate::raft::Voters::valid_id(id) && !addr.is_empty() && addr.len() <= 256
+        })
 }
 
 impl Event {
@@ -152,6 +171,7 @@ impl Event {
             Event::NodeRemoved { .. } => "node_removed",
             Event::NodeUndrained { .. } => "node_undrained",
             Event::IdempotencyKeysExpired { .. } => "idempotency_keys_expired",
+            Event::MembersChanged { .. } => "members_changed",
         }
     }
 

@@ -70,8 +70,12 @@ pub const PROPOSALS_INFLIGHT_MAX: usize = 1 << 16;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: ReplicaId,
-    /// Every replica of the cluster, this one included (1, 3 or 5).
+    /// Every replica of the cluster, this one included (1, 3 or 5), as it
+    /// started: the log's membership changes, if any, replace them.
     pub voters: BTreeSet<ReplicaId>,
+    /// The addresses of the replicas the driver was told of (`--peer`, its
+    /// own), for membership changes made before any was logged.
+    pub addrs: BTreeMap<ReplicaId, String>,
     /// Raft's base election timeout; each wait is drawn from `[t, 2t)`.
     pub election_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
@@ -152,6 +156,14 @@ impl raft::Payload for Record {
     fn size_bytes(&self) -> u64 {
         self.event.approx_bytes()
     }
+    fn voters_change(&self) -> Option<raft::Voters> {
+        match &self.event {
+            Event::MembersChanged { members } if crate::event::members_valid(members) => {
+                Some(members.keys().copied().collect())
+            }
+            _ => None,
+        }
+    }
     fn leader_elected(term: Term, leader: ReplicaId, stamp: u64) -> Record {
         Record {
             at: stamp,
@@ -204,6 +216,10 @@ pub struct Recovery {
     pub last_index: LogIndex,
     /// The stored entries after `state.applied_index`.
     pub tail: Vec<Entry>,
+    /// The replicas of the snapshot's state, if it names any (at the
+    /// snapshot's index), then those of each committed `MembersChanged`
+    /// after it, by index: Raft's configuration history.
+    pub members: Vec<(LogIndex, BTreeMap<ReplicaId, String>)>,
 }
 
 impl Recovery {
@@ -216,6 +232,7 @@ impl Recovery {
             runs: Vec::new(),
             last_index: 0,
             tail: Vec::new(),
+            members: Vec::new(),
         }
     }
 
@@ -246,8 +263,17 @@ impl Recovery {
         // that says so.
         hard_state.commit = hard_state.commit.max(snapshot.index);
         let split = log.partition_point(|e| e.index <= hard_state.commit);
+        let mut members = Vec::new();
+        if !state.members.is_empty() {
+            members.push((snapshot.index, state.members.clone()));
+        }
         for entry in &log[..split] {
             state.apply(entry);
+            if let Event::MembersChanged { members: m } = &entry.event {
+                if crate::event::members_valid(m) {
+                    members.push((entry.index, m.clone()));
+                }
+            }
         }
         let (runs, last_index) = raft::term_runs(snapshot, log.iter().map(|e| (e.index, e.term)));
         Recovery {
@@ -257,6 +283,7 @@ impl Recovery {
             runs,
             last_index,
             tail: log[split..].to_vec(),
+            members,
         }
     }
 
@@ -298,6 +325,7 @@ impl Config {
         Config {
             id,
             voters: BTreeSet::from([id]),
+            addrs: BTreeMap::new(),
             election_timeout_ms: raft::ELECTION_TIMEOUT_MS_DEFAULT,
             heartbeat_interval_ms: raft::HEARTBEAT_INTERVAL_MS_DEFAULT,
             seed: id,
@@ -394,12 +422,30 @@ pub enum Command {
         /// See `Event::NodeRegistered::predecessor`.
         predecessor: Option<u64>,
     },
+    /// An operator adds or removes a replica: see [`Replica::change_members`].
+    ChangeMembers(MemberChange),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     Job(Job),
     Node(Node),
+    /// The replicas after a membership change, with their addresses.
+    Members(BTreeMap<ReplicaId, String>),
+}
+
+/// One replica added to or removed from the control plane (one at a time:
+/// remove a dead replica, then add its replacement).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// A new replica with this id, whose API and peers listen at `addr`.
+    Add {
+        id: ReplicaId,
+        addr: String,
+    },
+    Remove {
+        id: ReplicaId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -423,6 +469,11 @@ pub enum CommandError {
     Stopping,
     #[error("the event log cannot grow: its disk is full; retry once space is freed")]
     StorageFull,
+    /// A membership change that cannot be made now (`retry`: once the
+    /// change before it or the new leader's first entry is committed) or
+    /// at all.
+    #[error("{reason}")]
+    Membership { reason: String, retry: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -450,6 +501,10 @@ pub enum Output {
         request: RequestId,
         result: Result<(), CommandError>,
     },
+    /// The replicas in effect changed (a membership change was appended,
+    /// committed or undone): send Raft messages to exactly these, at these
+    /// addresses (`None`: not known here).
+    Members(BTreeMap<ReplicaId, Option<String>>),
     /// A message for the agent of `node`, incarnation `incarnation` only.
     ToAgent {
         node: String,
@@ -533,6 +588,8 @@ pub struct Replica {
     /// Snapshots installed from a leader (soft state, for metrics and the
     /// simulator).
     snapshots_installed: u64,
+    /// Every replica address this one knows of (see [`Replica::member_addrs`]).
+    addrs: BTreeMap<ReplicaId, String>,
     /// A hard state whose only change is the commit index: it needs no
     /// fsync of its own and rides with the next unit.
     deferred_hard_state: Option<HardState>,
@@ -590,6 +647,7 @@ impl Replica {
             runs,
             last_index,
             tail,
+            members,
         } = recovery;
         debug_assert_eq!(state.applied_index, hard_state.commit.min(last_index));
         let mut state = State {
@@ -600,14 +658,31 @@ impl Replica {
             state.rebuild_indexes();
         }
         let max_at = tail.iter().map(|e| e.at).fold(state.last_at, u64::max);
+        let mut addrs = config.addrs.clone();
+        for (_, m) in &members {
+            addrs.extend(m.iter().map(|(id, a)| (*id, a.clone())));
+        }
+        for e in &tail {
+            if let Event::MembersChanged { members: m } = &e.event {
+                addrs.extend(m.iter().map(|(id, a)| (*id, a.clone())));
+            }
+        }
+        let mut voters: Vec<(LogIndex, raft::Voters)> = members
+            .iter()
+            .map(|(i, m)| (*i, m.keys().copied().collect()))
+            .collect();
+        if voters.first().is_some_and(|(i, _)| *i > snapshot.index) {
+            // The snapshot predates every change: the replicas it started
+            // with were the voters then.
+            voters.insert(0, (snapshot.index, config.voters.iter().copied().collect()));
+        }
         let recovered = raft::Recovered {
             hard_state,
             snapshot,
             runs,
             last_index,
             tail: tail.into_iter().map(to_raft).collect(),
-            // No change entries yet: the configured voters hold.
-            voters: Vec::new(),
+            voters,
         };
         let raft = Raft::new(config.raft(), recovered, mono);
         Replica {
@@ -629,6 +704,7 @@ impl Replica {
             compacting: None,
             compact_after: 0,
             snapshots_installed: 0,
+            addrs,
             deferred_hard_state: None,
             hard_state_out: hard_state,
             outputs: VecDeque::new(),
@@ -660,14 +736,34 @@ impl Replica {
     pub fn id(&self) -> ReplicaId {
         self.config.id
     }
-    pub fn voters(&self) -> &BTreeSet<ReplicaId> {
-        &self.config.voters
+    /// The replicas in effect (the latest membership change in the log,
+    /// committed or not, else those it started with).
+    pub fn voters(&self) -> BTreeSet<ReplicaId> {
+        self.raft.voters().into()
+    }
+    /// The addresses of replicas this one knows of: the flags it started
+    /// with, then what membership changes said.
+    pub fn member_addrs(&self) -> &BTreeMap<ReplicaId, String> {
+        &self.addrs
+    }
+    /// The committed membership with addresses (what a change starts
+    /// from): the last `MembersChanged` applied, else the replicas it
+    /// started with.
+    pub fn members(&self) -> BTreeMap<ReplicaId, String> {
+        if !self.state.members.is_empty() {
+            return self.state.members.clone();
+        }
+        self.config
+            .voters
+            .iter()
+            .map(|&id| (id, self.addrs.get(&id).cloned().unwrap_or_default()))
+            .collect()
     }
     pub fn lifecycle(&self) -> Lifecycle {
         if self.phase != Lifecycle::Running {
             return self.phase;
         }
-        let single = self.config.voters.len() == 1;
+        let single = self.raft.voters().len() == 1;
         match (self.raft.role(), self.leading) {
             (Role::Leader, true) if single => Lifecycle::Running,
             (Role::Leader, false) if single => Lifecycle::Starting,
@@ -756,7 +852,7 @@ impl Replica {
             return;
         }
         self.phase = Lifecycle::Running;
-        if self.config.voters.len() == 1 {
+        if self.raft.voters().len() == 1 && self.raft.is_voter() {
             self.raft.set_stamp(self.next_stamp(now));
             self.raft.campaign_now();
         }
@@ -776,6 +872,9 @@ impl Replica {
     /// Validates a command and proposes its entry; the reply comes later
     /// through [`Output::Reply`], or at once for a no-op or an error.
     pub fn propose(&mut self, now: TimestampMs, request: RequestId, command: Command) {
+        if let Command::ChangeMembers(change) = command {
+            return self.change_members(now, request, change);
+        }
         match self.check(&command) {
             Err(e) => self.reply(request, Err(e)),
             Ok(Some(done)) => self.reply(request, Ok(done)),
@@ -790,6 +889,119 @@ impl Replica {
             }
         }
         self.process(now);
+    }
+
+    /// Adds or removes one replica (an operator's membership change): the
+    /// leader appends `MembersChanged` with the replicas after the change,
+    /// and Raft counts among them from then on. Answered with
+    /// [`Reply::Members`] once committed; a change already made is answered
+    /// at once (a retry after an unknown outcome is safe).
+    pub fn change_members(&mut self, now: TimestampMs, request: RequestId, change: MemberChange) {
+        match self.member_change(&change) {
+            Err(e) => self.reply(request, Err(e)),
+            Ok(None) => self.reply(request, Ok(Reply::Members(self.members()))),
+            Ok(Some(members)) => {
+                let at = self.next_stamp(now);
+                let record = Record {
+                    at,
+                    event: Event::MembersChanged { members },
+                };
+                match self.raft.propose_change(record) {
+                    Ok(index) => {
+                        self.max_at = at;
+                        self.origins
+                            .insert(index, (self.raft.term(), Origin::Command(request)));
+                    }
+                    Err(e) => {
+                        let leader = self.raft.leader().filter(|&l| l != self.config.id);
+                        let error = match e {
+                            raft::ChangeError::NotLeader { .. }
+                            | raft::ChangeError::Transferring { .. } => {
+                                CommandError::NotLeader { leader }
+                            }
+                            raft::ChangeError::Overloaded => CommandError::Overloaded,
+                            e @ (raft::ChangeError::ChangePending { .. }
+                            | raft::ChangeError::NoCommitInTerm) => CommandError::Membership {
+                                reason: e.to_string(),
+                                retry: true,
+                            },
+                            e => CommandError::Membership {
+                                reason: e.to_string(),
+                                retry: false,
+                            },
+                        };
+                        self.reply(request, Err(error));
+                    }
+                }
+            }
+        }
+        self.process(now);
+    }
+
+    /// The replicas after `change`, or `None` if they are already so.
+    fn member_change(
+        &self,
+        change: &MemberChange,
+    ) -> Result<Option<BTreeMap<ReplicaId, String>>, CommandError> {
+        match self.phase {
+            Lifecycle::Running if self.leading => {}
+            Lifecycle::Stopping | Lifecycle::Stopped => return Err(CommandError::Stopping),
+            _ => {
+                return Err(CommandError::NotLeader {
+                    leader: self.raft.leader().filter(|&l| l != self.config.id),
+                })
+            }
+        }
+        if self.storage_full {
+            return Err(CommandError::StorageFull);
+        }
+        let invalid = |reason: String| CommandError::Membership {
+            reason,
+            retry: false,
+        };
+        let mut members = self.members();
+        match change {
+            MemberChange::Add { id, addr } => {
+                if !raft::Voters::valid_id(*id) {
+                    return Err(invalid(format!(
+                        "replica id {id} is out of range: ids are 1 to {}",
+                        raft::NODE_ID_MAX
+                    )));
+                }
+                if addr.trim().is_empty() || addr.len() > 256 {
+                    return Err(invalid(format!(
+                        "replica {id} needs the address its API listens on (host:port)"
+                    )));
+                }
+                match members.get(id) {
+                    Some(a) if a == addr => return Ok(None),
+                    Some(a) => {
+                        return Err(invalid(format!(
+                            "replica {id} is a member already, at {a}: remove it first to move it"
+                        )))
+                    }
+                    None => {}
+                }
+                members.insert(*id, addr.clone());
+            }
+            MemberChange::Remove { id } => {
+                if members.remove(id).is_none() {
+                    return Ok(None);
+                }
+            }
+        }
+        if let Some((id, _)) = members.iter().find(|(_, a)| a.is_empty()) {
+            return Err(invalid(format!(
+                "the address of replica {id} is unknown here: start this replica with --peer {id}=ADDR"
+            )));
+        }
+        if !crate::event::members_valid(&members) {
+            return Err(invalid(format!(
+                "a control plane has 1 to {} replicas",
+                raft::VOTERS_MAX
+            )));
+        }
+        Ok(Some(members))
     }
 
     /// SIM-BUGS (c): answers a submission at once with the job the reducer
@@ -840,6 +1052,7 @@ impl Replica {
             return Err(CommandError::Overloaded);
         }
         match command {
+            Command::ChangeMembers(_) => unreachable!("membership changes are checked apart"),
             Command::Submit {
                 spec,
                 idempotency_key,
@@ -1353,7 +1566,7 @@ impl Replica {
         // of it from a follower or when their replica goes quiet, within
         // two heartbeats. Only then does the silence count.
         let grace_from = match self.leading_since {
-            Some(since) if self.config.voters.len() > 1 => since + 2 * lease.heartbeat_interval_ms,
+            Some(since) if self.raft.voters().len() > 1 => since + 2 * lease.heartbeat_interval_ms,
             _ => 0,
         };
         let mut down = Vec::new();
@@ -1538,6 +1751,13 @@ impl Replica {
             }
         }
         self.release_reads();
+        if let Some(voters) = ready.voters {
+            let members = voters
+                .iter()
+                .map(|id| (id, self.addrs.get(&id).cloned()))
+                .collect();
+            self.outputs.push_back(Output::Members(members));
+        }
         if let Some(status) = ready.status {
             if status.leader != self.leader_seen {
                 if status.leader.is_some() {
@@ -1568,6 +1788,12 @@ impl Replica {
         self.deferred_hard_state = None;
         let last = persist.last();
         let entries: Vec<Entry> = persist.entries.into_iter().map(from_raft).collect();
+        for e in &entries {
+            if let Event::MembersChanged { members } = &e.event {
+                self.addrs
+                    .extend(members.iter().map(|(id, a)| (*id, a.clone())));
+            }
+        }
         if let Some(max) = entries.iter().map(|e| e.at).max() {
             self.max_at = self.max_at.max(max);
         }
@@ -1599,6 +1825,8 @@ impl Replica {
             state.rebuild_indexes();
         }
         self.max_at = self.max_at.max(state.last_at);
+        self.addrs
+            .extend(state.members.iter().map(|(id, a)| (*id, a.clone())));
         self.state = state;
         self.snapshots_installed += 1;
         // A compaction of the old log is moot: the install replaced it.
@@ -1879,6 +2107,9 @@ impl Replica {
         };
         match (&entry.event, applied) {
             (_, Applied::Submitted(id) | Applied::Duplicate(id)) => job_reply(id),
+            (Event::MembersChanged { members }, Applied::Done) => {
+                Ok(Reply::Members(members.clone()))
+            }
             (Event::JobCancelled { job }, _) => job_reply(job),
             (
                 Event::NodeDrained { name }
@@ -1958,6 +2189,9 @@ fn command_event(command: Command) -> Event {
             incarnation,
             predecessor,
         },
+        Command::ChangeMembers(_) => {
+            unreachable!("membership changes append through Raft's propose_change")
+        }
     }
 }
 

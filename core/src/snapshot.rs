@@ -48,6 +48,11 @@ pub struct StateImage<'a> {
     pub nodes: Cow<'a, BTreeMap<String, Node>>,
     pub ignored_entries: u64,
     pub attempts_lost: u64,
+    /// Added with membership changes: images written before have none.
+    #[serde(default)]
+    pub members: Cow<'a, BTreeMap<ReplicaId, String>>,
+    #[serde(default)]
+    pub members_index: LogIndex,
 }
 
 /// The job table of an image: a sequence of jobs in id order.
@@ -118,6 +123,8 @@ impl State {
             nodes: Cow::Borrowed(&self.nodes),
             ignored_entries: self.ignored_entries,
             attempts_lost: self.attempts_lost,
+            members: Cow::Borrowed(&self.members),
+            members_index: self.members_index,
         }
     }
 
@@ -136,6 +143,8 @@ impl State {
             nodes: image.nodes.into_owned(),
             ignored_entries: image.ignored_entries,
             attempts_lost: image.attempts_lost,
+            members: image.members.into_owned(),
+            members_index: image.members_index,
             ..State::for_replay()
         };
         let jobs = match image.jobs {

@@ -186,6 +186,11 @@ pub struct State {
     pub job_counts: [u64; 6],
     /// Entries that were no-ops (invalid in the state they met).
     pub ignored_entries: u64,
+    /// The replicas by id, with their addresses, as the last
+    /// `MembersChanged` made them (empty: never changed, the replicas are
+    /// those the cluster started with), and that entry's index.
+    pub members: BTreeMap<crate::event::ReplicaId, String>,
+    pub members_index: LogIndex,
     /// Attempts that ended `lost` (their node died, restarted or was removed).
     pub attempts_lost: u64,
     /// SIM-BUGS: the planted bug the simulator selected, if any; ignored by
@@ -365,6 +370,14 @@ impl State {
                 self.node_transition(name, at, NodeTransition::Undrain)
             }
             Event::IdempotencyKeysExpired { before } => self.expire_keys(*before),
+            Event::MembersChanged { members } => {
+                if !crate::event::members_valid(members) {
+                    return Applied::Ignored("an impossible set of replicas");
+                }
+                self.members = members.clone();
+                self.members_index = entry.index;
+                Applied::Done
+            }
             Event::NodeDown { name, incarnation } => {
                 if !self.is_incarnation(name, *incarnation) {
                     return Applied::Ignored("down of a replaced incarnation");

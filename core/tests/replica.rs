@@ -105,6 +105,7 @@ impl Cluster {
                     self.replica.handle_compacted(self.now, meta);
                 }
                 Output::Send(msg) => panic!("a single replica sent {msg:?}"),
+                Output::Members(members) => assert_eq!(members.len(), 1, "{members:?}"),
                 Output::LoadEntries(need) => panic!("a single replica asked for {need:?}"),
                 Output::ReadReady { request, result } => {
                     self.reads.push((request, result));

@@ -209,7 +209,7 @@ pub struct LinkContext {
     pub leader: tokio::sync::watch::Receiver<crate::control::LeaderView>,
     /// Every replica's API address by id, for telling agents where the
     /// leader is.
-    pub replica_addrs: BTreeMap<u64, String>,
+    pub replica_addrs: crate::control::AddressBook,
 }
 
 impl LinkContext {
@@ -224,8 +224,8 @@ impl LinkContext {
                 "replica {} is not the leader: replica {l} is, at {}",
                 self.server_id,
                 self.replica_addrs
-                    .get(&l)
-                    .map_or("an unknown address", String::as_str)
+                    .get(l)
+                    .unwrap_or_else(|| "an unknown address".to_string())
             ),
             None => format!(
                 "replica {} is not the leader, and no leader is known yet",

@@ -144,23 +144,57 @@ pub enum BackupError {
     Failed(String),
 }
 
+/// The API addresses of the replicas, by id: those given at start, then
+/// what membership changes say. Shared by the driver (which updates it),
+/// the API and the agent endpoint (which name the leader's address).
+#[derive(Clone, Debug, Default)]
+pub struct AddressBook(
+    std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<ReplicaId, String>>>,
+);
+
+impl AddressBook {
+    pub fn new(addrs: std::collections::BTreeMap<ReplicaId, String>) -> AddressBook {
+        AddressBook(std::sync::Arc::new(std::sync::RwLock::new(addrs)))
+    }
+
+    pub fn get(&self, id: ReplicaId) -> Option<String> {
+        self.read().get(&id).cloned()
+    }
+
+    pub fn set(&self, id: ReplicaId, addr: String) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, addr);
+    }
+
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<ReplicaId, String>> {
+        // Plain data: a writer that panicked left a whole map behind.
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Driver-side facts the API shows but the replica does not know.
 #[derive(Clone, Debug)]
 pub struct ServerInfo {
     pub id: ReplicaId,
     pub advertise_addr: String,
     pub data_dir: PathBuf,
-    /// The other replicas' API addresses, by id (empty for one replica).
-    pub peers: std::collections::BTreeMap<ReplicaId, String>,
+    /// The replicas' API addresses, by id (empty for one replica).
+    pub peers: AddressBook,
 }
 
 impl ServerInfo {
     /// The API address of replica `id`, this one included.
-    pub fn addr_of(&self, id: ReplicaId) -> Option<&str> {
+    pub fn addr_of(&self, id: ReplicaId) -> Option<String> {
         if id == self.id {
-            Some(&self.advertise_addr)
+            Some(self.advertise_addr.clone())
         } else {
-            self.peers.get(&id).map(String::as_str)
+            self.peers.get(id)
         }
     }
 }

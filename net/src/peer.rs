@@ -166,7 +166,9 @@ pub fn check_batch(ctx: &PeerContext, body: &[u8]) -> Result<PeerBatch, PeerRefu
             to: batch.to,
         });
     }
-    if !ctx.peers.contains_key(&batch.from) {
+    // Any replica id of this cluster (checked above): a replica added by a
+    // membership change is not among the peers this one started with.
+    if batch.from == ctx.id || !rustci_core::raft::Voters::valid_id(batch.from) {
         return Err(PeerRefusal::UnknownSender(batch.from));
     }
     if let Some(m) = batch
@@ -223,29 +225,49 @@ struct Outgoing {
 
 /// The sending side: one queue and one task per peer.
 pub struct PeerTransport {
-    queues: BTreeMap<ReplicaId, mpsc::Sender<Outgoing>>,
+    ctx: PeerContext,
+    queues: BTreeMap<ReplicaId, (String, mpsc::Sender<Outgoing>)>,
 }
 
 impl PeerTransport {
     /// Starts a sender task per peer of `ctx` on the current runtime.
     pub fn start(ctx: &PeerContext) -> PeerTransport {
-        let mut queues = BTreeMap::new();
+        let mut transport = PeerTransport {
+            ctx: ctx.clone(),
+            queues: BTreeMap::new(),
+        };
         for (&peer, addr) in &ctx.peers {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-            let sender = PeerSender {
-                from: ctx.id,
-                to: peer,
-                addr: addr.clone(),
-                cluster_id: ctx.cluster_id.clone(),
-                api_token: ctx.api_token.clone(),
-                conn: None,
-                reachable: true,
-            };
-            let span = tracing::info_span!("peer", peer, addr = %addr);
-            tokio::spawn(sender.run(rx).instrument(span));
-            queues.insert(peer, tx);
+            transport.connect(peer, addr.clone());
         }
-        PeerTransport { queues }
+        transport
+    }
+
+    /// Sends to `peer` at `addr` from now on (a new replica, or one that
+    /// moved), in place of any sender it had.
+    pub fn connect(&mut self, peer: ReplicaId, addr: String) {
+        if peer == self.ctx.id || self.queues.get(&peer).is_some_and(|(a, _)| *a == addr) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        let sender = PeerSender {
+            from: self.ctx.id,
+            to: peer,
+            addr: addr.clone(),
+            cluster_id: self.ctx.cluster_id.clone(),
+            api_token: self.ctx.api_token.clone(),
+            conn: None,
+            reachable: true,
+        };
+        let span = tracing::info_span!("peer", peer, addr = %addr);
+        tokio::spawn(sender.run(rx).instrument(span));
+        // The old sender's task ends with its queue.
+        self.queues.insert(peer, (addr, tx));
+    }
+
+    /// Stops sending to every peer but `keep` (a replica removed from the
+    /// control plane).
+    pub fn retain(&mut self, keep: impl Fn(ReplicaId) -> bool) {
+        self.queues.retain(|&peer, _| keep(peer));
     }
 
     /// Queues `msg` for its addressee; `false` if dropped (unknown peer,
@@ -271,7 +293,7 @@ impl PeerTransport {
 
     fn enqueue(&self, out: Outgoing) -> bool {
         match self.queues.get(&out.msg.to) {
-            Some(q) => q.try_send(out).is_ok(),
+            Some((_, q)) => q.try_send(out).is_ok(),
             None => false,
         }
     }
@@ -517,9 +539,13 @@ mod tests {
             check_batch(&c, &encode_batch(&batch(2, 3))),
             Err(PeerRefusal::WrongReplica { .. })
         ));
+        // A replica added later is not among the peers this one started
+        // with, yet it is one of the cluster's; ids Raft cannot count and
+        // this replica's own are refused.
+        assert!(check_batch(&c, &encode_batch(&batch(4, 1))).is_ok());
         assert_eq!(
-            check_batch(&c, &encode_batch(&batch(4, 1))),
-            Err(PeerRefusal::UnknownSender(4))
+            check_batch(&c, &encode_batch(&batch(64, 1))),
+            Err(PeerRefusal::UnknownSender(64))
         );
         let mut b = batch(2, 1);
         b.messages[0].from = 3;

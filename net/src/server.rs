@@ -314,6 +314,12 @@ impl From<CommandError> for ApiError {
             CommandError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             CommandError::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
             CommandError::StorageFull => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
+            CommandError::Membership { retry: true, .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "membership_change_pending")
+            }
+            CommandError::Membership { retry: false, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_membership_change")
+            }
             _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, e.to_string())
@@ -439,7 +445,9 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
         authorize(config, &req)?;
     }
     let query = parse_query(req.uri().query());
-    if matches!(segments.as_slice(), ["v1", "jobs" | "nodes", ..]) && !cp.leader.borrow().leading {
+    let leaders = matches!(segments.as_slice(), ["v1", "jobs" | "nodes", ..])
+        || matches!(segments.as_slice(), ["v1", "cluster", "replicas", ..]);
+    if leaders && !cp.leader.borrow().leading {
         // Writes and reads of jobs and nodes are the leader's: its state
         // is the newest committed one, and job output is shipped to it.
         return crate::forward::to_leader(cp, req).await;
@@ -475,6 +483,17 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
             command(cp, Command::RemoveNode { name, reason }).await
         }
         (&Method::GET, ["v1", "cluster"]) => cluster(cp).await,
+        (&Method::POST, ["v1", "cluster", "replicas"]) => add_replica(cp, req).await,
+        (&Method::DELETE, ["v1", "cluster", "replicas", id]) => {
+            let id = id.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_request",
+                    format!("replica id {id:?} is not a whole number"),
+                )
+            })?;
+            let change = rustci_core::replica::MemberChange::Remove { id };
+            command(cp, Command::ChangeMembers(change)).await
+        }
         (&Method::GET, ["v1", "events"]) => events(cp, &query).await,
         (&Method::POST, ["v1", "backup"]) => backup(cp, req).await,
         (_, ["v1", "backup"]) => Err(ApiError::new(
@@ -485,7 +504,8 @@ async fn dispatch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incomin
         (_, ["healthz" | "readyz" | "metrics"])
         | (_, ["v1", "jobs", ..])
         | (_, ["v1", "nodes", ..])
-        | (_, ["v1", "cluster" | "events" | "raft"]) => Err(ApiError::new(
+        | (_, ["v1", "cluster" | "events" | "raft"])
+        | (_, ["v1", "cluster", "replicas", ..]) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{method} is not allowed on {path}"),
@@ -734,13 +754,44 @@ async fn submit_job(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
     };
     match cp.command(command).await?? {
         Reply::Job(job) => Ok(json(StatusCode::CREATED, &JobView::from_owned(job))),
-        Reply::Node(_) => unreachable!("a submit is answered with a job"),
+        Reply::Node(_) | Reply::Members(_) => unreachable!("a submit is answered with a job"),
     }
+}
+
+/// `POST /v1/cluster/replicas` `{"id": N, "addr": "host:port"}`: adds a
+/// replica to the control plane (after the dead one it replaces was
+/// removed with `DELETE /v1/cluster/replicas/{id}`).
+async fn add_replica(cp: &ControlPlane, req: Request<Incoming>) -> ApiResult {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Add {
+        id: u64,
+        addr: String,
+    }
+    let body = read_body(req).await?;
+    let add: Add = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("expected {{\"id\": N, \"addr\": \"host:port\"}}: {e}"),
+        )
+    })?;
+    let change = rustci_core::replica::MemberChange::Add {
+        id: add.id,
+        addr: add.addr,
+    };
+    command(cp, Command::ChangeMembers(change)).await
 }
 
 async fn command(cp: &ControlPlane, command: Command) -> ApiResult {
     Ok(match cp.command(command).await?? {
         Reply::Job(job) => json(StatusCode::OK, &JobView::from_owned(job)),
+        Reply::Members(members) => {
+            let replicas: Vec<serde_json::Value> = members
+                .into_iter()
+                .map(|(id, addr)| serde_json::json!({"id": id, "addr": addr}))
+                .collect();
+            json(StatusCode::OK, &serde_json::json!({ "replicas": replicas }))
+        }
         Reply::Node(node) => {
             // The reply carries the committed node; what it runs and when
             // it was last heard from are the replica's live view, as in
@@ -982,7 +1033,7 @@ async fn cluster(cp: &ControlPlane) -> ApiResult {
                 id: r.id(),
                 state: r.lifecycle().as_str().to_string(),
                 leader: r.leader(),
-                leader_addr: r.leader().and_then(|l| info.addr_of(l)).map(str::to_string),
+                leader_addr: r.leader().and_then(|l| info.addr_of(l)),
                 term: r.term(),
                 commit_index: r.commit_index(),
                 applied_index: r.applied_index(),

@@ -835,6 +835,8 @@ impl Checker {
             Event::AttemptStarted { job, .. } | Event::AttemptLost { job, .. } => {
                 touched.insert(*job);
             }
+            // The replicas, not the jobs or nodes the ledger follows.
+            Event::MembersChanged { .. } => {}
             Event::IdempotencyKeysExpired { before } => {
                 // An expired key may name a new job from now on.
                 let stamp = |id: &JobId| state.job(*id).map_or(0, |j| j.submitted_at);

@@ -1164,6 +1164,9 @@ impl World {
                         self.start_fsync(r);
                     }
                 }
+                // The simulated network routes by replica index: a change
+                // of members needs no new connection.
+                Output::Members(_) => {}
                 Output::Compact(snapshot) => {
                     self.stats.compactions += 1;
                     let disk = &mut self.hosts[r].disk;
