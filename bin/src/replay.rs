@@ -702,7 +702,7 @@ fn verify(store: &LogStore, json: bool) -> anyhow::Result<i32> {
         detail: match meta {
             None => format!("{entries} entries read, each frame's version and checksum"),
             Some(_) => format!(
-                "the snapshot's and {entries} entries read after it, each frame's version and checksum"
+                "the snapshot's checksums, and {entries} entries read after it, each frame's version and checksum"
             ),
         },
     }];
@@ -788,7 +788,7 @@ fn verify(store: &LogStore, json: bool) -> anyhow::Result<i32> {
             name: "snapshot digest",
             detail: match &check {
                 Ok(digest) => format!(
-                    "the snapshot at index {} decodes to a consistent state at that index and term {}, state_digest={digest:016x}",
+                    "the snapshot at index {} (term {}) decodes to a consistent state at its index and term, state_digest={digest:016x}",
                     m.index, m.term
                 ),
                 Err(_) => String::new(),

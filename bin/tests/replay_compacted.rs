@@ -206,7 +206,7 @@ fn a_compacted_log_replays_to_the_state_of_the_whole_log_it_came_from() {
         "ok    index continuity",
         "ok    terms and stamps",
         "ok    replayed state",
-        "ok    snapshot digest: the snapshot at index 120 decodes to a consistent state",
+        "ok    snapshot digest: the snapshot at index 120 (term 2) decodes to a consistent state at its index and term",
         "verified: the snapshot at index 120 and",
     ] {
         assert!(shown.contains(line), "{line}: {shown}");
@@ -340,7 +340,7 @@ fn a_compacted_log_replays_to_the_state_of_the_whole_log_it_came_from() {
     assert_eq!(report["state_digest"], full["state_digest"]);
     assert_eq!(
         check(&report, "checksums")["detail"],
-        "the snapshot's and 0 entries read after it, each frame's version and checksum"
+        "the snapshot's checksums, and 0 entries read after it, each frame's version and checksum"
     );
 }
 
