@@ -79,9 +79,26 @@ fn history() -> Vec<Entry> {
         .collect()
 }
 
+/// Opens the log for writing. The lock is an flock, which a process the
+/// tests spawn in parallel holds too between its fork and its exec: a
+/// moment's `Locked` is that, and passes.
+fn open_store(dir: &Path) -> LogStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match LogStore::open(dir) {
+            Err(rustci_storage::OpenError::Locked { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            opened => return opened.unwrap(),
+        }
+    }
+}
+
 /// A data dir holding `log`, its whole length committed.
 fn write_log(dir: &Path, log: &[Entry]) {
-    let mut store = LogStore::open(dir).unwrap();
+    let mut store = open_store(dir);
     store.append(log).unwrap();
     store
         .set_hard_state(&HardState {
@@ -105,7 +122,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Compacts the log in `dir` up to `index` behind `snapshot`.
 fn compact(dir: &Path, log: &[Entry], index: u64, snapshot: &[u8]) {
-    let mut store = LogStore::open(dir).unwrap();
+    let mut store = open_store(dir);
     store
         .compact_to(index, log[index as usize - 1].term, snapshot)
         .unwrap();
@@ -460,7 +477,7 @@ fn a_log_that_does_not_start_right_after_its_snapshot_fails_continuity() {
     compact(&data, &log, SNAPSHOT_AT, &snapshot_at(&log, SNAPSHOT_AT));
     // An entry the snapshot covers, back in the log before it.
     {
-        let mut store = LogStore::open(&data).unwrap();
+        let mut store = open_store(&data);
         let frame = rustci_storage::encode_entry(&log[118]);
         store.debug_overwrite_frame(119, &frame).unwrap();
     }
