@@ -500,14 +500,14 @@ pub enum ClusterCmd {
     /// Add a replica, ID=ADDR (the address its API listens on). Start it
     /// first with an empty data dir, `--id ID` and a `--peer` for every
     /// replica in the cluster.
-    AddReplica {
+    Add {
         #[arg(value_name = "ID=ADDR")]
         replica: String,
         #[command(flatten)]
         client: ClientOpts,
     },
     /// Remove a replica (a dead one, or one being retired).
-    RemoveReplica {
+    Remove {
         #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
         #[command(flatten)]
@@ -1499,7 +1499,7 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<Exit> {
         replicas: Vec<Replica>,
     }
     let (client, method, path, body) = match &cmd {
-        ClusterCmd::AddReplica { replica, client } => {
+        ClusterCmd::Add { replica, client } => {
             let (id, addr) = replica.split_once('=').ok_or_else(|| {
                 anyhow::anyhow!("{replica:?}: expected ID=ADDR, like 4=10.0.0.4:7878")
             })?;
@@ -1515,7 +1515,7 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<Exit> {
                 Some(body),
             )
         }
-        ClusterCmd::RemoveReplica { id, client } => (
+        ClusterCmd::Remove { id, client } => (
             client,
             Method::DELETE,
             format!("/v1/cluster/replicas/{id}"),

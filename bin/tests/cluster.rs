@@ -517,18 +517,30 @@ fn a_dead_replica_whose_disk_is_lost_is_replaced_by_a_new_one() {
     let new = 4;
     c.addrs.insert(new, format!("127.0.0.1:{}", free_port()));
     c.start_server(new);
-    let add = json!({"id": new, "addr": c.addrs[&new]}).to_string();
-    let (status, text) = http(&any, "POST", "/v1/cluster/replicas", Some(&add));
-    assert_eq!(status, 200, "{text}");
-    let now: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids: BTreeSet<u64> = now["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_u64().unwrap())
-        .collect();
+    // As an operator would: with the CLI, through any replica.
+    let out = run(
+        &[
+            "cluster",
+            "add",
+            &format!("{new}={}", c.addrs[&new]),
+            "--server",
+            &any,
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
     let want: BTreeSet<u64> = c.addrs.keys().copied().collect();
-    assert_eq!(ids, want, "{now}");
+    for id in &want {
+        assert!(
+            text.contains(&format!("  {id} {}", c.addrs[id])),
+            "{id} missing: {text}"
+        );
+    }
+    // Adding it again changes nothing.
+    let add = json!({"id": new, "addr": c.addrs[&new]}).to_string();
+    let (status, again) = http(&any, "POST", "/v1/cluster/replicas", Some(&add));
+    assert_eq!(status, 200, "{again}");
     // It catches up (by the leader's snapshot: the log was compacted).
     let agreed = c.wait_agreement();
     assert!(agreed["applied_index"].as_u64().unwrap() > 50, "{agreed}");

@@ -2,8 +2,8 @@
 //! entries of the replicated log are committed.
 //!
 //! It does no IO, reads no clock and draws randomness only from a generator
-//! seeded by [`Config::seed`], so a simulator seed replays exactly. It is
-//! not yet wired under [`crate::replica`]; issue 10 does that next.
+//! seeded by [`Config::seed`], so a simulator seed replays exactly.
+//! [`crate::replica`] runs on it.
 //!
 //! What it implements (references are to the Raft paper, "In Search of an
 //! Understandable Consensus Algorithm", and Ongaro's thesis):
