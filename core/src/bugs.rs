@@ -73,10 +73,13 @@ pub enum Bug {
     VoteWithoutPersist,
     /// Raft: the leader commits what its own disk holds, quorum or not.
     AckWithoutQuorum,
+    /// Raft: the leader commits the highest index a quorum holds even when
+    /// that entry is of an earlier term (the paper's Figure 8, §5.4.2).
+    CommitEarlierTermByCount,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 25] = [
+    pub const ALL: [Bug; 26] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -102,6 +105,7 @@ impl Bug {
         Bug::BackfillIgnoresReservation,
         Bug::VoteWithoutPersist,
         Bug::AckWithoutQuorum,
+        Bug::CommitEarlierTermByCount,
     ];
 }
 

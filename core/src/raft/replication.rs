@@ -340,7 +340,9 @@ impl<T: Payload> Raft<T> {
     /// Advances the commit index to the highest index a quorum of the
     /// voters in effect holds (this node counts only if it is one), if that
     /// entry is of the current term (§5.4.2: counting replicas never
-    /// commits an older term's entry by itself).
+    /// commits an older term's entry by itself; the planted
+    /// `CommitEarlierTermByCount` does, as soon as a quorum holds it, which
+    /// is Figure 8's unsafe commit).
     pub(super) fn maybe_commit(&mut self) -> bool {
         let mut matched: Vec<LogIndex> = self
             .progress
@@ -354,7 +356,10 @@ impl<T: Payload> Raft<T> {
         } else {
             matched[self.voters().quorum() - 1]
         };
-        if quorum_index > self.log.committed && self.log.term(quorum_index) == Some(self.term) {
+        let of_this_term = self.log.term(quorum_index) == Some(self.term);
+        if quorum_index > self.log.committed
+            && (of_this_term || planted!(self.config.bugs, CommitEarlierTermByCount))
+        {
             self.log.committed = quorum_index;
             return true;
         }
