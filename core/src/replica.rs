@@ -91,6 +91,10 @@ pub struct Config {
     /// bound longer ago than this creates a new job. The leader records the
     /// expiry in the log (`IdempotencyKeysExpired`).
     pub idempotency_window_ms: u64,
+    /// Raft's bound on the entries one append carries (production keeps
+    /// [`raft::APPEND_ENTRIES_MAX_DEFAULT`]; the simulator draws small ones
+    /// per seed so a follower catching up sees a leader's log in pieces).
+    pub append_entries_max: usize,
     /// Applied entries after which the replica snapshots its state and the
     /// log before it is compacted ([`Output::Compact`]); 0 never compacts.
     pub snapshot_entries: u64,
@@ -134,6 +138,7 @@ impl Config {
         c.election_timeout_ms = self.election_timeout_ms;
         c.heartbeat_interval_ms = self.heartbeat_interval_ms;
         c.uncommitted_entries_max = self.proposals_inflight_max as u64;
+        c.append_entries_max = self.append_entries_max;
         if self.voters.len() == 1 {
             // Raft keeps applied entries in memory for followers that lag;
             // a single replica has none to serve.
@@ -334,6 +339,7 @@ impl Config {
             lease: LeaseConfig::default(),
             idempotency_window_ms: IDEMPOTENCY_WINDOW_MS_DEFAULT,
             snapshot_entries: SNAPSHOT_ENTRIES_DEFAULT,
+            append_entries_max: raft::APPEND_ENTRIES_MAX_DEFAULT,
             bugs: crate::bugs::BugSet::default(),
         }
     }
@@ -814,6 +820,11 @@ impl Replica {
     }
 
     /// Agent heartbeats received since this replica started.
+    /// The term of the entry at `index` in this replica's log (`None` past
+    /// its end or before its snapshot).
+    pub fn term_at(&self, index: LogIndex) -> Option<Term> {
+        self.raft.term_at(index)
+    }
     /// The latest snapshot the log was compacted behind (`0, 0` if none).
     pub fn snapshot(&self) -> raft::SnapshotMeta {
         self.raft.snapshot()

@@ -58,6 +58,10 @@ pub mod inv {
     /// Every replica applies the same entry at each index, and only
     /// entries durable on its own disk (Raft's state machine safety).
     pub const STATE_MACHINE_SAFETY: &str = "state_machine_safety";
+    /// A leader moves its commit index only onto an entry of its own term
+    /// (Raft §5.4.2): counting replicas never commits an older term's entry
+    /// by itself, which is what makes Figure 8's overwrite impossible.
+    pub const COMMIT_CURRENT_TERM: &str = "commit_only_current_term";
     pub const RESERVATION: &str = "reservation_respected";
     pub const STARVATION: &str = "no_starvation";
 }

@@ -376,6 +376,8 @@ struct ReplicaHost {
     last_replay_check_ms: u64,
     /// The replica's `snapshots_installed` last seen.
     installs_seen: u64,
+    /// The replica's commit index after the last input it took.
+    commit_seen: u64,
 }
 
 /// One request of a client's operation (a burst has many).
@@ -482,6 +484,8 @@ pub struct World {
     heal_at: u64,
     /// Entries between two snapshots ([`Config::snapshot_entries`]).
     pub snapshot_entries: u64,
+    /// Entries per Raft append ([`Config::append_entries_max`]).
+    pub append_entries_max: usize,
     pub failure: Option<Violation>,
     pub stats: Stats,
 }
@@ -504,6 +508,7 @@ impl World {
                 restart_pending: false,
                 last_replay_check_ms: 0,
                 installs_seen: 0,
+                commit_seen: 0,
             })
             .collect();
         let mut agents = Vec::new();
@@ -584,6 +589,18 @@ impl World {
             submitted: 0,
             acked_jobs: Vec::new(),
             heal_at: opts.fault_phase_ms,
+            append_entries_max: {
+                // Half the cluster seeds send appends of a few entries, so
+                // a follower catching up gets a new leader's log in pieces
+                // (what Figure 8's unsafe commit needs). A stream of its own
+                // keeps every other draw of the seed as it was.
+                let mut rng = SimRng::new(opts.seed ^ 0xa99e_4d5e_0000_0002);
+                if opts.replicas > 1 && rng.chance(Bp(5_000)) {
+                    rng.range(4, 16) as usize
+                } else {
+                    rustci_core::raft::APPEND_ENTRIES_MAX_DEFAULT
+                }
+            },
             snapshot_entries: opts.snapshot_entries.unwrap_or_else(|| {
                 // From a stream of its own, so that seeds found before
                 // compaction existed draw the same plan as then.
@@ -827,6 +844,7 @@ impl World {
         config.pass_bounds = self.plan.pass_bounds();
         config.lease = self.lease_config();
         config.snapshot_entries = self.snapshot_entries;
+        config.append_entries_max = self.append_entries_max;
         if let Some(bug) = self.opts.planted_bug {
             config.bugs = rustci_core::bugs::BugSet::only(bug.0);
         }
@@ -844,6 +862,7 @@ impl World {
         host.replica = Some(replica);
         host.restart_pending = false;
         host.installs_seen = 0;
+        host.commit_seen = 0;
         let tick = host.clock.true_ms(TICK_MS);
         let inc = host.inc;
         self.push_in(tick, Ev::Tick { replica: r, inc });
@@ -1020,6 +1039,22 @@ impl World {
             from = from.max(meta.index);
         }
         let replica = self.hosts[r].replica.as_ref().expect("up");
+        let commit = replica.commit_index();
+        if replica.role() == Role::Leader && commit > self.hosts[r].commit_seen {
+            let term = replica.term();
+            if replica.term_at(commit) != Some(term) {
+                return Err(Violation {
+                    invariant: inv::COMMIT_CURRENT_TERM,
+                    detail: format!(
+                        "leader {} of term {term} moved its commit index from {} to {commit}, an entry of term {:?}",
+                        r + 1,
+                        self.hosts[r].commit_seen,
+                        replica.term_at(commit)
+                    ),
+                });
+            }
+        }
+        self.hosts[r].commit_seen = commit;
         let disk = &self.hosts[r].disk;
         // A restart replays from the stored snapshot (what it holds was
         // judged as it was made or installed).
@@ -1062,6 +1097,7 @@ impl World {
                 }
             }
         }
+        let replica = self.hosts[r].replica.as_ref().expect("up");
         if replica.role() == Role::Leader {
             let term = replica.term();
             if let Some(&other) = self.leaders.get(&term) {
