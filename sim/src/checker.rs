@@ -58,6 +58,10 @@ pub mod inv {
     /// Every replica applies the same entry at each index, and only
     /// entries durable on its own disk (Raft's state machine safety).
     pub const STATE_MACHINE_SAFETY: &str = "state_machine_safety";
+    /// An operator's membership change is answered with the replicas it
+    /// asked for, and at the end every live replica counts exactly the
+    /// committed membership (a replaced replica is out of it).
+    pub const MEMBERSHIP: &str = "membership_in_effect";
     pub const RESERVATION: &str = "reservation_respected";
     pub const STARVATION: &str = "no_starvation";
 }
