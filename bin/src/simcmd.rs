@@ -46,6 +46,11 @@ pub struct SimArgs {
     /// compact, the rest every 8 to 400 entries).
     #[arg(long)]
     pub snapshot_entries: Option<u64>,
+    /// With 3 or 5 replicas: whether an operator replaces a replica in the
+    /// fault phase (crashes it, loses its disk, removes it, adds a new one:
+    /// `true` or `false`); by default each seed draws it (40% do).
+    #[arg(long)]
+    pub replace_replica: Option<bool>,
     /// Least simulated time between replay-equality checks (ms).
     #[arg(long = "replay-check-ms")]
     pub replay_check_ms: Option<u64>,
@@ -79,6 +84,7 @@ impl SimArgs {
             o.jobs_max = v;
         }
         o.snapshot_entries = self.snapshot_entries;
+        o.replace_replica = self.replace_replica;
         if let Some(v) = self.drift_fault_ppm {
             anyhow::ensure!(v < 1_000_000, "--drift-fault-ppm must be below 1000000");
             o.drift_fault_ppm = v;

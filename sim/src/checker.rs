@@ -62,6 +62,10 @@ pub mod inv {
     /// (Raft §5.4.2): counting replicas never commits an older term's entry
     /// by itself, which is what makes Figure 8's overwrite impossible.
     pub const COMMIT_CURRENT_TERM: &str = "commit_only_current_term";
+    /// An operator's membership change is answered with the replicas it
+    /// asked for, and at the end every live replica counts exactly the
+    /// committed membership (a replaced replica is out of it).
+    pub const MEMBERSHIP: &str = "membership_in_effect";
     pub const RESERVATION: &str = "reservation_respected";
     pub const STARVATION: &str = "no_starvation";
 }

@@ -164,6 +164,10 @@ pub struct SimOptions {
     /// Entries between two snapshots of a replica's state (0: the log is
     /// never compacted); `None` draws it from the seed.
     pub snapshot_entries: Option<u64>,
+    /// Whether an operator replaces a replica (crashed, its disk lost) in
+    /// the fault phase of a cluster run; `None` draws it from the seed
+    /// (40% of multi-replica seeds).
+    pub replace_replica: Option<bool>,
     /// Events kept for a failure's trace tail (0: none, fastest).
     pub trace_tail: usize,
 }
@@ -192,6 +196,7 @@ impl SimOptions {
             replay_check_interval_ms: REPLAY_CHECK_INTERVAL_MS_DEFAULT,
             planted_bug: None,
             snapshot_entries: None,
+            replace_replica: None,
             trace_tail: 0,
         }
     }
@@ -220,6 +225,9 @@ impl SimOptions {
         }
         if let Some(n) = self.snapshot_entries {
             s += &format!(" --snapshot-entries {n}");
+        }
+        if let Some(b) = self.replace_replica {
+            s += &format!(" --replace-replica {b}");
         }
         if self.replay_check_interval_ms != d.replay_check_interval_ms {
             s += &format!(" --replay-check-ms {}", self.replay_check_interval_ms);
@@ -360,6 +368,8 @@ pub struct Summary {
     pub failures: Vec<(u64, &'static str, String)>,
     pub simulated_ms: u64,
     pub steps: u64,
+    /// Seeds in which an operator replaced a replica ([`Stats::replacements`]).
+    pub replacements: u64,
     /// Wall time of the sweep as the caller measured it.
     pub wall_secs: f64,
 }
@@ -389,6 +399,9 @@ impl fmt::Display for Summary {
             self.speed(),
             if self.wall_secs > 0.0 { self.seeds as f64 / self.wall_secs } else { 0.0 },
         )?;
+        if self.replacements > 0 {
+            writeln!(f, "replicas_replaced_in={} seeds", self.replacements)?;
+        }
         for (seed, invariant, repro) in &self.failures {
             writeln!(f, "FAIL seed={seed} invariant={invariant} repro: {repro}")?;
         }
@@ -415,6 +428,7 @@ pub fn run_seeds(
         summary.seeds += 1;
         summary.simulated_ms += report.simulated_ms;
         summary.steps += report.steps;
+        summary.replacements += u64::from(report.stats.replacements > 0);
         match &report.failure {
             None => summary.passed += 1,
             Some(f) => summary.failures.push((seed, f.invariant, f.repro.clone())),

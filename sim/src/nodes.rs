@@ -176,9 +176,10 @@ impl World {
             agent.handle_tick(now);
         }
         let replicas = self.replica_count();
+        let next = self.next_replica(self.nodes[i].server);
         let node = &mut self.nodes[i];
         if replicas > 1 && self.now.saturating_sub(node.server_heard) >= SERVER_SILENT_MS {
-            node.server = (node.server + 1) % replicas;
+            node.server = next;
             node.server_heard = self.now;
         }
         let next = self.nodes[i].clock.true_ms(AGENT_TICK_MS);

@@ -15,14 +15,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
-use rustci_core::event::Entry;
-use rustci_core::event::LogIndex;
+use rustci_core::event::{Entry, Event, LogIndex, ReplicaId};
 use rustci_core::model::{AttemptNumber, Job, JobId, JobSpec, Labels, Resources};
 use rustci_core::protocol::{AgentMsg, LeaseConfig, ReportKind, ServerMsg};
 use rustci_core::raft::{Body as PeerBody, HardState, Role, SnapshotMeta, Term};
 use rustci_core::replica::{
-    Command, CommandError, Config, Output, PeerMessage, PersistUnit, Recovery, Replica, Reply,
-    RequestId, Snapshot, TICK_MS,
+    Command, CommandError, Config, MemberChange, Output, PeerMessage, PersistUnit, Recovery,
+    Replica, Reply, RequestId, Snapshot, TICK_MS,
 };
 use rustci_core::state::{Fnv64, State};
 
@@ -47,6 +46,11 @@ const PAUSE_MS_MAX: u64 = 5_000;
 const PARTITION_MS_MAX: u64 = 10_000;
 /// Largest clock jump, either way (ms).
 const CLOCK_JUMP_MS_MAX: u64 = 60_000;
+/// How long the operator waits for an answer to a membership change before
+/// it asks the next replica.
+const OPERATOR_TIMEOUT_MS: u64 = 2_000;
+/// Share of cluster seeds in which an operator replaces a replica.
+const REPLACE_SHARE: Bp = Bp(4_000);
 
 /// A network endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -54,6 +58,8 @@ pub enum Ep {
     Replica(usize),
     Node(usize),
     Client(usize),
+    /// The operator who replaces a dead replica.
+    Operator,
 }
 
 #[derive(Clone, Debug)]
@@ -138,6 +144,14 @@ pub enum Ev {
     },
     Heal,
     Converge,
+    /// A replica dies with its disk, for good: the operator replaces it.
+    Replace,
+    /// The operator's wait for an answer ended (`next`: it timed out, try
+    /// the next replica), or its back-off did.
+    OperatorWake {
+        gen: u64,
+        next: bool,
+    },
 }
 
 impl Ev {
@@ -160,6 +174,7 @@ impl Ev {
             Ep::Replica(r) => 900 + *r as u64,
             Ep::Node(i) => 1 + *i as u64,
             Ep::Client(i) => 1000 + *i as u64,
+            Ep::Operator => 2000,
         };
         match self {
             Ev::Deliver(m) => {
@@ -201,6 +216,8 @@ impl Ev {
             Ev::Converge => (11, 0, 0),
             Ev::ProcGone { node, job, .. } => (12, *node as u64, job.0),
             Ev::Supervise { node, gen } => (13, *node as u64, *gen),
+            Ev::Replace => (14, 0, 0),
+            Ev::OperatorWake { gen, next } => (15, *gen, u64::from(*next)),
         }
     }
 }
@@ -378,6 +395,63 @@ struct ReplicaHost {
     installs_seen: u64,
     /// The replica's commit index after the last input it took.
     commit_seen: u64,
+    /// The replicas it was started with ([`Config::voters`]) and their
+    /// addresses ([`Config::addrs`]).
+    voters: BTreeSet<ReplicaId>,
+    addrs: BTreeMap<ReplicaId, String>,
+    /// Dead with its disk, for good (replaced): it never restarts, and
+    /// nothing picks it any more.
+    gone: bool,
+}
+
+impl ReplicaHost {
+    fn new(clock: Clock, addrs: BTreeMap<ReplicaId, String>) -> ReplicaHost {
+        ReplicaHost {
+            replica: None,
+            inc: 0,
+            clock,
+            paused_until: 0,
+            disk: Disk::default(),
+            restart_pending: false,
+            last_replay_check_ms: 0,
+            installs_seen: 0,
+            commit_seen: 0,
+            voters: addrs.keys().copied().collect(),
+            addrs,
+            gone: false,
+        }
+    }
+}
+
+/// The address of replica `id` in the simulated network (which routes by
+/// index: `Ep::Replica(id - 1)`).
+fn replica_addr(id: ReplicaId) -> String {
+    format!("r{id}")
+}
+
+/// An operator replacing a dead replica, the way the docs tell one to:
+/// the replica crashes and its disk is lost for good; the operator removes
+/// it (asking any live replica, following `NotLeader`, retrying until
+/// answered), starts a new replica with the next unused id and an empty
+/// disk, and adds it.
+struct Replacement {
+    /// When the replica dies (true ms, inside the fault phase).
+    at: u64,
+    /// The leader dies (else `pick` chooses among the live replicas).
+    leader: bool,
+    pick: u64,
+    /// The change being asked for (`None`: not yet, or done).
+    change: Option<MemberChange>,
+    done: bool,
+    /// The replica the operator asks.
+    target: usize,
+    /// Invalidates stale wake-ups.
+    gen: u64,
+    /// Requests sent for the current change (a late answer to any counts).
+    reqs: BTreeSet<RequestId>,
+    /// The host that died, and the one that replaced it.
+    removed: Option<usize>,
+    added: Option<usize>,
 }
 
 /// One request of a client's operation (a burst has many).
@@ -417,6 +491,7 @@ struct Client {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
     Client(usize),
+    Operator,
     Internal,
 }
 
@@ -447,6 +522,8 @@ pub struct Stats {
     /// followers behind them.
     pub compactions: u64,
     pub snapshots_sent: u64,
+    /// Replicas replaced by the operator (removed, and a new one added).
+    pub replacements: u64,
 }
 
 pub struct World {
@@ -486,6 +563,8 @@ pub struct World {
     pub snapshot_entries: u64,
     /// Entries per Raft append ([`Config::append_entries_max`]).
     pub append_entries_max: usize,
+    /// The operator's replacement of a replica, in the seeds that have one.
+    replacement: Option<Replacement>,
     pub failure: Option<Violation>,
     pub stats: Stats,
 }
@@ -498,18 +577,11 @@ impl World {
             matches!(opts.replicas, 1 | 3 | 5),
             "a cluster has 1, 3 or 5 replicas"
         );
+        let addrs: BTreeMap<ReplicaId, String> = (1..=opts.replicas as ReplicaId)
+            .map(|id| (id, replica_addr(id)))
+            .collect();
         let hosts = (0..opts.replicas)
-            .map(|_| ReplicaHost {
-                replica: None,
-                inc: 0,
-                clock: Clock::draw(&mut rng, opts.drift_ppm_max),
-                paused_until: 0,
-                disk: Disk::default(),
-                restart_pending: false,
-                last_replay_check_ms: 0,
-                installs_seen: 0,
-                commit_seen: 0,
-            })
+            .map(|_| ReplicaHost::new(Clock::draw(&mut rng, opts.drift_ppm_max), addrs.clone()))
             .collect();
         let mut agents = Vec::new();
         for i in 0..plan.nodes {
@@ -611,6 +683,29 @@ impl World {
                     rng.range(8, 400)
                 }
             }),
+            replacement: {
+                // From a stream of its own too: seeds that replace no
+                // replica run as they did before replacements existed.
+                let mut rng = SimRng::new(opts.seed ^ 0x7e91_ace0_dead_0002);
+                let drawn = rng.chance(REPLACE_SHARE);
+                let at = rng.range(opts.fault_phase_ms / 10, opts.fault_phase_ms * 7 / 10);
+                let leader = rng.chance(Bp(3_333));
+                let pick = rng.next_u64();
+                (opts.replicas > 1 && opts.replace_replica.unwrap_or(drawn)).then_some(
+                    Replacement {
+                        at,
+                        leader,
+                        pick,
+                        change: None,
+                        done: false,
+                        target: 0,
+                        gen: 0,
+                        reqs: BTreeSet::new(),
+                        removed: None,
+                        added: None,
+                    },
+                )
+            },
             failure: None,
             stats: Stats::default(),
         };
@@ -640,6 +735,9 @@ impl World {
             self.push_in(start + gap, Ev::ClientWake { client: c, gen: 0 });
         }
         self.schedule_fault();
+        if let Some(at) = self.replacement.as_ref().map(|r| r.at) {
+            self.push_at(at, Ev::Replace);
+        }
         self.push_at(self.heal_at, Ev::Heal);
     }
 
@@ -719,7 +817,7 @@ impl World {
         match ep {
             Ep::Replica(r) => self.hosts[r].paused_until,
             Ep::Node(i) => self.nodes[i].paused_until,
-            Ep::Client(_) => 0,
+            Ep::Client(_) | Ep::Operator => 0,
         }
     }
 
@@ -755,6 +853,8 @@ impl World {
             }
             Ev::Heal => self.heal(),
             Ev::Converge => self.converge(),
+            Ev::Replace => self.replace_start(),
+            Ev::OperatorWake { gen, next } => self.operator_wake(gen, next),
         }
     }
 
@@ -809,6 +909,7 @@ impl World {
                 self.agent_receive(i, body)
             }
             Ep::Client(c) => self.client_receive(c, msg.body),
+            Ep::Operator => self.operator_receive(msg.body),
         }
     }
 
@@ -833,7 +934,8 @@ impl World {
     fn config(&self, r: usize) -> Config {
         let id = r as u64 + 1;
         let mut config = Config::new(id);
-        config.voters = (1..=self.hosts.len() as u64).collect();
+        config.voters = self.hosts[r].voters.clone();
+        config.addrs = self.hosts[r].addrs.clone();
         // Each replica draws its election timeouts from its own stream.
         config.seed = self.opts.seed.wrapping_mul(31).wrapping_add(id);
         // Raft wants a round trip well inside an election timeout.
@@ -869,7 +971,7 @@ impl World {
     }
 
     fn replica_restart(&mut self, r: usize) -> Check {
-        if self.hosts[r].replica.is_some() {
+        if self.hosts[r].replica.is_some() || self.hosts[r].gone {
             return Ok(());
         }
         if self.phase == Phase::Faults && self.rng.chance(self.plan.read_error) {
@@ -884,8 +986,27 @@ impl World {
         self.drain_outputs(r)
     }
 
+    /// The replicas in the cluster: every host but those replaced.
     pub(crate) fn replica_count(&self) -> usize {
-        self.hosts.len()
+        self.hosts.iter().filter(|h| !h.gone).count()
+    }
+
+    /// The indexes of the replicas in the cluster (all of them unless one
+    /// was replaced).
+    fn live_hosts(&self) -> Vec<usize> {
+        (0..self.hosts.len())
+            .filter(|&r| !self.hosts[r].gone)
+            .collect()
+    }
+
+    /// The replica after `r` in a client's or an agent's list (replaced
+    /// ones are off it).
+    pub(crate) fn next_replica(&self, r: usize) -> usize {
+        let n = self.hosts.len();
+        (1..=n)
+            .map(|k| (r + k) % n)
+            .find(|&o| !self.hosts[o].gone)
+            .unwrap_or(r)
     }
 
     /// The replica the ledger follows.
@@ -928,22 +1049,32 @@ impl World {
             // Its connection is refused: an agent or a client dials the
             // next replica on its list.
             // (Unless it moved on already: a late message says nothing.)
-            let next = (r + 1) % self.hosts.len();
+            let next = self.next_replica(r);
             match from {
                 Ep::Node(i) if self.nodes[i].server == r => self.nodes[i].server = next,
                 Ep::Client(c) if self.clients[c].target == r => self.clients[c].target = next,
+                Ep::Operator => {
+                    if let Some(op) = self.replacement.as_mut().filter(|op| op.target == r) {
+                        op.target = next;
+                    }
+                }
                 _ => {}
             }
             return Ok(());
         };
         let applied = replica.applied_index();
         let pre = self.pre_apply(r);
-        let n = self.hosts.len();
+        let n = self.replica_count();
+        let next = self.next_replica(r);
         let replica = self.hosts[r].replica.as_mut().expect("up");
         match body {
             Body::Request { req, cmd } => {
-                let Ep::Client(c) = from else { return Ok(()) };
-                self.routes.insert(req, (r, Route::Client(c)));
+                let route = match from {
+                    Ep::Client(c) => Route::Client(c),
+                    Ep::Operator => Route::Operator,
+                    _ => return Ok(()),
+                };
+                self.routes.insert(req, (r, route));
                 replica.propose(now, req, cmd);
             }
             Body::FromAgent(msg) => {
@@ -966,7 +1097,6 @@ impl World {
                             // replica at once, around the list once at most
                             // until some replica answers.
                             None => {
-                                let next = (r + 1) % n;
                                 self.nodes[i].server = next;
                                 if self.nodes[i].hops < n {
                                     self.nodes[i].hops += 1;
@@ -1248,6 +1378,15 @@ impl World {
                     Some((_, Route::Client(c))) => self.send(
                         Ep::Replica(r),
                         Ep::Client(c),
+                        0,
+                        Body::Response {
+                            req: request,
+                            result,
+                        },
+                    ),
+                    Some((_, Route::Operator)) => self.send(
+                        Ep::Replica(r),
+                        Ep::Operator,
                         0,
                         Body::Response {
                             req: request,
@@ -1576,11 +1715,11 @@ impl World {
                 if let CommandError::NotLeader { leader }
                 | CommandError::LeadershipLost { leader } = e
                 {
-                    let n = self.hosts.len();
+                    let next = self.next_replica(self.clients[c].target);
                     let client = &mut self.clients[c];
                     client.target = match leader {
                         Some(l) => l as usize - 1,
-                        None => (client.target + 1) % n,
+                        None => next,
                     };
                 }
                 // Not ready / overloaded: back off, then retry (or give up).
@@ -1636,7 +1775,8 @@ impl World {
         let roll = self.rng.below(weights.iter().sum());
         let nodes = self.nodes.len() as u64;
         let node = self.rng.below(nodes) as usize;
-        let replica = self.rng.below(self.hosts.len() as u64) as usize;
+        let live = self.live_hosts();
+        let replica = live[self.rng.below(live.len() as u64) as usize];
         let mut kind = weights.len() - 1;
         let mut acc = 0;
         for (k, w) in weights.iter().enumerate() {
@@ -1651,7 +1791,7 @@ impl World {
             // In a cluster, now and then the power fails under all of
             // them at once: only what a quorum made durable may count.
             1 if self.hosts.len() > 1 && self.rng.chance(Bp(2_000)) => {
-                for r in 0..self.hosts.len() {
+                for r in live {
                     self.crash_replica(r);
                 }
             }
@@ -1700,15 +1840,16 @@ impl World {
     fn partition(&mut self, node: usize, replica: usize, p: &FaultPlan) {
         self.stats.partitions += 1;
         let n = self.hosts.len();
+        let live = self.live_hosts();
         let pairs: Vec<(Ep, Ep)> = if n > 1 && self.rng.chance(Bp(4_000)) {
             // Half of these cut off the replica the ledger follows.
             let cut = match self.ledger {
                 Some(l) if self.rng.chance(Bp(5_000)) => l,
                 _ => replica,
             };
-            (0..n)
-                .filter(|&o| o != cut)
-                .map(|o| (Ep::Replica(cut), Ep::Replica(o)))
+            live.iter()
+                .filter(|&&o| o != cut)
+                .map(|&o| (Ep::Replica(cut), Ep::Replica(o)))
                 .collect()
         } else {
             // Mostly a node's link; sometimes a client's.
@@ -1718,7 +1859,7 @@ impl World {
             } else {
                 Ep::Client(self.rng.below(self.clients.len() as u64) as usize)
             };
-            (0..n).map(|r| (Ep::Replica(r), other)).collect()
+            live.iter().map(|&r| (Ep::Replica(r), other)).collect()
         };
         let one_way = self.rng.chance(p.partition_one_way);
         let outward = self.rng.chance(Bp(5_000));
@@ -1748,7 +1889,7 @@ impl World {
         for a in &mut self.nodes {
             a.paused_until = a.paused_until.min(self.now);
         }
-        for r in 0..self.hosts.len() {
+        for r in self.live_hosts() {
             if self.hosts[r].replica.is_none() && !self.hosts[r].restart_pending {
                 self.push_in(0, Ev::ReplicaRestart { replica: r });
             }
@@ -1763,7 +1904,7 @@ impl World {
         let Some(leader) = self.leader() else {
             return false;
         };
-        self.hosts.iter().all(|h| {
+        self.hosts.iter().filter(|h| !h.gone).all(|h| {
             h.replica.as_ref().is_some_and(|r| {
                 r.applied_index() == leader.last_index()
                     && r.last_index() == leader.last_index()
@@ -1778,6 +1919,7 @@ impl World {
         };
         replica.is_ready()
             && self.clients.iter().all(|c| c.op.is_empty())
+            && self.replacement.as_ref().is_none_or(|op| op.done)
             && self.nodes_settled(replica.state())
             && self.replicas_settled()
             && replica.state().jobs.values().all(|j| {
@@ -1801,12 +1943,13 @@ impl World {
             return Err(Violation {
                 invariant: inv::LIVE_JOBS,
                 detail: format!(
-                    "not converged {} ms after healing (leader: {:?}, clients idle: {}, nodes registered and idle: {}, replicas caught up: {})",
+                    "not converged {} ms after healing (leader: {:?}, clients idle: {}, nodes registered and idle: {}, replicas caught up: {}, replacement done: {})",
                     self.opts.liveness_ms_max,
                     self.ledger.map(|r| r + 1),
                     self.clients.iter().all(|c| c.op.is_empty()),
                     self.leader().is_some_and(|r| self.nodes_settled(r.state())),
                     self.replicas_settled(),
+                    self.replacement.as_ref().is_none_or(|op| op.done),
                 ),
             });
         }
@@ -1852,7 +1995,7 @@ impl World {
         let results = self.live_agent_results();
         Checker::live_results(state, &results)?;
         // Every replica holds the same state.
-        for (r, h) in self.hosts.iter().enumerate() {
+        for (r, h) in self.hosts.iter().enumerate().filter(|(_, h)| !h.gone) {
             let other = h.replica.as_ref().expect("all up").state();
             if other.digest() != state.digest() {
                 return Err(Violation {
@@ -1875,10 +2018,237 @@ impl World {
         self.stats.jobs = jobs;
         self.stats.jobs_terminal = terminal;
         self.check_replay_if_quiescent(leader, true)?;
-        for r in 0..self.hosts.len() {
+        for r in self.live_hosts() {
             self.check_replay_if_quiescent(r, true)?;
         }
+        if self.replacement.as_ref().is_none_or(|op| op.done) {
+            self.check_membership()?;
+        }
         Ok(())
+    }
+
+    /// At the end: the committed log's last membership (the replicas it
+    /// started with if none) is exactly the replicas running, the replaced
+    /// one is out of it, and every live replica counts exactly those
+    /// voters and reports them as its committed members.
+    fn check_membership(&self) -> Check {
+        let committed: BTreeSet<ReplicaId> = self
+            .committed
+            .iter()
+            .rev()
+            .find_map(|e| match &e.event {
+                Event::MembersChanged { members } => Some(members.keys().copied().collect()),
+                _ => None,
+            })
+            .unwrap_or_else(|| (1..=self.opts.replicas as ReplicaId).collect());
+        let fail = |detail: String| {
+            Err(Violation {
+                invariant: inv::MEMBERSHIP,
+                detail,
+            })
+        };
+        let live: BTreeSet<ReplicaId> = self
+            .live_hosts()
+            .into_iter()
+            .map(|r| r as ReplicaId + 1)
+            .collect();
+        if committed != live {
+            return fail(format!(
+                "the committed membership is {committed:?}, the replicas running are {live:?}"
+            ));
+        }
+        if let Some(removed) = self.replacement.as_ref().and_then(|op| op.removed) {
+            if committed.contains(&(removed as ReplicaId + 1)) {
+                return fail(format!(
+                    "replica {} was removed, yet the committed membership {committed:?} holds it",
+                    removed + 1
+                ));
+            }
+        }
+        for r in self.live_hosts() {
+            let replica = self.hosts[r].replica.as_ref().expect("all up");
+            let voters = replica.voters();
+            let members: BTreeSet<ReplicaId> = replica.members().keys().copied().collect();
+            if voters != committed || members != committed {
+                return fail(format!(
+                    "replica {} counts voters {voters:?} and members {members:?}, the committed membership is {committed:?}",
+                    r + 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    // --- the operator's replacement of a replica ---
+
+    /// A replica dies with its disk, for good (the leader, in some seeds);
+    /// the operator asks a live replica to remove it.
+    fn replace_start(&mut self) -> Check {
+        let Some(op) = self.replacement.as_ref() else {
+            return Ok(());
+        };
+        let live = self.live_hosts();
+        let victim = match self.ledger {
+            Some(l) if op.leader => l,
+            _ => live[(op.pick % live.len() as u64) as usize],
+        };
+        let host = &mut self.hosts[victim];
+        host.replica = None;
+        host.inc += 1;
+        host.disk = Disk::default();
+        host.gone = true;
+        host.restart_pending = true;
+        if self.ledger == Some(victim) {
+            self.ledger = None;
+        }
+        // Connections die with the process.
+        self.routes.retain(|_, (at, _)| *at != victim);
+        let target = self.next_replica(victim);
+        let op = self.replacement.as_mut().expect("a replacement");
+        op.removed = Some(victim);
+        op.target = target;
+        op.change = Some(MemberChange::Remove {
+            id: victim as ReplicaId + 1,
+        });
+        self.operator_send();
+        Ok(())
+    }
+
+    /// Sends the current change to the replica the operator asks, and
+    /// waits for the answer.
+    fn operator_send(&mut self) {
+        let req = self.next_request;
+        let Some(op) = self.replacement.as_mut() else {
+            return;
+        };
+        let Some(change) = op.change.clone() else {
+            return;
+        };
+        self.next_request += 1;
+        op.reqs.insert(req);
+        op.gen += 1;
+        let (gen, target) = (op.gen, op.target);
+        let cmd = Command::ChangeMembers(change);
+        self.send(
+            Ep::Operator,
+            Ep::Replica(target),
+            0,
+            Body::Request { req, cmd },
+        );
+        self.push_in(OPERATOR_TIMEOUT_MS, Ev::OperatorWake { gen, next: true });
+    }
+
+    fn operator_wake(&mut self, gen: u64, next: bool) -> Check {
+        let Some(op) = self.replacement.as_ref().filter(|op| op.gen == gen) else {
+            return Ok(());
+        };
+        if next {
+            // No answer: this replica may be cut off, paused or dead.
+            let target = self.next_replica(op.target);
+            self.replacement.as_mut().expect("a replacement").target = target;
+        }
+        self.operator_send();
+        Ok(())
+    }
+
+    fn operator_receive(&mut self, body: Body) -> Check {
+        let Body::Response { req, result } = body else {
+            return Ok(());
+        };
+        let Some(op) = self.replacement.as_ref() else {
+            return Ok(());
+        };
+        let Some(change) = op.change.clone().filter(|_| op.reqs.contains(&req)) else {
+            return Ok(());
+        };
+        let next = self.next_replica(op.target);
+        let back_off = |w: &mut World| {
+            let op = w.replacement.as_mut().expect("a replacement");
+            op.gen += 1;
+            let gen = op.gen;
+            w.push_in(200, Ev::OperatorWake { gen, next: false });
+            Ok(())
+        };
+        match result {
+            Ok(Reply::Members(members)) => self.change_made(change, members),
+            Err(CommandError::NotLeader { leader } | CommandError::LeadershipLost { leader }) => {
+                self.replacement.as_mut().expect("a replacement").target = match leader {
+                    Some(l) => l as usize - 1,
+                    None => next,
+                };
+                back_off(self)
+            }
+            // Once the change before it, or the leader's first entry, is
+            // committed; or once the leader has room.
+            Err(
+                CommandError::Membership { retry: true, .. }
+                | CommandError::Overloaded
+                | CommandError::Stopping,
+            ) => back_off(self),
+            other => Err(Violation {
+                invariant: inv::MEMBERSHIP,
+                detail: format!("the operator's {change:?} was answered {other:?}"),
+            }),
+        }
+    }
+
+    /// The change the operator asked for is committed, `members` after it:
+    /// after the removal, a new replica starts with an empty disk and the
+    /// operator adds it; after the addition, the replacement is done.
+    fn change_made(&mut self, change: MemberChange, members: BTreeMap<ReplicaId, String>) -> Check {
+        let mut live: BTreeSet<ReplicaId> = self
+            .live_hosts()
+            .into_iter()
+            .map(|r| r as ReplicaId + 1)
+            .collect();
+        let fail = |detail: String| {
+            Err(Violation {
+                invariant: inv::MEMBERSHIP,
+                detail,
+            })
+        };
+        match change {
+            MemberChange::Remove { id } => {
+                let ids: BTreeSet<ReplicaId> = members.keys().copied().collect();
+                if ids != live {
+                    return fail(format!(
+                        "removing replica {id} was answered with members {ids:?}, the replicas left are {live:?}"
+                    ));
+                }
+                let r = self.hosts.len();
+                let id = r as ReplicaId + 1;
+                let addr = replica_addr(id);
+                let mut addrs = members;
+                addrs.insert(id, addr.clone());
+                let clock = Clock::draw(&mut self.rng, self.opts.drift_ppm_max);
+                self.hosts.push(ReplicaHost::new(clock, addrs));
+                self.restart_replica_now(r);
+                self.after_input(r, 0, None)?;
+                self.drain_outputs(r)?;
+                let op = self.replacement.as_mut().expect("a replacement");
+                op.added = Some(r);
+                op.change = Some(MemberChange::Add { id, addr });
+                op.reqs.clear();
+                self.operator_send();
+                Ok(())
+            }
+            MemberChange::Add { id, addr } => {
+                live.insert(id);
+                let ids: BTreeSet<ReplicaId> = members.keys().copied().collect();
+                if ids != live || members.get(&id) != Some(&addr) {
+                    return fail(format!(
+                        "adding replica {id} at {addr} was answered with members {members:?}, the replicas are {live:?}"
+                    ));
+                }
+                let op = self.replacement.as_mut().expect("a replacement");
+                op.change = None;
+                op.done = true;
+                op.reqs.clear();
+                op.gen += 1;
+                self.stats.replacements += 1;
+                Ok(())
+            }
+        }
     }
 }
 

@@ -56,3 +56,59 @@ fn a_cluster_run_replays_exactly() {
     assert_eq!(a.trace_hash, b.trace_hash);
     assert_ne!(a.trace_hash, run_seed(&cluster(7, 5)).trace_hash);
 }
+
+/// Seeds that draw a replacement: a replica dies with its disk (the
+/// leader in some), the operator removes it, starts a new one with an
+/// empty disk and adds it; the run must pass every checker, the new
+/// replica caught up and counting the committed membership.
+#[test]
+fn replacing_a_dead_replica_passes() {
+    for (seed, replicas) in [(7, 3), (9, 3), (11, 3), (24, 3), (13, 5), (15, 5)] {
+        let report = run_seed(&cluster(seed, replicas));
+        assert!(report.passed, "seed {seed}, {replicas} replicas: {report}");
+        assert_eq!(
+            report.stats.replacements, 1,
+            "seed {seed}, {replicas} replicas draws a replacement"
+        );
+    }
+}
+
+#[test]
+fn the_replacement_can_be_forced_either_way_and_the_repro_says_so() {
+    // Seed 0 draws none; forced, it replaces one.
+    assert_eq!(run_seed(&cluster(0, 3)).stats.replacements, 0);
+    let forced = SimOptions {
+        replace_replica: Some(true),
+        ..cluster(0, 3)
+    };
+    let report = run_seed(&forced);
+    assert!(report.passed, "{report}");
+    assert_eq!(report.stats.replacements, 1);
+    assert!(forced.repro().contains("--replace-replica true"));
+    // Seed 7 draws one; switched off, it runs without.
+    let off = SimOptions {
+        replace_replica: Some(false),
+        ..cluster(7, 3)
+    };
+    let report = run_seed(&off);
+    assert!(report.passed, "{report}");
+    assert_eq!(report.stats.replacements, 0);
+    assert_ne!(report.trace_hash, run_seed(&cluster(7, 3)).trace_hash);
+    // A single replica has nothing to be replaced by.
+    let single = SimOptions {
+        replace_replica: Some(true),
+        ..SimOptions::new(7)
+    };
+    assert_eq!(run_seed(&single).stats.replacements, 0);
+}
+
+#[test]
+fn a_sweep_counts_the_seeds_that_replaced_a_replica() {
+    let summary = run_seeds(0..30, &cluster(0, 3), &mut || 0.0, &mut |_| {});
+    assert!(summary.failures.is_empty(), "{summary}");
+    assert!(
+        (5..=20).contains(&summary.replacements),
+        "about 40% of seeds replace a replica: {summary}"
+    );
+    assert!(summary.to_string().contains("replicas_replaced_in="));
+}
