@@ -508,7 +508,8 @@ pub enum ClusterCmd {
     },
     /// Remove a replica (a dead one, or one being retired).
     Remove {
-        #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        /// The id of the replica to remove (1 to 63).
+        #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..=63))]
         id: u64,
         #[command(flatten)]
         client: ClientOpts,
