@@ -959,12 +959,15 @@ impl World {
         let recovery = Recovery::from_snapshot(state, disk.base(), &disk.durable, disk.hard_state);
         let mono = self.replica_mono(r);
         let mut replica = Replica::recover(self.config(r), recovery, mono);
+        // What it recovered was committed before: the rule is about where
+        // a leader moves its commit index, not where it starts.
+        let recovered_commit = replica.commit_index();
         replica.start(self.replica_now(r));
         let host = &mut self.hosts[r];
         host.replica = Some(replica);
         host.restart_pending = false;
         host.installs_seen = 0;
-        host.commit_seen = 0;
+        host.commit_seen = recovered_commit;
         let tick = host.clock.true_ms(TICK_MS);
         let inc = host.inc;
         self.push_in(tick, Ev::Tick { replica: r, inc });
