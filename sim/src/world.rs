@@ -707,7 +707,10 @@ impl World {
                     self.stats.messages_dropped += 1;
                     return Ok(());
                 }
-                self.agent_receive(i, body)
+                let Ep::Replica(from) = msg.from else {
+                    return Ok(());
+                };
+                self.agent_receive(i, from, body)
             }
             Ep::Client(c) => self.client_receive(c, msg.body),
         }
