@@ -187,7 +187,10 @@ impl World {
         self.agent_outputs(i)
     }
 
-    pub(crate) fn agent_receive(&mut self, i: usize, msg: ServerMsg) -> Check {
+    /// Replica `from` sent the agent `msg`: the agent talks to it from now
+    /// on, even if it had given it up as silent (its answer was late).
+    pub(crate) fn agent_receive(&mut self, i: usize, from: usize, msg: ServerMsg) -> Check {
+        self.nodes[i].server = from;
         self.nodes[i].server_heard = self.now;
         self.nodes[i].hops = 0;
         let now = self.agent_now(i);

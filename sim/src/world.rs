@@ -906,7 +906,10 @@ impl World {
                     self.stats.messages_dropped += 1;
                     return Ok(());
                 }
-                self.agent_receive(i, body)
+                let Ep::Replica(from) = msg.from else {
+                    return Ok(());
+                };
+                self.agent_receive(i, from, body)
             }
             Ep::Client(c) => self.client_receive(c, msg.body),
             Ep::Operator => self.operator_receive(msg.body),
@@ -1249,11 +1252,18 @@ impl World {
         }
         let leading = replica.is_leading();
         // A leader of an older term that has not heard of the newer one
-        // yet (it was paused, or cut off) may still think it leads.
+        // yet (it was paused, or cut off) may still think it leads: it is
+        // not followed while the ledger follows a newer leader, nor once a
+        // later term has had a leader at all, even one that has stepped
+        // down since and left the ledger with nobody to follow (seed 2424).
         let newest = self
             .ledger
             .and_then(|l| self.hosts[l].replica.as_ref())
-            .is_none_or(|l| l.term() < replica.term());
+            .is_none_or(|l| l.term() < replica.term())
+            && self
+                .leaders
+                .last_key_value()
+                .is_none_or(|(&term, _)| term <= replica.term());
         if self.ledger == Some(r) {
             match pre {
                 Some(pre) if leading => {
