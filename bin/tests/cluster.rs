@@ -395,31 +395,24 @@ fn a_replica_killed_while_the_others_compact_their_logs_catches_up_by_snapshot()
     let lagging = *c.addrs.keys().find(|&&id| id != leader).unwrap();
     let leader_addr = c.addrs[&leader].clone();
     let body = json!({"command": ["true"]}).to_string();
-    for i in 0..5 {
-        let key = format!("before-{i}");
-        let (status, text) = http_raw(
-            &leader_addr,
-            "POST",
-            "/v1/jobs",
-            Some(body.as_bytes()),
-            &[("Idempotency-Key", &key)],
-        );
-        assert_eq!(status, 201, "{text}");
-    }
+    let submit_to_leader = |prefix: &str, n: usize| {
+        for i in 0..n {
+            let key = format!("{prefix}-{i}");
+            let (status, text) = http_raw(
+                &leader_addr,
+                "POST",
+                "/v1/jobs",
+                Some(body.as_bytes()),
+                &[("Idempotency-Key", &key)],
+            );
+            assert_eq!(status, 201, "{text}");
+        }
+    };
+    submit_to_leader("before", 5);
     c.wait_agreement();
     c.servers.get_mut(&lagging).unwrap().kill9();
     c.servers.remove(&lagging);
-    for i in 0..80 {
-        let key = format!("while-down-{i}");
-        let (status, text) = http_raw(
-            &leader_addr,
-            "POST",
-            "/v1/jobs",
-            Some(body.as_bytes()),
-            &[("Idempotency-Key", &key)],
-        );
-        assert_eq!(status, 201, "{text}");
-    }
+    submit_to_leader("while-down", 80);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !c.servers[&leader]
         .log()

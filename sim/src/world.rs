@@ -36,8 +36,9 @@ const EPOCH_MS: i64 = 1_700_000_000_000;
 const CONSISTENCY_EVERY_STEPS: u64 = 512;
 /// How often the liveness phase tests for convergence (true ms).
 const CONVERGE_CHECK_MS: u64 = 1_000;
-/// A run that takes more steps than this is itself a failure (runaway loop).
-const STEPS_MAX: u64 = 20_000_000;
+/// A run that takes more steps than this is itself a failure (runaway
+/// loop), unless [`SimOptions::steps_max`] says otherwise.
+pub const STEPS_MAX: u64 = 20_000_000;
 /// Longest replica or node downtime after a crash (ms).
 pub(crate) const DOWNTIME_MS_MAX: u64 = 8_000;
 /// Longest pause of a process (ms).
@@ -762,8 +763,12 @@ impl World {
             };
             self.now = t;
             self.steps += 1;
-            if self.steps > STEPS_MAX {
-                self.fail(inv::LIVE_JOBS, format!("more than {STEPS_MAX} steps"));
+            if self.steps > self.opts.steps_max {
+                let max = self.opts.steps_max;
+                self.fail(
+                    inv::LIVE_JOBS,
+                    format!("more than {max} steps (a runaway run)"),
+                );
                 break;
             }
             if let Some(target) = ev.trace_key_target_paused(self) {
