@@ -1476,6 +1476,81 @@ fn a_lost_append_is_recovered_after_a_heartbeat_answer() {
     );
 }
 
+/// A refusal that arrives late (the network duplicated or reordered it),
+/// of an index the follower has acknowledged since, asks for nothing: the
+/// leader probing that follower neither moves back nor sends its probe
+/// again. (Resending on every such answer sent the same entries several
+/// times; against a follower that had lost acknowledged entries, under a
+/// planted bug, it fed an append storm that never ended.)
+#[test]
+fn a_late_refusal_of_an_acknowledged_index_sends_nothing() {
+    let mut c = config(1, 2);
+    c.append_entries_max = 3;
+    let hard_state = HardState {
+        term: 1,
+        vote: None,
+        commit: 0,
+    };
+    let mut n = Node::with(c, hard_state, &[1, 1, 1]);
+    n.elect();
+    let term = n.r.term();
+    let probe = appends(&mut n);
+    assert!(
+        matches!(probe[0].body, Body::Append { prev_index: 3, .. }),
+        "{probe:?}"
+    );
+    // Follower 2 has nothing; the network delivers its refusal twice, the
+    // second copy much later.
+    let refusal = Body::AppendResp {
+        index: 3,
+        reject: Some(RejectHint { index: 0, term: 0 }),
+    };
+    n.step(2, term, refusal.clone());
+    let catch_up = appends(&mut n);
+    assert!(
+        matches!(&catch_up[0].body, Body::Append { prev_index: 0, entries, .. } if entries.len() == 3),
+        "{catch_up:?}"
+    );
+    n.r.step(accept(&catch_up[0]));
+    assert_eq!(n.r.progress(2).unwrap().0, 3);
+    let lost = appends(&mut n);
+    assert!(
+        matches!(lost[0].body, Body::Append { prev_index: 3, .. }),
+        "the append of entry 4, which the network drops: {lost:?}"
+    );
+    n.r.propose(D::Cmd(1)).unwrap();
+    appends(&mut n);
+    // The follower refuses the append of entry 5 (it lacks 4): the leader
+    // probes from what it acknowledged.
+    n.step(
+        2,
+        term,
+        Body::AppendResp {
+            index: 4,
+            reject: Some(RejectHint { index: 3, term: 1 }),
+        },
+    );
+    let probe = appends(&mut n);
+    assert!(
+        matches!(probe[0].body, Body::Append { prev_index: 3, .. }),
+        "{probe:?}"
+    );
+    let before = n.r.progress(2);
+    assert_eq!(before, Some((3, 4, ReplicationState::Probe)));
+    // The late copy of the first refusal: index 3 is acknowledged.
+    n.step(2, term, refusal);
+    let msgs = appends(&mut n);
+    assert!(msgs.is_empty(), "{msgs:?}");
+    assert_eq!(n.r.progress(2), before);
+}
+
+/// The appends among a node's next messages.
+fn appends(n: &mut Node) -> Vec<Message<D>> {
+    let mut msgs = n.messages();
+    msgs.retain(|m| matches!(m.body, Body::Append { .. }));
+    msgs
+}
+
 /// A follower commits no further than the last entry an append proved to
 /// match the leader's: entries after it may be another term's leftovers
 /// (§5.3: "set commitIndex = min(leaderCommit, index of last new entry)").

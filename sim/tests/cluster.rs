@@ -26,8 +26,8 @@ fn five_replicas_pass_a_sweep() {
 
 /// Seeds that once failed with 3 replicas, each for a reason now fixed.
 /// The traces moved as the fixes landed, so a seed may no longer reach
-/// the case it found; 417 and 460 do (checked by breaking the rule they
-/// guard):
+/// the case it found; 417, 460, 3913 and 6976 do (checked by breaking the
+/// rule they guard):
 /// - 417, 460 (and 836 first): the checker followed a deposed leader of
 ///   an older term that had not heard of the newer one
 ///   (terminal_stays_terminal);
@@ -39,18 +39,21 @@ fn five_replicas_pass_a_sweep() {
 /// - 582 (and 72 with 5 replicas): an agent sent away by a replica that
 ///   knew no leader lost a heartbeat per replica it tried
 ///   (node_down_only_if_disturbed);
-/// - 2424: the checker followed a paused leader of term 11 once the
-///   leader of term 12 had stepped down (cut off) and left it with no
-///   leader to follow, and took that stale state for a terminal job come
-///   back to life (terminal_stays_terminal; a checker false positive);
-/// - 1424: a heartbeat held up by reordering made an agent give its
-///   leader up as silent, and the leader's late answers did not bring it
-///   back: its next heartbeats went to a crashed replica and to a
-///   follower it had moved on from, and the leader heard nothing for 3 s
-///   (node_down_only_if_disturbed).
+/// - 2424 (3913 since Raft ignores late refusals): the checker followed
+///   a paused leader of an older term once the leader of the newer one
+///   had stepped down (cut off) and left it with no leader to follow, and
+///   took that stale state for a terminal job come back to life
+///   (terminal_stays_terminal; a checker false positive);
+/// - 1424 (6976 since Raft ignores late refusals): a heartbeat held up by
+///   reordering made an agent give its leader up as silent, and the
+///   leader's late answers did not bring it back: its next heartbeats
+///   went to a crashed replica and to a follower it had moved on from,
+///   and the leader heard nothing for 3 s (node_down_only_if_disturbed).
+///   In 6976 an agent moved on again just as a follower sent it to the
+///   leader, and the leader's answers did not keep it there.
 #[test]
 fn cluster_regression_seeds_pass() {
-    for seed in [2, 56, 98, 383, 417, 460, 582, 836, 1424, 2424] {
+    for seed in [2, 56, 98, 383, 417, 460, 582, 836, 1424, 2424, 3913, 6976] {
         let report = run_seed(&cluster(seed, 3));
         assert!(report.passed, "seed {seed}: {report}");
     }

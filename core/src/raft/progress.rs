@@ -123,9 +123,14 @@ impl Progress {
     /// is where the hint says to look next. False if the rejection answers
     /// an append that no longer matters.
     pub fn rejected(&mut self, rejected: LogIndex, probe: LogIndex) -> bool {
+        // What the follower acknowledged it holds for good: a refusal of
+        // an index up to there is an old answer that arrived late
+        // (reordered), in either state, and asks for nothing.
         let stale = match self.state {
             ReplicationState::Replicate => rejected <= self.match_index,
-            ReplicationState::Probe => rejected != self.next_index - 1,
+            ReplicationState::Probe => {
+                rejected != self.next_index - 1 || rejected <= self.match_index
+            }
             ReplicationState::Snapshot => true,
         };
         if stale {
