@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -312,14 +313,26 @@ fn replay_base(store: &LogStore) -> anyhow::Result<State> {
     let Some((meta, bytes)) = store.snapshot()? else {
         return Ok(State::for_replay());
     };
-    let what = || {
-        format!(
-            "the snapshot at index {} in {}",
-            meta.index,
-            store.path().display()
-        )
-    };
-    let state = rustci_storage::decode_snapshot(&bytes).with_context(what)?;
+    let state = decode_stored_snapshot(meta, &bytes, store.path())?;
+    tracing::info!(
+        index = meta.index,
+        term = meta.term,
+        bytes = bytes.len(),
+        jobs = state.jobs.len(),
+        "replay starts from the stored snapshot"
+    );
+    Ok(state)
+}
+
+/// Decodes the snapshot stored in the log at `path`, checked against the
+/// entry it claims to cover.
+fn decode_stored_snapshot(
+    meta: rustci_core::raft::SnapshotMeta,
+    bytes: &[u8],
+    path: &Path,
+) -> anyhow::Result<State> {
+    let what = || format!("the snapshot at index {} in {}", meta.index, path.display());
+    let state = rustci_storage::decode_snapshot(bytes).with_context(what)?;
     if (state.applied_index, state.applied_term) != (meta.index, meta.term) {
         bail!(
             "{}: it holds the state at index {} (term {}), not at index {} (term {})",
@@ -330,13 +343,6 @@ fn replay_base(store: &LogStore) -> anyhow::Result<State> {
             meta.term
         );
     }
-    tracing::info!(
-        index = meta.index,
-        term = meta.term,
-        bytes = bytes.len(),
-        jobs = state.jobs.len(),
-        "replay starts from the stored snapshot"
-    );
     Ok(state)
 }
 
@@ -698,23 +704,56 @@ fn spawn_log_writer(
     let stopping = Arc::new(AtomicBool::new(false));
     let stopping_flag = stopping.clone();
     let span = tracing::Span::current();
+    // The snapshot builder hands its result back through the writer's own
+    // queue, so the writer ends only once the builder did.
+    let builder_jobs = tx.clone();
+    let reader = store.reader();
     let thread = std::thread::Builder::new()
         .name("rustci-log-writer".into())
         .spawn(move || {
             let _span = span.entered();
+            let mut builder = spawn_snapshot_builder(reader, builder_jobs, stopping_flag.clone());
             let mut next: Option<WriterJob> = None;
             while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
                 let mut batch = match job {
                     WriterJob::Unit(unit) => unit,
-                    WriterJob::Compact(snapshot) => {
-                        let meta = snapshot.meta;
-                        let result = compact(&mut store, &snapshot);
+                    WriterJob::Snapshot(meta) => {
+                        // Every entry up to `meta` is stored by now.
+                        let asked = builder.as_ref().is_some_and(|b| b.send(meta).is_ok());
+                        if !asked {
+                            let result = Err("the snapshot builder is gone".to_string());
+                            if inputs
+                                .blocking_send(Input::Compacted { meta, result })
+                                .is_err()
+                            {
+                                return Some(store);
+                            }
+                        }
+                        continue;
+                    }
+                    WriterJob::Built { meta, result } => {
+                        if stopping_flag.load(Ordering::Relaxed) {
+                            // Compacting now would only delay the stop.
+                            continue;
+                        }
+                        let result = match result {
+                            Ok(Some(bytes)) => compact(&mut store, meta, &bytes),
+                            // A newer snapshot came from the leader.
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(e),
+                        };
                         if inputs
                             .blocking_send(Input::Compacted { meta, result })
                             .is_err()
                         {
                             return Some(store);
                         }
+                        continue;
+                    }
+                    WriterJob::Closing => {
+                        // The driver is gone: only the builder still holds
+                        // a sender, and it ends with its queue.
+                        builder = None;
                         continue;
                     }
                 };
@@ -832,11 +871,13 @@ fn persist_unit(
 }
 
 /// Stores the replica's own snapshot and drops the log behind it.
-fn compact(store: &mut LogStore, snapshot: &Snapshot) -> Result<(), String> {
-    let bytes = rustci_storage::encode_snapshot(&snapshot.state);
-    let meta = snapshot.meta;
+fn compact(
+    store: &mut LogStore,
+    meta: rustci_core::raft::SnapshotMeta,
+    bytes: &[u8],
+) -> Result<(), String> {
     let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        store.compact_to(meta.index, meta.term, &bytes)
+        store.compact_to(meta.index, meta.term, bytes)
     }));
     match done {
         Ok(Ok(())) => Ok(()),
@@ -849,11 +890,150 @@ fn compact(store: &mut LogStore, snapshot: &Snapshot) -> Result<(), String> {
     }
 }
 
+/// The snapshot builder: a thread that keeps its own copy of the state
+/// (the "shadow", without the scheduler's indexes), folding the stored log
+/// into it up to each index the writer asks for ([`Snapshot::fold`]), then
+/// encoding it; the bytes go back to the writer as [`WriterJob::Built`].
+/// Neither the replica nor the writer waits for it, and the replica's live
+/// state is never copied: a compaction costs the entries since the last
+/// one plus one encoding, at the price of a second copy of the state in
+/// memory. The builder ends when the writer drops its sender.
+fn spawn_snapshot_builder(
+    reader: LogReadHandle,
+    jobs: std::sync::mpsc::Sender<WriterJob>,
+    stopping: Arc<AtomicBool>,
+) -> Option<std::sync::mpsc::Sender<rustci_core::raft::SnapshotMeta>> {
+    let (tx, rx) = std::sync::mpsc::channel::<rustci_core::raft::SnapshotMeta>();
+    let span = tracing::Span::current();
+    let spawned = std::thread::Builder::new()
+        .name("rustci-snapshot".into())
+        .spawn(move || {
+            let _span = span.entered();
+            let mut shadow: Option<State> = None;
+            for meta in rx {
+                let started = Instant::now();
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    build_snapshot(&reader, &mut shadow, meta, &stopping)
+                }))
+                .unwrap_or_else(|panic| {
+                    shadow = None;
+                    Err(format!(
+                        "building the snapshot panicked: {}",
+                        panic_message(&*panic)
+                    ))
+                });
+                if let Ok(Some(bytes)) = &result {
+                    tracing::debug!(
+                        index = meta.index,
+                        bytes = bytes.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "snapshot built from the log"
+                    );
+                }
+                if jobs.send(WriterJob::Built { meta, result }).is_err() {
+                    return;
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the snapshot builder: the log is never compacted");
+            None
+        }
+    }
+}
+
+/// The encoded state at `meta`: `shadow` folded forward to it. `None` if a
+/// snapshot installed from the leader replaced the log beyond `meta`.
+/// `shadow` starts (again) from the stored snapshot when it is missing or
+/// behind it, and is dropped whenever a fold fails.
+fn build_snapshot(
+    reader: &LogReadHandle,
+    shadow: &mut Option<State>,
+    meta: rustci_core::raft::SnapshotMeta,
+    stopping: &AtomicBool,
+) -> Result<Option<Vec<u8>>, String> {
+    let stored = reader.snapshot_meta().map_err(|e| e.to_string())?;
+    let stored_index = stored.map_or(0, |s| s.index);
+    if stored_index >= meta.index {
+        return Ok(None);
+    }
+    let base = match shadow.take() {
+        Some(state) if state.applied_index >= stored_index && state.applied_index <= meta.index => {
+            state
+        }
+        _ => match reader.snapshot().map_err(|e| e.to_string())? {
+            Some((at, bytes)) => {
+                decode_stored_snapshot(at, &bytes, reader.path()).map_err(|e| format!("{e:#}"))?
+            }
+            None => State::for_replay(),
+        },
+    };
+    let from = base.applied_index + 1;
+    // Decoding (checksums, MessagePack) on one thread, folding on this one.
+    let (batches_tx, batches_rx) =
+        std::sync::mpsc::sync_channel::<Vec<Entry>>(REPLAY_BATCHES_IN_FLIGHT);
+    let (folded, scanned) = std::thread::scope(|scope| {
+        let scan = scope.spawn(move || {
+            let mut batch = Vec::with_capacity(REPLAY_BATCH_ENTRIES);
+            let result = reader.scan(from, |entry| {
+                let last = entry.index >= meta.index;
+                batch.push(entry);
+                if last || batch.len() == REPLAY_BATCH_ENTRIES {
+                    let full =
+                        std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH_ENTRIES));
+                    if batches_tx.send(full).is_err() || last || stopping.load(Ordering::Relaxed) {
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            });
+            if !batch.is_empty() {
+                let _ = batches_tx.send(batch);
+            }
+            result
+        });
+        let folded = Snapshot::fold(meta, base, batches_rx.into_iter().flatten());
+        (folded, scan.join())
+    });
+    match scanned {
+        Ok(Ok(())) => {}
+        // The leader's snapshot replaced the log since it was read.
+        Ok(Err(rustci_storage::ReadError::Compacted { .. })) => return Ok(None),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+    if stopping.load(Ordering::Relaxed) {
+        return Err("the replica is stopping".into());
+    }
+    let snapshot = folded.ok_or_else(|| {
+        format!(
+            "the stored log does not reach index {} (term {}) from index {from}",
+            meta.index, meta.term
+        )
+    })?;
+    let state =
+        std::sync::Arc::try_unwrap(snapshot.state).unwrap_or_else(|shared| State::clone(&shared));
+    let bytes = rustci_storage::encode_snapshot(&state);
+    *shadow = Some(state);
+    Ok(Some(bytes))
+}
+
 /// What the log writer is handed, in order.
 enum WriterJob {
     Unit(PersistUnit),
-    /// Store this snapshot and compact the log behind it.
-    Compact(Snapshot),
+    /// Build the snapshot at this index off the writer's thread (the units
+    /// before it are stored by then): see [`spawn_snapshot_builder`].
+    Snapshot(rustci_core::raft::SnapshotMeta),
+    /// A built snapshot to store, compacting the log behind it.
+    Built {
+        meta: rustci_core::raft::SnapshotMeta,
+        result: Result<Option<Vec<u8>>, String>,
+    },
+    /// The driver stops: the writer lets the builder go, so its queue
+    /// ends once the builder is done.
+    Closing,
 }
 
 /// Entries one append takes at most (the rest waits for the next).
@@ -928,6 +1108,17 @@ struct LogWriter {
     stopping: Arc<AtomicBool>,
 }
 
+impl Drop for LogWriter {
+    /// A driver that ends without [`LogWriter::close`] (a panic) still lets
+    /// the writer end, and with it the store and its lock.
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.stopping.store(true, Ordering::Relaxed);
+            let _ = tx.send(WriterJob::Closing);
+        }
+    }
+}
+
 impl LogWriter {
     fn send(&self, job: WriterJob) -> bool {
         self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok())
@@ -937,7 +1128,9 @@ impl LogWriter {
     /// back when every append succeeded.
     fn close(&mut self) -> Option<LogStore> {
         self.stopping.store(true, Ordering::Relaxed);
-        self.tx.take();
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(WriterJob::Closing);
+        }
         self.thread.take().and_then(|t| t.join().ok().flatten())
     }
 }
@@ -1516,8 +1709,8 @@ impl Driver {
                     }
                 }
                 Output::Members(members) => self.follow_members(members),
-                Output::Compact(snapshot) => {
-                    if !self.writer.send(WriterJob::Compact(snapshot)) && self.fatal.is_none() {
+                Output::Compact(meta) => {
+                    if !self.writer.send(WriterJob::Snapshot(meta)) && self.fatal.is_none() {
                         self.fatal = Some("the log writer has stopped".into());
                     }
                 }

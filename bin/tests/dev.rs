@@ -1192,3 +1192,81 @@ fn job_explain_says_why_a_job_waits_and_where_it_went() {
     assert_eq!(status, 404);
     dev.cli(&["job", "cancel", &id.to_string()]);
 }
+
+/// The daemon's snapshots are folded from its log by a thread of its own,
+/// never copied from the live state: each one must be the live state at its
+/// index, or what a restart (or `rustci replay`) rebuilds from it differs.
+#[test]
+fn snapshots_folded_from_the_log_are_the_live_state_and_a_stop_waits_for_the_builder() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data, &["--snapshot-entries", "25"]);
+    let body = json!({"command": ["true"], "constraints": {"never": "matched"}});
+    for _ in 0..140 {
+        dev.submit_json(&body);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dev
+        .stderr()
+        .matches("log compacted behind a snapshot")
+        .count()
+        < 4
+    {
+        assert!(Instant::now() < deadline, "{}", dev.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let live = dev.get_json("/v1/cluster");
+    let at = live["applied_index"].as_u64().unwrap();
+    let digest = live["state_digest"].as_str().unwrap().to_string();
+    // A replay starts from the newest snapshot the builder folded.
+    let replay = run(
+        &[
+            "replay",
+            "--server",
+            &dev.addr,
+            "--at",
+            &at.to_string(),
+            "--json",
+        ],
+        Some(&data),
+    );
+    assert!(replay.status.success(), "{replay:?}");
+    let text = String::from_utf8(replay.stdout).unwrap();
+    let summary: serde_json::Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("summary").is_some())
+        .unwrap_or_else(|| panic!("no summary in {text}"));
+    let summary = &summary["summary"];
+    let seen = format!(
+        "applied_index {} snapshot {} state_digest {}",
+        summary["applied_index"], summary["snapshot"], summary["state_digest"]
+    );
+    assert_eq!(summary["applied_index"], at, "{seen}");
+    assert!(summary["snapshot"].is_object(), "{seen}");
+    assert_eq!(
+        summary["state_digest"], digest,
+        "replayed from the folded snapshot: {seen}"
+    );
+
+    // A graceful stop lets the builder finish and closes the log cleanly.
+    assert!(dev.terminate().success(), "{}", dev.stderr());
+    assert!(
+        !dev.stderr().contains("log readers are still open"),
+        "{}",
+        dev.stderr()
+    );
+    assert!(data.join("clean-shutdown").exists(), "{}", dev.stderr());
+
+    // The restart starts from the snapshot and has every job.
+    let dev = Dev::start(&data, &["--snapshot-entries", "25"]);
+    assert!(
+        dev.stderr()
+            .contains("replay starts from the stored snapshot"),
+        "{}",
+        dev.stderr()
+    );
+    let jobs = dev.get_json("/v1/jobs?state=queued&limit=1000");
+    let n = jobs["jobs"].as_array().map_or(0, |a| a.len());
+    assert_eq!(n, 140, "{jobs}");
+}

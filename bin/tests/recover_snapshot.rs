@@ -1,7 +1,7 @@
 //! Start-up from a compacted log: recovery begins at the stored snapshot
 //! and replays only the entries after it, to the same state a full log
-//! gives. Nothing compacts a live daemon's log yet; these tests compact the
-//! store by hand.
+//! gives. These tests compact the store by hand, with histories chosen to
+//! reach every kind of entry.
 
 use std::collections::BTreeMap;
 

@@ -24,8 +24,12 @@
 //!    `hard_state`; one transaction, one fsync), units in the order they
 //!    were returned, and then call [`Replica::handle_persisted`] with the
 //!    unit's id (an id covers every earlier unit). An [`Output::Compact`]
-//!    is a write in the same sequence: store its snapshot and drop the
-//!    entries up to it, then call [`Replica::handle_compacted`];
+//!    is a write in the same sequence: once the units before it are
+//!    durable, build the state at its index by folding the stored entries
+//!    after the stored snapshot into that snapshot's state (the reducers
+//!    are pure, so this is the state the replica applied; the live state is
+//!    never copied), store it and drop the entries up to it, then call
+//!    [`Replica::handle_compacted`] (or [`Replica::handle_compact_failed`]);
 //! 2. act on outputs in the order they are returned. A `Reply` is only
 //!    returned once its entry is committed (durable on a quorum) and
 //!    applied, and an [`Output::Send`] only once every unit before it is
@@ -129,6 +133,36 @@ impl Snapshot {
         self.meta.index > 0
             && self.state.applied_index == self.meta.index
             && self.state.applied_term == self.meta.term
+    }
+
+    /// The snapshot an [`Output::Compact`] of `meta` asks for: `entries`,
+    /// the stored log after the stored snapshot whose state is `base`, in
+    /// order, folded into `base` up to `meta.index`. The reducers are pure,
+    /// so the fold is the state the replica applied at `meta`, built away
+    /// from the replica (a driver folds on a thread of its own: copying the
+    /// live state would stall the replica for as long as the copy takes).
+    ///
+    /// `None` if the entries do not reach `meta` (the log moved on: a
+    /// snapshot installed from the leader replaced it).
+    pub fn fold(
+        meta: raft::SnapshotMeta,
+        base: State,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Option<Snapshot> {
+        let mut state = base;
+        for entry in entries {
+            if entry.index > meta.index {
+                break;
+            }
+            if entry.index == state.applied_index + 1 {
+                state.apply_owned(entry);
+            }
+        }
+        let snapshot = Snapshot {
+            meta,
+            state: std::sync::Arc::new(state),
+        };
+        snapshot.is_consistent().then_some(snapshot)
     }
 }
 
@@ -491,10 +525,11 @@ pub enum Output {
     /// Read entries `from..=to` from storage for replica `peer` and hand
     /// them to [`Replica::handle_entries_loaded`].
     LoadEntries(NeedEntries),
-    /// Store this snapshot of the replica's own applied state and drop the
-    /// stored entries up to it (after every earlier unit, as one atomic
-    /// write), then call [`Replica::handle_compacted`].
-    Compact(Snapshot),
+    /// Snapshot the applied state at this index (a fold of the stored log;
+    /// see [`Snapshot::fold`]), store it and drop the stored entries up to
+    /// it (after every earlier unit, as one atomic write), then call
+    /// [`Replica::handle_compacted`].
+    Compact(raft::SnapshotMeta),
     /// The answer to a command, sent only once its entry is durable.
     Reply {
         request: RequestId,
@@ -1864,10 +1899,7 @@ impl Replica {
         };
         debug_assert_eq!(self.raft.term_at(applied), Some(meta.term));
         self.compacting = Some(applied);
-        self.outputs.push_back(Output::Compact(Snapshot {
-            meta,
-            state: std::sync::Arc::new(self.state.clone()),
-        }));
+        self.outputs.push_back(Output::Compact(meta));
     }
 
     /// Sends the messages whose units are durable.

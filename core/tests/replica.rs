@@ -46,6 +46,8 @@ struct Cluster {
     /// The monotonic clock.
     mono: u64,
     next_request: u64,
+    /// Compactions whose fold was compared with the live state.
+    folds_checked: u64,
 }
 
 impl Cluster {
@@ -67,6 +69,7 @@ impl Cluster {
             now: 1_000,
             mono: 0,
             next_request: 1,
+            folds_checked: 0,
         };
         c.replica.start(c.now);
         c.drive();
@@ -98,8 +101,21 @@ impl Cluster {
                     self.write(unit);
                     self.replica.handle_persisted(self.now, id);
                 }
-                Output::Compact(snapshot) => {
-                    let meta = snapshot.meta;
+                Output::Compact(meta) => {
+                    let base = match &self.snapshot {
+                        Some(s) => State::clone(&s.state),
+                        None => State::new(),
+                    };
+                    let snapshot = Snapshot::fold(meta, base, self.disk.clone())
+                        .expect("the durable log reaches the compaction's index");
+                    if self.replica.state().applied_index == meta.index {
+                        assert_eq!(
+                            *snapshot.state,
+                            *self.replica.state(),
+                            "the fold of the log is the applied state"
+                        );
+                        self.folds_checked += 1;
+                    }
                     self.disk.retain(|e| e.index > meta.index);
                     self.snapshot = Some(snapshot);
                     self.replica.handle_compacted(self.now, meta);
@@ -601,6 +617,8 @@ fn the_log_is_compacted_behind_snapshots_and_a_restart_recovers_from_the_latest(
         Some(snapshot.meta.index + 1)
     );
     assert_eq!(snapshot.state.applied_index, snapshot.meta.index);
+    // Each snapshot is a fold of the log, and it was the live state.
+    assert!(c.folds_checked >= 3, "{} folds checked", c.folds_checked);
     // What a restart recovers (before it elects itself and appends) is the
     // state it had: the snapshot plus the entries after it.
     let recovered = Recovery::from_snapshot(

@@ -317,13 +317,18 @@ struct Disk {
 /// One atomic write handed to the disk.
 enum Write {
     Unit(PersistUnit),
-    /// A compaction behind the replica's own snapshot.
-    Compact(Snapshot),
+    /// A compaction behind the replica's own snapshot at `meta`, which the
+    /// disk folds from what it holds, as the daemon's log writer does.
+    Compact {
+        meta: SnapshotMeta,
+        bugs: rustci_core::bugs::BugSet,
+    },
 }
 
 impl Disk {
-    /// Makes `write` durable, as one.
-    fn write(&mut self, write: Write) {
+    /// Makes `write` durable, as one. Fails (changing nothing) for a
+    /// compaction whose index the durable log does not reach.
+    fn write(&mut self, write: Write) -> Result<(), String> {
         match write {
             Write::Unit(unit) => {
                 if let Some(snapshot) = unit.snapshot {
@@ -339,13 +344,26 @@ impl Disk {
                     self.hard_state = h;
                 }
             }
-            Write::Compact(snapshot) => {
-                if snapshot.meta.index > self.base().index {
-                    self.durable.retain(|e| e.index > snapshot.meta.index);
+            Write::Compact { meta, bugs } => {
+                // A snapshot installed from the leader since is newer.
+                if meta.index > self.base().index {
+                    let base = self.snapshot_state(bugs);
+                    let Some(snapshot) = Snapshot::fold(meta, base, self.durable.iter().cloned())
+                    else {
+                        return Err(format!(
+                            "asked to compact to {} (term {}), the durable log ends at {} after a snapshot at {}",
+                            meta.index,
+                            meta.term,
+                            self.last_index(),
+                            self.base().index
+                        ));
+                    };
+                    self.durable.retain(|e| e.index > meta.index);
                     self.snapshot = Some(snapshot);
                 }
             }
         }
+        Ok(())
     }
 
     fn base(&self) -> SnapshotMeta {
@@ -1043,7 +1061,9 @@ impl World {
             if !self.rng.chance(self.plan.unsynced_survives) {
                 break;
             }
-            disk.write(write);
+            // A compaction the log cannot fold is reported when it syncs;
+            // a crash first loses it.
+            let _ = disk.write(write);
         }
         // Connections die with the process: in-flight requests get no reply.
         self.routes.retain(|_, (at, _)| *at != r);
@@ -1351,10 +1371,11 @@ impl World {
                 // The simulated network routes by replica index: a change
                 // of members needs no new connection.
                 Output::Members(_) => {}
-                Output::Compact(snapshot) => {
+                Output::Compact(meta) => {
                     self.stats.compactions += 1;
+                    let bugs = self.config(r).bugs;
                     let disk = &mut self.hosts[r].disk;
-                    disk.pending.push(Write::Compact(snapshot));
+                    disk.pending.push(Write::Compact { meta, bugs });
                     if disk.syncing == 0 {
                         self.start_fsync(r);
                     }
@@ -1450,9 +1471,14 @@ impl World {
         for write in synced {
             match &write {
                 Write::Unit(unit) => last_unit = Some(unit.id),
-                Write::Compact(snapshot) => compacted.push(snapshot.meta),
+                Write::Compact { meta, .. } => compacted.push(*meta),
             }
-            disk.write(write);
+            if let Err(detail) = disk.write(write) {
+                return Err(Violation {
+                    invariant: inv::STATE_MACHINE_SAFETY,
+                    detail: format!("replica {} {detail}", r + 1),
+                });
+            }
         }
         let now = self.replica_now(r);
         let pre = self.pre_apply(r);

@@ -1268,9 +1268,37 @@ impl LogReadHandle {
         Ok(entries)
     }
 
+    /// As [`LogStore::scan`].
+    pub fn scan(
+        &self,
+        from: LogIndex,
+        f: impl FnMut(Entry) -> ControlFlow<()>,
+    ) -> Result<(), ReadError> {
+        scan_db(&self.db, &self.path, from, f)
+    }
+
     /// As [`LogStore::backup_to`].
     pub fn backup_to(&self, dest_dir: &Path) -> Result<BackupSummary, crate::Error> {
         backup_db(&self.db, &self.path, dest_dir)
+    }
+
+    /// The stored snapshot's `{index, term}`, without its bytes.
+    pub fn snapshot_meta(&self) -> Result<Option<SnapshotMeta>, ReadError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| DbError::new("begin read", &self.path, e))?;
+        Ok(
+            read_snapshot_record(&txn, &self.path)?.map(|r| SnapshotMeta {
+                index: r.index,
+                term: r.term,
+            }),
+        )
+    }
+
+    /// The log file this handle reads.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// As [`LogStore::snapshot`]: the snapshot as of one read transaction.
