@@ -47,9 +47,11 @@ const SHIPPED_KEEP: Duration = Duration::from_secs(60);
 const UP_QUEUE_MAX: usize = 4096;
 /// Longest a connection may take to be set up (TCP, protocol switch, hello).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Silence on a link after which the agent drops it and reconnects (the
-/// control plane answers every heartbeat, sent every second).
-const LINK_SILENCE_MAX: Duration = Duration::from_secs(5);
+/// Silence on a link after which the agent drops it and dials every
+/// replica again ([`rustci_core::protocol::SERVER_SILENT_MS`]: the control
+/// plane answers every heartbeat, sent every second). A paused leader keeps
+/// the link open: only this finds the new leader before the lease lapses.
+const LINK_SILENCE_MAX: Duration = Duration::from_millis(rustci_core::protocol::SERVER_SILENT_MS);
 
 #[derive(Clone, Debug)]
 pub struct AgentProcessConfig {

@@ -120,12 +120,15 @@ impl Cluster {
                 .filter_map(|&id| self.cluster_view(id))
                 .map(|v| v["leader"].as_u64())
                 .collect();
+            // Only a replica still tracked is asked whether it leads: a
+            // paused one would hold the question for the read timeout.
             if let [Some(l)] = leaders.iter().copied().collect::<Vec<_>>()[..] {
                 // `degraded`: a leader out of touch with a replica (the
                 // killed one).
-                let leads = self
-                    .cluster_view(l)
-                    .is_some_and(|v| v["state"] == "leader" || v["state"] == "degraded");
+                let leads = self.servers.contains_key(&l)
+                    && self
+                        .cluster_view(l)
+                        .is_some_and(|v| v["state"] == "leader" || v["state"] == "degraded");
                 if Some(l) != not && leads {
                     return l;
                 }
@@ -651,4 +654,112 @@ fn a_replica_refuses_another_replicas_or_another_clusters_data_dir() {
     // Nothing was changed: replica 1 starts as itself again.
     let identity = std::fs::read_to_string(c.data_dir(1).join("identity")).unwrap();
     assert!(identity.contains("replica_id = 1"), "{identity}");
+}
+
+/// Nomad #3840: a leader change must not mark healthy nodes down. A paused
+/// leader is the hard case: its agents' connections stay open and silent,
+/// so each agent has to notice the silence and find the new leader before
+/// that leader's grace period for the node runs out.
+#[test]
+fn a_paused_leader_is_replaced_without_marking_any_healthy_node_down() {
+    let mut c = Cluster::start(3, 2);
+    let leader = c.wait_leader(None);
+    let long = json!({"command": ["sh", "-c", "echo start; sleep 9; echo end"]}).to_string();
+    let leader_addr = c.addrs[&leader].clone();
+    let long_ids: Vec<u64> = (0..2)
+        .map(|i| {
+            submit_until_acked(
+                std::slice::from_ref(&leader_addr),
+                &format!("p{i}"),
+                &long,
+                0,
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !long_ids
+        .iter()
+        .all(|id| c.get(&leader_addr, &format!("/v1/jobs/{id}"))["state"] == "running")
+    {
+        assert!(Instant::now() < deadline, "long jobs not running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // SIGSTOP: the process keeps its sockets, it only stops answering.
+    eprintln!(
+        "DEBUG pausing {leader} at {:?}",
+        std::time::SystemTime::now()
+    );
+    let paused = c.servers.remove(&leader).unwrap();
+    let pid = paused.child.as_ref().unwrap().id() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let new_leader = c.wait_leader(Some(leader));
+    let new_addr = c.addrs[&new_leader].clone();
+    let elected_at = Instant::now();
+    // Past the new leader's grace period (two heartbeats plus the 3 s a
+    // node may be silent) with margin: every node stays ready throughout.
+    while elected_at.elapsed() < Duration::from_secs(7) {
+        let nodes = c.get(&new_addr, "/v1/nodes");
+        for node in nodes["nodes"].as_array().unwrap() {
+            assert_eq!(
+                node["state"],
+                "ready",
+                "{node}\n{}",
+                c.agents
+                    .iter()
+                    .map(Proc::log)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+    }
+    let (_, events) = http(&new_addr, "GET", "/v1/events", None);
+    assert!(!events.contains("node_down"), "{events}");
+
+    // The jobs ran through it: one attempt each, succeeded.
+    for id in &long_ids {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let job = loop {
+            let job = c.get(&new_addr, &format!("/v1/jobs/{id}"));
+            if terminal(&job) {
+                break job;
+            }
+            assert!(Instant::now() < deadline, "job {id} never ended: {job}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(
+            job["attempts"].as_array().unwrap().len(),
+            1,
+            "{job}\n{}\n{}\n{}",
+            http(&new_addr, "GET", "/v1/events?node=agent0", None).1,
+            c.agents
+                .iter()
+                .map(Proc::log)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            c.logs()
+        );
+    }
+    // The old leader, resumed, follows.
+    c.servers.insert(leader, paused);
+    let view = loop {
+        if let Some(v) = c.cluster_view(leader) {
+            if v["state"] == "follower" {
+                break v;
+            }
+        }
+        assert!(
+            elected_at.elapsed() < Duration::from_secs(60),
+            "the old leader never follows"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(view["leader"], new_leader, "{view}");
 }

@@ -37,6 +37,13 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 pub const LEASE_MS: u64 = 3_000;
 /// Silence after which the leader declares a node down (its clock).
 pub const DOWN_AFTER_MS: u64 = 3_000;
+/// Silence from its replica after which an agent gives the connection up
+/// and dials every replica again (its clock): two unanswered heartbeats at
+/// the default interval, and at least a second before the lease lapses
+/// whatever the interval. A paused leader keeps its connections open, so
+/// this is how agents find the new one; the new leader's grace period for
+/// each node counts on it.
+pub const SERVER_SILENT_MS: u64 = 2 * HEARTBEAT_INTERVAL_MS;
 /// Bound on how fast or slow any clock runs, in parts per million.
 pub const DRIFT_PPM_MAX: u64 = 200;
 /// Longest time from a lease lapsing to the agent's processes being dead:
@@ -48,6 +55,9 @@ const _: () = assert!(2 * HEARTBEAT_INTERVAL_MS < LEASE_MS);
 // A node is not declared down while one heartbeat may merely be late.
 const _: () = assert!(2 * HEARTBEAT_INTERVAL_MS < DOWN_AFTER_MS);
 const _: () = assert!(DRIFT_PPM_MAX < 1_000_000 && KILL_GRACE_MS > 0);
+// An agent whose leader went silent looks for the new one a second before
+// its lease lapses.
+const _: () = assert!(SERVER_SILENT_MS + 1_000 <= LEASE_MS);
 
 /// The failure-detection and lease timings of a cluster. Agents and the
 /// control plane must agree on them; [`LeaseConfig::check`] says whether a

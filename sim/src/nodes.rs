@@ -11,14 +11,10 @@ use rustci_core::agent::{Agent, AgentConfig, AgentOutput, AGENT_TICK_MS};
 use rustci_core::model::{
     AttemptNumber, AttemptState, JobId, JobSpec, Labels, Outcome, Resources, Usage,
 };
-use rustci_core::protocol::{AgentMsg, ReportKind, ServerMsg};
+use rustci_core::protocol::{AgentMsg, ReportKind, ServerMsg, SERVER_SILENT_MS};
 
 use crate::checker::{Check, LiveResult};
 use crate::world::{Body, Clock, Ep, Ev, World, DOWNTIME_MS_MAX};
-
-/// An agent that heard nothing from its replica for this long (two
-/// heartbeats) dials the next one.
-pub(crate) const SERVER_SILENT_MS: u64 = 2 * rustci_core::protocol::HEARTBEAT_INTERVAL_MS;
 
 /// A process of an attempt, as the machine runs it.
 #[derive(Clone, Debug)]
