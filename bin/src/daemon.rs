@@ -737,6 +737,13 @@ fn spawn_log_writer(
                             continue;
                         }
                         let result = match result {
+                            Ok(Some(bytes)) if !snapshot_has_room(&store, bytes.len()) => {
+                                Err(format!(
+                                    "no room on the disk for the snapshot ({} bytes, with the log's {} MiB spare): writes go on, and the compaction is tried again later",
+                                    bytes.len(),
+                                    LOG_FREE_MIN_BYTES >> 20
+                                ))
+                            }
                             Ok(Some(bytes)) => compact(&mut store, meta, &bytes),
                             // A newer snapshot came from the leader.
                             Ok(None) => Ok(()),
@@ -1066,6 +1073,16 @@ const LOG_ROOM_POLL: Duration = Duration::from_millis(200);
 /// times a generous estimate of their frames.
 fn log_room_needed(entries: usize) -> u64 {
     LOG_FREE_MIN_BYTES + 4 * entries as u64 * 4096
+}
+
+/// Whether the log's file system has room to store a snapshot of `bytes`
+/// bytes: redb keeps the old snapshot until the new one commits, and a
+/// write that fails inside redb would stop the log for good, so the
+/// compaction waits rather than try.
+fn snapshot_has_room(store: &LogStore, bytes: usize) -> bool {
+    let dir = store.path().parent().unwrap_or(Path::new("."));
+    rustci_net::disk::free_bytes(dir)
+        .is_none_or(|free| free >= LOG_FREE_MIN_BYTES + 2 * bytes as u64)
 }
 
 /// Whether the log in `data_dir` has room to append `entries` entries.

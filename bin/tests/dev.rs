@@ -1270,3 +1270,83 @@ fn snapshots_folded_from_the_log_are_the_live_state_and_a_stop_waits_for_the_bui
     let n = jobs["jobs"].as_array().map_or(0, |a| a.len());
     assert_eq!(n, 140, "{jobs}");
 }
+
+/// A compaction writes the whole state at once: on a disk with room for
+/// appends but not for the snapshot, it is put off with a clear error and
+/// writes go on (a failed write inside redb would stop the daemon); once
+/// space returns, the next compaction goes through.
+#[test]
+fn a_snapshot_that_does_not_fit_on_the_disk_is_put_off_and_writes_go_on() {
+    let Some(disk) = SmallDisk::mount("96m") else {
+        assert_ne!(
+            unsafe { libc::geteuid() },
+            0,
+            "root could not mount a tmpfs"
+        );
+        return;
+    };
+    let data = disk.dir.path().join("data");
+    let dev = Dev::start(&data, &["--snapshot-entries", "60"]);
+    // About 8 MB of state in 40 jobs, before the first compaction.
+    let big = "x".repeat(200 * 1024);
+    for _ in 0..40 {
+        let (status, body) = http(
+            &dev.addr,
+            "POST",
+            "/v1/jobs",
+            Some(
+                &json!({"command": ["true", big], "constraints": {"never": "matched"}}).to_string(),
+            ),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    assert!(!dev.stderr().contains("log compacted"), "{}", dev.stderr());
+    // Leave 6 MB free: room for appends (they keep 4 MB spare), not for
+    // an 8 MB snapshot.
+    let free = |path: &std::path::Path| -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let fill = disk.dir.path().join("fill");
+    let hog = free(disk.dir.path()).saturating_sub(6 * 1024 * 1024);
+    std::fs::write(&fill, vec![0u8; hog as usize]).unwrap();
+    let small = json!({"command": ["true"], "constraints": {"never": "matched"}}).to_string();
+    for i in 0..40 {
+        let (status, body) = http(&dev.addr, "POST", "/v1/jobs", Some(&small));
+        assert_eq!(status, 201, "submission {i}: {body}\n{}", dev.stderr());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dev
+        .stderr()
+        .contains("no room on the disk for the snapshot")
+    {
+        assert!(Instant::now() < deadline, "{}", dev.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!dev.stderr().contains("log compacted"), "{}", dev.stderr());
+    assert_eq!(http(&dev.addr, "GET", "/readyz", None).0, 200);
+
+    // Space returns: a later compaction goes through, nothing was lost.
+    std::fs::remove_file(&fill).unwrap();
+    for _ in 0..70 {
+        let (status, body) = http(&dev.addr, "POST", "/v1/jobs", Some(&small));
+        assert_eq!(status, 201, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dev.stderr().contains("log compacted behind a snapshot") {
+        assert!(Instant::now() < deadline, "{}", dev.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let jobs = dev.get_json("/v1/jobs?state=queued&limit=1000");
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 150);
+}
