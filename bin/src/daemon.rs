@@ -787,13 +787,20 @@ fn spawn_log_writer(
                 // on a write error (until reopened), so the disk filling up
                 // must be met before redb meets it. Meanwhile new commands
                 // get 507 and the batch waits; nothing is lost.
-                if !wait_for_log_room(&store, &batch.entries, &stopping_flag, &inputs) {
+                // A leader's snapshot to install is encoded first: its size
+                // counts for the room, as a compaction's does.
+                let install = batch
+                    .snapshot
+                    .as_ref()
+                    .map(|s| (s.meta, rustci_storage::encode_snapshot(&s.state)));
+                let install_room = install.as_ref().map_or(0, |(_, b)| 2 * b.len() as u64);
+                if !wait_for_log_room(&store, &batch.entries, install_room, &stopping_flag, &inputs) {
                     // Stopping while the disk is full: these entries were
                     // never acknowledged.
                     return Some(store);
                 }
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    persist_unit(&mut store, &batch)
+                    persist_unit(&mut store, &batch, install.as_ref())
                 }));
                 let failure = match result {
                     Ok(Ok(())) => {
@@ -831,6 +838,7 @@ fn spawn_log_writer(
 fn persist_unit(
     store: &mut LogStore,
     unit: &PersistUnit,
+    encoded: Option<&(rustci_core::raft::SnapshotMeta, Vec<u8>)>,
 ) -> Result<(), rustci_storage::PersistError> {
     let hard_state = unit.hard_state.map(|h| rustci_storage::HardState {
         term: h.term,
@@ -838,14 +846,9 @@ fn persist_unit(
         commit: h.commit,
     });
     let max = rustci_storage::APPEND_BATCH_ENTRIES_MAX;
-    let encoded = unit
-        .snapshot
-        .as_ref()
-        .map(|s| (s.meta, rustci_storage::encode_snapshot(&s.state)));
-    let install = encoded
-        .as_ref()
-        .map(|(meta, bytes)| rustci_storage::SnapshotInstall { meta: *meta, bytes });
-    if let Some((meta, bytes)) = &encoded {
+    let install =
+        encoded.map(|(meta, bytes)| rustci_storage::SnapshotInstall { meta: *meta, bytes });
+    if let Some((meta, bytes)) = encoded {
         tracing::info!(
             index = meta.index,
             term = meta.term,
@@ -1096,6 +1099,7 @@ fn log_has_room(data_dir: &Path, entries: usize) -> bool {
 fn wait_for_log_room(
     store: &LogStore,
     batch: &[Entry],
+    extra_bytes: u64,
     stopping: &AtomicBool,
     inputs: &mpsc::Sender<Input>,
 ) -> bool {
@@ -1104,7 +1108,10 @@ fn wait_for_log_room(
         .parent()
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let has_room = || log_has_room(&dir, batch.len());
+    let has_room = || {
+        rustci_net::disk::free_bytes(&dir)
+            .is_none_or(|free| free >= log_room_needed(batch.len()) + extra_bytes)
+    };
     if has_room() {
         return true;
     }

@@ -763,3 +763,101 @@ fn a_paused_leader_is_replaced_without_marking_any_healthy_node_down() {
     };
     assert_eq!(view["leader"], new_leader, "{view}");
 }
+
+/// A replica that must install the leader's snapshot on a disk without room
+/// for it waits (its writes get 507 meanwhile) instead of failing inside
+/// redb and stopping; once space returns it installs it and agrees.
+#[test]
+fn a_snapshot_install_waits_for_disk_space_instead_of_stopping_the_replica() {
+    let mut c = Cluster::start_with(3, 0, &["--snapshot-entries", "20"]);
+    let leader = c.wait_leader(None);
+    let lagging = *c.addrs.keys().find(|&&id| id != leader).unwrap();
+    let leader_addr = c.addrs[&leader].clone();
+    let big = "x".repeat(200 * 1024);
+    let submit = |n: usize| {
+        for _ in 0..n {
+            let body = json!({"command": ["true", big], "constraints": {"never": "matched"}});
+            let (status, text) = http(&leader_addr, "POST", "/v1/jobs", Some(&body.to_string()));
+            assert_eq!(status, 201, "{text}");
+        }
+    };
+    submit(5);
+    c.wait_agreement();
+    c.servers.get_mut(&lagging).unwrap().kill9();
+    c.servers.remove(&lagging);
+    // Its data dir moves onto a 64 MB tmpfs.
+    let dir = c.data_dir(lagging);
+    let old = dir.with_extension("old");
+    std::fs::rename(&dir, &old).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert_ne!(
+            unsafe { libc::geteuid() },
+            0,
+            "root could not mount a tmpfs"
+        );
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", old.display()))
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    // About 8 MB of state the leader compacts behind its snapshot.
+    submit(40);
+    // Leave 6 MB: room for appends (4 MB spare), not for the snapshot.
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let free: u64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let fill = dir.join("fill");
+    std::fs::write(&fill, vec![0u8; free.saturating_sub(6 << 20) as usize]).unwrap();
+    c.start_server(lagging);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.servers[&lagging]
+        .log()
+        .contains("the event log's disk is full")
+    {
+        assert!(Instant::now() < deadline, "{}", c.servers[&lagging].log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let alive = c.cluster_view(lagging);
+    assert!(alive.is_some(), "{}", c.servers[&lagging].log());
+    // Space returns: it installs the snapshot and all three agree.
+    std::fs::remove_file(&fill).unwrap();
+    let agreed = c.wait_agreement();
+    assert!(agreed["applied_index"].as_u64().unwrap() > 45, "{agreed}");
+    assert!(
+        c.servers[&lagging]
+            .log()
+            .contains("installing the leader's snapshot"),
+        "{}",
+        c.servers[&lagging].log()
+    );
+}
