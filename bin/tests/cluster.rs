@@ -861,3 +861,51 @@ fn a_snapshot_install_waits_for_disk_space_instead_of_stopping_the_replica() {
         c.servers[&lagging].log()
     );
 }
+
+/// The state, and so the snapshot, may be larger than any batch of
+/// entries: a replica far behind still catches up when the leader's
+/// snapshot is larger than a peer batch may be (64 MiB).
+#[test]
+fn a_snapshot_larger_than_a_peer_batch_still_reaches_a_lagging_replica() {
+    let mut c = Cluster::start_with(3, 0, &["--snapshot-entries", "150"]);
+    let leader = c.wait_leader(None);
+    let lagging = *c.addrs.keys().find(|&&id| id != leader).unwrap();
+    c.servers.get_mut(&lagging).unwrap().kill9();
+    c.servers.remove(&lagging);
+    let live: Vec<String> = c.servers.keys().map(|id| c.addrs[id].clone()).collect();
+    // 72 MB of commands (the largest a job may have is 256 KiB), retried
+    // with their keys through any leader change.
+    let big = "x".repeat(240 * 1024);
+    let body = json!({"command": ["true", big], "constraints": {"never": "matched"}}).to_string();
+    for i in 0..310 {
+        submit_until_acked(&live, &format!("big-{i}"), &body, 0);
+    }
+    // Twice: the second snapshot holds about 300 of those jobs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c
+        .servers
+        .values()
+        .map(|s| s.log().matches("log compacted behind a snapshot").count())
+        .min()
+        < Some(2)
+    {
+        assert!(Instant::now() < deadline, "{}", c.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let leader = c.wait_leader(None);
+    c.start_server(lagging);
+    let agreed = c.wait_agreement();
+    assert!(agreed["applied_index"].as_u64().unwrap() > 300, "{agreed}");
+    let sent = c.servers[&leader].log();
+    let line = sent
+        .lines()
+        .find(|l| l.contains("sending a snapshot to a replica too far behind"))
+        .unwrap_or_else(|| panic!("{sent}"));
+    let bytes: u64 = line
+        .split("bytes=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(bytes > 64 << 20, "{line}");
+}

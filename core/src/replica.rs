@@ -591,6 +591,10 @@ pub struct Replica {
     /// Decides what is committed.
     raft: Raft<Record>,
     state: State,
+    /// [`State::digest`] at an applied index: hashing the whole state takes
+    /// the driver tens of milliseconds on a large one, and the state at an
+    /// applied index is always the same (the log's fold up to it).
+    digest_cache: std::cell::Cell<Option<(LogIndex, u64)>>,
     /// Initializing, then Running once started, Stopping, Stopped or
     /// Failed; [`Replica::lifecycle`] refines Running by Raft's role.
     phase: Lifecycle,
@@ -745,6 +749,7 @@ impl Replica {
             compacting: None,
             compact_after: 0,
             snapshots_installed: 0,
+            digest_cache: std::cell::Cell::new(None),
             addrs,
             deferred_hard_state: None,
             hard_state_out: hard_state,
@@ -773,6 +778,21 @@ impl Replica {
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// [`State::digest`] of the applied state, computed once per applied
+    /// index (monitoring that polls `/v1/cluster` must not hash a large
+    /// state on the driver every time).
+    pub fn state_digest(&self) -> u64 {
+        let at = self.state.applied_index;
+        match self.digest_cache.get() {
+            Some((index, digest)) if index == at => digest,
+            _ => {
+                let digest = self.state.digest();
+                self.digest_cache.set(Some((at, digest)));
+                digest
+            }
+        }
     }
     pub fn id(&self) -> ReplicaId {
         self.config.id

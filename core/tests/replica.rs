@@ -1073,3 +1073,25 @@ fn a_linearizable_read_sees_every_acknowledged_write() {
         (101, Err(CommandError::NotLeader { .. }))
     ));
 }
+
+#[test]
+fn the_cached_state_digest_follows_every_applied_entry() {
+    let mut c = Cluster::new();
+    c.add_node("local", 2000, 1000, &[]);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let cached = c.replica.state_digest();
+        assert_eq!(cached, c.replica.state().digest());
+        // Asked again at the same index: the same answer.
+        assert_eq!(c.replica.state_digest(), cached);
+        seen.push(cached);
+        c.submit(spec(100, 10));
+    }
+    assert_eq!(c.replica.state_digest(), c.replica.state().digest());
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        3,
+        "each submission changes the digest: {seen:?}"
+    );
+}

@@ -50,6 +50,23 @@ pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long a peer may take to answer a batch before the connection is
 /// given up (a partition can leave it hanging).
 pub const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A batch that carries a snapshot says how many bytes it holds in this
+/// header: the receiver then takes a body that much larger than
+/// [`PEER_BODY_BYTES_MAX`], for that much longer. A snapshot is the whole
+/// state, so it may be far larger than any batch of entries.
+pub const PEER_SNAPSHOT_BYTES_HEADER: &str = "x-rustci-snapshot-bytes";
+/// Largest snapshot a batch may carry (as storage's own bound).
+pub const PEER_SNAPSHOT_BYTES_MAX: u64 = 4 << 30;
+/// Slowest link a snapshot must cross in time: both ends give a snapshot's
+/// batch [`PEER_REQUEST_TIMEOUT`] (the receiver, its usual body time) plus
+/// its size at this rate.
+pub const PEER_SNAPSHOT_BYTES_PER_SEC_MIN: u64 = 4 << 20;
+
+/// The time a batch with a snapshot of `bytes` bytes gets beyond a plain
+/// batch's.
+pub fn snapshot_transfer_time(bytes: u64) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / PEER_SNAPSHOT_BYTES_PER_SEC_MIN as f64)
+}
 /// Waits between tries to reach a peer that cannot be reached.
 const PEER_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const PEER_BACKOFF_MAX: Duration = Duration::from_millis(100);
@@ -347,7 +364,8 @@ impl PeerSender {
                 messages,
                 snapshot,
             };
-            match self.post(encode_batch(&batch)).await {
+            let snapshot_bytes = batch.snapshot.as_ref().map(|s| s.bytes.len() as u64);
+            match self.post(encode_batch(&batch), snapshot_bytes).await {
                 Ok(()) => {
                     backoff = PEER_BACKOFF_MIN;
                     if !self.reachable {
@@ -372,7 +390,7 @@ impl PeerSender {
         }
     }
 
-    async fn post(&mut self, body: Vec<u8>) -> Result<(), String> {
+    async fn post(&mut self, body: Vec<u8>, snapshot_bytes: Option<u64>) -> Result<(), String> {
         if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
             self.conn = Some(self.connect().await?);
         }
@@ -385,10 +403,15 @@ impl PeerSender {
         if let Some(t) = &self.api_token {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
         }
+        if let Some(n) = snapshot_bytes {
+            req = req.header(PEER_SNAPSHOT_BYTES_HEADER, n);
+        }
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        let sent = tokio::time::timeout(PEER_REQUEST_TIMEOUT, async {
+        let timeout =
+            PEER_REQUEST_TIMEOUT + snapshot_bytes.map_or(Duration::ZERO, snapshot_transfer_time);
+        let sent = tokio::time::timeout(timeout, async {
             conn.ready().await?;
             let resp = conn.send_request(req).await?;
             let status = resp.status();
@@ -404,7 +427,7 @@ impl PeerSender {
             }
             Err(_) => {
                 self.conn = None;
-                return Err(format!("no answer within {PEER_REQUEST_TIMEOUT:?}"));
+                return Err(format!("no answer within {timeout:?}"));
             }
         };
         if status.is_success() {

@@ -572,6 +572,15 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 
 /// [`read_body`] with another size limit.
 pub(crate) async fn read_body_max(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    read_body_within(req, max, BODY_READ_TIMEOUT).await
+}
+
+/// As [`read_body_max`], with `deadline` in place of `BODY_READ_TIMEOUT`.
+async fn read_body_within(
+    req: Request<Incoming>,
+    max: usize,
+    deadline: Duration,
+) -> Result<Bytes, ApiError> {
     if req.body().size_hint().lower() > max as u64 {
         return Err(too_large(max));
     }
@@ -580,7 +589,8 @@ pub(crate) async fn read_body_max(req: Request<Incoming>, max: usize) -> Result<
         r.set_phase(Phase::ReadingBody);
     }
     let started = tokio::time::Instant::now();
-    let deadline = started + BODY_READ_TIMEOUT;
+    let limit = deadline;
+    let deadline = started + limit;
     let mut body = req.into_body();
     let mut buf = bytes::BytesMut::new();
     loop {
@@ -605,7 +615,7 @@ pub(crate) async fn read_body_max(req: Request<Incoming>, max: usize) -> Result<
                         "request body too slow: {} bytes in {:.1} s (a body must arrive within {} s, at {} bytes/s or faster after the first {} s)",
                         buf.len(),
                         started.elapsed().as_secs_f64(),
-                        BODY_READ_TIMEOUT.as_secs(),
+                        limit.as_secs(),
                         BODY_BYTES_PER_SEC_MIN,
                         BODY_RATE_GRACE.as_secs(),
                     ),
@@ -696,7 +706,19 @@ async fn peer_batch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incom
             "this is a single-replica control plane: it takes no peer traffic",
         ));
     };
-    let body = read_body_max(req, crate::peer::PEER_BODY_BYTES_MAX).await?;
+    // A snapshot's batch may be as large as the state, and takes longer.
+    let snapshot_bytes = req
+        .headers()
+        .get(crate::peer::PEER_SNAPSHOT_BYTES_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .filter(|&n| n <= crate::peer::PEER_SNAPSHOT_BYTES_MAX)
+        .unwrap_or(0);
+    let body = read_body_within(
+        req,
+        crate::peer::PEER_BODY_BYTES_MAX + snapshot_bytes as usize,
+        BODY_READ_TIMEOUT + crate::peer::snapshot_transfer_time(snapshot_bytes),
+    )
+    .await?;
     let batch = crate::peer::check_batch(&ctx, &body).map_err(|refusal| {
         tracing::warn!(reason = %refusal, "peer batch refused");
         ApiError::new(refusal.status(), refusal.code(), refusal.to_string())
@@ -1057,7 +1079,7 @@ async fn cluster(cp: &ControlPlane) -> ApiResult {
                     .iter()
                     .map(|s| (s.as_str().to_string(), st.job_count(*s)))
                     .collect(),
-                state_digest: format!("{:016x}", st.digest()),
+                state_digest: format!("{:016x}", r.state_digest()),
             }
         })
         .await?;
