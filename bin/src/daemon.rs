@@ -713,117 +713,20 @@ fn spawn_log_writer(
         .spawn(move || {
             let _span = span.entered();
             let mut builder = spawn_snapshot_builder(reader, builder_jobs, stopping_flag.clone());
-            let mut next: Option<WriterJob> = None;
-            while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
-                let mut batch = match job {
-                    WriterJob::Unit(unit) => unit,
-                    WriterJob::Snapshot(meta) => {
-                        // Every entry up to `meta` is stored by now.
-                        let asked = builder.as_ref().is_some_and(|b| b.send(meta).is_ok());
-                        if !asked {
-                            let result = Err("the snapshot builder is gone".to_string());
-                            if inputs
-                                .blocking_send(Input::Compacted { meta, result })
-                                .is_err()
-                            {
-                                return Some(store);
-                            }
-                        }
-                        continue;
-                    }
-                    WriterJob::Built { meta, result } => {
-                        if stopping_flag.load(Ordering::Relaxed) {
-                            // Compacting now would only delay the stop.
-                            continue;
-                        }
-                        let result = match result {
-                            Ok(Some(bytes)) if !snapshot_has_room(&store, bytes.len()) => {
-                                Err(format!(
-                                    "no room on the disk for the snapshot ({} bytes, with the log's {} MiB spare): writes go on, and the compaction is tried again later",
-                                    bytes.len(),
-                                    LOG_FREE_MIN_BYTES >> 20
-                                ))
-                            }
-                            Ok(Some(bytes)) => compact(&mut store, meta, &bytes),
-                            // A newer snapshot came from the leader.
-                            Ok(None) => Ok(()),
-                            Err(e) => Err(e),
-                        };
-                        if inputs
-                            .blocking_send(Input::Compacted { meta, result })
-                            .is_err()
-                        {
-                            return Some(store);
-                        }
-                        continue;
-                    }
-                    WriterJob::Closing => {
-                        // The driver is gone: only the builder still holds
-                        // a sender, and it ends with its queue.
-                        builder = None;
-                        continue;
-                    }
-                };
-                // Group commit: later units ride in the same transaction
-                // unless one truncates or installs a snapshot (it must
-                // follow what came before), or is a compaction.
-                while batch.entries.len() < WRITER_BATCH_ENTRIES_MAX {
-                    match rx.try_recv() {
-                        Ok(WriterJob::Unit(more))
-                            if more.truncate_from.is_none() && more.snapshot.is_none() =>
-                        {
-                            batch.id = more.id;
-                            batch.entries.extend(more.entries);
-                            batch.hard_state = more.hard_state.or(batch.hard_state);
-                        }
-                        Ok(more) => {
-                            next = Some(more);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                // No append starts without room for it: redb fails for good
-                // on a write error (until reopened), so the disk filling up
-                // must be met before redb meets it. Meanwhile new commands
-                // get 507 and the batch waits; nothing is lost.
-                // A leader's snapshot to install is encoded first: its size
-                // counts for the room, as a compaction's does.
-                let install = batch
-                    .snapshot
-                    .as_ref()
-                    .map(|s| (s.meta, rustci_storage::encode_snapshot(&s.state)));
-                let install_room = install.as_ref().map_or(0, |(_, b)| 2 * b.len() as u64);
-                if !wait_for_log_room(&store, &batch.entries, install_room, &stopping_flag, &inputs) {
-                    // Stopping while the disk is full: these entries were
-                    // never acknowledged.
-                    return Some(store);
-                }
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    persist_unit(&mut store, &batch, install.as_ref())
-                }));
-                let failure = match result {
-                    Ok(Ok(())) => {
-                        stats.appends.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .entries
-                            .fetch_add(batch.entries.len() as u64, Ordering::Relaxed);
-                        if inputs.blocking_send(Input::Persisted(batch.id)).is_err() {
-                            return Some(store);
-                        }
-                        continue;
-                    }
-                    Ok(Err(e)) => e.to_string(),
-                    Err(panic) => format!(
-                        "the log writer panicked inside the log file {}: {}",
-                        store.path().display(),
-                        panic_message(&*panic)
-                    ),
-                };
-                let _ = inputs.blocking_send(Input::PersistFailed(failure));
-                return None;
+            let good = write_log(
+                &mut store,
+                &rx,
+                &inputs,
+                &stats,
+                &stopping_flag,
+                &mut builder,
+            );
+            // The builder reads the log: it is gone before the store is
+            // handed back (and closed cleanly), whatever ended the loop.
+            if let Some(builder) = builder {
+                builder.finish();
             }
-            Some(store)
+            good.then_some(store)
         })
         .expect("spawning the log writer thread");
     LogWriter {
@@ -831,6 +734,144 @@ fn spawn_log_writer(
         thread: Some(thread),
         stopping,
     }
+}
+
+/// The log writer's loop, until its queue ends or a write fails; returns
+/// whether every append succeeded (only then is the store closed cleanly).
+fn write_log(
+    store: &mut LogStore,
+    rx: &std::sync::mpsc::Receiver<WriterJob>,
+    inputs: &mpsc::Sender<Input>,
+    stats: &LogStats,
+    stopping_flag: &AtomicBool,
+    builder: &mut Option<SnapshotBuilder>,
+) -> bool {
+    let mut next: Option<WriterJob> = None;
+    while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
+        let mut batch = match job {
+            WriterJob::Unit(unit) => unit,
+            WriterJob::Snapshot(meta) => {
+                // Every entry up to `meta` is stored by now.
+                let asked = builder.as_ref().is_some_and(|b| b.ask(meta));
+                if !asked {
+                    let result = Err("the snapshot builder is gone".to_string());
+                    if inputs
+                        .blocking_send(Input::Compacted { meta, result })
+                        .is_err()
+                    {
+                        return true;
+                    }
+                }
+                continue;
+            }
+            WriterJob::Built { meta, result } => {
+                if stopping_flag.load(Ordering::Relaxed) {
+                    // Compacting now would only delay the stop.
+                    continue;
+                }
+                let covered = store.snapshot_meta().is_some_and(|s| s.index >= meta.index);
+                let result = match result {
+                    // A newer snapshot came from the leader meanwhile.
+                    Ok(_) if covered => Ok(()),
+                    Ok(Some(bytes)) if !snapshot_has_room(store, bytes.len()) => Err(format!(
+                        "no room on the disk for the snapshot ({} bytes, with the log's {} MiB spare): writes go on, and the compaction is tried again later",
+                        bytes.len(),
+                        LOG_FREE_MIN_BYTES >> 20
+                    )),
+                    Ok(Some(bytes)) => compact(store, meta, &bytes),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if inputs
+                    .blocking_send(Input::Compacted { meta, result })
+                    .is_err()
+                {
+                    return true;
+                }
+                continue;
+            }
+            WriterJob::Closing => {
+                // The driver is gone: only the builder still holds a
+                // sender, and it ends once it is let go.
+                if let Some(b) = builder.as_mut() {
+                    b.let_go();
+                }
+                continue;
+            }
+        };
+        // Group commit: later units ride in the same transaction unless one
+        // truncates or installs a snapshot (it must follow what came
+        // before), or is a compaction.
+        while batch.entries.len() < WRITER_BATCH_ENTRIES_MAX {
+            match rx.try_recv() {
+                Ok(WriterJob::Unit(more))
+                    if more.truncate_from.is_none() && more.snapshot.is_none() =>
+                {
+                    batch.id = more.id;
+                    batch.entries.extend(more.entries);
+                    batch.hard_state = more.hard_state.or(batch.hard_state);
+                }
+                Ok(more) => {
+                    next = Some(more);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // A leader's snapshot to install is encoded first: its size counts
+        // for the room, as a compaction's does.
+        let install = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            batch
+                .snapshot
+                .as_ref()
+                .map(|s| (s.meta, rustci_storage::encode_snapshot(&s.state)))
+        }));
+        let install = match install {
+            Ok(install) => install,
+            Err(panic) => {
+                let failure = format!(
+                    "encoding the leader's snapshot panicked: {}",
+                    panic_message(&*panic)
+                );
+                let _ = inputs.blocking_send(Input::PersistFailed(failure));
+                return false;
+            }
+        };
+        // No append starts without room for it: redb fails for good on a
+        // write error (until reopened), so the disk filling up must be met
+        // before redb meets it. Meanwhile new commands get 507 and the batch
+        // waits; nothing is lost.
+        let install_room = install.as_ref().map_or(0, |(_, b)| 2 * b.len() as u64);
+        if !wait_for_log_room(store, &batch.entries, install_room, stopping_flag, inputs) {
+            // Stopping while the disk is full: these entries were never
+            // acknowledged.
+            return true;
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            persist_unit(store, &batch, install.as_ref())
+        }));
+        let failure = match result {
+            Ok(Ok(())) => {
+                stats.appends.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .entries
+                    .fetch_add(batch.entries.len() as u64, Ordering::Relaxed);
+                if inputs.blocking_send(Input::Persisted(batch.id)).is_err() {
+                    return true;
+                }
+                continue;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => format!(
+                "the log writer panicked inside the log file {}: {}",
+                store.path().display(),
+                panic_message(&*panic)
+            ),
+        };
+        let _ = inputs.blocking_send(Input::PersistFailed(failure));
+        return false;
+    }
+    true
 }
 
 /// Writes one (merged) unit; one bigger than a transaction may hold goes in
@@ -907,12 +948,36 @@ fn compact(
 /// Neither the replica nor the writer waits for it, and the replica's live
 /// state is never copied: a compaction costs the entries since the last
 /// one plus one encoding, at the price of a second copy of the state in
-/// memory. The builder ends when the writer drops its sender.
+/// memory.
+struct SnapshotBuilder {
+    /// Dropped to let the builder go: it ends after the build in hand.
+    requests: Option<std::sync::mpsc::Sender<rustci_core::raft::SnapshotMeta>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SnapshotBuilder {
+    fn ask(&self, meta: rustci_core::raft::SnapshotMeta) -> bool {
+        self.requests.as_ref().is_some_and(|r| r.send(meta).is_ok())
+    }
+
+    fn let_go(&mut self) {
+        self.requests = None;
+    }
+
+    /// Lets the builder go and waits for it (it holds a log reader).
+    fn finish(mut self) {
+        self.let_go();
+        if self.thread.join().is_err() {
+            tracing::error!("the snapshot builder panicked");
+        }
+    }
+}
+
 fn spawn_snapshot_builder(
     reader: LogReadHandle,
     jobs: std::sync::mpsc::Sender<WriterJob>,
     stopping: Arc<AtomicBool>,
-) -> Option<std::sync::mpsc::Sender<rustci_core::raft::SnapshotMeta>> {
+) -> Option<SnapshotBuilder> {
     let (tx, rx) = std::sync::mpsc::channel::<rustci_core::raft::SnapshotMeta>();
     let span = tracing::Span::current();
     let spawned = std::thread::Builder::new()
@@ -942,12 +1007,17 @@ fn spawn_snapshot_builder(
                     );
                 }
                 if jobs.send(WriterJob::Built { meta, result }).is_err() {
-                    return;
+                    break;
                 }
             }
+            drop(reader);
+            drop(jobs);
         });
     match spawned {
-        Ok(_) => Some(tx),
+        Ok(thread) => Some(SnapshotBuilder {
+            requests: Some(tx),
+            thread,
+        }),
         Err(e) => {
             tracing::error!(error = %e, "cannot start the snapshot builder: the log is never compacted");
             None
@@ -982,6 +1052,9 @@ fn build_snapshot(
     meta: rustci_core::raft::SnapshotMeta,
     stopping: &AtomicBool,
 ) -> Result<Option<Vec<u8>>, String> {
+    if stopping.load(Ordering::Relaxed) {
+        return Err("the replica is stopping".into());
+    }
     let stored = reader.snapshot_meta().map_err(|e| e.to_string())?;
     let stored_index = stored.map_or(0, |s| s.index);
     if stored_index >= meta.index {
@@ -1115,10 +1188,20 @@ fn wait_for_log_room(
     if has_room() {
         return true;
     }
-    tracing::error!(
-        dir = %dir.display(),
-        "the event log's disk is full: writes are refused (507) until space is freed"
-    );
+    let needed_mib = (log_room_needed(batch.len()) + extra_bytes) >> 20;
+    if extra_bytes > 0 {
+        tracing::error!(
+            dir = %dir.display(),
+            needed_mib,
+            "the event log's disk is full for the leader's snapshot this replica must install: writes are refused (507) until space is freed"
+        );
+    } else {
+        tracing::error!(
+            dir = %dir.display(),
+            needed_mib,
+            "the event log's disk is full: writes are refused (507) until space is freed"
+        );
+    }
     let _ = inputs.blocking_send(Input::StorageFull(true));
     loop {
         // Batches that arrive meanwhile stay queued in order behind this one.
