@@ -535,12 +535,12 @@ async fn start_replica(config: DevConfig) -> anyhow::Result<DevHandle> {
         replica_addrs: address_book.clone(),
     });
     let peer_context = cluster_id.as_ref().map(|cluster_id| {
-        Arc::new(PeerContext {
-            cluster_id: cluster_id.clone(),
-            id: config.id,
-            peers: config.peers.clone(),
-            api_token: config.api_token.clone(),
-        })
+        Arc::new(PeerContext::new(
+            cluster_id.clone(),
+            config.id,
+            config.peers.clone(),
+            config.api_token.clone(),
+        ))
     });
     let transport = peer_context.as_deref().map(PeerTransport::start);
     let shared_log = Arc::new(SharedLog {

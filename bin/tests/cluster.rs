@@ -620,6 +620,28 @@ fn garbage_or_another_clusters_messages_on_the_peer_endpoint_change_nothing() {
     refused(&encode_batch(&batch), 409, "wrong_cluster");
     batch.protocol = PEER_PROTOCOL_VERSION + 1;
     refused(&encode_batch(&batch), 400, "unsupported_peer_protocol");
+    // This cluster's own id, and a batch that claims a snapshot's larger
+    // body limit without carrying that snapshot.
+    let log = c.servers[&leader].log();
+    batch.protocol = PEER_PROTOCOL_VERSION;
+    batch.cluster_id = log
+        .split("cluster_id=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{log}"))
+        .to_string();
+    let (status, text) = http_raw(
+        target,
+        "POST",
+        PEER_PATH,
+        Some(&encode_batch(&batch)),
+        &[(rustci_net::peer::PEER_SNAPSHOT_BYTES_HEADER, "1000000")],
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("declares a snapshot of 1000000 bytes"),
+        "{text}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let after = c.wait_agreement();
     assert_eq!(after["term"], agreed["term"], "{after}");

@@ -107,6 +107,26 @@ pub struct PeerContext {
     pub peers: BTreeMap<ReplicaId, String>,
     /// Sent as `Authorization: Bearer` to peers (they share the API token).
     pub api_token: Option<String>,
+    /// One snapshot is received at a time (a replica has one leader): the
+    /// larger body a snapshot may have is not open to many at once.
+    pub snapshot_gate: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl PeerContext {
+    pub fn new(
+        cluster_id: String,
+        id: ReplicaId,
+        peers: BTreeMap<ReplicaId, String>,
+        api_token: Option<String>,
+    ) -> PeerContext {
+        PeerContext {
+            cluster_id,
+            id,
+            peers,
+            api_token,
+            snapshot_gate: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
 }
 
 /// Why a batch was refused: each is a 4xx, and nothing reached the driver.
@@ -462,12 +482,12 @@ mod tests {
     use rustci_core::raft::Message;
 
     fn ctx() -> PeerContext {
-        PeerContext {
-            cluster_id: "c1".into(),
-            id: 1,
-            peers: [(2, "x:1".to_string()), (3, "x:2".to_string())].into(),
-            api_token: None,
-        }
+        PeerContext::new(
+            "c1".into(),
+            1,
+            [(2, "x:1".to_string()), (3, "x:2".to_string())].into(),
+            None,
+        )
     }
 
     fn batch(from: u64, to: u64) -> PeerBatch {

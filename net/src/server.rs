@@ -713,6 +713,18 @@ async fn peer_batch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incom
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .filter(|&n| n <= crate::peer::PEER_SNAPSHOT_BYTES_MAX)
         .unwrap_or(0);
+    let _receiving = if snapshot_bytes > 0 {
+        let permit = ctx.snapshot_gate.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "snapshot_busy",
+                "this replica is receiving another snapshot; the leader sends it again",
+            )
+        })?;
+        Some(permit)
+    } else {
+        None
+    };
     let body = read_body_within(
         req,
         crate::peer::PEER_BODY_BYTES_MAX + snapshot_bytes as usize,
@@ -723,6 +735,15 @@ async fn peer_batch(cp: &ControlPlane, config: &ServerConfig, req: Request<Incom
         tracing::warn!(reason = %refusal, "peer batch refused");
         ApiError::new(refusal.status(), refusal.code(), refusal.to_string())
     })?;
+    // The larger body was granted for a snapshot of the size declared.
+    let carried = batch.snapshot.as_ref().map_or(0, |s| s.bytes.len() as u64);
+    if snapshot_bytes > 0 && carried != snapshot_bytes {
+        let reason = format!(
+            "the batch declares a snapshot of {snapshot_bytes} bytes but carries {carried}"
+        );
+        tracing::warn!(%reason, "peer batch refused");
+        return Err(ApiError::bad_request("bad_peer_message", reason));
+    }
     cp.peer(batch.messages, batch.snapshot).await?;
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
