@@ -362,6 +362,19 @@ fn logs(dev: &Dev, id: u64) -> String {
 fn the_api_refuses_a_bad_workdir_or_checkout_with_a_400_that_says_why_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let dev = Dev::start(&dir.path().join("data"), &[]);
+    // The built-in node registers itself (a write) just after start-up:
+    // only then is the log quiet.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while dev.get_json("/v1/nodes")["nodes"]
+        .as_array()
+        .is_none_or(|n| n.is_empty())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the local node never registered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let before = dev.get_json("/v1/cluster");
     let cases = [
         (
