@@ -239,6 +239,38 @@ fn submit_until_acked(addrs: &[String], key: &str, body: &str, start: usize) -> 
     }
 }
 
+/// Submits `n` jobs through `addr` that print, sleep `secs` and print
+/// again, and waits until they all run; returns their ids.
+fn start_long_jobs(c: &Cluster, addr: &str, prefix: &str, n: usize, secs: u32) -> Vec<u64> {
+    let long =
+        json!({"command": ["sh", "-c", format!("echo start; sleep {secs}; echo end")]}).to_string();
+    let ids: Vec<u64> = (0..n)
+        .map(|i| submit_until_acked(&[addr.to_string()], &format!("{prefix}-{i}"), &long, 0))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ids
+        .iter()
+        .all(|id| c.get(addr, &format!("/v1/jobs/{id}"))["state"] == "running")
+    {
+        assert!(Instant::now() < deadline, "long jobs not running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ids
+}
+
+/// Waits (30 s at most) until job `id` ends, as `addr` answers; returns it.
+fn wait_ended(c: &Cluster, addr: &str, id: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = c.get(addr, &format!("/v1/jobs/{id}"));
+        if terminal(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} never ended: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn all_jobs(addr: &str) -> Vec<serde_json::Value> {
     let mut jobs = Vec::new();
     let mut cursor = String::new();
@@ -266,25 +298,7 @@ fn three_replicas_survive_kill_9_of_the_leader_without_losing_or_duplicating_job
     let follower = *c.addrs.keys().find(|&&id| id != leader).unwrap();
     let follower_addr = c.addrs[&follower].clone();
     // Long jobs running across the failover: they must keep running.
-    let long = json!({"command": ["sh", "-c", "echo start; sleep 4; echo end"]}).to_string();
-    let long_ids: Vec<u64> = (0..2)
-        .map(|i| {
-            submit_until_acked(
-                std::slice::from_ref(&follower_addr),
-                &format!("long-{i}"),
-                &long,
-                0,
-            )
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !long_ids
-        .iter()
-        .all(|id| c.get(&follower_addr, &format!("/v1/jobs/{id}"))["state"] == "running")
-    {
-        assert!(Instant::now() < deadline, "long jobs not running");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let long_ids = start_long_jobs(&c, &follower_addr, "long", 2, 4);
 
     // A client submitting continuously with idempotency keys, to any replica.
     let addrs: Vec<String> = c.addrs.values().cloned().collect();
@@ -355,15 +369,7 @@ fn three_replicas_survive_kill_9_of_the_leader_without_losing_or_duplicating_job
     // The long jobs kept running through the failover: one attempt each,
     // and it succeeded.
     for id in &long_ids {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let job = loop {
-            let job = c.get(&c.addrs[&new_leader], &format!("/v1/jobs/{id}"));
-            if terminal(&job) {
-                break job;
-            }
-            assert!(Instant::now() < deadline, "job {id} never ended: {job}");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let job = wait_ended(&c, &c.addrs[&new_leader], *id);
         assert_eq!(job["state"], "succeeded", "{job}");
         assert_eq!(
             job["attempts"].as_array().unwrap().len(),
@@ -686,26 +692,8 @@ fn a_replica_refuses_another_replicas_or_another_clusters_data_dir() {
 fn a_paused_leader_is_replaced_without_marking_any_healthy_node_down() {
     let mut c = Cluster::start(3, 2);
     let leader = c.wait_leader(None);
-    let long = json!({"command": ["sh", "-c", "echo start; sleep 9; echo end"]}).to_string();
     let leader_addr = c.addrs[&leader].clone();
-    let long_ids: Vec<u64> = (0..2)
-        .map(|i| {
-            submit_until_acked(
-                std::slice::from_ref(&leader_addr),
-                &format!("p{i}"),
-                &long,
-                0,
-            )
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !long_ids
-        .iter()
-        .all(|id| c.get(&leader_addr, &format!("/v1/jobs/{id}"))["state"] == "running")
-    {
-        assert!(Instant::now() < deadline, "long jobs not running");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let long_ids = start_long_jobs(&c, &leader_addr, "p", 2, 9);
 
     // SIGSTOP: the process keeps its sockets, it only stops answering.
     eprintln!(
@@ -746,15 +734,7 @@ fn a_paused_leader_is_replaced_without_marking_any_healthy_node_down() {
 
     // The jobs ran through it: one attempt each, succeeded.
     for id in &long_ids {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let job = loop {
-            let job = c.get(&new_addr, &format!("/v1/jobs/{id}"));
-            if terminal(&job) {
-                break job;
-            }
-            assert!(Instant::now() < deadline, "job {id} never ended: {job}");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let job = wait_ended(&c, &new_addr, *id);
         assert_eq!(job["state"], "succeeded", "{job}");
         assert_eq!(
             job["attempts"].as_array().unwrap().len(),
