@@ -76,10 +76,13 @@ pub enum Bug {
     /// Raft: the leader commits the highest index a quorum holds even when
     /// that entry is of an earlier term (the paper's Figure 8, §5.4.2).
     CommitEarlierTermByCount,
+    /// A replica that does not lead answers a linearizable read from its
+    /// own applied state instead of refusing it (stale follower reads).
+    ReadFromFollower,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 26] = [
+    pub const ALL: [Bug; 27] = [
         Bug::SchedulerSkipsCapacity,
         Bug::StaleResultApplied,
         Bug::AckBeforeDurable,
@@ -106,6 +109,7 @@ impl Bug {
         Bug::VoteWithoutPersist,
         Bug::AckWithoutQuorum,
         Bug::CommitEarlierTermByCount,
+        Bug::ReadFromFollower,
     ];
 }
 

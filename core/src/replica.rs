@@ -1422,6 +1422,13 @@ impl Replica {
     /// with [`CommandError::NotLeader`].
     pub fn read(&mut self, now: TimestampMs, request: RequestId) {
         let leader = self.raft.leader().filter(|&l| l != self.config.id);
+        if !self.leading && planted!(self.config.bugs, ReadFromFollower) {
+            self.outputs.push_back(Output::ReadReady {
+                request,
+                result: Ok(()),
+            });
+            return;
+        }
         if !(self.leading && self.phase == Lifecycle::Running) {
             self.outputs.push_back(Output::ReadReady {
                 request,

@@ -66,6 +66,9 @@ pub mod inv {
     /// asked for, and at the end every live replica counts exactly the
     /// committed membership (a replaced replica is out of it).
     pub const MEMBERSHIP: &str = "membership_in_effect";
+    /// A read answered by a replica reflects every submission acknowledged
+    /// before the read was sent (linearizable reads).
+    pub const LINEARIZABLE_READS: &str = "linearizable_reads";
     pub const RESERVATION: &str = "reservation_respected";
     pub const STARVATION: &str = "no_starvation";
 }

@@ -55,7 +55,10 @@ impl PlantedBug {
     /// cluster.
     pub fn replicas(self) -> usize {
         match self.0 {
-            Bug::VoteWithoutPersist | Bug::AckWithoutQuorum | Bug::CommitEarlierTermByCount => 3,
+            Bug::VoteWithoutPersist
+            | Bug::AckWithoutQuorum
+            | Bug::CommitEarlierTermByCount
+            | Bug::ReadFromFollower => 3,
             _ => 1,
         }
     }
@@ -80,7 +83,10 @@ impl PlantedBug {
                 "apply-stale-result",
                 &[FENCING, RESULT_ONCE, CAPACITY, CONSISTENCY],
             ),
-            Bug::AckBeforeDurable => ("ack-before-durable", &[ACKED_DURABLE, LIVE_RESULTS]),
+            Bug::AckBeforeDurable => (
+                "ack-before-durable",
+                &[ACKED_DURABLE, LIVE_RESULTS, LINEARIZABLE_READS],
+            ),
             Bug::FitIgnoresMemory => ("fit-ignores-memory", &[CAPACITY]),
             Bug::ConstraintAnyMatch => ("constraint-any-match", &[CAPACITY]),
             Bug::QueueLifo => ("queue-lifo", &[PRIORITY]),
@@ -125,6 +131,7 @@ impl PlantedBug {
                     TERMINAL,
                 ],
             ),
+            Bug::ReadFromFollower => ("read-from-follower", &[LINEARIZABLE_READS]),
             Bug::BackfillIgnoresReservation => {
                 ("backfill-ignores-reservation", &[RESERVATION, STARVATION])
             }

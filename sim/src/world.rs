@@ -30,6 +30,9 @@ use crate::nodes::NodeHost;
 use crate::plan::{Bp, FaultPlan, SimRng};
 use crate::SimOptions;
 
+/// The share of client operations that are linearizable reads.
+const READ_SHARE: Bp = Bp(3_000);
+
 /// Wall-clock origin of every process (2023-11-14), so `at` stamps look real.
 const EPOCH_MS: i64 = 1_700_000_000_000;
 /// Steps between whole-state consistency checks.
@@ -80,6 +83,15 @@ pub enum Body {
     Peer(PeerMessage),
     /// Replica -> replica: InstallSnapshot with the snapshot it offers.
     PeerSnapshot(PeerMessage, Snapshot),
+    /// Client -> replica: a linearizable read. `acked` is the checker's
+    /// count of submissions acknowledged before it was sent (the replica
+    /// never sees it).
+    Read { req: RequestId, acked: usize },
+    /// Replica -> client.
+    ReadResponse {
+        req: RequestId,
+        result: Result<(), CommandError>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -181,6 +193,7 @@ impl Ev {
             Ev::Deliver(m) => {
                 let kind = match &m.body {
                     Body::Request { req, .. } | Body::Response { req, .. } => *req,
+                    Body::Read { req, .. } | Body::ReadResponse { req, .. } => 11 << 40 | req,
                     Body::ToAgent(msg) => match msg {
                         ServerMsg::Lease { seq, active, .. } => {
                             1 << 40 | seq << 16 | active.len() as u64
@@ -504,6 +517,11 @@ struct Client {
     reqs: BTreeMap<RequestId, usize>,
     /// The replica it sends to; a refusal naming the leader moves it.
     target: usize,
+    /// A linearizable read in flight, if that is the current operation.
+    reading: Option<RequestId>,
+    /// The next wake-up retries after a refusal, not after a timeout: the
+    /// client stays with the replica it was sent to.
+    backing_off: bool,
 }
 
 /// Whom a request came from.
@@ -512,6 +530,11 @@ enum Route {
     Client(usize),
     Operator,
     Internal,
+    /// A client's read; `acked` as in [`Body::Read`].
+    Read {
+        client: usize,
+        acked: usize,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -649,6 +672,8 @@ impl World {
                 op: Vec::new(),
                 gen: 0,
                 reqs: BTreeMap::new(),
+                reading: None,
+                backing_off: false,
                 target: 0,
             })
             .collect();
@@ -1108,6 +1133,13 @@ impl World {
                 self.routes.insert(req, (r, route));
                 replica.propose(now, req, cmd);
             }
+            Body::Read { req, acked } => {
+                let Ep::Client(client) = from else {
+                    return Ok(());
+                };
+                self.routes.insert(req, (r, Route::Read { client, acked }));
+                replica.read(now, req);
+            }
             Body::FromAgent(msg) => {
                 if !replica.is_leading() {
                     // As the production link does: the agent is sent on to
@@ -1144,7 +1176,7 @@ impl World {
             Body::PeerSnapshot(msg, snapshot) => {
                 replica.handle_peer_snapshot(now, mono, msg, snapshot)
             }
-            Body::Response { .. } | Body::ToAgent(_) => return Ok(()),
+            Body::Response { .. } | Body::ReadResponse { .. } | Body::ToAgent(_) => return Ok(()),
         }
         self.after_input(r, applied, pre)?;
         self.drain_outputs(r)
@@ -1398,8 +1430,21 @@ impl World {
                     };
                     self.send(Ep::Replica(r), Ep::Replica(to), 0, body);
                 }
-                Output::ReadReady { request, .. } => {
-                    panic!("the simulator asks no linearizable reads, yet read {request} answered")
+                Output::ReadReady { request, result } => {
+                    if let Some((_, Route::Read { client, acked })) = self.routes.remove(&request) {
+                        if result.is_ok() {
+                            self.check_read(r, acked)?;
+                        }
+                        self.send(
+                            Ep::Replica(r),
+                            Ep::Client(client),
+                            0,
+                            Body::ReadResponse {
+                                req: request,
+                                result,
+                            },
+                        );
+                    }
                 }
                 Output::LoadEntries(need) => {
                     // Raft asks only for durable entries; compacted ones
@@ -1432,7 +1477,7 @@ impl World {
                             result,
                         },
                     ),
-                    Some((_, Route::Internal)) | None => {}
+                    Some((_, Route::Internal | Route::Read { .. })) | None => {}
                 },
                 Output::ToAgent {
                     node,
@@ -1561,9 +1606,21 @@ impl World {
         if self.clients[c].gen != gen {
             return Ok(());
         }
+        if self.clients[c].reading.take().is_some() {
+            // The read timed out: nothing to check; the next op goes to
+            // the next replica, as a client with a list of them does.
+            self.clients[c].target = self.next_replica(self.clients[c].target);
+            self.client_done(c);
+            return Ok(());
+        }
         if !self.clients[c].op.is_empty() {
-            // Timed out waiting for replies: resend what may be retried,
-            // give up on the rest.
+            // Timed out waiting for replies: resend what may be retried
+            // (to the next replica, as a client with a list of them does),
+            // give up on the rest. After a refusal it stays where it was
+            // sent.
+            if !std::mem::take(&mut self.clients[c].backing_off) {
+                self.clients[c].target = self.next_replica(self.clients[c].target);
+            }
             for item in &mut self.clients[c].op {
                 if !item.retry {
                     item.done = true;
@@ -1579,9 +1636,55 @@ impl World {
         if self.phase != Phase::Faults || self.submitted >= self.opts.jobs_max {
             return Ok(());
         }
+        if self.rng.chance(READ_SHARE) {
+            self.client_read(c);
+            return Ok(());
+        }
         self.clients[c].op = self.new_op(c);
         self.client_send(c);
         Ok(())
+    }
+
+    /// Sends a linearizable read to the client's replica.
+    fn client_read(&mut self, c: usize) {
+        let req = self.next_request;
+        self.next_request += 1;
+        let acked = self.acked_jobs.len();
+        let target = self.clients[c].target;
+        self.clients[c].reading = Some(req);
+        self.send(
+            Ep::Client(c),
+            Ep::Replica(target),
+            0,
+            Body::Read { req, acked },
+        );
+        let client = &mut self.clients[c];
+        client.gen += 1;
+        let gen = client.gen;
+        let timeout = self.plan.client_timeout_ms;
+        self.push_in(timeout, Ev::ClientWake { client: c, gen });
+    }
+
+    /// Replica `r` is about to answer a read sent when `acked` submissions
+    /// had been acknowledged: its state must hold every one of them.
+    fn check_read(&self, r: usize, acked: usize) -> Check {
+        let replica = self.hosts[r].replica.as_ref().expect("up");
+        let state = replica.state();
+        match self.acked_jobs[..acked]
+            .iter()
+            .find(|id| state.job(**id).is_none())
+        {
+            None => Ok(()),
+            Some(id) => Err(Violation {
+                invariant: inv::LINEARIZABLE_READS,
+                detail: format!(
+                    "replica {} answered a read at applied index {} (term {}) without job {id}, acknowledged before the read was sent",
+                    r + 1,
+                    state.applied_index,
+                    replica.term()
+                ),
+            }),
+        }
     }
 
     /// The next operation of a client: a drain, an undrain, a cancel, a
@@ -1699,6 +1802,7 @@ impl World {
 
     /// Sends every request of the current op that has no answer yet.
     fn client_send(&mut self, c: usize) {
+        self.clients[c].backing_off = false;
         let pending: Vec<(usize, Command)> = self.clients[c]
             .op
             .iter()
@@ -1736,6 +1840,20 @@ impl World {
     }
 
     fn client_receive(&mut self, c: usize, body: Body) -> Check {
+        if let Body::ReadResponse { req, result } = body {
+            if self.clients[c].reading == Some(req) {
+                self.clients[c].reading = None;
+                if let Err(CommandError::NotLeader { leader }) = result {
+                    let next = self.next_replica(self.clients[c].target);
+                    self.clients[c].target = match leader {
+                        Some(l) => l as usize - 1,
+                        None => next,
+                    };
+                }
+                self.client_done(c);
+            }
+            return Ok(());
+        }
         let Body::Response { req, result } = body else {
             return Ok(());
         };
@@ -1768,6 +1886,7 @@ impl World {
                 }
                 // Not ready / overloaded: back off, then retry (or give up).
                 let client = &mut self.clients[c];
+                client.backing_off = true;
                 client.gen += 1;
                 let gen = client.gen;
                 self.push_in(200, Ev::ClientWake { client: c, gen });

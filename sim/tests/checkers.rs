@@ -490,8 +490,9 @@ fn backfill_that_ignores_the_reservation_is_caught() {
             caught.push(seed);
         }
     }
-    // 704 of seeds 0..1000 (2026-11-26); here 39 of the first 60.
-    assert!(caught.len() >= 30, "caught in {caught:?} of {SEEDS} seeds");
+    // 580 of seeds 0..1000 (2026-11-26, with reads taking 30% of the
+    // clients' operations; 704 before); here 29 of the first 60.
+    assert!(caught.len() >= 25, "caught in {caught:?} of {SEEDS} seeds");
     let first = caught[0];
     assert!(
         run_seed(&SimOptions::new(first)).passed,
