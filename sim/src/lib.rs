@@ -380,6 +380,9 @@ pub struct Summary {
     pub steps: u64,
     /// Seeds in which an operator replaced a replica ([`Stats::replacements`]).
     pub replacements: u64,
+    /// Linearizable reads served (and checked) over all seeds
+    /// ([`Stats::reads_served`]).
+    pub reads_served: u64,
     /// Wall time of the sweep as the caller measured it.
     pub wall_secs: f64,
 }
@@ -412,6 +415,9 @@ impl fmt::Display for Summary {
         if self.replacements > 0 {
             writeln!(f, "replicas_replaced_in={} seeds", self.replacements)?;
         }
+        if self.reads_served > 0 {
+            writeln!(f, "reads_served={}", self.reads_served)?;
+        }
         for (seed, invariant, repro) in &self.failures {
             writeln!(f, "FAIL seed={seed} invariant={invariant} repro: {repro}")?;
         }
@@ -439,6 +445,7 @@ pub fn run_seeds(
         summary.simulated_ms += report.simulated_ms;
         summary.steps += report.steps;
         summary.replacements += u64::from(report.stats.replacements > 0);
+        summary.reads_served += report.stats.reads_served;
         match &report.failure {
             None => summary.passed += 1,
             Some(f) => summary.failures.push((seed, f.invariant, f.repro.clone())),

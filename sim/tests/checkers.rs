@@ -490,9 +490,9 @@ fn backfill_that_ignores_the_reservation_is_caught() {
             caught.push(seed);
         }
     }
-    // 580 of seeds 0..1000 (2026-11-26, with reads taking 30% of the
-    // clients' operations; 704 before); here 29 of the first 60.
-    assert!(caught.len() >= 25, "caught in {caught:?} of {SEEDS} seeds");
+    // 571 of seeds 0..1000 (2026-11-26, since linearizable reads take 30%
+    // of the clients' operations; 704 before); here 26 of the first 60.
+    assert!(caught.len() >= 20, "caught in {caught:?} of {SEEDS} seeds");
     let first = caught[0];
     assert!(
         run_seed(&SimOptions::new(first)).passed,
