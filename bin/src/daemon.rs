@@ -258,35 +258,15 @@ fn replay_store_until(
     base_seen: impl FnOnce(&State),
     mut seen: impl FnMut(&Entry),
 ) -> anyhow::Result<(State, Vec<Entry>)> {
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(REPLAY_BATCHES_IN_FLIGHT);
-    // Drained batches go back to the reader: reusing their buffers avoids an
-    // mmap, page faults and a munmap per batch.
-    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<Entry>>();
     let base = replay_base(store)?;
     base_seen(&base);
-    std::thread::scope(|scope| {
-        let reader = scope.spawn(move || {
-            let fresh = || Vec::with_capacity(REPLAY_BATCH_ENTRIES);
-            let mut batch = fresh();
-            let result = store.scan(store.first_index(), |entry| {
-                batch.push(entry);
-                if batch.len() == REPLAY_BATCH_ENTRIES {
-                    let next = empty_rx.try_recv().unwrap_or_else(|_| fresh());
-                    if full_tx.send(std::mem::replace(&mut batch, next)).is_err() {
-                        return std::ops::ControlFlow::Break(());
-                    }
-                }
-                std::ops::ControlFlow::Continue(())
-            });
-            if !batch.is_empty() {
-                let _ = full_tx.send(batch);
-            }
-            result
-        });
-        let mut state = base;
-        let mut tail = Vec::new();
-        for mut batch in full_rx {
-            for entry in batch.drain(..) {
+    let mut state = base;
+    let mut tail = Vec::new();
+    let ((), scanned) = scan_pipelined(
+        |f| store.scan(store.first_index(), f),
+        |_| false,
+        |entries| {
+            for entry in entries {
                 seen(&entry);
                 if entry.index <= until {
                     state.apply_owned(entry);
@@ -294,17 +274,85 @@ fn replay_store_until(
                     tail.push(entry);
                 }
             }
-            let _ = empty_tx.send(batch);
-        }
-        match reader.join() {
-            Ok(Ok(())) => {
-                state.rebuild_indexes();
-                Ok((state, tail))
+        },
+    );
+    scanned.map_err(|e| anyhow::anyhow!("{e}"))?;
+    state.rebuild_indexes();
+    Ok((state, tail))
+}
+
+/// A pipeline of two threads over a scan of the log: `scan` runs on a
+/// thread of its own (checksums, MessagePack), handing the entries over in
+/// batches, while `consume` takes them here, in order. The scan stops
+/// after the entry `last` says is the last. Returns what `consume` gave and
+/// how the scan ended.
+fn scan_pipelined<R>(
+    scan: impl FnOnce(&mut dyn FnMut(Entry) -> ControlFlow<()>) -> Result<(), rustci_storage::ReadError>
+        + Send,
+    last: impl Fn(&Entry) -> bool + Send,
+    consume: impl FnOnce(&mut dyn Iterator<Item = Entry>) -> R,
+) -> (R, Result<(), rustci_storage::ReadError>) {
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<Entry>>(REPLAY_BATCHES_IN_FLIGHT);
+    // Drained batches go back to the scan: reusing their buffers avoids an
+    // mmap, page faults and a munmap per batch.
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<Entry>>();
+    std::thread::scope(|scope| {
+        let scanning = scope.spawn(move || {
+            let fresh = || Vec::with_capacity(REPLAY_BATCH_ENTRIES);
+            let mut batch = fresh();
+            let result = scan(&mut |entry| {
+                let stop = last(&entry);
+                batch.push(entry);
+                if stop || batch.len() == REPLAY_BATCH_ENTRIES {
+                    let next = empty_rx.try_recv().unwrap_or_else(|_| fresh());
+                    if full_tx.send(std::mem::replace(&mut batch, next)).is_err() || stop {
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            });
+            if !batch.is_empty() {
+                let _ = full_tx.send(batch);
             }
-            Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
+            result
+        });
+        let mut entries = Batches {
+            full: full_rx,
+            empty: empty_tx,
+            current: Vec::new(),
+        };
+        let out = consume(&mut entries);
+        // Whatever `consume` left unread must not hold the scan up.
+        drop(entries);
+        match scanning.join() {
+            Ok(scanned) => (out, scanned),
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
+}
+
+/// The entries of [`scan_pipelined`]'s batches, in order; each batch goes
+/// back empty once read.
+struct Batches {
+    full: std::sync::mpsc::Receiver<Vec<Entry>>,
+    empty: std::sync::mpsc::Sender<Vec<Entry>>,
+    /// The batch being read, reversed (read by `pop`).
+    current: Vec<Entry>,
+}
+
+impl Iterator for Batches {
+    type Item = Entry;
+
+    fn next(&mut self) -> Option<Entry> {
+        loop {
+            if let Some(entry) = self.current.pop() {
+                return Some(entry);
+            }
+            let mut next = self.full.recv().ok()?;
+            next.reverse();
+            let _ = self.empty.send(std::mem::replace(&mut self.current, next));
+        }
+    }
 }
 
 /// The state a replay of `store` starts from: its snapshot, decoded and
@@ -773,11 +821,15 @@ fn write_log(
                 let result = match result {
                     // A newer snapshot came from the leader meanwhile.
                     Ok(_) if covered => Ok(()),
-                    Ok(Some(bytes)) if !snapshot_has_room(store, bytes.len()) => Err(format!(
+                    Ok(Some(bytes))
+                        if !has_room(log_dir(store), snapshot_room_needed(bytes.len())) =>
+                    {
+                        Err(format!(
                         "no room on the disk for the snapshot ({} bytes, with the log's {} MiB spare): writes go on, and the compaction is tried again later",
                         bytes.len(),
                         LOG_FREE_MIN_BYTES >> 20
-                    )),
+                    ))
+                    }
                     Ok(Some(bytes)) => compact(store, meta, &bytes),
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
@@ -840,7 +892,9 @@ fn write_log(
         // No append starts without room for it: redb fails for good on a
         // write error (until reopened), so the disk filling up must be met
         // before redb meets it. Meanwhile new commands get 507 and the batch
-        // waits; nothing is lost.
+        // waits; nothing is lost. An install needs twice its snapshot on
+        // top (as `snapshot_room_needed`, whose spare the entries' room
+        // already counts).
         let install_room = install.as_ref().map_or(0, |(_, b)| 2 * b.len() as u64);
         if !wait_for_log_room(store, &batch.entries, install_room, stopping_flag, inputs) {
             // Stopping while the disk is full: these entries were never
@@ -1072,38 +1126,16 @@ fn build_snapshot(
         },
     };
     let from = base.applied_index + 1;
-    // Decoding (checksums, MessagePack) on one thread, folding on this one.
-    let (batches_tx, batches_rx) =
-        std::sync::mpsc::sync_channel::<Vec<Entry>>(REPLAY_BATCHES_IN_FLIGHT);
-    let (folded, scanned) = std::thread::scope(|scope| {
-        let scan = scope.spawn(move || {
-            let mut batch = Vec::with_capacity(REPLAY_BATCH_ENTRIES);
-            let result = reader.scan(from, |entry| {
-                let last = entry.index >= meta.index;
-                batch.push(entry);
-                if last || batch.len() == REPLAY_BATCH_ENTRIES {
-                    let full =
-                        std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH_ENTRIES));
-                    if batches_tx.send(full).is_err() || last || stopping.load(Ordering::Relaxed) {
-                        return ControlFlow::Break(());
-                    }
-                }
-                ControlFlow::Continue(())
-            });
-            if !batch.is_empty() {
-                let _ = batches_tx.send(batch);
-            }
-            result
-        });
-        let folded = Snapshot::fold(meta, base, batches_rx.into_iter().flatten());
-        (folded, scan.join())
-    });
+    let (folded, scanned) = scan_pipelined(
+        |f| reader.scan(from, f),
+        |entry| entry.index >= meta.index || stopping.load(Ordering::Relaxed),
+        |entries| Snapshot::fold(meta, base, entries),
+    );
     match scanned {
-        Ok(Ok(())) => {}
+        Ok(()) => {}
         // The leader's snapshot replaced the log since it was read.
-        Ok(Err(rustci_storage::ReadError::Compacted { .. })) => return Ok(None),
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(panic) => std::panic::resume_unwind(panic),
+        Err(rustci_storage::ReadError::Compacted { .. }) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
     }
     if stopping.load(Ordering::Relaxed) {
         return Err("the replica is stopping".into());
@@ -1151,24 +1183,33 @@ fn log_room_needed(entries: usize) -> u64 {
     LOG_FREE_MIN_BYTES + 4 * entries as u64 * 4096
 }
 
-/// Whether the log's file system has room to store a snapshot of `bytes`
-/// bytes: redb keeps the old snapshot until the new one commits, and a
-/// write that fails inside redb would stop the log for good, so the
-/// compaction waits rather than try.
-fn snapshot_has_room(store: &LogStore, bytes: usize) -> bool {
-    let dir = store.path().parent().unwrap_or(Path::new("."));
-    rustci_net::disk::free_bytes(dir)
-        .is_none_or(|free| free >= LOG_FREE_MIN_BYTES + 2 * bytes as u64)
+/// Free space a snapshot of `bytes` bytes wants: redb keeps the old
+/// snapshot until the new one commits, and a write that fails inside redb
+/// would stop the log for good, so a compaction or an install waits for it
+/// rather than try.
+fn snapshot_room_needed(bytes: usize) -> u64 {
+    LOG_FREE_MIN_BYTES + 2 * bytes as u64
+}
+
+/// Whether the file system of `dir` has `needed` bytes free (yes when it
+/// cannot be told).
+fn has_room(dir: &Path, needed: u64) -> bool {
+    rustci_net::disk::free_bytes(dir).is_none_or(|free| free >= needed)
+}
+
+/// The directory of the store's log file.
+fn log_dir(store: &LogStore) -> &Path {
+    store.path().parent().unwrap_or(Path::new("."))
 }
 
 /// Whether the log in `data_dir` has room to append `entries` entries.
 fn log_has_room(data_dir: &Path, entries: usize) -> bool {
-    rustci_net::disk::free_bytes(data_dir).is_none_or(|free| free >= log_room_needed(entries))
+    has_room(data_dir, log_room_needed(entries))
 }
 
-/// Waits until the log's file system has room for `batch`, telling the
-/// driver when it starts and stops waiting. Returns false if the daemon
-/// stops meanwhile.
+/// Waits until the log's file system has room for `batch` (and `extra_bytes`
+/// more), telling the driver when it starts and stops waiting. Returns
+/// false if the daemon stops meanwhile.
 fn wait_for_log_room(
     store: &LogStore,
     batch: &[Entry],
@@ -1176,19 +1217,13 @@ fn wait_for_log_room(
     stopping: &AtomicBool,
     inputs: &mpsc::Sender<Input>,
 ) -> bool {
-    let dir = store
-        .path()
-        .parent()
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let has_room = || {
-        rustci_net::disk::free_bytes(&dir)
-            .is_none_or(|free| free >= log_room_needed(batch.len()) + extra_bytes)
-    };
+    let dir = log_dir(store);
+    let needed = log_room_needed(batch.len()) + extra_bytes;
+    let has_room = || has_room(dir, needed);
     if has_room() {
         return true;
     }
-    let needed_mib = (log_room_needed(batch.len()) + extra_bytes) >> 20;
+    let needed_mib = needed >> 20;
     if extra_bytes > 0 {
         tracing::error!(
             dir = %dir.display(),
